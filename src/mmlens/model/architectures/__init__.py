@@ -1,0 +1,25 @@
+"""Registry of supported model families, keyed by Hugging Face class name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Architecture
+from .llava import Llava
+
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    name: arch for arch in (Llava,) for name in arch.hf_class_names
+}
+
+
+def architecture_for(hf_model: nn.Module) -> Architecture:
+    name = type(hf_model).__name__
+    if name not in ARCHITECTURES:
+        raise NotImplementedError(
+            f"{name} is not a supported architecture; supported: {sorted(ARCHITECTURES)}. "
+            "A new family is one small file in mmlens/model/architectures/."
+        )
+    return ARCHITECTURES[name]()
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_for"]

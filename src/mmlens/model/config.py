@@ -1,0 +1,122 @@
+"""Dimensions of a multimodal model, stage by stage, read from its Hugging Face config.
+
+`MLLMConfig` describes the vision encoder, the adapter and the LLM separately and also exposes
+the LLM's dimensions under the classic TransformerLens names (`n_layers`, `d_model`, ...) so that
+`ActivationCache` helpers such as `accumulated_resid` work on the LLM stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One transformer stack (vision encoder or LLM)."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    n_key_value_heads: int
+    normalization_type: str  # "LN" or "RMS"
+    positional_embedding_type: str  # "learned" or "rotary"
+
+
+@dataclass(frozen=True)
+class VisionConfig(StageConfig):
+    image_size: int = 0
+    patch_size: int = 0
+    has_cls: bool = False
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def n_patches(self) -> int:
+        rows, cols = self.patch_grid
+        return rows * cols
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The projector between vision and LLM: which vision layer it reads and how."""
+
+    kind: str  # e.g. "mlp2x_gelu"
+    d_in: int
+    d_hidden: int | None
+    d_out: int
+    feature_layers: tuple[int, ...]  # resolved, non-negative indices of vision blocks it reads
+    select_strategy: str  # "default" drops the CLS token, "full" keeps it
+    n_image_tokens: int  # LLM tokens per image
+    token_grid: tuple[int, int]  # LLM token grid per image
+
+
+@dataclass(frozen=True)
+class MLLMConfig:
+    """Vision, adapter and LLM dimensions; the LLM's are also at top level, TransformerLens style."""
+
+    architecture: str
+    vision: VisionConfig
+    adapter: AdapterConfig
+    llm: StageConfig
+    d_vocab: int
+    image_token_id: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    attn_only: bool = False
+    layers_block_type: None = None
+    use_attn_result: bool = False
+
+    # Classic TransformerLens names refer to the LLM, as in HookedTransformer.
+    @property
+    def n_layers(self) -> int:
+        return self.llm.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.llm.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.llm.d_model
+
+    @property
+    def d_head(self) -> int:
+        return self.llm.d_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.llm.d_mlp
+
+    @property
+    def n_key_value_heads(self) -> int:
+        return self.llm.n_key_value_heads
+
+    @property
+    def normalization_type(self) -> str:
+        return self.llm.normalization_type
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return self.llm.positional_embedding_type
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.adapter.n_image_tokens
+
+    def summary(self) -> str:
+        v, a, l = self.vision, self.adapter, self.llm
+        return (
+            f"{self.architecture}: vision {v.n_layers} layers x {v.n_heads} heads, d_model {v.d_model}, "
+            f"{v.image_size}px / {v.patch_size}px patches ({v.patch_grid[0]}x{v.patch_grid[1]}"
+            f"{' + CLS' if v.has_cls else ''}) -> adapter {a.kind} reads vision layer(s) "
+            f"{list(a.feature_layers)} -> {a.n_image_tokens} image tokens ({a.token_grid[0]}x"
+            f"{a.token_grid[1]}) -> LLM {l.n_layers} layers x {l.n_heads} heads "
+            f"({l.n_key_value_heads} kv), d_model {l.d_model}, vocab {self.d_vocab}"
+        )

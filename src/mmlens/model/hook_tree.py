@@ -1,0 +1,85 @@
+"""The hook points of a multimodal model, arranged so module paths are the hook names.
+
+Hook points are TransformerLens `HookPoint`s held in a small module tree (`vision.blocks.3.attn`,
+`adapter`, `blocks.7.mlp` ...), separate from the Hugging Face modules they observe, so names
+stay the same for every architecture. `fire` skips a point that has no hook, which keeps a
+forward without hooks as fast as the bare model.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+def is_hooked(point: HookPoint) -> bool:
+    return bool(point._forward_hooks or point._backward_hooks)
+
+
+def fire(point: HookPoint, x: Tensor) -> Tensor:
+    """Pass `x` through `point` only when something listens there."""
+    if point._forward_hooks or point._backward_hooks:
+        return point(x)
+    return x
+
+
+class HookGroup(nn.Module):
+    """A module whose attributes named `hook_*` are hook points; `any_hooked` checks them all."""
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self._own_points: list[HookPoint] = []
+        for name in names:
+            point = HookPoint()
+            setattr(self, name, point)
+            self._own_points.append(point)
+
+    def any_hooked(self) -> bool:
+        return any(p._forward_hooks or p._backward_hooks for p in self._own_points)
+
+
+class AttentionHooks(HookGroup):
+    def __init__(self, rotary: bool):
+        names = ["hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"]
+        super().__init__(*names, *(["hook_rot_q", "hook_rot_k"] if rotary else []))
+
+
+class MLPHooks(HookGroup):
+    def __init__(self, gated: bool):
+        super().__init__("hook_pre", "hook_post", *(["hook_pre_linear"] if gated else []))
+
+
+class NormHooks(HookGroup):
+    def __init__(self):
+        super().__init__("hook_normalized")
+
+
+class BlockHooks(HookGroup):
+    """Residual-stream points of one block plus its attention, MLP and norm points."""
+
+    def __init__(self, rotary: bool, gated_mlp: bool):
+        super().__init__(
+            "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"
+        )
+        self.ln1 = NormHooks()
+        self.ln2 = NormHooks()
+        self.attn = AttentionHooks(rotary)
+        self.mlp = MLPHooks(gated_mlp)
+
+    def residual_hooked(self) -> bool:
+        """Whether the block-level path (not attention or MLP internals) has to be taken apart."""
+        return self.any_hooked() or self.ln1.any_hooked() or self.ln2.any_hooked()
+
+
+class VisionHooks(HookGroup):
+    def __init__(self, n_layers: int, has_ln_pre: bool):
+        super().__init__("hook_embed")
+        if has_ln_pre:
+            self.ln_pre = NormHooks()
+        self.blocks = nn.ModuleList(BlockHooks(rotary=False, gated_mlp=False) for _ in range(n_layers))
+        self.ln_post = NormHooks()
+
+
+class AdapterHooks(HookGroup):
+    def __init__(self):
+        super().__init__("hook_in", "hook_hidden", "hook_out")

@@ -1,0 +1,408 @@
+"""HookedMLLM: one TransformerLens-style hooked model across vision encoder, adapter and LLM.
+
+The Hugging Face model runs its own code; hook points are threaded through it in place (see
+`instrument`), named as in TransformerLens (`blocks.{l}.attn.hook_pattern`) for the LLM and with
+`vision.` and `adapter.` prefixes for the other stages. `run_with_cache`, `run_with_hooks` and
+`hooks()` come from TransformerLens's `HookedRootModule`; inputs are a `MultimodalInputs` or
+the Hugging Face keywords.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from PIL import Image
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from .architectures import architecture_for
+from .cache import MultimodalActivationCache
+from .config import MLLMConfig
+from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
+from .inputs import MultimodalInputs
+from .layout import ImageTokenLayout, compute_layout
+from .loading import load_hf_checkpoint
+
+ReturnType = Literal["logits", "loss", "both"] | None
+ImageLike = Image.Image | np.ndarray | Tensor
+
+
+class HookNameError(KeyError):
+    """An unknown hook name; the message lists the closest known names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class HookedMLLM(HookedRootModule):
+    """A multimodal LLM with TransformerLens hooks on every stage.
+
+    Build one with `from_pretrained` (shipped name, local folder or hub id) or `from_hf` (an
+    in-memory Hugging Face model, which is instrumented in place).
+    """
+
+    cfg: MLLMConfig
+
+    def __init__(self, hf_model: nn.Module, processor: Any = None):
+        super().__init__()
+        self.architecture = architecture_for(hf_model)
+        self.cfg = self.architecture.build_config(hf_model)
+        self.hf_model = hf_model
+        self.processor = processor
+        v = self.cfg.vision
+        self.vision = VisionHooks(v.n_layers, has_ln_pre=v.has_cls)
+        self.adapter = AdapterHooks()
+        self.hook_embed = HookPoint()
+        self.hook_multimodal_embed = HookPoint()
+        self.blocks = nn.ModuleList(
+            BlockHooks(rotary=True, gated_mlp=True) for _ in range(self.cfg.llm.n_layers)
+        )
+        self.ln_final = NormHooks()
+        self._handles = self.architecture.instrument(hf_model, self)
+        self.setup()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, processor: Any = None) -> "HookedMLLM":
+        """Wrap an in-memory Hugging Face model. The model is instrumented in place (its outputs
+        are unchanged while no hook is active); `model.hf_model` is the same object."""
+        return cls(hf_model.eval(), processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        attn_implementation: str | None = None,
+        load_processor: bool = True,
+    ) -> "HookedMLLM":
+        """Load a shipped model by name, a local Hugging Face checkpoint folder, or a hub id.
+
+        Respects `HF_HUB_OFFLINE`; never installs packages. `attn_implementation` ("eager",
+        "sdpa") is passed to Hugging Face; hooked layers always compute attention explicitly.
+        """
+        hf_model, processor = load_hf_checkpoint(
+            name_or_path,
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            load_processor=load_processor,
+        )
+        return cls(hf_model, processor)
+
+    def setup(self) -> None:
+        """Index our hook points only; the Hugging Face modules keep their own names."""
+        self.mod_dict, self.hook_dict = {}, {}
+        for name, module in self.named_modules():
+            if not name or name == "hf_model" or name.startswith("hf_model."):
+                continue
+            module.name = name
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                self.hook_dict[name] = module
+
+    def to(self, *args: Any, **kwargs: Any) -> "HookedMLLM":
+        super().to(*args, **kwargs)
+        param = next(self.hf_model.parameters())
+        self.cfg = replace(self.cfg, device=param.device, dtype=param.dtype)
+        return self
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute per-head outputs at `attn.hook_result` (memory: batch x pos x heads x d_model)."""
+        self.cfg = replace(self.cfg, use_attn_result=use_attn_result)
+
+    # ----------------------------------------------------------------- hook names
+    def hook_names(self, stage: Literal["vision", "adapter", "llm"] | None = None) -> list[str]:
+        names = list(self.hook_dict)
+        if stage is None:
+            return names
+        if stage not in ("vision", "adapter", "llm"):
+            raise ValueError(f"stage must be 'vision', 'adapter' or 'llm', got {stage!r}")
+        prefix = {"vision": "vision.", "adapter": "adapter."}.get(stage)
+        if prefix:
+            return [n for n in names if n.startswith(prefix)]
+        return [n for n in names if not n.startswith(("vision.", "adapter."))]
+
+    def resolve_hook_name(self, name: str) -> str:
+        """The canonical name of a hook point, accepting TransformerBridge aliases."""
+        if name in self.hook_dict:
+            return name
+        canonical = self.architecture.canonical_name(name)
+        if canonical in self.hook_dict:
+            return canonical
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+        raise HookNameError(
+            f"unknown hook name {name!r}. Closest: {close or 'none'}. "
+            "model.hook_names() lists them all (docs/hooks.md explains each)."
+        )
+
+    def _checked_name(self, name: str) -> str:
+        canonical = self.resolve_hook_name(name)
+        if canonical.endswith("attn.hook_result") and not self.cfg.use_attn_result:
+            raise ValueError(
+                f"{canonical} only fires after model.set_use_attn_result(True) "
+                "(it materialises one d_model vector per head and position)"
+            )
+        return canonical
+
+    def _name_filter(self, names_filter: Any) -> Callable[[str], bool]:
+        """A predicate on canonical names; listed names are checked, per-head results are only
+        cached when enabled."""
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple, set)):
+            wanted = {self._checked_name(n) for n in names_filter}
+            return wanted.__contains__
+        if names_filter is None:
+            names_filter = lambda name: True  # noqa: E731
+        if not callable(names_filter):
+            raise TypeError(f"names_filter must be a name, a list of names or a predicate, got {type(names_filter).__name__}")
+        if self.cfg.use_attn_result:
+            return names_filter
+        return lambda name: not name.endswith("attn.hook_result") and names_filter(name)
+
+    # Route every way TransformerLens adds a hook by name through the alias/typo check.
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]):
+        super()._enable_hook_with_name(self._checked_name(name), hook, dir)
+
+    def add_hook(self, name: Any, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd", **kwargs: Any):
+        if isinstance(name, str):
+            name = self._checked_name(name)
+        return super().add_hook(name, hook, dir=dir, **kwargs)
+
+    # ----------------------------------------------------------------- inputs
+    def layout(
+        self, input_ids: Int[Tensor, "batch seq"] | MultimodalInputs
+    ) -> ImageTokenLayout:
+        """Positions, grid cells and pixel boxes of every image's tokens in `input_ids`."""
+        if isinstance(input_ids, MultimodalInputs):
+            return input_ids.layout
+        cfg = self.cfg
+        return compute_layout(
+            torch.as_tensor(input_ids),
+            image_token_id=cfg.image_token_id,
+            image_size=(cfg.vision.image_size, cfg.vision.image_size),
+            patch_grid=cfg.vision.patch_grid,
+            token_grid=cfg.adapter.token_grid,
+            patch_to_token=self.architecture.patch_to_token(cfg),
+            vision_has_cls=cfg.vision.has_cls,
+            llm_sees_cls=self.architecture.llm_sees_cls(cfg),
+        )
+
+    def prepare(
+        self,
+        images: ImageLike | Sequence[ImageLike] | Sequence[Sequence[ImageLike]],
+        prompts: str | Sequence[str] = "",
+    ) -> MultimodalInputs:
+        """Tokenise prompts and preprocess images into one padded batch with its layout.
+
+        `images` is one image, one image per prompt, or a list of images per prompt. A prompt
+        without the image placeholder gets the chat template (or the placeholder) inserted; a
+        single prompt string is used for every image.
+        """
+        processor = self._require_processor()
+        per_prompt = _images_per_prompt(images)
+        if not per_prompt:
+            raise ValueError("empty batch: give at least one image")
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(per_prompt)
+        prompts = list(prompts)
+        if len(prompts) != len(per_prompt):
+            raise ValueError(
+                f"{len(per_prompt)} image groups but {len(prompts)} prompts; give one prompt per "
+                "image (or per list of images), or a single prompt string for all"
+            )
+        token = processor.image_token
+        texts = []
+        for i, (prompt, group) in enumerate(zip(prompts, per_prompt)):
+            text = prompt if token in prompt else self._with_placeholders(prompt, len(group))
+            if text.count(token) != len(group):
+                raise ValueError(
+                    f"prompt {i} has {text.count(token)} {token} placeholder(s) but {len(group)} "
+                    "image(s); use one placeholder per image or none (then they are inserted)"
+                )
+            texts.append(text)
+        flat = [_to_pil(img, f"image {i}.{j}") for i, g in enumerate(per_prompt) for j, img in enumerate(g)]
+        batch = processor(images=flat, text=texts, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"]
+        device = self.cfg.device
+        return MultimodalInputs(
+            input_ids=input_ids.to(device),
+            pixel_values=batch["pixel_values"].to(device=device, dtype=self.cfg.dtype),
+            attention_mask=batch["attention_mask"].to(device),
+            layout=self.layout(input_ids),
+            prompts=tuple(texts),
+        )
+
+    def _require_processor(self) -> Any:
+        if self.processor is None:
+            raise ValueError(
+                "this model has no processor: pass processor= to HookedMLLM.from_hf, or call "
+                "the model with input_ids=, pixel_values=, attention_mask= directly"
+            )
+        return self.processor
+
+    def _with_placeholders(self, prompt: str, n_images: int) -> str:
+        processor = self.processor
+        if getattr(processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + ([{"type": "text", "text": prompt}] if prompt else [])
+            return processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        return (processor.image_token + "\n") * n_images + prompt
+
+    def _coerce_inputs(
+        self,
+        inputs: MultimodalInputs | Mapping[str, Tensor] | Tensor | None,
+        input_ids: Tensor | None,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> dict[str, Tensor]:
+        if isinstance(inputs, MultimodalInputs):
+            kwargs = inputs.hf_kwargs()
+        elif isinstance(inputs, Mapping):
+            kwargs = {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask") if k in inputs}
+        elif isinstance(inputs, Tensor):
+            kwargs = {"input_ids": inputs}
+        elif inputs is None:
+            kwargs = {}
+        else:
+            raise TypeError(
+                f"expected MultimodalInputs (from model.prepare), a mapping of Hugging Face inputs or "
+                f"input_ids; got {type(inputs).__name__}"
+            )
+        for key, value in (("input_ids", input_ids), ("pixel_values", pixel_values), ("attention_mask", attention_mask)):
+            if value is not None:
+                kwargs[key] = value
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("no input_ids: pass MultimodalInputs from model.prepare(...) or input_ids=")
+        if ids.ndim != 2 or ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
+        self._check_images(ids, kwargs.get("pixel_values"))
+        return kwargs
+
+    def _check_images(self, input_ids: Tensor, pixel_values: Tensor | None) -> None:
+        per_image = self.cfg.adapter.n_image_tokens
+        n_tokens = int((input_ids == self.cfg.image_token_id).sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"{n_images} image(s) in pixel_values but {n_tokens} image tokens in input_ids "
+                f"({per_image} per image); the prompts' placeholders and the images must match"
+            )
+        if pixel_values is not None:
+            size = self.cfg.vision.image_size
+            if tuple(pixel_values.shape[1:]) != (3, size, size):
+                raise ValueError(
+                    f"pixel_values have shape {tuple(pixel_values.shape)} but this model takes "
+                    f"[n, 3, {size}, {size}]; preprocess images with model.prepare(...)"
+                )
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        inputs: MultimodalInputs | Mapping[str, Tensor] | Tensor | None = None,
+        *,
+        input_ids: Int[Tensor, "batch seq"] | None = None,
+        pixel_values: Float[Tensor, "n_images 3 h w"] | None = None,
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        return_type: ReturnType = "logits",
+        **hf_kwargs: Any,
+    ) -> Any:
+        """Logits [batch, seq, d_vocab] (or the next-token loss over text tokens, or both)."""
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask)
+        logits = self.architecture.forward(self.hf_model, **kwargs, **hf_kwargs).logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
+        return loss if return_type == "loss" else (logits, loss)
+
+    def text_loss(
+        self,
+        logits: Float[Tensor, "batch seq d_vocab"],
+        input_ids: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+    ) -> Float[Tensor, ""]:
+        """Mean next-token cross-entropy over targets that are text (not image, not padding)."""
+        targets = input_ids[:, 1:]
+        keep = targets != self.cfg.image_token_id
+        if attention_mask is not None:
+            keep &= attention_mask[:, 1:].bool()
+        losses = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+        )
+        return (losses * keep.flatten()).sum() / keep.sum().clamp(min=1)
+
+    def run_with_cache(
+        self, *model_args: Any, names_filter: Any = None, return_cache_object: bool = True, **kwargs: Any
+    ) -> tuple[Any, MultimodalActivationCache | dict[str, Tensor]]:
+        """Run and cache activations of every stage (or those `names_filter` selects)."""
+        out, cache = super().run_with_cache(*model_args, names_filter=self._name_filter(names_filter), **kwargs)
+        if not return_cache_object:
+            return out, cache
+        cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        first = model_args[0] if model_args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if first is not None:
+            cache_object.layout = self.layout(first if isinstance(first, MultimodalInputs) else first)
+        return out, cache_object
+
+    @torch.no_grad()
+    def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
+        """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
+        kwargs.setdefault("do_sample", False)
+        out = self.hf_model.generate(**inputs.hf_kwargs(), max_new_tokens=max_new_tokens, **kwargs)
+        new_tokens = out[:, inputs.input_ids.shape[1] :]
+        return self._require_processor().batch_decode(new_tokens, skip_special_tokens=True)
+
+    def to_str_tokens(self, input_ids: Int[Tensor, "seq"]) -> list[str]:
+        return self._require_processor().tokenizer.convert_ids_to_tokens(torch.as_tensor(input_ids).tolist())
+
+    def __repr__(self) -> str:
+        return f"HookedMLLM({self.cfg.summary()}, {len(self.hook_dict)} hook points)"
+
+
+def _images_per_prompt(images: Any) -> list[list[Any]]:
+    if isinstance(images, (Image.Image, np.ndarray, Tensor)):
+        return [[images]]
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise TypeError(
+            f"images must be a PIL image, an HxWx3 uint8 array, a 3xHxW tensor, or a list of them; "
+            f"got {type(images).__name__}"
+        )
+    return [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+
+
+def _to_pil(image: Any, where: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] == 3:
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        if image.dtype != np.uint8:
+            if image.min() < 0 or image.max() > 1:
+                raise ValueError(f"{where}: float images must be in [0, 1]; got range [{image.min()}, {image.max()}]")
+            image = (image * 255).round().astype(np.uint8)
+        return Image.fromarray(image)
+    shape = getattr(image, "shape", None)
+    raise TypeError(
+        f"{where} is a {type(image).__name__}{f' of shape {shape}' if shape is not None else ''}; "
+        "expected a PIL image, an HxWx3 array or a 3xHxW tensor"
+    )

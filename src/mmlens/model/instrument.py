@@ -1,0 +1,192 @@
+"""Hooking Hugging Face modules in place, without replacing them.
+
+Each attention, MLP and pre-norm block gets an instance-level `forward` that runs the original
+Hugging Face code untouched while none of its hook points listens, and otherwise recomputes the
+same operations step by step (the eager attention maths, in the same order) with hook points in
+between. Modules are never swapped, so Hugging Face's own output capturing (hidden states by
+layer class) keeps working, and `restore` undoes everything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import einops
+import torch
+from torch import Tensor, nn
+
+from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
+
+_INSTRUMENTED = "_mmlens_instrumented"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a Hugging Face attention module keeps its projections."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    scaling: str = "scaling"
+    rotary: bool = True
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Attribute names of a pre-norm block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    ln1: str
+    attn: str
+    ln2: str
+    mlp: str
+    gated_mlp: bool  # gate_proj/up_proj/down_proj (Llama) vs fc1/fc2 (CLIP, SigLIP)
+    attention: AttentionSpec
+
+
+def _override_forward(module: nn.Module, forward: Callable) -> None:
+    module.forward = forward  # instance attribute shadows the class method; nn.Module calls it
+    setattr(module, _INSTRUMENTED, True)
+
+
+def restore(model: nn.Module) -> None:
+    """Remove every instance-level forward this module installed."""
+    for module in model.modules():
+        if getattr(module, _INSTRUMENTED, False):
+            del module.forward
+            delattr(module, _INSTRUMENTED)
+
+
+def _argument_names(module: nn.Module) -> list[str]:
+    """Names of the positional parameters of the class forward after the first input."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[2:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def apply_attention_mask(
+    scores: Tensor, attention_mask: Tensor | None, is_causal: bool
+) -> Tensor:
+    """Add Hugging Face's mask to raw scores, whatever form the attention backend built it in.
+
+    eager builds an additive float mask; sdpa a boolean one (True = attend) or none at all when
+    the mask is plain causal. Masked entries end at the dtype's minimum, as in HF eager, so a
+    fully padded row stays finite.
+    """
+    q_len, k_len = scores.shape[-2:]
+    if attention_mask is None:
+        if not is_causal or q_len == 1:
+            return scores
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(
+            k_len - q_len
+        )
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask[..., :k_len]
+
+
+def instrument_attention(
+    attn: nn.Module, hooks: AttentionHooks, spec: AttentionSpec, use_result: Callable[[], bool]
+) -> None:
+    original = attn.forward
+    names = _argument_names(attn)
+    rotary_fn = (
+        getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary else None
+    )
+    q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
+    d_head = attn.head_dim
+    scaling = getattr(attn, spec.scaling)
+
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
+        if not hooks.any_hooked():
+            return original(hidden_states, *args, **kwargs)
+        kwargs.update(zip(names, args))
+        attention_mask = kwargs.get("attention_mask")
+        batch, seq, _ = hidden_states.shape
+        q = fire(hooks.hook_q, q_proj(hidden_states).view(batch, seq, -1, d_head))
+        k = fire(hooks.hook_k, k_proj(hidden_states).view(batch, seq, -1, d_head))
+        v = fire(hooks.hook_v, v_proj(hidden_states).view(batch, seq, -1, d_head))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rotary_fn is not None:
+            cos, sin = kwargs["position_embeddings"]
+            q, k = rotary_fn(q, k, cos, sin)
+            q = fire(hooks.hook_rot_q, q.transpose(1, 2)).transpose(1, 2)
+            k = fire(hooks.hook_rot_k, k.transpose(1, 2)).transpose(1, 2)
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)
+        n_rep = q.shape[1] // k.shape[1]
+        if n_rep > 1:  # grouped-query attention: query head h reads kv head h // n_rep
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+        scores = fire(hooks.hook_attn_scores, apply_attention_mask(scores, attention_mask, attn.is_causal))
+        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if attn.training:
+            pattern = nn.functional.dropout(pattern, p=getattr(attn, "attention_dropout", 0.0))
+        pattern = fire(hooks.hook_pattern, pattern)
+        z = fire(hooks.hook_z, torch.matmul(pattern, v).transpose(1, 2).contiguous())
+        if use_result() and is_hooked(hooks.hook_result):
+            w_o = einops.rearrange(o_proj.weight, "m (h d) -> h d m", d=d_head)
+            result = hooks.hook_result(einops.einsum(z, w_o, "b s h d, h d m -> b s h m"))
+            out = result.sum(dim=-2)
+            if o_proj.bias is not None:
+                out = out + o_proj.bias
+        else:
+            out = o_proj(z.reshape(batch, seq, -1))
+        return out, pattern
+
+    _override_forward(attn, forward)
+
+
+def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
+    original = mlp.forward
+    if gated:
+
+        def forward(x: Tensor) -> Tensor:
+            if not hooks.any_hooked():
+                return original(x)
+            pre = fire(hooks.hook_pre, mlp.gate_proj(x))
+            pre_linear = fire(hooks.hook_pre_linear, mlp.up_proj(x))
+            return mlp.down_proj(fire(hooks.hook_post, mlp.act_fn(pre) * pre_linear))
+
+    else:
+
+        def forward(x: Tensor) -> Tensor:
+            if not hooks.any_hooked():
+                return original(x)
+            pre = fire(hooks.hook_pre, mlp.fc1(x))
+            return mlp.fc2(fire(hooks.hook_post, mlp.activation_fn(pre)))
+
+    _override_forward(mlp, forward)
+
+
+def instrument_block(
+    layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool]
+) -> None:
+    """Hook a pre-norm block, its attention and its MLP."""
+    ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
+    instrument_attention(attn, hooks.attn, spec.attention, use_result)
+    instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
+    original = layer.forward
+    names = _argument_names(layer)
+
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not hooks.residual_hooked():
+            return original(hidden_states, *args, **kwargs)
+        kwargs.update(zip(names, args))
+        resid_pre = fire(hooks.hook_resid_pre, hidden_states)
+        normed = fire(hooks.ln1.hook_normalized, ln1(resid_pre))
+        attn_out = fire(hooks.hook_attn_out, attn(hidden_states=normed, **kwargs)[0])
+        resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
+        normed = fire(hooks.ln2.hook_normalized, ln2(resid_mid))
+        mlp_out = fire(hooks.hook_mlp_out, mlp(normed))
+        return fire(hooks.hook_resid_post, resid_mid + mlp_out)
+
+    _override_forward(layer, forward)
+
+
+def hook_module_output(module: nn.Module, point) -> torch.utils.hooks.RemovableHandle:
+    """Route a module's output through a hook point (for modules with a single tensor output)."""
+    return module.register_forward_hook(lambda _m, _i, out: fire(point, out))

@@ -1,0 +1,197 @@
+"""Image-token bookkeeping: where each image's tokens sit in a sequence and which pixels they see.
+
+An `ImageTokenLayout` is computed from the input ids and the model config, never hard-coded. It
+maps, per batch row and per image, the sequence positions of the image tokens to cells of the
+token grid and to pixel boxes of the preprocessed image, and does the same for the vision
+encoder's patches, with the patch -> LLM-token map between the two grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A rows x cols grid of tokens tiling an image of `image_size` = (height, width) pixels."""
+
+    rows: int
+    cols: int
+    image_size: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    @cached_property
+    def cells(self) -> Int[Tensor, "n_tokens 2"]:
+        """(row, col) of every token, in raster order."""
+        r, c = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
+        return torch.stack([r.flatten(), c.flatten()], dim=1)
+
+    @cached_property
+    def boxes(self) -> Int[Tensor, "n_tokens 4"]:
+        """Pixel box (y0, x0, y1, x1) of every token, end-exclusive, in the preprocessed image."""
+        height, width = self.image_size
+        y_edges = torch.div(torch.arange(self.rows + 1) * height, self.rows, rounding_mode="floor")
+        x_edges = torch.div(torch.arange(self.cols + 1) * width, self.cols, rounding_mode="floor")
+        r, c = self.cells[:, 0], self.cells[:, 1]
+        return torch.stack([y_edges[r], x_edges[c], y_edges[r + 1], x_edges[c + 1]], dim=1)
+
+    def cell_index_map(self) -> Int[Tensor, "height width"]:
+        """For every pixel, the index of the token whose box contains it."""
+        height, width = self.image_size
+        rows = torch.div(torch.arange(height) * self.rows, height, rounding_mode="floor")
+        cols = torch.div(torch.arange(width) * self.cols, width, rounding_mode="floor")
+        return rows[:, None] * self.cols + cols[None, :]
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image inside one batch row."""
+
+    row: int  # batch row of the sequence
+    image_index: int  # index of the image in `pixel_values`
+    positions: Int[Tensor, "n_tokens"]  # sequence positions of the grid tokens, raster order
+    cls_position: int | None  # sequence position of the image's CLS token, if the LLM sees it
+
+
+@dataclass(frozen=True)
+class ImageTokenLayout:
+    """Per batch row, the image tokens' positions, grid cells and pixel boxes (LLM and vision)."""
+
+    token_grid: TokenGrid  # the LLM's image tokens
+    patch_grid: TokenGrid  # the vision encoder's patches
+    patch_positions: Int[Tensor, "n_patches"]  # index of each patch in the vision sequence
+    patch_to_token: Int[Tensor, "n_patches"]  # grid token fed by each vision patch
+    images: tuple[tuple[ImageSpan, ...], ...]  # per batch row, its images in order
+    seq_len: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.token_grid.shape
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(row) for row in self.images)
+
+    @property
+    def spans(self) -> list[ImageSpan]:
+        """All images of the batch in `pixel_values` order."""
+        return sorted((s for row in self.images for s in row), key=lambda s: s.image_index)
+
+    def positions(self, row: int, image: int = 0) -> Int[Tensor, "n_tokens"]:
+        """Sequence positions of the grid tokens of image `image` in batch row `row`."""
+        try:
+            return self.images[row][image].positions
+        except IndexError:
+            raise IndexError(
+                f"batch row {row} has {len(self.images[row]) if row < len(self.images) else 0} "
+                f"image(s); asked for image {image} (batch size {self.batch_size})"
+            ) from None
+
+    @property
+    def token_cells(self) -> Int[Tensor, "n_tokens 2"]:
+        return self.token_grid.cells
+
+    @property
+    def token_boxes(self) -> Int[Tensor, "n_tokens 4"]:
+        return self.token_grid.boxes
+
+    @property
+    def patch_cells(self) -> Int[Tensor, "n_patches 2"]:
+        return self.patch_grid.cells
+
+    @property
+    def patch_boxes(self) -> Int[Tensor, "n_patches 4"]:
+        return self.patch_grid.boxes
+
+    def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
+        """True at every image grid token (CLS tokens excluded)."""
+        mask = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)
+        for row in self.images:
+            for span in row:
+                mask[span.row, span.positions] = True
+        return mask
+
+    def same_geometry(self, other: "ImageTokenLayout") -> bool:
+        """True when both layouts put the same images at the same positions (for patching)."""
+        if (self.token_grid, self.patch_grid, self.seq_len) != (
+            other.token_grid,
+            other.patch_grid,
+            other.seq_len,
+        ) or [len(r) for r in self.images] != [len(r) for r in other.images]:
+            return False
+        return all(
+            torch.equal(a.positions, b.positions) and a.cls_position == b.cls_position
+            for ra, rb in zip(self.images, other.images)
+            for a, b in zip(ra, rb)
+        )
+
+
+def compute_layout(
+    input_ids: Int[Tensor, "batch seq"],
+    *,
+    image_token_id: int,
+    image_size: tuple[int, int],
+    patch_grid: tuple[int, int],
+    token_grid: tuple[int, int],
+    patch_to_token: Int[Tensor, "n_patches"],
+    vision_has_cls: bool,
+    llm_sees_cls: bool,
+) -> ImageTokenLayout:
+    """Find every image's tokens in `input_ids`.
+
+    Each image contributes `len(token_grid) + llm_sees_cls` consecutive placeholder tokens; a
+    run of placeholders is split into images of that size, and images are numbered in row-major
+    batch order, which is the order of `pixel_values`.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    tokens_grid = TokenGrid(*token_grid, image_size=image_size)
+    patches = TokenGrid(*patch_grid, image_size=image_size)
+    per_image = len(tokens_grid) + int(llm_sees_cls)
+    is_image = (input_ids == image_token_id).cpu()
+    rows: list[tuple[ImageSpan, ...]] = []
+    image_index = 0
+    for b in range(input_ids.shape[0]):
+        where = torch.nonzero(is_image[b]).flatten()
+        if len(where) % per_image:
+            raise ValueError(
+                f"batch row {b} has {len(where)} image tokens, not a multiple of the {per_image} "
+                "tokens one image takes; were the prompts expanded by this model's processor?"
+            )
+        spans = []
+        for start in range(0, len(where), per_image):
+            block = where[start : start + per_image]
+            if block[-1] - block[0] != per_image - 1:
+                raise ValueError(
+                    f"batch row {b}: the image tokens at positions {block[0].item()}..."
+                    f"{block[-1].item()} are not contiguous"
+                )
+            cls = int(block[0]) if llm_sees_cls else None
+            grid_positions = block[1:] if llm_sees_cls else block
+            spans.append(ImageSpan(b, image_index, grid_positions.clone(), cls))
+            image_index += 1
+        rows.append(tuple(spans))
+    n_patches = len(patches)
+    return ImageTokenLayout(
+        token_grid=tokens_grid,
+        patch_grid=patches,
+        patch_positions=torch.arange(n_patches) + int(vision_has_cls),
+        patch_to_token=patch_to_token,
+        images=tuple(rows),
+        seq_len=input_ids.shape[1],
+    )

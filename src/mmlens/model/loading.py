@@ -1,0 +1,98 @@
+"""Finding and loading a Hugging Face checkpoint: shipped name, local directory or hub id.
+
+Nothing here installs packages or reaches the network unless the user names a hub model; with
+`HF_HUB_OFFLINE=1` only the local cache is consulted, and a miss says how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoProcessor
+
+from ..zoo import shipped_models
+from .architectures import ARCHITECTURES
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """(location, is_local): a shipped model's folder, a local folder, or a hub id."""
+    shipped = shipped_models()
+    if str(name_or_path) in shipped:
+        return str(shipped[str(name_or_path)]), True
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; expected a directory holding a Hugging Face checkpoint")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise FileNotFoundError(
+                f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)} next to config.json"
+            )
+        return str(path), True
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # hub ids are "org/name"
+        raise FileNotFoundError(
+            f"no such directory: {text}. Shipped models: {sorted(shipped)}"
+        )
+    return str(name_or_path), False
+
+
+def load_hf_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    load_processor: bool = True,
+) -> tuple[nn.Module, object | None]:
+    """Load the model class named in the checkpoint's config, and its processor."""
+    location, is_local = resolve_checkpoint(name_or_path)
+    local_only = is_local or _offline()
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=local_only)
+    except OSError as error:
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if _offline()
+            else "the hub could not be reached or the id does not exist"
+        )
+        raise FileNotFoundError(
+            f"cannot load {name_or_path!r}: {hint}. Download it where the hub is reachable "
+            f"(`hf download {name_or_path}`) or pass a local checkpoint directory. "
+            f"Shipped models: {sorted(shipped_models())}"
+        ) from error
+    class_name = (config.architectures or [None])[0]
+    if class_name not in ARCHITECTURES:
+        raise NotImplementedError(
+            f"{name_or_path!r} is a {class_name}; supported architectures: {sorted(ARCHITECTURES)}"
+        )
+    model_class = getattr(transformers, class_name)
+    kwargs = {"local_files_only": local_only}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = model_class.from_pretrained(location, **kwargs).eval()
+    if device is not None:
+        model = model.to(device)
+    processor = None
+    if load_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(location, local_files_only=local_only)
+        except (OSError, ValueError, ImportError) as error:
+            raise FileNotFoundError(
+                f"{name_or_path!r} has weights but its processor could not be loaded ({error}); "
+                "pass load_processor=False and build inputs yourself, or add the processor files"
+            ) from error
+    return model, processor
