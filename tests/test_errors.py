@@ -1,0 +1,66 @@
+"""Bad input gets a clear error that says what was wrong and what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmlens import HookedMLLM, HookNameError
+
+from conftest import random_images
+
+
+def test_unknown_hook_name_lists_closest(tiny_clip):
+    with pytest.raises(HookNameError, match=r"blocks\.0\.attn\.hook_pattern"):
+        tiny_clip.model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[("blocks.0.attn.hook_patern", lambda x, hook: x)])
+    with pytest.raises(HookNameError, match="vision.blocks.1.hook_resid_post"):
+        tiny_clip.model.run_with_cache(tiny_clip.inputs, names_filter=["vision.block.1.hook_resid_post"])
+
+
+def test_unsupported_architecture_lists_supported():
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration"):
+        HookedMLLM.from_hf(llm)
+
+
+def test_placeholder_count_mismatch(tiny_clip):
+    model = tiny_clip.model
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        model.prepare(random_images(1), "<image> <image> how many")
+    inputs = tiny_clip.inputs
+    with pytest.raises(ValueError, match="image tokens in input_ids"):
+        model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values[:2], attention_mask=inputs.attention_mask)
+
+
+def test_wrong_image_type(tiny_clip):
+    with pytest.raises(TypeError, match="expected a PIL image"):
+        tiny_clip.model.prepare(["a path is not an image"], "how many")
+    with pytest.raises(TypeError, match="shape"):
+        tiny_clip.model.prepare([np.zeros((8, 8))], "how many")
+    with pytest.raises(TypeError, match="images must be"):
+        tiny_clip.model.prepare("picture.png", "how many")
+
+
+def test_empty_batch(tiny_clip):
+    with pytest.raises(ValueError, match="empty batch"):
+        tiny_clip.model.prepare([], "how many")
+    with pytest.raises(ValueError, match="non-empty"):
+        tiny_clip.model(input_ids=torch.zeros(0, 5, dtype=torch.long))
+
+
+def test_wrong_pixel_size(tiny_clip):
+    inputs = tiny_clip.inputs
+    with pytest.raises(ValueError, match=r"model\.prepare"):
+        tiny_clip.model(input_ids=inputs.input_ids, pixel_values=torch.zeros(3, 3, 64, 64), attention_mask=inputs.attention_mask)
+
+
+def test_prompt_count_mismatch(tiny_clip):
+    with pytest.raises(ValueError, match="2 image groups but 3 prompts"):
+        tiny_clip.model.prepare(random_images(2), ["a", "b", "c"])
+
+
+def test_hook_result_needs_opt_in(tiny_clip):
+    with pytest.raises(ValueError, match="set_use_attn_result"):
+        tiny_clip.model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[("blocks.0.attn.hook_result", lambda x, hook: x)])

@@ -1,0 +1,67 @@
+"""from_pretrained: local checkpoints offline, clear errors for missing weights and hub misses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmlens import HookedMLLM
+from mmlens.testing import tiny_llava
+
+from conftest import random_images
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_local_checkpoint_loads_offline_and_matches(tmp_path, offline):
+    hf, processor = tiny_llava(seed=3)
+    hf.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = HookedMLLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert "torchvision" not in sys.modules, "loading must not pull in torchvision"
+    inputs = model.prepare(random_images(2), ["how many", "what is in the image ?"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), hf(**inputs.hf_kwargs()).logits, atol=1e-5, rtol=0)
+
+
+def test_dtype_is_applied(tmp_path, offline):
+    hf, processor = tiny_llava()
+    hf.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = HookedMLLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.cfg.dtype == torch.bfloat16
+    inputs = model.prepare(random_images(1), "how many")
+    assert inputs.pixel_values.dtype == torch.bfloat16
+    assert model(inputs).dtype == torch.bfloat16
+
+
+def test_missing_weights_say_what_was_expected(tmp_path):
+    hf, _ = tiny_llava()
+    hf.config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        HookedMLLM.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_not_cached(offline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        HookedMLLM.from_pretrained("llava-hf/llava-1.5-7b-hf")
+
+
+def test_unsupported_checkpoint_architecture(tmp_path, offline):
+    LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="supported architectures"):
+        HookedMLLM.from_pretrained(tmp_path)
+
+
+def test_missing_directory():
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        HookedMLLM.from_pretrained("./does/not/exist")
