@@ -101,3 +101,17 @@ def test_layout_rejects_truncated_image_tokens():
     ids[0, tiny.inputs.layout.positions(0)[3]] = 5
     with pytest.raises(ValueError, match="not a multiple"):
         tiny.model.layout(ids)
+
+
+def test_masks_share_the_images_geometry():
+    """The model's geometry reproduces its processor, so masks land on the token boxes' pixels."""
+    import numpy as np
+
+    tiny = build_tiny("clip")
+    images = random_images(3)
+    torch.testing.assert_close(tiny.model.geometry.to_pixel_values(images), tiny.inputs.pixel_values)
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    mask[:, 25:] = 3
+    out = tiny.model.transform_mask(mask)
+    size = tiny.model.cfg.vision.image_size
+    assert out.shape == (size, size) and set(np.unique(out)) <= {0, 3}

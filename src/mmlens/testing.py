@@ -70,6 +70,7 @@ def tiny_llava(
     llm_d_model: int = 64,
     llm_heads: int = 4,
     llm_kv_heads: int | None = None,
+    llm_d_mlp: int | None = None,
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: Literal["default", "full"] | None = None,
     words: list[str] | tuple[str, ...] = DEFAULT_WORDS,
@@ -101,7 +102,7 @@ def tiny_llava(
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=llm_d_model,
-        intermediate_size=4 * llm_d_model,
+        intermediate_size=llm_d_mlp or 4 * llm_d_model,
         num_hidden_layers=llm_layers,
         num_attention_heads=llm_heads,
         num_key_value_heads=llm_kv_heads or llm_heads,

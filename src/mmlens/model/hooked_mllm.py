@@ -30,6 +30,7 @@ from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
 from .layout import ImageTokenLayout, compute_layout
 from .loading import load_hf_checkpoint
+from .preprocess import ImageGeometry
 
 ReturnType = Literal["logits", "loss", "both"] | None
 ImageLike = Image.Image | np.ndarray | Tensor
@@ -243,6 +244,17 @@ class HookedMLLM(HookedRootModule):
             layout=self.layout(input_ids),
             prompts=tuple(texts),
         )
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        """The processor's resize / pad / crop, to apply the same geometry to label masks."""
+        if getattr(self, "_geometry", None) is None:
+            self._geometry = ImageGeometry.from_processor(self._require_processor())
+        return self._geometry
+
+    def transform_mask(self, mask: Any, ignore_index: int = 255) -> np.ndarray:
+        """A label mask in the preprocessed image's pixels (nearest-neighbour; padding = ignore)."""
+        return self.geometry.transform_mask(mask, ignore_index=ignore_index)
 
     def _require_processor(self) -> Any:
         if self.processor is None:

@@ -385,7 +385,9 @@ class ImageGeometry:
         if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
             images = [images]
         elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-            raise TypeError(f"images must be an image or a sequence of images ({_ACCEPTED_IMAGES}); got {_describe(images)}")
+            raise TypeError(
+                f"images must be an image or a sequence of images ({_ACCEPTED_IMAGES}); got {_describe(images)}"
+            )
         if len(images) == 0:
             raise ValueError("to_pixel_values needs at least one image")
         arrays = [self._to_float_chw(self._transform_rgb_array(self._image_to_rgb_array(im))) for im in images]

@@ -1,0 +1,98 @@
+"""Hook overhead of HookedMLLM and of the bare TransformerLens bridge, relative to Hugging Face.
+
+Run: `python benchmarks/overhead.py` (or `make bench`). A config of about 4M parameters
+(vision 4 x 128, LLM 4 x 256, 64 image tokens, batch 4); every ratio below is
+(time of the variant) / (HF forward time), medians of interleaved repeats in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import time_interleaved  # noqa: E402
+
+from mmlens import HookedMLLM  # noqa: E402
+from mmlens.testing import tiny_llava  # noqa: E402
+
+
+def residual_names(name: str) -> bool:
+    return "hook_resid" in name or name.startswith("adapter.") or name == "hook_multimodal_embed"
+
+
+def bridge_residual_names(name: str) -> bool:
+    return "hook_resid" in name or name.startswith("vision_projector.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    hf, processor = tiny_llava(
+        image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, vision_heads=4,
+        llm_layers=4, llm_d_model=256, llm_heads=8, llm_d_mlp=688, attn_implementation=args.attn,
+    )
+    bridge_source = copy.deepcopy(hf)
+    reference = copy.deepcopy(hf)
+    reference_twin = copy.deepcopy(hf)  # a second bare HF model gives the noise floor
+    model = HookedMLLM.from_hf(hf, processor)
+    n_params = sum(p.numel() for p in reference.parameters())
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    inputs = model.prepare(images, ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"])
+    kwargs = inputs.hf_kwargs()
+
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    bridge = build_bridge_from_module(bridge_source, "LlavaForConditionalGeneration", hf_config=bridge_source.config)
+
+    def bridge_forward():
+        return bridge(inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask)
+
+    def bridge_cache(names_filter):
+        return lambda: bridge.run_with_cache(
+            inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
+            names_filter=names_filter,
+        )
+
+    torch.testing.assert_close(model(inputs), reference(**kwargs).logits, atol=1e-5, rtol=0)
+    fns = {
+        "hf": lambda: reference(**kwargs),
+        "hf_twin": lambda: reference_twin(**kwargs),
+        "ours_forward": lambda: model(inputs),
+        "ours_cache_resid": lambda: model.run_with_cache(inputs, names_filter=residual_names),
+        "ours_cache_all": lambda: model.run_with_cache(inputs),
+        "bridge_forward": bridge_forward,
+        "bridge_cache_resid": bridge_cache(bridge_residual_names),
+        "bridge_cache_all": bridge_cache(None),
+    }
+    times = time_interleaved(fns, repeats=args.repeats)
+    _, cache = model.run_with_cache(inputs)
+    _, resid = model.run_with_cache(inputs, names_filter=residual_names)
+    print(f"config: {n_params / 1e6:.2f}M params, attention {args.attn}, batch {len(inputs)}, "
+          f"seq {inputs.input_ids.shape[1]}, {model.cfg.n_image_tokens} image tokens, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"HF forward: {times['hf'] * 1e3:.2f} ms (median of {args.repeats})")
+    print(f"noise floor: a second identical HF model / HF = {times['hf_twin'] / times['hf']:.3f}")
+    print(f"cache sizes: residual streams {len(resid)} hooks, everything {len(cache)} hooks")
+    print(f"{'variant':<32}{'HookedMLLM':>12}{'TL bridge':>12}{'target':>10}")
+    for label, ours, theirs, target in (
+        ("forward, no hooks", "ours_forward", "bridge_forward", "<= 1.05"),
+        ("cache residual streams", "ours_cache_resid", "bridge_cache_resid", "<= 1.2"),
+        ("cache every hook", "ours_cache_all", "bridge_cache_all", "<= 1.6"),
+    ):
+        print(f"{label:<32}{times[ours] / times['hf']:>12.3f}{times[theirs] / times['hf']:>12.3f}{target:>10}")
+
+
+if __name__ == "__main__":
+    main()
