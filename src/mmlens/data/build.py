@@ -68,11 +68,12 @@ def build_dataset(
         )
     except DatasetGenerationError as error:
         # datasets wraps whatever the generator raised; our loaders raise precise
-        # FileNotFoundError/ValueError messages that the caller should see unwrapped.
+        # FileNotFoundError/ValueError messages that the caller should see unwrapped, and a
+        # streamed hub source raises connection errors that its loader turns into advice.
         cause = error.__cause__
         while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, (FileNotFoundError, ValueError)):
+        if isinstance(cause, (FileNotFoundError, ValueError, ConnectionError, TimeoutError)):
             raise cause from None
         raise
     return attach_info(dataset, info)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 from datasets import Dataset
+from PIL import Image
 
 from .build import build_dataset, file_stats, fingerprint
 from .resize import RESIZE_MODES, ResizeMode, decoded_size, load_rgb, to_square
@@ -71,7 +72,8 @@ def load_file_pairs(
     if image_size is not None and image_size <= 0:
         raise ValueError(f"image_size must be positive or None, got {image_size}")
     check_masks_exist(pairs)
-    rows = [(pair.id, str(pair.image), str(pair.mask)) for pair in pairs]
+    # Absolute paths: lazily decoded images must still resolve after a change of directory.
+    rows = [(pair.id, str(pair.image.resolve()), str(pair.mask.resolve())) for pair in pairs]
     key = fingerprint(
         "files",
         info.name,
@@ -128,8 +130,6 @@ def _generate(rows, read_mask, num_classes, image_size, resize):
 
 def read_label_png(path: Path, modes: tuple[str, ...]) -> np.ndarray:
     """Decode an annotation PNG whose pixel values are labels, rejecting colour-coded files."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             if image.mode not in modes:

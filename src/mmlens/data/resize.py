@@ -22,7 +22,7 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 def decoded_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image file as ``datasets`` will decode it, read from the header only."""
+    """(width, height) of an image as ``datasets`` will decode it, read from the header only."""
     with Image.open(path) as image:
         width, height = image.size
         orientation = image.getexif().get(Image.ExifTags.Base.Orientation)
