@@ -1,0 +1,78 @@
+"""Segmentation datasets in one schema: ``id``, RGB ``image``, label ``mask`` (255 = ignore).
+
+:func:`load_segmentation` dispatches by source name to one module per source (synthetic scenes,
+ADE20K from folders or the hub, PASCAL VOC 2012, Cityscapes); each returns a ``datasets.Dataset``
+whose class names and ignore index are read back with :func:`segmentation_info`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from .ade20k import ADE20K_CLASSES, load_ade20k
+from .cityscapes import CITYSCAPES_CLASSES, load_cityscapes
+from .scene_parse_150 import HubUnavailableError, load_scene_parse_150
+from .scenes import load_scenes, lookalike_pairs, render_scene, scene_class_names
+from .schema import IGNORE_INDEX, SegmentationInfo, segmentation_info
+from .voc import VOC_CLASSES, load_voc
+
+SUPPORTED = ("scenes", "ade20k", "scene_parse_150", "voc", "cityscapes")
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "IGNORE_INDEX",
+    "SUPPORTED",
+    "VOC_CLASSES",
+    "HubUnavailableError",
+    "SegmentationInfo",
+    "load_segmentation",
+    "lookalike_pairs",
+    "render_scene",
+    "scene_class_names",
+    "segmentation_info",
+]
+
+
+def load_segmentation(
+    name: str,
+    *,
+    path: str | Path | None = None,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    image_size: int | None = 64,
+    **kwargs: Any,
+) -> Dataset:
+    """Load segmentation source ``name`` in the common schema.
+
+    ``n`` keeps the first n examples by id (scenes: the first n of the split's stream, 1000 if
+    None). ``image_size`` makes every image a square of that side ("crop": centre square, the
+    default, or ``resize="squash"``); ``None`` keeps real datasets at native resolution with
+    images decoded lazily from their files. ``seed`` only affects the synthetic scenes. Extra
+    keyword arguments go to the source loader (e.g. ``k`` for scenes, ``cache_dir``,
+    ``num_proc``). "train" and "validation" (alias "val") work for every source; "test" for
+    scenes, VOC (given its list file) and Cityscapes.
+    """
+    key = name.lower()
+    if key not in SUPPORTED:
+        raise ValueError(
+            f"unknown segmentation dataset {name!r}; supported: {', '.join(SUPPORTED)}"
+        )
+    if key == "scenes":
+        if path is not None:
+            raise ValueError("'scenes' is generated, it takes no path")
+        if image_size is None:
+            raise ValueError("'scenes' needs an integer image_size")
+        return load_scenes(split=split, n=n, seed=seed, image_size=image_size, **kwargs)
+    if key == "scene_parse_150" or (key == "ade20k" and path is None):
+        if path is not None:
+            raise ValueError("'scene_parse_150' reads the hub; use name='ade20k' with path=")
+        return load_scene_parse_150(split=split, n=n, image_size=image_size, **kwargs)
+    if path is None:
+        raise ValueError(f"{name!r} needs path= pointing at the dataset's root folder")
+    loader = {"ade20k": load_ade20k, "voc": load_voc, "cityscapes": load_cityscapes}[key]
+    return loader(path, split=split, n=n, image_size=image_size, **kwargs)
