@@ -82,6 +82,9 @@ def main() -> None:
     print(f"config: {n_params / 1e6:.2f}M params, attention {args.attn}, batch {len(inputs)}, "
           f"seq {inputs.input_ids.shape[1]}, {model.cfg.n_image_tokens} image tokens, "
           f"torch threads {torch.get_num_threads()}")
+    from mmlens.model.allocator import tune_allocator
+
+    print(f"glibc trim threshold raised (applies to every variant in this process): {tune_allocator()}")
     print(f"HF forward: {times['hf'] * 1e3:.2f} ms (median of {args.repeats})")
     print(f"noise floor: a second identical HF model / HF = {times['hf_twin'] / times['hf']:.3f}")
     print(f"cache sizes: residual streams {len(resid)} hooks, everything {len(cache)} hooks")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from .allocator import tune_allocator
 from .architectures import architecture_for
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
@@ -69,6 +70,8 @@ class HookedMLLM(HookedRootModule):
         self.ln_final = NormHooks()
         self._handles = self.architecture.instrument(hf_model, self)
         self.setup()
+        if self.cfg.device.type == "cpu":
+            tune_allocator()
 
     # ----------------------------------------------------------------- construction
     @classmethod
