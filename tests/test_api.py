@@ -77,3 +77,13 @@ def test_text_loss_ignores_image_and_padding_targets(tiny_clip):
 def test_generate_returns_text(tiny_clip):
     answers = tiny_clip.model.generate(tiny_clip.inputs, max_new_tokens=3)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_hf_keywords_and_processor_output_are_accepted(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    expected = model(inputs)
+    torch.testing.assert_close(model(**inputs.hf_kwargs()), expected)
+    batch = inputs.hf_kwargs()  # the mapping a Hugging Face processor returns
+    torch.testing.assert_close(model(dict(batch)), expected)
+    _, cache = model.run_with_cache(**inputs.hf_kwargs(), names_filter="adapter.hook_out")
+    assert list(cache.keys()) == ["adapter.hook_out"] and cache.layout.grid == (4, 4)
