@@ -1,0 +1,80 @@
+"""Labels for image tokens from pixel masks: each token takes the classes of its pixel box.
+
+A token's box comes from the layout (`TokenGrid.cell_index_map`), so the same function serves
+vision patches and LLM tokens. The hard label is the majority class among the box's valid
+pixels; a token whose valid fraction is below `min_valid_fraction` is marked invalid. The class
+fractions are kept as soft labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..model.layout import ImageTokenLayout, TokenGrid
+from .schema import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Per image and token: majority class, whether it counts, and class fractions."""
+
+    labels: Int[Tensor, "n_images n_tokens"]  # majority class; `ignore_index` where invalid
+    valid: Bool[Tensor, "n_images n_tokens"]
+    fractions: Float[Tensor, "n_images n_tokens n_classes"]  # of the box's valid pixels
+    valid_fraction: Float[Tensor, "n_images n_tokens"]  # valid pixels / box pixels
+    ignore_index: int
+
+
+def token_labels(
+    masks: Int[Tensor, "n_images height width"] | np.ndarray,
+    layout: ImageTokenLayout | TokenGrid,
+    *,
+    n_classes: int,
+    stage: Literal["llm", "vision"] = "llm",
+    ignore_index: int = IGNORE_INDEX,
+    min_valid_fraction: float = 0.5,
+) -> TokenLabels:
+    """Token labels for masks already in the preprocessed image's pixels (see
+    `HookedMLLM.transform_mask`). `stage` picks the LLM token grid or the vision patch grid
+    when a layout is given."""
+    grid = layout if isinstance(layout, TokenGrid) else (
+        layout.token_grid if stage == "llm" else layout.patch_grid
+    )
+    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, Tensor) else masks).long()
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [n, height, width] or [height, width], got {tuple(masks.shape)}")
+    if tuple(masks.shape[1:]) != grid.image_size:
+        raise ValueError(
+            f"masks are {tuple(masks.shape[1:])} pixels but the token grid tiles a "
+            f"{grid.image_size} image; transform masks with model.transform_mask first"
+        )
+    valid_pixels = masks != ignore_index
+    out_of_range = valid_pixels & ((masks < 0) | (masks >= n_classes))
+    if out_of_range.any():
+        bad = masks[out_of_range].unique()[:10].tolist()
+        raise ValueError(
+            f"mask labels {bad} are outside 0..{n_classes - 1} and not the ignore index "
+            f"{ignore_index}; check n_classes or the dataset's label mapping"
+        )
+    n_images, n_tokens = masks.shape[0], len(grid)
+    cell = grid.cell_index_map().flatten()
+    flat = masks.flatten(1)
+    index = cell[None, :] * n_classes + flat.clamp(0, n_classes - 1)
+    counts = torch.zeros(n_images, n_tokens * n_classes)
+    counts.scatter_add_(1, index, valid_pixels.flatten(1).float())
+    counts = counts.view(n_images, n_tokens, n_classes)
+    box_pixels = torch.bincount(cell, minlength=n_tokens).float()
+    n_valid = counts.sum(-1)
+    valid_fraction = n_valid / box_pixels
+    fractions = counts / n_valid.clamp(min=1).unsqueeze(-1)
+    valid = (valid_fraction >= min_valid_fraction) & (n_valid > 0)
+    labels = torch.where(valid, counts.argmax(-1), torch.full_like(valid, ignore_index, dtype=torch.long))
+    return TokenLabels(labels, valid, fractions, valid_fraction, ignore_index)
