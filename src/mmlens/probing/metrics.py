@@ -1,0 +1,94 @@
+"""Segmentation metrics at the pixel level, so stages with different token grids compare.
+
+A token's predicted class fills its pixel box (through the layout's cell map); pixels labelled
+ignore are left out. Per image the true positives, false positives and false negatives of every
+class are kept, so mIoU intervals come from a bootstrap over images and totals add up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from ..model.layout import TokenGrid
+
+
+def tokens_to_pixels(predictions: Int[Tensor, "n_images n_tokens"], grid: TokenGrid) -> Int[Tensor, "n_images h w"]:
+    """Paint every token's prediction over its pixel box."""
+    return predictions[:, grid.cell_index_map().to(predictions.device)]
+
+
+@dataclass
+class SegmentationScores:
+    """Per-image TP/FP/FN per class, a confusion matrix, and token-level counts."""
+
+    n_classes: int
+    ignore_index: int
+    per_image: list[np.ndarray] = field(default_factory=list)  # each [3, n_classes]: tp, fp, fn
+    confusion: np.ndarray | None = None  # [true, predicted] pixel counts
+    tokens_correct: int = 0
+    tokens_valid: int = 0
+
+    def __post_init__(self) -> None:
+        if self.confusion is None:
+            self.confusion = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
+
+    def add(
+        self,
+        predictions: Int[Tensor, "n_images n_tokens"],
+        token_labels: Int[Tensor, "n_images n_tokens"],
+        token_valid: Tensor,
+        masks: Int[Tensor, "n_images h w"],
+        grid: TokenGrid,
+    ) -> None:
+        predictions = predictions.cpu().long()
+        self.tokens_correct += int(((predictions == token_labels) & token_valid).sum())
+        self.tokens_valid += int(token_valid.sum())
+        pixels = tokens_to_pixels(predictions, grid)
+        c = self.n_classes
+        for pred, truth in zip(pixels, masks.long()):
+            keep = truth != self.ignore_index
+            pairs = torch.bincount(truth[keep] * c + pred[keep], minlength=c * c).view(c, c).numpy()
+            self.confusion += pairs
+            tp = np.diag(pairs)
+            self.per_image.append(np.stack([tp, pairs.sum(0) - tp, pairs.sum(1) - tp]))
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.tokens_correct / max(1, self.tokens_valid)
+
+    @property
+    def pixel_accuracy(self) -> float:
+        return float(np.trace(self.confusion) / max(1, self.confusion.sum()))
+
+    def class_iou(self) -> np.ndarray:
+        """IoU per class over all images; NaN for classes absent from truth and prediction."""
+        tp = np.diag(self.confusion).astype(float)
+        union = self.confusion.sum(0) + self.confusion.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    @property
+    def miou(self) -> float:
+        return miou_from_counts(np.sum(self.per_image, axis=0)) if self.per_image else float("nan")
+
+    def bootstrap_miou(self, resamples: np.ndarray) -> np.ndarray:
+        """mIoU of each resample of images (`resamples`: [n_boot, n_images] indices)."""
+        counts = np.stack(self.per_image)  # [n_images, 3, n_classes]
+        return np.array([miou_from_counts(counts[idx].sum(0)) for idx in resamples])
+
+
+def miou_from_counts(counts: np.ndarray) -> float:
+    """Mean IoU over classes that occur in the truth or the prediction; counts = [tp, fp, fn]."""
+    tp, fp, fn = counts
+    union = tp + fp + fn
+    present = union > 0
+    return float((tp[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+def bootstrap_indices(n_images: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images))

@@ -1,0 +1,62 @@
+"""Ridge-regression probes from sufficient statistics accumulated in float64.
+
+A one-vs-rest ridge classifier on standardised features needs only n, sum(x), sum(x x^T) and
+sum(x y^T) over the training tokens. These are accumulated batch by batch as activations stream
+past (one pass, constant memory), add up across workers with `merge`, and give the probe in
+closed form: standardising is a congruence of the Gram matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .linear import LinearProbe
+
+
+class RidgeStatistics:
+    """Running sums for one feature site and any number of label sets (e.g. real, shuffled)."""
+
+    def __init__(self, d: int, n_classes: int, n_label_sets: int = 1, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.n_classes = n_classes
+        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(n_label_sets, d, n_classes, dtype=torch.float64, device=device)
+        self.class_counts = torch.zeros(n_label_sets, n_classes, dtype=torch.float64, device=device)
+
+    def update(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"]) -> None:
+        if len(labels) != self.cross.shape[0]:
+            raise ValueError(f"expected {self.cross.shape[0]} label sets, got {len(labels)}")
+        x = x.to(self.gram.device, torch.float64)
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.gram += x.T @ x
+        for k, y in enumerate(labels):
+            onehot = torch.nn.functional.one_hot(y.to(x.device).long(), self.n_classes).to(torch.float64)
+            self.cross[k] += x.T @ onehot
+            self.class_counts[k] += onehot.sum(0)
+
+    def merge(self, other: "RidgeStatistics") -> "RidgeStatistics":
+        """Add another worker's sums into these (same site, same label sets)."""
+        self.n += other.n
+        for name in ("sum_x", "gram", "cross", "class_counts"):
+            getattr(self, name).add_(getattr(other, name).to(self.gram.device))
+        return self
+
+    def solve(self, alpha: float = 1e-2, label_set: int = 0) -> LinearProbe:
+        """The ridge probe minimising |Z W + b - Y|^2 + alpha * n * |W|^2 on standardised Z."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 training tokens to fit a probe, got {self.n}")
+        n = self.n
+        mean = self.sum_x / n
+        covariance = self.gram / n - torch.outer(mean, mean)
+        scale = covariance.diagonal().clamp(min=0).sqrt().clamp(min=1e-6)
+        inv = 1.0 / scale
+        z_gram = covariance * torch.outer(inv, inv)  # (Z^T Z) / n for Z = (X - mean) / scale
+        y_mean = self.class_counts[label_set] / n
+        z_cross = (self.cross[label_set] / n - torch.outer(mean, y_mean)) * inv[:, None]
+        eye = torch.eye(z_gram.shape[0], dtype=torch.float64, device=z_gram.device)
+        weight = torch.linalg.solve(z_gram + alpha * eye, z_cross)
+        return LinearProbe(mean.float(), scale.float(), weight.float(), y_mean.float(), kind="ridge")

@@ -1,0 +1,81 @@
+"""Probe sites: a hook point read at the image tokens, with the token grid its labels live on.
+
+Vision sites are read at the patch positions of the vision sequence (CLS left out) and labelled
+on the patch grid; adapter and LLM sites are read at the image tokens the LLM sees and labelled
+on the LLM token grid. Rows always come out image by image in `pixel_values` order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..model import HookedMLLM, ImageTokenLayout
+
+Stage = Literal["vision", "adapter", "llm"]
+STAGES: tuple[Stage, ...] = ("vision", "adapter", "llm")
+
+
+@dataclass(frozen=True)
+class Site:
+    hook: str
+    stage: Stage
+    layer: int  # within the stage; -1 for the stage's input (patch embeddings, adapter input)
+    label: str  # short name for tables and plots
+
+    @property
+    def grid(self) -> Literal["vision", "llm"]:
+        return "vision" if self.stage == "vision" else "llm"
+
+
+def site_for(model: HookedMLLM, hook: str) -> Site:
+    hook = model.resolve_hook_name(hook)
+    if hook.startswith("vision."):
+        match = re.match(r"vision\.blocks\.(\d+)\.", hook)
+        layer = int(match.group(1)) if match else -1
+        return Site(hook, "vision", layer, f"V{layer}" if match else "V-emb")
+    if hook.startswith("adapter."):
+        part = hook.split(".hook_")[-1]
+        return Site(hook, "adapter", {"in": -1, "hidden": 0, "out": 1}.get(part, 0), f"A-{part}")
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    layer = int(match.group(1)) if match else -1
+    return Site(hook, "llm", layer, f"L{layer}" if match else hook)
+
+
+def default_sites(model: HookedMLLM, sites: str | list[str] = "all") -> list[Site]:
+    """'all', a stage name, or explicit hook names, in pipeline order."""
+    if isinstance(sites, str) and sites in ("all", *STAGES):
+        wanted = STAGES if sites == "all" else (sites,)
+        cfg = model.cfg
+        names = []
+        if "vision" in wanted:
+            names += ["vision.hook_embed"] + [f"vision.blocks.{i}.hook_resid_post" for i in range(cfg.vision.n_layers)]
+        if "adapter" in wanted:
+            names += ["adapter.hook_in", "adapter.hook_hidden", "adapter.hook_out"]
+        if "llm" in wanted:
+            names += [f"blocks.{l}.hook_resid_post" for l in range(cfg.n_layers)]
+        return [site_for(model, n) for n in names]
+    if isinstance(sites, str):
+        sites = [sites]
+    resolved = [site_for(model, n) for n in sites]
+    order = {s: i for i, s in enumerate(STAGES)}
+    return sorted(resolved, key=lambda s: (order[s.stage], s.layer))
+
+
+def gather_image_tokens(
+    site: Site, activation: Tensor, layout: ImageTokenLayout, llm_sees_cls: bool
+) -> Float[Tensor, "n_images n_tokens d"]:
+    """The site's activation at every image token, image by image."""
+    if site.stage == "vision":
+        return activation[:, layout.patch_positions.to(activation.device)]
+    if site.stage == "adapter":
+        return activation[:, int(llm_sees_cls):]
+    spans = layout.spans
+    rows = torch.tensor([s.row for s in spans], device=activation.device)
+    positions = torch.stack([s.positions for s in spans]).to(activation.device)
+    return activation[rows[:, None], positions]

@@ -1,0 +1,56 @@
+"""A disk-backed, append-only store of token activations in float16, one per probe site.
+
+Logistic probes need their training features more than once (one L-BFGS step per iteration), so
+the sweep writes them to disk as they stream past instead of running the model again for every
+iteration: one forward pass per image in total, and memory that does not grow with the dataset.
+float16 halves the disk and is ample precision for a standardised linear probe.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class ActivationStore:
+    def __init__(self, d: int, n_label_sets: int, directory: str | Path | None = None, name: str = "site"):
+        self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="mmlens-store-")
+        root = Path(directory if directory is not None else self._tmp.name)
+        root.mkdir(parents=True, exist_ok=True)
+        safe = name.replace("/", "_")
+        self.features_path = root / f"{safe}.f16"
+        self.labels_path = root / f"{safe}.labels.i32"
+        self.d, self.n_label_sets, self.n = d, n_label_sets, 0
+        self._features = open(self.features_path, "wb")
+        self._labels = open(self.labels_path, "wb")
+
+    def append(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"]) -> None:
+        if len(labels) != self.n_label_sets:
+            raise ValueError(f"expected {self.n_label_sets} label sets, got {len(labels)}")
+        self._features.write(x.detach().to("cpu", torch.float16).numpy().tobytes())
+        stacked = torch.stack([y.cpu().to(torch.int32) for y in labels], dim=1)
+        self._labels.write(stacked.numpy().tobytes())
+        self.n += x.shape[0]
+
+    def read(self) -> tuple[Float[Tensor, "n d"], Int[Tensor, "n label_sets"]]:
+        """Everything appended so far (features as float32)."""
+        self._features.flush()
+        self._labels.flush()
+        if self.n == 0:
+            return torch.zeros(0, self.d), torch.zeros(0, self.n_label_sets, dtype=torch.long)
+        features = np.memmap(self.features_path, dtype=np.float16, mode="r", shape=(self.n, self.d))
+        labels = np.fromfile(self.labels_path, dtype=np.int32).reshape(self.n, self.n_label_sets)
+        return torch.from_numpy(np.asarray(features, dtype=np.float32)), torch.from_numpy(labels).long()
+
+    def close(self) -> None:
+        self._features.close()
+        self._labels.close()
+        for path in (self.features_path, self.labels_path):
+            path.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.cleanup()

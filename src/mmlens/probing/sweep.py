@@ -1,0 +1,301 @@
+"""The layer-wise probing sweep over vision encoder -> adapter -> LLM.
+
+One forward pass per image serves every site: hooks gather the image tokens as they pass and
+either add them to ridge sufficient statistics or append them to a disk store (logistic).
+Probes are fitted on training images, then applied inside the hooks on held-out images, whose
+token predictions are scored at the pixel level. The split is by image and seeded; controls run
+the same sweep with shuffled training labels (selectivity) or on a randomly initialised copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data.schema import segmentation_info
+from ..data.token_labels import token_labels
+from ..model import HookedMLLM, TokenGrid
+from .linear import LinearProbe
+from .logistic import fit_logistic
+from .metrics import SegmentationScores, bootstrap_indices
+from .ridge import RidgeStatistics
+from .sites import Site, default_sites, gather_image_tokens
+from .store import ActivationStore
+
+ProbeKind = Literal["ridge", "logistic"]
+Control = Literal["random_init", "shuffled_labels"]
+CONTROLS = ("random_init", "shuffled_labels")
+
+
+@dataclass
+class SweepSettings:
+    probe: ProbeKind = "logistic"
+    test_fraction: float = 0.25
+    seed: int = 0
+    batch_size: int = 16
+    prompt: str = ""
+    alpha: float = 1e-2  # ridge penalty on standardised features, relative to n
+    l2: float = 1e-3  # logistic penalty
+    max_iter: int = 200
+    min_valid_fraction: float = 0.5
+    max_train_tokens_per_image: int | None = None  # logistic store subsample
+    n_boot: int = 200
+    store_dir: str | None = None
+
+
+@dataclass
+class ProbeSweep:
+    """Everything a probe sweep measured, and what is needed to re-plot or reuse it."""
+
+    table: pd.DataFrame  # one row per (condition, site)
+    per_class_iou: pd.DataFrame  # rows (condition, hook), columns class names
+    confusion: dict[tuple[str, str], np.ndarray]  # (condition, hook) -> [true, predicted] pixels
+    probes: dict[tuple[str, str], LinearProbe]
+    predictions: dict[tuple[str, str], Tensor]  # (condition, hook) -> [n_test, n_tokens]
+    sites: list[Site]
+    class_names: tuple[str, ...]
+    ignore_index: int
+    grids: dict[str, TokenGrid]  # "vision" (patches) and "llm" (image tokens)
+    test_indices: np.ndarray  # dataset rows of the held-out images
+    train_indices: np.ndarray
+    test_masks: np.ndarray  # [n_test, h, w] in the preprocessed image's pixels
+    settings: SweepSettings
+    dataset: Any = field(repr=False, default=None)
+    bootstrap: np.ndarray = field(repr=False, default=None)  # [n_boot, n_test] image resamples
+    scores: dict[tuple[str, str], SegmentationScores] = field(repr=False, default_factory=dict)
+
+    def probe(self, hook: str, condition: str = "model") -> LinearProbe:
+        return self.probes[(condition, hook)]
+
+    def summary(self, condition: str = "model") -> pd.DataFrame:
+        """Drop at the adapter, recovery in the LLM, peak layer and fraction recovered, with
+        bootstrap intervals over test images (paired: the same resamples for every site)."""
+        from .summary import sweep_summary
+
+        return sweep_summary(self, condition)
+
+
+def probe_sweep(
+    model: HookedMLLM,
+    dataset,
+    sites: str | list[str] = "all",
+    probe: ProbeKind = "logistic",
+    *,
+    control: Control | Iterable[Control] | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> ProbeSweep:
+    """Probe every site for each image token's class and score it at the pixel level.
+
+    `dataset` is a segmentation dataset in mmlens's schema (`mmlens.data.load_segmentation`).
+    `control` adds "shuffled_labels" (same features, labels permuted among each batch's training
+    tokens) and/or "random_init" (the same sweep on a randomly initialised copy of the model).
+    Other keywords are `SweepSettings` fields.
+    """
+    cfg = SweepSettings(probe=probe, **settings)
+    if cfg.probe not in ("ridge", "logistic"):
+        raise ValueError(f"probe must be 'ridge' or 'logistic', got {cfg.probe!r}")
+    controls = [control] if isinstance(control, str) else list(control or [])
+    unknown = set(controls) - set(CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown control(s) {sorted(unknown)}; choose from {CONTROLS}")
+    info = segmentation_info(dataset)
+    n_classes = len(info.class_names)
+    resolved = default_sites(model, sites)
+    train_idx, test_idx = _split(len(dataset), cfg.test_fraction, cfg.seed)
+    runs = [("model", model)]
+    label_sets = ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else [])
+    results: dict[tuple[str, str], tuple[LinearProbe, SegmentationScores, Tensor]] = {}
+    test_masks = None
+    for name, run_model in runs + ([("random_init", None)] if "random_init" in controls else []):
+        if run_model is None:
+            run_model = randomly_initialised(model, cfg.seed)
+            conditions = ["random_init"]
+        else:
+            conditions = label_sets
+        runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress)
+        found, test_masks = runner.run(train_idx, test_idx)
+        results.update(found)
+        del runner
+    return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, dataset, model)
+
+
+def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
+    """The same architecture with fresh random weights (HF's own initialisation), seeded."""
+    torch.manual_seed(seed)
+    hf = type(model.hf_model)(copy.deepcopy(model.hf_model.config)).to(model.cfg.device, model.cfg.dtype).eval()
+    return HookedMLLM.from_hf(hf, model.processor)
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n - n_test < 1:
+        raise ValueError(f"{n} images cannot be split into train and test; use more images")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+class _SweepRun:
+    """One model's pass: train images -> fit probes -> test images -> scores."""
+
+    def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress):
+        self.model, self.dataset, self.sites, self.cfg = model, dataset, sites, cfg
+        self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
+        self.progress = progress
+        self.llm_sees_cls = model.architecture.llm_sees_cls(model.cfg)
+        self.rng = np.random.default_rng(cfg.seed + 1)
+
+    def _batches(self, indices: np.ndarray, desc: str):
+        steps = range(0, len(indices), self.cfg.batch_size)
+        for start in tqdm(steps, desc=desc, disable=not self.progress, leave=False):
+            rows = self.dataset.select(indices[start : start + self.cfg.batch_size].tolist())
+            images = [example["image"] for example in rows]
+            masks = torch.stack([
+                torch.from_numpy(self.model.transform_mask(np.asarray(example["mask"]), self.ignore_index).astype(np.int64))
+                for example in rows
+            ])
+            inputs = self.model.prepare(images, self.cfg.prompt)
+            labels = {
+                grid: token_labels(masks, inputs.layout, n_classes=self.n_classes, stage=grid,
+                                   ignore_index=self.ignore_index, min_valid_fraction=self.cfg.min_valid_fraction)
+                for grid in ("vision", "llm")
+            }
+            yield inputs, masks, labels
+
+    def _label_sets(self, labels) -> dict[str, list[Tensor]]:
+        """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""
+        out = {}
+        for grid, lab in labels.items():
+            y = lab.labels[lab.valid]
+            sets = [y]
+            if "shuffled_labels" in self.conditions:
+                sets.append(y[torch.from_numpy(self.rng.permutation(len(y)))])
+            out[grid] = sets
+        return out
+
+    def _keep(self, valid: Tensor) -> Tensor:
+        """Which valid training tokens go to the logistic store (optional per-image subsample)."""
+        cap = self.cfg.max_train_tokens_per_image
+        if cap is None or self.cfg.probe == "ridge":
+            return torch.ones(int(valid.sum()), dtype=torch.bool)
+        keep = []
+        for row in valid:
+            n = int(row.sum())
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[torch.from_numpy(self.rng.permutation(n)[:cap])] = True
+            keep.append(chosen)
+        return torch.cat(keep)
+
+    @torch.no_grad()
+    def run(self, train_idx, test_idx):
+        cfg, model = self.cfg, self.model
+        n_sets = len(self.conditions) if self.conditions != ["random_init"] else 1
+        accumulators: dict[str, RidgeStatistics | ActivationStore] = {}
+
+        def train_hook(site: Site, labels, label_sets, keep):
+            def hook(activation, hook):
+                x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
+                valid = labels[site.grid].valid.to(x.device)
+                rows = x[valid]
+                acc = accumulators.get(site.hook)
+                if acc is None:
+                    acc = accumulators[site.hook] = (
+                        RidgeStatistics(x.shape[-1], self.n_classes, n_sets, device=x.device)
+                        if cfg.probe == "ridge"
+                        else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook)
+                    )
+                if cfg.probe == "ridge":
+                    acc.update(rows, *label_sets[site.grid])
+                else:
+                    k = keep[site.grid].to(x.device)
+                    acc.append(rows[k], *(y[k.cpu()] for y in label_sets[site.grid]))
+            return hook
+
+        for inputs, _, labels in self._batches(train_idx, "probe sweep: train images"):
+            label_sets = self._label_sets(labels)
+            keep = {grid: self._keep(labels[grid].valid) for grid in labels}
+            model.run_with_hooks(inputs, fwd_hooks=[(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
+                                 return_type=None)
+
+        probes: dict[tuple[str, str], LinearProbe] = {}
+        for site in self.sites:
+            acc = accumulators[site.hook]
+            for k, condition in enumerate(self.conditions):
+                if cfg.probe == "ridge":
+                    probe = acc.solve(cfg.alpha, label_set=k)
+                else:
+                    x, y = acc.read()
+                    probe = fit_logistic(x, y[:, k], self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter)
+                probes[(condition, site.hook)] = probe.to(model.cfg.device)
+            if isinstance(acc, ActivationStore):
+                acc.close()
+
+        scores = {key: SegmentationScores(self.n_classes, self.ignore_index) for key in probes}
+        predictions: dict[tuple[str, str], list[Tensor]] = {key: [] for key in probes}
+        masks_seen = []
+
+        def test_hook(site: Site, labels, masks):
+            def hook(activation, hook):
+                x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
+                grid = inputs.layout.patch_grid if site.grid == "vision" else inputs.layout.token_grid
+                lab = labels[site.grid]
+                for condition in self.conditions:
+                    key = (condition, site.hook)
+                    pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
+                    scores[key].add(pred, lab.labels, lab.valid, masks, grid)
+                    predictions[key].append(pred.to(torch.int16))
+            return hook
+
+        for inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
+            masks_seen.append(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
+            model.run_with_hooks(inputs, fwd_hooks=[(s.hook, test_hook(s, labels, masks)) for s in self.sites],
+                                 return_type=None)
+        found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
+        return found, torch.cat(masks_seen).numpy()
+
+
+def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, dataset, model) -> ProbeSweep:
+    resamples = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
+    rows, class_rows = [], []
+    order = {s.hook: i for i, s in enumerate(sites)}
+    for (condition, hook), (probe, scores, _) in results.items():
+        site = sites[order[hook]]
+        boot = scores.bootstrap_miou(resamples)
+        rows.append({
+            "condition": condition, "depth": order[hook], "stage": site.stage, "layer": site.layer,
+            "site": site.label, "hook": hook, "n_test_tokens": scores.tokens_valid,
+            "token_accuracy": scores.token_accuracy, "pixel_accuracy": scores.pixel_accuracy,
+            "miou": scores.miou, "miou_low": float(np.nanpercentile(boot, 2.5)),
+            "miou_high": float(np.nanpercentile(boot, 97.5)),
+        })
+        class_rows.append({"condition": condition, "hook": hook, **dict(zip(info.class_names, scores.class_iou()))})
+    table = pd.DataFrame(rows).sort_values(["condition", "depth"]).reset_index(drop=True)
+    per_class = pd.DataFrame(class_rows).set_index(["condition", "hook"])
+    layout = model.layout(model.prepare([dataset[int(test_idx[0])]["image"]], cfg.prompt).input_ids)
+    return ProbeSweep(
+        table=table,
+        per_class_iou=per_class,
+        confusion={key: scores.confusion for key, (_, scores, _) in results.items()},
+        probes={key: probe for key, (probe, _, _) in results.items()},
+        predictions={key: pred for key, (_, _, pred) in results.items()},
+        sites=sites,
+        class_names=tuple(info.class_names),
+        ignore_index=info.ignore_index,
+        grids={"vision": layout.patch_grid, "llm": layout.token_grid},
+        test_indices=test_idx,
+        train_indices=train_idx,
+        test_masks=test_masks,
+        settings=cfg,
+        dataset=dataset,
+        bootstrap=resamples,
+        scores={key: scores for key, (_, scores, _) in results.items()},
+    )

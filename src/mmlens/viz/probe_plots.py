@@ -1,0 +1,101 @@
+"""Figures of a probe sweep: the drop-off / recovery curve and predicted segmentations.
+
+The curve puts every site on one axis in pipeline order, shades the vision, adapter and LLM
+stages, draws the bootstrap interval as a band and overlays the controls. The prediction figure
+paints each token's predicted class over its pixel box beside the image and the ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..probing.metrics import tokens_to_pixels
+
+STAGE_COLOURS = {"vision": "rgba(99, 110, 250, 0.08)", "adapter": "rgba(239, 85, 59, 0.10)", "llm": "rgba(0, 204, 150, 0.08)"}
+CONDITION_STYLES = {
+    "model": dict(color="#1f77b4", dash="solid"),
+    "random_init": dict(color="#7f7f7f", dash="dash"),
+    "shuffled_labels": dict(color="#bcbd22", dash="dot"),
+}
+
+
+def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> go.Figure:
+    """mIoU (or `token_accuracy`, `pixel_accuracy`) per site along the pipeline."""
+    table = sweep.table
+    if metric not in table.columns:
+        raise ValueError(f"unknown metric {metric!r}; choose from miou, token_accuracy, pixel_accuracy")
+    fig = go.Figure()
+    labels = [s.label for s in sweep.sites]
+    for stage in ("vision", "adapter", "llm"):
+        depths = [i for i, s in enumerate(sweep.sites) if s.stage == stage]
+        if depths:
+            fig.add_vrect(x0=min(depths) - 0.5, x1=max(depths) + 0.5, fillcolor=STAGE_COLOURS[stage],
+                          line_width=0, annotation_text=stage, annotation_position="top left")
+    for condition, rows in table.groupby("condition", sort=False):
+        rows = rows.sort_values("depth")
+        style = CONDITION_STYLES.get(condition, {})
+        if metric == "miou":
+            fig.add_trace(go.Scatter(
+                x=list(rows.depth) + list(rows.depth)[::-1],
+                y=list(rows.miou_high) + list(rows.miou_low)[::-1],
+                fill="toself", fillcolor=_rgba(style.get("color", "#444"), 0.15), line=dict(width=0),
+                hoverinfo="skip", showlegend=False, name=f"{condition} 95% interval",
+            ))
+        fig.add_trace(go.Scatter(
+            x=rows.depth, y=rows[metric], mode="lines+markers", name=condition, line=style,
+            customdata=np.stack([rows.hook], axis=-1), hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>",
+        ))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="site (pipeline order)")
+    fig.update_yaxes(title=metric.replace("_", " "))
+    fig.update_layout(title=title or f"Probe {metric} along vision -> adapter -> LLM", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None = None, condition: str = "model") -> go.Figure:
+    """The held-out image `example` (index into the test set), its ground truth and the probes'
+    predicted segmentation at the chosen sites (default: input and output of the adapter and
+    the last LLM layer)."""
+    if not 0 <= example < len(sweep.test_indices):
+        raise IndexError(f"example must be in 0..{len(sweep.test_indices) - 1} (held-out images), got {example}")
+    if hooks is None:
+        llm = [s.hook for s in sweep.sites if s.stage == "llm"]
+        hooks = [h for h in ("adapter.hook_in", "adapter.hook_out") if any(s.hook == h for s in sweep.sites)] + llm[-1:]
+    sites = {s.hook: s for s in sweep.sites}
+    missing = [h for h in hooks if h not in sites]
+    if missing:
+        raise ValueError(f"{missing} were not probed in this sweep; probed: {list(sites)}")
+    truth = sweep.test_masks[example].astype(float)
+    truth[truth == sweep.ignore_index] = np.nan
+    image = np.asarray(sweep.dataset[int(sweep.test_indices[example])]["image"].convert("RGB").resize(truth.shape[::-1]))
+    titles = ["image", "ground truth", *(sites[h].label for h in hooks)]
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
+    fig.add_trace(go.Image(z=image), row=1, col=1)
+    n_classes = len(sweep.class_names)
+    names = np.array(sweep.class_names, dtype=object)
+
+    def heatmap(values, col):
+        text = np.where(np.isnan(values), "ignore", names[np.nan_to_num(values).astype(int)])
+        fig.add_trace(go.Heatmap(z=values[::-1], text=text[::-1], zmin=0, zmax=n_classes - 1, colorscale="Turbo",
+                                 showscale=False, hovertemplate="%{text}<extra></extra>"), row=1, col=col)
+        fig.update_yaxes(showticklabels=False, scaleanchor=f"x{col}", row=1, col=col)
+        fig.update_xaxes(showticklabels=False, row=1, col=col)
+
+    heatmap(truth, 2)
+    for col, hook in enumerate(hooks, start=3):
+        tokens = sweep.predictions[(condition, hook)][example : example + 1].long()
+        pixels = tokens_to_pixels(tokens, sweep.grids[sites[hook].grid])[0].numpy().astype(float)
+        heatmap(pixels, col)
+    fig.update_layout(title=f"Probe predictions, held-out image {example} ({condition})", template="plotly_white",
+                      height=320, width=220 * len(titles))
+    return fig
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    hex_colour = hex_colour.lstrip("#")
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r}, {g}, {b}, {alpha})"

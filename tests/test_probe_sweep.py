@@ -1,0 +1,85 @@
+"""The probe sweep end to end on a tiny model: sites, controls, determinism, summary, plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmlens.data import load_segmentation
+from mmlens.probing import probe_sweep
+from mmlens.viz import plot_probe_curve, plot_probe_predictions
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def ridge_sweep(tiny_clip, scenes):
+    return probe_sweep(tiny_clip.model, scenes, probe="ridge", control=["shuffled_labels", "random_init"],
+                       batch_size=8, progress=False, n_boot=50)
+
+
+def test_every_site_and_condition_is_scored(ridge_sweep, tiny_clip):
+    cfg = tiny_clip.model.cfg
+    n_sites = 1 + cfg.vision.n_layers + 3 + cfg.n_layers
+    table = ridge_sweep.table
+    assert set(table.condition) == {"model", "shuffled_labels", "random_init"}
+    assert (table.groupby("condition").size() == n_sites).all()
+    assert list(table[table.condition == "model"].stage.unique()) == ["vision", "adapter", "llm"]
+    assert (table.miou_low <= table.miou + 1e-9).all() and (table.miou <= table.miou_high + 1e-9).all()
+    assert table.n_test_tokens.gt(0).all()
+    n_test = len(ridge_sweep.test_indices)
+    for (condition, hook), pred in ridge_sweep.predictions.items():
+        assert pred.shape == (n_test, 16)
+    assert ridge_sweep.test_masks.shape == (n_test, 32, 32)
+    assert not set(ridge_sweep.test_indices) & set(ridge_sweep.train_indices)
+
+
+def test_shuffled_labels_carry_no_signal(ridge_sweep):
+    table = ridge_sweep.table.set_index(["condition", "hook"])
+    real = table.loc["model"].token_accuracy
+    shuffled = table.loc["shuffled_labels"].token_accuracy
+    # a majority-class predictor is the best a probe on shuffled labels can learn
+    assert (shuffled <= real + 0.05).all()
+
+
+def test_sweep_is_deterministic_per_seed(tiny_clip, scenes, ridge_sweep):
+    again = probe_sweep(tiny_clip.model, scenes, probe="ridge", control=["shuffled_labels", "random_init"],
+                        batch_size=8, progress=False, n_boot=50)
+    pd.testing.assert_frame_equal(again.table, ridge_sweep.table)
+    other = probe_sweep(tiny_clip.model, scenes, sites=["adapter.hook_in"], probe="ridge", seed=1,
+                        batch_size=8, progress=False, n_boot=10)
+    assert not np.array_equal(other.test_indices, ridge_sweep.test_indices)
+
+
+def test_summary_reports_drop_and_recovery(ridge_sweep):
+    summary = ridge_sweep.summary()
+    table = ridge_sweep.table[ridge_sweep.table.condition == "model"].set_index("hook")
+    drop = table.loc["adapter.hook_in", "miou"] - table.loc["adapter.hook_out", "miou"]
+    assert summary.loc["drop_at_adapter", "value"] == pytest.approx(drop)
+    llm = table[table.stage == "llm"]
+    assert summary.loc["peak_llm_miou", "value"] == pytest.approx(llm.miou.max())
+    assert summary.loc["peak_llm_layer", "value"] == llm.loc[llm.miou.idxmax(), "layer"]
+    for stat in ("drop_at_adapter", "recovery_in_llm"):
+        low, high = summary.loc[stat, ["low", "high"]]
+        assert low <= summary.loc[stat, "value"] <= high
+
+
+def test_logistic_sweep_on_chosen_sites(tiny_clip, scenes):
+    sweep = probe_sweep(tiny_clip.model, scenes, sites=["vision.blocks.1.hook_resid_post", "blocks.1.hook_resid_post"],
+                        probe="logistic", batch_size=8, progress=False, n_boot=10, max_train_tokens_per_image=8)
+    assert list(sweep.table.site) == ["V1", "L1"]
+    assert sweep.probe("blocks.1.hook_resid_post").kind == "logistic"
+
+
+def test_plots_render(ridge_sweep):
+    curve = plot_probe_curve(ridge_sweep)
+    names = {trace.name for trace in curve.data}
+    assert {"model", "shuffled_labels", "random_init"} <= names
+    predictions = plot_probe_predictions(ridge_sweep, example=0)
+    assert len(predictions.data) == 2 + 3  # image, truth, adapter in/out, last LLM layer
+    with pytest.raises(ValueError, match="were not probed"):
+        plot_probe_predictions(ridge_sweep, hooks=["blocks.9.hook_resid_post"])
