@@ -20,7 +20,7 @@ def fit_logistic(
     n_classes: int,
     *,
     l2: float = 1e-3,
-    max_iter: int = 200,
+    max_iter: int = 100,
 ) -> LinearProbe:
     """Fit on (x, y); `l2` multiplies the mean squared weight norm added to the mean loss."""
     if x.shape[0] != y.shape[0]:

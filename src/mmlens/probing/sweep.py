@@ -43,11 +43,12 @@ class SweepSettings:
     prompt: str = ""
     alpha: float = 1e-2  # ridge penalty on standardised features, relative to n
     l2: float = 1e-3  # logistic penalty
-    max_iter: int = 200
+    max_iter: int = 100
     min_valid_fraction: float = 0.5
     max_train_tokens_per_image: int | None = None  # logistic store subsample
     n_boot: int = 200
     store_dir: str | None = None
+    stats_device: str | None = None  # where ridge statistics live; default: the activations' device
 
 
 @dataclass
@@ -209,7 +210,7 @@ class _SweepRun:
                 acc = accumulators.get(site.hook)
                 if acc is None:
                     acc = accumulators[site.hook] = (
-                        RidgeStatistics(x.shape[-1], self.n_classes, n_sets, device=x.device)
+                        RidgeStatistics(x.shape[-1], self.n_classes, n_sets, device=cfg.stats_device or x.device)
                         if cfg.probe == "ridge"
                         else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook)
                     )

@@ -56,7 +56,7 @@ class Recipe:
     vision: Stage = field(default_factory=lambda: Stage(1500, 64, 1e-3))
     language: Stage = field(default_factory=lambda: Stage(1000, 64, 2e-3))
     align: Stage = field(default_factory=lambda: Stage(800, 32, 2e-3))
-    finetune: Stage = field(default_factory=lambda: Stage(2500, 32, 1e-3))
+    finetune: Stage = field(default_factory=lambda: Stage(5000, 32, 1.5e-3))
     log_every: int = 50
 
 
