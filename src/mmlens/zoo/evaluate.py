@@ -2,8 +2,8 @@
 baseline, and per-token class probes on its vision layers against a random-weight twin.
 
 The probe check asks whether image-level training put pixel-level information into the vision
-tokens at all: a logistic probe per vision layer predicts each patch's majority class, on the
-trained tower and on the same architecture with random weights.
+tokens at all: the probe sweep over the vision layers, on the trained tower and on the same
+architecture with random weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.token_labels import token_labels
+from ..data import load_segmentation
 from ..model import HookedMLLM
-from ..probing.logistic import fit_logistic  # noqa: F401
+from ..probing import probe_sweep
 from .scene_bank import SceneBank
 from .scene_language import QUESTION_TYPES, questions
 
@@ -59,48 +59,13 @@ def qa_accuracy(model: HookedMLLM, held_out: SceneBank, train: SceneBank, *, see
     return table
 
 
-@torch.no_grad()
-def _vision_features(model: HookedMLLM, bank: SceneBank, index: np.ndarray, batch_size: int = 64):
-    layers = model.cfg.vision.n_layers
-    names = ["vision.blocks.0.hook_resid_pre"] + [f"vision.blocks.{i}.hook_resid_post" for i in range(layers)]
-    feats = {n: [] for n in names}
-    for start in range(0, len(index), batch_size):
-        chunk = index[start : start + batch_size]
-        inputs = model.prepare([bank.images[i] for i in chunk], "describe the image .")
-        _, cache = model.run_with_cache(inputs, names_filter=names)
-        positions = inputs.layout.patch_positions
-        for n in names:
-            feats[n].append(cache[n][:, positions].flatten(0, 1))
-    return names, {n: torch.cat(v) for n, v in feats.items()}
-
-
-def vision_probe_check(trained: HookedMLLM, random_init: HookedMLLM, bank: SceneBank, *, n_train: int = 300, n_test: int = 200) -> pd.DataFrame:
-    """Per vision layer, held-out per-patch class accuracy of a logistic probe, trained model vs
-    random weights, with the majority-class rate."""
-    index = np.arange(n_train + n_test)
-    masks = torch.from_numpy(bank.masks[index])
-    size = trained.cfg.vision.image_size
-    layout = trained.prepare([bank.images[0]], "describe the image .").layout
-    labels = token_labels(masks, layout, n_classes=bank.k + 1, stage="vision")
-    valid = labels.valid.flatten()
-    y = labels.labels.flatten()
-    is_train = torch.zeros(len(index), labels.labels.shape[1], dtype=torch.bool)
-    is_train[:n_train] = True
-    is_train = is_train.flatten()
-    train_rows, test_rows = valid & is_train, valid & ~is_train
-    majority = torch.bincount(y[train_rows]).argmax()
-    objects = test_rows & (y != 0)  # background is most tokens; objects are the hard part
-    rows = []
-    for label, model in (("trained", trained), ("random_init", random_init)):
-        names, feats = _vision_features(model, bank, index)
-        for depth, name in enumerate(names):
-            probe = fit_logistic(feats[name][train_rows], y[train_rows], bank.k + 1)
-            correct = probe.predict(feats[name]) == y
-            rows.append({"model": label, "layer": depth, "hook": name,
-                         "all tokens": correct[test_rows].float().mean().item(),
-                         "object tokens": correct[objects].float().mean().item()})
-    table = pd.DataFrame(rows).pivot(index=["layer", "hook"], columns="model", values=["all tokens", "object tokens"])
-    table[("all tokens", "majority class")] = (y[test_rows] == majority).float().mean().item()
-    if size != bank.images.shape[1]:
-        raise ValueError(f"scenes are {bank.images.shape[1]} px but the model takes {size} px")
-    return table.sort_index(axis=1)
+def vision_probe_check(model: HookedMLLM, *, n_images: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Per vision site, held-out token accuracy and mIoU of a logistic probe: the trained model,
+    the same architecture with random weights, and shuffled labels (a majority-class floor)."""
+    scenes = load_segmentation("scenes", split="validation", n=n_images, seed=seed,
+                               image_size=model.cfg.vision.image_size)
+    sweep = probe_sweep(model, scenes, sites="vision", probe="logistic", seed=seed,
+                        control=["random_init", "shuffled_labels"], progress=False)
+    table = sweep.table.pivot(index=["depth", "site"], columns="condition", values=["token_accuracy", "miou"])
+    table.columns = [f"{metric} ({condition})" for metric, condition in table.columns]
+    return table.droplevel("depth")
