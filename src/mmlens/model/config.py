@@ -24,6 +24,7 @@ class StageConfig:
     n_key_value_heads: int
     normalization_type: str  # "LN" or "RMS"
     positional_embedding_type: str  # "learned" or "rotary"
+    gated_mlp: bool = False  # act(gate(x)) * up(x) (Llama) rather than act(fc1(x))
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class VisionConfig(StageConfig):
     image_size: int = 0
     patch_size: int = 0
     has_cls: bool = False
+    has_ln_pre: bool = False  # a LayerNorm between embeddings and the first block (CLIP)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -72,11 +72,12 @@ class BlockHooks(HookGroup):
 
 
 class VisionHooks(HookGroup):
-    def __init__(self, n_layers: int, has_ln_pre: bool):
+    def __init__(self, stage, has_ln_pre: bool):
         super().__init__("hook_embed")
         if has_ln_pre:
             self.ln_pre = NormHooks()
-        self.blocks = nn.ModuleList(BlockHooks(rotary=False, gated_mlp=False) for _ in range(n_layers))
+        rotary = stage.positional_embedding_type == "rotary"
+        self.blocks = nn.ModuleList(BlockHooks(rotary, stage.gated_mlp) for _ in range(stage.n_layers))
         self.ln_post = NormHooks()
 
 

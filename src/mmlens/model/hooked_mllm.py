@@ -59,13 +59,14 @@ class HookedMLLM(HookedRootModule):
         self.cfg = self.architecture.build_config(hf_model)
         self.hf_model = hf_model
         self.processor = processor
-        v = self.cfg.vision
-        self.vision = VisionHooks(v.n_layers, has_ln_pre=v.has_cls)
+        v, llm = self.cfg.vision, self.cfg.llm
+        self.vision = VisionHooks(v, v.has_ln_pre)
         self.adapter = AdapterHooks()
         self.hook_embed = HookPoint()
         self.hook_multimodal_embed = HookPoint()
         self.blocks = nn.ModuleList(
-            BlockHooks(rotary=True, gated_mlp=True) for _ in range(self.cfg.llm.n_layers)
+            BlockHooks(rotary=llm.positional_embedding_type == "rotary", gated_mlp=llm.gated_mlp)
+            for _ in range(llm.n_layers)
         )
         self.ln_final = NormHooks()
         self._handles = self.architecture.instrument(hf_model, self)

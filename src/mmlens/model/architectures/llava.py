@@ -106,6 +106,7 @@ class Llava(Architecture):
             image_size=vc.image_size,
             patch_size=vc.patch_size,
             has_cls=has_cls,
+            has_ln_pre=hasattr(self.vision_tower(hf_model), "pre_layrnorm"),
         )
         strategy = config.vision_feature_select_strategy
         sees_cls = has_cls and strategy == "full"
@@ -130,6 +131,7 @@ class Llava(Architecture):
             n_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads,
             normalization_type="RMS",
             positional_embedding_type="rotary",
+            gated_mlp=True,
         )
         param = next(hf_model.parameters())
         return MLLMConfig(
@@ -155,7 +157,7 @@ class Llava(Architecture):
         for layer, hooks in zip(tower.encoder.layers, root.vision.blocks):
             instrument_block(layer, hooks, VISION_BLOCK, use_result)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
-        if hasattr(tower, "pre_layrnorm"):
+        if root.cfg.vision.has_ln_pre:
             handles.append(hook_module_output(tower.pre_layrnorm, root.vision.ln_pre.hook_normalized))
         handles.append(hook_module_output(tower.post_layernorm, root.vision.ln_post.hook_normalized))
         self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
