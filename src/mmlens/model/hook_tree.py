@@ -72,9 +72,9 @@ class BlockHooks(HookGroup):
 
 
 class VisionHooks(HookGroup):
-    def __init__(self, stage, has_ln_pre: bool):
+    def __init__(self, stage):
         super().__init__("hook_embed")
-        if has_ln_pre:
+        if stage.has_ln_pre:
             self.ln_pre = NormHooks()
         rotary = stage.positional_embedding_type == "rotary"
         self.blocks = nn.ModuleList(BlockHooks(rotary, stage.gated_mlp) for _ in range(stage.n_layers))

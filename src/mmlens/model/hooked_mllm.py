@@ -60,7 +60,7 @@ class HookedMLLM(HookedRootModule):
         self.hf_model = hf_model
         self.processor = processor
         v, llm = self.cfg.vision, self.cfg.llm
-        self.vision = VisionHooks(v, v.has_ln_pre)
+        self.vision = VisionHooks(v)
         self.adapter = AdapterHooks()
         self.hook_embed = HookPoint()
         self.hook_multimodal_embed = HookPoint()
