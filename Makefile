@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmlens-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench zoo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+
+zoo: $(STAMP)
+	$(BIN)/python -m mmlens.zoo.train --out runs/zoo/tiny-shapes-llava
+	@echo "retrained model in runs/zoo/tiny-shapes-llava; copy it to src/mmlens/zoo/weights/ to ship it"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
