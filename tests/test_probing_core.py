@@ -8,6 +8,7 @@ import torch
 
 from mmlens.model.layout import TokenGrid
 from mmlens.probing import ActivationStore, RidgeStatistics, SegmentationScores, fit_logistic, miou_from_counts
+from mmlens.probing.logistic import fit_logistic_many
 
 
 def _data(n=400, d=6, classes=3, seed=0):
@@ -74,3 +75,14 @@ def test_pixel_metrics_by_hand():
     assert iou[0] == 1.0 and iou[1] == 0.0 and iou[2] == pytest.approx(1 / 4)
     assert scores.miou == pytest.approx((1 + 0 + 0.25) / 3)
     assert miou_from_counts(np.array([[1, 0], [0, 0], [0, 0]])) == 1.0  # absent classes are skipped
+
+
+def test_stacked_logistic_fits_equal_separate_fits():
+    """Fitting several probes in one L-BFGS run gives each the probe it gets alone."""
+    (x1, y1), (x2, y2) = _data(n=300, d=6, seed=1), _data(n=200, d=4, seed=2)
+    together = fit_logistic_many([(x1, y1), (x2, y2)], 3, max_iter=300)
+    alone = [fit_logistic(x1, y1, 3, max_iter=300), fit_logistic(x2, y2, 3, max_iter=300)]
+    for a, b, x in zip(together, alone, (x1, x2)):
+        assert a.weight.shape == b.weight.shape
+        assert (a.predict(x) == b.predict(x)).float().mean() > 0.99
+        torch.testing.assert_close(torch.softmax(a.logits(x), -1), torch.softmax(b.logits(x), -1), atol=2e-2, rtol=0)

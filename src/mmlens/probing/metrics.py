@@ -48,14 +48,16 @@ class SegmentationScores:
         predictions = predictions.cpu().long()
         self.tokens_correct += int(((predictions == token_labels) & token_valid).sum())
         self.tokens_valid += int(token_valid.sum())
-        pixels = tokens_to_pixels(predictions, grid)
-        c = self.n_classes
-        for pred, truth in zip(pixels, masks.long()):
-            keep = truth != self.ignore_index
-            pairs = torch.bincount(truth[keep] * c + pred[keep], minlength=c * c).view(c, c).numpy()
-            self.confusion += pairs
-            tp = np.diag(pairs)
-            self.per_image.append(np.stack([tp, pairs.sum(0) - tp, pairs.sum(1) - tp]))
+        pixels = tokens_to_pixels(predictions, grid).flatten(1)
+        truth = masks.long().flatten(1)
+        c, n = self.n_classes, truth.shape[0]
+        keep = truth != self.ignore_index
+        image = torch.arange(n)[:, None].expand_as(truth)
+        index = (image * c + truth.clamp(0, c - 1)) * c + pixels
+        pairs = torch.bincount(index[keep], minlength=n * c * c).view(n, c, c).numpy()
+        self.confusion += pairs.sum(0)
+        tp = np.diagonal(pairs, axis1=1, axis2=2)
+        self.per_image.extend(np.stack([tp, pairs.sum(1) - tp, pairs.sum(2) - tp], axis=1))
 
     @property
     def token_accuracy(self) -> float:

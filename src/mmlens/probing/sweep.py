@@ -23,7 +23,7 @@ from ..data.schema import segmentation_info
 from ..data.token_labels import token_labels
 from ..model import HookedMLLM, TokenGrid
 from .linear import LinearProbe
-from .logistic import fit_logistic
+from .logistic import fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
 from .ridge import RidgeStatistics
 from .sites import Site, default_sites, gather_image_tokens
@@ -158,19 +158,22 @@ class _SweepRun:
     def _batches(self, indices: np.ndarray, desc: str):
         steps = range(0, len(indices), self.cfg.batch_size)
         for start in tqdm(steps, desc=desc, disable=not self.progress, leave=False):
-            rows = self.dataset.select(indices[start : start + self.cfg.batch_size].tolist())
-            images = [example["image"] for example in rows]
+            batch = self.dataset[indices[start : start + self.cfg.batch_size].tolist()]  # decoded once
+            images = batch["image"]
             masks = torch.stack([
-                torch.from_numpy(self.model.transform_mask(np.asarray(example["mask"]), self.ignore_index).astype(np.int64))
-                for example in rows
+                torch.from_numpy(self.model.transform_mask(np.asarray(mask), self.ignore_index).astype(np.int64))
+                for mask in batch["mask"]
             ])
             inputs = self.model.prepare(images, self.cfg.prompt)
-            labels = {
-                grid: token_labels(masks, inputs.layout, n_classes=self.n_classes, stage=grid,
-                                   ignore_index=self.ignore_index, min_valid_fraction=self.cfg.min_valid_fraction)
-                for grid in ("vision", "llm")
-            }
+            layout = inputs.layout
+            labels = {"vision": self._labels(masks, layout.patch_grid)}
+            # LLaVA's LLM grid is the patch grid; label it once then
+            labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else self._labels(masks, layout.token_grid)
             yield inputs, masks, labels
+
+    def _labels(self, masks, grid):
+        return token_labels(masks, grid, n_classes=self.n_classes, ignore_index=self.ignore_index,
+                            min_valid_fraction=self.cfg.min_valid_fraction)
 
     def _label_sets(self, labels) -> dict[str, list[Tensor]]:
         """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""
@@ -228,17 +231,20 @@ class _SweepRun:
                                  return_type=None)
 
         probes: dict[tuple[str, str], LinearProbe] = {}
-        for site in self.sites:
-            acc = accumulators[site.hook]
-            for k, condition in enumerate(self.conditions):
-                if cfg.probe == "ridge":
-                    probe = acc.solve(cfg.alpha, label_set=k)
-                else:
-                    x, y = acc.read()
-                    probe = fit_logistic(x, y[:, k], self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter)
-                probes[(condition, site.hook)] = probe.to(model.cfg.device)
-            if isinstance(acc, ActivationStore):
-                acc.close()
+        keys = [(condition, site.hook) for site in self.sites for condition in self.conditions]
+        if cfg.probe == "ridge":
+            for site in self.sites:
+                for k, condition in enumerate(self.conditions):
+                    probes[(condition, site.hook)] = accumulators[site.hook].solve(cfg.alpha, label_set=k)
+        else:
+            problems = []
+            for site in self.sites:
+                x, y = accumulators[site.hook].read()
+                accumulators[site.hook].close()
+                problems += [(x, y[:, k]) for k in range(len(self.conditions))]
+            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter)
+            probes = dict(zip(keys, fitted))
+        probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
 
         scores = {key: SegmentationScores(self.n_classes, self.ignore_index) for key in probes}
         predictions: dict[tuple[str, str], list[Tensor]] = {key: [] for key in probes}
