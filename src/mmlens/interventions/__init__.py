@@ -1,5 +1,15 @@
-"""Interventions on attention and activations: explicit masks, knockouts, patching."""
+"""Interventions on attention and activations: token groups, knockouts, explicit masks."""
 
 from .attention_masks import allowed_edges, image_attention_mask, image_index_per_position
+from .groups import GroupContext, TokenGroup
+from .knockout import Knockout, knockout
 
-__all__ = ["allowed_edges", "image_attention_mask", "image_index_per_position"]
+__all__ = [
+    "GroupContext",
+    "Knockout",
+    "TokenGroup",
+    "allowed_edges",
+    "image_attention_mask",
+    "image_index_per_position",
+    "knockout",
+]

@@ -1,0 +1,151 @@
+"""Token groups: composable selectors of sequence positions, resolved per batch row.
+
+A `TokenGroup` describes tokens by role (image, text, BOS, last), by place on the image grid
+(a box of cells, neighbours of another group), by ground-truth class, or as a seeded random
+subset matched in size to another group; `|`, `&` and `-` combine them. Resolution goes through
+the inputs' `ImageTokenLayout`, so padding and several images per row are handled once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from ..model import MultimodalInputs
+
+Resolver = Callable[[MultimodalInputs, "GroupContext"], Tensor]
+
+
+@dataclass
+class GroupContext:
+    """Extra facts some groups need: per-image token labels (from `mmlens.data.token_labels`)."""
+
+    token_labels: Int[Tensor, "n_images n_tokens"] | None = None
+
+
+class TokenGroup:
+    def __init__(self, resolver: Resolver, description: str):
+        self._resolver = resolver
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"TokenGroup({self.description})"
+
+    def resolve(self, inputs: MultimodalInputs, context: GroupContext | None = None) -> Bool[Tensor, "batch seq"]:
+        mask = self._resolver(inputs, context or GroupContext())
+        return mask.to(torch.bool) & inputs.attention_mask.bool().cpu()
+
+    def __or__(self, other: "TokenGroup") -> "TokenGroup":
+        return TokenGroup(lambda i, c: self.resolve(i, c) | other.resolve(i, c), f"{self.description} | {other.description}")
+
+    def __and__(self, other: "TokenGroup") -> "TokenGroup":
+        return TokenGroup(lambda i, c: self.resolve(i, c) & other.resolve(i, c), f"{self.description} & {other.description}")
+
+    def __sub__(self, other: "TokenGroup") -> "TokenGroup":
+        return TokenGroup(lambda i, c: self.resolve(i, c) & ~other.resolve(i, c), f"{self.description} - {other.description}")
+
+    # ----------------------------------------------------------------- constructors
+    @staticmethod
+    def image() -> "TokenGroup":
+        return TokenGroup(lambda i, c: i.layout.image_token_mask(), "image")
+
+    @staticmethod
+    def text() -> "TokenGroup":
+        def resolve(i, c):
+            return i.attention_mask.bool().cpu() & ~(i.input_ids.cpu() == _image_id(i))
+        return TokenGroup(resolve, "text")
+
+    @staticmethod
+    def bos() -> "TokenGroup":
+        def resolve(i, c):
+            mask = torch.zeros(i.input_ids.shape, dtype=torch.bool)
+            first = i.attention_mask.cpu().long().argmax(dim=1)  # first non-padding position
+            mask[torch.arange(len(first)), first] = True
+            return mask
+        return TokenGroup(resolve, "bos")
+
+    @staticmethod
+    def last() -> "TokenGroup":
+        def resolve(i, c):
+            mask = torch.zeros(i.input_ids.shape, dtype=torch.bool)
+            valid = i.attention_mask.cpu().bool()
+            last = valid.shape[1] - 1 - valid.flip(1).long().argmax(dim=1)
+            mask[torch.arange(len(last)), last] = True
+            return mask
+        return TokenGroup(resolve, "last")
+
+    @staticmethod
+    def positions(positions: list[int] | Tensor) -> "TokenGroup":
+        def resolve(i, c):
+            mask = torch.zeros(i.input_ids.shape, dtype=torch.bool)
+            mask[:, torch.as_tensor(positions)] = True
+            return mask
+        return TokenGroup(resolve, f"positions {list(map(int, positions))[:6]}")
+
+    @staticmethod
+    def box(row0: int, col0: int, row1: int, col1: int) -> "TokenGroup":
+        """Image tokens whose grid cell is in rows row0..row1-1 and columns col0..col1-1."""
+        def pick(cells: Tensor) -> Tensor:
+            return (cells[:, 0] >= row0) & (cells[:, 0] < row1) & (cells[:, 1] >= col0) & (cells[:, 1] < col1)
+        return TokenGroup(lambda i, c: _per_token(i, lambda k: pick(i.layout.token_cells)), f"box rows {row0}:{row1} cols {col0}:{col1}")
+
+    @staticmethod
+    def of_class(class_index: int) -> "TokenGroup":
+        """Image tokens whose ground-truth label (in `GroupContext.token_labels`) is the class."""
+        def resolve(i, c):
+            if c.token_labels is None:
+                raise ValueError("TokenGroup.of_class needs GroupContext(token_labels=...) from mmlens.data.token_labels")
+            return _per_token(i, lambda k: c.token_labels[k] == class_index)
+        return TokenGroup(resolve, f"class {class_index}")
+
+    @staticmethod
+    def neighbours(group: "TokenGroup", radius: int = 1) -> "TokenGroup":
+        """Image tokens within Chebyshev distance `radius` on the grid of a token of `group`
+        in the same image (the group's own tokens excluded)."""
+        def resolve(i, c):
+            inner = group.resolve(i, c)
+            cells = i.layout.token_cells
+            near = (cells[:, None, :] - cells[None, :, :]).abs().amax(-1) <= radius
+
+            def around(k):
+                span = i.layout.spans[k]
+                member = inner[span.row, span.positions]
+                return (near[:, member].any(1)) & ~member
+            return _per_token(i, around)
+        return TokenGroup(resolve, f"neighbours({group.description}, r={radius})")
+
+    @staticmethod
+    def random_like(group: "TokenGroup", *, within: "TokenGroup | None" = None, seed: int = 0) -> "TokenGroup":
+        """Per row, a seeded random set of tokens from `within` (default: image tokens outside
+        `group`) of the same size as `group` in that row."""
+        pool_group = within if within is not None else TokenGroup.image() - group
+
+        def resolve(i, c):
+            target, pool = group.resolve(i, c), pool_group.resolve(i, c)
+            generator = torch.Generator().manual_seed(seed)
+            out = torch.zeros_like(target)
+            for row in range(target.shape[0]):
+                candidates = pool[row].nonzero().flatten()
+                n = int(target[row].sum())
+                if n > len(candidates):
+                    raise ValueError(f"row {row}: cannot draw {n} random tokens from a pool of {len(candidates)}")
+                out[row, candidates[torch.randperm(len(candidates), generator=generator)[:n]]] = True
+            return out
+        return TokenGroup(resolve, f"random_like({group.description}, seed={seed})")
+
+
+def _image_id(inputs: MultimodalInputs) -> int:
+    spans = inputs.layout.spans
+    return int(inputs.input_ids[spans[0].row, spans[0].positions[0]]) if spans else -1
+
+
+def _per_token(inputs: MultimodalInputs, select: Callable[[int], Tensor]) -> Tensor:
+    """Scatter a per-image selection over grid tokens (`select(image_index)`) into [batch, seq]."""
+    mask = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
+    for k, span in enumerate(inputs.layout.spans):
+        mask[span.row, span.positions] = select(k).cpu()
+    return mask
