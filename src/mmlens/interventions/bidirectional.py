@@ -1,0 +1,70 @@
+"""Bidirectional image attention: the tokens of one image attend to each other both ways in the
+chosen LLM layers, while everything else stays causal.
+
+The causal mask is already added to the scores when `hook_attn_scores` fires, so the hook
+recomputes the raw scores of the image-to-image entries from the rotated queries and keys of the
+same layer (stashed by hooks on `hook_rot_q` / `hook_rot_k`) and puts them back. In every layer
+this equals Hugging Face run with the 4D mask of `image_attention_mask`, which `effective_mask`
+returns for inspection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from ..model import HookedMLLM, MultimodalInputs
+from .attention_masks import allowed_edges, image_index_per_position
+
+
+class BidirectionalImageAttention:
+    def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, layers: Iterable[int] | None = None):
+        n_layers = model.cfg.n_layers
+        self.layers = sorted(set(range(n_layers) if layers is None else layers))
+        bad = [l for l in self.layers if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the LLM has layers 0..{n_layers - 1}")
+        self.model, self.inputs = model, inputs
+        cfg = model.cfg
+        image = image_index_per_position(inputs.input_ids, cfg.image_token_id, cfg.n_image_tokens)
+        same_image = (image[:, :, None] == image[:, None, :]) & (image[:, :, None] >= 0)
+        self.opened: Bool[Tensor, "batch query key"] = (same_image & ~torch.ones_like(same_image).tril()).to(cfg.device)
+        self._stash: dict[str, Tensor] = {}
+        self.hooks = []
+        for l in self.layers:
+            prefix = f"blocks.{l}.attn"
+            self.hooks += [(f"{prefix}.hook_rot_q", self._keep), (f"{prefix}.hook_rot_k", self._keep),
+                           (f"{prefix}.hook_attn_scores", self._open)]
+
+    def effective_mask(self) -> Bool[Tensor, "batch query key"]:
+        """True where a query may read a key in the edited layers (padding respected)."""
+        cfg = self.model.cfg
+        return allowed_edges(self.inputs.input_ids, self.inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, True)
+
+    def _keep(self, x: Tensor, hook) -> None:
+        self._stash[hook.name.rsplit(".", 1)[-1]] = x
+
+    def _open(self, scores: Tensor, hook) -> Tensor:
+        q, k = self._stash.pop("hook_rot_q"), self._stash.pop("hook_rot_k")  # [b, s, heads, d]
+        layer = int(hook.name.split(".")[1])
+        attn = self.model.hf_model.model.language_model.layers[layer].self_attn
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scaling
+        return torch.where(self.opened[:, None], raw, scores)
+
+    def __enter__(self) -> "BidirectionalImageAttention":
+        self._context = self.model.hooks(fwd_hooks=self.hooks)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+
+def bidirectional_image_attention(model: HookedMLLM, inputs: MultimodalInputs,
+                                  layers: Iterable[int] | None = None) -> BidirectionalImageAttention:
+    """Image tokens of the same image see each other in `layers` (all LLM layers by default)."""
+    return BidirectionalImageAttention(model, inputs, layers)
