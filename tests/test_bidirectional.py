@@ -37,3 +37,20 @@ def test_layer_subset_and_images_stay_separate():
     assert p0[:, first.positions[0], first.positions[-1]].max() == 0  # layer 0 stays causal
     assert p1[:, first.positions[0], first.positions[-1]].min() > 0
     assert p1[:, first.positions[-1], second.positions[0]].max() == 0  # never into the next image
+
+
+@torch.no_grad()
+def test_a_model_trained_bidirectionally_runs_that_way():
+    """config.mmlens_image_attention = "bidirectional" makes every forward use the image mask."""
+    causal = build_tiny("clip")
+    twin = build_tiny("clip")
+    twin.model.hf_model.config.mmlens_image_attention = "bidirectional"
+    from mmlens import HookedMLLM
+
+    bidir = HookedMLLM.from_hf(twin.model.hf_model, twin.model.processor)
+    inputs = causal.inputs
+    with bidirectional_image_attention(causal.model, inputs):
+        expected = causal.model(inputs)
+    torch.testing.assert_close(bidir(inputs), expected, atol=1e-5, rtol=0)
+    answers = bidir.generate(inputs, max_new_tokens=2)
+    assert len(answers) == 3

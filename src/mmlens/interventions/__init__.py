@@ -1,7 +1,7 @@
 """Interventions on attention and activations: token groups, knockouts, explicit masks."""
 
 from .bidirectional import BidirectionalImageAttention, bidirectional_image_attention
-from .attention_masks import allowed_edges, image_attention_mask, image_index_per_position
+from ..model.attention_masks import allowed_edges, image_attention_mask, image_index_per_position
 from .groups import GroupContext, TokenGroup
 from .knockout import Knockout, knockout
 

@@ -17,7 +17,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
-from .attention_masks import allowed_edges, image_index_per_position
+from ..model.attention_masks import allowed_edges, image_index_per_position
 
 
 class BidirectionalImageAttention:

@@ -24,6 +24,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from .allocator import tune_allocator
+from .attention_masks import image_attention_mask
 from .architectures import architecture_for
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
@@ -59,6 +60,10 @@ class HookedMLLM(HookedRootModule):
         self.cfg = self.architecture.build_config(hf_model)
         self.hf_model = hf_model
         self.processor = processor
+        # Models trained with bidirectional image attention (see mmlens.zoo.train) say so in their config.
+        self.image_attention = getattr(hf_model.config, "mmlens_image_attention", "causal")
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"config.mmlens_image_attention must be 'causal' or 'bidirectional', got {self.image_attention!r}")
         v, llm = self.cfg.vision, self.cfg.llm
         self.vision = VisionHooks(v)
         self.adapter = AdapterHooks()
@@ -340,13 +345,23 @@ class HookedMLLM(HookedRootModule):
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask)
-        logits = self.architecture.forward(self.hf_model, **kwargs, **hf_kwargs).logits
+        logits = self.architecture.forward(self.hf_model, **self._with_image_attention(kwargs), **hf_kwargs).logits
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
         loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
         return loss if return_type == "loss" else (logits, loss)
+
+    def _with_image_attention(self, kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model's own attention pattern among image tokens, as a 4D mask when not causal."""
+        mask = kwargs.get("attention_mask")
+        if self.image_attention == "causal" or (mask is not None and mask.ndim == 4):
+            return kwargs
+        ids = kwargs["input_ids"]
+        mask = torch.ones_like(ids) if mask is None else mask
+        full = image_attention_mask(ids, mask, self.cfg.image_token_id, self.cfg.n_image_tokens, dtype=self.cfg.dtype)
+        return {**kwargs, "attention_mask": full}
 
     def text_loss(
         self,
@@ -380,10 +395,25 @@ class HookedMLLM(HookedRootModule):
     @torch.no_grad()
     def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
-        kwargs.setdefault("do_sample", False)
-        out = self.hf_model.generate(**inputs.hf_kwargs(), max_new_tokens=max_new_tokens, **kwargs)
-        new_tokens = out[:, inputs.input_ids.shape[1] :]
-        return self._require_processor().batch_decode(new_tokens, skip_special_tokens=True)
+        processor = self._require_processor()
+        if self.image_attention == "causal":
+            kwargs.setdefault("do_sample", False)
+            out = self.hf_model.generate(**inputs.hf_kwargs(), max_new_tokens=max_new_tokens, **kwargs)
+            new_tokens = out[:, inputs.input_ids.shape[1] :]
+        else:  # Hugging Face's cached decoding cannot carry the 4D image mask: decode greedily in full
+            ids, mask = inputs.input_ids, inputs.attention_mask
+            eos = processor.tokenizer.eos_token_id
+            done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+            for _ in range(max_new_tokens):
+                next_token = self(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=mask)[:, -1].argmax(-1)
+                next_token = torch.where(done, torch.full_like(next_token, eos), next_token)
+                ids = torch.cat([ids, next_token[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                done |= next_token == eos
+                if done.all():
+                    break
+            new_tokens = ids[:, inputs.input_ids.shape[1] :]
+        return processor.batch_decode(new_tokens, skip_special_tokens=True)
 
     def to_str_tokens(self, input_ids: Int[Tensor, "seq"]) -> list[str]:
         return self._require_processor().tokenizer.convert_ids_to_tokens(torch.as_tensor(input_ids).tolist())

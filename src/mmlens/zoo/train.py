@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import CHAT_TEMPLATE, build_llava
+from ..model.attention_masks import image_attention_mask
+from .build import build_llava
 from .scene_bank import SceneBank
 from .scene_language import describe, questions, vocabulary
 
@@ -148,8 +149,6 @@ class Batcher:
     def attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.image_attention == "causal":
             return batch["attention_mask"]
-        from ..interventions.attention_masks import image_attention_mask
-
         return image_attention_mask(batch["input_ids"], batch["attention_mask"], self.image_id, self.n_image_tokens)
 
 
