@@ -53,12 +53,15 @@ def test_prepare_matches_training_pixels(shapes_model):
     assert inputs.input_ids[0, -len(prompt):].tolist() == list(prompt)
 
 
-def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_recipe_runs_end_to_end_at_toy_scale(tmp_path, image_attention):
     tiny = Stage(steps=2, batch=4, lr=1e-3)
     recipe = Recipe(n_train=16, vision=tiny, language=tiny, align=tiny, finetune=tiny, log_every=1,
+                    image_attention=image_attention,
                     vision_d_model=32, llm_d_model=32, llm_d_mlp=64, vision_layers=2, llm_layers=2)
     log = train(recipe, tmp_path)
     assert set(log["curves"]) == {"a_vision", "b_language", "c_align", "d_finetune"}
     model = HookedMLLM.from_pretrained(tmp_path)
+    assert model.image_attention == image_attention
     answers = model.generate(model.prepare([SceneBank.render(1, split="test", seed=0).images[0]], "how many objects are there ?"), 3)
     assert isinstance(answers[0], str)
