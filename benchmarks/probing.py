@@ -80,8 +80,21 @@ def main():
     parser.add_argument("--model", default="tiny-shapes-llava")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--random-model", action="store_true",
+                        help="a larger random-weight LLaVA (vision 4 x 256, LLM 8 x 512) instead of --model, "
+                             "where the forward pass weighs more against the fixed costs")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.random_model:
+        import tempfile
+
+        from mmlens.testing import tiny_llava
+
+        hf, processor = tiny_llava(image_size=64, patch_size=8, vision_layers=4, vision_d_model=256, vision_heads=8,
+                                   llm_layers=8, llm_d_model=512, llm_heads=8, llm_d_mlp=1376)
+        args.model = tempfile.mkdtemp(prefix="mmlens-bench-")
+        hf.save_pretrained(args.model)
+        processor.save_pretrained(args.model)
     model = HookedMLLM.from_pretrained(args.model)
     data = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     info = segmentation_info(data)
