@@ -17,10 +17,11 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
+from .hook_set import HookSet
 from ..model.attention_masks import allowed_edges, image_index_per_position
 
 
-class BidirectionalImageAttention:
+class BidirectionalImageAttention(HookSet):
     def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, layers: Iterable[int] | None = None):
         n_layers = model.cfg.n_layers
         self.layers = sorted(set(range(n_layers) if layers is None else layers))
@@ -54,14 +55,6 @@ class BidirectionalImageAttention:
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scaling
         return torch.where(self.opened[:, None], raw, scores)
-
-    def __enter__(self) -> "BidirectionalImageAttention":
-        self._context = self.model.hooks(fwd_hooks=self.hooks)
-        self._context.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
 
 
 def bidirectional_image_attention(model: HookedMLLM, inputs: MultimodalInputs,

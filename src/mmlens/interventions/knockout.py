@@ -17,10 +17,11 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
+from .hook_set import HookSet
 from .groups import GroupContext, TokenGroup
 
 
-class Knockout:
+class Knockout(HookSet):
     """Hooks that block `queries` -> `keys` attention; use `with`, or pass `hooks` to
     `run_with_hooks`. After a verified run, `blocked_mass[layer]` is the largest attention
     probability left on a blocked edge (0 when the knockout took effect)."""
@@ -72,14 +73,6 @@ class Knockout:
     @property
     def n_blocked_edges(self) -> int:
         return int(self.blocked.sum())
-
-    def __enter__(self) -> "Knockout":
-        self._context = self.model.hooks(fwd_hooks=self.hooks)
-        self._context.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
 
 
 def knockout(model: HookedMLLM, inputs: MultimodalInputs, *, queries: TokenGroup, keys: TokenGroup,
