@@ -1,6 +1,6 @@
 """The drop-off / recovery curve of the embedded model on synthetic scenes.
 
-Run: `python examples/03_dropoff_recovery.py [--images 200] [--probe ridge|logistic] [--out runs/03]`.
+Run: `python examples/03_dropoff_recovery.py [--model tiny-shapes-llava] [--images 200] [--probe ridge|logistic]`.
 A linear probe per site predicts each image token's class at every vision layer, at the
 adapter, and at every LLM layer; the curve shows where segmentation quality drops and where it
 recovers, with a shuffled-label control and a random-weight model as baselines.
@@ -24,10 +24,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic")
     parser.add_argument("--out", type=Path, default=Path("runs/03_dropoff_recovery"))
+    parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    model = HookedMLLM.from_pretrained("tiny-shapes-llava")
+    model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     sweep = probe_sweep(model, scenes, probe=args.probe, control=["shuffled_labels", "random_init"])
 
@@ -37,7 +38,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     sweep.table.to_csv(args.out / "probe_table.csv", index=False)
-    plot_probe_curve(sweep, title="tiny-shapes-llava: probe mIoU along the pipeline").write_html(args.out / "curve.html")
+    plot_probe_curve(sweep, title=f"{args.model}: probe mIoU along the pipeline").write_html(args.out / "curve.html")
     plot_probe_predictions(sweep, example=0).write_html(args.out / "predictions.html")
     print(f"\ntable, curve and prediction maps written to {args.out}/")
 

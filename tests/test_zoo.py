@@ -65,3 +65,14 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path, image_attention):
     assert model.image_attention == image_attention
     answers = model.generate(model.prepare([SceneBank.render(1, split="test", seed=0).images[0]], "how many objects are there ?"), 3)
     assert isinstance(answers[0], str)
+
+
+def test_bidirectional_twin_ships_and_runs_bidirectionally(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = HookedMLLM.from_pretrained("tiny-shapes-llava-bidir")
+    assert model.image_attention == "bidirectional"
+    bank = SceneBank.render(2, split="test", seed=0)
+    inputs = model.prepare(list(bank.images), "what colour is the circle ?")
+    _, cache = model.run_with_cache(inputs, names_filter="blocks.0.attn.hook_pattern")
+    first = inputs.layout.positions(0)
+    assert cache["blocks.0.attn.hook_pattern"][0, :, first[0], first[-1]].min() > 0  # reads ahead
