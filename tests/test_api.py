@@ -85,5 +85,7 @@ def test_hf_keywords_and_processor_output_are_accepted(tiny_clip):
     torch.testing.assert_close(model(**inputs.hf_kwargs()), expected)
     batch = inputs.hf_kwargs()  # the mapping a Hugging Face processor returns
     torch.testing.assert_close(model(dict(batch)), expected)
+    _, mapped = model.run_with_cache(dict(batch), names_filter="adapter.hook_in")
+    assert mapped.layout.grid == (4, 4)
     _, cache = model.run_with_cache(**inputs.hf_kwargs(), names_filter="adapter.hook_out")
     assert list(cache.keys()) == ["adapter.hook_out"] and cache.layout.grid == (4, 4)

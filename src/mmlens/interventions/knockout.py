@@ -9,7 +9,6 @@ attention left on blocked edges is measured in the same forward pass, per layer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager
 from typing import Literal
 
 import torch

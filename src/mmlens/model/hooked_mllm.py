@@ -388,8 +388,10 @@ class HookedMLLM(HookedRootModule):
             return out, cache
         cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         first = model_args[0] if model_args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if isinstance(first, Mapping):
+            first = first.get("input_ids")
         if first is not None:
-            cache_object.layout = self.layout(first if isinstance(first, MultimodalInputs) else first)
+            cache_object.layout = self.layout(first)
         return out, cache_object
 
     @torch.no_grad()

@@ -111,21 +111,16 @@ def probe_sweep(
     n_classes = len(info.class_names)
     resolved = default_sites(model, sites)
     train_idx, test_idx = _split(len(dataset), cfg.test_fraction, cfg.seed)
-    runs = [("model", model)]
-    label_sets = ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else [])
+    runs = [("model", ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else []))]
+    if "random_init" in controls:
+        runs.append(("random_init", ["random_init"]))
     results: dict[tuple[str, str], tuple[LinearProbe, SegmentationScores, Tensor]] = {}
-    test_masks = None
-    for name, run_model in runs + ([("random_init", None)] if "random_init" in controls else []):
-        if run_model is None:
-            run_model = randomly_initialised(model, cfg.seed)
-            conditions = ["random_init"]
-        else:
-            conditions = label_sets
+    for which, conditions in runs:
+        run_model = model if which == "model" else randomly_initialised(model, cfg.seed)
         runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress)
-        found, test_masks = runner.run(train_idx, test_idx)
+        found, test_masks, grids = runner.run(train_idx, test_idx)
         results.update(found)
-        del runner
-    return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, dataset, model)
+    return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset)
 
 
 def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
@@ -202,7 +197,7 @@ class _SweepRun:
     @torch.no_grad()
     def run(self, train_idx, test_idx):
         cfg, model = self.cfg, self.model
-        n_sets = len(self.conditions) if self.conditions != ["random_init"] else 1
+        n_sets = len(self.conditions)
         accumulators: dict[str, RidgeStatistics | ActivationStore] = {}
 
         def train_hook(site: Site, labels, label_sets, keep):
@@ -267,10 +262,11 @@ class _SweepRun:
             model.run_with_hooks(inputs, fwd_hooks=[(s.hook, test_hook(s, labels, masks)) for s in self.sites],
                                  return_type=None)
         found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
-        return found, torch.cat(masks_seen).numpy()
+        grids = {"vision": inputs.layout.patch_grid, "llm": inputs.layout.token_grid}
+        return found, torch.cat(masks_seen).numpy(), grids
 
 
-def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, dataset, model) -> ProbeSweep:
+def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids, dataset) -> ProbeSweep:
     resamples = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
     rows, class_rows = [], []
     order = {s.hook: i for i, s in enumerate(sites)}
@@ -287,7 +283,6 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, datase
         class_rows.append({"condition": condition, "hook": hook, **dict(zip(info.class_names, scores.class_iou()))})
     table = pd.DataFrame(rows).sort_values(["condition", "depth"]).reset_index(drop=True)
     per_class = pd.DataFrame(class_rows).set_index(["condition", "hook"])
-    layout = model.layout(model.prepare([dataset[int(test_idx[0])]["image"]], cfg.prompt).input_ids)
     return ProbeSweep(
         table=table,
         per_class_iou=per_class,
@@ -297,7 +292,7 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, datase
         sites=sites,
         class_names=tuple(info.class_names),
         ignore_index=info.ignore_index,
-        grids={"vision": layout.patch_grid, "llm": layout.token_grid},
+        grids=grids,
         test_indices=test_idx,
         train_indices=train_idx,
         test_masks=test_masks,
