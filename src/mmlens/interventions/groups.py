@@ -1,30 +1,44 @@
 """Token groups: composable selectors of sequence positions, resolved per batch row.
 
 A `TokenGroup` describes tokens by role (image, text, BOS, last), by place on the image grid
-(a box of cells, neighbours of another group), by ground-truth class, or as a seeded random
-subset matched in size to another group; `|`, `&` and `-` combine them. Resolution goes through
-the inputs' `ImageTokenLayout`, so padding and several images per row are handled once.
+(a box of cells, neighbours of another group), by ground-truth class, by whether a linear probe
+classifies them correctly at a layer, or as a seeded random subset matched in size to another
+group; `|`, `&` and `-` combine them. Resolution goes through the inputs' `ImageTokenLayout`, so
+padding and several images per row are handled once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from ..model import MultimodalInputs
+from ..model import HookedMLLM, MultimodalInputs
+
+if TYPE_CHECKING:
+    from ..probing.linear import LinearProbe
 
 Resolver = Callable[[MultimodalInputs, "GroupContext"], Tensor]
 
 
 @dataclass
 class GroupContext:
-    """Extra facts some groups need: per-image token labels (from `mmlens.data.token_labels`)."""
+    """Extra facts some groups need.
+
+    `token_labels`: per image (in `pixel_values` order) the class of each LLM grid token, with
+    the ignore index where a token has no label (`mmlens.data.token_labels(...).labels`).
+    `model` and `activations`: probe groups read the probed site from `activations` (a cache or
+    a dict of hook name -> activation of these inputs); missing sites are computed with one
+    clean forward of `model` and kept there, so groups resolved on the same inputs share it.
+    """
 
     token_labels: Int[Tensor, "n_images n_tokens"] | None = None
+    model: HookedMLLM | None = None
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    ignore_index: int = 255
 
 
 class TokenGroup:
@@ -103,6 +117,18 @@ class TokenGroup:
         return TokenGroup(resolve, f"class {class_index}")
 
     @staticmethod
+    def probe_correct(probe: "LinearProbe", hook: str) -> "TokenGroup":
+        """Labelled image tokens that `probe`, read at `hook` on the unedited model, classifies
+        correctly (the study's "semantic anchors" when restricted to some classes)."""
+        return TokenGroup(lambda i, c: _probe_hits(i, c, probe, hook, correct=True), f"probe correct at {hook}")
+
+    @staticmethod
+    def probe_wrong(probe: "LinearProbe", hook: str) -> "TokenGroup":
+        """Labelled image tokens that `probe` at `hook` classifies wrongly (unlabelled tokens
+        are in neither group)."""
+        return TokenGroup(lambda i, c: _probe_hits(i, c, probe, hook, correct=False), f"probe wrong at {hook}")
+
+    @staticmethod
     def neighbours(group: "TokenGroup", radius: int = 1) -> "TokenGroup":
         """Image tokens within Chebyshev distance `radius` on the grid of a token of `group`
         in the same image (the group's own tokens excluded)."""
@@ -136,6 +162,44 @@ class TokenGroup:
                 out[row, candidates[torch.randperm(len(candidates), generator=generator)[:n]]] = True
             return out
         return TokenGroup(resolve, f"random_like({group.description}, seed={seed})")
+
+
+def probe_predictions(
+    inputs: MultimodalInputs, context: GroupContext, probe: "LinearProbe", hook: str
+) -> Int[Tensor, "n_images n_tokens"]:
+    """The probe's class for every LLM grid token of every image, read at `hook` on a clean run."""
+    from ..probing.sites import gather_image_tokens, site_for  # probing builds on interventions' layer
+
+    model = context.model
+    if model is None:
+        raise ValueError("probe groups need GroupContext(model=...) to read activations")
+    name = model.resolve_hook_name(hook)
+    if name not in context.activations:
+        _, cache = model.run_with_cache(inputs, names_filter=name, return_cache_object=False)
+        context.activations[name] = cache[name]
+    site = site_for(model, name)
+    layout = inputs.layout
+    if site.grid == "vision" and len(layout.patch_grid) != len(layout.token_grid):
+        raise ValueError(
+            f"{name} is read on the vision patch grid {layout.patch_grid.shape}, which differs from the LLM "
+            f"token grid {layout.token_grid.shape}; probe groups need a site on the LLM grid (adapter or LLM)"
+        )
+    x = gather_image_tokens(site, context.activations[name], layout, model.architecture.llm_sees_cls(model.cfg))
+    with torch.no_grad():
+        return probe.to(x.device).predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
+
+
+def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
+    if context.token_labels is None:
+        raise ValueError("probe groups need GroupContext(token_labels=...) from mmlens.data.token_labels")
+    predicted = probe_predictions(inputs, context, probe, hook)
+    labels = context.token_labels.cpu()
+    if labels.shape != predicted.shape:
+        raise ValueError(f"token_labels have shape {tuple(labels.shape)} but the inputs have "
+                         f"{tuple(predicted.shape)} (images x grid tokens)")
+    labelled = labels != context.ignore_index
+    hits = (predicted == labels) if correct else (predicted != labels)
+    return _per_token(inputs, lambda k: hits[k] & labelled[k])
 
 
 def _image_id(inputs: MultimodalInputs) -> int:

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..data.schema import segmentation_info
-from ..data.token_labels import token_labels
-from ..model import HookedMLLM, TokenGrid
+from ..model import HookedMLLM, MultimodalInputs, TokenGrid
+from .batches import labelled_batches
 from .linear import LinearProbe
 from .logistic import fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
@@ -30,6 +29,8 @@ from .sites import Site, default_sites, gather_image_tokens
 from .store import ActivationStore
 
 ProbeKind = Literal["ridge", "logistic"]
+# inputs -> forward hooks to apply while probing: a list of (name, hook) or an object with `.hooks`
+Intervention = Callable[[MultimodalInputs], Any]
 Control = Literal["random_init", "shuffled_labels"]
 CONTROLS = ("random_init", "shuffled_labels")
 
@@ -90,6 +91,7 @@ def probe_sweep(
     probe: ProbeKind = "logistic",
     *,
     control: Control | Iterable[Control] | None = None,
+    intervention: Intervention | None = None,
     progress: bool = True,
     **settings: Any,
 ) -> ProbeSweep:
@@ -98,7 +100,10 @@ def probe_sweep(
     `dataset` is a segmentation dataset in mmlens's schema (`mmlens.data.load_segmentation`).
     `control` adds "shuffled_labels" (same features, labels permuted among each batch's training
     tokens) and/or "random_init" (the same sweep on a randomly initialised copy of the model).
-    Other keywords are `SweepSettings` fields.
+    `intervention(inputs)` returns forward hooks (a list of (name, hook) or an object with a
+    `hooks` list, such as `knockout(...)` or `bidirectional_image_attention(...)`) that run in
+    every forward of the sweep, training and test images alike: probes then describe the edited
+    model. Other keywords are `SweepSettings` fields.
     """
     cfg = SweepSettings(probe=probe, **settings)
     if cfg.probe not in ("ridge", "logistic"):
@@ -117,7 +122,8 @@ def probe_sweep(
     results: dict[tuple[str, str], tuple[LinearProbe, SegmentationScores, Tensor]] = {}
     for which, conditions in runs:
         run_model = model if which == "model" else randomly_initialised(model, cfg.seed)
-        runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress)
+        runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress,
+                           intervention if which == "model" else None)
         found, test_masks, grids = runner.run(train_idx, test_idx)
         results.update(found)
     return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset)
@@ -143,32 +149,19 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
 class _SweepRun:
     """One model's pass: train images -> fit probes -> test images -> scores."""
 
-    def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress):
+    def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress, intervention=None):
         self.model, self.dataset, self.sites, self.cfg = model, dataset, sites, cfg
+        self.intervention = intervention
         self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
         self.progress = progress
         self.llm_sees_cls = model.architecture.llm_sees_cls(model.cfg)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def _batches(self, indices: np.ndarray, desc: str):
-        steps = range(0, len(indices), self.cfg.batch_size)
-        for start in tqdm(steps, desc=desc, disable=not self.progress, leave=False):
-            batch = self.dataset[indices[start : start + self.cfg.batch_size].tolist()]  # decoded once
-            images = batch["image"]
-            masks = torch.stack([
-                torch.from_numpy(self.model.transform_mask(np.asarray(mask), self.ignore_index).astype(np.int64))
-                for mask in batch["mask"]
-            ])
-            inputs = self.model.prepare(images, self.cfg.prompt)
-            layout = inputs.layout
-            labels = {"vision": self._labels(masks, layout.patch_grid)}
-            # LLaVA's LLM grid is the patch grid; label it once then
-            labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else self._labels(masks, layout.token_grid)
-            yield inputs, masks, labels
-
-    def _labels(self, masks, grid):
-        return token_labels(masks, grid, n_classes=self.n_classes, ignore_index=self.ignore_index,
-                            min_valid_fraction=self.cfg.min_valid_fraction)
+        cfg = self.cfg
+        for batch in labelled_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, prompt=cfg.prompt,
+                                      min_valid_fraction=cfg.min_valid_fraction, progress=self.progress, desc=desc):
+            yield batch.inputs, batch.masks, batch.labels
 
     def _label_sets(self, labels) -> dict[str, list[Tensor]]:
         """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""
@@ -222,7 +215,8 @@ class _SweepRun:
         for inputs, _, labels in self._batches(train_idx, "probe sweep: train images"):
             label_sets = self._label_sets(labels)
             keep = {grid: self._keep(labels[grid].valid) for grid in labels}
-            model.run_with_hooks(inputs, fwd_hooks=[(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
+            model.run_with_hooks(inputs, fwd_hooks=intervention_hooks(self.intervention, inputs)
+                                 + [(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
                                  return_type=None)
 
         probes: dict[tuple[str, str], LinearProbe] = {}
@@ -259,7 +253,8 @@ class _SweepRun:
 
         for inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
             masks_seen.append(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
-            model.run_with_hooks(inputs, fwd_hooks=[(s.hook, test_hook(s, labels, masks)) for s in self.sites],
+            model.run_with_hooks(inputs, fwd_hooks=intervention_hooks(self.intervention, inputs)
+                                 + [(s.hook, test_hook(s, labels, masks)) for s in self.sites],
                                  return_type=None)
         found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
         grids = {"vision": inputs.layout.patch_grid, "llm": inputs.layout.token_grid}
@@ -301,3 +296,17 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids,
         bootstrap=resamples,
         scores={key: scores for key, (_, scores, _) in results.items()},
     )
+
+
+def intervention_hooks(intervention: Intervention | None, inputs: MultimodalInputs) -> list[tuple[str, Callable]]:
+    """The forward hooks an intervention asks for on these inputs."""
+    if intervention is None:
+        return []
+    made = intervention(inputs)
+    hooks = getattr(made, "hooks", made)
+    if not isinstance(hooks, (list, tuple)):
+        raise TypeError(
+            "an intervention must return a list of (hook name, hook) pairs or an object with a `hooks` "
+            f"list (knockout(...), bidirectional_image_attention(...)); got {type(made).__name__}"
+        )
+    return list(hooks)

@@ -1,0 +1,1 @@
+"""The study's experiments, each composed from the public layers below (model, probing, interventions)."""
