@@ -100,3 +100,30 @@ def test_class_groups_use_token_labels(tiny_clip):
     labels[1, :5] = 4
     group = TokenGroup.of_class(4).resolve(inputs, GroupContext(token_labels=labels))
     assert group.sum().item() == 5 and group[1, inputs.layout.positions(1)[:5]].all()
+
+
+@torch.no_grad()
+def test_effective_mask_is_where_attention_can_go(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    corner = TokenGroup.box(0, 0, 2, 2)
+    ko = knockout(model, inputs, queries=IMAGE - corner, keys=corner, layers=[0], verify=True)
+    with ko:
+        _, cache = model.run_with_cache(inputs, names_filter="blocks.0.attn.hook_pattern")
+    allowed = ko.effective_mask()
+    cfg = model.cfg
+    own = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, False)
+    assert torch.equal(allowed, own & ~ko.blocked) and ko.blocked.any()
+    reaches = cache["blocks.0.attn.hook_pattern"].sum(1) > 0
+    real = inputs.attention_mask.bool()
+    assert torch.equal(reaches[real], allowed[real]), "attention goes exactly where the mask allows"
+
+
+def test_from_mask_and_multi_class_groups(tiny_clip):
+    inputs = tiny_clip.inputs
+    chosen = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
+    chosen[1, inputs.layout.positions(1)[:3]] = True
+    assert torch.equal(TokenGroup.from_mask(chosen).resolve(inputs), chosen)
+    labels = torch.zeros(3, 16, dtype=torch.long)
+    labels[0, :2], labels[2, 5] = 1, 2
+    both = TokenGroup.of_class(1, 2).resolve(inputs, GroupContext(token_labels=labels))
+    assert both.sum() == 3 and both[0].sum() == 2 and both[2].sum() == 1

@@ -1,1 +1,15 @@
 """The study's experiments, each composed from the public layers below (model, probing, interventions)."""
+
+from .anchor_knockout import AnchorKnockoutResult, anchor_knockout
+from .anchors import anchor_groups, conflicting_pairs, pair_classes
+from .position_study import PositionStudyResult, position_study
+
+__all__ = [
+    "AnchorKnockoutResult",
+    "PositionStudyResult",
+    "anchor_groups",
+    "anchor_knockout",
+    "conflicting_pairs",
+    "pair_classes",
+    "position_study",
+]

@@ -10,7 +10,7 @@ padding and several images per row are handled once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from jaxtyping import Bool, Int
@@ -101,6 +101,17 @@ class TokenGroup:
         return TokenGroup(resolve, f"positions {list(map(int, positions))[:6]}")
 
     @staticmethod
+    def from_mask(mask: Bool[Tensor, "batch seq"], description: str = "explicit mask") -> "TokenGroup":
+        """Exactly the positions marked in a [batch, seq] mask (e.g. a group resolved earlier)."""
+        fixed = torch.as_tensor(mask, dtype=torch.bool).cpu()
+
+        def resolve(i, c):
+            if fixed.shape != i.input_ids.shape:
+                raise ValueError(f"the mask has shape {tuple(fixed.shape)} but the inputs are {tuple(i.input_ids.shape)}")
+            return fixed
+        return TokenGroup(resolve, description)
+
+    @staticmethod
     def box(row0: int, col0: int, row1: int, col1: int) -> "TokenGroup":
         """Image tokens whose grid cell is in rows row0..row1-1 and columns col0..col1-1."""
         def pick(cells: Tensor) -> Tensor:
@@ -108,13 +119,17 @@ class TokenGroup:
         return TokenGroup(lambda i, c: _per_token(i, lambda k: pick(i.layout.token_cells)), f"box rows {row0}:{row1} cols {col0}:{col1}")
 
     @staticmethod
-    def of_class(class_index: int) -> "TokenGroup":
-        """Image tokens whose ground-truth label (in `GroupContext.token_labels`) is the class."""
+    def of_class(*class_indices: int) -> "TokenGroup":
+        """Image tokens whose ground-truth label (in `GroupContext.token_labels`) is one of the classes."""
+        if not class_indices:
+            raise ValueError("TokenGroup.of_class needs at least one class index")
+        wanted = torch.tensor([int(c) for c in class_indices])
+
         def resolve(i, c):
             if c.token_labels is None:
                 raise ValueError("TokenGroup.of_class needs GroupContext(token_labels=...) from mmlens.data.token_labels")
-            return _per_token(i, lambda k: c.token_labels[k] == class_index)
-        return TokenGroup(resolve, f"class {class_index}")
+            return _per_token(i, lambda k: torch.isin(c.token_labels[k].cpu(), wanted))
+        return TokenGroup(resolve, f"class {'|'.join(map(str, wanted.tolist()))}")
 
     @staticmethod
     def probe_correct(probe: "LinearProbe", hook: str) -> "TokenGroup":

@@ -16,6 +16,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
+from ..model.attention_masks import allowed_edges
 from .hook_set import HookSet
 from .groups import GroupContext, TokenGroup
 
@@ -36,7 +37,7 @@ class Knockout(HookSet):
         bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
             raise ValueError(f"layers {bad} out of range: the {stage} stage has layers 0..{n_layers - 1}")
-        self.model, self.stage, self.verify = model, stage, verify
+        self.model, self.inputs, self.stage, self.verify = model, inputs, stage, verify
         self.heads = None if heads is None else torch.as_tensor(sorted(set(heads)))
         q = queries.resolve(inputs, context)
         k = keys.resolve(inputs, context)
@@ -68,6 +69,21 @@ class Knockout(HookSet):
         left = pattern.masked_select(self._edges(pattern.shape[1]))
         layer = int(hook.name.split(".")[-3])
         self.blocked_mass[layer] = float(left.abs().max()) if left.numel() else 0.0
+
+    def effective_mask(self, head: int | None = None) -> Bool[Tensor, "batch query key"]:
+        """True where a query may read a key in the edited layers: the model's own mask (causal
+        or bidirectional image attention, padding) without the blocked edges. In the vision stage
+        rows are images and every patch sees every other. With `heads`, `head` picks one head
+        (an unedited head shows the model's own mask)."""
+        if self.stage == "vision":
+            own = torch.ones_like(self.blocked)
+        else:
+            inputs, cfg = self.inputs, self.model.cfg
+            own = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens,
+                                self.model.image_attention == "bidirectional").to(self.blocked.device)
+        if head is not None and self.heads is not None and head not in self.heads.tolist():
+            return own
+        return own & ~self.blocked
 
     @property
     def n_blocked_edges(self) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -352,6 +353,18 @@ class HookedMLLM(HookedRootModule):
             return None
         loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
         return loss if return_type == "loss" else (logits, loss)
+
+    @contextmanager
+    def using_image_attention(self, mode: Literal["causal", "bidirectional"]) -> Iterator["HookedMLLM"]:
+        """Run every forward inside the block with image tokens attending causally or both ways,
+        whatever the checkpoint was trained with (`model.image_attention` is its own mode)."""
+        if mode not in ("causal", "bidirectional"):
+            raise ValueError(f"mode must be 'causal' or 'bidirectional', got {mode!r}")
+        own, self.image_attention = self.image_attention, mode
+        try:
+            yield self
+        finally:
+            self.image_attention = own
 
     def _with_image_attention(self, kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The model's own attention pattern among image tokens, as a 4D mask when not causal."""

@@ -1,5 +1,13 @@
 """Plotly figures made for multimodal interpretability: layer curves, maps over the image grid."""
 
+from .intervention_plots import plot_attention_mask, plot_knockout_effect, plot_position_curve, plot_position_heatmap
 from .probe_plots import plot_probe_curve, plot_probe_predictions
 
-__all__ = ["plot_probe_curve", "plot_probe_predictions"]
+__all__ = [
+    "plot_attention_mask",
+    "plot_knockout_effect",
+    "plot_position_curve",
+    "plot_position_heatmap",
+    "plot_probe_curve",
+    "plot_probe_predictions",
+]

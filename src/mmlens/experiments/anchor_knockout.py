@@ -1,0 +1,214 @@
+"""Anchor knockout: is recovery in the LLM steered by the image tokens the probe already gets right?
+
+From a probe sweep, take the class pairs the probe at a reference site confuses most. Tokens of
+those classes it classifies correctly there are anchors; the others are the targets. Block the
+attention edges anchor -> every other image token (information flow from anchors, in the LLM
+layers after the reference) and read the targets out again with the sweep's own probes at every
+later layer. The control blocks the same number of random tokens of the same classes in each
+image (several seeds); intervals are bootstrap resamples of the images, paired across conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..interventions import GroupContext, TokenGroup, knockout
+from ..model import HookedMLLM
+from ..probing.batches import labelled_batches
+from ..probing.metrics import SegmentationScores, bootstrap_indices
+from ..probing.predict import predict_image_tokens
+from ..probing.sites import Site, site_for
+from .anchors import anchor_groups, conflicting_pairs, pair_classes
+from .intervals import percentile_interval, pooled_accuracy, pooled_miou
+
+CONDITIONS = ("clean", "anchors", "control")
+COMPARISONS = (("anchors", "clean"), ("control", "clean"), ("anchors", "control"))
+METRICS = ("target_accuracy", "pair_miou", "miou")
+
+
+@dataclass
+class AnchorKnockoutResult:
+    """What the anchor knockout measured; `table` per condition and readout site, `effects` as
+    paired differences with intervals."""
+
+    pairs: pd.DataFrame
+    table: pd.DataFrame
+    effects: pd.DataFrame
+    reference: str
+    layers: list[int]
+    readouts: list[Site]
+    anchors_per_image: float
+    targets_per_image: float
+    blocked_mass: float  # largest attention probability left on a blocked edge in any run
+    settings: dict = field(default_factory=dict)
+
+    def figure(self, metric: str = "target_accuracy"):
+        from ..viz.intervention_plots import plot_knockout_effect
+
+        return plot_knockout_effect(self, metric)
+
+
+def anchor_knockout(
+    model: HookedMLLM,
+    sweep,
+    *,
+    reference: str = "adapter.hook_out",
+    layers: Iterable[int] | None = None,
+    readouts: Sequence[str] | None = None,
+    n_pairs: int = 4,
+    pairs: pd.DataFrame | None = None,
+    n_control: int = 3,
+    images: Sequence[int] | None = None,
+    batch_size: int = 16,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+) -> AnchorKnockoutResult:
+    """Block anchors -> other image tokens and measure the targets with the sweep's probes.
+
+    `reference`: the site whose probe defines the conflicting pairs and the anchors (any probed
+    site on the LLM token grid). `layers`: the LLM layers whose attention is edited (default:
+    every layer after the reference). `readouts`: probed sites to measure at (default: the
+    reference and every probed LLM `hook_resid_post` in or after the window). `pairs`: a table
+    from `conflicting_pairs` to use instead of the `n_pairs` most confused. `images`: dataset
+    rows (default: the sweep's held-out images, which its probes never saw).
+    """
+    reference = model.resolve_hook_name(reference)
+    ref_site = site_for(model, reference)
+    if ref_site.grid != "llm":
+        raise ValueError(f"the reference {reference!r} is a vision site; use a site on the LLM token grid "
+                         "(adapter.hook_out, blocks.L.hook_resid_post, ...)")
+    window = sorted(set(_default_window(model, ref_site) if layers is None else layers))
+    if not window:
+        raise ValueError(f"no LLM layer comes after {reference!r}; pick an earlier reference or pass layers=")
+    readout_names = _readouts(model, sweep, reference, window, readouts)
+    pairs = conflicting_pairs(sweep, reference, n_pairs) if pairs is None else pairs
+    classes = pair_classes(pairs)
+    probes = {name: sweep.probes[("model", name)] for name in readout_names}
+    anchors, targets = anchor_groups(sweep, reference, classes)
+    same_classes = TokenGroup.of_class(*classes)
+    image = TokenGroup.image()
+    indices = np.asarray(sweep.test_indices if images is None else images)
+    settings = sweep.settings
+
+    n_classes = len(sweep.class_names)
+    counts = {(c, h): [] for c in CONDITIONS for h in readout_names}  # per batch: [images, 3, classes]
+    correct = {(c, h): [] for c in CONDITIONS for h in readout_names}
+    scored: list[np.ndarray] = []
+    n_anchors: list[int] = []
+    blocked_mass = 0.0
+    batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
+                               min_valid_fraction=settings.min_valid_fraction)
+    for b, batch in enumerate(tqdm(batches, total=-(-len(indices) // batch_size), disable=not progress,
+                                   desc="anchor knockout", leave=False)):
+        inputs, labels = batch.inputs, batch.labels["llm"]
+        _, clean = model.run_with_cache(inputs, names_filter=sorted({reference, *readout_names}), return_cache_object=False)
+        context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)
+        anchor_mask = anchors.resolve(inputs, context)
+        anchor_group = TokenGroup.from_mask(anchor_mask, "anchors")
+        target_tokens = _grid_tokens(inputs, targets.resolve(inputs, context))
+        predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
+        knocked = [("anchors", anchor_group)] + [
+            ("control", TokenGroup.random_like(anchor_group, within=same_classes, seed=seed + 7919 * b + s))
+            for s in range(n_control)
+        ]
+        for condition, keys in knocked:
+            ko = knockout(model, inputs, queries=image - keys, keys=keys, layers=window, verify=True, context=context)
+            predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
+            blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
+        if blocked_mass != 0.0:
+            raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
+        grid = inputs.layout.token_grid
+        for condition, runs in predictions.items():
+            for name in readout_names:
+                segmentation = SegmentationScores(n_classes, sweep.ignore_index)
+                hits = torch.zeros(target_tokens.shape, dtype=torch.long)
+                for run in runs:  # control seeds pool their counts image by image
+                    segmentation.add(run[name], labels.labels, labels.valid, batch.masks, grid)
+                    hits += ((run[name] == labels.labels) & target_tokens).long()
+                per_run = np.stack(segmentation.per_image).reshape(len(runs), len(batch.indices), 3, n_classes)
+                counts[(condition, name)].append(per_run.sum(0))
+                correct[(condition, name)].append(hits.sum(1).numpy())
+        scored.append(target_tokens.sum(1).numpy())
+        n_anchors.append(_grid_tokens(inputs, anchor_mask).sum(1).numpy())
+
+    counts = {key: np.concatenate(v) for key, v in counts.items()}
+    correct = {key: np.concatenate(v) for key, v in correct.items()}
+    runs_per_condition = {"clean": 1, "anchors": 1, "control": n_control}
+    scored_tokens = {c: np.concatenate(scored) * runs_per_condition[c] for c in CONDITIONS}
+    resamples = bootstrap_indices(len(indices), n_boot, seed)
+
+    def statistic(condition: str, name: str, metric: str, index=None) -> float:
+        if metric == "target_accuracy":
+            return pooled_accuracy(correct[(condition, name)], scored_tokens[condition], index)
+        return pooled_miou(counts[(condition, name)], index, classes if metric == "pair_miou" else None)
+
+    readout_sites = [site_for(model, n) for n in readout_names]
+    rows, effects = [], []
+    for site in readout_sites:
+        for condition in CONDITIONS:
+            row = {"condition": condition, "hook": site.hook, "site": site.label, "layer": site.layer,
+                   "n_target_tokens": int(scored_tokens["clean"].sum())}
+            for metric in METRICS:
+                row[metric] = statistic(condition, site.hook, metric)
+                row[f"{metric}_low"], row[f"{metric}_high"] = percentile_interval(
+                    [statistic(condition, site.hook, metric, idx) for idx in resamples])
+            rows.append(row)
+        for a, b in COMPARISONS:
+            for metric in METRICS:
+                diff = [statistic(a, site.hook, metric, idx) - statistic(b, site.hook, metric, idx) for idx in resamples]
+                low, high = percentile_interval(diff)
+                effects.append({"comparison": f"{a} - {b}", "hook": site.hook, "site": site.label, "layer": site.layer,
+                                "metric": metric, "effect": statistic(a, site.hook, metric) - statistic(b, site.hook, metric),
+                                "low": low, "high": high})
+    return AnchorKnockoutResult(
+        pairs=pairs,
+        table=pd.DataFrame(rows),
+        effects=pd.DataFrame(effects),
+        reference=reference,
+        layers=window,
+        readouts=readout_sites,
+        anchors_per_image=float(np.concatenate(n_anchors).mean()),
+        targets_per_image=float(np.concatenate(scored).mean()),
+        blocked_mass=blocked_mass,
+        settings={"n_images": len(indices), "n_control": n_control, "n_boot": n_boot, "seed": seed,
+                  "classes": [sweep.class_names[c] for c in classes]},
+    )
+
+
+def _default_window(model: HookedMLLM, reference: Site) -> list[int]:
+    """LLM layers whose attention runs after the reference site has been computed."""
+    n = model.cfg.n_layers
+    if reference.stage != "llm":
+        return list(range(n))
+    start = reference.layer if reference.hook.endswith("hook_resid_pre") else reference.layer + 1
+    return list(range(start, n))
+
+
+def _readouts(model, sweep, reference: str, window: list[int], readouts) -> list[str]:
+    probed = {hook for condition, hook in sweep.probes if condition == "model"}
+    if readouts is None:
+        names = [reference] + [f"blocks.{l}.hook_resid_post" for l in range(window[0], model.cfg.n_layers)]
+        names = [n for n in names if n in probed]
+    else:
+        names = [model.resolve_hook_name(n) for n in readouts]
+    missing = [n for n in names if n not in probed]
+    if missing or reference not in probed:
+        raise ValueError(f"the sweep has no probe at {sorted(set(missing) | ({reference} - probed))}; "
+                         f"rerun probe_sweep with those sites (probed: {sorted(probed)})")
+    grids = {site_for(model, n).grid for n in names}
+    if grids != {"llm"}:
+        raise ValueError("readout sites must be on the LLM token grid (adapter or LLM sites)")
+    return list(dict.fromkeys(names))
+
+
+def _grid_tokens(inputs, mask: torch.Tensor) -> torch.Tensor:
+    """A [batch, seq] group as [n_images, n_tokens] over each image's grid tokens."""
+    spans = inputs.layout.spans
+    return torch.stack([mask[s.row, s.positions] for s in spans])

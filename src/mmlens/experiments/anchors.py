@@ -1,0 +1,75 @@
+"""Conflicting class pairs and semantic anchors, read off a probe sweep.
+
+Two classes conflict when the probe at a reference site mistakes one for the other often: the
+pair's confusion rate is (C[a, b] + C[b, a]) / (pixels of a + pixels of b) from the sweep's
+held-out pixel confusion matrix. Tokens of conflicting classes that the same probe classifies
+correctly are the study's "semantic anchors"; the others of those classes are the tokens whose
+recovery the anchors are supposed to steer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..interventions import TokenGroup
+
+BACKGROUND_NAMES = ("background", "bg")
+
+
+def conflicting_pairs(
+    sweep,
+    hook: str = "adapter.hook_out",
+    n_pairs: int = 4,
+    *,
+    condition: str = "model",
+    exclude: Iterable[int | str] | None = None,
+) -> pd.DataFrame:
+    """The `n_pairs` class pairs the probe at `hook` confuses most, most confused first.
+
+    `exclude` (indices or names) defaults to classes called "background": confusing an object
+    with the background is a boundary error, not a conflict between look-alike classes.
+    Columns: class_a, class_b, name_a, name_b, confusion_rate, pixels_a, pixels_b.
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
+    key = (condition, hook)
+    if key not in sweep.confusion:
+        probed = sorted({h for c, h in sweep.confusion if c == condition})
+        raise KeyError(f"the sweep has no {condition!r} probe at {hook!r}; probed sites: {probed}")
+    names = list(sweep.class_names)
+    if exclude is None:
+        excluded = {i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES}
+    else:
+        excluded = {names.index(e) if isinstance(e, str) else int(e) for e in exclude}
+    confusion = np.asarray(sweep.confusion[key], dtype=float)
+    support = confusion.sum(1)
+    rows = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            if a in excluded or b in excluded or support[a] + support[b] == 0:
+                continue
+            rate = (confusion[a, b] + confusion[b, a]) / (support[a] + support[b])
+            if rate > 0:
+                rows.append({"class_a": a, "class_b": b, "name_a": names[a], "name_b": names[b],
+                             "confusion_rate": rate, "pixels_a": int(support[a]), "pixels_b": int(support[b])})
+    if not rows:
+        raise ValueError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on the held-out images")
+    table = pd.DataFrame(rows).sort_values("confusion_rate", ascending=False, kind="stable")
+    return table.head(n_pairs).reset_index(drop=True)
+
+
+def pair_classes(pairs: pd.DataFrame) -> list[int]:
+    """Every class that takes part in one of the pairs, in ascending order."""
+    return sorted(set(pairs.class_a) | set(pairs.class_b))
+
+
+def anchor_groups(sweep, hook: str, classes: Sequence[int], condition: str = "model") -> tuple[TokenGroup, TokenGroup]:
+    """(anchors, non-anchors) among the tokens of `classes`: those the sweep's probe at `hook`
+    classifies correctly, and those it gets wrong. Resolve them with a `GroupContext` holding
+    the model and the token labels."""
+    probe = sweep.probes[(condition, hook)]
+    of_classes = TokenGroup.of_class(*classes)
+    return TokenGroup.probe_correct(probe, hook) & of_classes, TokenGroup.probe_wrong(probe, hook) & of_classes

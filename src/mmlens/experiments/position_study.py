@@ -1,0 +1,215 @@
+"""Position study: does causal attention starve the early image tokens?
+
+Under causal attention an image token in raster order sees only the tokens before it, so the
+top-left tokens can borrow little context. The study probes every LLM layer twice, once with
+causal and once with bidirectional image attention (probes refitted under each), and also reads
+the bidirectional run with the causal probes. Per-token accuracy is then tabulated by raster
+position; the early-position deficit is the accuracy of the last tokens minus that of the first,
+and, to cancel the class mix of each position, the same difference of the gain over the
+adapter output (the LLM's input, where no token has seen another yet). Intervals are bootstrap
+resamples of the held-out images, paired across conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.token_labels import token_labels
+from ..interventions import bidirectional_image_attention
+from ..model import HookedMLLM
+from ..probing import ProbeSweep, probe_sweep
+from ..probing.batches import labelled_batches
+from ..probing.metrics import bootstrap_indices
+from ..probing.predict import predict_image_tokens
+from ..probing.sites import site_for
+from ..probing.sweep import intervention_hooks
+from .anchors import BACKGROUND_NAMES
+from .intervals import percentile_interval, pooled_accuracy
+
+CONDITIONS = ("causal", "bidirectional", "causal_probe_on_bidirectional")
+BASELINE_SITE = "adapter.hook_out"
+
+
+@dataclass
+class PositionStudyResult:
+    per_position: pd.DataFrame  # condition, hook, site, layer, position, row, col, correct, scored, accuracy
+    summary: pd.DataFrame  # per condition and site: early / late accuracy, deficits with intervals
+    gains: pd.DataFrame  # condition - causal on early and late tokens, with intervals
+    grid: tuple[int, int]
+    sweeps: dict[str, ProbeSweep] = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+    _hits: dict = field(repr=False, default_factory=dict)  # (condition, hook) -> [n_images, n_tokens] correct
+    _scored: np.ndarray | None = field(repr=False, default=None)  # [n_images, n_tokens] labelled
+    _resamples: np.ndarray | None = field(repr=False, default=None)
+
+    def position_curves(self, site: str | None = None, by: str = "row") -> pd.DataFrame:
+        """Accuracy per grid row (or raster position) at one site, per condition, with intervals."""
+        sites = list(dict.fromkeys(self.per_position.site))
+        site = site or sites[-1]
+        hooks = dict(zip(self.per_position.site, self.per_position.hook))
+        if site not in hooks:
+            raise ValueError(f"unknown site {site!r}; the study has {sites}")
+        cols = self.grid[1]
+        n_tokens = self._scored.shape[1]
+        bins = np.arange(n_tokens) // cols if by == "row" else np.arange(n_tokens)
+        rows = []
+        for condition in CONDITIONS:
+            hits = self._hits[(condition, hooks[site])]
+            for b in np.unique(bins):
+                correct, scored = hits[:, bins == b].sum(1), self._scored[:, bins == b].sum(1)
+                low, high = percentile_interval([pooled_accuracy(correct, scored, i) for i in self._resamples])
+                rows.append({"condition": condition, "site": site, "bin": int(b),
+                             "accuracy": pooled_accuracy(correct, scored), "low": low, "high": high})
+        return pd.DataFrame(rows)
+
+    def figures(self) -> dict[str, Any]:
+        from ..viz.intervention_plots import plot_position_curve, plot_position_heatmap
+
+        return {"position_heatmap": plot_position_heatmap(self), "position_curve": plot_position_curve(self)}
+
+
+def position_study(
+    model: HookedMLLM,
+    dataset,
+    *,
+    layers: Iterable[int] | None = None,
+    sites: Sequence[str] | None = None,
+    probe: str = "logistic",
+    early_fraction: float = 0.25,
+    exclude: Iterable[int | str] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+    **sweep_settings: Any,
+) -> PositionStudyResult:
+    """Per-token accuracy against raster position, causal vs bidirectional image attention.
+
+    `layers`: LLM layers given bidirectional image attention in that condition (default all).
+    `sites`: probed sites (default the adapter output and every LLM `hook_resid_post`); the
+    adapter output is always included as the baseline. Tokens whose true class is in `exclude`
+    (indices or names; default: classes named "background") are not scored, since a background
+    token is right almost anywhere and would hide the effect. Other keywords go to `probe_sweep`
+    (batch_size, test_fraction, ...). The model's own attention mode does not matter: the
+    causal condition forces causal attention, so the bidirectional twin can be studied too.
+    """
+    if not 0 < early_fraction <= 0.5:
+        raise ValueError(f"early_fraction must be in (0, 0.5], got {early_fraction}")
+    layers = None if layers is None else sorted(set(layers))
+    names = [BASELINE_SITE] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)] if sites is None else list(sites)
+    names = list(dict.fromkeys([BASELINE_SITE, *(model.resolve_hook_name(n) for n in names)]))
+    bad = [n for n in names if site_for(model, n).grid != "llm"]
+    if bad:
+        raise ValueError(f"{bad} are vision sites; the position study reads image tokens on the LLM grid")
+
+    def bidirectional(inputs):
+        return bidirectional_image_attention(model, inputs, layers)
+
+    common = dict(sites=names, probe=probe, seed=seed, n_boot=n_boot, progress=progress, **sweep_settings)
+    with model.using_image_attention("causal"):
+        sweeps = {"causal": probe_sweep(model, dataset, **common),
+                  "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
+        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional)
+    causal = sweeps["causal"]
+    n_classes = len(causal.class_names)
+    grid = causal.grids["llm"]
+    labels = token_labels(torch.from_numpy(causal.test_masks.astype(np.int64)), grid, n_classes=n_classes,
+                          ignore_index=causal.ignore_index, min_valid_fraction=causal.settings.min_valid_fraction)
+    excluded = torch.tensor(_excluded_classes(causal.class_names, exclude), dtype=torch.long)
+    counted = labels.valid & ~torch.isin(labels.labels, excluded)
+    scored = counted.numpy()
+    predictions = {("causal", n): causal.predictions[("model", n)] for n in names}
+    predictions |= {("bidirectional", n): sweeps["bidirectional"].predictions[("model", n)] for n in names}
+    predictions |= {("causal_probe_on_bidirectional", n): cross[n] for n in names}
+    hits = {key: ((pred.long() == labels.labels) & counted).numpy() for key, pred in predictions.items()}
+    resamples = bootstrap_indices(len(scored), n_boot, seed)
+    n_tokens = scored.shape[1]
+    n_edge = max(1, int(round(early_fraction * n_tokens)))
+    early, late = np.arange(n_tokens) < n_edge, np.arange(n_tokens) >= n_tokens - n_edge
+
+    def accuracy(key, where, index=None):
+        return pooled_accuracy(hits[key][:, where].sum(1), scored[:, where].sum(1), index)
+
+    def deficit(key, index=None):
+        return accuracy(key, late, index) - accuracy(key, early, index)
+
+    def recovery_deficit(key, index=None):
+        base = (key[0], BASELINE_SITE)
+        return deficit(key, index) - deficit(base, index)
+
+    rows, gains = [], []
+    for name in names:
+        site = site_for(model, name)
+        for condition in CONDITIONS:
+            key = (condition, name)
+            row = {"condition": condition, "hook": name, "site": site.label, "layer": site.layer,
+                   "early_accuracy": accuracy(key, early), "late_accuracy": accuracy(key, late),
+                   "accuracy": accuracy(key, np.ones(n_tokens, dtype=bool))}
+            for stat, fn in (("early_deficit", deficit), ("recovery_deficit", recovery_deficit)):
+                row[stat] = fn(key)
+                row[f"{stat}_low"], row[f"{stat}_high"] = percentile_interval([fn(key, i) for i in resamples])
+            rows.append(row)
+            if condition == "causal":
+                continue
+            base = ("causal", name)
+            for part, where in (("early", early), ("late", late)):
+                diff = [accuracy(key, where, i) - accuracy(base, where, i) for i in resamples]
+                low, high = percentile_interval(diff)
+                gains.append({"condition": condition, "hook": name, "site": site.label, "tokens": part,
+                              "gain_over_causal": accuracy(key, where) - accuracy(base, where), "low": low, "high": high})
+    per_position = _per_position(hits, scored, names, model, grid.cols)
+    return PositionStudyResult(
+        per_position=per_position, summary=pd.DataFrame(rows), gains=pd.DataFrame(gains), grid=grid.shape,
+        sweeps=sweeps,
+        settings={"layers": layers, "early_fraction": early_fraction, "early_tokens": n_edge, "n_images": len(scored),
+                  "probe": probe, "seed": seed, "n_boot": n_boot, "model_attention": model.image_attention,
+                  "excluded_classes": [causal.class_names[c] for c in excluded.tolist()]},
+        _hits=hits, _scored=scored, _resamples=resamples,
+    )
+
+
+def _excluded_classes(class_names, exclude) -> list[int]:
+    names = list(class_names)
+    if exclude is None:
+        return [i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES]
+    out = []
+    for e in exclude:
+        if isinstance(e, str) and e not in names:
+            raise ValueError(f"unknown class {e!r} in exclude; classes: {names}")
+        out.append(names.index(e) if isinstance(e, str) else int(e))
+    return out
+
+
+def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention) -> dict[str, torch.Tensor]:
+    """The causal probes read on the bidirectional run of the same held-out images."""
+    probes = {n: causal.probes[("model", n)] for n in names}
+    settings = causal.settings
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
+                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
+        predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=intervention_hooks(intervention, batch.inputs))
+        for n in names:
+            out[n].append(predicted[n])
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def _per_position(hits, scored, names, model, cols) -> pd.DataFrame:
+    frames = []
+    for (condition, name), hit in hits.items():
+        site = site_for(model, name)
+        correct, count = hit.sum(0), scored.sum(0)
+        positions = np.arange(len(count))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accuracy = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
+        frames.append(pd.DataFrame({"condition": condition, "hook": name, "site": site.label, "layer": site.layer,
+                                    "position": positions, "row": positions // cols, "col": positions % cols,
+                                    "correct": correct, "scored": count, "accuracy": accuracy}))
+    order = {n: i for i, n in enumerate(names)}
+    table = pd.concat(frames, ignore_index=True)
+    return table.sort_values(["condition", "hook", "position"], key=lambda s: s.map(order) if s.name == "hook" else s,
+                             kind="stable").reset_index(drop=True)

@@ -1,0 +1,116 @@
+"""The anchor-knockout and position studies on the embedded model: controls, intervals, proofs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmlens import HookedMLLM
+from mmlens.data import load_segmentation, lookalike_pairs
+from mmlens.experiments import anchor_knockout, conflicting_pairs, position_study
+from mmlens.interventions import GroupContext, TokenGroup, bidirectional_image_attention
+from mmlens.probing import probe_sweep
+from mmlens.probing.batches import labelled_batches
+from mmlens.viz import plot_knockout_effect, plot_position_curve, plot_position_heatmap
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    torch.set_grad_enabled(False)
+    yield HookedMLLM.from_pretrained("tiny-shapes-llava")
+    torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return load_segmentation("scenes", split="validation", n=120, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sweep(shapes, scenes):
+    return probe_sweep(shapes, scenes, sites=["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(4)],
+                       probe="ridge", progress=False, n_boot=50)
+
+
+def test_probe_groups_split_labelled_image_tokens_by_the_probes_verdict(shapes, sweep, scenes):
+    batch = next(labelled_batches(shapes, scenes, sweep.test_indices[:6]))
+    inputs, labels = batch.inputs, batch.labels["llm"]
+    hook = "blocks.1.hook_resid_post"
+    probe = sweep.probes[("model", hook)]
+    context = GroupContext(token_labels=labels.labels, model=shapes, ignore_index=sweep.ignore_index)
+    right = TokenGroup.probe_correct(probe, hook).resolve(inputs, context)
+    wrong = TokenGroup.probe_wrong(probe, hook).resolve(inputs, context)
+    assert not (right & wrong).any() and right.any() and wrong.any()
+    _, cache = shapes.run_with_cache(inputs, names_filter=hook)
+    for k, span in enumerate(inputs.layout.spans):
+        predicted = probe.predict(cache[hook][span.row, span.positions])
+        truth = labels.labels[k]
+        assert torch.equal(right[span.row, span.positions], (predicted == truth) & labels.valid[k])
+        assert torch.equal((right | wrong)[span.row, span.positions], labels.valid[k])
+    assert right.sum() + wrong.sum() == labels.valid.sum()
+
+
+def test_the_most_conflicting_pairs_are_the_lookalike_classes(sweep):
+    pairs = conflicting_pairs(sweep, "adapter.hook_out", n_pairs=2)
+    lookalike = {frozenset(p) for p in lookalike_pairs(8)}
+    assert {frozenset((a, b)) for a, b in zip(pairs.name_a, pairs.name_b)} <= lookalike
+    assert pairs.confusion_rate.is_monotonic_decreasing and "background" not in set(pairs.name_a) | set(pairs.name_b)
+    with pytest.raises(KeyError, match="probed sites"):
+        conflicting_pairs(sweep, "blocks.9.hook_resid_post")
+
+
+def test_anchor_knockout_takes_effect_and_has_a_matched_control(shapes, sweep):
+    result = anchor_knockout(shapes, sweep, n_control=2, n_boot=50)
+    assert result.blocked_mass == 0.0 and result.layers == [0, 1, 2, 3]
+    assert result.anchors_per_image > 0 and result.targets_per_image > 0
+    table = result.table.set_index(["condition", "hook"])
+    # at the reference nothing has been edited yet: identical, and targets are wrong by definition
+    reference = table.xs("adapter.hook_out", level="hook")
+    assert reference.miou.nunique() == 1 and (reference.target_accuracy == 0).all()
+    later = table.xs("blocks.3.hook_resid_post", level="hook")
+    assert later.loc["anchors", "miou"] != later.loc["clean", "miou"]
+    assert later.loc["control", "miou"] != later.loc["clean", "miou"]
+    for metric in ("target_accuracy", "pair_miou", "miou"):
+        assert (result.table[f"{metric}_low"] <= result.table[metric] + 1e-12).all()
+        assert (result.table[metric] <= result.table[f"{metric}_high"] + 1e-12).all()
+    zero = result.effects[result.effects.hook == "adapter.hook_out"]
+    assert (zero.effect == 0).all() and (zero.low == 0).all() and (zero.high == 0).all()
+    assert len(result.figure().data) == 6  # three conditions, each a line and a band
+
+
+def test_anchor_knockout_rejects_a_window_after_the_last_layer(shapes, sweep):
+    with pytest.raises(ValueError, match="no LLM layer comes after"):
+        anchor_knockout(shapes, sweep, reference="blocks.3.hook_resid_post")
+
+
+def test_position_study_conditions_and_deficits(shapes, scenes):
+    study = position_study(shapes, scenes, probe="ridge", n_boot=50, sites=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"])
+    n_test, n_tokens = study._scored.shape
+    assert n_tokens == 64 and study.grid == (8, 8)
+    assert len(study.per_position) == 3 * 3 * 64  # conditions x (adapter + 2 sites) x positions
+    hits = study._hits
+    # the adapter output comes before any attention: the causal probes read it identically in both runs
+    assert np.array_equal(hits[("causal", "adapter.hook_out")], hits[("causal_probe_on_bidirectional", "adapter.hook_out")])
+    assert not np.array_equal(hits[("causal", "blocks.3.hook_resid_post")], hits[("bidirectional", "blocks.3.hook_resid_post")])
+    summary = study.summary.set_index(["condition", "hook"])
+    assert (summary.loc[("causal", "adapter.hook_out")].recovery_deficit == 0)
+    assert np.isfinite(summary.early_deficit).all()
+    assert set(study.gains.tokens) == {"early", "late"}
+    assert study.settings["excluded_classes"] == ["background"]
+    assert len(plot_position_heatmap(study).data) == 9 and len(plot_position_curve(study, by="token").data) == 6
+    with pytest.raises(ValueError, match="early_fraction"):
+        position_study(shapes, scenes, early_fraction=0.9)
+
+
+def test_a_bidirectional_model_is_forced_causal_on_request(scenes):
+    twin = HookedMLLM.from_pretrained("tiny-shapes-llava-bidir")
+    inputs = twin.prepare([scenes[0]["image"], scenes[1]["image"]], "")
+    native = twin(inputs)
+    with twin.using_image_attention("causal"):
+        causal = twin(inputs)
+        with bidirectional_image_attention(twin, inputs):
+            reopened = twin(inputs)
+    assert twin.image_attention == "bidirectional"
+    assert (native - causal).abs().max() > 1e-4
+    torch.testing.assert_close(reopened, native, atol=1e-5, rtol=0)
