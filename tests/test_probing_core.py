@@ -77,12 +77,10 @@ def test_pixel_metrics_by_hand():
     assert miou_from_counts(np.array([[1, 0], [0, 0], [0, 0]])) == 1.0  # absent classes are skipped
 
 
-def test_stacked_logistic_fits_equal_separate_fits():
-    """Fitting several probes in one L-BFGS run gives each the probe it gets alone."""
+def test_a_probe_does_not_depend_on_the_probes_fitted_beside_it():
+    """Each probe is its own L-BFGS run, so stopping at max_iter cannot couple probes."""
     (x1, y1), (x2, y2) = _data(n=300, d=6, seed=1), _data(n=200, d=4, seed=2)
-    together = fit_logistic_many([(x1, y1), (x2, y2)], 3, max_iter=300)
-    alone = [fit_logistic(x1, y1, 3, max_iter=300), fit_logistic(x2, y2, 3, max_iter=300)]
-    for a, b, x in zip(together, alone, (x1, x2)):
-        assert a.weight.shape == b.weight.shape
-        assert (a.predict(x) == b.predict(x)).float().mean() > 0.99
-        torch.testing.assert_close(torch.softmax(a.logits(x), -1), torch.softmax(b.logits(x), -1), atol=2e-2, rtol=0)
+    together = fit_logistic_many([(x1, y1), (x2, y2)], 3, max_iter=20)
+    alone = [fit_logistic(x1, y1, 3, max_iter=20), fit_logistic(x2, y2, 3, max_iter=20)]
+    for a, b in zip(together, alone):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)

@@ -1,10 +1,11 @@
 """Multinomial logistic-regression probes fitted with full-batch L-BFGS in torch.
 
 Features are standardised with training statistics (LLM activations have outlier dimensions),
-then a softmax classifier with an L2 penalty is fitted. A sweep fits many small probes, so
-`fit_logistic_many` stacks them (zero-padded to a common size, padded rows masked out of the
-loss) and optimises their summed, separable objectives in one L-BFGS run: the per-iteration
-overhead is paid once instead of once per site. Deterministic for fixed inputs.
+then a softmax classifier with an L2 penalty is fitted. Every probe gets its own L-BFGS run:
+stacking several probes into one run shares the line search and curvature history between them,
+so a probe stopped at `max_iter` would depend on which other sites were fitted beside it. Fitting
+them one by one costs the same here and makes each probe a function of its own data only.
+Deterministic for fixed inputs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .linear import LinearProbe
-
-# Stacked problems are grouped so that one group's features stay under this many floats.
-MAX_STACKED_ELEMENTS = 200_000_000
-
 
 def fit_logistic(
     x: Float[Tensor, "n d"],
@@ -39,44 +36,23 @@ def fit_logistic_many(
     max_iter: int = 100,
     dtype: torch.dtype = torch.float32,
 ) -> list[LinearProbe]:
-    """One probe per (features, labels) problem, fitted together where memory allows."""
+    """One probe per (features, labels) problem, each fitted on its own."""
     for x, y in problems:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
         if x.shape[0] == 0:
             raise ValueError("no training examples for the probe")
-    probes: list[LinearProbe | None] = [None] * len(problems)
-    group: list[int] = []
-    size = 0
-    for i, (x, _) in enumerate(problems):
-        if group and size + x.numel() > MAX_STACKED_ELEMENTS:
-            _fit_group([problems[j] for j in group], group, probes, n_classes, l2, max_iter, dtype)
-            group, size = [], 0
-        group.append(i)
-        size += x.numel()
-    _fit_group([problems[j] for j in group], group, probes, n_classes, l2, max_iter, dtype)
-    return probes  # type: ignore[return-value]
+    return [_fit_one(x, y, n_classes, l2, max_iter, dtype) for x, y in problems]
 
 
-def _fit_group(problems, where, out, n_classes, l2, max_iter, dtype) -> None:
-    device = problems[0][0].device
-    n_max = max(x.shape[0] for x, _ in problems)
-    d_max = max(x.shape[1] for x, _ in problems)
-    s = len(problems)
-    z = torch.zeros(s, n_max, d_max, dtype=dtype, device=device)
-    labels = torch.zeros(s, n_max, dtype=torch.long, device=device)
-    row_weight = torch.zeros(s, n_max, dtype=dtype, device=device)
-    stats = []
-    for k, (x, y) in enumerate(problems):
-        x64 = x.to(device, torch.float64)
-        mean, scale = x64.mean(0), x64.std(0).clamp(min=1e-6)
-        stats.append((mean, scale))
-        n, d = x.shape
-        z[k, :n, :d] = ((x64 - mean) / scale).to(dtype)
-        labels[k, :n] = y.to(device).long()
-        row_weight[k, :n] = 1.0 / n  # each problem's loss is its own mean
-    weight = torch.zeros(s, d_max, n_classes, dtype=dtype, device=device, requires_grad=True)
-    bias = torch.zeros(s, 1, n_classes, dtype=dtype, device=device, requires_grad=True)
+def _fit_one(x, y, n_classes, l2, max_iter, dtype) -> LinearProbe:
+    device = x.device
+    x64 = x.to(torch.float64)
+    mean, scale = x64.mean(0), x64.std(0).clamp(min=1e-6)
+    z = ((x64 - mean) / scale).to(dtype)
+    labels = y.to(device).long()
+    weight = torch.zeros(x.shape[1], n_classes, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
         history_size=20, line_search_fn="strong_wolfe",
@@ -84,16 +60,10 @@ def _fit_group(problems, where, out, n_classes, l2, max_iter, dtype) -> None:
 
     def closure():
         optimizer.zero_grad()
-        logits = torch.bmm(z, weight) + bias
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        loss = (ce * row_weight.flatten()).sum() + l2 * (weight**2).sum()
+        loss = torch.nn.functional.cross_entropy(z @ weight + bias, labels) + l2 * (weight**2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    for k, (x, _) in enumerate(problems):
-        mean, scale = stats[k]
-        d = x.shape[1]
-        out[where[k]] = LinearProbe(mean.float(), scale.float(), weight[k, :d].detach().float(),
-                                    bias[k, 0].detach().float(), kind="logistic")
+    return LinearProbe(mean.float(), scale.float(), weight.detach().float(), bias.detach().float(), kind="logistic")
