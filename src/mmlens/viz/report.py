@@ -1,0 +1,215 @@
+"""One self-contained HTML report: figures, tables and the run's metadata in a single file.
+
+Each section is a plotly figure (and/or a small table) preceded by a sentence on how to read
+it. plotly.js is inlined once in the page head and every figure only carries its data and a
+`Plotly.newPlot` call, so the file opens offline from `file://` and does not grow by 4.8 MB per
+figure. All text is escaped; the file is written to a temporary sibling and moved into place,
+so a reader never sees a half-written report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+MAX_TABLE_ROWS = 200
+FIGURE_HEIGHT_PX = 480
+
+_CSS = """
+:root { --ink: #1f2933; --muted: #616e7c; --line: #e4e7eb; --accent: #1f77b4; --paper: #ffffff; --band: #f5f7fa; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--band); color: var(--ink);
+       font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 64px; }
+header h1 { font-size: 1.8em; margin: 0.2em 0 0.1em; }
+header p.generated { color: var(--muted); margin: 0 0 1.2em; }
+section, nav.toc, .metadata { background: var(--paper); border: 1px solid var(--line); border-radius: 8px;
+       padding: 16px 22px; margin: 0 0 22px; }
+h2 { font-size: 1.3em; margin: 0.2em 0 0.5em; }
+nav.toc ol { margin: 0.3em 0; padding-left: 1.4em; columns: 2; }
+nav.toc a, a.top { color: var(--accent); text-decoration: none; }
+nav.toc a:hover, a.top:hover { text-decoration: underline; }
+p.how-to-read { margin: 0 0 0.8em; padding: 8px 12px; border-left: 4px solid var(--accent); background: #eef5fb; }
+p.how-to-read strong { color: var(--accent); }
+.notes p { color: var(--muted); margin: 0.6em 0 0; }
+.figure { width: 100%; overflow-x: auto; }
+.table-wrap { overflow-x: auto; margin: 0.6em 0; }
+table { border-collapse: collapse; font-size: 0.88em; font-variant-numeric: tabular-nums; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: right; vertical-align: top; }
+th { background: var(--band); font-weight: 600; }
+td.key, .metadata th { text-align: left; }
+.metadata td { text-align: left; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
+p.truncated { color: var(--muted); font-size: 0.88em; }
+a.top { font-size: 0.85em; float: right; }
+"""
+
+
+@dataclass
+class ReportSection:
+    """One part of a report: a figure and/or a table, with the sentence that says how to read it.
+
+    `how_to_read` is shown right before the figure (required when there is a figure or a table);
+    `notes` is free text shown after it (blank lines separate paragraphs).
+    """
+
+    title: str
+    figure: go.Figure | None
+    how_to_read: str
+    table: pd.DataFrame | None = None
+    notes: str = ""
+
+
+def write_report(path: str | os.PathLike, sections: Sequence[ReportSection], *, title: str,
+                 metadata: Mapping[str, object]) -> Path:
+    """Write `sections` as one self-contained HTML file at `path` (atomically) and return its path.
+
+    `metadata` (model, dataset, config hash, versions, timings, ...) is rendered as a table;
+    nested mappings become dotted keys. Parent folders are created.
+    """
+    page = render_report(sections, title=title, metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(page)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a report is meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def render_report(sections: Sequence[ReportSection], *, title: str, metadata: Mapping[str, object]) -> str:
+    """The report's HTML as a string (what `write_report` writes)."""
+    sections = _checked(sections)
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping (e.g. a dict of model, dataset, versions), got {type(metadata).__name__}")
+    anchors = [f"section-{i + 1}-{_slug(s.title)}" for i, s in enumerate(sections)]
+    toc = "".join(f'<li><a href="#{a}">{html.escape(s.title)}</a></li>' for s, a in zip(sections, anchors))
+    toc += '<li><a href="#metadata">Run metadata</a></li>'
+    body = "\n".join(_section_html(s, a, i + 1) for i, (s, a) in enumerate(zip(sections, anchors)))
+    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="mmlens (plotly {html.escape(plotly.__version__)})">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head>
+<body>
+<main>
+<header id="top"><h1>{html.escape(title)}</h1><p class="generated">Generated {html.escape(generated)} by mmlens.</p></header>
+<nav class="toc"><h2>Contents</h2><ol>{toc}</ol></nav>
+{body}
+<div class="metadata" id="metadata"><a class="top" href="#top">top</a><h2>Run metadata</h2>{_metadata_html(metadata)}</div>
+</main>
+</body>
+</html>
+"""
+
+
+def _checked(sections: Sequence[ReportSection]) -> list[ReportSection]:
+    sections = list(sections)
+    if not sections:
+        raise ValueError("a report needs at least one ReportSection")
+    for i, section in enumerate(sections):
+        if not isinstance(section, ReportSection):
+            raise TypeError(f"section {i} is a {type(section).__name__}; wrap it in ReportSection(title, figure, how_to_read)")
+        where = f"section {i} ({section.title!r})"
+        if not section.title.strip():
+            raise ValueError(f"section {i} has an empty title")
+        if section.figure is not None and not isinstance(section.figure, go.Figure):
+            raise TypeError(f"{where}: figure must be a plotly.graph_objects.Figure or None, got {type(section.figure).__name__}")
+        if section.table is not None and not isinstance(section.table, pd.DataFrame):
+            raise TypeError(f"{where}: table must be a pandas.DataFrame or None, got {type(section.table).__name__}")
+        if section.figure is None and section.table is None and not section.notes.strip():
+            raise ValueError(f"{where} has no figure, table or notes; leave it out or give it content")
+        if (section.figure is not None or section.table is not None) and not section.how_to_read.strip():
+            raise ValueError(f"{where}: say in how_to_read, in one sentence, how to read its figure or table")
+    return sections
+
+
+def _section_html(section: ReportSection, anchor: str, number: int) -> str:
+    parts = [f'<section id="{anchor}"><a class="top" href="#top">top</a><h2>{number}. {html.escape(section.title)}</h2>']
+    if section.how_to_read.strip():
+        parts.append(f'<p class="how-to-read"><strong>How to read it:</strong> {html.escape(section.how_to_read.strip())}</p>')
+    if section.figure is not None:
+        parts.append(f'<div class="figure">{_figure_html(section.figure, f"figure-{number}")}</div>')
+    if section.table is not None:
+        parts.append(_table_html(section.table))
+    if section.notes.strip():
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", section.notes) if p.strip()]
+        parts.append('<div class="notes">' + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs) + "</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figure_html(figure: go.Figure, div_id: str) -> str:
+    # A fixed div id keeps the report deterministic; an explicit pixel height keeps the div from
+    # collapsing to zero inside an auto-height section (plotly's fragment default is 100%).
+    height = f"{figure.layout.height}px" if figure.layout.height else f"{FIGURE_HEIGHT_PX}px"
+    return figure.to_html(
+        include_plotlyjs=False, include_mathjax=False, full_html=False, div_id=div_id,
+        default_width="100%", default_height=height,
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    shown = table.head(MAX_TABLE_ROWS)
+    keep_index = not isinstance(table.index, pd.RangeIndex)
+    rendered = shown.to_html(index=keep_index, escape=True, border=0, na_rep="",
+                             float_format=lambda x: f"{x:.4g}", classes="data")
+    note = ""
+    if len(table) > len(shown):
+        note = f'<p class="truncated">First {len(shown)} of {len(table)} rows; the full table is in the run folder.</p>'
+    return f'<div class="table-wrap">{rendered}</div>{note}'
+
+
+def _metadata_html(metadata: Mapping[str, object]) -> str:
+    rows = _flatten(metadata)
+    if not rows:
+        return '<p class="truncated">No metadata was recorded for this run.</p>'
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<div class=\"table-wrap\"><table>{body}</table></div>"
+
+
+def _flatten(metadata: Mapping[str, object], prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in metadata.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows.extend(_flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            rows.append((name, ", ".join(_text(v) for v in value)))
+        else:
+            rows.append((name, _text(value)))
+    return rows
+
+
+def _text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "section"
