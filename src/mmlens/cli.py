@@ -1,0 +1,152 @@
+"""The `mmlens` command: the whole study from one config, the demo, hook listings and reports.
+
+    mmlens demo [--out DIR]            every study on the embedded model and synthetic scenes
+    mmlens study CONFIG.yaml [--out]   the same from a config (model, dataset, sites, probes, ...)
+    mmlens hooks MODEL                 every hook name with its shape for a one-image prompt
+    mmlens report RUN_DIR              rebuild a run folder's HTML report
+
+Runs are resumable: rerunning the same command skips finished stages. Bad input (config,
+folder, model name) ends with a one-paragraph message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_OUT = Path("runs/demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from .model.hooked_mllm import HookNameError
+    from .runs import ConfigError, RunFolderError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, RunFolderError, HookNameError) as error:
+        print(f"mmlens {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume (finished stages are kept)", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmlens", description="TransformerLens for multimodal LLMs: "
+                                     "the segmentation drop-off / recovery study as one command.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the whole study on the embedded model and synthetic scenes",
+                               description="Run every study (probe sweep with controls, anchor knockout, position "
+                                           "study) on tiny-shapes-llava and synthetic scenes, then write the report.")
+    demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_OUT, help=f"run folder (default {DEFAULT_DEMO_OUT})")
+    _run_options(demo)
+    demo.set_defaults(handler=_demo)
+
+    study = commands.add_parser("study", help="run (or resume) a study described by a YAML config",
+                                description="Run every enabled stage of the study in CONFIG into a run folder; "
+                                            "rerunning resumes. See docs/cli.md and examples/configs/ for the schema.")
+    study.add_argument("config", type=Path, help="study config (YAML)")
+    study.add_argument("--out", type=Path, default=None, help="run folder (default: the config's `out`)")
+    study.add_argument("--check", action="store_true", help="validate the config, print it with its hash, and stop")
+    _run_options(study)
+    study.set_defaults(handler=_study)
+
+    hooks = commands.add_parser("hooks", help="list every hook point with its activation shape",
+                                description="Run one forward pass on a blank image and print every hook name with "
+                                            "the shape it carries, grouped by stage (vision, adapter, LLM).")
+    hooks.add_argument("model", help="shipped name (tiny-shapes-llava), local folder or hub id")
+    hooks.add_argument("--device", default="cpu")
+    hooks.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    hooks.add_argument("--prompt", default="", help="text beside the image (default: empty)")
+    hooks.set_defaults(handler=_hooks)
+
+    report = commands.add_parser("report", help="rebuild the HTML report of a run folder",
+                                 description="Rebuild RUN_DIR/report.html from the figures and tables saved in it.")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="report file (default RUN_DIR/report.html)")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the results already in the run folder (only needed when the config changed)")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .runs import DEMO_CONFIG, load_config
+
+    return _run(load_config(DEMO_CONFIG), args.out, args)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .runs import RunFolderError, load_config
+
+    config = load_config(args.config)
+    if args.check:
+        print(config.to_yaml(), end="")
+        print(f"# config sha256 {config.sha256()}")
+        return 0
+    out = args.out or (Path(config.out) if config.out else None)
+    if out is None:
+        raise RunFolderError("no run folder: pass --out DIR or set `out:` in the config")
+    return _run(config, out, args)
+
+
+def _run(config, out: Path, args: argparse.Namespace) -> int:
+    from .runs import run_study
+
+    run = run_study(config, out, overwrite=args.overwrite, progress=not args.quiet, report=not args.no_report)
+    if run.report_path is not None:
+        print(f"\nopen {run.report_path} in a browser; results (parquet tables, probes, figures) are in {out}/")
+    return 0
+
+
+def _hooks(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .model import HookedMLLM
+
+    torch.set_grad_enabled(False)
+    model = HookedMLLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model.set_use_attn_result(True)  # so the per-head outputs show up too
+    size = model.cfg.vision.image_size
+    blank = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
+    inputs = model.prepare([blank], args.prompt)
+    _, cache = model.run_with_cache(inputs)
+    print(f"{args.model}: one {size}x{size} image, prompt {args.prompt!r}, {inputs.input_ids.shape[1]} tokens "
+          f"({inputs.layout.positions(0).numel()} image tokens)")
+    for stage in ("vision", "adapter", "llm"):
+        names = [n for n in model.hook_names(stage) if n in cache]
+        silent = [n for n in model.hook_names(stage) if n not in cache]
+        print(f"\n[{stage}] {len(names)} hooks")
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            print(f"  {name:<{width}}  {list(cache[name].shape)}")
+        for name in silent:
+            print(f"  {name:<{width}}  (does not fire on this input)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .runs import RunFolder, build_report
+
+    folder = RunFolder.open(args.run_dir)
+    path, problem = build_report(folder, args.out)
+    if path is None:
+        print(f"mmlens report: no report for {args.run_dir}: {problem}", file=sys.stderr)
+        return 1
+    print(f"report written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The study configuration: typed sections, validated up front, with a canonical hash.
+
+A YAML file becomes a `StudyConfig` of nested dataclasses. Validation walks every field against
+its type hint and its constraint and reports every problem at once with its key path
+("dataset.n: must be a positive integer, got -3"); an unknown key is an error that suggests the
+closest known one. The canonical form (sorted-key JSON of every setting, defaults filled in) is
+hashed so that a run folder can tell whether it was made by the same study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import yaml
+
+
+
+class ConfigError(ValueError):
+    """Every problem found in a study configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+
+# Constraints: each returns an error message (without the key path) or None.
+def positive(value: Any) -> str | None:
+    return None if value > 0 else f"must be a positive integer, got {value!r}"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value >= 0 else f"must be zero or more, got {value!r}"
+
+
+def open_unit(value: Any) -> str | None:
+    return None if 0 < value < 1 else f"must be strictly between 0 and 1, got {value!r}"
+
+
+def unit_fraction(value: Any) -> str | None:
+    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value!r}"
+
+
+def up_to_half(value: Any) -> str | None:
+    return None if 0 < value <= 0.5 else f"must be in (0, 0.5], got {value!r}"
+
+
+def non_empty(value: Any) -> str | None:
+    return None if len(value) > 0 else "must not be empty"
+
+
+def each(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check_items(values: Any) -> str | None:
+        for i, v in enumerate(values):
+            problem = check(v)
+            if problem:
+                return f"item {i} {problem}"
+        return None
+
+    return check_items
+
+
+def checked(default: Any = dataclasses.MISSING, *, check: Callable | None = None, doc: str = "",
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a constraint and a one-line description (shown in docs/cli.md)."""
+    return field(default=default, default_factory=default_factory, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: Literal["scenes", "ade20k", "scene_parse_150", "voc", "cityscapes"] = checked()
+    path: str | None = checked(None, doc="dataset folder (not for scenes)")
+    split: str = checked("validation")
+    n: int | None = checked(200, check=positive, doc="number of images (None: all)")
+    image_size: int | None = checked(64, check=positive, doc="square side; None keeps native resolution")
+    seed: int = checked(0, doc="which synthetic scenes are drawn (scenes only)")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    sites: Union[str, list[str]] = checked("all", doc="all, vision, adapter, llm or a list of hook names")
+    kind: Literal["logistic", "ridge"] = checked("logistic")
+    controls: list[Literal["shuffled_labels", "random_init"]] = checked(
+        default_factory=lambda: ["shuffled_labels", "random_init"])
+    test_fraction: float = checked(0.25, check=open_unit)
+    alpha: float = checked(1e-2, check=non_negative, doc="ridge penalty")
+    l2: float = checked(1e-3, check=non_negative, doc="logistic penalty")
+    max_iter: int = checked(100, check=positive)
+    min_valid_fraction: float = checked(0.5, check=unit_fraction)
+    max_train_tokens_per_image: int | None = checked(None, check=positive)
+    stats_device: str | None = checked(None, doc="where ridge statistics live (cpu on small GPUs)")
+
+
+@dataclass(frozen=True)
+class KnockoutConfig:
+    enabled: bool = checked(True)
+    reference: str = checked("adapter.hook_out", doc="site whose probe defines conflicting pairs and anchors")
+    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers edited (None: after the reference)")
+    n_pairs: int = checked(4, check=positive)
+    n_control: int = checked(3, check=positive, doc="random same-class control seeds")
+
+
+@dataclass(frozen=True)
+class PositionConfig:
+    enabled: bool = checked(True)
+    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers made bidirectional (None: all)")
+    early_fraction: float = checked(0.25, check=up_to_half)
+    exclude: list[Union[int, str]] | None = checked(None, doc="classes not scored (None: background)")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str = checked(doc="shipped name (tiny-shapes-llava), local folder or hub id")
+    dataset: DatasetConfig = checked()
+    device: str = checked("cpu", doc="cpu, cuda, cuda:N or mps")
+    dtype: Literal["float32", "float16", "bfloat16"] = checked("float32")
+    seeds: list[int] = checked(default_factory=lambda: [0], check=non_empty,
+                               doc="each seed repeats the study (split, bootstrap, controls)")
+    batch_size: int = checked(16, check=positive)
+    prompt: str = checked("", doc="text beside the image; the chat template is applied")
+    n_boot: int = checked(200, check=positive, doc="bootstrap resamples for intervals")
+    probe: ProbeConfig = checked(default_factory=ProbeConfig)
+    knockout: KnockoutConfig = checked(default_factory=KnockoutConfig)
+    position: PositionConfig = checked(default_factory=PositionConfig)
+    out: str | None = checked(None, doc="default run folder (--out wins); not part of the hash")
+
+    def canonical(self) -> dict[str, Any]:
+        """Every setting that changes results, defaults filled in (the run folder's identity)."""
+        data = dataclasses.asdict(self)
+        data.pop("out")
+        return data
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such config file: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: Any, source: str | None = None) -> StudyConfig:
+    """Validate a plain mapping (as parsed from YAML) into a `StudyConfig`; raise `ConfigError`
+    listing every problem."""
+    problems: list[str] = []
+    config = _build(StudyConfig, data, "", problems)
+    if not problems:
+        problems += _cross_checks(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _cross_checks(config: StudyConfig) -> list[str]:
+    """Constraints between fields."""
+    problems = []
+    data = config.dataset
+    if data.name == "scenes":
+        if data.path is not None:
+            problems.append("dataset.path: 'scenes' is generated and takes no path; remove it")
+        if data.image_size is None:
+            problems.append("dataset.image_size: 'scenes' needs an integer image size (64 for tiny-shapes-llava)")
+    elif data.path is None and data.name != "scene_parse_150":
+        problems.append(f"dataset.path: {data.name!r} is read from a folder; give its path")
+    if len(set(config.seeds)) != len(config.seeds):
+        problems.append(f"seeds: must not repeat, got {config.seeds}")
+    if len(set(config.probe.controls)) != len(config.probe.controls):
+        problems.append(f"probe.controls: must not repeat, got {config.probe.controls}")
+    sites = config.probe.sites
+    if config.knockout.enabled:
+        if isinstance(sites, str) and sites in ("vision", "adapter"):
+            problems.append(f"knockout.enabled: the anchor knockout reads LLM layers, but probe.sites is {sites!r}; "
+                            "use 'all' or 'llm', or set knockout.enabled: false")
+        elif isinstance(sites, list) and config.knockout.reference not in sites:
+            problems.append(f"knockout.reference: {config.knockout.reference!r} must be one of probe.sites "
+                            "(the knockout reuses its probe)")
+    return problems
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    where = path or "the config"
+    if data is None and path == "":
+        problems.append("the config is empty; it needs at least `model` and `dataset`")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{where}: must be a mapping of keys to values, got {_shown(data)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{_join(path, key)}: unknown key{hint}")
+    values, missing = {}, False
+    for name, f in fields.items():
+        key_path = _join(path, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{key_path}: required, missing")
+                missing = True
+            continue
+        before = len(problems)
+        value = _coerce(hints[name], data[name], key_path, problems)
+        check = f.metadata.get("check")
+        if len(problems) == before and check is not None and value is not None:
+            message = check(value)
+            if message:
+                problems.append(f"{key_path}: {message}")
+        values[name] = value
+    return None if missing else cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """`value` checked against the type `hint`; problems are appended, the value returned."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, problems)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            problems.append(f"{path}: must not be null")
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            trial: list[str] = []
+            result = _coerce(option, value, path, trial)
+            if not trial:
+                return result
+        problems.append(f"{path}: must be {' or '.join(_describe(o) for o in options)}, got {_shown(value)}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.6)
+            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {_shown(value)}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be a list ({_describe(hint)}), got {_shown(value)}")
+            return value
+        return [_coerce(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: must be true or false, got {_shown(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: must be an integer, got {_shown(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: must be a number, got {_shown(value)}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: must be a string, got {_shown(value)}")
+        return value
+    raise TypeError(f"no validation for type {hint!r} at {path}")  # a bug in the schema, not in the config
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"a list of {_plural(args[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "values from " + ", ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_plural(a) for a in args if a is not type(None))
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(hint, str(hint))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def schema_lines(cls: type = StudyConfig, path: str = "") -> list[str]:
+    """One line per setting: key path, type, default and description (for docs and --help)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(path, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += schema_lines(hints[f.name], key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"default {json.dumps(f.default)}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default {json.dumps(f.default_factory())}"
+        else:
+            default = "required"
+        doc = f.metadata.get("doc", "")
+        lines.append(f"{key}: {_describe(hints[f.name])}, {default}" + (f". {doc}" if doc else ""))
+    return lines

@@ -1,0 +1,110 @@
+"""Stages 2 and 3: the anchor knockout (on the probe sweep's probes) and the position study.
+
+Each is one registered function: it calls the experiment in `mmlens.experiments` with the
+config's settings and this unit's seed, and returns its tables, figures and headline numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..experiments import anchor_knockout, position_study
+from .outputs import StageFigure, StageOutput
+from .stages import StageContext, register_stage
+
+KNOCKOUT_HOW_TO_READ = (
+    "Tokens of the most confused class pairs that the reference probe already classifies correctly are the "
+    "anchors. Solid red: attention from the anchors to every other image token is blocked in the LLM layers "
+    "after the reference; blue: no edit; dashed grey: the same number of random tokens of the same classes "
+    "blocked instead (the control). Each curve is the accuracy of the sweep's own probes on the remaining "
+    "tokens of those classes at every later layer. If recovery is steered by the anchors, red falls below "
+    "grey as depth grows; bands are 95% bootstrap intervals over images."
+)
+POSITION_HEATMAP_HOW_TO_READ = (
+    "Probe accuracy of every image token over the image grid, per LLM site (columns) and attention mode "
+    "(rows). Raster order starts at the top left: under causal attention those tokens see the fewest other "
+    "image tokens, so a darker top-left corner in the causal row that lightens in the bidirectional row is "
+    "the study's position effect. Background tokens are left out."
+)
+POSITION_CURVE_HOW_TO_READ = (
+    "Accuracy per grid row in raster order at the last LLM site, for causal attention, bidirectional image "
+    "attention (probes refitted) and causal probes read on the bidirectional run. A curve rising from left "
+    "to right means early tokens are starved of context; bidirectional attention should flatten it. Bands "
+    "are 95% bootstrap intervals over held-out images."
+)
+
+
+@register_stage("anchor_knockout", title="Anchor knockout", depends_on=("probe_sweep",),
+                enabled=lambda config: config.knockout.enabled)
+def anchor_knockout_stage(context: StageContext) -> StageOutput:
+    config, settings = context.config, context.config.knockout
+    sweep = context.result("probe_sweep")
+    with torch.no_grad():
+        result = anchor_knockout(context.model, sweep, reference=settings.reference, layers=settings.layers,
+                                 n_pairs=settings.n_pairs, n_control=settings.n_control, batch_size=config.batch_size,
+                                 n_boot=config.n_boot, seed=context.seed, progress=context.progress)
+    effects = result.effects
+    last = result.readouts[-1].hook
+    headline = effects[(effects.metric == "target_accuracy") & (effects.comparison == "anchors - control")
+                       & (effects.hook == last)].iloc[0]
+    summary = [
+        f"pairs {', '.join(f'{a}/{b}' for a, b in zip(result.pairs.name_a, result.pairs.name_b))}; "
+        f"{result.anchors_per_image:.1f} anchors and {result.targets_per_image:.1f} targets per image",
+        f"target accuracy at {headline.site}, anchors blocked minus control: {headline.effect:+.3f} "
+        f"[{headline.low:+.3f}, {headline.high:+.3f}]",
+    ]
+    figure = StageFigure(result.figure("target_accuracy"), KNOCKOUT_HOW_TO_READ,
+                         title="Anchor knockout: are anchors steering recovery?", table="effects",
+                         notes=f"Layers edited: {result.layers}. Largest attention left on a blocked edge: "
+                               f"{result.blocked_mass}.")
+    return StageOutput(
+        tables={"pairs": result.pairs, "table": result.table,
+                "effects": effects[effects.metric == "target_accuracy"].reset_index(drop=True),
+                "all_effects": effects},
+        figures={"anchor_knockout": figure},
+        data={"knockout": {"reference": result.reference, "layers": result.layers,
+                           "readouts": [s.hook for s in result.readouts], "anchors_per_image": result.anchors_per_image,
+                           "targets_per_image": result.targets_per_image, "blocked_mass": result.blocked_mass,
+                           "settings": result.settings}},
+        summary=summary,
+        result=result,
+    )
+
+
+@register_stage("position_study", title="Position study", enabled=lambda config: config.position.enabled)
+def position_study_stage(context: StageContext) -> StageOutput:
+    config, settings, probe = context.config, context.config.position, context.config.probe
+    with torch.no_grad():
+        study = position_study(
+            context.model, context.dataset, layers=settings.layers, probe=probe.kind,
+            early_fraction=settings.early_fraction, exclude=settings.exclude, n_boot=config.n_boot, seed=context.seed,
+            progress=context.progress, test_fraction=probe.test_fraction, batch_size=config.batch_size,
+            prompt=config.prompt, alpha=probe.alpha, l2=probe.l2, max_iter=probe.max_iter,
+            min_valid_fraction=probe.min_valid_fraction, max_train_tokens_per_image=probe.max_train_tokens_per_image,
+            stats_device=probe.stats_device,
+        )
+    summary_table = study.summary
+    last_site = summary_table.site.iloc[-1]
+    rows = summary_table[summary_table.site == last_site].set_index("condition")
+    gains = study.gains[(study.gains.site == last_site) & (study.gains.condition == "bidirectional")].set_index("tokens")
+    lines = [
+        f"early-token deficit at {last_site}: causal {rows.loc['causal', 'early_deficit']:+.3f} "
+        f"[{rows.loc['causal', 'early_deficit_low']:+.3f}, {rows.loc['causal', 'early_deficit_high']:+.3f}], "
+        f"bidirectional {rows.loc['bidirectional', 'early_deficit']:+.3f}",
+        f"bidirectional gain on early tokens {gains.loc['early', 'gain_over_causal']:+.3f} "
+        f"[{gains.loc['early', 'low']:+.3f}, {gains.loc['early', 'high']:+.3f}]",
+    ]
+    figures = study.figures()
+    return StageOutput(
+        tables={"summary": summary_table, "gains": study.gains, "per_position": study.per_position,
+                "position_curve": study.position_curves()},
+        figures={
+            "position_heatmap": StageFigure(figures["position_heatmap"], POSITION_HEATMAP_HOW_TO_READ,
+                                            title="Position study: accuracy over the image grid", table="summary"),
+            "position_curve": StageFigure(figures["position_curve"], POSITION_CURVE_HOW_TO_READ,
+                                          title="Position study: accuracy along raster order", table="gains"),
+        },
+        data={"position": {"grid": list(study.grid), "settings": study.settings}},
+        summary=lines,
+        result=study,
+    )

@@ -1,0 +1,259 @@
+"""Study stages and the resumable driver that runs them into a run folder.
+
+A stage is a named function from a `StageContext` (config, seed, the model and dataset loaded
+once per run, the results of the stages it depends on) to a `StageOutput`. `run_study` expands
+the enabled stages over the config's seeds into units ("probe_sweep/seed-0"), skips units whose
+completion record exists, and for a skipped unit that others depend on rebuilds its in-memory
+result from disk with the stage's `restore`. Global random generators are reseeded before each
+unit, so a unit computes the same numbers whether it runs after its dependencies in one process
+or alone in a resumed one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import StudyConfig
+from .folder import RunFolder, now
+from .outputs import StageOutput, StoredOutput
+
+
+class Stage(Protocol):
+    name: str
+    title: str
+    depends_on: tuple[str, ...]
+
+    def enabled(self, config: StudyConfig) -> bool: ...
+
+    def run(self, context: "StageContext") -> StageOutput: ...
+
+    def restore(self, context: "StageContext", stored: StoredOutput) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FunctionStage:
+    """A stage made from a function; `restore` (default: the stored output itself) rebuilds the
+    in-memory result that dependents receive from `context.result(name)`."""
+
+    name: str
+    title: str
+    run_fn: Callable[["StageContext"], StageOutput]
+    depends_on: tuple[str, ...] = ()
+    enabled_fn: Callable[[StudyConfig], bool] | None = None
+    restore_fn: Callable[["StageContext", StoredOutput], Any] | None = None
+
+    def enabled(self, config: StudyConfig) -> bool:
+        return True if self.enabled_fn is None else bool(self.enabled_fn(config))
+
+    def run(self, context: "StageContext") -> StageOutput:
+        return self.run_fn(context)
+
+    def restore(self, context: "StageContext", stored: StoredOutput) -> Any:
+        return stored if self.restore_fn is None else self.restore_fn(context, stored)
+
+
+STAGES: dict[str, Stage] = {}  # in run order; a stage comes after every stage it depends on
+
+
+def register_stage(
+    name: str,
+    *,
+    title: str,
+    depends_on: tuple[str, ...] = (),
+    enabled: Callable[[StudyConfig], bool] | None = None,
+    restore: Callable[["StageContext", StoredOutput], Any] | None = None,
+) -> Callable[[Callable[["StageContext"], StageOutput]], FunctionStage]:
+    """Decorator: register `run(context) -> StageOutput` as the stage `name`, run after its
+    dependencies."""
+
+    def decorate(run: Callable[["StageContext"], StageOutput]) -> FunctionStage:
+        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore))
+        return run
+
+    return decorate
+
+
+def add_stage(stage: Stage) -> None:
+    missing = [d for d in stage.depends_on if d not in STAGES]
+    if missing:
+        raise ValueError(f"stage {stage.name!r} depends on {missing}, which are not registered before it")
+    if "/" in stage.name:
+        raise ValueError(f"stage names cannot contain '/', got {stage.name!r}")
+    STAGES[stage.name] = stage
+
+
+def unit_name(stage: str, seed: int) -> str:
+    return f"{stage}/seed-{seed}"
+
+
+@dataclass
+class Session:
+    """What the units of one run share: the model and dataset (loaded once) and the results."""
+
+    config: StudyConfig
+    folder: RunFolder
+    progress: bool = True
+    _model: Any = None
+    _dataset: Any = None
+    results: dict[str, Any] = field(default_factory=dict)  # unit -> in-memory result
+
+    @property
+    def model(self):
+        if self._model is None:
+            from ..model import HookedMLLM
+
+            self._model = HookedMLLM.from_pretrained(self.config.model, device=self.config.device,
+                                                     dtype=self.config.dtype)
+        return self._model
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            from ..data import load_segmentation
+
+            d = self.config.dataset
+            self._dataset = load_segmentation(d.name, path=d.path, split=d.split, n=d.n, seed=d.seed,
+                                              image_size=d.image_size)
+        return self._dataset
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` sees: the config, this unit's seed, the shared model and dataset,
+    and the results of the stages it depends on (same seed)."""
+
+    stage: Stage
+    seed: int
+    session: Session
+
+    @property
+    def config(self) -> StudyConfig:
+        return self.session.config
+
+    @property
+    def model(self):
+        return self.session.model
+
+    @property
+    def dataset(self):
+        return self.session.dataset
+
+    @property
+    def progress(self) -> bool:
+        return self.session.progress
+
+    def result(self, stage: str) -> Any:
+        """The result of a stage this one depends on, from memory or rebuilt from the run folder."""
+        if stage not in self.stage.depends_on:
+            raise KeyError(f"stage {self.stage.name!r} does not declare a dependency on {stage!r}; "
+                           f"add it to depends_on (now {self.stage.depends_on})")
+        unit = unit_name(stage, self.seed)
+        if unit not in self.session.results:
+            owner = STAGES[stage]
+            stored = self.session.folder.load(unit)
+            self.session.results[unit] = owner.restore(StageContext(owner, self.seed, self.session), stored)
+        return self.session.results[unit]
+
+
+@dataclass
+class UnitReport:
+    unit: str
+    title: str
+    ran: bool  # False: skipped, finished by an earlier run
+    seconds: float
+    summary: list[str]
+
+
+@dataclass
+class StudyRun:
+    folder: RunFolder
+    units: list[UnitReport]
+    report_path: Path | None = None
+    report_problem: str | None = None
+
+    def summary_text(self) -> str:
+        lines = [f"run folder {self.folder.path} (config sha256 {self.folder.config_sha256[:12]})"]
+        for u in self.units:
+            state = f"ran in {u.seconds:.1f} s" if u.ran else f"done earlier ({u.seconds:.1f} s), skipped"
+            lines.append(f"- {u.unit}: {state}")
+            lines += [f"    {line}" for line in u.summary]
+        if self.report_path is not None:
+            lines.append(f"report: {self.report_path}")
+        elif self.report_problem:
+            lines.append(f"no report: {self.report_problem}")
+        return "\n".join(lines)
+
+
+def planned_units(config: StudyConfig) -> list[tuple[Stage, int]]:
+    """(stage, seed) in run order: seed by seed, each seed's stages in registry order."""
+    stages = [s for s in STAGES.values() if s.enabled(config)]
+    enabled = {s.name for s in stages}
+    for s in stages:
+        off = [d for d in s.depends_on if d not in enabled]
+        if off:
+            raise ValueError(f"stage {s.name!r} needs {off}, which this config disables")
+    return [(stage, seed) for seed in config.seeds for stage in stages]
+
+
+def run_study(
+    config: StudyConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    echo: Callable[[str], None] = print,
+) -> StudyRun:
+    """Run (or resume) every enabled stage of the study into `out_dir`, then build the report."""
+    folder = RunFolder.create(out_dir, config, overwrite=overwrite)
+    session = Session(config, folder, progress)
+    plan = planned_units(config)
+    reports = []
+    bar = tqdm(plan, desc="study", unit="stage", disable=not progress)
+    for stage, seed in bar:
+        unit = unit_name(stage.name, seed)
+        bar.set_postfix_str(unit)
+        record = folder.record(unit)
+        if record is not None:
+            reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"]))
+            continue
+        folder.begin(unit)
+        started, clock = now(), time.perf_counter()
+        _reseed(seed)
+        output = stage.run(StageContext(stage, seed, session))
+        seconds = time.perf_counter() - clock
+        folder.save(unit, output, started=started, seconds=seconds, extra={"stage": stage.name, "seed": seed})
+        session.results[unit] = output.result
+        reports.append(UnitReport(unit, stage.title, True, seconds, list(output.summary)))
+        if progress:
+            tqdm.write(f"{unit}: done in {seconds:.1f} s")
+    bar.close()
+    run = StudyRun(folder, reports)
+    if report:
+        from .report import build_report
+
+        run.report_path, run.report_problem = build_report(folder)
+    echo(run.summary_text())
+    return run
+
+
+def _reseed(seed: int) -> None:
+    """Python, NumPy and torch generators start from the unit's seed, whatever ran before."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def iter_stage_units(folder: RunFolder) -> Iterator[tuple[str, dict]]:
+    """(unit, completion record) of every finished unit, in run order."""
+    for unit in folder.done_units():
+        yield unit, folder.record(unit)
