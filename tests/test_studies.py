@@ -92,6 +92,8 @@ def test_position_study_conditions_and_deficits(shapes, scenes):
     hits = study._hits
     # the adapter output comes before any attention: the causal probes read it identically in both runs
     assert np.array_equal(hits[("causal", "adapter.hook_out")], hits[("causal_probe_on_bidirectional", "adapter.hook_out")])
+    # ... and the probe refitted there under bidirectional attention is the same probe (same features)
+    assert np.array_equal(hits[("causal", "adapter.hook_out")], hits[("bidirectional", "adapter.hook_out")])
     assert not np.array_equal(hits[("causal", "blocks.3.hook_resid_post")], hits[("bidirectional", "blocks.3.hook_resid_post")])
     summary = study.summary.set_index(["condition", "hook"])
     assert (summary.loc[("causal", "adapter.hook_out")].recovery_deficit == 0)
