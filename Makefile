@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmlens-installed
 
-.PHONY: install demo test bench zoo clean
+.PHONY: install demo test docs bench zoo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The documentation site (API pages from docstrings); --strict turns every warning into an error.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
