@@ -17,7 +17,7 @@ import pytest
 from mmlens.data import load_segmentation
 from mmlens.interventions import bidirectional_image_attention
 from mmlens.probing import probe_sweep
-from mmlens.testing_browser import drawn_fraction, dump_dom, find_chromium, rendered_figures, screenshot
+from mmlens.testing_browser import BrowserError, drawn_fraction, dump_dom, find_chromium, rendered_figures, screenshot
 from mmlens.viz import plot_attention_mask, plot_probe_curve, plot_probe_predictions
 from mmlens.viz.report import ReportSection, render_report, write_report
 
@@ -140,6 +140,19 @@ def test_figure_counter_reads_nested_dom():
            '<br><svg class="main-svg"/></div></div><div class="plotly-graph-div" id="b"><img src="x"></div>'
            '<svg class="main-svg"></svg></body></html>')
     assert rendered_figures(dom) == {"a": 2, "b": 0}
+
+
+def test_missing_chromium_skips_locally_and_fails_in_ci(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMLENS_CHROMIUM", str(tmp_path / "no-such-browser"))
+    assert find_chromium() is None
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="CI=1"):
+        require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set but Chromium is missing"):
+        require_chromium()
+    with pytest.raises(BrowserError, match="no Chromium found"):
+        dump_dom(tmp_path / "report.html")
 
 
 def test_report_renders_in_chromium(report, sections, tmp_path):
