@@ -13,8 +13,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from .probe_plots import _rgba
+from .style import interval_band
 
+CONDITION_LABELS = {"causal": "causal", "bidirectional": "bidirectional",
+                    "causal_probe_on_bidirectional": "causal probes,<br>bidirectional run"}
 KNOCKOUT_STYLES = {
     "clean": dict(color="#1f77b4", dash="solid"),
     "anchors": dict(color="#d62728", dash="solid"),
@@ -39,17 +41,16 @@ def plot_knockout_effect(result, metric: str = "target_accuracy") -> go.Figure:
         rows = rows.set_index("hook").loc[[s.hook for s in result.readouts]]
         style = KNOCKOUT_STYLES.get(condition, {})
         x = list(range(len(labels)))
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(rows[f"{metric}_high"]) + list(rows[f"{metric}_low"])[::-1],
-                                 fill="toself", fillcolor=_rgba(style.get("color", "#444444"), 0.15), line=dict(width=0),
-                                 hoverinfo="skip", showlegend=False))
+        fig.add_trace(interval_band(x, rows[f"{metric}_low"], rows[f"{metric}_high"], style.get("color", "#444444")))
         fig.add_trace(go.Scatter(x=x, y=rows[metric], mode="lines+markers", line=style,
                                  name=KNOCKOUT_NAMES.get(condition, condition)))
     window = result.layers
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="readout site")
     fig.update_yaxes(title=metric.replace("_", " "))
+    classes = ", ".join(result.settings.get("classes", []))
     fig.update_layout(
-        title=f"Anchor knockout in LLM layers {window[0]}-{window[-1]} (reference {result.reference}; "
-              f"classes {', '.join(result.settings.get('classes', []))})",
+        title=dict(text=f"Anchor knockout in LLM layers {window[0]}-{window[-1]}, reference {result.reference}"
+                        f"<br><sup>classes of the conflicting pairs: {classes}</sup>"),
         template="plotly_white", legend=dict(orientation="h", y=-0.25),
     )
     return fig
@@ -82,9 +83,10 @@ def plot_position_heatmap(study, layers: list[str] | None = None, conditions: li
     grid = study.grid
     table = study.per_position
     sites = layers or list(dict.fromkeys(table.site))
-    conditions = conditions or list(dict.fromkeys(table.condition))
-    fig = make_subplots(rows=len(conditions), cols=len(sites), horizontal_spacing=0.02, vertical_spacing=0.08,
-                        subplot_titles=[f"{c}: {s}" for c in conditions for s in sites])
+    present = list(dict.fromkeys(table.condition))
+    conditions = conditions or [c for c in POSITION_STYLES if c in present] + [c for c in present if c not in POSITION_STYLES]
+    fig = make_subplots(rows=len(conditions), cols=len(sites), horizontal_spacing=0.02, vertical_spacing=0.06,
+                        subplot_titles=sites + [""] * (len(sites) * (len(conditions) - 1)))
     for i, condition in enumerate(conditions, start=1):
         for j, site in enumerate(sites, start=1):
             rows = table[(table.condition == condition) & (table.site == site)].sort_values("position")
@@ -95,8 +97,9 @@ def plot_position_heatmap(study, layers: list[str] | None = None, conditions: li
             fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{(i - 1) * len(sites) + j}",
                              row=i, col=j)
             fig.update_xaxes(showticklabels=False, row=i, col=j)
+        fig.update_yaxes(title=CONDITION_LABELS.get(condition, condition), row=i, col=1)
     fig.update_layout(title="Probe accuracy of each image token over the grid (raster order starts top left)",
-                      template="plotly_white", height=240 * len(conditions) + 80, width=200 * len(sites) + 120)
+                      template="plotly_white", height=240 * len(conditions) + 80, width=200 * len(sites) + 200)
     return fig
 
 
@@ -111,10 +114,9 @@ def plot_position_curve(study, site: str | None = None, by: str = "row") -> go.F
     for condition, rows in curves.groupby("condition", sort=False):
         style = POSITION_STYLES.get(condition, {})
         x = list(rows.bin)
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(rows.high) + list(rows.low)[::-1], fill="toself",
-                                 fillcolor=_rgba(style.get("color", "#444444"), 0.15), line=dict(width=0),
-                                 hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=x, y=rows.accuracy, mode="lines+markers", name=condition.replace("_", " "), line=style))
+        fig.add_trace(interval_band(x, rows.low, rows.high, style.get("color", "#444444")))
+        fig.add_trace(go.Scatter(x=x, y=rows.accuracy, mode="lines+markers", line=style,
+                                 name=CONDITION_LABELS.get(condition, condition).replace("<br>", " ")))
     fig.update_xaxes(title="grid row (raster order)" if by == "row" else "raster position of the image token")
     fig.update_yaxes(title="token accuracy")
     fig.update_layout(title=f"Accuracy along raster order at {site}", template="plotly_white",

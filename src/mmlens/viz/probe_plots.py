@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..probing.metrics import tokens_to_pixels
+from .style import interval_band
 
 STAGE_COLOURS = {"vision": "rgba(99, 110, 250, 0.08)", "adapter": "rgba(239, 85, 59, 0.10)", "llm": "rgba(0, 204, 150, 0.08)"}
 CONDITION_STYLES = {
@@ -39,12 +40,8 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
         rows = rows.sort_values("depth")
         style = CONDITION_STYLES.get(condition, {})
         if metric == "miou":
-            fig.add_trace(go.Scatter(
-                x=list(rows.depth) + list(rows.depth)[::-1],
-                y=list(rows.miou_high) + list(rows.miou_low)[::-1],
-                fill="toself", fillcolor=_rgba(style.get("color", "#444"), 0.15), line=dict(width=0),
-                hoverinfo="skip", showlegend=False, name=f"{condition} 95% interval",
-            ))
+            fig.add_trace(interval_band(rows.depth, rows.miou_low, rows.miou_high, style.get("color", "#444444"),
+                                        f"{condition} 95% interval"))
         fig.add_trace(go.Scatter(
             x=rows.depth, y=rows[metric], mode="lines+markers", name=condition, line=style,
             customdata=np.stack([rows.hook], axis=-1), hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>",
@@ -94,8 +91,3 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
                       height=320, width=220 * len(titles))
     return fig
 
-
-def _rgba(hex_colour: str, alpha: float) -> str:
-    hex_colour = hex_colour.lstrip("#")
-    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r}, {g}, {b}, {alpha})"
