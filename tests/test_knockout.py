@@ -127,3 +127,30 @@ def test_from_mask_and_multi_class_groups(tiny_clip):
     labels[0, :2], labels[2, 5] = 1, 2
     both = TokenGroup.of_class(1, 2).resolve(inputs, GroupContext(token_labels=labels))
     assert both.sum() == 3 and both[0].sum() == 2 and both[2].sum() == 1
+
+
+@torch.no_grad()
+def test_probe_groups_with_padding_and_several_images_per_row():
+    from mmlens.probing import LinearProbe
+
+    tiny = build_tiny("clip")
+    model = tiny.model
+    images = random_images(3)
+    inputs = model.prepare([[images[0], images[1]], [images[2]]], ["compare the two", "how many"])
+    d, n_classes = model.cfg.d_model, 3
+    generator = torch.Generator().manual_seed(0)
+    probe = LinearProbe(torch.zeros(d), torch.ones(d), torch.randn(d, n_classes, generator=generator), torch.zeros(n_classes))
+    labels = torch.randint(0, n_classes, (3, 16), generator=generator)
+    labels[1, :4] = 255  # unlabelled tokens belong to neither group
+    context = GroupContext(token_labels=labels, model=model)
+    hook = "blocks.1.hook_resid_post"
+    right = TokenGroup.probe_correct(probe, hook).resolve(inputs, context)
+    wrong = TokenGroup.probe_wrong(probe, hook).resolve(inputs, context)
+    _, cache = model.run_with_cache(inputs, names_filter=hook)
+    for k, span in enumerate(inputs.layout.spans):  # images in pixel_values order: (row 0, 0), (row 0, 1), (row 1, 0)
+        predicted = probe.predict(cache[hook][span.row, span.positions])
+        labelled = labels[k] != 255
+        assert torch.equal(right[span.row, span.positions], (predicted == labels[k]) & labelled)
+        assert torch.equal(wrong[span.row, span.positions], (predicted != labels[k]) & labelled)
+    assert not ((right | wrong) & ~IMAGE.resolve(inputs)).any(), "only image tokens, never padding or text"
+    assert (right | wrong).sum() == 3 * 16 - 4
