@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, RunFolderError, HookNameError) as error:
+    except (ConfigError, RunFolderError, HookNameError, FileNotFoundError) as error:
         print(f"mmlens {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ before it is renamed: a deterministic stand-in for a run killed mid-stage.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -25,8 +26,10 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import plotly.io
+import plotly.utils
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -220,8 +223,9 @@ class RunFolder:
         return StoredOutput(unit=unit, record=record, tables=tables, tensors=tensors, data=data)
 
     def figure(self, unit: str, name: str):
-        """A saved figure of a finished unit, as a plotly Figure."""
-        return plotly.io.from_json((self.unit_dir(unit) / "figures" / f"{name}.json").read_text())
+        """A saved figure of a finished unit, as a plotly Figure (arrays decoded back to NumPy)."""
+        text = (self.unit_dir(unit) / "figures" / f"{name}.json").read_text()
+        return plotly.io.from_json(json.dumps(_decode_arrays(json.loads(text)), cls=plotly.utils.PlotlyJSONEncoder))
 
     # ------------------------------------------------------------------ writing
     def _write(self, unit: str, relative: str, write: Callable[[Path], Any]) -> str:
@@ -265,6 +269,21 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _decode_arrays(value: Any) -> Any:
+    """Plotly writes NumPy arrays as {"dtype", "bdata"(, "shape")} base64 blocks and reads them
+    back as plain dicts; turn them into arrays again so a reloaded figure is a normal figure."""
+    if isinstance(value, dict):
+        if set(value) in ({"dtype", "bdata"}, {"dtype", "bdata", "shape"}):
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+            if "shape" in value:
+                array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+            return array.tolist()
+        return {k: _decode_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_arrays(v) for v in value]
+    return value
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -102,6 +102,7 @@ class Session:
     config: StudyConfig
     folder: RunFolder
     progress: bool = True
+    stages: dict[str, Stage] = field(default_factory=lambda: STAGES)
     _model: Any = None
     _dataset: Any = None
     results: dict[str, Any] = field(default_factory=dict)  # unit -> in-memory result
@@ -158,7 +159,7 @@ class StageContext:
                            f"add it to depends_on (now {self.stage.depends_on})")
         unit = unit_name(stage, self.seed)
         if unit not in self.session.results:
-            owner = STAGES[stage]
+            owner = self.session.stages[stage]
             stored = self.session.folder.load(unit)
             self.session.results[unit] = owner.restore(StageContext(owner, self.seed, self.session), stored)
         return self.session.results[unit]
@@ -193,9 +194,9 @@ class StudyRun:
         return "\n".join(lines)
 
 
-def planned_units(config: StudyConfig) -> list[tuple[Stage, int]]:
+def planned_units(config: StudyConfig, stages: dict[str, Stage] | None = None) -> list[tuple[Stage, int]]:
     """(stage, seed) in run order: seed by seed, each seed's stages in registry order."""
-    stages = [s for s in STAGES.values() if s.enabled(config)]
+    stages = [s for s in (STAGES if stages is None else stages).values() if s.enabled(config)]
     enabled = {s.name for s in stages}
     for s in stages:
         off = [d for d in s.depends_on if d not in enabled]
@@ -212,11 +213,14 @@ def run_study(
     progress: bool = True,
     report: bool = True,
     echo: Callable[[str], None] = print,
+    stages: dict[str, Stage] | None = None,
 ) -> StudyRun:
-    """Run (or resume) every enabled stage of the study into `out_dir`, then build the report."""
+    """Run (or resume) every enabled stage of the study into `out_dir`, then build the report.
+
+    `stages` (default: the registry `STAGES`) are the stages to run, in order."""
     folder = RunFolder.create(out_dir, config, overwrite=overwrite)
-    session = Session(config, folder, progress)
-    plan = planned_units(config)
+    session = Session(config, folder, progress, stages=STAGES if stages is None else stages)
+    plan = planned_units(config, session.stages)
     reports = []
     bar = tqdm(plan, desc="study", unit="stage", disable=not progress)
     for stage, seed in bar:

@@ -1,0 +1,108 @@
+"""The study config: every problem reported at once with its key path, and a stable hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmlens.runs import DEMO_CONFIG, ConfigError, StudyConfig, config_from_dict, load_config
+from mmlens.runs.config import schema_lines
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "configs"
+MINIMAL = {"model": "tiny-shapes-llava", "dataset": {"name": "scenes"}}
+
+
+def problems_of(data) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    return caught.value.problems
+
+
+def test_every_problem_is_listed_with_its_key_path():
+    problems = problems_of({
+        "model": "tiny-shapes-llava",
+        "dataset": {"name": "scenes", "n": -3, "imge_size": 64},
+        "dtype": "float33",
+        "seeds": [0, "one"],
+        "probe": {"kind": "lasso", "test_fraction": 1.5, "controls": ["shuffled"]},
+        "knockout": {"n_pairs": 0, "layers": [-1]},
+        "batchsize": 8,
+    })
+    assert problems == [
+        "batchsize: unknown key; did you mean 'batch_size'?",
+        "dataset.imge_size: unknown key; did you mean 'image_size'?",
+        "dataset.n: must be a positive integer, got -3",
+        "dtype: must be one of 'float32', 'float16', 'bfloat16', got 'float33' (did you mean 'float32'?)",
+        "seeds[1]: must be an integer, got 'one'",
+        "probe.kind: must be one of 'logistic', 'ridge', got 'lasso'",
+        "probe.controls[0]: must be one of 'shuffled_labels', 'random_init', got 'shuffled' "
+        "(did you mean 'shuffled_labels'?)",
+        "probe.test_fraction: must be strictly between 0 and 1, got 1.5",
+        "knockout.layers: item 0 must be zero or more, got -1",
+        "knockout.n_pairs: must be a positive integer, got 0",
+    ]
+
+
+def test_the_error_message_counts_and_names_the_file(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"model": "tiny-shapes-llava", "dataset": {"name": "scenes", "n": "many"}}))
+    with pytest.raises(ConfigError, match=r"1 problem\(s\) in .*study.yaml:\n  - dataset.n: must be an integer, got 'many'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (None, "the config is empty"),
+    ([1, 2], "the config: must be a mapping"),
+    ({"dataset": {"name": "scenes"}}, "model: required, missing"),
+    ({"model": "m"}, "dataset: required, missing"),
+    ({"model": "m", "dataset": {"name": "imagenet"}}, "dataset.name: must be one of 'scenes', 'ade20k'"),
+    ({"model": "m", "dataset": {"name": "ade20k"}}, "dataset.path: 'ade20k' is read from a folder"),
+    ({"model": "m", "dataset": {"name": "scenes", "path": "/x"}}, "dataset.path: 'scenes' is generated"),
+    ({"model": "m", "dataset": {"name": "scenes", "image_size": None}}, "dataset.image_size: 'scenes' needs"),
+    ({**MINIMAL, "seeds": []}, "seeds: must not be empty"),
+    ({**MINIMAL, "seeds": [1, 1]}, "seeds: must not repeat"),
+    ({**MINIMAL, "knockout": {"enabled": "yes"}}, "knockout.enabled: must be true or false, got 'yes'"),
+    ({**MINIMAL, "probe": {"sites": "vision"}}, "knockout.enabled: the anchor knockout reads LLM layers"),
+    ({**MINIMAL, "probe": {"sites": ["blocks.3.hook_resid_post"]}}, "knockout.reference: 'adapter.hook_out' must be"),
+    ({**MINIMAL, "probe": {"sites": 3}}, "probe.sites: must be a string or a list of strings, got 3"),
+    ({**MINIMAL, "position": "on"}, "position: must be a mapping"),
+    ({**MINIMAL, "batch_size": True}, "batch_size: must be an integer, got True"),
+])
+def test_bad_configs_are_refused_with_a_clear_reason(data, expected):
+    problems = problems_of(data)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_defaults_fill_in_and_the_hash_ignores_key_order_and_out():
+    config = config_from_dict(MINIMAL)
+    assert config.probe.controls == ["shuffled_labels", "random_init"] and config.seeds == [0]
+    spelled_out = config_from_dict({"dataset": {"n": 200, "name": "scenes"}, "model": "tiny-shapes-llava",
+                                    "probe": {"kind": "logistic"}, "out": "elsewhere"})
+    assert spelled_out.sha256() == config.sha256()
+    assert config_from_dict({**MINIMAL, "n_boot": 201}).sha256() != config.sha256()
+    assert config_from_dict({**MINIMAL, "probe": {"alpha": 0.02}}).sha256() != config.sha256()
+    assert len(config.sha256()) == 64 and '"dataset":{"image_size":64' in config.canonical_json()
+
+
+def test_a_config_survives_its_own_yaml(tmp_path):
+    config = config_from_dict({**MINIMAL, "seeds": [0, 3], "probe": {"sites": ["adapter.hook_out"]},
+                               "knockout": {"enabled": False}, "position": {"exclude": ["background", 2]}})
+    path = tmp_path / "again.yaml"
+    path.write_text(config.to_yaml())
+    again = load_config(path)
+    assert again == config and isinstance(again, StudyConfig)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*_study.yaml")) + [DEMO_CONFIG], ids=lambda p: p.name)
+def test_shipped_study_configs_are_valid(path):
+    config = load_config(path)
+    assert config.out and config.model
+
+
+def test_schema_lines_document_every_setting():
+    lines = schema_lines()
+    keys = [line.split(":")[0] for line in lines]
+    assert "dataset.n" in keys and "probe.controls" in keys and "knockout.n_control" in keys
+    assert 'seeds: a list of integers, default [0]' in "\n".join(lines)
