@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # The documentation site (API pages from docstrings); --strict turns every warning into an error.
 docs: $(STAMP)
-	$(BIN)/python -m mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
