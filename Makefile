@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/01_cache_and_hooks.py
+	$(BIN)/mmlens demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
