@@ -1,0 +1,364 @@
+"""Activation patching with images: copy activations of a source run into a target run.
+
+A run is inputs (image pixels included) plus an optional edit (a knockout, say) applied in every
+forward. Patching replaces, in the target run, the activation at a hook, at chosen positions and
+heads, by the source run's, and measures a metric per image. Clean -> corrupted finds what
+restores behaviour; corrupted -> clean finds what is necessary. Many patch conditions share one
+forward: the target batch is repeated once per condition along the batch dimension and each
+replica gets its own patch, which gives the same numbers as patching one condition at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..model import HookedMLLM, ImageSpan, ImageTokenLayout, MultimodalInputs
+from .groups import GroupContext, TokenGroup
+
+# inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
+# object with a `hooks` list, such as `knockout(...)`
+Edit = Callable[[MultimodalInputs], Any]
+# (activations of the run by hook name, plus "logits"; the run's inputs) -> one value per batch row
+Metric = Callable[[Mapping[str, Tensor], MultimodalInputs], Float[Tensor, "batch"]]
+HEAD_HOOKS = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+              "attn.hook_rot_q", "attn.hook_rot_k")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One side of a patching experiment: inputs, and an edit applied in every forward of them.
+
+    `edit(inputs)` must build its hooks for the inputs it is given: patching calls it on the
+    inputs repeated once per condition (`repeat_inputs`), so masks must come from those inputs.
+    """
+
+    inputs: MultimodalInputs
+    edit: Edit | None = None
+    name: str = "run"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Take `hook` from the source run at `positions` (a TokenGroup over sequence positions, a
+    bool mask shaped like the activation's first two dims, or None for all) and `heads` (None for
+    all; only for per-head hooks such as `attn.hook_z` and `attn.hook_result`)."""
+
+    hook: str
+    positions: TokenGroup | Tensor | None = None
+    heads: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, int):
+            object.__setattr__(self, "heads", (self.heads,))
+        elif self.heads is not None:
+            object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+
+
+Condition = Union[Patch, Sequence[Patch]]
+
+
+def as_run(run: Run | MultimodalInputs, name: str = "run") -> Run:
+    if isinstance(run, Run):
+        return run
+    if isinstance(run, MultimodalInputs):
+        return Run(run, name=name)
+    raise TypeError(f"expected a Run or MultimodalInputs (from model.prepare), got {type(run).__name__}")
+
+
+def check_same_layout(source: MultimodalInputs, target: MultimodalInputs) -> None:
+    """Raise a ValueError naming what differs when two batches do not share their layout."""
+    a, b = source.layout, target.layout
+    problems = []
+    if source.input_ids.shape != target.input_ids.shape:
+        problems.append(f"input_ids shapes {tuple(source.input_ids.shape)} vs {tuple(target.input_ids.shape)}")
+    if source.pixel_values.shape != target.pixel_values.shape:
+        problems.append(f"pixel_values shapes {tuple(source.pixel_values.shape)} vs {tuple(target.pixel_values.shape)}")
+    if not problems and not torch.equal(source.attention_mask.cpu(), target.attention_mask.cpu()):
+        rows = (source.attention_mask.cpu() != target.attention_mask.cpu()).any(1).nonzero().flatten().tolist()
+        problems.append(f"padding (attention_mask) differs in rows {rows[:5]}")
+    if not a.same_geometry(b):
+        if (a.token_grid, a.patch_grid) != (b.token_grid, b.patch_grid):
+            problems.append(f"token grids {a.token_grid.shape}/{a.patch_grid.shape} vs {b.token_grid.shape}/{b.patch_grid.shape}")
+        elif [len(r) for r in a.images] != [len(r) for r in b.images]:
+            problems.append(f"images per row {[len(r) for r in a.images]} vs {[len(r) for r in b.images]}")
+        else:
+            for ra, rb in zip(a.images, b.images):
+                for sa, sb in zip(ra, rb):
+                    if not torch.equal(sa.positions, sb.positions) or sa.cls_position != sb.cls_position:
+                        problems.append(f"row {sa.row}: image tokens at {int(sa.positions[0])}..{int(sa.positions[-1])} "
+                                        f"vs {int(sb.positions[0])}..{int(sb.positions[-1])}")
+                        break
+            if not problems:
+                problems.append(f"sequence lengths {a.seq_len} vs {b.seq_len}")
+    if problems:
+        raise ValueError("source and target must share their layout to patch position by position, but "
+                         + "; ".join(problems) + ". Use the same prompts (and padding) for both, and images the "
+                         "processor maps to the same number of tokens.")
+
+
+def repeat_inputs(inputs: MultimodalInputs, k: int) -> MultimodalInputs:
+    """The batch repeated `k` times along the batch dimension, replica-major (rows r*B..r*B+B-1
+    are replica r), with images and layout rows renumbered to match."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    layout = inputs.layout
+    b, n = layout.batch_size, layout.n_images
+    rows = tuple(
+        tuple(ImageSpan(s.row + r * b, s.image_index + r * n, s.positions, s.cls_position) for s in row)
+        for r in range(k) for row in layout.images
+    )
+    return replace(
+        inputs,
+        input_ids=inputs.input_ids.repeat(k, 1),
+        pixel_values=inputs.pixel_values.repeat(k, 1, 1, 1),
+        attention_mask=inputs.attention_mask.repeat(k, 1),
+        layout=replace(layout, images=rows),
+        prompts=tuple(inputs.prompts) * k,
+    )
+
+
+def edit_hooks(edit: Edit | None, inputs: MultimodalInputs) -> tuple[list[tuple[str, Callable]], Any]:
+    """The forward hooks an edit asks for on these inputs, and the edit object (to verify it)."""
+    if edit is None:
+        return [], None
+    made = edit(inputs)
+    hooks = getattr(made, "hooks", made)
+    if not isinstance(hooks, (list, tuple)):
+        raise TypeError("an edit must return a list of (hook name, hook) pairs or an object with a `hooks` list "
+                        f"(knockout(...), bidirectional_image_attention(...)); got {type(made).__name__}")
+    return list(hooks), made
+
+
+def verify_edit(made: Any) -> None:
+    """A verified knockout must have left no attention on a blocked edge."""
+    mass = getattr(made, "blocked_mass", None)
+    if mass and max(mass.values()) != 0.0:
+        raise RuntimeError(f"the edit left attention {max(mass.values())} on a blocked edge; it did not take effect")
+
+
+def metric_hooks(metric: Metric) -> list[str]:
+    return list(getattr(metric, "hooks", ()))
+
+
+def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach: bool = True,
+                    extra_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Tensor]:
+    """One forward of a run: the activations at `names` and the logits."""
+    hooks, made = edit_hooks(run.edit, run.inputs)
+    store: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, hook) -> None:
+        store[hook.name] = activation.detach() if detach else activation
+
+    names = list(dict.fromkeys(model.resolve_hook_name(n) for n in names))
+    logits = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)])
+    verify_edit(made)
+    store["logits"] = logits
+    return store
+
+
+def evaluate(metric: Metric, activations: Mapping[str, Tensor], inputs: MultimodalInputs) -> Float[Tensor, "batch"]:
+    value = metric(activations, inputs)
+    if not isinstance(value, Tensor) or value.shape != (len(inputs),):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"a patching metric must return one value per batch row, shape ({len(inputs)},); got {shape}")
+    return value
+
+
+class _Patcher:
+    """Masks of every condition of a chunk, resolved against the source activations' shapes."""
+
+    def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, source: Mapping[str, Tensor],
+                 conditions: Sequence[Sequence[Patch]], context: GroupContext | None):
+        self.source, self.k = source, len(conditions)
+        self.masks: dict[str, Tensor] = {}
+        for r, condition in enumerate(conditions):
+            for patch in condition:
+                name = model.resolve_hook_name(patch.hook)
+                mask = patch_mask(model, inputs, name, source[name], patch, context)
+                if name not in self.masks:
+                    self.masks[name] = torch.zeros(self.k, *mask.shape, dtype=torch.bool, device=mask.device)
+                self.masks[name][r] |= mask
+
+    @property
+    def hooks(self) -> list[tuple[str, Callable]]:
+        return [(name, self._patch) for name in self.masks]
+
+    def _patch(self, activation: Tensor, hook) -> Tensor:
+        src = self.source[hook.name]
+        if activation.shape[0] != self.k * src.shape[0] or activation.shape[1:] != src.shape[1:]:
+            raise RuntimeError(f"{hook.name}: the target activation {tuple(activation.shape)} does not match "
+                               f"{self.k} copies of the source {tuple(src.shape)}")
+        mask = self.masks[hook.name]
+        mask = mask.view(*mask.shape, *([1] * (src.ndim + 1 - mask.ndim)))
+        patched = torch.where(mask, src.unsqueeze(0), activation.view(self.k, *src.shape))
+        return patched.view_as(activation)
+
+
+def patch_mask(model: HookedMLLM, inputs: MultimodalInputs, name: str, activation: Tensor, patch: Patch,
+               context: GroupContext | None = None) -> Bool[Tensor, "..."]:
+    """Where `patch` replaces `activation` (one run's activation at `name`): a bool mask over its
+    leading dims ([batch, seq] or [batch, seq, heads]), broadcast over the rest."""
+    stage_of_images = name.startswith(("vision.", "adapter."))
+    if patch.heads is not None and not name.endswith(HEAD_HOOKS):
+        raise ValueError(f"heads= needs a per-head hook ({', '.join(HEAD_HOOKS)}); {name} has no head dimension "
+                         "at position 2. To patch heads' attention patterns, patch their hook_z instead.")
+    if name.endswith(("hook_pattern", "hook_attn_scores")) and patch.positions is not None:
+        raise ValueError(f"{name} is [batch, head, query, key]; patch it whole or use hook_z per position")
+    positions = patch.positions
+    if positions is None:
+        mask = torch.ones(activation.shape[:2], dtype=torch.bool)
+    elif isinstance(positions, TokenGroup):
+        mask = positions.resolve(inputs, context)
+        if name.startswith("vision."):
+            raise ValueError(f"{name} is a vision-tower hook; token groups over LLM positions cannot select its "
+                             "patches: give positions as a bool mask [n_images, vision_seq] or None")
+        if name.startswith("adapter."):
+            mask = adapter_token_mask(model, inputs, mask, activation.shape[1])
+    else:
+        mask = torch.as_tensor(positions, dtype=torch.bool).cpu()
+    if mask.shape != activation.shape[:2]:
+        what = "[n_images, tokens]" if stage_of_images else "[batch, seq]"
+        raise ValueError(f"positions for {name} must be {what} = {tuple(activation.shape[:2])}, got {tuple(mask.shape)}")
+    if name.endswith(HEAD_HOOKS) and activation.ndim == 4:  # always [batch, seq, heads], so patches combine
+        n_heads = activation.shape[2]
+        heads = range(n_heads) if patch.heads is None else patch.heads
+        bad = [h for h in heads if not 0 <= h < n_heads]
+        if bad:
+            raise ValueError(f"heads {bad} out of range: {name} has heads 0..{n_heads - 1}")
+        chosen = torch.zeros(n_heads, dtype=torch.bool)
+        chosen[list(heads)] = True
+        mask = mask[:, :, None] & chosen
+    return mask.to(activation.device)
+
+
+def adapter_token_mask(model: HookedMLLM, inputs: MultimodalInputs, mask: Tensor, n_adapter_tokens: int) -> Tensor:
+    """A [batch, seq] selection of image tokens as a selection of the adapter's [n_images, tokens]."""
+    offset = int(model.architecture.llm_sees_cls(model.cfg))
+    out = torch.zeros(inputs.layout.n_images, n_adapter_tokens, dtype=torch.bool)
+    for span in inputs.layout.spans:
+        out[span.image_index, offset:offset + len(span.positions)] = mask[span.row, span.positions]
+    return out
+
+
+def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:
+    out = []
+    for c in conditions:
+        group = [c] if isinstance(c, Patch) else list(c)
+        if not group or not all(isinstance(p, Patch) for p in group):
+            raise TypeError(f"each condition must be a Patch or a non-empty list of Patches, got {c!r}")
+        out.append(group)
+    return out
+
+
+def _replica(activation: Tensor, r: int, rows: int) -> Tensor:
+    return activation[r * rows:(r + 1) * rows]
+
+
+@torch.no_grad()
+def patch_conditions(
+    model: HookedMLLM,
+    source: Run | MultimodalInputs,
+    target: Run | MultimodalInputs,
+    metric: Metric,
+    conditions: Sequence[Condition],
+    *,
+    chunk_size: int = 16,
+    context: GroupContext | None = None,
+    source_activations: Mapping[str, Tensor] | None = None,
+) -> Float[Tensor, "n_conditions batch"]:
+    """The metric of the target run under each condition (a Patch, or Patches applied together),
+    per batch row. `chunk_size` conditions share one forward of the target repeated that many
+    times; results equal patching one condition at a time (up to batched-matmul rounding)."""
+    source, target = as_run(source, "source"), as_run(target, "target")
+    check_same_layout(source.inputs, target.inputs)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    conditions = _conditions(conditions)
+    names = sorted({model.resolve_hook_name(p.hook) for c in conditions for p in c})
+    if source_activations is None or not set(names) <= set(source_activations):
+        source_activations = run_and_collect(model, source, names)
+    wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
+    batch, n_images = len(target.inputs), target.inputs.layout.n_images
+    values = []
+    for start in range(0, len(conditions), chunk_size):
+        chunk = conditions[start:start + chunk_size]
+        k = len(chunk)
+        patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
+        repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
+        run = Run(repeated, target.edit, target.name)
+        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks)
+        for r in range(k):
+            rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
+            values.append(evaluate(metric, rows, target.inputs))
+    return torch.stack(values)
+
+
+@torch.no_grad()
+def baseline(model: HookedMLLM, run: Run | MultimodalInputs, metric: Metric) -> Float[Tensor, "batch"]:
+    """The metric of an unpatched run, per batch row."""
+    run = as_run(run)
+    return evaluate(metric, run_and_collect(model, run, metric_hooks(metric)), run.inputs)
+
+
+def head_conditions(model: HookedMLLM, hook: str = "z", layers: Sequence[int] | None = None,
+                    positions: TokenGroup | Tensor | None = None) -> tuple[list[int], list[Patch]]:
+    """One Patch per (layer, head) of the LLM at `attn.hook_{hook}`, layer-major."""
+    if hook not in ("z", "result"):
+        raise ValueError(f"head patching reads hook_z or hook_result: hook must be 'z' or 'result', got {hook!r}")
+    if hook == "result" and not model.cfg.use_attn_result:
+        raise ValueError("hook='result' needs model.set_use_attn_result(True)")
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the LLM has layers 0..{n_layers - 1}")
+    n_heads = model.cfg.llm.n_heads
+    return layers, [Patch(f"blocks.{l}.attn.hook_{hook}", positions, (h,)) for l in layers for h in range(n_heads)]
+
+
+def head_sweep(
+    model: HookedMLLM,
+    source: Run | MultimodalInputs,
+    target: Run | MultimodalInputs,
+    metric: Metric,
+    *,
+    hook: str = "z",
+    layers: Sequence[int] | None = None,
+    positions: TokenGroup | Tensor | None = None,
+    chunk_size: int = 16,
+    context: GroupContext | None = None,
+) -> Float[Tensor, "layer head batch"]:
+    """Patch each LLM head's output (`attn.hook_z` or `attn.hook_result`) at `positions` (default
+    all) from source into target, one head at a time; the metric per layer, head and row."""
+    layers, conditions = head_conditions(model, hook, layers, positions)
+    values = patch_conditions(model, source, target, metric, conditions, chunk_size=chunk_size, context=context)
+    return values.view(len(layers), model.cfg.llm.n_heads, -1)
+
+
+def layer_position_sweep(
+    model: HookedMLLM,
+    source: Run | MultimodalInputs,
+    target: Run | MultimodalInputs,
+    metric: Metric,
+    groups: Mapping[str, TokenGroup] | None = None,
+    *,
+    hook: str = "blocks.{layer}.hook_resid_pre",
+    layers: Sequence[int] | None = None,
+    chunk_size: int = 16,
+    context: GroupContext | None = None,
+) -> Float[Tensor, "layer group batch"]:
+    """Patch `hook` (a name with `{layer}`) at each token group in each LLM layer; the metric per
+    layer, group and row. `groups` default: image, text and last tokens."""
+    if "{layer}" not in hook:
+        raise ValueError(f"hook must contain '{{layer}}' (e.g. 'blocks.{{layer}}.hook_resid_pre'), got {hook!r}")
+    groups = dict(groups or {"image": TokenGroup.image(), "text": TokenGroup.text(), "last": TokenGroup.last()})
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    conditions = [Patch(hook.format(layer=l), g) for l in layers for g in groups.values()]
+    values = patch_conditions(model, source, target, metric, conditions, chunk_size=chunk_size, context=context)
+    return values.view(len(layers), len(groups), -1)

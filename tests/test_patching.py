@@ -1,0 +1,208 @@
+"""Activation patching with images: batched conditions equal one-at-a-time patching, patches land
+exactly where asked, a run patched into itself is unchanged, and bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmlens.interventions import TokenGroup
+from mmlens.interventions.corruptions import anchors_removed, counterfactual_images, derangement, recovery_blocked
+from mmlens.interventions.patching import (
+    Patch,
+    Run,
+    baseline,
+    check_same_layout,
+    head_sweep,
+    layer_position_sweep,
+    patch_conditions,
+    repeat_inputs,
+    run_and_collect,
+)
+from mmlens.interventions.patching_metrics import CacheMetric, logit_difference
+
+from conftest import random_images
+
+
+def _metric(model):
+    """Logit difference of two vocabulary entries at the last token (differentiable, per row)."""
+    return logit_difference(answer=5, wrong=7)
+
+
+def _counterfactual(tiny, seed=1):
+    inputs = tiny.inputs
+    return counterfactual_images(tiny.model, inputs, random_images(inputs.layout.n_images, seed=seed))
+
+
+@torch.no_grad()
+def test_repeated_inputs_give_repeated_outputs(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    repeated = repeat_inputs(inputs, 3)
+    assert repeated.layout.batch_size == 3 * len(inputs) and repeated.layout.n_images == 3 * inputs.layout.n_images
+    spans = repeated.layout.spans
+    assert [s.image_index for s in spans] == list(range(3 * inputs.layout.n_images))
+    assert spans[-1].row == 3 * len(inputs) - 1
+    logits = model(repeated)
+    torch.testing.assert_close(logits, model(inputs).repeat(3, 1, 1), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_batched_head_sweep_equals_one_head_at_a_time(tiny_clip):
+    """16 heads x 4 layers in chunks of 8 (one forward each) vs one forward per head; and one head
+    against a hand-written hook, so the shared machinery is not compared with itself only."""
+    model = tiny_clip.model
+    clean = Run(tiny_clip.inputs)
+    corrupted = recovery_blocked(model, tiny_clip.inputs)
+    metric = _metric(model)
+    batched = head_sweep(model, clean, corrupted, metric, chunk_size=8)
+    sequential = head_sweep(model, clean, corrupted, metric, chunk_size=1)
+    assert batched.shape == (model.cfg.n_layers, model.cfg.llm.n_heads, len(tiny_clip.inputs))
+    # one replica per forward vs 8 replicas in one batch: the same maths, only BLAS blocking can
+    # reorder float sums (measured: exactly equal on CPU here; 1e-5 bounds float32 reordering)
+    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=0)
+    assert (batched - baseline(model, corrupted, metric)).abs().max() > 1e-3, "some head must matter"
+
+    layer, head = 1, 2
+    source = run_and_collect(model, clean, [f"blocks.{layer}.attn.hook_z"])[f"blocks.{layer}.attn.hook_z"]
+
+    def put_head(z, hook):
+        z = z.clone()
+        z[:, :, head] = source[:, :, head]
+        return z
+
+    ko = corrupted.edit(tiny_clip.inputs)
+    by_hand = model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[*ko.hooks, (f"blocks.{layer}.attn.hook_z", put_head)])
+    expected = metric({"logits": by_hand}, tiny_clip.inputs)
+    torch.testing.assert_close(batched[layer, head], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_patching_a_full_run_into_itself_changes_nothing(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    metric = _metric(model)
+    every_z = [Patch(f"blocks.{l}.attn.hook_z") for l in range(model.cfg.n_layers)]
+    every_resid = [Patch(f"blocks.{l}.hook_resid_pre") for l in range(model.cfg.n_layers)]
+    values = patch_conditions(model, inputs, inputs, metric, [every_z, every_resid, Patch("adapter.hook_out")])
+    torch.testing.assert_close(values, baseline(model, inputs, metric).expand_as(values), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_patching_everything_downstream_restores_the_source(tiny_clip):
+    """Clean -> corrupted at the last residual stream (all positions) gives the clean metric;
+    patching nothing gives the corrupted one."""
+    model = tiny_clip.model
+    clean, corrupted = Run(tiny_clip.inputs), _counterfactual(tiny_clip)
+    metric = _metric(model)
+    last = model.cfg.n_layers - 1
+    values = patch_conditions(model, clean, corrupted, metric, [Patch(f"blocks.{last}.hook_resid_post")])
+    torch.testing.assert_close(values[0], baseline(model, clean, metric), atol=1e-5, rtol=0)
+    assert (baseline(model, clean, metric) - baseline(model, corrupted, metric)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_head_patch_touches_only_that_head_and_those_positions(tiny_clip):
+    model = tiny_clip.model
+    clean, corrupted = Run(tiny_clip.inputs), _counterfactual(tiny_clip)
+    name = "blocks.1.attn.hook_z"
+    seen = {}
+    metric = CacheMetric(lambda acts, inputs: (seen.update(z=acts[name]), acts["logits"][:, -1, 0])[1], hooks=[name])
+    group = TokenGroup.box(0, 0, 2, 2)
+    patch_conditions(model, clean, corrupted, metric, [Patch(name, group, heads=3)])
+    src = run_and_collect(model, clean, [name])[name]
+    tgt = run_and_collect(model, corrupted, [name])[name]
+    where = group.resolve(tiny_clip.inputs)
+    z = seen["z"]
+    assert torch.equal(z[:, :, 3][where], src[:, :, 3][where])
+    assert torch.equal(z[:, :, 3][~where], tgt[:, :, 3][~where])
+    assert torch.equal(z[:, :, :3], tgt[:, :, :3])
+    assert not torch.equal(src[:, :, 3][where], tgt[:, :, 3][where])
+
+
+@torch.no_grad()
+def test_layer_position_sweep_restores_with_every_position(tiny_clip):
+    model = tiny_clip.model
+    clean, corrupted = Run(tiny_clip.inputs), _counterfactual(tiny_clip)
+    metric = _metric(model)
+    everything = TokenGroup.positions(range(tiny_clip.inputs.input_ids.shape[1]))
+    groups = {"image": TokenGroup.image(), "text": TokenGroup.text(), "all": everything}
+    values = layer_position_sweep(model, clean, corrupted, metric, groups, layers=[0, 1])
+    assert values.shape == (2, 3, len(tiny_clip.inputs))
+    torch.testing.assert_close(values[:, 2], baseline(model, clean, metric).expand(2, -1), atol=1e-5, rtol=0)
+    # text tokens are identical in both runs before the first layer reads the images
+    torch.testing.assert_close(values[0, 1], baseline(model, corrupted, metric), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_adapter_patch_by_token_group(tiny_clip):
+    model = tiny_clip.model
+    clean, corrupted = Run(tiny_clip.inputs), _counterfactual(tiny_clip)
+    seen = {}
+    name = "blocks.0.hook_resid_pre"
+    metric = CacheMetric(lambda acts, inputs: (seen.update(x=acts[name]), acts["logits"][:, -1, 0])[1], hooks=[name])
+    group = TokenGroup.box(1, 1, 3, 4)
+    patch_conditions(model, clean, corrupted, metric, [Patch("adapter.hook_out", group)])
+    src = run_and_collect(model, clean, [name])[name]
+    tgt = run_and_collect(model, corrupted, [name])[name]
+    where = group.resolve(tiny_clip.inputs)
+    assert torch.equal(seen["x"][where], src[where]) and torch.equal(seen["x"][~where], tgt[~where])
+
+
+@torch.no_grad()
+def test_anchor_corruption_replaces_only_anchor_tokens(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    anchors = TokenGroup.box(0, 0, 1, 3)
+    mean = torch.full((model.cfg.d_model,), 0.25)
+    name = "blocks.0.hook_resid_pre"
+    clean = run_and_collect(model, Run(inputs), [name])[name]
+    for replacement in ("mean", "resample"):
+        run = anchors_removed(model, inputs, anchors, replacement=replacement, mean=mean)
+        edited = run_and_collect(model, run, [name])[name]
+        where = anchors.resolve(inputs)
+        assert torch.equal(edited[~where], clean[~where])
+        if replacement == "mean":
+            assert torch.equal(edited[where], mean.expand(int(where.sum()), -1))
+        else:
+            donors = derangement(inputs.layout.n_images, 0)
+            spans = inputs.layout.spans
+            for span in spans:
+                other = spans[int(donors[span.image_index])]
+                picked = where[span.row, span.positions]
+                assert torch.equal(edited[span.row, span.positions[picked]], clean[other.row, other.positions[picked]])
+    assert sorted(derangement(5, 3).tolist()) == list(range(5)) and (derangement(5, 3) != torch.arange(5)).all()
+
+
+@torch.no_grad()
+def test_recovery_blocked_is_verified(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    run = recovery_blocked(model, inputs, layers=[0, 1])
+    made = run.edit(repeat_inputs(inputs, 2))
+    model.run_with_hooks(repeat_inputs(inputs, 2), fwd_hooks=made.hooks, return_type=None)
+    assert made.blocked_mass == {0: 0.0, 1: 0.0}
+    with pytest.raises(ValueError, match="non-empty subset"):
+        recovery_blocked(model, inputs, layers=[99])
+
+
+def test_layout_mismatch_is_a_clear_error(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    other = model.prepare(random_images(3, seed=5), ["a much longer prompt than any of the others here", "x", "y"])
+    with pytest.raises(ValueError, match="share their layout.*shapes"):
+        check_same_layout(inputs, other)
+    two_images = model.prepare([random_images(2, seed=2)], "what")
+    one_each = model.prepare(random_images(1, seed=2), "what is")
+    with pytest.raises(ValueError, match="share their layout"):
+        patch_conditions(model, two_images, one_each, _metric(model), [Patch("blocks.0.hook_resid_pre")])
+
+
+def test_bad_patches_and_metrics_are_clear_errors(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    metric = _metric(model)
+    with pytest.raises(ValueError, match="per-head hook"):
+        patch_conditions(model, inputs, inputs, metric, [Patch("blocks.0.hook_resid_pre", heads=1)])
+    with pytest.raises(ValueError, match="out of range"):
+        patch_conditions(model, inputs, inputs, metric, [Patch("blocks.0.attn.hook_z", heads=9)])
+    with pytest.raises(ValueError, match="one value per batch row"):
+        patch_conditions(model, inputs, inputs, CacheMetric(lambda a, i: a["logits"].sum()), [Patch("blocks.0.hook_resid_pre")])
+    with pytest.raises(ValueError, match="positions for blocks.0.hook_resid_pre"):
+        patch_conditions(model, inputs, inputs, metric, [Patch("blocks.0.hook_resid_pre", torch.ones(2, 2, dtype=torch.bool))])
+    with pytest.raises(ValueError, match="hook must be 'z' or 'result'"):
+        head_sweep(model, inputs, inputs, metric, hook="pattern")
