@@ -83,7 +83,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     folder = RunFolder.open(tmp_path / "demo")
-    assert folder.done_units() == ["probe_sweep/seed-0", "anchor_knockout/seed-0", "position_study/seed-0"]
+    assert folder.done_units() == ["probe_sweep/seed-0", "anchor_knockout/seed-0", "position_study/seed-0",
+                                   "recovery_heads/seed-0"]
     assert f"open {tmp_path / 'demo' / 'report.html'}" in out
     probe_table = folder.load("probe_sweep/seed-0").tables["probe_table"]
     assert set(probe_table.condition) == {"model", "shuffled_labels", "random_init"}

@@ -163,7 +163,8 @@ KILL_CONFIG = {
     "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
                                          "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},
     "knockout": {"n_pairs": 2, "n_control": 1},
-    "position": {"enabled": False},  # independent of the sweep, and the slowest stage: kept out to stay quick
+    "position": {"enabled": False},  # the slowest stages, kept out to stay quick; the machinery is the same
+    "recovery": {"enabled": False},
 }
 
 

@@ -64,8 +64,11 @@ def test_the_error_message_counts_and_names_the_file(tmp_path):
     ({**MINIMAL, "seeds": []}, "seeds: must not be empty"),
     ({**MINIMAL, "seeds": [1, 1]}, "seeds: must not repeat"),
     ({**MINIMAL, "knockout": {"enabled": "yes"}}, "knockout.enabled: must be true or false, got 'yes'"),
-    ({**MINIMAL, "probe": {"sites": "vision"}}, "knockout.enabled: the anchor knockout reads LLM layers"),
+    ({**MINIMAL, "probe": {"sites": "vision"}}, "knockout.enabled: this stage reads the sweep's LLM probes"),
     ({**MINIMAL, "probe": {"sites": ["blocks.3.hook_resid_post"]}}, "knockout.reference: 'adapter.hook_out' must be"),
+    ({**MINIMAL, "probe": {"sites": ["adapter.hook_out"]}, "recovery": {"readout": "blocks.3.hook_resid_post"}},
+     "recovery.readout: 'blocks.3.hook_resid_post' must be one of probe.sites"),
+    ({**MINIMAL, "recovery": {"corruption": "noise"}}, "recovery.corruption: must be one of 'recovery_blocked'"),
     ({**MINIMAL, "probe": {"sites": 3}}, "probe.sites: must be a string or a list of strings, got 3"),
     ({**MINIMAL, "position": "on"}, "position: must be a mapping"),
     ({**MINIMAL, "batch_size": True}, "batch_size: must be an integer, got True"),
@@ -106,3 +109,9 @@ def test_schema_lines_document_every_setting():
     keys = [line.split(":")[0] for line in lines]
     assert "dataset.n" in keys and "probe.controls" in keys and "knockout.n_control" in keys
     assert 'seeds: a list of integers, default [0]' in "\n".join(lines)
+
+
+def test_docs_list_every_setting():
+    documented = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    missing = [line.split(":")[0] for line in schema_lines() if f"| `{line.split(':')[0]}` |" not in documented]
+    assert not missing, f"docs/cli.md lacks {missing}"

@@ -80,8 +80,8 @@ class DatasetConfig:
     name: Literal["scenes", "ade20k", "scene_parse_150", "voc", "cityscapes"] = checked()
     path: str | None = checked(None, doc="dataset folder (not for scenes)")
     split: str = checked("validation")
-    n: int | None = checked(200, check=positive, doc="number of images (None: all)")
-    image_size: int | None = checked(64, check=positive, doc="square side; None keeps native resolution")
+    n: int | None = checked(200, check=positive, doc="number of images (null: all)")
+    image_size: int | None = checked(64, check=positive, doc="square side; null keeps native resolution")
     seed: int = checked(0, doc="which synthetic scenes are drawn (scenes only)")
 
 
@@ -104,7 +104,7 @@ class ProbeConfig:
 class KnockoutConfig:
     enabled: bool = checked(True)
     reference: str = checked("adapter.hook_out", doc="site whose probe defines conflicting pairs and anchors")
-    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers edited (None: after the reference)")
+    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers edited (null: after the reference)")
     n_pairs: int = checked(4, check=positive)
     n_control: int = checked(3, check=positive, doc="random same-class control seeds")
 
@@ -112,9 +112,26 @@ class KnockoutConfig:
 @dataclass(frozen=True)
 class PositionConfig:
     enabled: bool = checked(True)
-    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers made bidirectional (None: all)")
+    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers made bidirectional (null: all)")
     early_fraction: float = checked(0.25, check=up_to_half)
-    exclude: list[Union[int, str]] | None = checked(None, doc="classes not scored (None: background)")
+    exclude: list[Union[int, str]] | None = checked(None, doc="classes not scored (null: background)")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    enabled: bool = checked(True)
+    corruption: Literal["recovery_blocked", "anchors_removed", "counterfactual"] = checked(
+        "recovery_blocked", doc="how the run is broken before heads are patched back in")
+    reference: str = checked("adapter.hook_out", doc="site whose probe defines anchors and recovered tokens")
+    readout: str | None = checked(None, doc="probed site scored by the metric (null: the last probed LLM site)")
+    window: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers blocked by recovery_blocked (null: all)")
+    tokens: Literal["objects", "all", "recovered"] = checked("objects", doc="tokens the probe margin is averaged over")
+    hook: Literal["z", "result"] = checked("z", doc="per-head activation that is patched")
+    n_images: int | None = checked(64, check=positive, doc="held-out images patched (null: all)")
+    top_k: int = checked(4, check=positive, doc="best heads also patched together")
+    attribution: bool = checked(True, doc="also estimate every head's effect by attribution patching")
+    n_maps: int = checked(2, check=non_negative, doc="attention recovery maps drawn")
+    chunk_size: int = checked(16, check=positive, doc="patched runs per forward batch")
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,7 @@ class StudyConfig:
     probe: ProbeConfig = checked(default_factory=ProbeConfig)
     knockout: KnockoutConfig = checked(default_factory=KnockoutConfig)
     position: PositionConfig = checked(default_factory=PositionConfig)
+    recovery: RecoveryConfig = checked(default_factory=RecoveryConfig)
     out: str | None = checked(None, doc="default run folder (--out wins); not part of the hash")
 
     def canonical(self) -> dict[str, Any]:
@@ -188,15 +206,25 @@ def _cross_checks(config: StudyConfig) -> list[str]:
         problems.append(f"seeds: must not repeat, got {config.seeds}")
     if len(set(config.probe.controls)) != len(config.probe.controls):
         problems.append(f"probe.controls: must not repeat, got {config.probe.controls}")
-    sites = config.probe.sites
-    if config.knockout.enabled:
-        if isinstance(sites, str) and sites in ("vision", "adapter"):
-            problems.append(f"knockout.enabled: the anchor knockout reads LLM layers, but probe.sites is {sites!r}; "
-                            "use 'all' or 'llm', or set knockout.enabled: false")
-        elif isinstance(sites, list) and config.knockout.reference not in sites:
-            problems.append(f"knockout.reference: {config.knockout.reference!r} must be one of probe.sites "
-                            "(the knockout reuses its probe)")
+    for section in ("knockout", "recovery"):
+        problems += _needs_probe_at(config, section, getattr(config, section).reference)
+    readout = config.recovery.readout
+    if config.recovery.enabled and readout and isinstance(config.probe.sites, list) and readout not in config.probe.sites:
+        problems.append(f"recovery.readout: {readout!r} must be one of probe.sites (the stage reuses its probe)")
     return problems
+
+
+def _needs_probe_at(config: StudyConfig, section: str, reference: str) -> list[str]:
+    """Stages that reuse the sweep's probes need a probe at their reference and in the LLM."""
+    if not getattr(config, section).enabled:
+        return []
+    sites = config.probe.sites
+    if isinstance(sites, str) and sites in ("vision", "adapter"):
+        return [f"{section}.enabled: this stage reads the sweep's LLM probes, but probe.sites is {sites!r}; "
+                f"use 'all' or 'llm', or set {section}.enabled: false"]
+    if isinstance(sites, list) and reference not in sites:
+        return [f"{section}.reference: {reference!r} must be one of probe.sites (the stage reuses its probe)"]
+    return []
 
 
 def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:

@@ -1,4 +1,5 @@
-"""Stages 2 and 3: the anchor knockout (on the probe sweep's probes) and the position study.
+"""Stages 2 to 4: the anchor knockout and recovery heads (on the probe sweep's probes) and the
+position study.
 
 Each is one registered function: it calls the experiment in `mmlens.experiments` with the
 config's settings and this unit's seed, and returns its tables, figures and headline numbers.
@@ -6,6 +7,7 @@ config's settings and this unit's seed, and returns its tables, figures and head
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
 from ..experiments import anchor_knockout, position_study
@@ -107,4 +109,62 @@ def position_study_stage(context: StageContext) -> StageOutput:
         data={"position": {"grid": list(study.grid), "settings": study.settings}},
         summary=lines,
         result=study,
+    )
+
+
+RECOVERY_HEATMAP_HOW_TO_READ = (
+    "Every LLM attention head (layer down, head across), coloured by how much of the probe's true-class "
+    "margin at the readout layer it restores when its clean output is patched into a run where recovery "
+    "was broken (the corruption named in the title). Bright cells are recovery heads. The right panel "
+    "estimates the same effects in one backward pass (attribution patching); the Spearman correlation in "
+    "the title says how far that cheap estimate can be trusted."
+)
+RECOVERY_MAP_HOW_TO_READ = (
+    "Where the top recovery heads of each layer look on one image: attention from the tokens the adapter "
+    "probe gets wrong and the readout probe gets right (crosses) to every image token, over the picture; "
+    "circles mark the anchors. Attention gathered on anchors of the same class supports the study's "
+    "account of recovery as cross-token refinement steered by anchors."
+)
+
+
+@register_stage("recovery_heads", title="Recovery heads", depends_on=("probe_sweep",),
+                enabled=lambda config: config.recovery.enabled)
+def recovery_heads_stage(context: StageContext) -> StageOutput:
+    try:
+        from ..experiments.recovery_heads import find_recovery_heads
+    except ImportError as error:
+        raise RuntimeError(f"the recovery heads stage needs mmlens.experiments.recovery_heads ({error}); "
+                           "set recovery.enabled: false to run the other stages") from error
+    config, settings = context.config, context.config.recovery
+    result = find_recovery_heads(
+        context.model, context.result("probe_sweep"), corruption=settings.corruption, readout=settings.readout,
+        reference=settings.reference, window=settings.window, tokens=settings.tokens, hook=settings.hook,
+        n_images=settings.n_images, top_k=settings.top_k, attribution=settings.attribution, n_maps=settings.n_maps,
+        n_boot=config.n_boot, batch_size=config.batch_size, chunk_size=settings.chunk_size, seed=context.seed,
+        progress=context.progress,
+    )
+    s = result.summary
+    best = result.top_k.iloc[-1]
+    lines = [
+        f"{settings.corruption}: probe margin {s['clean_metric']:.3f} clean, {s['corrupted_metric']:.3f} corrupted "
+        f"(gap {s['gap']:.3f} [{s['gap_low']:.3f}, {s['gap_high']:.3f}], {s['n_images']} images)",
+        f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
+        f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman {s['rank_correlation']:.2f}",
+    ]
+    figures = {}
+    for name, figure in result.figures().items():
+        if name == "head_heatmap":
+            figures[name] = StageFigure(figure, RECOVERY_HEATMAP_HOW_TO_READ, title="Recovery heads: effect of "
+                                        "patching each head", table="top_k")
+        else:
+            figures[name] = StageFigure(figure, RECOVERY_MAP_HOW_TO_READ,
+                                        title=f"Attention recovery map, image {name.rsplit('_', 1)[-1]}")
+    return StageOutput(
+        tables={"heads": result.table, "top_k": result.top_k,
+                "summary": pd.DataFrame([{"statistic": k, "value": v} for k, v in s.items()])},
+        figures=figures,
+        data={"recovery": {"settings": result.settings, "layers": result.layers,
+                           "top_heads": [[int(l), int(h)] for l, h in result.top_heads]}},
+        summary=lines,
+        result=result,
     )
