@@ -3,13 +3,17 @@
 from .anchor_knockout import AnchorKnockoutResult, anchor_knockout
 from .anchors import anchor_groups, conflicting_pairs, pair_classes
 from .position_study import PositionStudyResult, position_study
+from .recovery_heads import RecoveryHeadsResult, RecoveryMap, find_recovery_heads
 
 __all__ = [
     "AnchorKnockoutResult",
     "PositionStudyResult",
+    "RecoveryHeadsResult",
+    "RecoveryMap",
     "anchor_groups",
     "anchor_knockout",
     "conflicting_pairs",
+    "find_recovery_heads",
     "pair_classes",
     "position_study",
 ]

@@ -4,8 +4,32 @@ from .bidirectional import BidirectionalImageAttention, bidirectional_image_atte
 from ..model.attention_masks import allowed_edges, image_attention_mask, image_index_per_position
 from .groups import GroupContext, TokenGroup
 from .knockout import Knockout, knockout
+from .attribution import Attribution, attribution_patching, rank_correlation
+from .corruptions import anchors_removed, counterfactual_images, mean_adapter_output, recovery_blocked
+from .patching import (Patch, Run, baseline, check_same_layout, head_sweep, layer_position_sweep, patch_conditions,
+                       repeat_inputs)
+from .patching_metrics import CacheMetric, ProbeMetric, logit_difference, probe_metric
 
 __all__ = [
+    "Attribution",
+    "CacheMetric",
+    "Patch",
+    "ProbeMetric",
+    "Run",
+    "anchors_removed",
+    "attribution_patching",
+    "baseline",
+    "check_same_layout",
+    "counterfactual_images",
+    "head_sweep",
+    "layer_position_sweep",
+    "logit_difference",
+    "mean_adapter_output",
+    "patch_conditions",
+    "probe_metric",
+    "rank_correlation",
+    "recovery_blocked",
+    "repeat_inputs",
     "BidirectionalImageAttention",
     "bidirectional_image_attention",
     "GroupContext",

@@ -37,7 +37,7 @@ class Attribution:
         """Summed over positions (all, or those marked): the estimate for patching a head there."""
         values = self.values
         if positions is not None:
-            values = values * positions.to(values.device)[None, :, :, None]
+            values = torch.where(positions.to(values.device)[None, :, :, None], values, 0.0)
         return values.sum(2).permute(0, 2, 1)
 
 

@@ -1,13 +1,16 @@
 """Plotly figures made for multimodal interpretability: layer curves, maps over the image grid."""
 
 from .intervention_plots import plot_attention_mask, plot_knockout_effect, plot_position_curve, plot_position_heatmap
+from .patching_plots import plot_head_heatmaps, plot_recovery_map
 from .probe_plots import plot_probe_curve, plot_probe_predictions
 
 __all__ = [
     "plot_attention_mask",
+    "plot_head_heatmaps",
     "plot_knockout_effect",
     "plot_position_curve",
     "plot_position_heatmap",
     "plot_probe_curve",
     "plot_probe_predictions",
+    "plot_recovery_map",
 ]

@@ -1,0 +1,91 @@
+"""The recovery-heads study on the embedded model: ranked heads with intervals, top-k check,
+attribution agreement, recovery maps and figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from mmlens import HookedMLLM
+from mmlens.data import load_segmentation
+from mmlens.experiments import find_recovery_heads
+from mmlens.probing import probe_sweep
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return HookedMLLM.from_pretrained("tiny-shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def sweep(shapes):
+    scenes = load_segmentation("scenes", split="validation", n=100, seed=0)
+    with torch.no_grad():
+        return probe_sweep(shapes, scenes, sites=["adapter.hook_out", "blocks.1.hook_resid_post", "blocks.3.hook_resid_post"],
+                           probe="ridge", progress=False, n_boot=20)
+
+
+@pytest.fixture(scope="module")
+def counterfactual(shapes, sweep):
+    return find_recovery_heads(shapes, sweep, corruption="counterfactual", n_images=16, n_boot=50, n_maps=1, top_k=3)
+
+
+def test_heads_are_ranked_with_intervals_and_the_top_k_check_agrees(shapes, counterfactual):
+    result = counterfactual
+    table = result.table
+    n_layers, n_heads = shapes.cfg.n_layers, shapes.cfg.llm.n_heads
+    assert len(table) == n_layers * n_heads and set(zip(table.layer, table["head"])) == {
+        (l, h) for l in range(n_layers) for h in range(n_heads)}
+    assert table.effect.is_monotonic_decreasing and list(table["rank"]) == list(range(1, len(table) + 1))
+    assert ((table.effect_low <= table.effect) & (table.effect <= table.effect_high)).all()
+    assert result.exact.shape == (n_layers, n_heads, result.summary["n_images"])
+    best = table.iloc[0]
+    assert best.effect == pytest.approx(result.exact[int(best.layer), int(best["head"])].mean())
+    # patching the best head alone in the top-k pass reproduces the sweep's number
+    assert result.top_k.effect.iloc[0] == pytest.approx(best.effect, abs=1e-5)
+    assert list(result.top_k.k) == [1, 2, 3] and result.top_heads == [tuple(map(int, r)) for r in table[["layer", "head"]].values[:3]]
+    assert result.layers == sorted({l for l, _ in result.top_heads})
+    # another scene is a large corruption: the probe margin drops, and the best head restores part of it
+    assert result.summary["gap"] > 0 and result.summary["gap_low"] > 0
+    assert best.effect > 0 and best.effect_low > 0
+    assert result.summary["rank_correlation"] > 0.5, "attribution must rank heads like exact patching"
+
+
+def test_recovery_maps_and_figures(counterfactual):
+    (example,) = counterfactual.maps
+    assert example.image.shape[2] == 3 and example.image.dtype == np.uint8
+    assert set(example.attention) == set(counterfactual.layers)
+    for layer, attention in example.attention.items():
+        assert attention.shape == example.grid and (attention >= 0).all() and attention.sum() <= 1 + 1e-5
+    n_tokens = example.grid[0] * example.grid[1]
+    assert example.queries and all(0 <= t < n_tokens for t in example.queries + example.anchors)
+    figures = counterfactual.figures()
+    heatmaps = figures["head_heatmap"]
+    assert [type(t) for t in heatmaps.data] == [go.Heatmap, go.Heatmap]
+    np.testing.assert_allclose(np.asarray(heatmaps.data[0].z, dtype=float),
+                               counterfactual.table.pivot(index="layer", columns="head", values="effect").to_numpy())
+    recovery = figures["recovery_map_0"]
+    assert sum(isinstance(t, go.Image) for t in recovery.data) == len(example.attention)
+    assert "<div" in recovery.to_html(include_plotlyjs=False) and "<div" in heatmaps.to_html(include_plotlyjs=False)
+
+
+def test_recovery_blocked_knockout_is_verified_and_study_runs(shapes, sweep):
+    result = find_recovery_heads(shapes, sweep, corruption="recovery_blocked", window=[1, 2, 3], n_images=8,
+                                 n_boot=20, n_maps=0, attribution=False, readout="blocks.3.hook_resid_post")
+    assert result.settings["window"] == [1, 2, 3] and result.attribution is None and not result.maps
+    # blocking attention from layer 1 on leaves layer 0 untouched: its heads' clean output is the
+    # corrupted one, so patching them restores nothing at all
+    layer0 = result.table[result.table.layer == 0]
+    assert np.allclose(layer0.effect, 0.0, atol=1e-5)
+    assert (result.table.effect.abs() > 1e-3).any()
+
+
+def test_bad_study_settings_are_clear_errors(shapes, sweep):
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        find_recovery_heads(shapes, sweep, corruption="noise")
+    with pytest.raises(ValueError, match="no probe at"):
+        find_recovery_heads(shapes, sweep, readout="blocks.2.hook_resid_post")
+    with pytest.raises(ValueError, match="tokens must be"):
+        find_recovery_heads(shapes, sweep, tokens="everything", n_images=4)
