@@ -112,6 +112,22 @@ def test_rerun_skips_finished_units_and_restores_dependencies(tmp_path):
     assert folder.load("total/seed-1").tables["total"]["total"].iloc[0] == pytest.approx(draws, abs=0)
 
 
+def test_a_failing_stage_is_recorded_and_rerun_next_time(tmp_path):
+    def broken(context):
+        raise ValueError("no pairs to knock out")
+
+    stages = toy_stages()
+    stages["total"] = FunctionStage("total", "Total", broken, depends_on=("draws",))
+    with pytest.raises(ValueError, match="no pairs"):
+        run_study(tiny_config(), tmp_path / "run", stages=stages, progress=False, report=False, echo=lambda t: None)
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["total/seed-0"]
+    assert entry["status"] == "failed" and entry["error"] == "ValueError: no pairs to knock out"
+    again = run_toy(tiny_config(), tmp_path / "run")
+    assert [u.ran for u in again.units] == [False, True]
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["total/seed-0"]
+    assert entry["status"] == "done" and entry["attempts"] == 2 and "error" not in entry
+
+
 def test_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path):
     run_toy(tiny_config(), tmp_path / "run")
     changed = tiny_config(n_boot=21)

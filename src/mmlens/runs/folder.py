@@ -158,16 +158,24 @@ class RunFolder:
         units = [u for u in self.manifest["stages"] if self.is_done(u)]
         return sorted(units, key=lambda u: self.record(u)["finished"])
 
-    def begin(self, unit: str) -> None:
-        """Clear whatever an interrupted attempt left and mark the unit as running."""
+    def begin(self, unit: str) -> str:
+        """Clear whatever an interrupted attempt left and mark the unit as running; returns the
+        start time."""
         directory = self.unit_dir(unit)
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         entry = self.manifest["stages"].setdefault(unit, {"attempts": 0})
         entry.update(status="running", started=now(), attempts=entry["attempts"] + 1)
-        entry.pop("finished", None)
-        entry.pop("seconds", None)
+        for stale in ("finished", "seconds", "error", "failed"):
+            entry.pop(stale, None)
+        self._save_manifest()
+        return entry["started"]
+
+    def fail(self, unit: str, error: BaseException) -> None:
+        """Note in the manifest why a unit stopped (it reruns from scratch next time)."""
+        entry = self.manifest["stages"].setdefault(unit, {"attempts": 1})
+        entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000], failed=now())
         self._save_manifest()
 
     def save(self, unit: str, output: StageOutput, *, started: str, seconds: float, extra: dict | None = None) -> dict:
@@ -196,6 +204,8 @@ class RunFolder:
         self._write(unit, DONE, lambda tmp: tmp.write_text(text))
         entry = self.manifest["stages"].setdefault(unit, {"attempts": 1})
         entry.update(status="done", started=started, finished=record["finished"], seconds=record["seconds"])
+        entry.pop("error", None)
+        entry.pop("failed", None)
         self._save_manifest()
         return record
 

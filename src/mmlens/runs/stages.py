@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import StudyConfig
-from .folder import RunFolder, now
+from .folder import RunFolder
 from .outputs import StageOutput, StoredOutput
 
 
@@ -230,10 +230,13 @@ def run_study(
         if record is not None:
             reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"]))
             continue
-        folder.begin(unit)
-        started, clock = now(), time.perf_counter()
+        started, clock = folder.begin(unit), time.perf_counter()
         _reseed(seed)
-        output = stage.run(StageContext(stage, seed, session))
+        try:
+            output = stage.run(StageContext(stage, seed, session))
+        except BaseException as error:
+            folder.fail(unit, error)
+            raise
         seconds = time.perf_counter() - clock
         folder.save(unit, output, started=started, seconds=seconds, extra={"stage": stage.name, "seed": seed})
         session.results[unit] = output.result
@@ -255,9 +258,3 @@ def _reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def iter_stage_units(folder: RunFolder) -> Iterator[tuple[str, dict]]:
-    """(unit, completion record) of every finished unit, in run order."""
-    for unit in folder.done_units():
-        yield unit, folder.record(unit)
