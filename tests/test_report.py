@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -47,7 +48,7 @@ def sections(sweep, tiny_clip):
     return [
         ReportSection("Drop-off and recovery", plot_probe_curve(sweep),
                       "Each point is a probe's held-out mIoU at one site, left to right along the pipeline; the band is a 95% bootstrap interval.",
-                      table=sweep.summary(), notes=f"Notes with {HOSTILE}.\n\nA second paragraph."),
+                      table=sweep.summary(), notes=f"Notes with {HOSTILE}.\n\nA second paragraph,\nin two lines."),
         ReportSection("Probe predictions", plot_probe_predictions(sweep, example=0),
                       "Each panel paints every token's predicted class over its pixels, beside the image and the truth."),
         ReportSection(f"Attention mask {HOSTILE}", plot_attention_mask(mask, row=0, inputs=tiny_clip.inputs),
@@ -89,9 +90,14 @@ def test_contents_how_to_read_tables_and_metadata(report, sections, sweep):
         explained = page.index(_escaped(section.how_to_read))
         if section.figure is not None:
             assert explained < page.index(f'id="figure-{i}"')            # the sentence comes before its figure
-    tables = page.split('id="metadata"')[0].count('<table class="dataframe data">')
+    tables = page.split('id="metadata"')[0].count('<table class="data">')
     assert tables == 2                                                   # summary and probe table
     assert page.count("<tr>") >= len(sweep.table) + len(sweep.summary())
+    assert '<th class="text">statistic</th>' in page                   # a named index is kept as a column
+    assert '<td class="text">model</td>' in page and '<td class="text">shuffled_labels</td>' in page
+    miou = sweep.table.miou.iloc[0]
+    assert f'<td class="num">{miou:.4g}</td>' in page
+    assert "<p>A second paragraph,<br>in two lines.</p>" in page
     metadata = page.split('id="metadata"')[1]
     for key in ("model", "dataset", "config_hash", "versions.mmlens", "versions.torch", "timings_s.probe_sweep"):
         assert f"<th>{key}</th>" in metadata
@@ -130,9 +136,10 @@ def test_bad_sections_are_explained():
 
 
 def test_long_tables_are_cut_with_a_note():
-    table = pd.DataFrame({"value": range(500)})
+    table = pd.DataFrame({"value": range(500), "x": np.float32(0.123456), "name": None})
     page = render_report([ReportSection("long", None, "Rows are sites.", table=table)], title="t", metadata={})
-    assert "First 200 of 500 rows" in page and "<td>199</td>" in page and "<td>200</td>" not in page
+    assert "First 200 of 500 rows" in page and '<td class="num">199</td>' in page and '<td class="num">200</td>' not in page
+    assert '<td class="num">0.1235</td>' in page and '<td class="text"></td>' in page
 
 
 def test_figure_counter_reads_nested_dom():

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly
 import plotly.graph_objects as go
@@ -46,9 +47,10 @@ p.how-to-read strong { color: var(--accent); }
 .figure { width: 100%; overflow-x: auto; }
 .table-wrap { overflow-x: auto; margin: 0.6em 0; }
 table { border-collapse: collapse; font-size: 0.88em; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: right; vertical-align: top; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
 th { background: var(--band); font-weight: 600; }
-td.key, .metadata th { text-align: left; }
+table.data td, table.data th { white-space: nowrap; }
+table.data .num { text-align: right; }
 .metadata td { text-align: left; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
 p.truncated { color: var(--muted); font-size: 0.88em; }
 a.top { font-size: 0.85em; float: right; }
@@ -60,7 +62,7 @@ class ReportSection:
     """One part of a report: a figure and/or a table, with the sentence that says how to read it.
 
     `how_to_read` is shown right before the figure (required when there is a figure or a table);
-    `notes` is free text shown after it (blank lines separate paragraphs).
+    `notes` is free text shown after it (blank lines separate paragraphs, line breaks are kept).
     """
 
     title: str
@@ -157,7 +159,8 @@ def _section_html(section: ReportSection, anchor: str, number: int) -> str:
         parts.append(_table_html(section.table))
     if section.notes.strip():
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", section.notes) if p.strip()]
-        parts.append('<div class="notes">' + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs) + "</div>")
+        # Summaries are often one finding per line: keep their line breaks.
+        parts.append('<div class="notes">' + "".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs) + "</div>")
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -175,13 +178,27 @@ def _figure_html(figure: go.Figure, div_id: str) -> str:
 
 def _table_html(table: pd.DataFrame) -> str:
     shown = table.head(MAX_TABLE_ROWS)
-    keep_index = not isinstance(table.index, pd.RangeIndex)
-    rendered = shown.to_html(index=keep_index, escape=True, border=0, na_rep="",
-                             float_format=lambda x: f"{x:.4g}", classes="data")
+    if not isinstance(shown.index, pd.RangeIndex):
+        shown = shown.reset_index()  # a meaningful index (e.g. "statistic") becomes the first column
+    numeric = [pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in shown.dtypes]
+    align = ['class="num"' if n else 'class="text"' for n in numeric]
+    head = "".join(f"<th {a}>{html.escape(_text(c))}</th>" for c, a in zip(shown.columns, align))
+    body = "".join(
+        "<tr>" + "".join(f"<td {a}>{html.escape(_cell(v))}</td>" for v, a in zip(row, align)) + "</tr>"
+        for row in shown.itertuples(index=False, name=None)
+    )
     note = ""
     if len(table) > len(shown):
         note = f'<p class="truncated">First {len(shown)} of {len(table)} rows; the full table is in the run folder.</p>'
-    return f'<div class="table-wrap">{rendered}</div>{note}'
+    return f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}'
+
+
+def _cell(value: object) -> str:
+    if pd.api.types.is_scalar(value) and pd.isna(value):  # None, NaN, NA and NaT read as blank
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    return _text(value)
 
 
 def _metadata_html(metadata: Mapping[str, object]) -> str:
