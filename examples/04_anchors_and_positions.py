@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--docs-figures", type=Path, default=None,
-                        help="also write small copies (plotly.js from its CDN) named after the model, for docs/figures")
+                        help="also write small copies named after the model, sharing one plotly.min.js in that folder (docs/figures)")
     args = parser.parse_args()
     out = args.out or Path("runs/04_anchors_and_positions") / Path(args.model).name
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def main() -> None:
     for name, figure in figures.items():
         figure.write_html(out / f"{name}.html")
         if args.docs_figures:
-            figure.write_html(args.docs_figures / f"{name}_{Path(args.model).name}.html", include_plotlyjs="cdn")
+            figure.write_html(args.docs_figures / f"{name}_{Path(args.model).name}.html", include_plotlyjs="directory")
     print(f"\ntables and figures written to {out}/")
 
 

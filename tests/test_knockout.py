@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmlens.interventions import GroupContext, TokenGroup, allowed_edges, knockout
@@ -154,3 +155,19 @@ def test_probe_groups_with_padding_and_several_images_per_row():
         assert torch.equal(wrong[span.row, span.positions], (predicted != labels[k]) & labelled)
     assert not ((right | wrong) & ~IMAGE.resolve(inputs)).any(), "only image tokens, never padding or text"
     assert (right | wrong).sum() == 3 * 16 - 4
+
+
+@torch.no_grad()
+def test_knockout_holds_during_cached_generation(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    ko = knockout(model, inputs, queries=TokenGroup.last(), keys=IMAGE, layers=range(model.cfg.n_layers), verify=True)
+    plain = model.generate(inputs, max_new_tokens=3)
+    with ko:
+        edited = model.generate(inputs, max_new_tokens=3)
+    assert all(m == 0.0 for m in ko.blocked_mass.values()) and len(edited) == len(plain)
+    with ko:  # the prompt's last token never reads the image: its next-token logits match a run blocked by hand
+        first = model(inputs)[:, -1]
+    assert (first - model(inputs)[:, -1]).abs().max() > 1e-5
+    other = model.prepare(random_images(3), ["a longer prompt than any of the three above", "b", "c"])
+    with ko, pytest.raises(ValueError, match="build the knockout from the inputs you run"):
+        model(other)

@@ -52,23 +52,44 @@ class Knockout(HookSet):
         if verify:
             self.hooks += [(f"{prefix}.{l}.attn.hook_pattern", self._measure) for l in self.layers]
 
-    def _edges(self, n_heads: int) -> Tensor:
-        edges = self.blocked[:, None].expand(-1, n_heads, -1, -1).clone()
+    def _edges(self, scores: Tensor) -> Tensor:
+        if scores.shape[0] != self.blocked.shape[0]:
+            raise ValueError(f"this knockout was resolved on a batch of {self.blocked.shape[0]} but the attention has "
+                             f"{scores.shape[0]} rows; build the knockout from the inputs you run")
+        edges = self._window(*scores.shape[-2:])[:, None].expand(-1, scores.shape[1], -1, -1).clone()
+        n_heads = scores.shape[1]
         if self.heads is not None:
             keep = torch.ones(n_heads, dtype=torch.bool)
             keep[self.heads] = False
             edges[:, keep.to(edges.device)] = False
         return edges
 
+    def _window(self, q_len: int, k_len: int) -> Tensor:
+        """The blocked edges for scores of q_len queries over k_len keys. During cached decoding
+        (`model.generate`) the new positions are neither queries nor keys of the groups, which
+        were resolved on the prompt: their edges stay open."""
+        n = self.blocked.shape[-1]
+        if (q_len, k_len) == (n, n):
+            return self.blocked
+        if k_len - q_len < n:  # not new positions appended to the prompt: other inputs
+            raise ValueError(
+                f"this knockout was resolved on inputs of {n} positions but the attention has {q_len} queries "
+                f"over {k_len} keys; build the knockout from the inputs you run"
+            )
+        grown = torch.zeros(self.blocked.shape[0], k_len, k_len, dtype=torch.bool, device=self.blocked.device)
+        grown[:, :n, :n] = self.blocked
+        return grown[:, k_len - q_len :]
+
     def _block(self, scores: Tensor, hook) -> Tensor:
-        return scores.masked_fill(self._edges(scores.shape[1]), float("-inf"))
+        return scores.masked_fill(self._edges(scores), float("-inf"))
 
     def _measure(self, pattern: Tensor, hook) -> None:
         if torch.isnan(pattern).any():
             raise RuntimeError(f"{hook.name}: NaN attention after the knockout")
-        left = pattern.masked_select(self._edges(pattern.shape[1]))
+        left = pattern.detach().masked_select(self._edges(pattern))
         layer = int(hook.name.split(".")[-3])
-        self.blocked_mass[layer] = float(left.abs().max()) if left.numel() else 0.0
+        mass = float(left.abs().max()) if left.numel() else 0.0
+        self.blocked_mass[layer] = max(mass, self.blocked_mass.get(layer, 0.0))  # every forward of a generation
 
     def effective_mask(self, head: int | None = None) -> Bool[Tensor, "batch query key"]:
         """True where a query may read a key in the edited layers: the model's own mask (causal

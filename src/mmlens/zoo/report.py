@@ -60,7 +60,7 @@ def main() -> None:
     print(vision_probe_check(model, seed=recipe["seed"]).to_markdown(floatfmt=".3f"))
     if args.figure:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
-        training_figure(log).write_html(args.figure, include_plotlyjs="cdn")
+        training_figure(log).write_html(args.figure, include_plotlyjs="directory")
         print(f"\ntraining curves -> {args.figure}")
 
 
