@@ -100,6 +100,7 @@ def test_rerun_skips_finished_units_and_restores_dependencies(tmp_path):
 
     again = run_toy(config, tmp_path / "run")
     assert [u.ran for u in again.units] == [False, False, False, False]
+    assert again.units[0].summary == first.units[0].summary  # same versions: no note
     for unit, record in records.items():
         assert (tmp_path / "run" / "stages" / unit / "done.json").read_bytes() == record
 
@@ -126,6 +127,16 @@ def test_a_failing_stage_is_recorded_and_rerun_next_time(tmp_path):
     assert [u.ran for u in again.units] == [False, True]
     entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["total/seed-0"]
     assert entry["status"] == "done" and entry["attempts"] == 2 and "error" not in entry
+
+
+def test_a_finished_stage_from_other_package_versions_is_flagged(tmp_path):
+    run_toy(tiny_config(), tmp_path / "run")
+    done = tmp_path / "run" / "stages" / "draws" / "seed-0" / "done.json"
+    record = json.loads(done.read_text())
+    record["versions"]["torch"] = "1.0.0"
+    done.write_text(json.dumps(record))
+    again = run_toy(tiny_config(), tmp_path / "run")
+    assert f"note: finished with torch 1.0.0, now {torch.__version__}" in again.units[0].summary
 
 
 def test_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path):

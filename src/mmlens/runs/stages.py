@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import StudyConfig
-from .folder import RunFolder
+from .folder import RunFolder, package_versions
 from .outputs import StageOutput, StoredOutput
 
 
@@ -221,14 +221,16 @@ def run_study(
     folder = RunFolder.create(out_dir, config, overwrite=overwrite)
     session = Session(config, folder, progress, stages=STAGES if stages is None else stages)
     plan = planned_units(config, session.stages)
-    reports = []
+    reports, versions = [], package_versions()
     bar = tqdm(plan, desc="study", unit="stage", disable=not progress)
     for stage, seed in bar:
         unit = unit_name(stage.name, seed)
         bar.set_postfix_str(unit)
         record = folder.record(unit)
         if record is not None:
-            reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"]))
+            notes = [f"note: finished with {name} {old}, now {versions.get(name)}"
+                     for name, old in record.get("versions", {}).items() if versions.get(name) != old]
+            reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"] + notes))
             continue
         started, clock = folder.begin(unit), time.perf_counter()
         _reseed(seed)
