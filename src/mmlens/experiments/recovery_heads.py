@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..interventions import GroupContext, TokenGroup
 from ..interventions.attribution import attribution_patching, rank_correlation
 from ..interventions.corruptions import anchors_removed, counterfactual_images, derangement, mean_adapter_output, recovery_blocked
-from ..interventions.patching import Patch, Run, baseline, head_conditions, patch_conditions, run_and_collect
+from ..interventions.patching import Patch, Run, baseline, evaluate, head_conditions, patch_conditions, run_and_collect
 from ..interventions.patching_metrics import probe_metric
 from ..model import HookedMLLM
 from ..probing.batches import labelled_batches
@@ -52,9 +52,11 @@ class RecoveryMap:
 
 @dataclass
 class RecoveryHeadsResult:
-    """`table`: one row per LLM head, best first (effect = metric restored by patching that head's
-    clean output into the corrupted run, mean over images, with a 95% bootstrap interval).
-    `top_k`: the best k heads patched together, k = 1..top_k."""
+    """`table`: one row per LLM head, best first (effect = change of the metric when that head's
+    clean output is patched into the corrupted run, mean over images, with a 95% bootstrap
+    interval; best = moving it furthest towards the clean value, so a negative gap ranks the most
+    negative effects first; `fraction_restored` = effect / gap). `top_k`: the best k heads patched
+    together, k = 1..top_k."""
 
     table: pd.DataFrame
     top_k: pd.DataFrame
@@ -155,23 +157,25 @@ def find_recovery_heads(
 
     batches = list(labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
                                     min_valid_fraction=settings.min_valid_fraction))
-    prepared = []  # (clean run, corrupted run, metric, n recovered tokens per image, batch)
+    head_hooks = [f"blocks.{l}.attn.hook_{hook}" for l in layers]
+    prepared = []  # (clean run, corrupted run, metric, n recovered tokens per image, batch, clean activations)
     for b, batch in enumerate(batches):
         inputs, labels = batch.inputs, batch.labels["llm"]
-        clean_acts = run_and_collect(model, Run(inputs), [reference, readout])
+        clean_acts = run_and_collect(model, Run(inputs), [reference, readout, *head_hooks])  # reused as the source
         context = GroupContext(token_labels=labels.labels, model=model, activations=clean_acts,
                                ignore_index=sweep.ignore_index)
         metric = probe_metric(model, out_probe, readout, inputs, labels, tokens=scored_group, context=context)
         corrupted = _corrupt(model, corruption, inputs, window, anchors, context, mean, sweep.dataset,
                              indices, batch, seed + b)
         n_recovered = _grid(inputs, recovered.resolve(inputs, context)).sum(1)
-        prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch))
+        prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch, clean_acts))
 
     clean_m, corrupt_m, exact, attributed, recovered_counts = [], [], [], [], []
-    for clean, corrupted, metric, n_recovered, _ in tqdm(prepared, disable=not progress, desc="recovery heads"):
-        clean_m.append(baseline(model, clean, metric))
+    for clean, corrupted, metric, n_recovered, _, acts in tqdm(prepared, disable=not progress, desc="recovery heads"):
+        clean_m.append(evaluate(metric, acts, clean.inputs))
         corrupt_m.append(baseline(model, corrupted, metric))
-        values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size)
+        values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size,
+                                  source_activations=acts)
         exact.append(values.view(len(layers), n_heads, -1))
         if attribution:
             attributed.append(attribution_patching(model, clean, corrupted, metric, hook=hook).per_head())
@@ -190,16 +194,19 @@ def find_recovery_heads(
     top = list(zip(table.layer[:top_k].astype(int), table["head"][:top_k].astype(int)))
 
     together = []  # cumulative: best 1, best 2, ..., best top_k heads patched at once
-    for clean, corrupted, metric, _, _ in prepared:
-        nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
-        together.append(patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size))
+    nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
+    for clean, corrupted, metric, _, _, acts in prepared:
+        together.append(patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
+                                         source_activations=acts))
     together = torch.cat(together, dim=-1).cpu().numpy()[..., keep] - corrupt_m[keep]
     top_table = _top_k_table(together, gap, resamples, top)
 
     corr = rank_correlation(effects.mean(-1), attr.mean(-1)) if attribution else float("nan")
     low, high = percentile_interval([gap[i].mean() for i in resamples])
     summary = {"clean_metric": float(clean_m[keep].mean()), "corrupted_metric": float(corrupt_m[keep].mean()),
-               "gap": float(gap.mean()), "gap_low": low, "gap_high": high, "rank_correlation": corr,
+               "gap": float(gap.mean()), "gap_low": low, "gap_high": high,
+               "gap_excludes_zero": bool(low > 0 or high < 0),  # fractions restored mean little otherwise
+               "rank_correlation": corr,
                "top_k_fraction_restored": float(top_table.fraction_restored.iloc[-1]),
                "n_images": int(keep.sum()), "n_images_without_scored_tokens": int((~keep).sum())}
     counts = torch.cat(recovered_counts).numpy()
@@ -257,10 +264,13 @@ def _head_table(effects, gap, attr, resamples, layers) -> pd.DataFrame:
             row["fraction_low"], row["fraction_high"] = percentile_interval([e[s].mean() / gap[s].mean() for s in resamples])
             row["attribution"] = float(attr[i, h].mean()) if attr is not None else float("nan")
             rows.append(row)
-    table = pd.DataFrame(rows).sort_values("effect", ascending=False, kind="stable").reset_index(drop=True)
+    # restoring means moving the metric from the corrupted value towards the clean one
+    direction = -1.0 if gap.mean() < 0 else 1.0
+    table = pd.DataFrame(rows)
+    table = table.iloc[np.argsort(-direction * table.effect.to_numpy(), kind="stable")].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     if attr is not None:
-        table["attribution_rank"] = table.attribution.rank(ascending=False, method="min").astype(int)
+        table["attribution_rank"] = (direction * table.attribution).rank(ascending=False, method="min").astype(int)
     return table
 
 
@@ -289,7 +299,7 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
     maps = []
     for image in order:
         b, k = flat[int(image)]
-        clean, _, _, _, batch = prepared[b]
+        clean, _, _, _, batch, _ = prepared[b]
         inputs, labels = clean.inputs, batch.labels["llm"]
         context = GroupContext(token_labels=labels.labels, model=model, ignore_index=sweep.ignore_index)
         span = inputs.layout.spans[k]

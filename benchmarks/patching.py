@@ -1,0 +1,86 @@
+"""Cost and faithfulness of activation and attribution patching, measured in one run.
+
+Run: `python benchmarks/patching.py [--model tiny-shapes-llava] [--images 64]`. Prints:
+1. the head sweep (every LLM layer x head, clean -> recovery-blocked, probe margin) with all
+   conditions batched (chunks of 16 replicas) / one forward per head, for targets of 1 and of 8
+   images, and the largest difference between the two (must be 0 or float rounding);
+2. attribution patching's cost in forward-pass equivalents (its time / one forward of the
+   corrupted run with its edit and the metric);
+3. the recovery-heads study per corruption: wall time, and the Spearman correlation of
+   attribution with exact head patching over its images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import time_interleaved  # noqa: E402
+
+from mmlens import HookedMLLM  # noqa: E402
+from mmlens.data import load_segmentation  # noqa: E402
+from mmlens.experiments import find_recovery_heads  # noqa: E402
+from mmlens.interventions import Run, attribution_patching, baseline, head_sweep, probe_metric, recovery_blocked  # noqa: E402
+from mmlens.probing import probe_sweep  # noqa: E402
+from mmlens.probing.batches import labelled_batches  # noqa: E402
+
+READOUT = "blocks.3.hook_resid_post"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny-shapes-llava")
+    parser.add_argument("--images", type=int, default=64, help="images in the recovery-heads study")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model = HookedMLLM.from_pretrained(args.model)
+    scenes = load_segmentation("scenes", split="validation", n=4 * args.images, seed=0)
+    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out", READOUT], probe="ridge", progress=False, n_boot=20)
+    print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.llm.n_heads} heads, torch threads "
+          f"{torch.get_num_threads()}")
+
+    print("\n1. head sweep, batched vs one forward per head")
+    for n in (1, 8):
+        batch = next(labelled_batches(model, scenes, sweep.test_indices[:n], batch_size=n))
+        metric = probe_metric(model, sweep.probes[("model", READOUT)], READOUT, batch.inputs, batch.labels["llm"])
+        clean, corrupted = Run(batch.inputs), recovery_blocked(model, batch.inputs)
+        batched = head_sweep(model, clean, corrupted, metric, chunk_size=16)
+        sequential = head_sweep(model, clean, corrupted, metric, chunk_size=1)
+        times = time_interleaved({
+            "batched": lambda: head_sweep(model, clean, corrupted, metric, chunk_size=16),
+            "sequential": lambda: head_sweep(model, clean, corrupted, metric, chunk_size=1),
+        }, repeats=args.repeats, warmup=1)
+        print(f"   target of {n} image(s): batched {times['batched']:.3f} s, one forward per head "
+              f"{times['sequential']:.3f} s -> {times['sequential'] / times['batched']:.1f}x faster; "
+              f"max |difference| {float((batched - sequential).abs().max()):.2e}")
+
+    print("\n2. attribution patching cost (target of 8 images)")
+    times = time_interleaved({
+        "forward": lambda: baseline(model, corrupted, metric),
+        "attribution": lambda: attribution_patching(model, clean, corrupted, metric),
+    }, repeats=args.repeats, warmup=1)
+    print(f"   one forward {times['forward']:.3f} s, attribution {times['attribution']:.3f} s -> "
+          f"{times['attribution'] / times['forward']:.2f} forward-pass equivalents "
+          f"(exact head sweep: {model.cfg.n_layers * model.cfg.llm.n_heads} patched forwards)")
+
+    print(f"\n3. recovery-heads study on {args.images} held-out images (attribution vs exact)")
+    for corruption in ("recovery_blocked", "anchors_removed", "counterfactual"):
+        start = time.perf_counter()
+        result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.images)
+        elapsed = time.perf_counter() - start
+        s = result.summary
+        best = result.table.iloc[0]
+        print(f"   {corruption:17s} {elapsed:5.1f} s  Spearman {s['rank_correlation']:.3f}  gap {s['gap']:.3f} "
+              f"[{s['gap_low']:.3f}, {s['gap_high']:.3f}]  best L{int(best.layer)}H{int(best['head'])} "
+              f"{best.effect:.3f} [{best.effect_low:.3f}, {best.effect_high:.3f}]  top-{result.settings['top_k']} "
+              f"restore {s['top_k_fraction_restored']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
