@@ -175,9 +175,12 @@ def test_anchor_corruption_replaces_only_anchor_tokens(tiny_clip):
 def test_recovery_blocked_is_verified(tiny_clip):
     model, inputs = tiny_clip.model, tiny_clip.inputs
     run = recovery_blocked(model, inputs, layers=[0, 1])
-    made = run.edit(repeat_inputs(inputs, 2))
-    model.run_with_hooks(repeat_inputs(inputs, 2), fwd_hooks=made.hooks, return_type=None)
+    made = run.edit(inputs)
+    model.run_with_hooks(inputs, fwd_hooks=made.hooks, return_type=None)
     assert made.blocked_mass == {0: 0.0, 1: 0.0}
+    # replicas block the same edges (row for row), without measuring them
+    replicated = run.edit(repeat_inputs(inputs, 2))
+    assert torch.equal(replicated.blocked, made.blocked.repeat(2, 1, 1)) and not replicated.verify
     with pytest.raises(ValueError, match="non-empty subset"):
         recovery_blocked(model, inputs, layers=[99])
 

@@ -107,7 +107,7 @@ def find_recovery_heads(
     n_maps: int = 2,
     n_boot: int = 200,
     batch_size: int = 16,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> RecoveryHeadsResult:

@@ -26,6 +26,9 @@ from .groups import GroupContext, TokenGroup
 Edit = Callable[[MultimodalInputs], Any]
 # (activations of the run by hook name, plus "logits"; the run's inputs) -> one value per batch row
 Metric = Callable[[Mapping[str, Tensor], MultimodalInputs], Float[Tensor, "batch"]]
+# Replicas per forward are capped by rows: on CPU the cost per row is lowest at 16-32 rows of the
+# embedded model and doubles past 64, once activations outgrow the caches (benchmarks/patching.py).
+ROWS_PER_FORWARD = 32
 HEAD_HOOKS = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v",
               "attn.hook_rot_q", "attn.hook_rot_k")
 
@@ -268,15 +271,18 @@ def patch_conditions(
     metric: Metric,
     conditions: Sequence[Condition],
     *,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     context: GroupContext | None = None,
     source_activations: Mapping[str, Tensor] | None = None,
 ) -> Float[Tensor, "n_conditions batch"]:
     """The metric of the target run under each condition (a Patch, or Patches applied together),
     per batch row. `chunk_size` conditions share one forward of the target repeated that many
-    times; results equal patching one condition at a time (up to batched-matmul rounding)."""
+    times (default: as many as fit in `ROWS_PER_FORWARD` rows); results equal patching one
+    condition at a time (up to batched-matmul rounding)."""
     source, target = as_run(source, "source"), as_run(target, "target")
     check_same_layout(source.inputs, target.inputs)
+    if chunk_size is None:
+        chunk_size = max(1, ROWS_PER_FORWARD // len(target.inputs))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     conditions = _conditions(conditions)
@@ -331,7 +337,7 @@ def head_sweep(
     hook: str = "z",
     layers: Sequence[int] | None = None,
     positions: TokenGroup | Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     context: GroupContext | None = None,
 ) -> Float[Tensor, "layer head batch"]:
     """Patch each LLM head's output (`attn.hook_z` or `attn.hook_result`) at `positions` (default
@@ -350,7 +356,7 @@ def layer_position_sweep(
     *,
     hook: str = "blocks.{layer}.hook_resid_pre",
     layers: Sequence[int] | None = None,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     context: GroupContext | None = None,
 ) -> Float[Tensor, "layer group batch"]:
     """Patch `hook` (a name with `{layer}`) at each token group in each LLM layer; the metric per
