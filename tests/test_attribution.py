@@ -82,3 +82,33 @@ def test_accuracy_metric_is_refused_and_correlation_is_computed(tiny_clip):
     assert -1 <= correlation <= 1 and correlation == rank_correlation(estimate.numpy(), exact.numpy())
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+@torch.no_grad()
+def test_probe_metric_is_the_mean_true_class_margin_of_the_scored_tokens(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    d, n_classes, hook = model.cfg.d_model, 4, "blocks.1.hook_resid_post"
+    generator = torch.Generator().manual_seed(1)
+    probe = LinearProbe(torch.randn(d, generator=generator), torch.rand(d, generator=generator) + 0.5,
+                        torch.randn(d, n_classes, generator=generator), torch.randn(n_classes, generator=generator))
+    n_tokens = len(inputs.layout.token_grid)
+    labels = torch.randint(0, n_classes, (inputs.layout.n_images, n_tokens), generator=generator)
+    labels[1] = 255  # an image with nothing labelled scores NaN, not a number
+    box = TokenGroup.box(0, 0, 2, 4)
+    margin = probe_metric(model, probe, hook, inputs, labels, tokens=box)
+    accuracy = probe_metric(model, probe, hook, inputs, labels, tokens=box, kind="accuracy")
+    acts = run_and_collect(model, Run(inputs), [hook])
+    got, hits = margin(acts, inputs), accuracy(acts, inputs)
+    chosen = box.resolve(inputs)
+    for k, span in enumerate(inputs.layout.spans):
+        keep = chosen[span.row, span.positions] & (labels[k] != 255)
+        if not keep.any():
+            assert torch.isnan(got[span.row]) and torch.isnan(hits[span.row])
+            continue
+        logits = probe.logits(acts[hook][span.row, span.positions])[keep]
+        truth = labels[k][keep]
+        true = logits[torch.arange(len(truth)), truth]
+        others = logits.clone()
+        others[torch.arange(len(truth)), truth] = float("-inf")
+        torch.testing.assert_close(got[span.row], (true - others.max(1).values).mean())
+        torch.testing.assert_close(hits[span.row], (logits.argmax(1) == truth).float().mean())
