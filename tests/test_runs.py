@@ -190,8 +190,9 @@ KILL_CONFIG = {
     "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
                                          "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},
     "knockout": {"n_pairs": 2, "n_control": 1},
-    "position": {"enabled": False},  # the slowest stages, kept out to stay quick; the machinery is the same
-    "recovery": {"enabled": False},
+    "position": {"enabled": False},  # the slowest stage, kept out to stay quick; the machinery is the same
+    # runs after the kill, in the resumed process, on the sweep rebuilt from disk
+    "recovery": {"corruption": "counterfactual", "n_images": 8, "n_maps": 1, "top_k": 2},
 }
 
 
@@ -255,6 +256,7 @@ def test_resumed_results_equal_an_uninterrupted_run(killed_and_resumed):
     straight, killed, _, _ = killed_and_resumed
     expected, got = _tables(straight), _tables(killed)
     assert set(got) == set(expected) and any("anchor_knockout" in k for k in got)
+    assert any("recovery_heads" in k for k in got)
     for name in expected:
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=True, obj=name)
     for name in ("probes", "predictions"):

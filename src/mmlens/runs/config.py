@@ -131,7 +131,7 @@ class RecoveryConfig:
     top_k: int = checked(4, check=positive, doc="best heads also patched together")
     attribution: bool = checked(True, doc="also estimate every head's effect by attribution patching")
     n_maps: int = checked(2, check=non_negative, doc="attention recovery maps drawn")
-    chunk_size: int = checked(16, check=positive, doc="patched runs per forward batch")
+    chunk_size: int | None = checked(None, check=positive, doc="patched runs per forward batch (null: the experiment's default)")
 
 
 @dataclass(frozen=True)

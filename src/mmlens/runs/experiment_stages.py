@@ -151,6 +151,8 @@ def recovery_heads_stage(context: StageContext) -> StageOutput:
         f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
         f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman {s['rank_correlation']:.2f}",
     ]
+    if not s.get("gap_excludes_zero", True):
+        lines.append("the gap's interval includes zero: the corruption barely matters here, so fractions restored mean little")
     figures = {}
     for name, figure in result.figures().items():
         if name == "head_heatmap":
@@ -161,7 +163,7 @@ def recovery_heads_stage(context: StageContext) -> StageOutput:
                                         title=f"Attention recovery map, image {name.rsplit('_', 1)[-1]}")
     return StageOutput(
         tables={"heads": result.table, "top_k": result.top_k,
-                "summary": pd.DataFrame([{"statistic": k, "value": v} for k, v in s.items()])},
+                "summary": pd.DataFrame([{"statistic": k, "value": float(v)} for k, v in s.items()])},
         figures=figures,
         data={"recovery": {"settings": result.settings, "layers": result.layers,
                            "top_heads": [[int(l), int(h)] for l, h in result.top_heads]}},
