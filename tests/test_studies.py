@@ -12,7 +12,7 @@ from mmlens.experiments import anchor_knockout, conflicting_pairs, position_stud
 from mmlens.interventions import GroupContext, TokenGroup, bidirectional_image_attention
 from mmlens.probing import probe_sweep
 from mmlens.probing.batches import labelled_batches
-from mmlens.viz import plot_knockout_effect, plot_position_curve, plot_position_heatmap
+from mmlens.viz import plot_position_curve, plot_position_heatmap
 
 
 @pytest.fixture(scope="module")

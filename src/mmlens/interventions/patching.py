@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..model import HookedMLLM, ImageSpan, ImageTokenLayout, MultimodalInputs
+from ..model import HookedMLLM, ImageSpan, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 
 # inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
