@@ -209,3 +209,17 @@ def test_bad_patches_and_metrics_are_clear_errors(tiny_clip):
         patch_conditions(model, inputs, inputs, metric, [Patch("blocks.0.hook_resid_pre", torch.ones(2, 2, dtype=torch.bool))])
     with pytest.raises(ValueError, match="hook must be 'z' or 'result'"):
         head_sweep(model, inputs, inputs, metric, hook="pattern")
+
+
+@torch.no_grad()
+def test_llm_inputs_embeds_runs_only_the_llm_and_matches_the_full_forward(tiny):
+    model, inputs = tiny.model, tiny.inputs
+    _, cache = model.run_with_cache(inputs, names_filter=["hook_multimodal_embed", "blocks.1.hook_resid_post"])
+    fired = []
+    hooks = [("vision.blocks.0.hook_resid_post", lambda x, hook: fired.append(hook.name)),
+             ("adapter.hook_out", lambda x, hook: fired.append(hook.name))]
+    logits = model.run_with_hooks(inputs, fwd_hooks=hooks, llm_inputs_embeds=cache["hook_multimodal_embed"])
+    assert not fired, "vision and adapter must not run"
+    torch.testing.assert_close(logits, model(inputs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="llm_inputs_embeds must be"):
+        model(inputs, llm_inputs_embeds=cache["hook_multimodal_embed"][:, 1:])

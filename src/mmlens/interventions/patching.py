@@ -29,6 +29,8 @@ Metric = Callable[[Mapping[str, Tensor], MultimodalInputs], Float[Tensor, "batch
 # Replicas per forward are capped by rows: on CPU the cost per row is lowest at 16-32 rows of the
 # embedded model and doubles past 64, once activations outgrow the caches (benchmarks/patching.py).
 ROWS_PER_FORWARD = 32
+# hooks of the LLM proper: patching and reading only these lets repeated copies skip vision and adapter
+LLM_HOOK_PREFIXES = ("blocks.", "ln_final.")
 HEAD_HOOKS = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v",
               "attn.hook_rot_q", "attn.hook_rot_k")
 
@@ -150,7 +152,7 @@ def metric_hooks(metric: Metric) -> list[str]:
 
 
 def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach: bool = True,
-                    extra_hooks: Sequence[tuple[str, Callable]] = ()) -> dict[str, Tensor]:
+                    extra_hooks: Sequence[tuple[str, Callable]] = (), **forward_kwargs: Any) -> dict[str, Tensor]:
     """One forward of a run: the activations at `names` and the logits."""
     hooks, made = edit_hooks(run.edit, run.inputs)
     store: dict[str, Tensor] = {}
@@ -159,7 +161,8 @@ def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach
         store[hook.name] = activation.detach() if detach else activation
 
     names = list(dict.fromkeys(model.resolve_hook_name(n) for n in names))
-    logits = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)])
+    logits = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)],
+                                  **forward_kwargs)
     verify_edit(made)
     store["logits"] = logits
     return store
@@ -291,6 +294,11 @@ def patch_conditions(
         source_activations = run_and_collect(model, source, names)
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
     batch, n_images = len(target.inputs), target.inputs.layout.n_images
+    # Copies of the target differ only inside the LLM when every patched and read hook is there:
+    # compute the LLM's input once (under the target's edit) and run only the LLM per copy.
+    embeds = None
+    if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
+        embeds = run_and_collect(model, target, ["hook_multimodal_embed"])["hook_multimodal_embed"]
     values = []
     for start in range(0, len(conditions), chunk_size):
         chunk = conditions[start:start + chunk_size]
@@ -298,7 +306,8 @@ def patch_conditions(
         patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
         run = Run(repeated, target.edit, target.name)
-        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks)
+        llm_only = {} if embeds is None else {"llm_inputs_embeds": embeds.repeat(k, 1, 1)}
+        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **llm_only)
         for r in range(k):
             rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
             values.append(evaluate(metric, rows, target.inputs))

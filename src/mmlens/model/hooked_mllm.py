@@ -340,13 +340,27 @@ class HookedMLLM(HookedRootModule):
         pixel_values: Float[Tensor, "n_images 3 h w"] | None = None,
         attention_mask: Int[Tensor, "batch seq"] | None = None,
         return_type: ReturnType = "logits",
+        llm_inputs_embeds: Float[Tensor, "batch seq d_model"] | None = None,
         **hf_kwargs: Any,
     ) -> Any:
-        """Logits [batch, seq, d_vocab] (or the next-token loss over text tokens, or both)."""
+        """Logits [batch, seq, d_vocab] (or the next-token loss over text tokens, or both).
+
+        `llm_inputs_embeds`: the LLM's input (`hook_multimodal_embed`, i.e. text embeddings with
+        the adapter's output at the image tokens) from an earlier run of the same inputs; only
+        the LLM runs, so vision and adapter hooks do not fire. Patching uses it to skip the
+        vision tower in every repeated copy of a batch.
+        """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask)
-        logits = self.architecture.forward(self.hf_model, **self._with_image_attention(kwargs), **hf_kwargs).logits
+        run_kwargs = self._with_image_attention(kwargs)
+        if llm_inputs_embeds is not None:
+            expected = (*kwargs["input_ids"].shape, self.cfg.d_model)
+            if tuple(llm_inputs_embeds.shape) != expected:
+                raise ValueError(f"llm_inputs_embeds must be [batch, seq, d_model] = {expected} for these inputs, "
+                                 f"got {tuple(llm_inputs_embeds.shape)}")
+            run_kwargs = {"inputs_embeds": llm_inputs_embeds, "attention_mask": run_kwargs.get("attention_mask")}
+        logits = self.architecture.forward(self.hf_model, **run_kwargs, **hf_kwargs).logits
         if return_type == "logits":
             return logits
         if return_type is None:
