@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mmlens.data import load_segmentation
 from mmlens.probing import probe_sweep
@@ -83,3 +84,24 @@ def test_plots_render(ridge_sweep):
     assert len(predictions.data) == 2 + 3  # image, truth, adapter in/out, last LLM layer
     with pytest.raises(ValueError, match="were not probed"):
         plot_probe_predictions(ridge_sweep, hooks=["blocks.9.hook_resid_post"])
+
+
+def test_an_intervention_runs_in_every_forward_of_the_sweep(tiny_clip, scenes):
+    from mmlens.interventions import TokenGroup, knockout
+
+    model = tiny_clip.model
+    made = []
+
+    def blocked(inputs):
+        ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.image(), layers=range(model.cfg.n_layers),
+                      verify=True)
+        made.append(ko)
+        return ko
+
+    kwargs = dict(sites=["blocks.1.hook_resid_post"], probe="ridge", batch_size=8, progress=False, n_boot=10)
+    edited = probe_sweep(model, scenes, intervention=blocked, **kwargs)
+    plain = probe_sweep(model, scenes, **kwargs)
+    assert len(made) == 4  # 18 training scenes in batches of 8 (3 forwards) and 6 test scenes (1)
+    assert all(ko.blocked_mass and max(ko.blocked_mass.values()) == 0.0 for ko in made)
+    key = ("model", "blocks.1.hook_resid_post")
+    assert not torch.allclose(edited.probes[key].mean, plain.probes[key].mean), "the probe saw the edited activations"
