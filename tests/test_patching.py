@@ -223,3 +223,17 @@ def test_llm_inputs_embeds_runs_only_the_llm_and_matches_the_full_forward(tiny):
     torch.testing.assert_close(logits, model(inputs), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="llm_inputs_embeds must be"):
         model(inputs, llm_inputs_embeds=cache["hook_multimodal_embed"][:, 1:])
+
+
+@torch.no_grad()
+def test_an_edit_before_the_llm_applies_once_when_copies_run_only_the_llm(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+
+    def shift_llm_input(batch):
+        return [("hook_multimodal_embed", lambda x, hook: x + 1.0)]
+
+    target = Run(inputs, shift_llm_input)
+    metric = CacheMetric(lambda acts, inp: acts["blocks.1.hook_resid_post"].norm(dim=-1).mean(-1), ["blocks.1.hook_resid_post"])
+    nothing = Patch("blocks.0.hook_resid_pre", positions=torch.zeros(inputs.input_ids.shape, dtype=torch.bool))
+    patched = patch_conditions(model, Run(inputs), target, metric, [nothing, nothing])
+    torch.testing.assert_close(patched, baseline(model, target, metric).expand(2, -1), atol=1e-5, rtol=0)

@@ -262,6 +262,18 @@ def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:
     return out
 
 
+def _llm_part(model: HookedMLLM, edit: Edit | None) -> Edit | None:
+    """The edit's hooks inside the LLM only: the rest (vision, adapter, `hook_multimodal_embed`)
+    already shaped the LLM input the copies start from, and must not apply twice."""
+    if edit is None:
+        return None
+
+    def llm_hooks(inputs: MultimodalInputs) -> list[tuple[str, Callable]]:
+        hooks, _ = edit_hooks(edit, inputs)
+        return [(name, hook) for name, hook in hooks if model.resolve_hook_name(name).startswith(LLM_HOOK_PREFIXES)]
+    return llm_hooks
+
+
 def _replica(activation: Tensor, r: int, rows: int) -> Tensor:
     return activation[r * rows:(r + 1) * rows]
 
@@ -305,7 +317,7 @@ def patch_conditions(
         k = len(chunk)
         patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
-        run = Run(repeated, target.edit, target.name)
+        run = Run(repeated, target.edit if embeds is None else _llm_part(model, target.edit), target.name)
         llm_only = {} if embeds is None else {"llm_inputs_embeds": embeds.repeat(k, 1, 1)}
         found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **llm_only)
         for r in range(k):
