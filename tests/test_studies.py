@@ -63,6 +63,7 @@ def test_the_most_conflicting_pairs_are_the_lookalike_classes(sweep):
 def test_anchor_knockout_takes_effect_and_has_a_matched_control(shapes, sweep):
     result = anchor_knockout(shapes, sweep, n_control=2, n_boot=50)
     assert result.blocked_mass == 0.0 and result.layers == [0, 1, 2, 3]
+    assert 0 < result.control_anchor_share < 1
     assert result.anchors_per_image > 0 and result.targets_per_image > 0
     table = result.table.set_index(["condition", "hook"])
     # at the reference nothing has been edited yet: identical, and targets are wrong by definition

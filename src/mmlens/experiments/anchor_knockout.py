@@ -5,7 +5,10 @@ those classes it classifies correctly there are anchors; the others are the targ
 attention edges anchor -> every other image token (information flow from anchors, in the LLM
 layers after the reference) and read the targets out again with the sweep's own probes at every
 later layer. The control blocks the same number of random tokens of the same classes in each
-image (several seeds); intervals are bootstrap resamples of the images, paired across conditions.
+image (several seeds); the scored targets stay queries in every condition. Drawn from the same
+classes, the control shares tokens with the anchors (`control_anchor_share`), which makes the
+anchors - control difference conservative. Intervals are bootstrap resamples of the images,
+paired across conditions.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class AnchorKnockoutResult:
     anchors_per_image: float
     targets_per_image: float
     blocked_mass: float  # largest attention probability left on a blocked edge in any run
+    control_anchor_share: float  # fraction of the control's blocked tokens that are anchors
     settings: dict = field(default_factory=dict)
 
     def figure(self, metric: str = "target_accuracy"):
@@ -103,6 +107,7 @@ def anchor_knockout(
     scored: list[np.ndarray] = []
     n_anchors: list[int] = []
     blocked_mass = 0.0
+    overlap = [0, 0]  # control keys that are anchors, all control keys
     batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
                                min_valid_fraction=settings.min_valid_fraction)
     for b, batch in enumerate(tqdm(batches, total=-(-len(indices) // batch_size), disable=not progress,
@@ -112,14 +117,22 @@ def anchor_knockout(
         context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)
         anchor_mask = anchors.resolve(inputs, context)
         anchor_group = TokenGroup.from_mask(anchor_mask, "anchors")
-        target_tokens = _grid_tokens(inputs, targets.resolve(inputs, context))
+        target_mask = targets.resolve(inputs, context)
+        target_tokens = _grid_tokens(inputs, target_mask)
+        scored_group = TokenGroup.from_mask(target_mask, "targets")
         predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
         knocked = [("anchors", anchor_group)] + [
             ("control", TokenGroup.random_like(anchor_group, within=same_classes, seed=seed + 7919 * b + s))
             for s in range(n_control)
         ]
         for condition, keys in knocked:
-            ko = knockout(model, inputs, queries=image - keys, keys=keys, layers=window, verify=True, context=context)
+            # scored targets stay queries in every condition, even when the control draws them as keys
+            ko = knockout(model, inputs, queries=(image - keys) | scored_group, keys=keys, layers=window, verify=True,
+                          context=context)
+            if condition == "control":
+                drawn = keys.resolve(inputs, context)
+                overlap[0] += int((drawn & anchor_mask).sum())
+                overlap[1] += int(drawn.sum())
             predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
             blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
         if blocked_mass != 0.0:
@@ -177,6 +190,7 @@ def anchor_knockout(
         anchors_per_image=float(np.concatenate(n_anchors).mean()),
         targets_per_image=float(np.concatenate(scored).mean()),
         blocked_mass=blocked_mass,
+        control_anchor_share=overlap[0] / overlap[1] if overlap[1] else float("nan"),
         settings={"n_images": len(indices), "n_control": n_control, "n_boot": n_boot, "seed": seed,
                   "classes": [sweep.class_names[c] for c in classes]},
     )
