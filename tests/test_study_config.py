@@ -115,3 +115,14 @@ def test_docs_list_every_setting():
     documented = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
     missing = [line.split(":")[0] for line in schema_lines() if f"| `{line.split(':')[0]}` |" not in documented]
     assert not missing, f"docs/cli.md lacks {missing}"
+
+
+def test_an_llm_only_sweep_cannot_serve_an_adapter_reference():
+    from mmlens.runs import ConfigError
+    from mmlens.runs.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="knockout.reference: 'adapter.hook_out' is not probed when probe.sites is 'llm'"):
+        config_from_dict({"model": "tiny-shapes-llava", "dataset": {"name": "scenes"}, "probe": {"sites": "llm"}})
+    config_from_dict({"model": "tiny-shapes-llava", "dataset": {"name": "scenes"}, "probe": {"sites": "llm"},
+                      "knockout": {"reference": "blocks.0.hook_resid_post"},
+                      "recovery": {"reference": "blocks.0.hook_resid_post"}})

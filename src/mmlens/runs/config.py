@@ -221,7 +221,10 @@ def _needs_probe_at(config: StudyConfig, section: str, reference: str) -> list[s
     sites = config.probe.sites
     if isinstance(sites, str) and sites in ("vision", "adapter"):
         return [f"{section}.enabled: this stage reads the sweep's LLM probes, but probe.sites is {sites!r}; "
-                f"use 'all' or 'llm', or set {section}.enabled: false"]
+                f"use 'all', or set {section}.enabled: false"]
+    if sites == "llm" and not reference.startswith("blocks."):
+        return [f"{section}.reference: {reference!r} is not probed when probe.sites is 'llm' (LLM layers only); "
+                f"use probe.sites: all, list it in probe.sites, or pick an LLM reference (blocks.L.hook_resid_post)"]
     if isinstance(sites, list) and reference not in sites:
         return [f"{section}.reference: {reference!r} must be one of probe.sites (the stage reuses its probe)"]
     return []
