@@ -105,3 +105,8 @@ def test_an_intervention_runs_in_every_forward_of_the_sweep(tiny_clip, scenes):
     assert all(ko.blocked_mass and max(ko.blocked_mass.values()) == 0.0 for ko in made)
     key = ("model", "blocks.1.hook_resid_post")
     assert not torch.allclose(edited.probes[key].mean, plain.probes[key].mean), "the probe saw the edited activations"
+
+
+def test_an_intervention_and_the_random_init_control_are_refused_together(tiny_clip, scenes):
+    with pytest.raises(ValueError, match="random_init control cannot take the intervention"):
+        probe_sweep(tiny_clip.model, scenes, control="random_init", intervention=lambda inputs: [], progress=False)

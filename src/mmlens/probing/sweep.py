@@ -112,6 +112,11 @@ def probe_sweep(
     unknown = set(controls) - set(CONTROLS)
     if unknown:
         raise ValueError(f"unknown control(s) {sorted(unknown)}; choose from {CONTROLS}")
+    if intervention is not None and "random_init" in controls:
+        raise ValueError(
+            "the random_init control cannot take the intervention: an edit is built for the trained model "
+            "(its token groups and probes). Run the random-init control without intervention= in a separate sweep"
+        )
     info = segmentation_info(dataset)
     n_classes = len(info.class_names)
     resolved = default_sites(model, sites)
