@@ -48,6 +48,7 @@ class RecoveryMap:
     anchors: list[int]  # grid tokens that are anchors
     attention: dict[int, np.ndarray]  # layer -> [rows, cols], mean over the layer's heads and the queries
     heads: dict[int, list[int]]
+    query_kind: str = "recovered"  # or "objects": the image has no recovered token, so all its object tokens
 
 
 @dataclass
@@ -287,7 +288,8 @@ def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:
 @torch.no_grad()
 def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_maps) -> list[RecoveryMap]:
     """Clean attention of the top heads from the recovered tokens (or, in images without any,
-    from the wrongly classified ones) of the images with the most recovered tokens."""
+    from all labelled object tokens, flagged in `query_kind`) of the images with the most
+    recovered tokens."""
     if n_maps < 1:
         return []
     order = np.argsort(-counts, kind="stable")[:n_maps]
@@ -304,8 +306,10 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
         context = GroupContext(token_labels=labels.labels, model=model, ignore_index=sweep.ignore_index)
         span = inputs.layout.spans[k]
         queries = recovered.resolve(inputs, context)[span.row, span.positions]
+        query_kind = "recovered"
         if not queries.any():
             queries = labels.valid[k] & (labels.labels[k] != _background(sweep.class_names))
+            query_kind = "objects"
         anchor_tokens = anchors.resolve(inputs, context)[span.row, span.positions]
         found = run_and_collect(model, clean, names)
         positions = span.positions.to(model.cfg.device)
@@ -317,7 +321,7 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
         picture = _model_view(model, inputs.pixel_values[span.image_index])
         maps.append(RecoveryMap(int(batch.indices[k]), picture, inputs.layout.grid,
                                 queries.nonzero().flatten().tolist(), anchor_tokens.nonzero().flatten().tolist(),
-                                attention, {l: sorted(hs) for l, hs in heads.items()}))
+                                attention, {l: sorted(hs) for l, hs in heads.items()}, query_kind))
     return maps
 
 

@@ -76,8 +76,10 @@ def plot_recovery_map(example, opacity: float = 0.55) -> go.Figure:
             marks(example.queries, "x-thin-open", "#39ff14", "query tokens", col)
         fig.update_xaxes(showticklabels=False, range=[0, width], row=1, col=col)
         fig.update_yaxes(showticklabels=False, range=[height, 0], scaleanchor=f"x{col}", row=1, col=col)
+    source = ("tokens wrong at the adapter and right later" if getattr(example, "query_kind", "recovered") == "recovered"
+              else "all object tokens (none in this image is wrong at the adapter and right later)")
     fig.update_layout(title=f"Attention recovery map, image {example.dataset_index}<br><sup>where the recovery heads "
-                            "attend from tokens wrong at the adapter and right later</sup>", template="plotly_white",
+                            f"attend from {source}</sup>", template="plotly_white",
                       width=max(520, 260 * len(layers) + 160), height=400, legend=dict(orientation="h", y=-0.1))
     return fig
 
