@@ -43,6 +43,7 @@ def main() -> None:
     print("conflicting pairs at the adapter output:")
     print(knock.pairs[["name_a", "name_b", "confusion_rate"]].to_string(index=False, float_format="%.3f"))
     print(f"\nanchors per image {knock.anchors_per_image:.1f}, targets per image {knock.targets_per_image:.1f}, "
+          f"control tokens that are anchors {knock.control_anchor_share:.2f}, "
           f"attention left on blocked edges {knock.blocked_mass}")
     effects = knock.effects[knock.effects.metric == "target_accuracy"]
     print(effects[["comparison", "site", "effect", "low", "high"]].to_string(index=False, float_format="%.3f"))
