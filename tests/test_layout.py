@@ -114,3 +114,17 @@ def test_masks_share_the_images_geometry():
     out = tiny.model.transform_mask(mask)
     size = tiny.model.cfg.vision.image_size
     assert out.shape == (size, size) and set(np.unique(out)) <= {0, 3}
+
+
+def test_by_image_takes_each_images_grid_tokens_in_pixel_values_order():
+    tiny = build_tiny("clip", padding_side="left")
+    images = random_images(3)
+    inputs = tiny.model.prepare([[images[0], images[1]], [images[2]]], ["compare the two", "how many"])
+    layout = inputs.layout
+    values = torch.arange(inputs.input_ids.numel()).view(inputs.input_ids.shape)
+    taken = layout.by_image(values)
+    assert taken.shape == (3, len(layout.token_grid))
+    for span in layout.spans:
+        assert torch.equal(taken[span.image_index], values[span.row, span.positions])
+    features = torch.randn(*inputs.input_ids.shape, 5)
+    assert layout.by_image(features).shape == (3, len(layout.token_grid), 5)

@@ -118,7 +118,7 @@ def anchor_knockout(
         anchor_mask = anchors.resolve(inputs, context)
         anchor_group = TokenGroup.from_mask(anchor_mask, "anchors")
         target_mask = targets.resolve(inputs, context)
-        target_tokens = _grid_tokens(inputs, target_mask)
+        target_tokens = inputs.layout.by_image(target_mask)
         scored_group = TokenGroup.from_mask(target_mask, "targets")
         predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
         knocked = [("anchors", anchor_group)] + [
@@ -149,7 +149,7 @@ def anchor_knockout(
                 counts[(condition, name)].append(per_run.sum(0))
                 correct[(condition, name)].append(hits.sum(1).numpy())
         scored.append(target_tokens.sum(1).numpy())
-        n_anchors.append(_grid_tokens(inputs, anchor_mask).sum(1).numpy())
+        n_anchors.append(inputs.layout.by_image(anchor_mask).sum(1).numpy())
 
     counts = {key: np.concatenate(v) for key, v in counts.items()}
     correct = {key: np.concatenate(v) for key, v in correct.items()}
@@ -220,9 +220,3 @@ def _readouts(model, sweep, reference: str, window: list[int], readouts) -> list
     if grids != {"llm"}:
         raise ValueError("readout sites must be on the LLM token grid (adapter or LLM sites)")
     return list(dict.fromkeys(names))
-
-
-def _grid_tokens(inputs, mask: torch.Tensor) -> torch.Tensor:
-    """A [batch, seq] group as [n_images, n_tokens] over each image's grid tokens."""
-    spans = inputs.layout.spans
-    return torch.stack([mask[s.row, s.positions] for s in spans])

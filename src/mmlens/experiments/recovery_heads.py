@@ -168,7 +168,7 @@ def find_recovery_heads(
         metric = probe_metric(model, out_probe, readout, inputs, labels, tokens=scored_group, context=context)
         corrupted = _corrupt(model, corruption, inputs, window, anchors, context, mean, sweep.dataset,
                              indices, batch, seed + b)
-        n_recovered = _grid(inputs, recovered.resolve(inputs, context)).sum(1)
+        n_recovered = inputs.layout.by_image(recovered.resolve(inputs, context)).sum(1)
         prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch, clean_acts))
 
     clean_m, corrupt_m, exact, attributed, recovered_counts = [], [], [], [], []
@@ -248,9 +248,6 @@ def _corrupt(model, corruption, inputs, window, anchors, context, mean, dataset,
         others = np.random.default_rng(seed).choice(pool, size=len(batch.indices), replace=False)
     return counterfactual_images(model, inputs, dataset[others.tolist()]["image"])
 
-
-def _grid(inputs, mask: torch.Tensor) -> torch.Tensor:
-    return torch.stack([mask[s.row, s.positions] for s in inputs.layout.spans])
 
 
 def _head_table(effects, gap, attr, resamples, layers) -> pd.DataFrame:

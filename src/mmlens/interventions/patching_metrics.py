@@ -122,7 +122,7 @@ def probe_metric(
             mask = torch.as_tensor(tokens, dtype=torch.bool).cpu()
             if mask.shape != inputs.input_ids.shape:
                 raise ValueError(f"tokens mask must be [batch, seq] = {tuple(inputs.input_ids.shape)}, got {tuple(mask.shape)}")
-        selected = torch.stack([mask[s.row, s.positions] for s in inputs.layout.spans])
+        selected = inputs.layout.by_image(mask)
     return ProbeMetric(model, probe, hook, labels, valid.cpu() & selected, inputs, kind)
 
 

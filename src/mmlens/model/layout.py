@@ -118,6 +118,16 @@ class ImageTokenLayout:
     def patch_boxes(self) -> Int[Tensor, "n_patches 4"]:
         return self.patch_grid.boxes
 
+    def by_image(self, values: Tensor) -> Tensor:
+        """`values` laid out [batch, seq, ...] (a token mask, activations) taken at each image's
+        grid tokens: [n_images, n_tokens, ...], images in `pixel_values` order."""
+        spans = self.spans
+        if not spans:
+            return values.new_zeros((0, len(self.token_grid), *values.shape[2:]))
+        rows = torch.tensor([s.row for s in spans], device=values.device)
+        positions = torch.stack([s.positions for s in spans]).to(values.device)
+        return values[rows[:, None], positions]
+
     def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
         """True at every image grid token (CLS tokens excluded)."""
         mask = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -75,7 +74,4 @@ def gather_image_tokens(
         return activation[:, layout.patch_positions.to(activation.device)]
     if site.stage == "adapter":
         return activation[:, int(llm_sees_cls):]
-    spans = layout.spans
-    rows = torch.tensor([s.row for s in spans], device=activation.device)
-    positions = torch.stack([s.positions for s in spans]).to(activation.device)
-    return activation[rows[:, None], positions]
+    return layout.by_image(activation)
