@@ -22,13 +22,13 @@ import torch
 
 from ..data.token_labels import token_labels
 from ..interventions import bidirectional_image_attention
+from ..interventions.hook_set import edit_hooks
 from ..model import HookedMLLM
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
-from ..probing.sweep import intervention_hooks
 from .anchors import BACKGROUND_NAMES
 from .intervals import percentile_interval, pooled_accuracy
 
@@ -192,7 +192,7 @@ def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention) 
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
                                   prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
-        predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=intervention_hooks(intervention, batch.inputs))
+        predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
         for n in names:
             out[n].append(predicted[n])
     return {n: torch.cat(v) for n, v in out.items()}

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from ..model import HookedMLLM, ImageSpan, MultimodalInputs
 from .groups import GroupContext, TokenGroup
+from .hook_set import Edit, edit_hooks
 
 # inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
 # object with a `hooks` list, such as `knockout(...)`
-Edit = Callable[[MultimodalInputs], Any]
 # (activations of the run by hook name, plus "logits"; the run's inputs) -> one value per batch row
 Metric = Callable[[Mapping[str, Tensor], MultimodalInputs], Float[Tensor, "batch"]]
 # Replicas per forward are capped by rows: on CPU the cost per row is lowest at 16-32 rows of the
@@ -126,18 +126,6 @@ def repeat_inputs(inputs: MultimodalInputs, k: int) -> MultimodalInputs:
         layout=replace(layout, images=rows),
         prompts=tuple(inputs.prompts) * k,
     )
-
-
-def edit_hooks(edit: Edit | None, inputs: MultimodalInputs) -> tuple[list[tuple[str, Callable]], Any]:
-    """The forward hooks an edit asks for on these inputs, and the edit object (to verify it)."""
-    if edit is None:
-        return [], None
-    made = edit(inputs)
-    hooks = getattr(made, "hooks", made)
-    if not isinstance(hooks, (list, tuple)):
-        raise TypeError("an edit must return a list of (hook name, hook) pairs or an object with a `hooks` list "
-                        f"(knockout(...), bidirectional_image_attention(...)); got {type(made).__name__}")
-    return list(hooks), made
 
 
 def verify_edit(made: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..data.schema import segmentation_info
-from ..model import HookedMLLM, MultimodalInputs, TokenGrid
+from ..interventions.hook_set import Edit, edit_hooks
+from ..model import HookedMLLM, TokenGrid
 from .batches import labelled_batches
 from .linear import LinearProbe
 from .logistic import fit_logistic_many
@@ -29,8 +30,6 @@ from .sites import Site, default_sites, gather_image_tokens
 from .store import ActivationStore
 
 ProbeKind = Literal["ridge", "logistic"]
-# inputs -> forward hooks to apply while probing: a list of (name, hook) or an object with `.hooks`
-Intervention = Callable[[MultimodalInputs], Any]
 Control = Literal["random_init", "shuffled_labels"]
 CONTROLS = ("random_init", "shuffled_labels")
 
@@ -91,7 +90,7 @@ def probe_sweep(
     probe: ProbeKind = "logistic",
     *,
     control: Control | Iterable[Control] | None = None,
-    intervention: Intervention | None = None,
+    intervention: Edit | None = None,
     progress: bool = True,
     **settings: Any,
 ) -> ProbeSweep:
@@ -220,7 +219,7 @@ class _SweepRun:
         for inputs, _, labels in self._batches(train_idx, "probe sweep: train images"):
             label_sets = self._label_sets(labels)
             keep = {grid: self._keep(labels[grid].valid) for grid in labels}
-            model.run_with_hooks(inputs, fwd_hooks=intervention_hooks(self.intervention, inputs)
+            model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
                                  + [(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
                                  return_type=None)
 
@@ -258,7 +257,7 @@ class _SweepRun:
 
         for inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
             masks_seen.append(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
-            model.run_with_hooks(inputs, fwd_hooks=intervention_hooks(self.intervention, inputs)
+            model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
                                  + [(s.hook, test_hook(s, labels, masks)) for s in self.sites],
                                  return_type=None)
         found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
@@ -301,17 +300,3 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids,
         bootstrap=resamples,
         scores={key: scores for key, (_, scores, _) in results.items()},
     )
-
-
-def intervention_hooks(intervention: Intervention | None, inputs: MultimodalInputs) -> list[tuple[str, Callable]]:
-    """The forward hooks an intervention asks for on these inputs."""
-    if intervention is None:
-        return []
-    made = intervention(inputs)
-    hooks = getattr(made, "hooks", made)
-    if not isinstance(hooks, (list, tuple)):
-        raise TypeError(
-            "an intervention must return a list of (hook name, hook) pairs or an object with a `hooks` "
-            f"list (knockout(...), bidirectional_image_attention(...)); got {type(made).__name__}"
-        )
-    return list(hooks)
