@@ -183,7 +183,8 @@ def probe_predictions(
     inputs: MultimodalInputs, context: GroupContext, probe: "LinearProbe", hook: str
 ) -> Int[Tensor, "n_images n_tokens"]:
     """The probe's class for every LLM grid token of every image, read at `hook` on a clean run."""
-    from ..probing.sites import gather_image_tokens, site_for  # probing builds on interventions' layer
+    from ..probing.predict import predict_image_tokens  # probing builds on interventions' layer
+    from ..probing.sites import site_for
 
     model = context.model
     if model is None:
@@ -199,9 +200,7 @@ def probe_predictions(
             f"{name} is read on the vision patch grid {layout.patch_grid.shape}, which differs from the LLM "
             f"token grid {layout.token_grid.shape}; probe groups need a site on the LLM grid (adapter or LLM)"
         )
-    x = gather_image_tokens(site, context.activations[name], layout, model.architecture.llm_sees_cls(model.cfg))
-    with torch.no_grad():
-        return probe.to(x.device).predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
+    return predict_image_tokens(model, inputs, {name: probe}, activations=context.activations)[name]
 
 
 def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
