@@ -58,6 +58,8 @@ def test_the_most_conflicting_pairs_are_the_lookalike_classes(sweep):
     assert pairs.confusion_rate.is_monotonic_decreasing and "background" not in set(pairs.name_a) | set(pairs.name_b)
     with pytest.raises(KeyError, match="probed sites"):
         conflicting_pairs(sweep, "blocks.9.hook_resid_post")
+    with pytest.raises(ValueError, match="unknown class 'sky' in exclude"):
+        conflicting_pairs(sweep, "adapter.hook_out", exclude=["sky"])
 
 
 def test_anchor_knockout_takes_effect_and_has_a_matched_control(shapes, sweep):

@@ -1,7 +1,7 @@
 """The study's experiments, each composed from the public layers below (model, probing, interventions)."""
 
 from .anchor_knockout import AnchorKnockoutResult, anchor_knockout
-from .anchors import anchor_groups, conflicting_pairs, pair_classes
+from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes
 from .position_study import PositionStudyResult, position_study
 from .recovery_heads import RecoveryHeadsResult, RecoveryMap, find_recovery_heads
 
@@ -13,6 +13,7 @@ __all__ = [
     "anchor_groups",
     "anchor_knockout",
     "conflicting_pairs",
+    "excluded_classes",
     "find_recovery_heads",
     "pair_classes",
     "position_study",

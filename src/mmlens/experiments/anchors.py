@@ -40,10 +40,7 @@ def conflicting_pairs(
         probed = sorted({h for c, h in sweep.confusion if c == condition})
         raise KeyError(f"the sweep has no {condition!r} probe at {hook!r}; probed sites: {probed}")
     names = list(sweep.class_names)
-    if exclude is None:
-        excluded = {i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES}
-    else:
-        excluded = {names.index(e) if isinstance(e, str) else int(e) for e in exclude}
+    excluded = set(excluded_classes(names, exclude))
     confusion = np.asarray(sweep.confusion[key], dtype=float)
     support = confusion.sum(1)
     rows = []
@@ -59,6 +56,19 @@ def conflicting_pairs(
         raise ValueError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on the held-out images")
     table = pd.DataFrame(rows).sort_values("confusion_rate", ascending=False, kind="stable")
     return table.head(n_pairs).reset_index(drop=True)
+
+
+def excluded_classes(class_names, exclude: Iterable[int | str] | None = None) -> list[int]:
+    """Class indices from `exclude` (indices or names); by default the classes named background."""
+    names = list(class_names)
+    if exclude is None:
+        return [i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES]
+    out = []
+    for e in exclude:
+        if isinstance(e, str) and e not in names:
+            raise ValueError(f"unknown class {e!r} in exclude; classes: {names}")
+        out.append(names.index(e) if isinstance(e, str) else int(e))
+    return out
 
 
 def pair_classes(pairs: pd.DataFrame) -> list[int]:

@@ -29,7 +29,7 @@ from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
-from .anchors import BACKGROUND_NAMES
+from .anchors import excluded_classes
 from .intervals import percentile_interval, pooled_accuracy
 
 CONDITIONS = ("causal", "bidirectional", "causal_probe_on_bidirectional")
@@ -120,7 +120,7 @@ def position_study(
     grid = causal.grids["llm"]
     labels = token_labels(torch.from_numpy(causal.test_masks.astype(np.int64)), grid, n_classes=n_classes,
                           ignore_index=causal.ignore_index, min_valid_fraction=causal.settings.min_valid_fraction)
-    excluded = torch.tensor(_excluded_classes(causal.class_names, exclude), dtype=torch.long)
+    excluded = torch.tensor(excluded_classes(causal.class_names, exclude), dtype=torch.long)
     counted = labels.valid & ~torch.isin(labels.labels, excluded)
     scored = counted.numpy()
     predictions = {("causal", n): causal.predictions[("model", n)] for n in names}
@@ -171,18 +171,6 @@ def position_study(
                   "excluded_classes": [causal.class_names[c] for c in excluded.tolist()]},
         _hits=hits, _scored=scored, _resamples=resamples,
     )
-
-
-def _excluded_classes(class_names, exclude) -> list[int]:
-    names = list(class_names)
-    if exclude is None:
-        return [i for i, n in enumerate(names) if n.lower() in BACKGROUND_NAMES]
-    out = []
-    for e in exclude:
-        if isinstance(e, str) and e not in names:
-            raise ValueError(f"unknown class {e!r} in exclude; classes: {names}")
-        out.append(names.index(e) if isinstance(e, str) else int(e))
-    return out
 
 
 def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention) -> dict[str, torch.Tensor]:

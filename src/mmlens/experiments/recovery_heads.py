@@ -30,7 +30,7 @@ from ..model import HookedMLLM
 from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.sites import site_for
-from .anchors import BACKGROUND_NAMES, anchor_groups, conflicting_pairs, pair_classes
+from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes
 from .intervals import percentile_interval
 
 Corruption = Literal["recovery_blocked", "anchors_removed", "counterfactual"]
@@ -230,7 +230,8 @@ def _scored_tokens(tokens, class_names, recovered: TokenGroup) -> TokenGroup | N
     if tokens == "recovered":
         return recovered
     if tokens == "objects":
-        objects = [i for i, n in enumerate(class_names) if n.lower() not in BACKGROUND_NAMES]
+        background = excluded_classes(class_names)
+        objects = [i for i in range(len(class_names)) if i not in background]
         return TokenGroup.of_class(*objects)
     raise ValueError(f"tokens must be 'objects', 'all', 'recovered' or a TokenGroup, got {tokens!r}")
 
@@ -305,7 +306,8 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
         queries = recovered.resolve(inputs, context)[span.row, span.positions]
         query_kind = "recovered"
         if not queries.any():
-            queries = labels.valid[k] & (labels.labels[k] != _background(sweep.class_names))
+            background = torch.tensor(excluded_classes(sweep.class_names), dtype=torch.long)
+            queries = labels.valid[k] & ~torch.isin(labels.labels[k], background)
             query_kind = "objects"
         anchor_tokens = anchors.resolve(inputs, context)[span.row, span.positions]
         found = run_and_collect(model, clean, names)
@@ -329,8 +331,3 @@ def _model_view(model, pixels: torch.Tensor) -> np.ndarray:
     std = torch.tensor(getattr(processor, "image_std", (1.0, 1.0, 1.0)))[:, None, None]
     image = (pixels.float().cpu() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def _background(class_names) -> int:
-    found = [i for i, n in enumerate(class_names) if n.lower() in BACKGROUND_NAMES]
-    return found[0] if found else -1
