@@ -56,8 +56,8 @@ class Knockout(HookSet):
         if scores.shape[0] != self.blocked.shape[0]:
             raise ValueError(f"this knockout was resolved on a batch of {self.blocked.shape[0]} but the attention has "
                              f"{scores.shape[0]} rows; build the knockout from the inputs you run")
-        edges = self._window(*scores.shape[-2:])[:, None].expand(-1, scores.shape[1], -1, -1).clone()
         n_heads = scores.shape[1]
+        edges = self._window(*scores.shape[-2:])[:, None].expand(-1, n_heads, -1, -1).clone()
         if self.heads is not None:
             keep = torch.ones(n_heads, dtype=torch.bool)
             keep[self.heads] = False
@@ -88,7 +88,7 @@ class Knockout(HookSet):
             raise RuntimeError(f"{hook.name}: NaN attention after the knockout")
         left = pattern.detach().masked_fill(~self._edges(pattern), 0)  # cheaper than masked_select on big batches
         layer = int(hook.name.split(".")[-3])
-        mass = float(left.abs().amax()) if left.numel() else 0.0
+        mass = float(left.abs().amax())
         self.blocked_mass[layer] = max(mass, self.blocked_mass.get(layer, 0.0))  # every forward of a generation
 
     def effective_mask(self, head: int | None = None) -> Bool[Tensor, "batch query key"]:
