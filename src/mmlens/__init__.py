@@ -1,5 +1,7 @@
 """mmlens: TransformerLens for multimodal LLMs (vision encoder -> adapter -> LLM)."""
 
+from . import errors
+from .errors import MMLensError
 from .model import (
     HookedMLLM,
     HookNameError,
@@ -11,6 +13,8 @@ from .model import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "MMLensError",
+    "errors",
     "HookNameError",
     "HookedMLLM",
     "ImageTokenLayout",

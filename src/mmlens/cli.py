@@ -21,12 +21,11 @@ DEFAULT_DEMO_OUT = Path("runs/demo")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from .model.hooked_mllm import HookNameError
-    from .runs import ConfigError, RunFolderError
+    from .errors import MMLensError
 
     try:
         return args.handler(args)
-    except (ConfigError, RunFolderError, HookNameError, FileNotFoundError) as error:
+    except (MMLensError, FileNotFoundError) as error:
         print(f"mmlens {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

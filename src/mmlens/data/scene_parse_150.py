@@ -14,6 +14,7 @@ import numpy as np
 from datasets import Dataset, load_dataset
 from PIL import Image
 
+from ..errors import HubUnavailableError
 from .ade20k import ADE20K_CLASSES, ade20k_labels
 from .build import build_dataset, fingerprint
 from .resize import RESIZE_MODES, ResizeMode, to_square
@@ -30,10 +31,6 @@ HUB_REVISION = "refs/convert/parquet"
 HUB_DATA_DIR = "scene_parsing"  # the export also holds an "instance_segmentation" config
 SPLITS = {"train": "train", "training": "train", "validation": "validation",
           "val": "validation"}  # fmt: skip
-
-
-class HubUnavailableError(ConnectionError):
-    """The hub dataset could not be fetched; the message says how to use local files instead."""
 
 
 def _hub_error(repo: str, error: BaseException) -> HubUnavailableError:

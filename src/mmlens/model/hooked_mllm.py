@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from ..errors import HookNameError
 from .allocator import tune_allocator
 from .attention_masks import image_attention_mask
 from .architectures import architecture_for
@@ -37,13 +38,6 @@ from .preprocess import ImageGeometry
 
 ReturnType = Literal["logits", "loss", "both"] | None
 ImageLike = Image.Image | np.ndarray | Tensor
-
-
-class HookNameError(KeyError):
-    """An unknown hook name; the message lists the closest known names."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class HookedMLLM(HookedRootModule):

@@ -21,16 +21,8 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
+from ..errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """Every problem found in a study configuration, one per line."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
 
 
 # Constraints: each returns an error message (without the key path) or None.

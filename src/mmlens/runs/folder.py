@@ -33,6 +33,7 @@ import plotly.utils
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import RunFolderError
 from .config import StudyConfig
 from .outputs import StageOutput, StoredOutput
 
@@ -41,10 +42,6 @@ DONE = "done.json"
 TEMP_MARK = ".tmp-"
 FORMAT = 1
 PACKAGES = ("mmlens", "torch", "transformers", "transformer-lens")
-
-
-class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked (another study's results, damaged files)."""
 
 
 def package_versions() -> dict[str, str]:

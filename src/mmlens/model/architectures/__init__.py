@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...errors import UnsupportedModelError
 from .base import Architecture
 from .llava import Llava
 
@@ -15,7 +16,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
 def architecture_for(hf_model: nn.Module) -> Architecture:
     name = type(hf_model).__name__
     if name not in ARCHITECTURES:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{name} is not a supported architecture; supported: {sorted(ARCHITECTURES)}. "
             "A new family is one small file in mmlens/model/architectures/."
         )

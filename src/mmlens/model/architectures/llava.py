@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
 from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block
@@ -75,7 +76,7 @@ class Llava(Architecture):
         vision_type = config.vision_config.model_type
         text_type = config.text_config.model_type
         if vision_type not in VISION_TOWERS or text_type not in LLMS:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"LLaVA with a {vision_type!r} vision tower and a {text_type!r} LLM is not supported; "
                 f"supported towers: {sorted(VISION_TOWERS)}, LLMs: {list(LLMS)}"
             )
