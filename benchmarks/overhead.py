@@ -2,7 +2,9 @@
 
 Run: `python benchmarks/overhead.py` (or `make bench`). A config of about 4M parameters
 (vision 4 x 128, LLM 4 x 256, 64 image tokens, batch 4); every ratio below is
-(time of the variant) / (HF forward time), medians of interleaved repeats in one run.
+(time of the variant) / (HF forward time), medians of interleaved repeats in one run. The bridge
+columns are for LLaVA; then one row block per other family (`--families`), each against its own
+Hugging Face model, without a bridge column.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
+from mmlens.testing_families import tiny_llava_dinov2, tiny_paligemma  # noqa: E402
+
+SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
+FAMILIES = {
+    "paligemma": lambda attn: tiny_paligemma(**SIZE, llm_heads=8, attn_implementation=attn),
+    "llava-dinov2": lambda attn: tiny_llava_dinov2(**SIZE, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+}
+PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
+ROWS = (
+    ("forward, no hooks", "ours_forward", "bridge_forward", "<= 1.05"),
+    ("cache residual streams", "ours_cache_resid", "bridge_cache_resid", "<= 1.2"),
+    ("cache every hook", "ours_cache_all", "bridge_cache_all", "<= 1.6"),
+)
 
 
 def residual_names(name: str) -> bool:
@@ -35,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -49,7 +65,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in reference.parameters())
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
-    inputs = model.prepare(images, ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"])
+    inputs = model.prepare(images, PROMPTS)
     kwargs = inputs.hf_kwargs()
 
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
@@ -88,13 +104,32 @@ def main() -> None:
     print(f"HF forward: {times['hf'] * 1e3:.2f} ms (median of {args.repeats})")
     print(f"noise floor: a second identical HF model / HF = {times['hf_twin'] / times['hf']:.3f}")
     print(f"cache sizes: residual streams {len(resid)} hooks, everything {len(cache)} hooks")
-    print(f"{'variant':<32}{'HookedMLLM':>12}{'TL bridge':>12}{'target':>10}")
-    for label, ours, theirs, target in (
-        ("forward, no hooks", "ours_forward", "bridge_forward", "<= 1.05"),
-        ("cache residual streams", "ours_cache_resid", "bridge_cache_resid", "<= 1.2"),
-        ("cache every hook", "ours_cache_all", "bridge_cache_all", "<= 1.6"),
-    ):
+    print(f"{'variant (LLaVA)':<32}{'HookedMLLM':>12}{'TL bridge':>12}{'target':>10}")
+    for label, ours, theirs, target in ROWS:
         print(f"{label:<32}{times[ours] / times['hf']:>12.3f}{times[theirs] / times['hf']:>12.3f}{target:>10}")
+    for family in args.families:
+        family_rows(family, FAMILIES[family](args.attn), images, args.repeats)
+
+
+def family_rows(family: str, built, images, repeats: int) -> None:
+    """The three ratios for another family, each against its own bare Hugging Face model."""
+    hf, processor = built
+    reference = copy.deepcopy(hf)
+    model = HookedMLLM.from_hf(hf, processor)
+    inputs = model.prepare(images, PROMPTS)
+    kwargs = inputs.hf_kwargs()
+    torch.testing.assert_close(model(inputs), reference(**kwargs).logits, atol=1e-5, rtol=0)
+    times = time_interleaved({
+        "hf": lambda: reference(**kwargs),
+        "ours_forward": lambda: model(inputs),
+        "ours_cache_resid": lambda: model.run_with_cache(inputs, names_filter=residual_names),
+        "ours_cache_all": lambda: model.run_with_cache(inputs),
+    }, repeats=repeats)
+    n_params = sum(p.numel() for p in reference.parameters())
+    print(f"\n{model.cfg.architecture}: {n_params / 1e6:.2f}M params, seq {inputs.input_ids.shape[1]}, "
+          f"HF forward {times['hf'] * 1e3:.2f} ms")
+    for label, ours, _, target in ROWS:
+        print(f"{label:<32}{times[ours] / times['hf']:>12.3f}{'':>12}{target:>10}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from mmlens import HookedMLLM
-from mmlens.data import load_segmentation, segmentation_info, token_labels
+from mmlens.data import load_segmentation, segmentation_info
+from mmlens.probing import token_labels
 from mmlens.probing import SegmentationScores, probe_sweep
 from mmlens.probing.sites import default_sites, gather_image_tokens
 
@@ -39,7 +40,6 @@ def naive_features(model, dataset, indices, sites, batch_size):
     labels = {"vision": [], "llm": []}
     valid = {"vision": [], "llm": []}
     masks = []
-    cls = model.architecture.llm_sees_cls(model.cfg)
     for start in range(0, len(indices), batch_size):
         batch = dataset[indices[start : start + batch_size].tolist()]
         inputs = model.prepare(batch["image"])
@@ -47,7 +47,7 @@ def naive_features(model, dataset, indices, sites, batch_size):
         masks.append(m)
         _, cache = model.run_with_cache(inputs)
         for s in sites:
-            feats[s.hook].append(gather_image_tokens(s, cache[s.hook], inputs.layout, cls).float())
+            feats[s.hook].append(gather_image_tokens(s, cache[s.hook], inputs.layout).float())
         for grid in ("vision", "llm"):
             lab = token_labels(m, inputs.layout, n_classes=len(info.class_names), stage=grid)
             labels[grid].append(lab.labels)

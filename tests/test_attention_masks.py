@@ -27,15 +27,14 @@ def test_bidirectional_only_within_each_image():
 
     images = random_images(3)
     inputs = tiny.model.prepare([[images[0], images[1]], [images[2]]], ["compare", "how many"])
-    cfg = tiny.model.cfg
-    allowed = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, True)
+    allowed = allowed_edges(inputs.layout.image_of_position(), inputs.attention_mask, True)
     first, second = inputs.layout.images[0][0].positions, inputs.layout.images[0][1].positions
     assert allowed[0][first[0], first[-1]] and allowed[0][second[0], second[-1]]  # reads ahead
     assert not allowed[0][first[-1], second[0]]  # never into the next image
     assert allowed[0][second[0], first[-1]]  # causal reading of an earlier image remains
     text_after = second[-1] + 1
     assert not allowed[0][second[-1], text_after]
-    causal = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, False)
+    causal = allowed_edges(inputs.layout.image_of_position(), inputs.attention_mask, False)
     extra = allowed & ~causal
     image = inputs.layout.image_token_mask()
     assert (extra.any(-1) <= image).all() and (extra.any(-2) <= image).all()

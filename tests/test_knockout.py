@@ -21,8 +21,7 @@ def test_llm_knockout_blocks_exactly_and_equals_hf_4d_mask(tiny):
         ours = model(inputs)
     assert set(ko.blocked_mass) == set(layers) and all(m == 0.0 for m in ko.blocked_mass.values())
     assert ko.n_blocked_edges > 0
-    cfg = model.cfg
-    allowed = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, False)
+    allowed = allowed_edges(inputs.layout.image_of_position(), inputs.attention_mask, False)
     allowed &= ~ko.blocked.cpu()
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
     theirs = tiny.reference(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=mask).logits
@@ -111,8 +110,7 @@ def test_effective_mask_is_where_attention_can_go(tiny_clip):
     with ko:
         _, cache = model.run_with_cache(inputs, names_filter="blocks.0.attn.hook_pattern")
     allowed = ko.effective_mask()
-    cfg = model.cfg
-    own = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, False)
+    own = allowed_edges(inputs.layout.image_of_position(), inputs.attention_mask, False)
     assert torch.equal(allowed, own & ~ko.blocked) and ko.blocked.any()
     reaches = cache["blocks.0.attn.hook_pattern"].sum(1) > 0
     real = inputs.attention_mask.bool()

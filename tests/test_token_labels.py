@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlens.data import token_labels
+from mmlens.probing import token_labels
 from mmlens.model.layout import TokenGrid
 
 from conftest import build_tiny

@@ -2,6 +2,7 @@
 
 from . import errors
 from .errors import MMLensError
+from . import zoo as _zoo  # noqa: F401 - registers the shipped models with the loader
 from .model import (
     HookedMLLM,
     HookNameError,

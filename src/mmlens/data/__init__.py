@@ -17,7 +17,6 @@ from .cityscapes import CITYSCAPES_CLASSES, load_cityscapes
 from .scene_parse_150 import HubUnavailableError, load_scene_parse_150
 from .scenes import load_scenes, lookalike_pairs, render_scene, scene_class_names
 from .schema import IGNORE_INDEX, SegmentationInfo, segmentation_info
-from .token_labels import TokenLabels, token_labels
 from .voc import VOC_CLASSES, load_voc
 
 SUPPORTED = ("scenes", "ade20k", "scene_parse_150", "voc", "cityscapes")
@@ -30,13 +29,11 @@ __all__ = [
     "VOC_CLASSES",
     "HubUnavailableError",
     "SegmentationInfo",
-    "TokenLabels",
     "load_segmentation",
     "lookalike_pairs",
     "render_scene",
     "scene_class_names",
     "segmentation_info",
-    "token_labels",
 ]
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.token_labels import token_labels
+from ..probing.token_labels import token_labels
 from ..interventions import bidirectional_image_attention
-from ..interventions.hook_set import edit_hooks
+from ..model.edits import edit_hooks
 from ..model import HookedMLLM
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.batches import labelled_batches

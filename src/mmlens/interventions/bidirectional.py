@@ -17,8 +17,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
-from .hook_set import HookSet
-from ..model.attention_masks import allowed_edges, image_index_per_position
+from ..model.attention_masks import allowed_edges
+from ..model.edits import HookSet
 
 
 class BidirectionalImageAttention(HookSet):
@@ -29,10 +29,10 @@ class BidirectionalImageAttention(HookSet):
         if bad:
             raise ValueError(f"layers {bad} out of range: the LLM has layers 0..{n_layers - 1}")
         self.model, self.inputs = model, inputs
-        cfg = model.cfg
-        image = image_index_per_position(inputs.input_ids, cfg.image_token_id, cfg.n_image_tokens)
+        image = inputs.layout.image_of_position()
         same_image = (image[:, :, None] == image[:, None, :]) & (image[:, :, None] >= 0)
-        self.opened: Bool[Tensor, "batch query key"] = (same_image & ~torch.ones_like(same_image).tril()).to(cfg.device)
+        self.opened: Bool[Tensor, "batch query key"] = (same_image & ~torch.ones_like(same_image).tril()).to(model.cfg.device)
+        self.scales = {l: model.architecture.llm_attention_scale(model.hf_model, l) for l in self.layers}
         self._stash: dict[str, Tensor] = {}
         self.hooks = []
         for l in self.layers:
@@ -42,8 +42,7 @@ class BidirectionalImageAttention(HookSet):
 
     def effective_mask(self) -> Bool[Tensor, "batch query key"]:
         """True where a query may read a key in the edited layers (padding respected)."""
-        cfg = self.model.cfg
-        return allowed_edges(self.inputs.input_ids, self.inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens, True)
+        return allowed_edges(self.inputs.layout.image_of_position(), self.inputs.attention_mask, True)
 
     def _keep(self, x: Tensor, hook) -> None:
         self._stash[hook.name.rsplit(".", 1)[-1]] = x
@@ -51,9 +50,8 @@ class BidirectionalImageAttention(HookSet):
     def _open(self, scores: Tensor, hook) -> Tensor:
         q, k = self._stash.pop("hook_rot_q"), self._stash.pop("hook_rot_k")  # [b, s, heads, d]
         layer = int(hook.name.split(".")[1])
-        attn = self.model.hf_model.model.language_model.layers[layer].self_attn
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-        raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scaling
+        raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scales[layer]
         return torch.where(self.opened[:, None], raw, scores)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from .knockout import knockout
-from .patching import Run, adapter_token_mask, check_same_layout
+from .patching import Run, check_same_layout
 
 ADAPTER_OUT = "adapter.hook_out"
 
@@ -47,11 +47,10 @@ def recovery_blocked(model: HookedMLLM, inputs: MultimodalInputs, layers: Iterab
 @torch.no_grad()
 def mean_adapter_output(model: HookedMLLM, batches: Iterable[MultimodalInputs]) -> Float[Tensor, "d_model"]:
     """The adapter output averaged over every image token of the given batches (CLS excluded)."""
-    offset = int(model.architecture.llm_sees_cls(model.cfg))
     total, count = None, 0
     for inputs in batches:
         _, cache = model.run_with_cache(inputs, names_filter=ADAPTER_OUT, return_cache_object=False)
-        tokens = cache[ADAPTER_OUT][:, offset:].float()
+        tokens = inputs.layout.gather("adapter", cache[ADAPTER_OUT]).float()
         total = tokens.sum((0, 1)) if total is None else total + tokens.sum((0, 1))
         count += tokens.shape[0] * tokens.shape[1]
     if not count:
@@ -76,8 +75,7 @@ def anchors_removed(
     if mask.shape != inputs.input_ids.shape:
         raise ValueError(f"anchors must be [batch, seq] = {tuple(inputs.input_ids.shape)}, got {tuple(mask.shape)}")
     n_images = inputs.layout.n_images
-    n_tokens = len(inputs.layout.token_grid) + int(model.architecture.llm_sees_cls(model.cfg))
-    chosen = adapter_token_mask(model, inputs, mask.cpu(), n_tokens).to(model.cfg.device)
+    chosen = inputs.layout.scatter_adapter(mask.cpu()).to(model.cfg.device)
     if replacement == "mean":
         if mean is None:
             raise ValueError("replacement='mean' needs mean= (e.g. mean_adapter_output(model, batches))")

@@ -10,16 +10,16 @@ padding and several images per row are handled once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
-
-if TYPE_CHECKING:
-    from ..probing.linear import LinearProbe
+from ..probing.linear import LinearProbe
+from ..probing.predict import predict_image_tokens
+from ..probing.sites import site_for
 
 Resolver = Callable[[MultimodalInputs, "GroupContext"], Tensor]
 
@@ -29,7 +29,7 @@ class GroupContext:
     """Extra facts some groups need.
 
     `token_labels`: per image (in `pixel_values` order) the class of each LLM grid token, with
-    the ignore index where a token has no label (`mmlens.data.token_labels(...).labels`).
+    the ignore index where a token has no label (`mmlens.probing.token_labels(...).labels`).
     `model` and `activations`: probe groups read the probed site from `activations` (a cache or
     a dict of hook name -> activation of these inputs); missing sites are computed with one
     clean forward of `model` and kept there, so groups resolved on the same inputs share it.
@@ -127,7 +127,7 @@ class TokenGroup:
 
         def resolve(i, c):
             if c.token_labels is None:
-                raise ValueError("TokenGroup.of_class needs GroupContext(token_labels=...) from mmlens.data.token_labels")
+                raise ValueError("TokenGroup.of_class needs GroupContext(token_labels=...) from mmlens.probing.token_labels")
             return _per_token(i, lambda k: torch.isin(c.token_labels[k].cpu(), wanted))
         return TokenGroup(resolve, f"class {'|'.join(map(str, wanted.tolist()))}")
 
@@ -183,9 +183,6 @@ def probe_predictions(
     inputs: MultimodalInputs, context: GroupContext, probe: "LinearProbe", hook: str
 ) -> Int[Tensor, "n_images n_tokens"]:
     """The probe's class for every LLM grid token of every image, read at `hook` on a clean run."""
-    from ..probing.predict import predict_image_tokens  # probing builds on interventions' layer
-    from ..probing.sites import site_for
-
     model = context.model
     if model is None:
         raise ValueError("probe groups need GroupContext(model=...) to read activations")
@@ -205,7 +202,7 @@ def probe_predictions(
 
 def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
     if context.token_labels is None:
-        raise ValueError("probe groups need GroupContext(token_labels=...) from mmlens.data.token_labels")
+        raise ValueError("probe groups need GroupContext(token_labels=...) from mmlens.probing.token_labels")
     predicted = probe_predictions(inputs, context, probe, hook)
     labels = context.token_labels.cpu()
     if labels.shape != predicted.shape:

@@ -16,8 +16,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
-from ..model.attention_masks import allowed_edges
-from .hook_set import HookSet
+from ..model.edits import HookSet
 from .groups import GroupContext, TokenGroup
 
 
@@ -42,7 +41,7 @@ class Knockout(HookSet):
         q = queries.resolve(inputs, context)
         k = keys.resolve(inputs, context)
         if stage == "vision":
-            q, k = _to_vision(inputs, q), _to_vision(inputs, k)
+            q, k = inputs.layout.scatter_vision(q), inputs.layout.scatter_vision(k)
         edges = q[:, :, None] & k[:, None, :]
         diagonal = torch.eye(edges.shape[-1], dtype=torch.bool)
         self.blocked: Bool[Tensor, "batch query key"] = (edges & ~diagonal).to(model.cfg.device)
@@ -99,9 +98,7 @@ class Knockout(HookSet):
         if self.stage == "vision":
             own = torch.ones_like(self.blocked)
         else:
-            inputs, cfg = self.inputs, self.model.cfg
-            own = allowed_edges(inputs.input_ids, inputs.attention_mask, cfg.image_token_id, cfg.n_image_tokens,
-                                self.model.image_attention == "bidirectional").to(self.blocked.device)
+            own = self.model.attention_edges(self.inputs).to(self.blocked.device)
         if head is not None and self.heads is not None and head not in self.heads.tolist():
             return own
         return own & ~self.blocked
@@ -118,13 +115,3 @@ def knockout(model: HookedMLLM, inputs: MultimodalInputs, *, queries: TokenGroup
     """Block attention from `queries` to `keys` in `layers` (all heads unless `heads`)."""
     return Knockout(model, inputs, queries, keys, layers, heads, stage, verify, context)
 
-
-def _to_vision(inputs: MultimodalInputs, mask: Tensor) -> Tensor:
-    """A group over LLM positions as a group over each image's vision sequence (CLS excluded)."""
-    layout = inputs.layout
-    n_vision = int(layout.patch_positions.max()) + 1
-    out = torch.zeros(layout.n_images, n_vision, dtype=torch.bool)
-    for span in layout.spans:
-        token_selected = mask[span.row, span.positions]
-        out[span.image_index, layout.patch_positions] = token_selected[layout.patch_to_token]
-    return out

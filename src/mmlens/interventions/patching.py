@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..model import HookedMLLM, ImageSpan, MultimodalInputs
+from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
-from .hook_set import Edit, edit_hooks
+from ..model.edits import Edit, edit_hooks
 
 # inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
 # object with a `hooks` list, such as `knockout(...)`
@@ -110,22 +110,7 @@ def check_same_layout(source: MultimodalInputs, target: MultimodalInputs) -> Non
 def repeat_inputs(inputs: MultimodalInputs, k: int) -> MultimodalInputs:
     """The batch repeated `k` times along the batch dimension, replica-major (rows r*B..r*B+B-1
     are replica r), with images and layout rows renumbered to match."""
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    layout = inputs.layout
-    b, n = layout.batch_size, layout.n_images
-    rows = tuple(
-        tuple(ImageSpan(s.row + r * b, s.image_index + r * n, s.positions, s.cls_position) for s in row)
-        for r in range(k) for row in layout.images
-    )
-    return replace(
-        inputs,
-        input_ids=inputs.input_ids.repeat(k, 1),
-        pixel_values=inputs.pixel_values.repeat(k, 1, 1, 1),
-        attention_mask=inputs.attention_mask.repeat(k, 1),
-        layout=replace(layout, images=rows),
-        prompts=tuple(inputs.prompts) * k,
-    )
+    return inputs.repeat(k)
 
 
 def verify_edit(made: Any) -> None:
@@ -213,7 +198,7 @@ def patch_mask(model: HookedMLLM, inputs: MultimodalInputs, name: str, activatio
             raise ValueError(f"{name} is a vision-tower hook; token groups over LLM positions cannot select its "
                              "patches: give positions as a bool mask [n_images, vision_seq] or None")
         if name.startswith("adapter."):
-            mask = adapter_token_mask(model, inputs, mask, activation.shape[1])
+            mask = inputs.layout.scatter_adapter(mask, activation.shape[1])
     else:
         mask = torch.as_tensor(positions, dtype=torch.bool).cpu()
     if mask.shape != activation.shape[:2]:
@@ -229,15 +214,6 @@ def patch_mask(model: HookedMLLM, inputs: MultimodalInputs, name: str, activatio
         chosen[list(heads)] = True
         mask = mask[:, :, None] & chosen
     return mask.to(activation.device)
-
-
-def adapter_token_mask(model: HookedMLLM, inputs: MultimodalInputs, mask: Tensor, n_adapter_tokens: int) -> Tensor:
-    """A [batch, seq] selection of image tokens as a selection of the adapter's [n_images, tokens]."""
-    offset = int(model.architecture.llm_sees_cls(model.cfg))
-    out = torch.zeros(inputs.layout.n_images, n_adapter_tokens, dtype=torch.bool)
-    for span in inputs.layout.spans:
-        out[span.image_index, offset:offset + len(span.positions)] = mask[span.row, span.positions]
-    return out
 
 
 def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:

@@ -17,6 +17,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
+from ..probing.sites import gather_image_tokens, site_for
 from .groups import GroupContext, TokenGroup
 
 
@@ -42,8 +43,6 @@ class ProbeMetric:
     def __init__(self, model: HookedMLLM, probe, hook: str, labels: Int[Tensor, "n_images n_tokens"],
                  scored: Bool[Tensor, "n_images n_tokens"], inputs: MultimodalInputs,
                  kind: Literal["margin", "accuracy"] = "margin"):
-        from ..probing.sites import site_for  # probing builds on interventions' layer
-
         if kind not in ("margin", "accuracy"):
             raise ValueError(f"kind must be 'margin' (differentiable) or 'accuracy', got {kind!r}")
         self.site = site_for(model, hook)
@@ -56,7 +55,6 @@ class ProbeMetric:
         self.probe, self.kind = probe.to(model.cfg.device), kind
         self.labels = labels.long().clamp(0, probe.n_classes - 1).to(model.cfg.device)
         self.scored = scored.bool().to(model.cfg.device)
-        self.llm_sees_cls = model.architecture.llm_sees_cls(model.cfg)
         layout = inputs.layout
         self.rows = torch.tensor([s.row for s in layout.spans], device=model.cfg.device)
         self.batch = len(inputs)
@@ -67,9 +65,7 @@ class ProbeMetric:
         return self.scored.sum(1).cpu()
 
     def per_token(self, activation: Tensor, inputs: MultimodalInputs) -> Float[Tensor, "n_images n_tokens"]:
-        from ..probing.sites import gather_image_tokens
-
-        x = gather_image_tokens(self.site, activation, inputs.layout, self.llm_sees_cls)
+        x = gather_image_tokens(self.site, activation, inputs.layout)
         if x.shape[:2] != self.labels.shape:
             raise ValueError(f"the metric was built for {tuple(self.labels.shape)} image tokens but the run has "
                              f"{tuple(x.shape[:2])}; build it on the same batch")

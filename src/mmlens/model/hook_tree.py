@@ -82,5 +82,5 @@ class VisionHooks(HookGroup):
 
 
 class AdapterHooks(HookGroup):
-    def __init__(self):
-        super().__init__("hook_in", "hook_hidden", "hook_out")
+    def __init__(self, has_hidden: bool = True):  # a single linear projector has no hidden layer
+        super().__init__("hook_in", *(["hook_hidden"] if has_hidden else []), "hook_out")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -26,15 +26,16 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..errors import HookNameError
 from .allocator import tune_allocator
-from .attention_masks import image_attention_mask
 from .architectures import architecture_for
+from .architectures.base import BASE_INPUT_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
-from .layout import ImageTokenLayout, compute_layout
+from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
 from .preprocess import ImageGeometry
+from .spec_check import verify_blocks
 
 ReturnType = Literal["logits", "loss", "both"] | None
 ImageLike = Image.Image | np.ndarray | Tensor
@@ -49,19 +50,16 @@ class HookedMLLM(HookedRootModule):
 
     cfg: MLLMConfig
 
-    def __init__(self, hf_model: nn.Module, processor: Any = None):
+    def __init__(self, hf_model: nn.Module, processor: Any = None, *, verify: bool = True):
         super().__init__()
         self.architecture = architecture_for(hf_model)
         self.cfg = self.architecture.build_config(hf_model)
         self.hf_model = hf_model
         self.processor = processor
-        # Models trained with bidirectional image attention (see mmlens.zoo.train) say so in their config.
-        self.image_attention = getattr(hf_model.config, "mmlens_image_attention", "causal")
-        if self.image_attention not in ("causal", "bidirectional"):
-            raise ValueError(f"config.mmlens_image_attention must be 'causal' or 'bidirectional', got {self.image_attention!r}")
+        self.image_attention = self.architecture.own_attention_mode(hf_model)
         v, llm = self.cfg.vision, self.cfg.llm
         self.vision = VisionHooks(v)
-        self.adapter = AdapterHooks()
+        self.adapter = AdapterHooks(has_hidden=self.cfg.adapter.d_hidden is not None)
         self.hook_embed = HookPoint()
         self.hook_multimodal_embed = HookPoint()
         self.blocks = nn.ModuleList(
@@ -73,13 +71,18 @@ class HookedMLLM(HookedRootModule):
         self.setup()
         if self.cfg.device.type == "cpu":
             tune_allocator()
+        # Largest relative difference between hooked and bare blocks on a probe batch (None: not checked).
+        self.spec_difference = verify_blocks(self) if verify else None
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, processor: Any = None) -> "HookedMLLM":
+    def from_hf(cls, hf_model: nn.Module, processor: Any = None, *, verify: bool = True) -> "HookedMLLM":
         """Wrap an in-memory Hugging Face model. The model is instrumented in place (its outputs
-        are unchanged while no hook is active); `model.hf_model` is the same object."""
-        return cls(hf_model.eval(), processor)
+        are unchanged while no hook is active); `model.hf_model` is the same object.
+
+        `verify` runs a small probe batch with and without an identity hook on every point and
+        refuses (UnsupportedModelError, naming the block) a model whose hooked maths differs."""
+        return cls(hf_model.eval(), processor, verify=verify)
 
     @classmethod
     def from_pretrained(
@@ -90,6 +93,7 @@ class HookedMLLM(HookedRootModule):
         *,
         attn_implementation: str | None = None,
         load_processor: bool = True,
+        verify: bool = True,
     ) -> "HookedMLLM":
         """Load a shipped model by name, a local Hugging Face checkpoint folder, or a hub id.
 
@@ -103,7 +107,7 @@ class HookedMLLM(HookedRootModule):
             attn_implementation=attn_implementation,
             load_processor=load_processor,
         )
-        return cls(hf_model, processor)
+        return cls(hf_model, processor, verify=verify)
 
     def setup(self) -> None:
         """Index our hook points only; the Hugging Face modules keep their own names."""
@@ -187,22 +191,13 @@ class HookedMLLM(HookedRootModule):
 
     # ----------------------------------------------------------------- inputs
     def layout(
-        self, input_ids: Int[Tensor, "batch seq"] | MultimodalInputs
+        self, input_ids: Int[Tensor, "batch seq"] | MultimodalInputs, **family_inputs: Tensor
     ) -> ImageTokenLayout:
-        """Positions, grid cells and pixel boxes of every image's tokens in `input_ids`."""
+        """Positions, grid cells and pixel boxes of every image's tokens in `input_ids`
+        (`family_inputs`: the family's own keywords, such as `image_sizes`, where it needs them)."""
         if isinstance(input_ids, MultimodalInputs):
             return input_ids.layout
-        cfg = self.cfg
-        return compute_layout(
-            torch.as_tensor(input_ids),
-            image_token_id=cfg.image_token_id,
-            image_size=(cfg.vision.image_size, cfg.vision.image_size),
-            patch_grid=cfg.vision.patch_grid,
-            token_grid=cfg.adapter.token_grid,
-            patch_to_token=self.architecture.patch_to_token(cfg),
-            vision_has_cls=cfg.vision.has_cls,
-            llm_sees_cls=self.architecture.llm_sees_cls(cfg),
-        )
+        return self.architecture.layout(self.cfg, torch.as_tensor(input_ids), **family_inputs)
 
     def prepare(
         self,
@@ -241,12 +236,14 @@ class HookedMLLM(HookedRootModule):
         batch = processor(images=flat, text=texts, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"]
         device = self.cfg.device
+        extra = {k: batch[k] for k in self.architecture.extra_input_names if k in batch}
         return MultimodalInputs(
             input_ids=input_ids.to(device),
             pixel_values=batch["pixel_values"].to(device=device, dtype=self.cfg.dtype),
             attention_mask=batch["attention_mask"].to(device),
-            layout=self.layout(input_ids),
+            layout=self.layout(input_ids, **extra),
             prompts=tuple(texts),
+            extra={k: v.to(device) for k, v in extra.items()},
         )
 
     @property
@@ -287,7 +284,8 @@ class HookedMLLM(HookedRootModule):
         if isinstance(inputs, MultimodalInputs):
             kwargs = inputs.hf_kwargs()
         elif isinstance(inputs, Mapping):
-            kwargs = {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask") if k in inputs}
+            names = BASE_INPUT_NAMES + self.architecture.extra_input_names
+            kwargs = {k: inputs[k] for k in names if k in inputs}
         elif isinstance(inputs, Tensor):
             kwargs = {"input_ids": inputs}
         elif inputs is None:
@@ -305,25 +303,8 @@ class HookedMLLM(HookedRootModule):
             raise ValueError("no input_ids: pass MultimodalInputs from model.prepare(...) or input_ids=")
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
-        self._check_images(ids, kwargs.get("pixel_values"))
+        self.architecture.check_inputs(self.cfg, ids, kwargs.get("pixel_values"))
         return kwargs
-
-    def _check_images(self, input_ids: Tensor, pixel_values: Tensor | None) -> None:
-        per_image = self.cfg.adapter.n_image_tokens
-        n_tokens = int((input_ids == self.cfg.image_token_id).sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_tokens != n_images * per_image:
-            raise ValueError(
-                f"{n_images} image(s) in pixel_values but {n_tokens} image tokens in input_ids "
-                f"({per_image} per image); the prompts' placeholders and the images must match"
-            )
-        if pixel_values is not None:
-            size = self.cfg.vision.image_size
-            if tuple(pixel_values.shape[1:]) != (3, size, size):
-                raise ValueError(
-                    f"pixel_values have shape {tuple(pixel_values.shape)} but this model takes "
-                    f"[n, 3, {size}, {size}]; preprocess images with model.prepare(...)"
-                )
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -353,7 +334,8 @@ class HookedMLLM(HookedRootModule):
             if tuple(llm_inputs_embeds.shape) != expected:
                 raise ValueError(f"llm_inputs_embeds must be [batch, seq, d_model] = {expected} for these inputs, "
                                  f"got {tuple(llm_inputs_embeds.shape)}")
-            run_kwargs = {"inputs_embeds": llm_inputs_embeds, "attention_mask": run_kwargs.get("attention_mask")}
+            keep = ("attention_mask", *self.architecture.llm_input_names)
+            run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs}}
         logits = self.architecture.forward(self.hf_model, **run_kwargs, **hf_kwargs).logits
         if return_type == "logits":
             return logits
@@ -363,11 +345,14 @@ class HookedMLLM(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     @contextmanager
-    def using_image_attention(self, mode: Literal["causal", "bidirectional"]) -> Iterator["HookedMLLM"]:
+    def using_image_attention(self, mode: Literal["causal", "bidirectional"] | str) -> Iterator["HookedMLLM"]:
         """Run every forward inside the block with image tokens attending causally or both ways,
-        whatever the checkpoint was trained with (`model.image_attention` is its own mode)."""
-        if mode not in ("causal", "bidirectional"):
-            raise ValueError(f"mode must be 'causal' or 'bidirectional', got {mode!r}")
+        whatever the checkpoint was trained with (`model.image_attention` is its own mode; a
+        family with its own rule, such as PaliGemma's "prefix", lists it in
+        `model.architecture.attention_modes`)."""
+        modes = self.architecture.attention_modes
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {modes}, got {mode!r}")
         own, self.image_attention = self.image_attention, mode
         try:
             yield self
@@ -375,14 +360,18 @@ class HookedMLLM(HookedRootModule):
             self.image_attention = own
 
     def _with_image_attention(self, kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The model's own attention pattern among image tokens, as a 4D mask when not causal."""
+        """The keywords with the current attention mode in force (a 4D mask where it differs from
+        Hugging Face's own rule); a 4D mask given by the caller is kept as is."""
         mask = kwargs.get("attention_mask")
-        if self.image_attention == "causal" or (mask is not None and mask.ndim == 4):
+        if mask is not None and mask.ndim == 4:
             return kwargs
-        ids = kwargs["input_ids"]
-        mask = torch.ones_like(ids) if mask is None else mask
-        full = image_attention_mask(ids, mask, self.cfg.image_token_id, self.cfg.n_image_tokens, dtype=self.cfg.dtype)
-        return {**kwargs, "attention_mask": full}
+        family_inputs = {k: v for k, v in kwargs.items() if k not in BASE_INPUT_NAMES}
+        layout = lambda: self.layout(kwargs["input_ids"], **family_inputs)  # noqa: E731 - only if a mask needs it
+        return self.architecture.attention_kwargs(self.image_attention, kwargs, layout, self.cfg.dtype)
+
+    def attention_edges(self, inputs: MultimodalInputs) -> Bool[Tensor, "batch query key"]:
+        """True where a query may read a key under the current attention mode (padding respected)."""
+        return self.architecture.attention_edges(self.image_attention, inputs.layout, inputs.attention_mask, dict(inputs.extra))
 
     def text_loss(
         self,
@@ -419,19 +408,23 @@ class HookedMLLM(HookedRootModule):
     def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
         processor = self._require_processor()
-        if self.image_attention == "causal":
+        own_rule = self._with_image_attention(inputs.hf_kwargs())
+        if own_rule["attention_mask"].ndim == 2:  # Hugging Face's cached decoding applies the rule itself
             kwargs.setdefault("do_sample", False)
-            out = self.hf_model.generate(**inputs.hf_kwargs(), max_new_tokens=max_new_tokens, **kwargs)
+            out = self.hf_model.generate(**own_rule, max_new_tokens=max_new_tokens, **kwargs)
             new_tokens = out[:, inputs.input_ids.shape[1] :]
         else:  # Hugging Face's cached decoding cannot carry the 4D image mask: decode greedily in full
             ids, mask = inputs.input_ids, inputs.attention_mask
             eos = processor.tokenizer.eos_token_id
             done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+            extra = dict(inputs.extra)
             for _ in range(max_new_tokens):
-                next_token = self(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=mask)[:, -1].argmax(-1)
+                next_token = self(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=mask,
+                                  **extra)[:, -1].argmax(-1)
                 next_token = torch.where(done, torch.full_like(next_token, eos), next_token)
                 ids = torch.cat([ids, next_token[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                extra = self.architecture.extend_by_one_token(extra)
                 done |= next_token == eos
                 if done.all():
                     break

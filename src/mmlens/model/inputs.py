@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 from jaxtyping import Float, Int
@@ -16,14 +17,17 @@ class MultimodalInputs:
     """What `HookedMLLM.prepare` returns and every forward accepts.
 
     `pixel_values` holds the batch's images in order of appearance (row by row), so an image's
-    index there is its `ImageSpan.image_index` in `layout`.
+    index there is its `ImageSpan.image_index` in `layout`. `extra` holds the keywords the
+    family's own forward takes (PaliGemma's `token_type_ids`, LLaVA-NeXT's `image_sizes` ...):
+    tensors whose first dimension is the batch row or the image, carried through every forward.
     """
 
     input_ids: Int[Tensor, "batch seq"]
-    pixel_values: Float[Tensor, "n_images 3 height width"]
+    pixel_values: Float[Tensor, "n_images ..."]
     attention_mask: Int[Tensor, "batch seq"]
     layout: ImageTokenLayout
     prompts: tuple[str, ...] = ()
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -35,12 +39,33 @@ class MultimodalInputs:
             input_ids=self.input_ids.to(device),
             pixel_values=self.pixel_values.to(device=device, dtype=dtype),
             attention_mask=self.attention_mask.to(device),
+            extra={k: v.to(device) for k, v in self.extra.items()},
         )
 
     def hf_kwargs(self) -> dict[str, Tensor]:
-        """The keywords a Hugging Face LLaVA forward takes."""
+        """The keywords the Hugging Face model's forward takes."""
         return {
             "input_ids": self.input_ids,
             "pixel_values": self.pixel_values,
             "attention_mask": self.attention_mask,
+            **self.extra,
         }
+
+    def repeat(self, k: int) -> "MultimodalInputs":
+        """The batch repeated `k` times along the batch dimension, replica-major (rows r*B..r*B+B-1
+        are replica r), with images, the family's keywords and layout rows renumbered to match."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+
+        def rep(x: Tensor) -> Tensor:
+            return x.repeat(k, *([1] * (x.ndim - 1)))  # rows or images, replica-major either way
+
+        return replace(
+            self,
+            input_ids=rep(self.input_ids),
+            pixel_values=rep(self.pixel_values),
+            attention_mask=rep(self.attention_mask),
+            layout=self.layout.repeat(k),
+            prompts=tuple(self.prompts) * k,
+            extra={name: rep(v) for name, v in self.extra.items()},
+        )

@@ -45,6 +45,8 @@ class BlockSpec:
     mlp: str
     gated_mlp: bool  # gate_proj/up_proj/down_proj (Llama) vs fc1/fc2 (CLIP, SigLIP)
     attention: AttentionSpec
+    # modules scaling the attention and MLP outputs before they join the residual (DINOv2)
+    layer_scale: tuple[str, str] | None = None
 
 
 def _override_forward(module: nn.Module, forward: Callable) -> None:
@@ -167,6 +169,8 @@ def instrument_block(
 ) -> None:
     """Hook a pre-norm block, its attention and its MLP."""
     ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
+    identity = lambda x: x  # noqa: E731
+    scale1, scale2 = (getattr(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
     instrument_attention(attn, hooks.attn, spec.attention, use_result)
     instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
     original = layer.forward
@@ -178,10 +182,10 @@ def instrument_block(
         kwargs.update(zip(names, args))
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
         normed = fire(hooks.ln1.hook_normalized, ln1(resid_pre))
-        attn_out = fire(hooks.hook_attn_out, attn(hidden_states=normed, **kwargs)[0])
+        attn_out = fire(hooks.hook_attn_out, scale1(attn(hidden_states=normed, **kwargs)[0]))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
         normed = fire(hooks.ln2.hook_normalized, ln2(resid_mid))
-        mlp_out = fire(hooks.hook_mlp_out, mlp(normed))
+        mlp_out = fire(hooks.hook_mlp_out, scale2(mlp(normed)))
         return fire(hooks.hook_resid_post, resid_mid + mlp_out)
 
     _override_forward(layer, forward)

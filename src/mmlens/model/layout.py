@@ -3,17 +3,21 @@
 An `ImageTokenLayout` is computed from the input ids and the model config, never hard-coded. It
 maps, per batch row and per image, the sequence positions of the image tokens to cells of the
 token grid and to pixel boxes of the preprocessed image, and does the same for the vision
-encoder's patches, with the patch -> LLM-token map between the two grids.
+encoder's patches, with the patch -> LLM-token map between the two grids. `gather` is the one
+way to read a stage's activation at the image tokens; nothing above `model/` indexes them by hand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Literal
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+Stage = Literal["vision", "adapter", "llm"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class ImageTokenLayout:
     patch_to_token: Int[Tensor, "n_patches"]  # grid token fed by each vision patch
     images: tuple[tuple[ImageSpan, ...], ...]  # per batch row, its images in order
     seq_len: int
+    adapter_positions: Int[Tensor, "n_tokens"]  # index of each grid token in the adapter's output per image
+    vision_seq_len: int  # length of one image's vision sequence (CLS, registers and patches)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -128,6 +134,54 @@ class ImageTokenLayout:
         positions = torch.stack([s.positions for s in spans]).to(values.device)
         return values[rows[:, None], positions]
 
+    def gather(self, stage: Stage, activation: Tensor) -> Float[Tensor, "n_images n_tokens ..."]:
+        """A stage's activation at the image's grid tokens, image by image in `pixel_values` order.
+
+        Vision activations are [n_images, vision_seq, ...] and come back at the patches (CLS and
+        registers left out, `patch_grid` order); adapter activations are [n_images,
+        adapter_tokens, ...] and LLM ones [batch, seq, ...], both back on the LLM `token_grid`.
+        """
+        if stage == "vision":
+            return activation[:, self.patch_positions.to(activation.device)]
+        if stage == "adapter":
+            return activation[:, self.adapter_positions.to(activation.device)]
+        if stage == "llm":
+            return self.by_image(activation)
+        raise ValueError(f"stage must be 'vision', 'adapter' or 'llm', got {stage!r}")
+
+    def grid_of(self, stage: Stage) -> TokenGrid:
+        """The grid `gather(stage, ...)` rows live on."""
+        return self.patch_grid if stage == "vision" else self.token_grid
+
+    def scatter_adapter(
+        self, selected: Bool[Tensor, "batch seq"], n_adapter: int | None = None
+    ) -> Bool[Tensor, "n_images adapter_tokens"]:
+        """A [batch, seq] selection of image tokens as the same selection of the adapter's output
+        (`n_adapter` tokens per image; by default up to the last grid token)."""
+        if n_adapter is None:
+            n_adapter = int(self.adapter_positions.max()) + 1 if len(self.adapter_positions) else 0
+        out = torch.zeros(self.n_images, n_adapter, dtype=torch.bool)
+        for span in self.spans:
+            out[span.image_index, self.adapter_positions] = selected[span.row, span.positions].cpu()
+        return out
+
+    def scatter_vision(self, selected: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "n_images vision_seq"]:
+        """A [batch, seq] selection of image tokens as a selection of the vision patches feeding them."""
+        out = torch.zeros(self.n_images, self.vision_seq_len, dtype=torch.bool)
+        for span in self.spans:
+            out[span.image_index, self.patch_positions] = selected[span.row, span.positions].cpu()[self.patch_to_token]
+        return out
+
+    def image_of_position(self) -> Int[Tensor, "batch seq"]:
+        """For every position, which image of its row it belongs to (0, 1, ...; CLS included) or -1."""
+        out = torch.full((self.batch_size, self.seq_len), -1, dtype=torch.long)
+        for row in self.images:
+            for k, span in enumerate(row):
+                out[span.row, span.positions] = k
+                if span.cls_position is not None:
+                    out[span.row, span.cls_position] = k
+        return out
+
     def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
         """True at every image grid token (CLS tokens excluded)."""
         mask = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)
@@ -135,6 +189,15 @@ class ImageTokenLayout:
             for span in row:
                 mask[span.row, span.positions] = True
         return mask
+
+    def repeat(self, k: int) -> "ImageTokenLayout":
+        """The layout of the batch repeated `k` times, replica-major (see `MultimodalInputs.repeat`)."""
+        b, n = self.batch_size, self.n_images
+        rows = tuple(
+            tuple(replace(s, row=s.row + r * b, image_index=s.image_index + r * n) for s in row)
+            for r in range(k) for row in self.images
+        )
+        return replace(self, images=rows)
 
     def same_geometry(self, other: "ImageTokenLayout") -> bool:
         """True when both layouts put the same images at the same positions (for patching)."""
@@ -159,7 +222,7 @@ def compute_layout(
     patch_grid: tuple[int, int],
     token_grid: tuple[int, int],
     patch_to_token: Int[Tensor, "n_patches"],
-    vision_has_cls: bool,
+    vision_prefix: int,
     llm_sees_cls: bool,
 ) -> ImageTokenLayout:
     """Find every image's tokens in `input_ids`.
@@ -200,8 +263,10 @@ def compute_layout(
     return ImageTokenLayout(
         token_grid=tokens_grid,
         patch_grid=patches,
-        patch_positions=torch.arange(n_patches) + int(vision_has_cls),
+        patch_positions=torch.arange(n_patches) + vision_prefix,
         patch_to_token=patch_to_token,
         images=tuple(rows),
         seq_len=input_ids.shape[1],
+        adapter_positions=torch.arange(len(tokens_grid)) + int(llm_sees_cls),
+        vision_seq_len=n_patches + vision_prefix,
     )

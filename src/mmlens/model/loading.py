@@ -1,12 +1,15 @@
 """Finding and loading a Hugging Face checkpoint: shipped name, local directory or hub id.
 
 Nothing here installs packages or reaches the network unless the user names a hub model; with
-`HF_HUB_OFFLINE=1` only the local cache is consulted, and a miss says how to fix it.
+`HF_HUB_OFFLINE=1` only the local cache is consulted, and a miss says how to fix it. Models
+loadable by name are registered from above (`mmlens.zoo` registers the shipped ones), so the
+model layer never imports the zoo.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -14,10 +17,23 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from ..zoo import shipped_models
 from .architectures import ARCHITECTURES
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+_CHECKPOINT_SOURCES: list[Callable[[], Mapping[str, Path]]] = []
+
+
+def register_checkpoint_source(source: Callable[[], Mapping[str, Path]]) -> None:
+    """Add a function listing checkpoints loadable by name (name -> local folder)."""
+    if source not in _CHECKPOINT_SOURCES:
+        _CHECKPOINT_SOURCES.append(source)
+
+
+def shipped_models() -> dict[str, Path]:
+    """Every checkpoint loadable by name, from the registered sources."""
+    return {name: Path(path) for source in _CHECKPOINT_SOURCES for name, path in source().items()}
 
 
 def _offline() -> bool:

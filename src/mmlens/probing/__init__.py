@@ -7,6 +7,7 @@ from .ridge import RidgeStatistics
 from .sites import Site, default_sites
 from .store import ActivationStore
 from .sweep import ProbeSweep, SweepSettings, probe_sweep, randomly_initialised
+from .token_labels import TokenLabels, token_labels
 
 __all__ = [
     "ActivationStore",
@@ -16,10 +17,12 @@ __all__ = [
     "SegmentationScores",
     "Site",
     "SweepSettings",
+    "TokenLabels",
     "default_sites",
     "fit_logistic",
     "miou_from_counts",
     "probe_sweep",
     "randomly_initialised",
+    "token_labels",
     "tokens_to_pixels",
 ]

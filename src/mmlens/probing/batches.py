@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.schema import segmentation_info
-from ..data.token_labels import TokenLabels, token_labels
+from .token_labels import TokenLabels, token_labels
 from ..model import HookedMLLM, MultimodalInputs
 
 

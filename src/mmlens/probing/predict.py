@@ -32,12 +32,11 @@ def predict_image_tokens(
     With `activations` (hook name -> activation of these inputs, e.g. a clean cache) no forward
     runs; otherwise one forward with `fwd_hooks` (the edit) and the gathering hooks.
     """
-    llm_sees_cls = model.architecture.llm_sees_cls(model.cfg)
     sites = {name: site_for(model, name) for name in probes}
     out: dict[str, Tensor] = {}
 
     def classify(name: str, activation: Tensor) -> None:
-        x = gather_image_tokens(sites[name], activation, inputs.layout, llm_sees_cls)
+        x = gather_image_tokens(sites[name], activation, inputs.layout)
         probe = probes[name].to(x.device)
         out[name] = probe.predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
 

@@ -55,7 +55,7 @@ def default_sites(model: HookedMLLM, sites: str | list[str] = "all") -> list[Sit
         if "vision" in wanted:
             names += ["vision.hook_embed"] + [f"vision.blocks.{i}.hook_resid_post" for i in range(cfg.vision.n_layers)]
         if "adapter" in wanted:
-            names += ["adapter.hook_in", "adapter.hook_hidden", "adapter.hook_out"]
+            names += model.hook_names("adapter")
         if "llm" in wanted:
             names += [f"blocks.{l}.hook_resid_post" for l in range(cfg.n_layers)]
         return [site_for(model, n) for n in names]
@@ -66,12 +66,6 @@ def default_sites(model: HookedMLLM, sites: str | list[str] = "all") -> list[Sit
     return sorted(resolved, key=lambda s: (order[s.stage], s.layer))
 
 
-def gather_image_tokens(
-    site: Site, activation: Tensor, layout: ImageTokenLayout, llm_sees_cls: bool
-) -> Float[Tensor, "n_images n_tokens d"]:
-    """The site's activation at every image token, image by image."""
-    if site.stage == "vision":
-        return activation[:, layout.patch_positions.to(activation.device)]
-    if site.stage == "adapter":
-        return activation[:, int(llm_sees_cls):]
-    return layout.by_image(activation)
+def gather_image_tokens(site: Site, activation: Tensor, layout: ImageTokenLayout) -> Float[Tensor, "n_images n_tokens d"]:
+    """The site's activation at every image token, image by image (`ImageTokenLayout.gather`)."""
+    return layout.gather(site.stage, activation)

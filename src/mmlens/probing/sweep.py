@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.schema import segmentation_info
-from ..interventions.hook_set import Edit, edit_hooks
+from ..model.edits import Edit, edit_hooks
 from ..model import HookedMLLM, TokenGrid
 from .batches import labelled_batches
 from .linear import LinearProbe
@@ -158,7 +158,6 @@ class _SweepRun:
         self.intervention = intervention
         self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
         self.progress = progress
-        self.llm_sees_cls = model.architecture.llm_sees_cls(model.cfg)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def _batches(self, indices: np.ndarray, desc: str):
@@ -199,7 +198,7 @@ class _SweepRun:
 
         def train_hook(site: Site, labels, label_sets, keep):
             def hook(activation, hook):
-                x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
+                x = gather_image_tokens(site, activation, inputs.layout)
                 valid = labels[site.grid].valid.to(x.device)
                 rows = x[valid]
                 acc = accumulators.get(site.hook)
@@ -245,8 +244,8 @@ class _SweepRun:
 
         def test_hook(site: Site, labels, masks):
             def hook(activation, hook):
-                x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
-                grid = inputs.layout.patch_grid if site.grid == "vision" else inputs.layout.token_grid
+                x = gather_image_tokens(site, activation, inputs.layout)
+                grid = inputs.layout.grid_of(site.stage)
                 lab = labels[site.grid]
                 for condition in self.conditions:
                     key = (condition, site.hook)
@@ -261,7 +260,7 @@ class _SweepRun:
                                  + [(s.hook, test_hook(s, labels, masks)) for s in self.sites],
                                  return_type=None)
         found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
-        grids = {"vision": inputs.layout.patch_grid, "llm": inputs.layout.token_grid}
+        grids = {"vision": inputs.layout.grid_of("vision"), "llm": inputs.layout.grid_of("llm")}
         return found, torch.cat(masks_seen).numpy(), grids
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..model.loading import register_checkpoint_source
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -16,3 +18,6 @@ def shipped_models() -> dict[str, Path]:
         for path in sorted(WEIGHTS_DIR.iterdir())
         if (path / "config.json").is_file()
     }
+
+
+register_checkpoint_source(shipped_models)

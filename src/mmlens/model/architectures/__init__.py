@@ -7,9 +7,10 @@ from torch import nn
 from ...errors import UnsupportedModelError
 from .base import Architecture
 from .llava import Llava
+from .paligemma import PaliGemma
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava,) for name in arch.hf_class_names
+    name: arch for arch in (Llava, PaliGemma) for name in arch.hf_class_names
 }
 
 

@@ -1,19 +1,30 @@
-"""What an architecture file provides: how to read a model family's config and where to hook it.
+"""What an architecture file provides: everything mmlens knows about one model family.
 
-A model family (LLaVA, later LLaVA-NeXT, Qwen2.5-VL ...) is one subclass of `Architecture` in its
-own small file, registered by its Hugging Face class name. `HookedMLLM` only talks to this
-interface.
+A model family (LLaVA, PaliGemma ...) is one subclass of `Architecture` in its own small file,
+registered by its Hugging Face class name. It reads the family's config, says where its modules
+are and how their blocks compute (`BlockSpec`), which keywords its forward takes, and how images
+become LLM tokens (the layout). `HookedMLLM` and everything above it only talk to this interface,
+so no code outside `architectures/` knows a family.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
+import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from ...errors import InputError
+from ..attention_masks import additive_mask, allowed_edges
 from ..config import MLLMConfig
+from ..layout import ImageTokenLayout, compute_layout
+
+# The keywords every family's forward takes; `extra_input_names` adds the family's own.
+BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
 
 
 class Architecture(ABC):
@@ -22,6 +33,12 @@ class Architecture(ABC):
     hf_class_names: tuple[str, ...] = ()
     # (pattern, replacement) pairs mapping TransformerBridge hook names to ours.
     bridge_aliases: tuple[tuple[str, str], ...] = ()
+    # Keywords of the family's forward beyond BASE_INPUT_NAMES (e.g. PaliGemma's token_type_ids),
+    # carried by MultimodalInputs through every forward, cache, repeat and generation.
+    extra_input_names: tuple[str, ...] = ()
+    # Those of `extra_input_names` the LLM alone still needs (attention rules), for runs that
+    # start from the merged embeddings.
+    llm_input_names: tuple[str, ...] = ()
 
     @abstractmethod
     def build_config(self, hf_model: nn.Module) -> MLLMConfig: ...
@@ -31,9 +48,124 @@ class Architecture(ABC):
         """Install hooks on `hf_model` that fire `root`'s hook points; return removable handles."""
 
     @abstractmethod
-    def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
-        """Run the Hugging Face model on `input_ids`, `pixel_values`, `attention_mask`."""
+    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
+        """The vision encoder's blocks, in order (`vision.blocks.{i}`)."""
 
+    @abstractmethod
+    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
+        """The LLM's decoder blocks, in order (`blocks.{l}`)."""
+
+    def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
+        """Run the Hugging Face model on its keywords (`input_ids`, `pixel_values`, ...)."""
+        return hf_model(**inputs, use_cache=False)
+
+    def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The family's keywords for the same rows with one more generated (text) token."""
+        return extra
+
+    # ------------------------------------------------------------- attention
+    # How tokens may attend: "causal", or "bidirectional" (each image's tokens see each other).
+    # A family with its own rule (PaliGemma's prefix-LM) adds its name in front.
+    attention_modes: tuple[str, ...] = ("causal", "bidirectional")
+
+    def own_attention_mode(self, hf_model: nn.Module) -> str:
+        """The rule the checkpoint was trained with; models trained by mmlens.zoo with
+        bidirectional image attention say so in their config."""
+        mode = getattr(hf_model.config, "mmlens_image_attention", self.attention_modes[0])
+        if mode not in self.attention_modes:
+            raise InputError(f"config.mmlens_image_attention must be one of {self.attention_modes}, got {mode!r}")
+        return mode
+
+    def attention_edges(
+        self, mode: str, layout: ImageTokenLayout, attention_mask: Int[Tensor, "batch seq"] | None,
+        extra: dict[str, Tensor],
+    ) -> Bool[Tensor, "batch seq seq"]:
+        """True where a query (dim 1) may read a key (dim 2) under `mode`, padding respected."""
+        return allowed_edges(layout.image_of_position(), attention_mask, mode == "bidirectional")
+
+    def attention_kwargs(
+        self, mode: str, kwargs: dict[str, Tensor], layout: Callable[[], ImageTokenLayout], dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """The forward's keywords with the attention rule `mode` in force (a 4D mask where
+        Hugging Face's own rule differs); `layout()` computes the layout when a mask needs it."""
+        if mode == "causal":
+            return kwargs
+        mask = kwargs.get("attention_mask")
+        ids = kwargs["input_ids"]
+        mask = torch.ones_like(ids) if mask is None else mask
+        edges = self.attention_edges(mode, layout(), mask, kwargs).to(ids.device)
+        return {**kwargs, "attention_mask": additive_mask(edges, dtype)}
+
+    def llm_attention(self, hf_model: nn.Module, layer: int) -> nn.Module:
+        return self.llm_layers(hf_model)[layer].self_attn
+
+    def llm_attention_scale(self, hf_model: nn.Module, layer: int) -> float:
+        """The factor raw query-key products are multiplied by in LLM layer `layer`."""
+        return float(self.llm_attention(hf_model, layer).scaling)
+
+    def blocks(self, hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every hooked block with its hook-tree name, in the order a forward runs them."""
+        vision = [(f"vision.blocks.{i}", m) for i, m in enumerate(self.vision_layers(hf_model))]
+        return vision + [(f"blocks.{l}", m) for l, m in enumerate(self.llm_layers(hf_model))]
+
+    # ------------------------------------------------------------- images -> tokens
+    def llm_sees_cls(self, cfg: MLLMConfig) -> bool:
+        """Whether the LLM receives the vision encoder's CLS token before each image's grid."""
+        return False
+
+    def patch_to_token(self, cfg: MLLMConfig) -> Int[Tensor, "n_patches"]:
+        """The LLM grid token each vision patch feeds (one to one unless the adapter merges)."""
+        return torch.arange(cfg.vision.n_patches)
+
+    def vision_prefix_tokens(self, cfg: MLLMConfig) -> int:
+        """Tokens of the vision sequence before the patches (CLS, registers)."""
+        return int(cfg.vision.has_cls)
+
+    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+        """Where each image's tokens are in `input_ids` and which pixels they see (fixed grid)."""
+        return compute_layout(
+            input_ids,
+            image_token_id=cfg.image_token_id,
+            image_size=(cfg.vision.image_size, cfg.vision.image_size),
+            patch_grid=cfg.vision.patch_grid,
+            token_grid=cfg.adapter.token_grid,
+            patch_to_token=self.patch_to_token(cfg),
+            vision_prefix=self.vision_prefix_tokens(cfg),
+            llm_sees_cls=self.llm_sees_cls(cfg),
+        )
+
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
+        """Refuse images and placeholders that do not match (fixed grid: a constant per image)."""
+        per_image = cfg.adapter.n_image_tokens
+        n_tokens = int((input_ids == cfg.image_token_id).sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tokens != n_images * per_image:
+            raise InputError(
+                f"{n_images} image(s) in pixel_values but {n_tokens} image tokens in input_ids "
+                f"({per_image} per image); the prompts' placeholders and the images must match"
+            )
+        if pixel_values is not None:
+            size = cfg.vision.image_size
+            if tuple(pixel_values.shape[1:]) != (3, size, size):
+                raise InputError(
+                    f"pixel_values have shape {tuple(pixel_values.shape)} but this model takes "
+                    f"[n, 3, {size}, {size}]; preprocess images with model.prepare(...)"
+                )
+
+    def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
+        """A small batch (two rows, one image each) that exercises every block: spec verification
+        runs it with and without hooks. No padding: a fully masked row is NaN in float64 in
+        Hugging Face itself, and padding is the tests' business, not the spec's."""
+        generator = torch.Generator().manual_seed(seed)
+        size = cfg.vision.image_size
+        pixels: Float[Tensor, "2 3 h w"] = torch.randn(2, 3, size, size, generator=generator)
+        text = [t for t in range(min(cfg.d_vocab, 16)) if t != cfg.image_token_id][:4]
+        image = [cfg.image_token_id] * cfg.adapter.n_image_tokens
+        ids = torch.tensor([image + text, [text[0]] + image + text[1:]])
+        mask = torch.ones_like(ids)
+        return {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+
+    # ------------------------------------------------------------- names
     def canonical_name(self, name: str) -> str:
         for pattern, replacement in self.bridge_aliases:
             if re.fullmatch(pattern, name):

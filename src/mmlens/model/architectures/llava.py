@@ -1,4 +1,5 @@
-"""LLaVA (LlavaForConditionalGeneration): CLIP or SigLIP tower -> MLP projector -> Llama-family LLM.
+"""LLaVA (LlavaForConditionalGeneration): CLIP, SigLIP or DINOv2 tower -> MLP projector -> Llama,
+Mistral or Qwen2 LLM.
 
 The projector reads the hidden state `vision_feature_layer` of the tower (-2 for LLaVA-1.5),
 without its CLS token under the "default" strategy, and its outputs replace the `<image>`
@@ -17,18 +18,10 @@ from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
 from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block
 from .base import Architecture
+from .towers import TOWERS, Tower
 
-VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}  # model_type -> has CLS
 LLMS = ("llama", "mistral", "qwen2")
 
-VISION_BLOCK = BlockSpec(
-    ln1="layer_norm1",
-    attn="self_attn",
-    ln2="layer_norm2",
-    mlp="mlp",
-    gated_mlp=False,
-    attention=AttentionSpec(o="out_proj", scaling="scale", rotary=False),
-)
 LLM_BLOCK = BlockSpec(
     ln1="input_layernorm",
     attn="self_attn",
@@ -44,6 +37,9 @@ _L = r"blocks\.(\d+)\."
 
 class Llava(Architecture):
     hf_class_names = ("LlavaForConditionalGeneration",)
+    vision_towers: tuple[str, ...] = tuple(TOWERS)
+    llms = LLMS
+    llm_block = LLM_BLOCK
     bridge_aliases = (
         (r"vision_encoder\.(embeddings\.hook_out|hook_vision_embed)", "vision.hook_embed"),
         (r"vision_encoder\.pre_layernorm\.hook_(out|normalized)", "vision.ln_pre.hook_normalized"),
@@ -70,15 +66,14 @@ class Llava(Architecture):
         (r"ln_final\.hook_out", "ln_final.hook_normalized"),
     )
 
-    @staticmethod
-    def check_supported(hf_model: nn.Module) -> None:
+    def check_supported(self, hf_model: nn.Module) -> None:
         config = hf_model.config
         vision_type = config.vision_config.model_type
         text_type = config.text_config.model_type
-        if vision_type not in VISION_TOWERS or text_type not in LLMS:
+        if vision_type not in self.vision_towers or text_type not in self.llms:
             raise UnsupportedModelError(
-                f"LLaVA with a {vision_type!r} vision tower and a {text_type!r} LLM is not supported; "
-                f"supported towers: {sorted(VISION_TOWERS)}, LLMs: {list(LLMS)}"
+                f"{type(hf_model).__name__} with a {vision_type!r} vision tower and a {text_type!r} LLM is not "
+                f"supported; supported towers: {sorted(self.vision_towers)}, LLMs: {list(self.llms)}"
             )
 
     @staticmethod
@@ -89,30 +84,53 @@ class Llava(Architecture):
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         self.check_supported(hf_model)
         config = hf_model.config
-        vc, tc = config.vision_config, config.text_config
-        has_cls = VISION_TOWERS[vc.model_type]
-        n_vision_states = vc.num_hidden_layers + 1  # embeddings, then one per block
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        feature_layers = tuple(l % n_vision_states for l in layers)
-        vision = VisionConfig(
+        vision = self.vision_config(hf_model)
+        param = next(hf_model.parameters())
+        return MLLMConfig(
+            architecture=type(hf_model).__name__,
+            vision=vision,
+            adapter=self.adapter_config(hf_model, vision),
+            llm=self.llm_config(config.text_config),
+            d_vocab=config.text_config.vocab_size,
+            image_token_id=config.image_token_id,
+            device=param.device,
+            dtype=param.dtype,
+        )
+
+    @staticmethod
+    def tower_kind(hf_model: nn.Module) -> Tower:
+        return TOWERS[hf_model.config.vision_config.model_type]
+
+    def vision_config(self, hf_model: nn.Module) -> VisionConfig:
+        vc = hf_model.config.vision_config
+        tower = self.tower_kind(hf_model)
+        mlp = self.vision_layers(hf_model)[0].mlp
+        return VisionConfig(
             n_layers=vc.num_hidden_layers,
             n_heads=vc.num_attention_heads,
             d_model=vc.hidden_size,
             d_head=vc.hidden_size // vc.num_attention_heads,
-            d_mlp=vc.intermediate_size,
+            d_mlp=(mlp.up_proj if hasattr(mlp, "up_proj") else mlp.fc1).out_features,
             n_key_value_heads=vc.num_attention_heads,
             normalization_type="LN",
             positional_embedding_type="learned",
             image_size=vc.image_size,
             patch_size=vc.patch_size,
-            has_cls=has_cls,
-            has_ln_pre=hasattr(self.vision_tower(hf_model), "pre_layrnorm"),
+            has_cls=tower.has_cls,
+            has_ln_pre=tower.pre_norm is not None,
+            gated_mlp=tower.block(vc).gated_mlp,
         )
+
+    def adapter_config(self, hf_model: nn.Module, vision: VisionConfig) -> AdapterConfig:
+        config = hf_model.config
+        n_vision_states = vision.n_layers + 1  # embeddings, then one per block
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        feature_layers = tuple(l % n_vision_states for l in layers)
         strategy = config.vision_feature_select_strategy
-        sees_cls = has_cls and strategy == "full"
+        sees_cls = vision.has_cls and strategy == "full"
         projector = hf_model.model.multi_modal_projector
-        adapter = AdapterConfig(
+        return AdapterConfig(
             kind=f"mlp2x_{config.projector_hidden_act}",
             d_in=projector.linear_1.in_features,
             d_hidden=projector.linear_1.out_features,
@@ -122,8 +140,11 @@ class Llava(Architecture):
             n_image_tokens=vision.n_patches + int(sees_cls),
             token_grid=vision.patch_grid,
         )
+
+    @staticmethod
+    def llm_config(tc: Any) -> StageConfig:
         d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        llm = StageConfig(
+        return StageConfig(
             n_layers=tc.num_hidden_layers,
             n_heads=tc.num_attention_heads,
             d_model=tc.hidden_size,
@@ -134,38 +155,31 @@ class Llava(Architecture):
             positional_embedding_type="rotary",
             gated_mlp=True,
         )
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__,
-            vision=vision,
-            adapter=adapter,
-            llm=llm,
-            d_vocab=tc.vocab_size,
-            image_token_id=config.image_token_id,
-            device=param.device,
-            dtype=param.dtype,
-        )
 
     def llm_sees_cls(self, cfg: MLLMConfig) -> bool:
         return cfg.vision.has_cls and cfg.adapter.select_strategy == "full"
 
-    def patch_to_token(self, cfg: MLLMConfig) -> torch.Tensor:
-        return torch.arange(cfg.vision.n_patches)  # one LLM token per patch, same order
+    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
+        return self.tower_kind(hf_model).block_list(self.vision_tower(hf_model))
+
+    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
+        return hf_model.model.language_model.layers
 
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
-        tower = self.vision_tower(hf_model)
+        tower, kind = self.vision_tower(hf_model), self.tower_kind(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
-        for layer, hooks in zip(tower.encoder.layers, root.vision.blocks):
-            instrument_block(layer, hooks, VISION_BLOCK, use_result)
+        block = kind.block(hf_model.config.vision_config)
+        for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
+            instrument_block(layer, hooks, block, use_result)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
-        if root.cfg.vision.has_ln_pre:
-            handles.append(hook_module_output(tower.pre_layrnorm, root.vision.ln_pre.hook_normalized))
-        handles.append(hook_module_output(tower.post_layernorm, root.vision.ln_post.hook_normalized))
+        if kind.pre_norm is not None:
+            handles.append(hook_module_output(getattr(tower, kind.pre_norm), root.vision.ln_pre.hook_normalized))
+        handles.append(hook_module_output(getattr(tower, kind.post_norm), root.vision.ln_post.hook_normalized))
         self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
 
         lm = hf_model.model.language_model
-        for layer, hooks in zip(lm.layers, root.blocks):
-            instrument_block(layer, hooks, LLM_BLOCK, use_result)
+        for layer, hooks in zip(self.llm_layers(hf_model), root.blocks):
+            instrument_block(layer, hooks, self.llm_block, use_result)
         handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
         handles.append(hook_module_output(lm.norm, root.ln_final.hook_normalized))
 
@@ -186,6 +200,3 @@ class Llava(Architecture):
             return fire(hooks.hook_out, projector.linear_2(hidden))
 
         _override_forward(projector, forward)
-
-    def forward(self, hf_model: nn.Module, **inputs: torch.Tensor) -> Any:
-        return hf_model(**inputs, use_cache=False)

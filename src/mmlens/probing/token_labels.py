@@ -3,7 +3,8 @@
 A token's box comes from the layout (`TokenGrid.cell_index_map`), so the same function serves
 vision patches and LLM tokens. The hard label is the majority class among the box's valid
 pixels; a token whose valid fraction is below `min_valid_fraction` is marked invalid. The class
-fractions are kept as soft labels.
+fractions are kept as soft labels. It lives in probing, the first layer that has both the data
+(masks) and the model (the layout).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..data.schema import IGNORE_INDEX
 from ..model.layout import ImageTokenLayout, TokenGrid
-from .schema import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

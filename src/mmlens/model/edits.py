@@ -1,12 +1,15 @@
 """Edits as forward hooks: a named set of hooks that is both a context manager and a
 `run_with_hooks` list, and the convention that an edit is a function of the inputs returning
-such a set (or a plain list of hooks), since token groups resolve against each batch."""
+such a set (or a plain list of hooks), since token groups resolve against each batch. It sits in
+the model layer because probing (a sweep under an edit) and interventions (which make edits)
+both use it, and neither may import the other's internals."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..model import HookedMLLM, MultimodalInputs
+from .hooked_mllm import HookedMLLM
+from .inputs import MultimodalInputs
 
 # inputs -> forward hooks: a list of (hook name, hook) or an object with `hooks` (a HookSet)
 Edit = Callable[[MultimodalInputs], Any]

@@ -1,0 +1,82 @@
+"""Checking at load time that every hooked block computes what the Hugging Face block computes.
+
+A hooked block runs Hugging Face's own code while no hook listens and its spec's step-by-step
+maths when one does, so a spec that does not match the block (a missed sandwich norm, a wrong
+rotary function or scale) leaves plain logits exact and hooked activations wrong. The check runs
+the architecture's probe batch twice, bare and with an identity hook on every hook point, records
+each block's output both times, and names the first block whose outputs differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+
+# `model` below is a HookedMLLM, which calls this module while it is being built.
+
+# Largest difference, relative to the block output's scale, two runs of the same maths may show
+# (eager vs Hugging Face's fused kernels reorder float sums).
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def _first_tensor(output) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]
+
+
+@torch.no_grad()
+def _block_outputs(model: Any, inputs: dict[str, Tensor], blocks: list[tuple[str, nn.Module]]) -> tuple[dict[str, Tensor], Tensor]:
+    outputs: dict[str, Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, _first_tensor(out).detach().clone()))
+        for name, module in blocks
+    ]
+    try:
+        logits = model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, logits
+
+
+def verify_blocks(model: Any) -> float:
+    """Raise `UnsupportedModelError` naming the first block whose hooked maths differs from the
+    bare block on the probe batch; return the largest relative difference seen (logits included)."""
+    architecture, cfg = model.architecture, model.cfg
+    probe = {k: v.to(cfg.device) for k, v in architecture.probe_inputs(cfg).items()}
+    probe["pixel_values"] = probe["pixel_values"].to(cfg.dtype)
+    blocks = architecture.blocks(model.hf_model)
+    tolerance = RELATIVE_TOLERANCE.get(cfg.dtype, 3e-2)
+    bare, bare_logits = _block_outputs(model, probe, blocks)
+    use_result = cfg.use_attn_result
+    model.set_use_attn_result(True)
+    try:
+        with model.hooks(fwd_hooks=[(lambda _name: True, lambda x, hook: x)]):
+            hooked, hooked_logits = _block_outputs(model, probe, blocks)
+    finally:
+        model.set_use_attn_result(use_result)
+    worst = 0.0
+    for name, _ in blocks:
+        a, b = bare[name], hooked[name]
+        scale = float(a.abs().max().clamp(min=1e-6))
+        difference = float((a - b).abs().max()) / scale
+        worst = max(worst, difference)
+        if not difference <= tolerance:
+            raise UnsupportedModelError(
+                f"{cfg.architecture}: {name} ({type(dict(blocks)[name]).__name__}) does not match its block spec: "
+                f"with hooks active its output differs from Hugging Face's by {difference:.3g} (relative; "
+                f"tolerance {tolerance:g}). The architecture file's BlockSpec misses something this block "
+                "does (norm placement, q/k norms, rotary function, scaling, layer scale); hooked activations "
+                "would be wrong. Fix the spec, or pass verify=False to inspect the model anyway."
+            )
+    logit_difference = float((bare_logits - hooked_logits).abs().max()) / float(bare_logits.abs().max().clamp(min=1e-6))
+    if not logit_difference <= tolerance:
+        raise UnsupportedModelError(
+            f"{cfg.architecture}: every block matches its spec but the logits differ by {logit_difference:.3g} "
+            "(relative) with hooks active: a hooked module outside the blocks (embeddings, adapter, final "
+            "norm) computes something else than Hugging Face's"
+        )
+    return max(worst, logit_difference)

@@ -1,0 +1,123 @@
+"""Tiny random-weight models of every supported family, built from Hugging Face configs with a
+fixed seed (no hub needed): the parity tests and the overhead benchmark run on them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers import (
+    Dinov2Config,
+    GemmaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from .zoo.build import build_llava, build_word_tokenizer
+
+TEXT_CONFIGS = {"mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def _text_kwargs(tokenizer, d_model: int, layers: int, heads: int, kv_heads: int) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=4 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_llava_with(llm: Literal["mistral", "qwen2"], *, seed: int = 0, attn_implementation: str = "eager"):
+    """A tiny LLaVA (CLIP tower) whose LLM is Mistral or Qwen2 (q/k/v biases) instead of Llama."""
+    reference, processor = build_llava(seed=seed, llm_kv_heads=2, attn_implementation=attn_implementation)
+    text = TEXT_CONFIGS[llm](**_text_kwargs(processor.tokenizer, 64, 2, 4, 2))
+    config = LlavaConfig(
+        vision_config=reference.config.vision_config,
+        text_config=text,
+        image_token_id=reference.config.image_token_id,
+        vision_feature_layer=reference.config.vision_feature_layer,
+        vision_feature_select_strategy=reference.config.vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def tiny_llava_dinov2(*, swiglu: bool = False, seed: int = 0, attn_implementation: str = "eager", **sizes):
+    """A tiny LLaVA whose tower is DINOv2 (CLS, layer scale, optionally a SwiGLU MLP), Llama LLM;
+    `sizes` are `mmlens.testing.tiny_llava`'s (image and patch size, widths, layers).
+
+    The layer scales are drawn at random (DINOv2 initialises them to a constant), so a spec that
+    forgot them would show."""
+    reference, processor = build_llava(seed=seed, attn_implementation=attn_implementation, **sizes)  # CLIP-style processor
+    clip = reference.config.vision_config
+    vision = Dinov2Config(
+        hidden_size=clip.hidden_size, num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
+        mlp_ratio=4, image_size=clip.image_size, patch_size=clip.patch_size, use_swiglu_ffn=swiglu,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=reference.config.text_config,
+        image_token_id=reference.config.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layer:
+            for scale in (layer.layer_scale1, layer.layer_scale2):
+                scale.lambda1.copy_(1 + 0.5 * torch.randn_like(scale.lambda1))
+    return model, processor
+
+
+def tiny_paligemma(
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    llm_layers: int = 2,
+    llm_d_model: int = 64,
+    llm_heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A tiny PaliGemma (SigLIP tower, linear projector, Gemma LLM with one kv head) and its processor."""
+    tokenizer = build_word_tokenizer()
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds its loc/seg tokens
+    vision = SiglipVisionConfig(
+        hidden_size=vision_d_model, intermediate_size=4 * vision_d_model, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size, num_channels=3,
+    )
+    text = GemmaConfig(**_text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 1), head_dim=llm_d_model // llm_heads)
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=llm_d_model,
+        hidden_size=llm_d_model,
+        vocab_size=len(tokenizer),
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return PaliGemmaForConditionalGeneration(config).eval(), processor

@@ -1,0 +1,238 @@
+"""The test tier every model family passes. A family's test file makes its fixtures with
+`fixtures(variants)` (each variant builds a fresh Hugging Face model and processor from a config,
+random weights, fixed seed, for an attention implementation) and imports the tier's tests
+(`from family_tier import *`), which then run on its own models.
+
+Parity: hooks off = Hugging Face bit for bit; an identity hook on every point = Hugging Face
+within 1e-5. Layout: every image placeholder is one grid token of one image, pixel boxes tile the
+processed image. Attention: a knockout equals Hugging Face run with the equivalent 4D mask. Spec:
+a wrong block spec is refused at load. Analyses: every study runs end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmlens import HookedMLLM, MultimodalInputs
+from mmlens.errors import UnsupportedModelError
+from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
+from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
+from mmlens.model.attention_masks import additive_mask
+from mmlens.model.instrument import AttentionSpec
+from mmlens.probing import probe_sweep
+
+from conftest import random_images
+
+PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?"]
+__all__ = [
+    "test_bidirectional_edit_equals_the_bidirectional_mode",
+    "test_cache_equals_hf_hidden_states",
+    "test_family_keywords_travel_everywhere",
+    "test_hooks_off_equal_hf_bit_for_bit",
+    "test_identity_hooks_everywhere_equal_hf",
+    "test_knockout_equals_hf_with_its_mask",
+    "test_layout_contract",
+    "test_wrong_spec_is_refused",
+]
+Builder = Callable[[str], tuple[nn.Module, Any]]  # attention implementation -> (HF model, processor)
+
+
+@dataclass
+class Family:
+    model: HookedMLLM
+    reference: nn.Module
+    inputs: MultimodalInputs
+
+
+def build_family(make: Callable[[], tuple[nn.Module, Any]], padding_side: str = "left", n_images: int = 3) -> Family:
+    hf_model, processor = make()
+    processor.tokenizer.padding_side = padding_side
+    reference = copy.deepcopy(hf_model)
+    model = HookedMLLM.from_hf(hf_model, processor)
+    inputs = model.prepare(random_images(n_images), PROMPTS[:n_images])
+    assert inputs.attention_mask.min() == 0, "the batch must contain padding"
+    return Family(model, reference, inputs)
+
+
+def fixtures(variants: dict[str, Builder], attns: tuple[str, ...] = ("eager", "sdpa"), eager_variants: list[str] | None = None):
+    """The fixtures the tier's tests take: `family` (every variant under every attention
+    implementation), `eager` (the `eager_variants`, default all, with eager attention) and
+    `builder` (a function building a fresh eager model of each variant)."""
+
+    @pytest.fixture(scope="module", params=[(v, a) for v in variants for a in attns], ids=lambda p: "-".join(p))
+    def family(request):
+        variant, attn = request.param
+        return build_family(lambda: variants[variant](attn))
+
+    @pytest.fixture(scope="module", params=eager_variants or list(variants))
+    def eager(request):
+        return build_family(lambda: variants[request.param]("eager"))
+
+    @pytest.fixture(params=list(variants))
+    def builder(request):
+        return lambda: variants[request.param]("eager")
+
+    return family, eager, builder
+
+
+@torch.no_grad()
+def test_hooks_off_equal_hf_bit_for_bit(family: Family) -> None:
+    ours = family.model(family.inputs)
+    theirs = family.reference(**family.inputs.hf_kwargs()).logits
+    assert torch.equal(ours, theirs)
+
+
+@torch.no_grad()
+def test_identity_hooks_everywhere_equal_hf(family: Family) -> None:
+    model = family.model
+    model.set_use_attn_result(True)
+    fired = set()
+
+    def identity(x, hook):
+        fired.add(hook.name)
+        return x.clone()
+
+    try:
+        ours = model.run_with_hooks(family.inputs, fwd_hooks=[(lambda name: True, identity)])
+    finally:
+        model.set_use_attn_result(False)
+    theirs = family.reference(**family.inputs.hf_kwargs()).logits
+    valid = family.inputs.attention_mask.bool()  # sdpa leaves fully padded query rows undefined
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert fired == set(model.hook_names()), f"never fired: {sorted(set(model.hook_names()) - fired)[:5]}"
+
+
+@torch.no_grad()
+def test_cache_equals_hf_hidden_states(eager: Family) -> None:
+    model, inputs = eager.model, eager.inputs
+    _, cache = model.run_with_cache(inputs)
+    ref = eager.reference(**inputs.hf_kwargs(), output_hidden_states=True)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer], atol=1e-5, rtol=0)
+    d_model = model.cfg.d_model
+    torch.testing.assert_close(cache["adapter.hook_out"].reshape(-1, d_model), ref.image_hidden_states.reshape(-1, d_model),
+                               atol=1e-5, rtol=0)
+
+
+def test_layout_contract(eager: Family) -> None:
+    model, inputs = eager.model, eager.inputs
+    layout = inputs.layout
+    placeholders = inputs.input_ids.cpu() == model.cfg.image_token_id
+    labelled = torch.zeros_like(placeholders, dtype=torch.long)
+    for span in layout.spans:
+        labelled[span.row, span.positions] += 1
+        if span.cls_position is not None:
+            labelled[span.row, span.cls_position] += 1
+        assert len(span.positions) == len(layout.token_grid)
+    assert torch.equal(labelled, placeholders.long()), "every image placeholder belongs to exactly one image"
+    assert torch.equal(layout.image_token_mask() & ~placeholders, torch.zeros_like(placeholders)), "no text in a grid"
+    for grid in (layout.token_grid, layout.patch_grid):
+        height, width = grid.image_size
+        cover = torch.zeros(height, width, dtype=torch.long)
+        for y0, x0, y1, x1 in grid.boxes.tolist():
+            cover[y0:y1, x0:x1] += 1
+        assert (cover == 1).all(), "pixel boxes tile the processed image"
+    pixels = inputs.pixel_values
+    assert tuple(pixels.shape[-2:]) == layout.token_grid.image_size
+    gathered = layout.gather("llm", inputs.input_ids[..., None])
+    assert gathered.shape[:2] == (layout.n_images, len(layout.token_grid))
+
+
+@torch.no_grad()
+def test_knockout_equals_hf_with_its_mask(eager: Family) -> None:
+    model, inputs = eager.model, eager.inputs
+    corner = TokenGroup.box(0, 0, 2, 2)
+    ko = knockout(model, inputs, queries=TokenGroup.image() - corner, keys=corner,
+                  layers=range(model.cfg.n_layers), verify=True)
+    with ko:
+        ours = model(inputs)
+    assert ko.n_blocked_edges > 0 and all(mass == 0.0 for mass in ko.blocked_mass.values())
+    allowed = model.attention_edges(inputs) & ~ko.blocked.cpu()
+    assert torch.equal(ko.effective_mask(), allowed.to(ko.blocked.device))
+    plain = {k: v for k, v in inputs.hf_kwargs().items() if k in ("input_ids", "pixel_values")}
+    theirs = eager.reference(**plain, attention_mask=additive_mask(allowed)).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"
+
+
+def test_wrong_spec_is_refused(builder: Callable[[], tuple[nn.Module, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec that ignores the rotary embedding leaves plain logits exact; loading must refuse it."""
+    import mmlens.model.hooked_mllm as hooked
+
+    hf_model, processor = builder()
+    right = hooked.architecture_for(hf_model)
+
+    class WithoutRotary(type(right)):
+        llm_block = replace(right.llm_block, attention=AttentionSpec(rotary=False))
+
+    monkeypatch.setattr(hooked, "architecture_for", lambda _model: WithoutRotary())
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0 .*does not match its block spec"):
+        HookedMLLM.from_hf(hf_model, processor)
+
+
+@torch.no_grad()
+def test_family_keywords_travel_everywhere(eager: Family) -> None:
+    """Repeats, the LLM-only shortcut and generation carry the family's own keywords."""
+    model, inputs = eager.model, eager.inputs
+    logits = model(inputs)
+    repeated = inputs.repeat(2)
+    assert set(repeated.extra) == set(inputs.extra)
+    torch.testing.assert_close(model(repeated), logits.repeat(2, 1, 1), atol=1e-5, rtol=0)
+    _, cache = model.run_with_cache(inputs, names_filter="hook_multimodal_embed")
+    shortcut = model(inputs, llm_inputs_embeds=cache["hook_multimodal_embed"])
+    torch.testing.assert_close(shortcut, logits, atol=1e-5, rtol=0)
+    ours = model.generate(inputs, max_new_tokens=3)
+    theirs = eager.reference.generate(**inputs.hf_kwargs(), max_new_tokens=3, do_sample=False)
+    assert ours == model.processor.batch_decode(theirs[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_bidirectional_edit_equals_the_bidirectional_mode(eager: Family) -> None:
+    model, inputs = eager.model, eager.inputs
+    with model.using_image_attention("bidirectional"):
+        native = model(inputs)
+    with model.using_image_attention("causal"):
+        causal = model(inputs)
+        with bidirectional_image_attention(model, inputs):
+            edited = model(inputs)
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(edited[valid], native[valid], atol=1e-5, rtol=0)
+    assert (edited - causal)[valid].abs().max() > 1e-4
+
+
+def every_analysis_runs(model: HookedMLLM, scenes) -> None:
+    """Probe sweep, verified knockouts (LLM and vision), head sweep, anchor knockout, position
+    study and recovery heads, end to end on a random-weight model (numbers are not the point)."""
+    n_layers = model.cfg.n_layers
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    sites = ["vision.blocks.0.hook_resid_post", "adapter.hook_out", "blocks.0.hook_resid_post", last]
+    sweep = probe_sweep(model, scenes, sites=sites, probe="ridge", progress=False, n_boot=5)
+    assert np.isfinite(sweep.table.miou).all() and set(sweep.table.hook) >= set(sites)
+
+    inputs = model.prepare([scenes[i]["image"] for i in range(2)], "")
+    for stage, layers in (("llm", range(n_layers)), ("vision", range(model.cfg.vision.n_layers))):
+        ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1),
+                      layers=layers, stage=stage, verify=True)
+        with ko:
+            model(inputs)
+        assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
+        assert all(mass == 0.0 for mass in ko.blocked_mass.values())
+
+    metric = CacheMetric(lambda acts, inp: acts[last][:, -1].norm(dim=-1), [last])
+    effects = head_sweep(model, Run(inputs), recovery_blocked(model, inputs), metric)
+    assert effects.shape == (n_layers, model.cfg.llm.n_heads, len(inputs)) and torch.isfinite(effects).all()
+
+    result = anchor_knockout(model, sweep, n_control=1, n_boot=5)
+    assert result.blocked_mass == 0.0 and len(result.table)
+    study = position_study(model, scenes, probe="ridge", n_boot=5, sites=[last])
+    assert len(study.per_position) and set(study.gains.tokens) == {"early", "late"}
+    heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=4, n_boot=5, n_maps=1, top_k=2)
+    assert len(heads.table) == n_layers * model.cfg.llm.n_heads and len(heads.maps) == 1
