@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from ..model.edits import Edit, edit_hooks
@@ -217,6 +218,9 @@ def patch_mask(model: HookedMLLM, inputs: MultimodalInputs, name: str, activatio
 
 
 def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:
+    if isinstance(conditions, Patch) or not isinstance(conditions, Sequence) or len(conditions) == 0:
+        raise InputError(f"conditions must be a non-empty list of Patches (or of lists of Patches applied together); "
+                         f"got {conditions!r:.80}")
     out = []
     for c in conditions:
         group = [c] if isinstance(c, Patch) else list(c)
