@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from transformers import (
     Dinov2Config,
+    Dinov2WithRegistersConfig,
     GemmaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -58,18 +59,23 @@ def tiny_llava_with(llm: Literal["mistral", "qwen2"], *, seed: int = 0, attn_imp
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
-def tiny_llava_dinov2(*, swiglu: bool = False, seed: int = 0, attn_implementation: str = "eager", **sizes):
-    """A tiny LLaVA whose tower is DINOv2 (CLS, layer scale, optionally a SwiGLU MLP), Llama LLM;
-    `sizes` are `mmlens.testing.tiny_llava`'s (image and patch size, widths, layers).
+def tiny_llava_dinov2(
+    *, swiglu: bool = False, registers: int = 0, seed: int = 0, attn_implementation: str = "eager", **sizes
+):
+    """A tiny LLaVA whose tower is DINOv2 (CLS, layer scale, optionally a SwiGLU MLP and register
+    tokens, which reach the LLM before each image's grid), Llama LLM; `sizes` are
+    `mmlens.testing.tiny_llava`'s (image and patch size, widths, layers).
 
     The layer scales are drawn at random (DINOv2 initialises them to a constant), so a spec that
     forgot them would show."""
     reference, processor = build_llava(seed=seed, attn_implementation=attn_implementation, **sizes)  # CLIP-style processor
     clip = reference.config.vision_config
-    vision = Dinov2Config(
+    config_class, extra = (Dinov2WithRegistersConfig, {"num_register_tokens": registers}) if registers else (Dinov2Config, {})
+    vision = config_class(
         hidden_size=clip.hidden_size, num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
-        mlp_ratio=4, image_size=clip.image_size, patch_size=clip.patch_size, use_swiglu_ffn=swiglu,
+        mlp_ratio=4, image_size=clip.image_size, patch_size=clip.patch_size, use_swiglu_ffn=swiglu, **extra,
     )
+    processor.num_additional_image_tokens = 1 + registers  # CLS and registers; "default" drops the CLS
     config = LlavaConfig(
         vision_config=vision,
         text_config=reference.config.text_config,

@@ -128,9 +128,9 @@ def test_layout_contract(eager: Family) -> None:
     labelled = torch.zeros_like(placeholders, dtype=torch.long)
     for span in layout.spans:
         labelled[span.row, span.positions] += 1
-        if span.cls_position is not None:
-            labelled[span.row, span.cls_position] += 1
+        labelled[span.row, span.prefix_positions] += 1  # CLS and registers the LLM sees
         assert len(span.positions) == len(layout.token_grid)
+        assert len(span.prefix_positions) == model.architecture.llm_prefix_tokens(model.cfg)
     assert torch.equal(labelled, placeholders.long()), "every image placeholder belongs to exactly one image"
     assert torch.equal(layout.image_token_mask() & ~placeholders, torch.zeros_like(placeholders)), "no text in a grid"
     for grid in (layout.token_grid, layout.patch_grid):

@@ -19,15 +19,20 @@ from family_tier import *  # noqa: F403 - the family tier's tests, run on this f
 VARIANTS = {
     "mlp": lambda attn: tiny_llava_dinov2(attn_implementation=attn),
     "swiglu": lambda attn: tiny_llava_dinov2(swiglu=True, attn_implementation=attn),
+    "registers": lambda attn: tiny_llava_dinov2(registers=2, attn_implementation=attn),
 }
-family, eager, builder = tier.fixtures(VARIANTS, eager_variants=["mlp"])
+family, eager, builder = tier.fixtures(VARIANTS, eager_variants=["mlp", "registers"])
 
 
 def test_the_tower_reads_like_dinov2(eager):
     cfg, layout = eager.model.cfg, eager.inputs.layout
+    registers = cfg.vision.n_registers
     assert cfg.vision.has_cls and not cfg.vision.has_ln_pre
-    assert int(layout.patch_positions[0]) == 1 and layout.vision_seq_len == 17  # CLS, then 4x4 patches
-    assert cfg.adapter.n_image_tokens == 16  # "default" drops the CLS before the projector
+    assert int(layout.patch_positions[0]) == 1 + registers and layout.vision_seq_len == 17 + registers  # CLS, registers, 4x4
+    assert cfg.adapter.n_image_tokens == 16 + registers  # "default" drops only the CLS before the projector
+    for span in layout.spans:  # the registers reach the LLM right before the grid, outside it
+        assert span.cls_position is None
+        assert span.prefix_positions.tolist() == list(range(int(span.positions[0]) - registers, int(span.positions[0])))
 
 
 def test_a_spec_without_layer_scale_is_refused(monkeypatch):

@@ -96,7 +96,7 @@ def check_same_layout(source: MultimodalInputs, target: MultimodalInputs) -> Non
         else:
             for ra, rb in zip(a.images, b.images):
                 for sa, sb in zip(ra, rb):
-                    if not torch.equal(sa.positions, sb.positions) or sa.cls_position != sb.cls_position:
+                    if not torch.equal(sa.positions, sb.positions) or not torch.equal(sa.prefix_positions, sb.prefix_positions):
                         problems.append(f"row {sa.row}: image tokens at {int(sa.positions[0])}..{int(sa.positions[-1])} "
                                         f"vs {int(sb.positions[0])}..{int(sb.positions[-1])}")
                         break

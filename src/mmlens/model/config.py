@@ -32,6 +32,7 @@ class VisionConfig(StageConfig):
     image_size: int = 0
     patch_size: int = 0
     has_cls: bool = False
+    n_registers: int = 0  # register tokens after the CLS token (DINOv2 with registers)
     has_ln_pre: bool = False  # a LayerNorm between embeddings and the first block (CLIP)
 
     @property
@@ -117,7 +118,7 @@ class MLLMConfig:
         return (
             f"{self.architecture}: vision {v.n_layers} layers x {v.n_heads} heads, d_model {v.d_model}, "
             f"{v.image_size}px / {v.patch_size}px patches ({v.patch_grid[0]}x{v.patch_grid[1]}"
-            f"{' + CLS' if v.has_cls else ''}) -> adapter {a.kind} reads vision layer(s) "
+            f"{' + CLS' if v.has_cls else ''}{f' + {v.n_registers} registers' if v.n_registers else ''}) -> adapter {a.kind} reads vision layer(s) "
             f"{list(a.feature_layers)} -> {a.n_image_tokens} image tokens ({a.token_grid[0]}x"
             f"{a.token_grid[1]}) -> LLM {l.n_layers} layers x {l.n_heads} heads "
             f"({l.n_key_value_heads} kv), d_model {l.d_model}, vocab {self.d_vocab}"

@@ -9,7 +9,7 @@ way to read a stage's activation at the image tokens; nothing above `model/` ind
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
@@ -66,6 +66,8 @@ class ImageSpan:
     image_index: int  # index of the image in `pixel_values`
     positions: Int[Tensor, "n_tokens"]  # sequence positions of the grid tokens, raster order
     cls_position: int | None  # sequence position of the image's CLS token, if the LLM sees it
+    # every non-grid token of the image the LLM sees before its grid (CLS, registers), in order
+    prefix_positions: Int[Tensor, "n_prefix"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass(frozen=True)
@@ -173,13 +175,13 @@ class ImageTokenLayout:
         return out
 
     def image_of_position(self) -> Int[Tensor, "batch seq"]:
-        """For every position, which image of its row it belongs to (0, 1, ...; CLS included) or -1."""
+        """For every position, which image of its row it belongs to (0, 1, ...; CLS and registers
+        included) or -1."""
         out = torch.full((self.batch_size, self.seq_len), -1, dtype=torch.long)
         for row in self.images:
             for k, span in enumerate(row):
                 out[span.row, span.positions] = k
-                if span.cls_position is not None:
-                    out[span.row, span.cls_position] = k
+                out[span.row, span.prefix_positions] = k
         return out
 
     def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
@@ -208,7 +210,7 @@ class ImageTokenLayout:
         ) or [len(r) for r in self.images] != [len(r) for r in other.images]:
             return False
         return all(
-            torch.equal(a.positions, b.positions) and a.cls_position == b.cls_position
+            torch.equal(a.positions, b.positions) and torch.equal(a.prefix_positions, b.prefix_positions)
             for ra, rb in zip(self.images, other.images)
             for a, b in zip(ra, rb)
         )
@@ -224,10 +226,12 @@ def compute_layout(
     patch_to_token: Int[Tensor, "n_patches"],
     vision_prefix: int,
     llm_sees_cls: bool,
+    llm_prefix: int | None = None,
 ) -> ImageTokenLayout:
     """Find every image's tokens in `input_ids`.
 
-    Each image contributes `len(token_grid) + llm_sees_cls` consecutive placeholder tokens; a
+    Each image contributes `llm_prefix` (CLS and register tokens; by default `llm_sees_cls`)
+    and then `len(token_grid)` consecutive placeholder tokens; a
     run of placeholders is split into images of that size, and images are numbered in row-major
     batch order, which is the order of `pixel_values`.
     """
@@ -235,7 +239,8 @@ def compute_layout(
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     tokens_grid = TokenGrid(*token_grid, image_size=image_size)
     patches = TokenGrid(*patch_grid, image_size=image_size)
-    per_image = len(tokens_grid) + int(llm_sees_cls)
+    llm_prefix = int(llm_sees_cls) if llm_prefix is None else llm_prefix
+    per_image = len(tokens_grid) + llm_prefix
     is_image = (input_ids == image_token_id).cpu()
     rows: list[tuple[ImageSpan, ...]] = []
     image_index = 0
@@ -255,8 +260,7 @@ def compute_layout(
                     f"{block[-1].item()} are not contiguous"
                 )
             cls = int(block[0]) if llm_sees_cls else None
-            grid_positions = block[1:] if llm_sees_cls else block
-            spans.append(ImageSpan(b, image_index, grid_positions.clone(), cls))
+            spans.append(ImageSpan(b, image_index, block[llm_prefix:].clone(), cls, block[:llm_prefix].clone()))
             image_index += 1
         rows.append(tuple(spans))
     n_patches = len(patches)
@@ -267,6 +271,6 @@ def compute_layout(
         patch_to_token=patch_to_token,
         images=tuple(rows),
         seq_len=input_ids.shape[1],
-        adapter_positions=torch.arange(len(tokens_grid)) + int(llm_sees_cls),
+        adapter_positions=torch.arange(len(tokens_grid)) + llm_prefix,
         vision_seq_len=n_patches + vision_prefix,
     )

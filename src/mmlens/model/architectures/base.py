@@ -113,13 +113,17 @@ class Architecture(ABC):
         """Whether the LLM receives the vision encoder's CLS token before each image's grid."""
         return False
 
+    def llm_prefix_tokens(self, cfg: MLLMConfig) -> int:
+        """Tokens the LLM receives before each image's grid (CLS, registers)."""
+        return int(self.llm_sees_cls(cfg))
+
     def patch_to_token(self, cfg: MLLMConfig) -> Int[Tensor, "n_patches"]:
         """The LLM grid token each vision patch feeds (one to one unless the adapter merges)."""
         return torch.arange(cfg.vision.n_patches)
 
     def vision_prefix_tokens(self, cfg: MLLMConfig) -> int:
         """Tokens of the vision sequence before the patches (CLS, registers)."""
-        return int(cfg.vision.has_cls)
+        return int(cfg.vision.has_cls) + cfg.vision.n_registers
 
     def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
         """Where each image's tokens are in `input_ids` and which pixels they see (fixed grid)."""
@@ -132,6 +136,7 @@ class Architecture(ABC):
             patch_to_token=self.patch_to_token(cfg),
             vision_prefix=self.vision_prefix_tokens(cfg),
             llm_sees_cls=self.llm_sees_cls(cfg),
+            llm_prefix=self.llm_prefix_tokens(cfg),
         )
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:

@@ -117,6 +117,7 @@ class Llava(Architecture):
             image_size=vc.image_size,
             patch_size=vc.patch_size,
             has_cls=tower.has_cls,
+            n_registers=int(getattr(vc, tower.registers)) if tower.registers else 0,
             has_ln_pre=tower.pre_norm is not None,
             gated_mlp=tower.block(vc).gated_mlp,
         )
@@ -128,7 +129,8 @@ class Llava(Architecture):
         layers = [layers] if isinstance(layers, int) else list(layers)
         feature_layers = tuple(l % n_vision_states for l in layers)
         strategy = config.vision_feature_select_strategy
-        sees_cls = vision.has_cls and strategy == "full"
+        # "default" drops the first vision token (CLS); registers after it reach the LLM
+        prefix = int(vision.has_cls and strategy == "full") + vision.n_registers
         projector = hf_model.model.multi_modal_projector
         return AdapterConfig(
             kind=f"mlp2x_{config.projector_hidden_act}",
@@ -137,7 +139,7 @@ class Llava(Architecture):
             d_out=projector.linear_2.out_features,
             feature_layers=feature_layers,
             select_strategy=strategy,
-            n_image_tokens=vision.n_patches + int(sees_cls),
+            n_image_tokens=vision.n_patches + prefix,
             token_grid=vision.patch_grid,
         )
 
@@ -158,6 +160,9 @@ class Llava(Architecture):
 
     def llm_sees_cls(self, cfg: MLLMConfig) -> bool:
         return cfg.vision.has_cls and cfg.adapter.select_strategy == "full"
+
+    def llm_prefix_tokens(self, cfg: MLLMConfig) -> int:
+        return int(self.llm_sees_cls(cfg)) + cfg.vision.n_registers
 
     def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
         return self.tower_kind(hf_model).block_list(self.vision_tower(hf_model))

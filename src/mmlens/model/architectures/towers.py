@@ -2,7 +2,8 @@
 blocks and norms, whether it has a CLS token, and its block spec.
 
 CLIP and SigLIP are pre-norm blocks `x + attn(ln1(x))`, `+ mlp(ln2(.))`; DINOv2 adds a learned
-per-channel layer scale to each branch and may use a SwiGLU MLP.
+per-channel layer scale to each branch and may use a SwiGLU MLP, and its registers variant puts
+register tokens between the CLS token and the patches.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Tower:
     post_norm: str  # the norm after the last block (what `last_hidden_state` passes through)
     block: Callable[[Any], BlockSpec]  # vision config -> spec of every block
     pre_norm: str | None = None  # a norm between embeddings and the first block (CLIP)
+    registers: str | None = None  # the vision config's number of register tokens (after the CLS token)
 
     def block_list(self, tower: Any):
         return getattr(tower.encoder, self.layers)
@@ -51,4 +53,5 @@ TOWERS = {
     "clip_vision_model": Tower(True, "layers", "post_layernorm", lambda _c: CLIP_BLOCK, pre_norm="pre_layrnorm"),
     "siglip_vision_model": Tower(False, "layers", "post_layernorm", lambda _c: CLIP_BLOCK),
     "dinov2": Tower(True, "layer", "layernorm", _dinov2_block),
+    "dinov2_with_registers": Tower(True, "layer", "layernorm", _dinov2_block, registers="num_register_tokens"),
 }
