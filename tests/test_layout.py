@@ -128,3 +128,24 @@ def test_by_image_takes_each_images_grid_tokens_in_pixel_values_order():
         assert torch.equal(taken[span.image_index], values[span.row, span.positions])
     features = torch.randn(*inputs.input_ids.shape, 5)
     assert layout.by_image(features).shape == (3, len(layout.token_grid), 5)
+
+
+@torch.no_grad()
+def test_gather_reads_each_stage_at_the_same_grid_tokens():
+    """With the CLS token kept ("full"), the adapter output has one more token than the grid: the
+    accessor skips it, and the LLM's merged input at the grid positions is that same output."""
+    tiny = build_tiny("clip_gqa")
+    layout = tiny.inputs.layout
+    _, cache = tiny.model.run_with_cache(tiny.inputs, names_filter=["adapter.hook_out", "hook_multimodal_embed",
+                                                                    "vision.blocks.0.hook_resid_post"])
+    adapter = cache["adapter.hook_out"]
+    torch.testing.assert_close(layout.gather("adapter", adapter), adapter[:, 1:], atol=0, rtol=0)
+    torch.testing.assert_close(layout.gather("llm", cache["hook_multimodal_embed"]), adapter[:, 1:], atol=0, rtol=0)
+    vision = cache["vision.blocks.0.hook_resid_post"]
+    assert layout.gather("vision", vision).shape[1] == len(layout.patch_grid) == vision.shape[1] - 1
+    first = torch.zeros(tiny.inputs.input_ids.shape, dtype=torch.bool)
+    for span in layout.spans:
+        first[span.row, span.positions[0]] = True
+    selected = layout.scatter_adapter(first)
+    assert selected.shape == adapter.shape[:2] and selected[:, 1].all() and selected.sum() == layout.n_images
+    assert layout.scatter_vision(first)[:, 1].all() and layout.scatter_vision(first).sum() == layout.n_images
