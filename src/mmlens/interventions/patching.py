@@ -11,7 +11,7 @@ replica gets its own patch, which gives the same numbers as patching one conditi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
