@@ -27,6 +27,8 @@ from ..probing.batches import labelled_batches
 from ..probing.metrics import SegmentationScores, bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import Site, site_for
+from ..display import result_html
+from ..findings import effect_phrase
 from .anchors import anchor_groups, conflicting_pairs, pair_classes
 from .intervals import percentile_interval, pooled_accuracy, pooled_miou
 
@@ -56,6 +58,31 @@ class AnchorKnockoutResult:
         from ..viz.intervention_plots import plot_knockout_effect
 
         return plot_knockout_effect(self, metric)
+
+    def findings(self) -> list[str]:
+        """The headline in sentences: the anchors-minus-control effect at the last readout, worded
+        from its interval."""
+        effects = self.effects
+        last = self.readouts[-1].hook
+        headline = effects[(effects.metric == "target_accuracy") & (effects.comparison == "anchors - control")
+                           & (effects.hook == last)].iloc[0]
+        effect = effect_phrase(headline.effect, headline.low, headline.high, signed=True)
+        if headline.high < 0:
+            reading = "blocking the anchors hurts more than blocking as many other tokens"
+        elif headline.low > 0:
+            reading = "blocking the anchors hurts less than blocking as many other tokens"
+        else:
+            reading = "no difference between blocking the anchors and blocking as many other tokens can be claimed"
+        return [
+            f"pairs {', '.join(f'{a}/{b}' for a, b in zip(self.pairs.name_a, self.pairs.name_b))}; "
+            f"{self.anchors_per_image:.1f} anchors and {self.targets_per_image:.1f} targets per image",
+            f"target accuracy at {headline.site}, anchors blocked minus control: {effect} ({reading})",
+        ]
+
+    def _repr_html_(self) -> str:
+        return result_html("AnchorKnockoutResult", self.findings(),
+                           {"effects": self.effects[self.effects.metric == "target_accuracy"], "pairs": self.pairs},
+                           hint="result.figure() draws the curves per readout site.")
 
 
 def anchor_knockout(

@@ -29,6 +29,8 @@ from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
+from ..display import result_html
+from ..findings import effect_phrase
 from .anchors import excluded_classes
 from .intervals import percentile_interval, pooled_accuracy
 
@@ -72,6 +74,24 @@ class PositionStudyResult:
         from ..viz.intervention_plots import plot_position_curve, plot_position_heatmap
 
         return {"position_heatmap": plot_position_heatmap(self), "position_curve": plot_position_curve(self)}
+
+    def findings(self) -> list[str]:
+        """The headlines at the last site in sentences, each worded from its interval."""
+        last_site = self.summary.site.iloc[-1]
+        rows = self.summary[self.summary.site == last_site].set_index("condition")
+        gains = self.gains[(self.gains.site == last_site) & (self.gains.condition == "bidirectional")].set_index("tokens")
+        deficit = effect_phrase(*rows.loc["causal", ["early_deficit", "early_deficit_low", "early_deficit_high"]],
+                                signed=True)
+        gain = effect_phrase(*gains.loc["early", ["gain_over_causal", "low", "high"]], signed=True)
+        return [
+            f"early-token deficit at {last_site}: causal {deficit}; bidirectional "
+            f"{rows.loc['bidirectional', 'early_deficit']:+.3f}",
+            f"bidirectional gain on early tokens {gain}",
+        ]
+
+    def _repr_html_(self) -> str:
+        return result_html("PositionStudyResult", self.findings(), {"summary": self.summary, "gains": self.gains},
+                           hint="result.figures() draws the grid heatmap and the raster-order curve.")
 
 
 def position_study(

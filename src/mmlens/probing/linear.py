@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -42,3 +44,16 @@ class LinearProbe:
 
     def state_dict(self) -> dict[str, Tensor | str]:
         return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias, "kind": self.kind}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this probe to one safetensors file; `LinearProbe.load(path)` reads it back."""
+        from .saving import save_probe
+
+        return save_probe(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "LinearProbe":
+        """The probe `save` wrote at `path`."""
+        from .saving import load_probe
+
+        return load_probe(path, device)

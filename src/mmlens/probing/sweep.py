@@ -10,7 +10,9 @@ the same sweep with shuffled training labels (selectivity) or on a randomly init
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -81,6 +83,38 @@ class ProbeSweep:
         from .summary import sweep_summary
 
         return sweep_summary(self, condition)
+
+    def findings(self, condition: str = "model") -> list[str]:
+        """The summary in sentences, each only as strong as its interval allows."""
+        from .summary import summary_findings
+
+        return summary_findings(self.summary(condition))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write everything but the dataset into `folder`; `ProbeSweep.load(folder, dataset)` reads it back."""
+        from .saving import save_sweep
+
+        return save_sweep(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> "ProbeSweep":
+        """The sweep `save` wrote in `folder`; pass the dataset it was fitted on (same loader arguments)
+        to draw prediction maps or run experiments on it."""
+        from .saving import load_sweep
+
+        return load_sweep(folder, dataset, device)
+
+    def _repr_html_(self) -> str:
+        from ..display import result_html
+
+        try:
+            findings, summary = self.findings(), {"summary": self.summary()}
+        except ValueError:  # no adapter or LLM site to compare
+            findings, summary = [], {}
+        columns = ["condition", "site", "miou", "miou_low", "miou_high", "token_accuracy"]
+        return result_html(f"ProbeSweep: {len(self.sites)} sites, {len(self.test_indices)} held-out images",
+                           findings, {**summary, "probe table": self.table[columns]},
+                           hint="mmlens.viz.plot_probe_curve(sweep) draws the curve; sweep.save(folder) keeps it.")
 
 
 def probe_sweep(
@@ -235,7 +269,8 @@ class _SweepRun:
                 x, y = accumulators[site.hook].read()
                 accumulators[site.hook].close()
                 problems += [(x, y[:, k]) for k in range(len(self.conditions))]
-            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter)
+            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter,
+                                       progress=self.progress, names=[f"{h} ({c})" for c, h in keys])
             probes = dict(zip(keys, fitted))
         probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
 
