@@ -26,6 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
+                        help="ridge is closed-form and faster; logistic is the study's probe")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--docs-figures", type=Path, default=None,
                         help="also write small copies named after the model, sharing one plotly.min.js in that folder (docs/figures)")
@@ -37,7 +39,7 @@ def main() -> None:
     model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    sweep = probe_sweep(model, scenes, sites=sites, probe="logistic")
+    sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 
     knock = anchor_knockout(model, sweep, reference="adapter.hook_out", n_pairs=4, n_control=3)
     print("conflicting pairs at the adapter output:")
@@ -52,7 +54,7 @@ def main() -> None:
     knock.effects.to_csv(out / "anchor_knockout_effects.csv", index=False)
     figures = {"anchor_knockout": knock.figure("target_accuracy")}
 
-    study = position_study(model, scenes, probe="logistic")
+    study = position_study(model, scenes, probe=args.probe)
     summary = study.summary[["condition", "site", "early_accuracy", "late_accuracy", "early_deficit",
                              "early_deficit_low", "early_deficit_high", "recovery_deficit",
                              "recovery_deficit_low", "recovery_deficit_high"]]

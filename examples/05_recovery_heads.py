@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="images for the probe sweep")
     parser.add_argument("--study-images", type=int, default=64, help="held-out images patched")
     parser.add_argument("--corruptions", nargs="+", default=["recovery_blocked", "anchors_removed", "counterfactual"])
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
+                        help="ridge is closed-form and faster; logistic is the study's probe")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path("runs/05_recovery_heads") / Path(args.model).name
@@ -37,7 +39,7 @@ def main() -> None:
     model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    sweep = probe_sweep(model, scenes, sites=sites, probe="logistic")
+    sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 
     for corruption in args.corruptions:
         result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.study_images, progress=True)

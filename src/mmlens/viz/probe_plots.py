@@ -95,6 +95,8 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
     for c in sorted(shown):
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=str(names[c]), showlegend=True,
                                  marker=dict(symbol="square", size=12, color=colours[c])), row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    fig.update_yaxes(showticklabels=False, row=1, col=1)
     row = int(sweep.test_indices[example])
     fig.update_layout(title=f"Probe predictions, held-out image {example} (dataset row {row}, {condition})",
                       template="plotly_white", height=360, width=220 * len(titles),
