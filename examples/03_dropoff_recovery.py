@@ -16,7 +16,7 @@ import torch
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
-from mmlens.probing import probe_sweep
+from mmlens.probing import probe_sweep, save_sweep
 from mmlens.viz import plot_probe_curve, plot_probe_predictions, save_figure
 
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     sweep.table.to_csv(args.out / "probe_table.csv", index=False)
-    sweep.save(args.out / "sweep")  # ProbeSweep.load(args.out / "sweep", scenes) brings it back
+    save_sweep(sweep, args.out / "sweep")  # load_sweep(args.out / "sweep", scenes) brings it back
     save_figure(plot_probe_curve(sweep, title=f"{args.model}: probe mIoU along the pipeline"), args.out / "curve.html")
     save_figure(plot_probe_predictions(sweep, example=0), args.out / "predictions.html")
     print(f"\ntable, saved sweep, curve and prediction maps written to {args.out}/ (the figures open offline)")

@@ -100,3 +100,14 @@ def test_run_report_loads_plotly_from_beside_it(null_run):
     assert "* plotly.js v" not in page                                     # not inlined: the page stays small
     assert (null_run / "plotly.min.js").read_text(encoding="utf-8").lstrip().startswith("/**")
     assert (null_run / "report.html").stat().st_size < 1_000_000
+
+
+def test_run_report_renders_offline_in_chromium(null_run, tmp_path):
+    from mmlens.testing_browser import drawn_fraction, dump_dom, rendered_figures, screenshot
+    from test_report import require_chromium
+
+    require_chromium()
+    figures = rendered_figures(dump_dom(null_run / "report.html"))
+    assert len(figures) == 2 and all(n >= 1 for n in figures.values()), figures  # curve and predictions drew
+    png = screenshot(null_run / "report.html", tmp_path / "report.png", width=1280, height=2400)
+    assert drawn_fraction(png) > 0.05

@@ -9,7 +9,7 @@ import torch
 
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError
-from mmlens.probing import LinearProbe, ProbeSweep, load_probe, probe_sweep
+from mmlens.probing import LinearProbe, load_probe, load_sweep, probe_sweep, save_probe, save_sweep
 from mmlens.viz import plot_probe_predictions
 
 SITES = ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post"]
@@ -36,11 +36,13 @@ def test_probe_round_trip(sweep, tmp_path):
         assert torch.equal(getattr(back, name), getattr(probe, name))
     x = torch.randn(50, probe.mean.shape[0])
     assert torch.equal(back.logits(x), probe.logits(x))
+    again = load_probe(save_probe(probe, tmp_path / "again.safetensors"))     # the function spelling
+    assert torch.equal(again.weight, probe.weight)
 
 
 def test_sweep_round_trip(sweep, scenes, tmp_path):
-    sweep.save(tmp_path / "sweep")
-    back = ProbeSweep.load(tmp_path / "sweep", scenes)
+    save_sweep(sweep, tmp_path / "sweep")
+    back = load_sweep(tmp_path / "sweep", scenes)
     pd.testing.assert_frame_equal(back.table, sweep.table, check_exact=True)
     pd.testing.assert_frame_equal(back.summary(), sweep.summary(), check_exact=True)
     assert back.findings() == sweep.findings()
@@ -55,10 +57,10 @@ def test_sweep_round_trip(sweep, scenes, tmp_path):
 
 def test_loading_says_what_is_wrong(sweep, scenes, tmp_path):
     with pytest.raises(InputError, match="no saved sweep"):
-        ProbeSweep.load(tmp_path / "nothing", scenes)
-    sweep.save(tmp_path / "sweep")
+        load_sweep(tmp_path / "nothing", scenes)
+    save_sweep(sweep, tmp_path / "sweep")
     with pytest.raises(InputError, match="24 images, this one has 8"):
-        ProbeSweep.load(tmp_path / "sweep", scenes.select(range(8)))
+        load_sweep(tmp_path / "sweep", scenes.select(range(8)))
     with pytest.raises(InputError, match="not a probe saved by mmlens"):
         load_probe(tmp_path / "sweep" / "split.safetensors")
     with pytest.raises(InputError, match="no probe file"):

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
@@ -136,9 +135,9 @@ def anchor_knockout(
     blocked_mass = 0.0
     overlap = [0, 0]  # control keys that are anchors, all control keys
     batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                               min_valid_fraction=settings.min_valid_fraction)
-    for b, batch in enumerate(tqdm(batches, total=-(-len(indices) // batch_size), disable=not progress,
-                                   desc="anchor knockout", leave=False)):
+                               min_valid_fraction=settings.min_valid_fraction, progress=progress,
+                               desc=f"anchor knockout: {2 + n_control} runs per image")
+    for b, batch in enumerate(batches):
         inputs, labels = batch.inputs, batch.labels["llm"]
         _, clean = model.run_with_cache(inputs, names_filter=sorted({reference, *readout_names}), return_cache_object=False)
         context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)

@@ -134,7 +134,7 @@ def position_study(
     with model.using_image_attention("causal"):
         sweeps = {"causal": probe_sweep(model, dataset, **common),
                   "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
-        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional)
+        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress)
     causal = sweeps["causal"]
     n_classes = len(causal.class_names)
     grid = causal.grids["llm"]
@@ -193,13 +193,14 @@ def position_study(
     )
 
 
-def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention) -> dict[str, torch.Tensor]:
+def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False) -> dict[str, torch.Tensor]:
     """The causal probes read on the bidirectional run of the same held-out images."""
     probes = {n: causal.probes[("model", n)] for n in names}
     settings = causal.settings
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
-                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
+                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
+                                  progress=progress, desc="position study: causal probes on the bidirectional run"):
         predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
         for n in names:
             out[n].append(predicted[n])

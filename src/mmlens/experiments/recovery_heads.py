@@ -179,8 +179,9 @@ def find_recovery_heads(
     layers, conditions = head_conditions(model, hook)
     n_heads = model.cfg.llm.n_heads
 
-    batches = list(labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                                    min_valid_fraction=settings.min_valid_fraction))
+    batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
+                               min_valid_fraction=settings.min_valid_fraction, progress=progress,
+                               desc="recovery heads: clean and corrupted runs")
     head_hooks = [f"blocks.{l}.attn.hook_{hook}" for l in layers]
     prepared = []  # (clean run, corrupted run, metric, n recovered tokens per image, batch, clean activations)
     for b, batch in enumerate(batches):
@@ -195,7 +196,8 @@ def find_recovery_heads(
         prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch, clean_acts))
 
     clean_m, corrupt_m, exact, attributed, recovered_counts = [], [], [], [], []
-    for clean, corrupted, metric, n_recovered, _, acts in tqdm(prepared, disable=not progress, desc="recovery heads", unit="batch"):
+    bar = tqdm(total=len(indices), disable=not progress, desc="recovery heads: patching every head", unit="image")
+    for clean, corrupted, metric, n_recovered, batch, acts in prepared:
         clean_m.append(evaluate(metric, acts, clean.inputs))
         corrupt_m.append(baseline(model, corrupted, metric))
         values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size,
@@ -204,6 +206,8 @@ def find_recovery_heads(
         if attribution:
             attributed.append(attribution_patching(model, clean, corrupted, metric, hook=hook).per_head())
         recovered_counts.append(n_recovered)
+        bar.update(len(batch.indices))
+    bar.close()
     clean_m, corrupt_m = torch.cat(clean_m).cpu().numpy(), torch.cat(corrupt_m).cpu().numpy()
     patched = torch.cat(exact, dim=-1).cpu().numpy()
     keep = np.isfinite(clean_m) & np.isfinite(corrupt_m)  # images with at least one scored token
@@ -227,10 +231,7 @@ def find_recovery_heads(
 
     corr = rank_correlation(effects.mean(-1), attr.mean(-1)) if attribution else float("nan")
     low, high = percentile_interval([gap[i].mean() for i in resamples])
-    if not excludes_zero(low, high):
-        # a fraction of a gap that may be zero has no meaning: withhold it rather than print e.g. 9.9
-        for frame in (table, top_table):
-            frame[["fraction_restored", "fraction_low", "fraction_high"]] = np.nan
+    table, top_table = (withhold_fractions(frame, low, high) for frame in (table, top_table))
     summary = {"clean_metric": float(clean_m[keep].mean()), "corrupted_metric": float(corrupt_m[keep].mean()),
                "gap": float(gap.mean()), "gap_low": low, "gap_high": high,
                "gap_excludes_zero": excludes_zero(low, high),  # fractions restored are withheld otherwise
@@ -247,6 +248,16 @@ def find_recovery_heads(
                   "metric": f"probe margin at {site_for(model, readout).label}", "n_boot": n_boot, "seed": seed,
                   "dataset_indices": indices.tolist()},
     )
+
+
+def withhold_fractions(frame: pd.DataFrame, gap_low: float, gap_high: float) -> pd.DataFrame:
+    """`frame` with its fraction-restored columns blanked when the gap's interval includes zero:
+    a fraction of a gap that may be zero has no meaning (its interval runs off to infinity)."""
+    if excludes_zero(gap_low, gap_high):
+        return frame
+    frame = frame.copy()
+    frame[["fraction_restored", "fraction_low", "fraction_high"]] = np.nan
+    return frame
 
 
 def _scored_tokens(tokens, class_names, recovered: TokenGroup) -> TokenGroup | None:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ..errors import InputError
+
+PROBE_FIELDS = ("mean", "scale", "weight", "bias")
+PROBE_FORMAT = "mmlens.LinearProbe"
 
 
 @dataclass
@@ -46,14 +53,24 @@ class LinearProbe:
         return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias, "kind": self.kind}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write this probe to one safetensors file; `LinearProbe.load(path)` reads it back."""
-        from .saving import save_probe
-
-        return save_probe(self, path)
+        """Write this probe to one safetensors file (parent folders are created); `LinearProbe.load`
+        reads it back, bit for bit."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in PROBE_FIELDS}
+        save_file(tensors, str(path), metadata={"kind": self.kind, "format": PROBE_FORMAT})
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "LinearProbe":
         """The probe `save` wrote at `path`."""
-        from .saving import load_probe
-
-        return load_probe(path, device)
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no probe file at {path}; save one with probe.save(path)")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            missing = [name for name in PROBE_FIELDS if name not in handle.keys()]
+        if metadata.get("format") != PROBE_FORMAT or missing:
+            raise InputError(f"{path} is not a probe saved by mmlens (missing {missing or 'its format tag'})")
+        tensors = load_file(str(path), device=str(device))
+        return cls(*(tensors[name] for name in PROBE_FIELDS), kind=metadata.get("kind", "linear"))

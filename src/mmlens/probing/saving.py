@@ -4,7 +4,8 @@ A probe is one safetensors file (its standardisation and affine map, with its ki
 file's metadata). A sweep is a folder: its tensors (probes, held-out predictions, per-image
 counts, the train/test split and bootstrap resamples) in safetensors, its tables in parquet,
 and its settings, sites and class names in JSON. The dataset is not copied: the caller passes
-it back to `load_sweep` (the same loader with the same arguments gives the same rows). Tensors
+it back to `load_sweep` (the same loader with the same arguments gives the same rows).
+`LinearProbe.save` / `LinearProbe.load` are the probe's own methods; this module builds on them. Tensors
 are written contiguous, so a loaded probe computes bit for bit what the fitted one did.
 """
 
@@ -19,41 +20,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..errors import InputError
 from ..model.layout import TokenGrid
-from .linear import LinearProbe
+from .linear import PROBE_FIELDS, LinearProbe
 from .metrics import SegmentationScores
-
-PROBE_FIELDS = ("mean", "scale", "weight", "bias")
+from .sites import Site
+from .sweep import ProbeSweep, SweepSettings
 SWEEP_DESCRIPTION = "sweep.json"
 SWEEP_FORMAT = 1
 
 
 def save_probe(probe: LinearProbe, path: str | os.PathLike) -> Path:
-    """Write `probe` to one safetensors file (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(probe, name).detach().cpu().contiguous() for name in PROBE_FIELDS}
-    save_file(tensors, str(path), metadata={"kind": probe.kind, "format": "mmlens.LinearProbe"})
-    return path
+    """Write `probe` to one safetensors file (`probe.save(path)`)."""
+    return probe.save(path)
 
 
 def load_probe(path: str | os.PathLike, device: torch.device | str = "cpu") -> LinearProbe:
-    """The probe `save_probe` wrote at `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no probe file at {path}; save one with probe.save(path)")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        missing = [name for name in PROBE_FIELDS if name not in handle.keys()]
-    if metadata.get("format") != "mmlens.LinearProbe" or missing:
-        raise InputError(f"{path} is not a probe saved by mmlens (missing {missing or 'its format tag'})")
-    tensors = load_file(str(path), device=str(device))
-    return LinearProbe(*(tensors[name] for name in PROBE_FIELDS), kind=metadata.get("kind", "linear"))
+    """The probe `save_probe` wrote at `path` (`LinearProbe.load(path)`)."""
+    return LinearProbe.load(path, device)
 
 
 def _key(condition: str, hook: str, part: str = "") -> str:
@@ -69,7 +56,7 @@ class SweepParts:
     description: dict[str, Any]
 
 
-def sweep_parts(sweep) -> SweepParts:
+def sweep_parts(sweep: ProbeSweep) -> SweepParts:
     """Everything a `ProbeSweep` holds but its dataset, as tensors, tables and JSON."""
     probes, predictions, scores = {}, {}, {}
     for (condition, hook), probe in sweep.probes.items():
@@ -98,11 +85,8 @@ def sweep_parts(sweep) -> SweepParts:
     return SweepParts({"probes": probes, "predictions": predictions, "scores": scores, "split": split}, tables, description)
 
 
-def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "cpu"):
+def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "cpu") -> ProbeSweep:
     """The `ProbeSweep` that `sweep_parts` took apart; `dataset` is supplied by the caller."""
-    from .sites import Site
-    from .sweep import ProbeSweep, SweepSettings
-
     description, tensors = parts.description, parts.tensors
     probes_t, scores_t, split = tensors["probes"], tensors["scores"], tensors["split"]
     class_names = tuple(description["class_names"])
@@ -140,7 +124,7 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
     )
 
 
-def save_sweep(sweep, folder: str | os.PathLike) -> Path:
+def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
     """Write `sweep` (all but its dataset) into `folder`; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,14 +140,14 @@ def save_sweep(sweep, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu"):
+def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> ProbeSweep:
     """The sweep `save_sweep` wrote in `folder`. Pass the dataset it was fitted on (loaded with
     the same arguments) to draw prediction maps or run experiments on it; without it the tables,
     probes, scores and curves are all there."""
     folder = Path(folder)
     description_file = folder / SWEEP_DESCRIPTION
     if not description_file.is_file():
-        raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing); save one with sweep.save(folder)")
+        raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing); save one with save_sweep(sweep, folder)")
     description = json.loads(description_file.read_text())
     expected = description.pop("n_dataset_images", None)
     if description.pop("format", None) != SWEEP_FORMAT:

@@ -10,9 +10,7 @@ the same sweep with shuffled training labels (selectivity) or on a randomly init
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -90,20 +88,6 @@ class ProbeSweep:
 
         return summary_findings(self.summary(condition))
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write everything but the dataset into `folder`; `ProbeSweep.load(folder, dataset)` reads it back."""
-        from .saving import save_sweep
-
-        return save_sweep(self, folder)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> "ProbeSweep":
-        """The sweep `save` wrote in `folder`; pass the dataset it was fitted on (same loader arguments)
-        to draw prediction maps or run experiments on it."""
-        from .saving import load_sweep
-
-        return load_sweep(folder, dataset, device)
-
     def _repr_html_(self) -> str:
         from ..display import result_html
 
@@ -114,7 +98,7 @@ class ProbeSweep:
         columns = ["condition", "site", "miou", "miou_low", "miou_high", "token_accuracy"]
         return result_html(f"ProbeSweep: {len(self.sites)} sites, {len(self.test_indices)} held-out images",
                            findings, {**summary, "probe table": self.table[columns]},
-                           hint="mmlens.viz.plot_probe_curve(sweep) draws the curve; sweep.save(folder) keeps it.")
+                           hint="mmlens.viz.plot_probe_curve(sweep) draws the curve; mmlens.probing.save_sweep(sweep, folder) keeps it.")
 
 
 def probe_sweep(
