@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.schema import segmentation_info
 from ..data.token_labels import TokenLabels, token_labels
+from ..errors import LayoutMismatchError
 from ..model import HookedMLLM, MultimodalInputs
 
 
@@ -57,6 +58,7 @@ def labelled_batches(
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         rows = dataset[chunk.tolist()]  # decoded once
+        _check_mask_sizes(model, rows, chunk)
         masks = torch.stack([
             torch.from_numpy(model.transform_mask(np.asarray(mask), ignore).astype(np.int64)) for mask in rows["mask"]
         ])
@@ -73,3 +75,17 @@ def labelled_batches(
         yield LabelledBatch(inputs, masks, labels, chunk)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()
+
+
+def _check_mask_sizes(model: HookedMLLM, rows: dict, chunk: np.ndarray) -> None:
+    """Every mask must have its image's size: one of another size would be stretched onto it
+    and label tokens with the wrong classes."""
+    for index, image, mask in zip(chunk, rows["image"], rows["mask"]):
+        image_hw = model.geometry.image_size(image)
+        mask_hw = tuple(int(s) for s in np.asarray(mask).shape[:2])
+        if image_hw != mask_hw:
+            raise LayoutMismatchError(
+                f"dataset row {int(index)}: the mask is (height, width) = {mask_hw} but its image is {image_hw}; "
+                "a segmentation mask must have its image's size. Fix the dataset (resize the mask with "
+                "nearest-neighbour resampling, or pair it with the image it was annotated on)"
+            )
