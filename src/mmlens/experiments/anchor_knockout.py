@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from ..display import result_html
+from ..findings import effect_phrase
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
 from ..probing.batches import labelled_batches
 from ..probing.metrics import SegmentationScores, bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import Site, site_for
-from ..display import result_html
-from ..findings import effect_phrase
 from .anchors import anchor_groups, conflicting_pairs, pair_classes
 from .intervals import percentile_interval, pooled_accuracy, pooled_miou
 
@@ -135,8 +136,10 @@ def anchor_knockout(
     blocked_mass = 0.0
     overlap = [0, 0]  # control keys that are anchors, all control keys
     batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                               min_valid_fraction=settings.min_valid_fraction, progress=progress,
-                               desc=f"anchor knockout: {2 + n_control} runs per image")
+                               min_valid_fraction=settings.min_valid_fraction)
+    # one forward per image and condition (clean, anchors, each control seed): the bar moves after each
+    bar = tqdm(total=len(indices) * (2 + n_control), desc="anchor knockout", unit="image run", disable=not progress,
+               leave=False)
     for b, batch in enumerate(batches):
         inputs, labels = batch.inputs, batch.labels["llm"]
         _, clean = model.run_with_cache(inputs, names_filter=sorted({reference, *readout_names}), return_cache_object=False)
@@ -147,6 +150,7 @@ def anchor_knockout(
         target_tokens = inputs.layout.by_image(target_mask)
         scored_group = TokenGroup.from_mask(target_mask, "targets")
         predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
+        bar.update(len(batch.indices))
         knocked = [("anchors", anchor_group)] + [
             ("control", TokenGroup.random_like(anchor_group, within=same_classes, seed=seed + 7919 * b + s))
             for s in range(n_control)
@@ -160,6 +164,7 @@ def anchor_knockout(
                 overlap[0] += int((drawn & anchor_mask).sum())
                 overlap[1] += int(drawn.sum())
             predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
+            bar.update(len(batch.indices))
             blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
         if blocked_mass != 0.0:
             raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
@@ -176,6 +181,7 @@ def anchor_knockout(
                 correct[(condition, name)].append(hits.sum(1).numpy())
         scored.append(target_tokens.sum(1).numpy())
         n_anchors.append(inputs.layout.by_image(anchor_mask).sum(1).numpy())
+    bar.close()
 
     counts = {key: np.concatenate(v) for key, v in counts.items()}
     correct = {key: np.concatenate(v) for key, v in correct.items()}
