@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmlens demo
+	@echo "mmlens is installed in $(VENV)/: run $(BIN)/mmlens (e.g. $(BIN)/mmlens --version), or 'source $(BIN)/activate' to type mmlens"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

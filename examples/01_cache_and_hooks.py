@@ -7,7 +7,7 @@ installed, else a tiny random-weight LLaVA built from configs (no download eithe
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -28,8 +28,12 @@ def load(name: str | None) -> HookedMLLM:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=None,
+                        help="shipped name (tiny-shapes-llava), local LLaVA folder or hub id (default: the embedded model)")
+    args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = load(sys.argv[1] if len(sys.argv) > 1 else None)
+    model = load(args.model)
     print(model)
 
     rng = np.random.default_rng(0)

@@ -1,12 +1,13 @@
 """Make a synthetic scene, show it with its mask, and ask the embedded model about it.
 
-Run: `python examples/02_scenes_and_model.py [--seed N] [--out scene.html]`. Offline: the scene
-is generated and `tiny-shapes-llava` ships inside the package.
+Run: `python examples/02_scenes_and_model.py [--seed N] [--out runs/02_scenes_and_model/scene.html]`.
+Offline: the scene is generated and `tiny-shapes-llava` ships inside the package.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -15,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation, segmentation_info
+from mmlens.viz import save_figure
 from mmlens.zoo.scene_language import describe
 
 QUESTIONS = [
@@ -26,7 +28,7 @@ QUESTIONS = [
 ]
 
 
-def show(image: np.ndarray, mask: np.ndarray, class_names: tuple[str, ...], path: str) -> None:
+def show(image: np.ndarray, mask: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("image", "mask"))
     fig.add_trace(go.Image(z=image), row=1, col=1)
     labels = np.array(class_names, dtype=object)[mask]
@@ -36,13 +38,14 @@ def show(image: np.ndarray, mask: np.ndarray, class_names: tuple[str, ...], path
         row=1, col=2,
     )
     fig.update_yaxes(scaleanchor="x2", row=1, col=2)
-    fig.write_html(path, include_plotlyjs=True)
+    save_figure(fig, path)  # plotly.min.js is written once beside it: opens offline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", default="scene.html")
+    parser.add_argument("--out", type=Path, default=Path("runs/02_scenes_and_model/scene.html"),
+                        help="figure file (plotly.min.js is written beside it)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 

@@ -19,13 +19,15 @@ from mmlens.data import load_segmentation
 from mmlens.experiments import anchor_knockout, position_study
 from mmlens.interventions import bidirectional_image_attention
 from mmlens.probing import probe_sweep
-from mmlens.viz import plot_attention_mask
+from mmlens.viz import plot_attention_mask, save_figure
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
+                        help="ridge is closed-form and faster; logistic is the study's probe")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--docs-figures", type=Path, default=None,
                         help="also write small copies named after the model, sharing one plotly.min.js in that folder (docs/figures)")
@@ -37,7 +39,7 @@ def main() -> None:
     model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    sweep = probe_sweep(model, scenes, sites=sites, probe="logistic")
+    sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 
     knock = anchor_knockout(model, sweep, reference="adapter.hook_out", n_pairs=4, n_control=3)
     print("conflicting pairs at the adapter output:")
@@ -47,17 +49,19 @@ def main() -> None:
           f"attention left on blocked edges {knock.blocked_mass}")
     effects = knock.effects[knock.effects.metric == "target_accuracy"]
     print(effects[["comparison", "site", "effect", "low", "high"]].to_string(index=False, float_format="%.3f"))
+    print("\n".join(knock.findings()))
     knock.table.to_csv(out / "anchor_knockout.csv", index=False)
     knock.effects.to_csv(out / "anchor_knockout_effects.csv", index=False)
     figures = {"anchor_knockout": knock.figure("target_accuracy")}
 
-    study = position_study(model, scenes, probe="logistic")
+    study = position_study(model, scenes, probe=args.probe)
     summary = study.summary[["condition", "site", "early_accuracy", "late_accuracy", "early_deficit",
                              "early_deficit_low", "early_deficit_high", "recovery_deficit",
                              "recovery_deficit_low", "recovery_deficit_high"]]
     print("\nposition study (object tokens; early = first quarter of raster positions):")
     print(summary.to_string(index=False, float_format="%.3f"))
     print(study.gains.to_string(index=False, float_format="%.3f"))
+    print("\n".join(study.findings()))
     study.summary.to_csv(out / "position_summary.csv", index=False)
     study.gains.to_csv(out / "position_gains.csv", index=False)
     study.per_position.to_csv(out / "position_per_token.csv", index=False)
@@ -68,10 +72,10 @@ def main() -> None:
     figures["bidirectional_mask"] = plot_attention_mask(edit.effective_mask(), inputs=inputs,
                                                         title="Bidirectional image attention: effective mask")
     for name, figure in figures.items():
-        figure.write_html(out / f"{name}.html")
+        save_figure(figure, out / f"{name}.html")  # one plotly.min.js per folder: offline, not 4.8 MB each
         if args.docs_figures:
-            figure.write_html(args.docs_figures / f"{name}_{Path(args.model).name}.html", include_plotlyjs="directory")
-    print(f"\ntables and figures written to {out}/")
+            save_figure(figure, args.docs_figures / f"{name}_{Path(args.model).name}.html")
+    print(f"\ntables and figures written to {out}/ (the figures open offline)")
 
 
 if __name__ == "__main__":

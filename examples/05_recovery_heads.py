@@ -19,14 +19,17 @@ from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.experiments import find_recovery_heads
 from mmlens.probing import probe_sweep
+from mmlens.viz import save_figure
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     parser.add_argument("--images", type=int, default=300, help="images for the probe sweep")
     parser.add_argument("--study-images", type=int, default=64, help="held-out images patched")
     parser.add_argument("--corruptions", nargs="+", default=["recovery_blocked", "anchors_removed", "counterfactual"])
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
+                        help="ridge is closed-form and faster; logistic is the study's probe")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path("runs/05_recovery_heads") / Path(args.model).name
@@ -36,10 +39,10 @@ def main() -> None:
     model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    sweep = probe_sweep(model, scenes, sites=sites, probe="logistic", progress=False)
+    sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 
     for corruption in args.corruptions:
-        result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.study_images)
+        result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.study_images, progress=True)
         s = result.summary
         print(f"\n== {corruption}: probe margin clean {s['clean_metric']:.3f}, corrupted {s['corrupted_metric']:.3f}, "
               f"gap {s['gap']:.3f} [{s['gap_low']:.3f}, {s['gap_high']:.3f}] over {s['n_images']} images; "
@@ -48,13 +51,12 @@ def main() -> None:
                    "attribution_rank"]
         print(result.table[columns].head(6).to_string(index=False, float_format="%.4f"))
         print(result.top_k.to_string(index=False, float_format="%.3f"))
-        if not s["gap_excludes_zero"]:
-            print("(the corruption's effect is not distinguishable from zero here: read effects, not fractions)")
+        print("\n".join(result.findings()))
         result.table.to_csv(out / f"{corruption}_heads.csv", index=False)
         result.top_k.to_csv(out / f"{corruption}_top_k.csv", index=False)
         for name, figure in result.figures().items():
-            figure.write_html(out / f"{corruption}_{name}.html", include_plotlyjs="cdn")
-    print(f"\ntables and figures in {out}")
+            save_figure(figure, out / f"{corruption}_{name}.html")  # offline: plotly.min.js beside it
+    print(f"\ntables and figures in {out} (the figures open offline)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run a probe sweep described by a YAML file (see examples/configs/) and save its results.
 
 Run: `python examples/run_probe_config.py CONFIG.yaml`. Writes the table (CSV), the summary and
-the curve (HTML) into the config's `out` folder.
+the curve (HTML, opens offline) into the config's `out` folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.probing import probe_sweep
-from mmlens.viz import plot_probe_curve
+from mmlens.viz import plot_probe_curve, save_figure
 
 
 def main() -> None:
@@ -33,8 +33,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sweep.table.to_csv(out / "probe_table.csv", index=False)
     sweep.summary().to_csv(out / "summary.csv")
-    plot_probe_curve(sweep).write_html(out / "curve.html")
+    save_figure(plot_probe_curve(sweep), out / "curve.html")  # plotly.min.js beside it: opens offline
     print(sweep.summary().to_string(float_format="%.3f"))
+    print("\n".join(sweep.findings()))
     print(f"results in {out}/")
 
 

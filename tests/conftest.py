@@ -73,3 +73,12 @@ def _no_leftover_hooks(request):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """A test (or the in-process CLI, which turns gradients off for good) must not leave autograd
+    off for the tests after it: training tests then fail far from the cause."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

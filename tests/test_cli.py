@@ -88,3 +88,12 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert f"open {tmp_path / 'demo' / 'report.html'}" in out
     probe_table = folder.load("probe_sweep/seed-0").tables["probe_table"]
     assert set(probe_table.condition) == {"model", "shuffled_labels", "random_init"}
+
+
+def test_version_flag(capsys):
+    import mmlens
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mmlens {mmlens.__version__}"

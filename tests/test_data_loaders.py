@@ -297,6 +297,20 @@ def test_unknown_name_lists_supported_names():
         load_segmentation("coco")
 
 
+def test_real_datasets_keep_native_resolution_by_default(tmp_path):
+    """A LLaVA user loading ADE20K must not get 64-px crops upsampled to 336 without a word."""
+    make_ade20k(tmp_path / "ade", size=(48, 64))
+    make_voc(tmp_path / "voc", size=(40, 56))
+    ade = load_segmentation("ade20k", path=tmp_path / "ade", split="validation", cache_dir=str(tmp_path / "c1"))
+    voc = load_segmentation("voc", path=tmp_path / "voc", split="train", cache_dir=str(tmp_path / "c2"))
+    assert {ex["image"].size for ex in ade} == {(64, 48)} and segmentation_info(ade).image_size is None
+    assert {ex["image"].size for ex in voc} == {(56, 40)}
+    cropped = load_segmentation("ade20k", path=tmp_path / "ade", split="validation", image_size=32,
+                                cache_dir=str(tmp_path / "c3"))
+    assert {ex["image"].size for ex in cropped} == {(32, 32)}
+    assert load_segmentation("scenes", split="validation", n=2)[0]["image"].size == (64, 64)
+
+
 def test_real_dataset_without_path_is_an_error():
     with pytest.raises(ValueError, match=r"needs path="):
         load_segmentation("voc")

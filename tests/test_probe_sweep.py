@@ -10,6 +10,7 @@ import torch
 from mmlens.data import load_segmentation
 from mmlens.probing import probe_sweep
 from mmlens.viz import plot_probe_curve, plot_probe_predictions
+from mmlens.viz.probe_plots import class_colours
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,15 @@ def test_plots_render(ridge_sweep):
     names = {trace.name for trace in curve.data}
     assert {"model", "shuffled_labels", "random_init"} <= names
     predictions = plot_probe_predictions(ridge_sweep, example=0)
-    assert len(predictions.data) == 2 + 3  # image, truth, adapter in/out, last LLM layer
+    panels = [t for t in predictions.data if t.type in ("image", "heatmap")]
+    assert len(panels) == 2 + 3  # image, truth, adapter in/out, last LLM layer
+    # the legend names each class painted in any panel, in the colour the panels use for it
+    painted = sorted({int(v) for t in panels[1:] for z in [np.asarray(t.z, dtype=float)] for v in np.unique(z[~np.isnan(z)])})
+    legend = [t for t in predictions.data if t.type == "scatter"]
+    assert [t.name for t in legend] == [ridge_sweep.class_names[c] for c in painted]
+    assert [t.marker.color for t in legend] == [class_colours(len(ridge_sweep.class_names))[c] for c in painted]
+    assert "dataset row" in predictions.layout.title.text
+    assert curve.layout.yaxis.title.text == "mIoU"
     with pytest.raises(ValueError, match="were not probed"):
         plot_probe_predictions(ridge_sweep, hooks=["blocks.9.hook_resid_post"])
 

@@ -89,3 +89,29 @@ def test_bad_study_settings_are_clear_errors(shapes, sweep):
         find_recovery_heads(shapes, sweep, readout="blocks.2.hook_resid_post")
     with pytest.raises(ValueError, match="tokens must be"):
         find_recovery_heads(shapes, sweep, tokens="everything", n_images=4)
+
+
+def test_findings_withhold_fractions_of_a_null_gap(counterfactual):
+    from dataclasses import replace
+
+    from mmlens.experiments.recovery_heads import withhold_fractions
+
+    # another scene opens a gap whose interval excludes zero: fractions restored are reported
+    assert counterfactual.summary["gap_excludes_zero"]
+    assert not counterfactual.top_k.fraction_restored.isna().any()
+    lines = counterfactual.findings()
+    assert "restore" in lines[1] and "not distinguishable" not in lines[0]
+    # the same tables under a gap whose interval includes zero: every fraction is withheld
+    for frame in (counterfactual.table, counterfactual.top_k):
+        withheld = withhold_fractions(frame, -0.01, 0.02)
+        assert withheld[["fraction_restored", "fraction_low", "fraction_high"]].isna().all().all()
+        assert withheld.effect.equals(frame.effect) and not frame.fraction_restored.isna().any()  # the rest kept
+        assert withhold_fractions(frame, 0.01, 0.02) is frame
+    null = replace(counterfactual, summary={**counterfactual.summary, "gap": 0.004, "gap_low": -0.01, "gap_high": 0.02,
+                                            "gap_excludes_zero": False},
+                   top_k=withhold_fractions(counterfactual.top_k, -0.01, 0.02))
+    lines = null.findings()
+    assert "gap 0.004 [-0.010, 0.020], not distinguishable from zero" in lines[0]
+    assert lines[1].startswith("fractions of the gap restored are withheld")
+    page = null._repr_html_()
+    assert "RecoveryHeadsResult" in page and "withheld" in page and "<table" in page

@@ -184,3 +184,19 @@ def _escaped(text: str) -> str:
     import html
 
     return html.escape(text)
+
+
+def test_wide_figures_fit_their_card_at_1280_px(tmp_path):
+    """A figure with its own fixed width (the position heatmap is 200 px per site) is drawn at the
+    width of its card, so its last panels and colour bar are not hidden behind a scroll bar."""
+    require_chromium()
+    wide = go.Figure(go.Heatmap(z=np.arange(60).reshape(3, 20), colorbar=dict(title="accuracy")))
+    wide.update_layout(width=1600, height=300, title="wide")
+    page = write_report(tmp_path / "report.html", [ReportSection("Wide", wide, "Cells are numbers.")],
+                        title="t", metadata={})
+    assert wide.layout.width == 1600                                     # the caller's figure is untouched
+    dom = dump_dom(page, virtual_time_ms=5_000)
+    figure = dom.split('id="figure-1"')[1]
+    widths = [float(w) for w in re.findall(r'<svg class="main-svg"[^>]*?\swidth="([\d.]+)"', figure)]
+    assert widths and max(widths) <= 1180 - 2 * 28 - 2 * 22, widths      # main's max width less paddings
+    assert "accuracy" in figure                                          # the colour bar is drawn

@@ -119,3 +119,21 @@ def test_a_bidirectional_model_is_forced_causal_on_request(scenes):
     assert twin.image_attention == "bidirectional"
     assert (native - causal).abs().max() > 1e-4
     torch.testing.assert_close(reopened, native, atol=1e-5, rtol=0)
+
+
+def test_study_results_word_their_findings_from_intervals(shapes, sweep, scenes):
+    from mmlens.findings import excludes_zero
+
+    result = anchor_knockout(shapes, sweep, n_control=1, n_boot=50)
+    last = result.effects[(result.effects.metric == "target_accuracy") & (result.effects.comparison == "anchors - control")
+                          & (result.effects.hook == result.readouts[-1].hook)].iloc[0]
+    line = result.findings()[1]
+    assert f"{last.effect:+.3f} [{last.low:+.3f}, {last.high:+.3f}]" in line
+    assert ("not distinguishable from zero" in line) == (not excludes_zero(last.low, last.high))
+    assert "AnchorKnockoutResult" in result._repr_html_()
+    study = position_study(shapes, scenes, probe="ridge", n_boot=50, sites=["blocks.3.hook_resid_post"])
+    gain = study.gains[(study.gains.condition == "bidirectional") & (study.gains.tokens == "early")].iloc[-1]
+    line = study.findings()[1]
+    assert line.startswith("bidirectional gain on early tokens")
+    assert ("not distinguishable from zero" in line) == (not excludes_zero(gain.low, gain.high))
+    assert "PositionStudyResult" in study._repr_html_()

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlens", description="TransformerLens for multimodal LLMs: "
                                      "the segmentation drop-off / recovery study as one command.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmlens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="the whole study on the embedded model and synthetic scenes",

@@ -20,6 +20,7 @@ from .schema import IGNORE_INDEX, SegmentationInfo, segmentation_info
 from .voc import VOC_CLASSES, load_voc
 
 SUPPORTED = ("scenes", "ade20k", "scene_parse_150", "voc", "cityscapes")
+SCENES_IMAGE_SIZE = 64  # what the embedded tiny-shapes models were trained on
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -44,15 +45,17 @@ def load_segmentation(
     split: str = "train",
     n: int | None = None,
     seed: int = 0,
-    image_size: int | None = 64,
+    image_size: int | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """Load segmentation source ``name`` in the common schema.
 
     ``n`` keeps the first n examples by id (scenes: the first n of the split's stream, 1000 if
-    None). ``image_size`` makes every image a square of that side ("crop": centre square, the
-    default, or ``resize="squash"``); ``None`` keeps real datasets at native resolution with
-    images decoded lazily from their files. ``seed`` only affects the synthetic scenes. Extra
+    None). Real datasets keep their native resolution by default, images decoded lazily from
+    their files, so the model's processor resizes them as it would any photo; an integer
+    ``image_size`` makes every image a square of that side instead ("crop": centre square, the
+    default, or ``resize="squash"``). The synthetic scenes are rendered at ``image_size`` pixels
+    (64 when None, the embedded models' size). ``seed`` only affects the synthetic scenes. Extra
     keyword arguments go to the source loader (e.g. ``k`` for scenes, ``cache_dir``,
     ``num_proc``). "train" and "validation" (alias "val") work for every source; "test" for
     scenes, VOC (given its list file) and Cityscapes.
@@ -65,9 +68,8 @@ def load_segmentation(
     if key == "scenes":
         if path is not None:
             raise ValueError("'scenes' is generated, it takes no path")
-        if image_size is None:
-            raise ValueError("'scenes' needs an integer image_size")
-        return load_scenes(split=split, n=n, seed=seed, image_size=image_size, **kwargs)
+        return load_scenes(split=split, n=n, seed=seed, image_size=SCENES_IMAGE_SIZE if image_size is None else image_size,
+                           **kwargs)
     if key == "scene_parse_150" or (key == "ade20k" and path is None):
         if path is not None:
             raise ValueError("'scene_parse_150' reads the hub; use name='ade20k' with path=")

@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..display import result_html
+from ..findings import effect_phrase
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
 from ..probing.batches import labelled_batches
@@ -56,6 +58,31 @@ class AnchorKnockoutResult:
         from ..viz.intervention_plots import plot_knockout_effect
 
         return plot_knockout_effect(self, metric)
+
+    def findings(self) -> list[str]:
+        """The headline in sentences: the anchors-minus-control effect at the last readout, worded
+        from its interval."""
+        effects = self.effects
+        last = self.readouts[-1].hook
+        headline = effects[(effects.metric == "target_accuracy") & (effects.comparison == "anchors - control")
+                           & (effects.hook == last)].iloc[0]
+        effect = effect_phrase(headline.effect, headline.low, headline.high, signed=True)
+        if headline.high < 0:
+            reading = "blocking the anchors hurts more than blocking as many other tokens"
+        elif headline.low > 0:
+            reading = "blocking the anchors hurts less than blocking as many other tokens"
+        else:
+            reading = "no difference between blocking the anchors and blocking as many other tokens can be claimed"
+        return [
+            f"pairs {', '.join(f'{a}/{b}' for a, b in zip(self.pairs.name_a, self.pairs.name_b))}; "
+            f"{self.anchors_per_image:.1f} anchors and {self.targets_per_image:.1f} targets per image",
+            f"target accuracy at {headline.site}, anchors blocked minus control: {effect} ({reading})",
+        ]
+
+    def _repr_html_(self) -> str:
+        return result_html("AnchorKnockoutResult", self.findings(),
+                           {"effects": self.effects[self.effects.metric == "target_accuracy"], "pairs": self.pairs},
+                           hint="result.figure() draws the curves per readout site.")
 
 
 def anchor_knockout(
@@ -110,8 +137,10 @@ def anchor_knockout(
     overlap = [0, 0]  # control keys that are anchors, all control keys
     batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
                                min_valid_fraction=settings.min_valid_fraction)
-    for b, batch in enumerate(tqdm(batches, total=-(-len(indices) // batch_size), disable=not progress,
-                                   desc="anchor knockout", leave=False)):
+    # one forward per image and condition (clean, anchors, each control seed): the bar moves after each
+    bar = tqdm(total=len(indices) * (2 + n_control), desc="anchor knockout", unit="image run", disable=not progress,
+               leave=False)
+    for b, batch in enumerate(batches):
         inputs, labels = batch.inputs, batch.labels["llm"]
         _, clean = model.run_with_cache(inputs, names_filter=sorted({reference, *readout_names}), return_cache_object=False)
         context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)
@@ -121,6 +150,7 @@ def anchor_knockout(
         target_tokens = inputs.layout.by_image(target_mask)
         scored_group = TokenGroup.from_mask(target_mask, "targets")
         predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
+        bar.update(len(batch.indices))
         knocked = [("anchors", anchor_group)] + [
             ("control", TokenGroup.random_like(anchor_group, within=same_classes, seed=seed + 7919 * b + s))
             for s in range(n_control)
@@ -134,6 +164,7 @@ def anchor_knockout(
                 overlap[0] += int((drawn & anchor_mask).sum())
                 overlap[1] += int(drawn.sum())
             predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
+            bar.update(len(batch.indices))
             blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
         if blocked_mass != 0.0:
             raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
@@ -150,6 +181,7 @@ def anchor_knockout(
                 correct[(condition, name)].append(hits.sum(1).numpy())
         scored.append(target_tokens.sum(1).numpy())
         n_anchors.append(inputs.layout.by_image(anchor_mask).sum(1).numpy())
+    bar.close()
 
     counts = {key: np.concatenate(v) for key, v in counts.items()}
     correct = {key: np.concatenate(v) for key, v in correct.items()}

@@ -29,6 +29,8 @@ from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
+from ..display import result_html
+from ..findings import effect_phrase
 from .anchors import excluded_classes
 from .intervals import percentile_interval, pooled_accuracy
 
@@ -73,6 +75,24 @@ class PositionStudyResult:
 
         return {"position_heatmap": plot_position_heatmap(self), "position_curve": plot_position_curve(self)}
 
+    def findings(self) -> list[str]:
+        """The headlines at the last site in sentences, each worded from its interval."""
+        last_site = self.summary.site.iloc[-1]
+        rows = self.summary[self.summary.site == last_site].set_index("condition")
+        gains = self.gains[(self.gains.site == last_site) & (self.gains.condition == "bidirectional")].set_index("tokens")
+        deficit = effect_phrase(*rows.loc["causal", ["early_deficit", "early_deficit_low", "early_deficit_high"]],
+                                signed=True)
+        gain = effect_phrase(*gains.loc["early", ["gain_over_causal", "low", "high"]], signed=True)
+        return [
+            f"early-token deficit at {last_site}: causal {deficit}; bidirectional "
+            f"{rows.loc['bidirectional', 'early_deficit']:+.3f}",
+            f"bidirectional gain on early tokens {gain}",
+        ]
+
+    def _repr_html_(self) -> str:
+        return result_html("PositionStudyResult", self.findings(), {"summary": self.summary, "gains": self.gains},
+                           hint="result.figures() draws the grid heatmap and the raster-order curve.")
+
 
 def position_study(
     model: HookedMLLM,
@@ -114,7 +134,7 @@ def position_study(
     with model.using_image_attention("causal"):
         sweeps = {"causal": probe_sweep(model, dataset, **common),
                   "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
-        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional)
+        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress)
     causal = sweeps["causal"]
     n_classes = len(causal.class_names)
     grid = causal.grids["llm"]
@@ -173,13 +193,14 @@ def position_study(
     )
 
 
-def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention) -> dict[str, torch.Tensor]:
+def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False) -> dict[str, torch.Tensor]:
     """The causal probes read on the bidirectional run of the same held-out images."""
     probes = {n: causal.probes[("model", n)] for n in names}
     settings = causal.settings
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
-                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
+                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
+                                  progress=progress, desc="position study: causal probes on the bidirectional run"):
         predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
         for n in names:
             out[n].append(predicted[n])

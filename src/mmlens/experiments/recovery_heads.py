@@ -31,6 +31,8 @@ from ..probing.batches import labelled_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.sites import site_for
 from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes
+from ..display import result_html
+from ..findings import effect_phrase, excludes_zero
 from .intervals import percentile_interval
 
 Corruption = Literal["recovery_blocked", "anchors_removed", "counterfactual"]
@@ -56,7 +58,8 @@ class RecoveryHeadsResult:
     """`table`: one row per LLM head, best first (effect = change of the metric when that head's
     clean output is patched into the corrupted run, mean over images, with a 95% bootstrap
     interval; best = moving it furthest towards the clean value, so a negative gap ranks the most
-    negative effects first; `fraction_restored` = effect / gap). `top_k`: the best k heads patched
+    negative effects first; `fraction_restored` = effect / gap, withheld (NaN) when the gap's interval
+    includes zero). `top_k`: the best k heads patched
     together, k = 1..top_k."""
 
     table: pd.DataFrame
@@ -72,6 +75,26 @@ class RecoveryHeadsResult:
     def top_heads(self) -> list[tuple[int, int]]:
         k = self.settings["top_k"]
         return list(zip(self.table.layer[:k].astype(int), self.table["head"][:k].astype(int)))
+
+    def findings(self) -> list[str]:
+        """The gap the corruption opens and what the top heads restore, worded from the intervals
+        (fractions are withheld when the gap is not distinguishable from zero)."""
+        s, corruption = self.summary, self.settings.get("corruption", "corruption")
+        lines = [f"{corruption}: probe margin {s['clean_metric']:.3f} clean, {s['corrupted_metric']:.3f} corrupted "
+                 f"(gap {effect_phrase(s['gap'], s['gap_low'], s['gap_high'])}, {s['n_images']} images)"]
+        if excludes_zero(s["gap_low"], s["gap_high"]):
+            best = self.top_k.iloc[-1]
+            lines.append(f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
+                         f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman "
+                         f"{s['rank_correlation']:.2f}")
+        else:
+            lines.append("fractions of the gap restored are withheld: the gap is not distinguishable from zero, so "
+                         "the corruption barely changes the readout here")
+        return lines
+
+    def _repr_html_(self) -> str:
+        return result_html("RecoveryHeadsResult", self.findings(), {"top heads together": self.top_k, "heads": self.table},
+                           hint="result.figures() draws the layer x head heatmaps and the recovery maps.")
 
     def figures(self) -> dict[str, Any]:
         """"head_heatmap" (exact and attribution side by side) and "recovery_map_{i}" per example image."""
@@ -156,8 +179,9 @@ def find_recovery_heads(
     layers, conditions = head_conditions(model, hook)
     n_heads = model.cfg.llm.n_heads
 
-    batches = list(labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                                    min_valid_fraction=settings.min_valid_fraction))
+    batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
+                               min_valid_fraction=settings.min_valid_fraction, progress=progress,
+                               desc="recovery heads: clean and corrupted runs")
     head_hooks = [f"blocks.{l}.attn.hook_{hook}" for l in layers]
     prepared = []  # (clean run, corrupted run, metric, n recovered tokens per image, batch, clean activations)
     for b, batch in enumerate(batches):
@@ -172,15 +196,18 @@ def find_recovery_heads(
         prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch, clean_acts))
 
     clean_m, corrupt_m, exact, attributed, recovered_counts = [], [], [], [], []
-    for clean, corrupted, metric, n_recovered, _, acts in tqdm(prepared, disable=not progress, desc="recovery heads"):
+    bar = tqdm(total=len(indices), disable=not progress, desc="recovery heads: patching every head", unit="image")
+    for clean, corrupted, metric, n_recovered, batch, acts in prepared:
         clean_m.append(evaluate(metric, acts, clean.inputs))
         corrupt_m.append(baseline(model, corrupted, metric))
         values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size,
-                                  source_activations=acts)
+                                  source_activations=acts, progress=progress)
         exact.append(values.view(len(layers), n_heads, -1))
         if attribution:
             attributed.append(attribution_patching(model, clean, corrupted, metric, hook=hook).per_head())
         recovered_counts.append(n_recovered)
+        bar.update(len(batch.indices))
+    bar.close()
     clean_m, corrupt_m = torch.cat(clean_m).cpu().numpy(), torch.cat(corrupt_m).cpu().numpy()
     patched = torch.cat(exact, dim=-1).cpu().numpy()
     keep = np.isfinite(clean_m) & np.isfinite(corrupt_m)  # images with at least one scored token
@@ -198,15 +225,16 @@ def find_recovery_heads(
     nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
     for clean, corrupted, metric, _, _, acts in prepared:
         together.append(patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
-                                         source_activations=acts))
+                                         source_activations=acts, progress=progress))
     together = torch.cat(together, dim=-1).cpu().numpy()[..., keep] - corrupt_m[keep]
     top_table = _top_k_table(together, gap, resamples, top)
 
     corr = rank_correlation(effects.mean(-1), attr.mean(-1)) if attribution else float("nan")
     low, high = percentile_interval([gap[i].mean() for i in resamples])
+    table, top_table = (withhold_fractions(frame, low, high) for frame in (table, top_table))
     summary = {"clean_metric": float(clean_m[keep].mean()), "corrupted_metric": float(corrupt_m[keep].mean()),
                "gap": float(gap.mean()), "gap_low": low, "gap_high": high,
-               "gap_excludes_zero": bool(low > 0 or high < 0),  # fractions restored mean little otherwise
+               "gap_excludes_zero": excludes_zero(low, high),  # fractions restored are withheld otherwise
                "rank_correlation": corr,
                "top_k_fraction_restored": float(top_table.fraction_restored.iloc[-1]),
                "n_images": int(keep.sum()), "n_images_without_scored_tokens": int((~keep).sum())}
@@ -220,6 +248,16 @@ def find_recovery_heads(
                   "metric": f"probe margin at {site_for(model, readout).label}", "n_boot": n_boot, "seed": seed,
                   "dataset_indices": indices.tolist()},
     )
+
+
+def withhold_fractions(frame: pd.DataFrame, gap_low: float, gap_high: float) -> pd.DataFrame:
+    """`frame` with its fraction-restored columns blanked when the gap's interval includes zero:
+    a fraction of a gap that may be zero has no meaning (its interval runs off to infinity)."""
+    if excludes_zero(gap_low, gap_high):
+        return frame
+    frame = frame.copy()
+    frame[["fraction_restored", "fraction_low", "fraction_high"]] = np.nan
+    return frame
 
 
 def _scored_tokens(tokens, class_names, recovered: TokenGroup) -> TokenGroup | None:

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
@@ -257,11 +258,12 @@ def patch_conditions(
     chunk_size: int | None = None,
     context: GroupContext | None = None,
     source_activations: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
 ) -> Float[Tensor, "n_conditions batch"]:
     """The metric of the target run under each condition (a Patch, or Patches applied together),
     per batch row. `chunk_size` conditions share one forward of the target repeated that many
     times (default: as many as fit in `ROWS_PER_FORWARD` rows); results equal patching one
-    condition at a time (up to batched-matmul rounding)."""
+    condition at a time (up to batched-matmul rounding). `progress` shows a bar of conditions."""
     source, target = as_run(source, "source"), as_run(target, "target")
     check_same_layout(source.inputs, target.inputs)
     if chunk_size is None:
@@ -280,6 +282,7 @@ def patch_conditions(
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
         embeds = run_and_collect(model, target, ["hook_multimodal_embed"])["hook_multimodal_embed"]
     values = []
+    bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
     for start in range(0, len(conditions), chunk_size):
         chunk = conditions[start:start + chunk_size]
         k = len(chunk)
@@ -291,6 +294,8 @@ def patch_conditions(
         for r in range(k):
             rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
             values.append(evaluate(metric, rows, target.inputs))
+        bar.update(k)
+    bar.close()
     return torch.stack(values)
 
 

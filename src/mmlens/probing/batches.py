@@ -53,8 +53,9 @@ def labelled_batches(
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= len(dataset)):
         raise IndexError(f"dataset rows must be in 0..{len(dataset) - 1}; got {indices.min()}..{indices.max()}")
-    steps = range(0, len(indices), batch_size)
-    for start in tqdm(steps, desc=desc, disable=not progress, leave=False):
+    # the bar counts images (not batches): its rate and total mean the same at any batch size
+    bar = tqdm(total=len(indices), desc=desc, unit="image", disable=not progress, leave=False)
+    for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         rows = dataset[chunk.tolist()]  # decoded once
         _check_mask_sizes(model, rows, chunk)
@@ -72,6 +73,8 @@ def labelled_batches(
         # LLaVA's LLM grid is the patch grid: label it once then
         labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else label(layout.token_grid)
         yield LabelledBatch(inputs, masks, labels, chunk)
+        bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
+    bar.close()
 
 
 def _check_mask_sizes(model: HookedMLLM, rows: dict, chunk: np.ndarray) -> None:

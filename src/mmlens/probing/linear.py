@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ..errors import InputError
+
+PROBE_FIELDS = ("mean", "scale", "weight", "bias")
+PROBE_FORMAT = "mmlens.LinearProbe"
 
 
 @dataclass
@@ -42,3 +51,26 @@ class LinearProbe:
 
     def state_dict(self) -> dict[str, Tensor | str]:
         return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias, "kind": self.kind}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this probe to one safetensors file (parent folders are created); `LinearProbe.load`
+        reads it back, bit for bit."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in PROBE_FIELDS}
+        save_file(tensors, str(path), metadata={"kind": self.kind, "format": PROBE_FORMAT})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "LinearProbe":
+        """The probe `save` wrote at `path`."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no probe file at {path}; save one with probe.save(path)")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            missing = [name for name in PROBE_FIELDS if name not in handle.keys()]
+        if metadata.get("format") != PROBE_FORMAT or missing:
+            raise InputError(f"{path} is not a probe saved by mmlens (missing {missing or 'its format tag'})")
+        tensors = load_file(str(path), device=str(device))
+        return cls(*(tensors[name] for name in PROBE_FIELDS), kind=metadata.get("kind", "linear"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .linear import LinearProbe
 
@@ -35,17 +36,34 @@ def fit_logistic_many(
     l2: float = 1e-3,
     max_iter: int = 100,
     dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    names: list[str] | None = None,
 ) -> list[LinearProbe]:
-    """One probe per (features, labels) problem, each fitted on its own."""
+    """One probe per (features, labels) problem, each fitted on its own. With `progress`, a bar
+    counts fitted probes and names the one being fitted (`names`) with its L-BFGS evaluations."""
     for x, y in problems:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
         if x.shape[0] == 0:
             raise ValueError("no training examples for the probe")
-    return [_fit_one(x, y, n_classes, l2, max_iter, dtype) for x, y in problems]
+    names = names or [f"probe {i}" for i in range(len(problems))]
+    # miniters=0: update(0) redraws whenever mininterval has passed, so evaluations show mid-fit
+    bar = tqdm(total=len(problems), desc="fitting probes", unit="probe", disable=not progress, leave=False, miniters=0)
+    probes = []
+    for (x, y), name in zip(problems, names):
+
+        def report(evaluations: int, name: str = name) -> None:
+            # a long fit keeps the screen moving: update(0) redraws at most every mininterval
+            bar.set_postfix_str(f"{name}, L-BFGS evaluation {evaluations}", refresh=False)
+            bar.update(0)
+
+        probes.append(_fit_one(x, y, n_classes, l2, max_iter, dtype, report if progress else None))
+        bar.update(1)
+    bar.close()
+    return probes
 
 
-def _fit_one(x, y, n_classes, l2, max_iter, dtype) -> LinearProbe:
+def _fit_one(x, y, n_classes, l2, max_iter, dtype, report=None) -> LinearProbe:
     device = x.device
     x64 = x.to(torch.float64)
     mean, scale = x64.mean(0), x64.std(0).clamp(min=1e-6)
@@ -58,7 +76,13 @@ def _fit_one(x, y, n_classes, l2, max_iter, dtype) -> LinearProbe:
         history_size=20, line_search_fn="strong_wolfe",
     )
 
+    evaluations = 0
+
     def closure():
+        nonlocal evaluations
+        evaluations += 1
+        if report is not None:
+            report(evaluations)
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(z @ weight + bias, labels) + l2 * (weight**2).sum()
         loss.backward()

@@ -84,6 +84,24 @@ class ProbeSweep:
 
         return sweep_summary(self, condition)
 
+    def findings(self, condition: str = "model") -> list[str]:
+        """The summary in sentences, each only as strong as its interval allows."""
+        from .summary import summary_findings
+
+        return summary_findings(self.summary(condition))
+
+    def _repr_html_(self) -> str:
+        from ..display import result_html
+
+        try:
+            findings, summary = self.findings(), {"summary": self.summary()}
+        except ValueError:  # no adapter or LLM site to compare
+            findings, summary = [], {}
+        columns = ["condition", "site", "miou", "miou_low", "miou_high", "token_accuracy"]
+        return result_html(f"ProbeSweep: {len(self.sites)} sites, {len(self.test_indices)} held-out images",
+                           findings, {**summary, "probe table": self.table[columns]},
+                           hint="mmlens.viz.plot_probe_curve(sweep) draws the curve; mmlens.probing.save_sweep(sweep, folder) keeps it.")
+
 
 def probe_sweep(
     model: HookedMLLM,
@@ -228,7 +246,8 @@ class _SweepRun:
                 x, y = accumulators[site.hook].read()
                 accumulators[site.hook].close()
                 problems += [(x, y[:, k]) for k in range(len(self.conditions))]
-            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter)
+            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter,
+                                       progress=self.progress, names=[f"{h} ({c})" for c, h in keys])
             probes = dict(zip(keys, fitted))
         probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
 

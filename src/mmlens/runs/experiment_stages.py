@@ -46,15 +46,7 @@ def anchor_knockout_stage(context: StageContext) -> StageOutput:
                                  n_pairs=settings.n_pairs, n_control=settings.n_control, batch_size=config.batch_size,
                                  n_boot=config.n_boot, seed=context.seed, progress=context.progress)
     effects = result.effects
-    last = result.readouts[-1].hook
-    headline = effects[(effects.metric == "target_accuracy") & (effects.comparison == "anchors - control")
-                       & (effects.hook == last)].iloc[0]
-    summary = [
-        f"pairs {', '.join(f'{a}/{b}' for a, b in zip(result.pairs.name_a, result.pairs.name_b))}; "
-        f"{result.anchors_per_image:.1f} anchors and {result.targets_per_image:.1f} targets per image",
-        f"target accuracy at {headline.site}, anchors blocked minus control: {headline.effect:+.3f} "
-        f"[{headline.low:+.3f}, {headline.high:+.3f}]",
-    ]
+    summary = result.findings()
     figure = StageFigure(result.figure("target_accuracy"), KNOCKOUT_HOW_TO_READ,
                          title="Anchor knockout: are anchors steering recovery?", table="effects",
                          notes=f"Layers edited: {result.layers}. Largest attention left on a blocked edge: "
@@ -87,16 +79,7 @@ def position_study_stage(context: StageContext) -> StageOutput:
             stats_device=probe.stats_device,
         )
     summary_table = study.summary
-    last_site = summary_table.site.iloc[-1]
-    rows = summary_table[summary_table.site == last_site].set_index("condition")
-    gains = study.gains[(study.gains.site == last_site) & (study.gains.condition == "bidirectional")].set_index("tokens")
-    lines = [
-        f"early-token deficit at {last_site}: causal {rows.loc['causal', 'early_deficit']:+.3f} "
-        f"[{rows.loc['causal', 'early_deficit_low']:+.3f}, {rows.loc['causal', 'early_deficit_high']:+.3f}], "
-        f"bidirectional {rows.loc['bidirectional', 'early_deficit']:+.3f}",
-        f"bidirectional gain on early tokens {gains.loc['early', 'gain_over_causal']:+.3f} "
-        f"[{gains.loc['early', 'low']:+.3f}, {gains.loc['early', 'high']:+.3f}]",
-    ]
+    lines = study.findings()
     figures = study.figures()
     return StageOutput(
         tables={"summary": summary_table, "gains": study.gains, "per_position": study.per_position,
@@ -145,23 +128,16 @@ def recovery_heads_stage(context: StageContext) -> StageOutput:
         progress=context.progress,
     )
     s = result.summary
-    best = result.top_k.iloc[-1]
-    lines = [
-        f"{settings.corruption}: probe margin {s['clean_metric']:.3f} clean, {s['corrupted_metric']:.3f} corrupted "
-        f"(gap {s['gap']:.3f} [{s['gap_low']:.3f}, {s['gap_high']:.3f}], {s['n_images']} images)",
-        f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
-        f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman {s['rank_correlation']:.2f}",
-    ]
-    if not s.get("gap_excludes_zero", True):
-        lines.append("the gap's interval includes zero: the corruption barely matters here, so fractions restored mean little")
+    lines = result.findings()
     figures = {}
     for name, figure in result.figures().items():
         if name == "head_heatmap":
             figures[name] = StageFigure(figure, RECOVERY_HEATMAP_HOW_TO_READ, title="Recovery heads: effect of "
                                         "patching each head", table="top_k")
         else:
+            shown = result.maps[int(name.rsplit("_", 1)[-1])]
             figures[name] = StageFigure(figure, RECOVERY_MAP_HOW_TO_READ,
-                                        title=f"Attention recovery map, image {name.rsplit('_', 1)[-1]}")
+                                        title=f"Attention recovery map, dataset image {shown.dataset_index}")
     return StageOutput(
         tables={"heads": result.table, "top_k": result.top_k,
                 "summary": pd.DataFrame([{"statistic": k, "value": float(v)} for k, v in s.items()])},

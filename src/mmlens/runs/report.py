@@ -1,6 +1,7 @@
 """The study report, rebuilt from a run folder alone (figures saved as plotly JSON, tables as parquet).
 
-One section per saved figure, in run order, with its how-to-read paragraph, the table the stage
+First the run's findings (every stage's headline lines, worded from its own intervals), then one
+section per saved figure, in run order, with its how-to-read paragraph, the table the stage
 named for it and the stage's headline numbers; the run's config, hash, versions and timings go
 in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant; every file is checked
 against the sha256 its stage recorded before it is rendered.
@@ -15,12 +16,19 @@ from .folder import RunFolder
 REPORT_NAME = "report.html"
 
 
+FINDINGS_NOTE = ("Each line is computed from this run's own 95% bootstrap intervals: an effect whose interval "
+                 "includes zero is called not distinguishable from zero, and a ratio over such an effect is withheld.")
+
+
 def report_sections(folder: RunFolder) -> list:
     from ..viz.report import ReportSection
 
     units = folder.done_units()
     seeds = {folder.record(u).get("seed") for u in units}
     sections = []
+    findings = [f"{unit}: {line}" for unit in units for line in folder.record(unit)["summary"]]
+    if findings:
+        sections.append(ReportSection("Findings of this run", None, "", notes=FINDINGS_NOTE + "\n\n" + "\n".join(findings)))
     for unit in units:
         record = folder.record(unit)
         suffix = f" (seed {record.get('seed')})" if len(seeds) > 1 else ""
@@ -58,5 +66,8 @@ def build_report(folder: RunFolder, path: str | Path | None = None) -> tuple[Pat
     if not sections:
         return None, "no stage has finished yet"
     title = f"mmlens study: {folder.manifest['config']['model']} on {folder.manifest['config']['dataset']['name']}"
-    written = write_report(path or folder.path / REPORT_NAME, sections, title=title, metadata=report_metadata(folder))
+    # plotly.js beside the report: the run folder travels whole (tables, probes), and the page
+    # is 4.8 MB lighter than with the library inlined
+    written = write_report(path or folder.path / REPORT_NAME, sections, title=title, metadata=report_metadata(folder),
+                           plotly_js="beside")
     return written, None

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from .style import interval_band
+from .style import interval_band, metric_label
 
 CONDITION_LABELS = {"causal": "causal", "bidirectional": "bidirectional",
                     "causal_probe_on_bidirectional": "causal probes,<br>bidirectional run"}
@@ -46,7 +46,7 @@ def plot_knockout_effect(result, metric: str = "target_accuracy") -> go.Figure:
                                  name=KNOCKOUT_NAMES.get(condition, condition)))
     window = result.layers
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="readout site")
-    fig.update_yaxes(title=metric.replace("_", " "))
+    fig.update_yaxes(title=metric_label(metric))
     classes = ", ".join(result.settings.get("classes", []))
     fig.update_layout(
         title=dict(text=f"Anchor knockout in LLM layers {window[0]}-{window[-1]}, reference {result.reference}"

@@ -78,7 +78,7 @@ def plot_recovery_map(example, opacity: float = 0.55) -> go.Figure:
         fig.update_yaxes(showticklabels=False, range=[height, 0], scaleanchor=f"x{col}", row=1, col=col)
     source = ("tokens wrong at the adapter and right later" if getattr(example, "query_kind", "recovered") == "recovered"
               else "all object tokens (none in this image is wrong at the adapter and right later)")
-    fig.update_layout(title=f"Attention recovery map, image {example.dataset_index}<br><sup>where the recovery heads "
+    fig.update_layout(title=f"Attention recovery map, dataset image {example.dataset_index}<br><sup>where the recovery heads "
                             f"attend from {source}</sup>", template="plotly_white",
                       width=max(520, 260 * len(layers) + 160), height=400, legend=dict(orientation="h", y=-0.1))
     return fig

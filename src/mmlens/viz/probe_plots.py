@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from ..probing.metrics import tokens_to_pixels
-from .style import interval_band
+from .style import interval_band, metric_label
 
 STAGE_COLOURS = {"vision": "rgba(99, 110, 250, 0.08)", "adapter": "rgba(239, 85, 59, 0.10)", "llm": "rgba(0, 204, 150, 0.08)"}
 CONDITION_STYLES = {
@@ -47,8 +48,8 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
             customdata=np.stack([rows.hook], axis=-1), hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>",
         ))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="site (pipeline order)")
-    fig.update_yaxes(title=metric.replace("_", " "))
-    fig.update_layout(title=title or f"Probe {metric} along vision -> adapter -> LLM", template="plotly_white",
+    fig.update_yaxes(title=metric_label(metric))
+    fig.update_layout(title=title or f"Probe {metric_label(metric)} along vision -> adapter -> LLM", template="plotly_white",
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
@@ -74,20 +75,35 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
     fig.add_trace(go.Image(z=image), row=1, col=1)
     n_classes = len(sweep.class_names)
     names = np.array(sweep.class_names, dtype=object)
+    colours = class_colours(n_classes)
+    shown: set[int] = set()
 
     def heatmap(values, col):
         text = np.where(np.isnan(values), "ignore", names[np.nan_to_num(values).astype(int)])
-        fig.add_trace(go.Heatmap(z=values[::-1], text=text[::-1], zmin=0, zmax=n_classes - 1, colorscale="Turbo",
+        fig.add_trace(go.Heatmap(z=values[::-1], text=text[::-1], zmin=0, zmax=max(n_classes - 1, 1), colorscale="Turbo",
                                  showscale=False, hovertemplate="%{text}<extra></extra>"), row=1, col=col)
         fig.update_yaxes(showticklabels=False, scaleanchor=f"x{col}", row=1, col=col)
         fig.update_xaxes(showticklabels=False, row=1, col=col)
+        shown.update(int(c) for c in np.unique(values[~np.isnan(values)]))
 
     heatmap(truth, 2)
     for col, hook in enumerate(hooks, start=3):
         tokens = sweep.predictions[(condition, hook)][example : example + 1].long()
         pixels = tokens_to_pixels(tokens, sweep.grids[sites[hook].grid])[0].numpy().astype(float)
         heatmap(pixels, col)
-    fig.update_layout(title=f"Probe predictions, held-out image {example} ({condition})", template="plotly_white",
-                      height=320, width=220 * len(titles))
+    # The legend names the colours: one square marker per class that appears in any panel
+    for c in sorted(shown):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=str(names[c]), showlegend=True,
+                                 marker=dict(symbol="square", size=12, color=colours[c])), row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    fig.update_yaxes(showticklabels=False, row=1, col=1)
+    row = int(sweep.test_indices[example])
+    fig.update_layout(title=f"Probe predictions, held-out image {example} (dataset row {row}, {condition})",
+                      template="plotly_white", height=360, width=220 * len(titles),
+                      legend=dict(orientation="h", y=-0.05, title="class"))
     return fig
 
+
+def class_colours(n_classes: int) -> list[str]:
+    """The colour of each class index in the prediction panels (Turbo, classes spread over it)."""
+    return sample_colorscale("Turbo", [c / max(n_classes - 1, 1) for c in range(n_classes)])

@@ -1,10 +1,13 @@
 """One self-contained HTML report: figures, tables and the run's metadata in a single file.
 
 Each section is a plotly figure (and/or a small table) preceded by a sentence on how to read
-it. plotly.js is inlined once in the page head and every figure only carries its data and a
-`Plotly.newPlot` call, so the file opens offline from `file://` and does not grow by 4.8 MB per
-figure. All text is escaped; the file is written to a temporary sibling and moved into place,
-so a reader never sees a half-written report.
+it. plotly.js is loaded once, either inlined in the page head (`plotly_js="inline"`: one file
+that can be mailed alone) or from a `plotly.min.js` beside the report (`"beside"`: a 4.8 MB
+lighter page, for run folders that travel whole); every figure only carries its data and a
+`Plotly.newPlot` call, so the page opens offline from `file://`. Figures are drawn at the width
+of their card (a figure's own fixed width would hide its right edge behind a scroll bar). All
+text is escaped; the file is written to a temporary sibling and moved into place, so a reader
+never sees a half-written report.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import plotly
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
+
+from .files import FIGURE_CONFIG, PLOTLY_JS, write_plotly_js
 
 MAX_TABLE_ROWS = 200
 FIGURE_HEIGHT_PX = 480
@@ -72,16 +78,22 @@ class ReportSection:
     notes: str = ""
 
 
+PlotlyJs = Literal["inline", "beside"]
+
+
 def write_report(path: str | os.PathLike, sections: Sequence[ReportSection], *, title: str,
-                 metadata: Mapping[str, object]) -> Path:
-    """Write `sections` as one self-contained HTML file at `path` (atomically) and return its path.
+                 metadata: Mapping[str, object], plotly_js: PlotlyJs = "inline") -> Path:
+    """Write `sections` as one HTML file at `path` (atomically) and return its path.
 
     `metadata` (model, dataset, config hash, versions, timings, ...) is rendered as a table;
-    nested mappings become dotted keys. Parent folders are created.
+    nested mappings become dotted keys. Parent folders are created. `plotly_js="inline"` makes
+    the file self-contained; `"beside"` writes `plotly.min.js` next to it and loads it from there.
     """
-    page = render_report(sections, title=title, metadata=metadata)
+    page = render_report(sections, title=title, metadata=metadata, plotly_js=plotly_js)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if plotly_js == "beside":
+        write_plotly_js(path.parent)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -96,8 +108,11 @@ def write_report(path: str | os.PathLike, sections: Sequence[ReportSection], *, 
     return path
 
 
-def render_report(sections: Sequence[ReportSection], *, title: str, metadata: Mapping[str, object]) -> str:
+def render_report(sections: Sequence[ReportSection], *, title: str, metadata: Mapping[str, object],
+                  plotly_js: PlotlyJs = "inline") -> str:
     """The report's HTML as a string (what `write_report` writes)."""
+    if plotly_js not in ("inline", "beside"):
+        raise ValueError(f"plotly_js must be 'inline' (in the page) or 'beside' ({PLOTLY_JS} next to it), got {plotly_js!r}")
     sections = _checked(sections)
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping (e.g. a dict of model, dataset, versions), got {type(metadata).__name__}")
@@ -106,6 +121,8 @@ def render_report(sections: Sequence[ReportSection], *, title: str, metadata: Ma
     toc += '<li><a href="#metadata">Run metadata</a></li>'
     body = "\n".join(_section_html(s, a, i + 1) for i, (s, a) in enumerate(zip(sections, anchors)))
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    library = (f'<script type="text/javascript">{get_plotlyjs()}</script>' if plotly_js == "inline"
+               else f'<script type="text/javascript" src="{PLOTLY_JS}"></script>')
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -114,7 +131,7 @@ def render_report(sections: Sequence[ReportSection], *, title: str, metadata: Ma
 <meta name="generator" content="mmlens (plotly {html.escape(plotly.__version__)})">
 <title>{html.escape(title)}</title>
 <style>{_CSS}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
+{library}
 </head>
 <body>
 <main>
@@ -169,10 +186,11 @@ def _figure_html(figure: go.Figure, div_id: str) -> str:
     # A fixed div id keeps the report deterministic; an explicit pixel height keeps the div from
     # collapsing to zero inside an auto-height section (plotly's fragment default is 100%).
     height = f"{figure.layout.height}px" if figure.layout.height else f"{FIGURE_HEIGHT_PX}px"
-    return figure.to_html(
+    fitted = go.Figure(figure)  # a copy: the caller's figure keeps its own width
+    fitted.update_layout(width=None, autosize=True)
+    return fitted.to_html(
         include_plotlyjs=False, include_mathjax=False, full_html=False, div_id=div_id,
-        default_width="100%", default_height=height,
-        config={"displaylogo": False, "responsive": True},
+        default_width="100%", default_height=height, config=FIGURE_CONFIG,
     )
 
 

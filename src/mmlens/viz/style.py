@@ -1,4 +1,4 @@
-"""Shared drawing pieces: colours with transparency and bootstrap-interval bands."""
+"""Shared drawing pieces: colours with transparency, bootstrap-interval bands, metric names."""
 
 from __future__ import annotations
 
@@ -18,3 +18,8 @@ def interval_band(x: Sequence, low: Sequence[float], high: Sequence[float], colo
     x = list(x)
     return go.Scatter(x=x + x[::-1], y=list(high) + list(low)[::-1], mode="lines", fill="toself",
                       fillcolor=rgba(colour, 0.15), line=dict(width=0), hoverinfo="skip", showlegend=False, name=name)
+
+
+def metric_label(name: str) -> str:
+    """A metric column as a reader writes it: "miou" -> "mIoU", "pair_miou" -> "pair mIoU"."""
+    return " ".join("mIoU" if word == "miou" else word for word in name.split("_"))

@@ -1,0 +1,163 @@
+"""Probes and whole probe sweeps on disk, exactly: save, load, and get back the same numbers.
+
+A probe is one safetensors file (its standardisation and affine map, with its kind in the
+file's metadata). A sweep is a folder: its tensors (probes, held-out predictions, per-image
+counts, the train/test split and bootstrap resamples) in safetensors, its tables in parquet,
+and its settings, sites and class names in JSON. The dataset is not copied: the caller passes
+it back to `load_sweep` (the same loader with the same arguments gives the same rows).
+`LinearProbe.save` / `LinearProbe.load` are the probe's own methods; this module builds on them. Tensors
+are written contiguous, so a loaded probe computes bit for bit what the fitted one did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..errors import InputError
+from ..model.layout import TokenGrid
+from .linear import PROBE_FIELDS, LinearProbe
+from .metrics import SegmentationScores
+from .sites import Site
+from .sweep import ProbeSweep, SweepSettings
+SWEEP_DESCRIPTION = "sweep.json"
+SWEEP_FORMAT = 1
+
+
+def save_probe(probe: LinearProbe, path: str | os.PathLike) -> Path:
+    """Write `probe` to one safetensors file (`probe.save(path)`)."""
+    return probe.save(path)
+
+
+def load_probe(path: str | os.PathLike, device: torch.device | str = "cpu") -> LinearProbe:
+    """The probe `save_probe` wrote at `path` (`LinearProbe.load(path)`)."""
+    return LinearProbe.load(path, device)
+
+
+def _key(condition: str, hook: str, part: str = "") -> str:
+    return f"{condition}|{hook}" + (f"|{part}" if part else "")
+
+
+@dataclasses.dataclass
+class SweepParts:
+    """A sweep split into what files hold: groups of tensors, tables and a JSON description."""
+
+    tensors: dict[str, dict[str, Tensor]]
+    tables: dict[str, pd.DataFrame]
+    description: dict[str, Any]
+
+
+def sweep_parts(sweep: ProbeSweep) -> SweepParts:
+    """Everything a `ProbeSweep` holds but its dataset, as tensors, tables and JSON."""
+    probes, predictions, scores = {}, {}, {}
+    for (condition, hook), probe in sweep.probes.items():
+        for part in PROBE_FIELDS:
+            probes[_key(condition, hook, part)] = getattr(probe, part)
+        predictions[_key(condition, hook)] = sweep.predictions[(condition, hook)]
+        score = sweep.scores[(condition, hook)]
+        scores[_key(condition, hook, "per_image")] = torch.from_numpy(np.stack(score.per_image))
+        scores[_key(condition, hook, "confusion")] = torch.from_numpy(np.asarray(sweep.confusion[(condition, hook)]))
+        scores[_key(condition, hook, "tokens")] = torch.tensor([score.tokens_correct, score.tokens_valid])
+    split = {
+        "train_indices": torch.from_numpy(np.asarray(sweep.train_indices, dtype=np.int64)),
+        "test_indices": torch.from_numpy(np.asarray(sweep.test_indices, dtype=np.int64)),
+        "test_masks": torch.from_numpy(np.ascontiguousarray(sweep.test_masks)),
+        "bootstrap": torch.from_numpy(np.asarray(sweep.bootstrap, dtype=np.int64)),
+    }
+    description = {
+        "settings": dataclasses.asdict(sweep.settings),
+        "sites": [dataclasses.asdict(s) for s in sweep.sites],
+        "class_names": list(sweep.class_names),
+        "ignore_index": sweep.ignore_index,
+        "grids": {name: [g.rows, g.cols, *g.image_size] for name, g in sweep.grids.items()},
+        "probe_kinds": {_key(c, h): p.kind for (c, h), p in sweep.probes.items()},
+    }
+    tables = {"probe_table": sweep.table, "per_class_iou": sweep.per_class_iou.reset_index()}
+    return SweepParts({"probes": probes, "predictions": predictions, "scores": scores, "split": split}, tables, description)
+
+
+def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "cpu") -> ProbeSweep:
+    """The `ProbeSweep` that `sweep_parts` took apart; `dataset` is supplied by the caller."""
+    description, tensors = parts.description, parts.tensors
+    probes_t, scores_t, split = tensors["probes"], tensors["scores"], tensors["split"]
+    class_names = tuple(description["class_names"])
+    ignore_index = description["ignore_index"]
+    keys = [tuple(k.split("|")) for k in description["probe_kinds"]]
+    probes, predictions, scores, confusion = {}, {}, {}, {}
+    for condition, hook in keys:
+        fields = [probes_t[_key(condition, hook, p)] for p in PROBE_FIELDS]
+        probes[(condition, hook)] = LinearProbe(*fields, kind=description["probe_kinds"][_key(condition, hook)]).to(device)
+        predictions[(condition, hook)] = tensors["predictions"][_key(condition, hook)]
+        matrix = scores_t[_key(condition, hook, "confusion")].numpy()
+        correct, valid = scores_t[_key(condition, hook, "tokens")].tolist()
+        scores[(condition, hook)] = SegmentationScores(
+            len(class_names), ignore_index, per_image=list(scores_t[_key(condition, hook, "per_image")].numpy()),
+            confusion=matrix.copy(), tokens_correct=correct, tokens_valid=valid)
+        confusion[(condition, hook)] = matrix
+    per_class = parts.tables["per_class_iou"].set_index(["condition", "hook"])
+    return ProbeSweep(
+        table=parts.tables["probe_table"],
+        per_class_iou=per_class,
+        confusion=confusion,
+        probes=probes,
+        predictions=predictions,
+        sites=[Site(**s) for s in description["sites"]],
+        class_names=class_names,
+        ignore_index=ignore_index,
+        grids={name: TokenGrid(rows, cols, (h, w)) for name, (rows, cols, h, w) in description["grids"].items()},
+        test_indices=split["test_indices"].numpy(),
+        train_indices=split["train_indices"].numpy(),
+        test_masks=split["test_masks"].numpy(),
+        settings=SweepSettings(**description["settings"]),
+        dataset=dataset,
+        bootstrap=split["bootstrap"].numpy(),
+        scores=scores,
+    )
+
+
+def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
+    """Write `sweep` (all but its dataset) into `folder`; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = sweep_parts(sweep)
+    for name, tensors in parts.tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"))
+    for name, table in parts.tables.items():
+        table.to_parquet(folder / f"{name}.parquet")
+    n_images = None if sweep.dataset is None else len(sweep.dataset)
+    document = {"format": SWEEP_FORMAT, "n_dataset_images": n_images, **parts.description}
+    # the description is written last: a folder without it is an interrupted save
+    (folder / SWEEP_DESCRIPTION).write_text(json.dumps(document, indent=1))
+    return folder
+
+
+def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> ProbeSweep:
+    """The sweep `save_sweep` wrote in `folder`. Pass the dataset it was fitted on (loaded with
+    the same arguments) to draw prediction maps or run experiments on it; without it the tables,
+    probes, scores and curves are all there."""
+    folder = Path(folder)
+    description_file = folder / SWEEP_DESCRIPTION
+    if not description_file.is_file():
+        raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing); save one with save_sweep(sweep, folder)")
+    description = json.loads(description_file.read_text())
+    expected = description.pop("n_dataset_images", None)
+    if description.pop("format", None) != SWEEP_FORMAT:
+        raise InputError(f"{description_file} was written by another mmlens version (format {SWEEP_FORMAT} expected)")
+    if dataset is not None and expected is not None and len(dataset) != expected:
+        raise InputError(f"the sweep was fitted on a dataset of {expected} images, this one has {len(dataset)}; "
+                         "load it with the same arguments (name, split, n, seed, image_size)")
+    tensors = {name: load_file(str(folder / f"{name}.safetensors")) for name in ("probes", "predictions", "scores", "split")}
+    tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("probe_table", "per_class_iou")}
+    return sweep_from_parts(SweepParts(tensors, tables, description), dataset, device)
+
+
+__all__ = ["SweepParts", "load_probe", "load_sweep", "save_probe", "save_sweep", "sweep_from_parts", "sweep_parts"]
