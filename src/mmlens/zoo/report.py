@@ -31,7 +31,7 @@ def training_figure(log: dict) -> go.Figure:
                 fig.add_trace(go.Scatter(x=steps, y=[p[key] for p in curve], name=f"{stage} {key}", mode="lines"),
                               row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
-    fig.update_layout(title="tiny-shapes-llava training curves (loss per logged window)", height=350)
+    fig.update_layout(title=f"{log['recipe']['name']} training curves (loss per logged window)", height=350)
     return fig
 
 
@@ -52,10 +52,11 @@ def main() -> None:
         first, last = curve[0], curve[-1]
         print(f"  {stage}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
     model = HookedMLLM.from_pretrained(args.model)
-    held_out = SceneBank.render(args.n_held_out, split="validation", seed=recipe["seed"])
-    train = SceneBank.render(2000, split="train", seed=recipe["seed"])
+    scenes = {"seed": recipe["seed"], "image_size": recipe["image_size"], "k": recipe["k"]}
+    held_out = SceneBank.render(args.n_held_out, split="validation", **scenes)
+    train = SceneBank.render(2000, split="train", **scenes)
     print("\nheld-out question accuracy (exact match) vs majority answer:")
-    print(qa_accuracy(model, held_out, train).to_markdown(floatfmt=".3f"))
+    print(qa_accuracy(model, held_out, train, question_set=recipe.get("question_set", "basic")).to_markdown(floatfmt=".3f"))
     print("\nper-patch class probes on held-out images, vision sites (logistic):")
     print(vision_probe_check(model, seed=recipe["seed"]).to_markdown(floatfmt=".3f"))
     if args.figure:
