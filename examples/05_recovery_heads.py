@@ -1,6 +1,6 @@
 """Recovery heads on an embedded model: which LLM heads bring segmentation information back?
 
-Run: `python examples/05_recovery_heads.py [--model tiny-shapes-llava] [--images 300] [--study-images 64]`.
+Run: `python examples/05_recovery_heads.py [--model tiny-shapes-llava] [--images 300] [--study-images 64] [--probe ridge|logistic]`.
 A probe sweep fits the probes; then, for each corruption (image -> image attention blocked in
 the LLM, anchors removed at the adapter, another scene), every head's clean output is patched
 into the corrupted run and the probe margin at the last LLM layer is read on the object tokens.
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     parser.add_argument("--images", type=int, default=300, help="images for the probe sweep")
     parser.add_argument("--study-images", type=int, default=64, help="held-out images patched")
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic")
     parser.add_argument("--corruptions", nargs="+", default=["recovery_blocked", "anchors_removed", "counterfactual"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -34,9 +35,10 @@ def main() -> None:
     torch.set_grad_enabled(False)  # attribution patching turns gradients on where it needs them
 
     model = HookedMLLM.from_pretrained(args.model)
-    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
+    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0,
+                                image_size=model.cfg.vision.image_size)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    sweep = probe_sweep(model, scenes, sites=sites, probe="logistic", progress=False)
+    sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe, progress=False)
 
     for corruption in args.corruptions:
         result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.study_images)
