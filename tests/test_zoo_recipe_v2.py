@@ -3,11 +3,14 @@ features are the maths of LLaVA's own forward, and twins share stages a and b.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmlens.zoo import shipped_models
 from mmlens.zoo.build import build_llava
 from mmlens.zoo.evaluate import question_sets
 from mmlens.zoo.scene_bank import SceneBank
@@ -91,7 +94,7 @@ def test_cached_vision_features_give_llavas_own_forward():
 def _toy(image_attention: str) -> Recipe:
     tiny = Stage(steps=2, batch=4, lr=1e-3)
     recipe = recipe_v2(image_attention)
-    recipe.n_train, recipe.log_every = 16, 1
+    recipe.n_train, recipe.log_every, recipe.vision_from = 16, 1, None
     recipe.vision = recipe.language = recipe.align = recipe.finetune = tiny
     recipe.vision_d_model, recipe.llm_d_model, recipe.llm_d_mlp = 32, 32, 64
     recipe.vision_layers, recipe.llm_layers = 2, 2
@@ -114,3 +117,22 @@ def test_twins_share_stages_a_and_b(tmp_path):
     other.llm_layers = 3
     with pytest.raises(ValueError, match="different recipe"):
         train(other, tmp_path / "other", shared)
+
+
+def test_stage_a_can_come_from_a_trained_tower(tmp_path):
+    recipe = recipe_v2("causal")  # the first generation's tower
+    tiny = Stage(steps=1, batch=4, lr=1e-3)
+    recipe.n_train, recipe.log_every = 8, 1
+    recipe.language = recipe.align = recipe.finetune = tiny
+    recipe.llm_layers, recipe.llm_d_model, recipe.llm_d_mlp = 1, 32, 64
+    log = train(recipe, tmp_path / "v2")
+    source = load_file(shipped_models()["tiny-shapes-llava"] / "model.safetensors")
+    trained = load_file(tmp_path / "v2" / "model.safetensors")
+    tower = [name for name in source if name.startswith("vision_tower.")]
+    assert tower and all(torch.equal(trained[n], source[n]) for n in tower)
+    assert log["curves"]["a_vision"] == json.loads(
+        (shipped_models()["tiny-shapes-llava"] / "training_log.json").read_text())["curves"]["a_vision"]
+    recipe.vision_d_model = 64
+    with pytest.raises(ValueError, match="different vision tower"):
+        train(recipe, tmp_path / "mismatch")
+

@@ -27,9 +27,11 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from jaxtyping import Float
+from safetensors.torch import load_file
 from torch import nn
 
 from ..model.attention_masks import image_attention_mask
+from ..model.loading import resolve_checkpoint
 from .build import build_llava
 from .scene_bank import SceneBank
 from .scene_language import describe, grounded_questions, questions, vocabulary
@@ -63,6 +65,9 @@ class Recipe:
     # Stages c and d read the frozen tower's features from a table computed once (same maths,
     # a quarter less work per step at 144 image tokens).
     cache_vision_features: bool = False
+    # Stage a taken from a trained checkpoint (a shipped name or folder) with the same tower,
+    # instead of trained again: the tower is frozen after stage a, so it is all stage a leaves.
+    vision_from: str | None = None
     n_train: int = 20000
     vision: Stage = field(default_factory=lambda: Stage(1500, 64, 1e-3))
     language: Stage = field(default_factory=lambda: Stage(1000, 64, 2e-3))
@@ -79,15 +84,39 @@ class Recipe:
 
 
 def recipe_v2(image_attention: str = "causal", seed: int = 0) -> Recipe:
-    """The second generation: 48 px images in 4 px patches (12 x 12 tokens), a 6-layer LLM,
-    grounded questions; sized to train in about half an hour on an idle 2-core CPU."""
+    """The second generation: the first generation's vision tower (its stage a), a 6-layer LLM,
+    instruction data with grounded questions; sized for a CPU shared by several users."""
     return Recipe(
         name="tiny-shapes-llava-v2" + ("-bidir" if image_attention == "bidirectional" else ""),
-        seed=seed, image_attention=image_attention, image_size=48, patch_size=4, llm_layers=6,
-        question_set="grounded", cache_vision_features=True, n_train=10000,
-        vision=Stage(500, 64, 1e-3), language=Stage(500, 64, 2e-3),
-        align=Stage(400, 32, 2e-3), finetune=Stage(1600, 32, 1.5e-3), log_every=25,
+        seed=seed, image_attention=image_attention, llm_layers=6,
+        question_set="grounded", cache_vision_features=True, vision_from="tiny-shapes-llava", n_train=6000,
+        language=Stage(300, 64, 2e-3), align=Stage(300, 32, 2e-3), finetune=Stage(700, 32, 1.5e-3), log_every=25,
     )
+
+
+def recipe_v2_12x12(image_attention: str = "causal", seed: int = 0) -> Recipe:
+    """The 12 x 12-token variant (48 px images, 4 px patches) with its own stage a: about twice
+    the cost per step of `recipe_v2`; not shipped (see docs/zoo.md)."""
+    recipe = recipe_v2(image_attention, seed)
+    recipe.name = recipe.name.replace("-v2", "-v2-12x12")
+    recipe.image_size, recipe.patch_size, recipe.vision_from, recipe.n_train = 48, 4, None, 10000
+    recipe.vision = Stage(250, 64, 1e-3)
+    return recipe
+
+
+def load_vision_stage(recipe: Recipe, tower: nn.Module) -> tuple[list[dict], float]:
+    """Copy the tower of `recipe.vision_from` (which must have this recipe's tower) into `tower`;
+    returns that checkpoint's stage-a curve and seconds."""
+    location, _ = resolve_checkpoint(recipe.vision_from)
+    log = json.loads((Path(location) / "training_log.json").read_text())
+    source = log["recipe"]
+    same_tower = ("image_size", "patch_size", "k", "vision_layers", "vision_d_model", "vision_heads", "seed")
+    if any(source[key] != getattr(recipe, key) for key in same_tower):
+        raise ValueError(f"{recipe.vision_from} has a different vision tower ({ {k: source[k] for k in same_tower} })")
+    weights = load_file(Path(location) / "model.safetensors")
+    prefix = "vision_tower."
+    tower.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return log["curves"]["a_vision"], log["seconds"]["a_vision"]
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -272,6 +301,9 @@ def train(recipe: Recipe, out: Path, shared_stages: Path | None = None) -> dict:
         curves |= shared["curves"]
         timings |= shared["seconds"]
         cpu_timings |= shared["cpu_seconds"]
+    elif recipe.vision_from:
+        curves["a_vision"], timings["a_vision"] = load_vision_stage(recipe, tower)
+        print(f"stage a: the vision tower of {recipe.vision_from}", flush=True)
     else:
         timed("a_vision", lambda: train_stage("a vision", [*tower.parameters(), *head.parameters()], vision_loss,
                                               recipe.vision, len(bank), rng, recipe.log_every))
@@ -354,15 +386,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-attention", choices=["causal", "bidirectional"], default="causal")
-    parser.add_argument("--recipe", choices=["v1", "v2"], default="v1",
-                        help="v1: tiny-shapes-llava; v2: tiny-shapes-llava-v2 (12 x 12 tokens, grounded questions)")
+    parser.add_argument("--recipe", choices=["v1", "v2", "v2-12x12"], default="v1",
+                        help="v1: tiny-shapes-llava; v2: tiny-shapes-llava-v2 (6 LLM layers, grounded questions); "
+                             "v2-12x12: v2 with 12 x 12 image tokens and its own stage a")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick trials)")
     parser.add_argument("--shared-stages", type=Path, default=None,
                         help="file holding stages a and b: loaded when a twin saved them, saved otherwise")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.recipe == "v2":
-        recipe = recipe_v2(args.image_attention, args.seed)
+    if args.recipe.startswith("v2"):
+        recipe = (recipe_v2 if args.recipe == "v2" else recipe_v2_12x12)(args.image_attention, args.seed)
     else:
         recipe = Recipe(seed=args.seed, image_attention=args.image_attention)
         if args.image_attention == "bidirectional":
