@@ -89,8 +89,8 @@ def recipe_v2(image_attention: str = "causal", seed: int = 0) -> Recipe:
     return Recipe(
         name="tiny-shapes-llava-v2" + ("-bidir" if image_attention == "bidirectional" else ""),
         seed=seed, image_attention=image_attention, llm_layers=6,
-        question_set="grounded", cache_vision_features=True, vision_from="tiny-shapes-llava", n_train=6000,
-        language=Stage(300, 64, 2e-3), align=Stage(300, 32, 2e-3), finetune=Stage(700, 32, 1.5e-3), log_every=25,
+        question_set="grounded", cache_vision_features=True, vision_from="tiny-shapes-llava", n_train=5000,
+        language=Stage(300, 64, 2e-3), align=Stage(200, 32, 2e-3), finetune=Stage(500, 32, 1.5e-3), log_every=25,
     )
 
 
