@@ -136,3 +136,13 @@ def test_stage_a_can_come_from_a_trained_tower(tmp_path):
     with pytest.raises(ValueError, match="different vision tower"):
         train(recipe, tmp_path / "mismatch")
 
+
+
+def test_step_costs_time_both_stages_of_a_recipe():
+    from mmlens.zoo.step_cost import step_costs
+
+    recipe = _toy("causal")
+    recipe.image_size, recipe.patch_size = 24, 4
+    cost = step_costs(recipe, repeats=1, prompt_tokens=4)
+    assert cost["image_tokens"] == 36
+    assert cost["a_step"] > 0 and cost["d_step"] > 0
