@@ -50,6 +50,9 @@ def main() -> None:
     print(f"parameters: {log['parameters'] / 1e6:.2f}M; training seconds per stage: "
           + ", ".join(f"{k} {v:.0f}" for k, v in log["seconds"].items())
           + f" (total {sum(log['seconds'].values()) / 60:.1f} min)")
+    if "cpu_seconds" in log:  # single-threaded CPU time: what the stage costs on an idle core
+        print("CPU seconds per stage trained in this run: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in log["cpu_seconds"].items()))
     for stage, curve in log["curves"].items():
         first, last = curve[0], curve[-1]
         print(f"  {stage}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
