@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmlens-installed
 
-.PHONY: install demo test docs bench zoo clean
+.PHONY: install demo test docs bench zoo zoo-v1 zoo-v2 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,18 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
-zoo: $(STAMP)
+# The embedded models (docs/zoo.md); the v2 twins share stages a and b through one file.
+zoo: zoo-v1 zoo-v2
+
+zoo-v1: $(STAMP)
 	$(BIN)/python -m mmlens.zoo.train --out runs/zoo/tiny-shapes-llava
-	@echo "retrained model in runs/zoo/tiny-shapes-llava; copy it to src/mmlens/zoo/weights/ to ship it"
+	$(BIN)/python -m mmlens.zoo.train --out runs/zoo/tiny-shapes-llava-bidir --image-attention bidirectional
+	@echo "retrained models in runs/zoo/; copy them to src/mmlens/zoo/weights/ to ship them"
+
+zoo-v2: $(STAMP)
+	$(BIN)/python -m mmlens.zoo.train --recipe v2 --out runs/zoo/tiny-shapes-llava-v2 --shared-stages runs/zoo/v2_stages_ab.pt
+	$(BIN)/python -m mmlens.zoo.train --recipe v2 --out runs/zoo/tiny-shapes-llava-v2-bidir --image-attention bidirectional --shared-stages runs/zoo/v2_stages_ab.pt
+	@echo "retrained models in runs/zoo/; copy them to src/mmlens/zoo/weights/ to ship them"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

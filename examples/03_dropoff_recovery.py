@@ -30,7 +30,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     model = HookedMLLM.from_pretrained(args.model)
-    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
+    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0,
+                                image_size=model.cfg.vision.image_size)
     sweep = probe_sweep(model, scenes, probe=args.probe, control=["shuffled_labels", "random_init"])
 
     table = sweep.table[["condition", "site", "token_accuracy", "pixel_accuracy", "miou", "miou_low", "miou_high"]]

@@ -37,7 +37,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     model = HookedMLLM.from_pretrained(args.model)
-    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
+    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0,
+                                image_size=model.cfg.vision.image_size)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 

@@ -1,6 +1,6 @@
 """Recovery heads on an embedded model: which LLM heads bring segmentation information back?
 
-Run: `python examples/05_recovery_heads.py [--model tiny-shapes-llava] [--images 300] [--study-images 64]`.
+Run: `python examples/05_recovery_heads.py [--model tiny-shapes-llava] [--images 300] [--study-images 64] [--probe ridge|logistic]`.
 A probe sweep fits the probes; then, for each corruption (image -> image attention blocked in
 the LLM, anchors removed at the adapter, another scene), every head's clean output is patched
 into the corrupted run and the probe margin at the last LLM layer is read on the object tokens.
@@ -37,7 +37,8 @@ def main() -> None:
     torch.set_grad_enabled(False)  # attribution patching turns gradients on where it needs them
 
     model = HookedMLLM.from_pretrained(args.model)
-    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0)
+    scenes = load_segmentation("scenes", split="validation", n=args.images, seed=0,
+                                image_size=model.cfg.vision.image_size)
     sites = ["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     sweep = probe_sweep(model, scenes, sites=sites, probe=args.probe)
 

@@ -18,31 +18,35 @@ from ..data import load_segmentation
 from ..model import HookedMLLM
 from ..probing import probe_sweep
 from .scene_bank import SceneBank
-from .scene_language import QUESTION_TYPES, questions
+from .scene_language import QUESTION_SETS, grounded_questions, questions
 
 MAX_NEW_TOKENS = {"describe": 40, "objects": 16}
 
 
-def question_sets(bank: SceneBank, seed: int) -> dict[str, list[tuple[int, str, str]]]:
+def question_sets(bank: SceneBank, seed: int, question_set: str = "basic") -> dict[str, list[tuple[int, str, str]]]:
     """Per kind, (scene index, question, answer) for every scene where the kind applies."""
     rng = np.random.default_rng(seed)
     by_kind: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     for i, objects in enumerate(bank.objects):
-        for qa in questions(objects, rng, bank.classes):
+        qas = questions(objects, rng, bank.classes)
+        if question_set == "grounded":
+            qas += grounded_questions(objects, bank.masks[i], rng, bank.classes)
+        for qa in qas:
             by_kind[qa.kind].append((i, qa.question, qa.answer))
     return by_kind
 
 
 @torch.no_grad()
-def qa_accuracy(model: HookedMLLM, held_out: SceneBank, train: SceneBank, *, seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
-    """Exact-match accuracy per question kind, beside always answering the kind's most common
-    training answer."""
+def qa_accuracy(model: HookedMLLM, held_out: SceneBank, train: SceneBank, *, seed: int = 0, batch_size: int = 64,
+                question_set: str = "basic") -> pd.DataFrame:
+    """Exact-match accuracy per question kind of `question_set` ("basic" or "grounded"),
+    beside always answering the kind's most common training answer."""
     majority = {
         kind: Counter(answer for _, _, answer in items).most_common(1)[0][0]
-        for kind, items in question_sets(train, seed + 1).items()
+        for kind, items in question_sets(train, seed + 1, question_set).items()
     }
     rows = []
-    for kind, items in question_sets(held_out, seed).items():
+    for kind, items in question_sets(held_out, seed, question_set).items():
         correct = 0
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -52,7 +56,7 @@ def qa_accuracy(model: HookedMLLM, held_out: SceneBank, train: SceneBank, *, see
         baseline = sum(answer == majority[kind] for _, _, answer in items)
         rows.append({"kind": kind, "n": len(items), "accuracy": correct / len(items),
                      "majority_answer": majority[kind], "majority_accuracy": baseline / len(items)})
-    table = pd.DataFrame(rows).set_index("kind").loc[[k for k in QUESTION_TYPES if k in {r["kind"] for r in rows}]]
+    table = pd.DataFrame(rows).set_index("kind").loc[[k for k in QUESTION_SETS[question_set] if k in {r["kind"] for r in rows}]]
     total = table["n"].sum()
     table.loc["all"] = [total, (table.accuracy * table.n).sum() / total, "",
                         (table.majority_accuracy * table.n).sum() / total]
