@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..config import MLLMConfig
+
+
+@dataclass(frozen=True)
+class StageModules:
+    """The Hugging Face modules of one transformer stack that the TL surface reads or runs:
+    its blocks in order (for start/stop at a layer) and, for the LLM, the token embedding and
+    the unembedding (`W_E`, `W_U`, `model.unembed`)."""
+
+    layers: tuple[nn.Module, ...]
+    embed: nn.Module | None = None
+    unembed: nn.Module | None = None
 
 
 class Architecture(ABC):
@@ -33,6 +45,10 @@ class Architecture(ABC):
     @abstractmethod
     def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
         """Run the Hugging Face model on `input_ids`, `pixel_values`, `attention_mask`."""
+
+    @abstractmethod
+    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
+        """`{"vision": ..., "llm": ...}`: the modules behind the weight surface and start/stop at a layer."""
 
     def canonical_name(self, name: str) -> str:
         for pattern, replacement in self.bridge_aliases:

@@ -16,6 +16,8 @@ from ...errors import UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
 from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block
+from ..norms import instrument_norm
+from .base import StageModules
 from .base import Architecture
 
 VISION_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}  # model_type -> has CLS
@@ -155,19 +157,20 @@ class Llava(Architecture):
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         tower = self.vision_tower(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
+        vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
         for layer, hooks in zip(tower.encoder.layers, root.vision.blocks):
-            instrument_block(layer, hooks, VISION_BLOCK, use_result)
+            instrument_block(layer, hooks, VISION_BLOCK, use_result, vision_norm)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
         if root.cfg.vision.has_ln_pre:
-            handles.append(hook_module_output(tower.pre_layrnorm, root.vision.ln_pre.hook_normalized))
-        handles.append(hook_module_output(tower.post_layernorm, root.vision.ln_post.hook_normalized))
+            instrument_norm(tower.pre_layrnorm, root.vision.ln_pre, vision_norm)
+        instrument_norm(tower.post_layernorm, root.vision.ln_post, vision_norm)
         self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
 
         lm = hf_model.model.language_model
         for layer, hooks in zip(lm.layers, root.blocks):
-            instrument_block(layer, hooks, LLM_BLOCK, use_result)
+            instrument_block(layer, hooks, LLM_BLOCK, use_result, llm_norm)
         handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
-        handles.append(hook_module_output(lm.norm, root.ln_final.hook_normalized))
+        instrument_norm(lm.norm, root.ln_final, llm_norm)
 
         def merged_embedding(_module, args, kwargs):
             embeds = kwargs.get("inputs_embeds")
@@ -189,3 +192,10 @@ class Llava(Architecture):
 
     def forward(self, hf_model: nn.Module, **inputs: torch.Tensor) -> Any:
         return hf_model(**inputs, use_cache=False)
+
+    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
+        tower, lm = self.vision_tower(hf_model), hf_model.model.language_model
+        return {
+            "vision": StageModules(layers=tuple(tower.encoder.layers)),
+            "llm": StageModules(layers=tuple(lm.layers), embed=lm.embed_tokens, unembed=hf_model.lm_head),
+        }
