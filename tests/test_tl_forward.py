@@ -98,3 +98,19 @@ def test_to_str_tokens_names_image_tokens_by_image_and_cell(tiny_clip):
 def test_loaded_model_is_in_eval_mode():
     model = HookedMLLM.from_pretrained("tiny-shapes-llava")
     assert not model.training and not model.hf_model.training
+
+
+@torch.no_grad()
+def test_the_vision_tower_stops_and_starts_at_a_layer(tiny):
+    model, inputs = tiny.model, tiny.inputs
+    _, cache = model.run_with_cache(inputs, names_filter=lambda n: n.startswith("vision.blocks") and "resid" in n)
+    pixels, n = inputs.pixel_values, model.cfg.vision.n_layers
+    final = model.run_vision(pixels)
+    assert torch.equal(final, cache["resid_post", -1, "vision"])
+    for layer in range(n + 1):
+        residual = model.run_vision(pixels, stop_at_layer=layer)
+        assert torch.equal(residual, cache["resid_pre", layer, "vision"] if layer < n else final)
+        fired = []
+        with model.hooks(fwd_hooks=[(lambda name: name.startswith("vision."), lambda x, hook: fired.append(hook.name))]):
+            assert torch.equal(model.run_vision(residual, start_at_layer=layer), final)
+        assert not [f for f in fired if f == "vision.hook_embed" or (f.startswith("vision.blocks.") and int(f.split(".")[2]) < layer)]

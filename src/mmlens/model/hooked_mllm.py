@@ -403,7 +403,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             if start:  # the residual at a later layer is not the LLM's input embedding
                 embeds_points = (self.hook_multimodal_embed,)
         layers = self._stages["llm"].layers
-        with layer_range(layers, self.ln_final._weight_source[0], start, stop), silenced(*embeds_points):
+        with layer_range(layers, start, stop), silenced(*embeds_points):
             out, residual = run_or_stop(lambda: self.architecture.forward(self.hf_model, **run_kwargs))
         if residual is not None:
             return residual
@@ -418,6 +418,31 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def _text_inputs(self, text: str | list[str], prepend_bos: bool | None, padding_side: str | None) -> dict[str, Tensor]:
         ids, mask = self.text_batch(text, prepend_bos, padding_side)
         return {"input_ids": ids.to(self.cfg.device), "attention_mask": mask.to(self.cfg.device)}
+
+    def run_vision(
+        self,
+        input: Float[Tensor, "n_images 3 h w"] | Float[Tensor, "n_images n_patches d_vision"],
+        *,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+    ) -> Float[Tensor, "n_images n_patches d_vision"]:
+        """The vision tower alone, TL style: pixels (or, with `start_at_layer=l`, the residual
+        entering block `l`) in, the residual entering block `stop_at_layer` out (default: leaving
+        the last block, before any post-norm). Vision hooks fire; wrap in `model.hooks(...)`."""
+        n_layers = self.cfg.vision.n_layers
+        start = check_layer(start_at_layer, n_layers, "start_at_layer")
+        stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")
+        stop = n_layers if stop is None else stop
+        residual = None
+        if start is not None:
+            residual, size = input, self.cfg.vision.image_size
+            input = torch.zeros(len(residual), 3, size, size, dtype=self.cfg.dtype, device=residual.device)
+            if start == stop:
+                return residual
+        silent = (self.vision.hook_embed, *([self.vision.ln_pre.hook_scale, self.vision.ln_pre.hook_normalized] if self.cfg.vision.has_ln_pre else []))
+        with layer_range(self._stages["vision"].layers, start, stop, residual), silenced(*(silent if start is not None else ())):
+            _, out = run_or_stop(lambda: self._stages["vision"].tower(input))
+        return out
 
     @contextmanager
     def using_image_attention(self, mode: Literal["causal", "bidirectional"]) -> Iterator["HookedMLLM"]:

@@ -2,9 +2,9 @@
 
 TransformerLens's `stop_at_layer=l` returns the residual entering block `l` (`n_layers`: after
 the last block, before the final norm); `start_at_layer=l` takes that residual and runs the
-rest. Here the Hugging Face model runs as usual: a pre-hook on block `l` raises with its input
-to stop, and blocks below `l` pass their input through unchanged to start, so masks, positions
-and rotary embeddings are built by HF's own code for the whole sequence.
+rest. Here the Hugging Face model runs as usual: a hook on block `l` raises with its input to
+stop, and blocks below `l` pass their input through unchanged to start (block `l` is handed the
+residual), so masks, positions and rotary embeddings are built by HF's own code.
 """
 
 from __future__ import annotations
@@ -39,19 +39,40 @@ def check_layer(layer: int | None, n_layers: int, what: str) -> int | None:
     return resolved
 
 
-def _stop_before(module: nn.Module) -> ContextManager:
+@contextmanager
+def _raising(module: nn.Module, before: bool) -> Iterator[None]:
+    """`module` raises `StoppedAtLayer` with its input (`before`) or its output."""
+
     def raise_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise StoppedAtLayer(args[0] if args else kwargs["hidden_states"])
 
-    @contextmanager
-    def installed() -> Iterator[None]:
-        handle = module.register_forward_pre_hook(raise_input, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def raise_output(_module: nn.Module, _args: tuple, output: Any) -> None:
+        raise StoppedAtLayer(output[0] if isinstance(output, tuple) else output)
 
-    return installed()
+    if before:
+        handle = module.register_forward_pre_hook(raise_input, with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(raise_output)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _replacing_input(module: nn.Module, residual: Tensor) -> Iterator[None]:
+    """`module` receives `residual` instead of what the blocks below it passed on."""
+
+    def replace(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (residual, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": residual}
+
+    handle = module.register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -85,16 +106,20 @@ def silenced(*points: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def layer_range(
-    layers: Sequence[nn.Module], final_norm: nn.Module, start: int | None, stop: int | None
+    layers: Sequence[nn.Module], start: int | None, stop: int | None, residual: Tensor | None = None
 ) -> Iterator[None]:
-    """Within the block, a run of the stack skips blocks below `start` and raises
-    `StoppedAtLayer` with the residual entering block `stop` (`len(layers)`: the final norm)."""
+    """Within the block, a run of the stack skips blocks below `start` (block `start` takes
+    `residual` when given) and raises `StoppedAtLayer` with the residual entering block `stop`
+    (`len(layers)`: leaving the last block)."""
     if start is not None and stop is not None and stop < start:
         raise InputError(f"stop_at_layer={stop} comes before start_at_layer={start}")
     stopping: ContextManager = nullcontext()
     if stop is not None:
-        stopping = _stop_before(layers[stop] if stop < len(layers) else final_norm)
-    with _passing_through(layers[: start or 0]), stopping:
+        stopping = _raising(layers[stop], before=True) if stop < len(layers) else _raising(layers[-1], before=False)
+    feeding: ContextManager = nullcontext()
+    if residual is not None and start is not None and start < len(layers):
+        feeding = _replacing_input(layers[start], residual)
+    with _passing_through(layers[: start or 0]), feeding, stopping:
         yield
 
 

@@ -20,12 +20,13 @@ from ..config import MLLMConfig
 @dataclass(frozen=True)
 class StageModules:
     """The Hugging Face modules of one transformer stack that the TL surface reads or runs:
-    its blocks in order (for start/stop at a layer) and, for the LLM, the token embedding and
-    the unembedding (`W_E`, `W_U`, `model.unembed`)."""
+    its blocks in order (for start/stop at a layer), for the LLM the token embedding and the
+    unembedding (`W_E`, `W_U`, `model.unembed`), for the vision stack the module taking pixels."""
 
     layers: tuple[nn.Module, ...]
     embed: nn.Module | None = None
     unembed: nn.Module | None = None
+    tower: nn.Module | None = None  # the vision stack's own module, called on pixel values
 
 
 class Architecture(ABC):

@@ -196,6 +196,6 @@ class Llava(Architecture):
     def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
         tower, lm = self.vision_tower(hf_model), hf_model.model.language_model
         return {
-            "vision": StageModules(layers=tuple(tower.encoder.layers)),
+            "vision": StageModules(layers=tuple(tower.encoder.layers), tower=tower),
             "llm": StageModules(layers=tuple(lm.layers), embed=lm.embed_tokens, unembed=hf_model.lm_head),
         }
