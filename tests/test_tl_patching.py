@@ -10,7 +10,9 @@ from conftest import random_images
 from transformer_lens import patching
 
 from mmlens.errors import InputError
-from mmlens.interventions.patching import Patch, patch_conditions
+from mmlens.interventions import Run, head_sweep, recovery_blocked
+from mmlens.interventions.patching import Patch, patch_conditions, run_and_collect
+from mmlens.interventions.patching_metrics import logit_difference
 
 RIGHT, WRONG = 5, 6
 
@@ -57,3 +59,30 @@ def test_the_view_refuses_ids_whose_images_moved(pair):
     with pytest.raises(InputError, match="image tokens elsewhere"):
         view(moved)
     assert view.cfg is model.cfg and torch.equal(view(corrupt.input_ids), model(corrupt))
+
+
+@torch.no_grad()
+def test_patching_copies_start_at_the_patched_layer(tiny_clip):
+    """Copies that patch layer 1 never run layer 0 again (only the source and target runs do),
+    and give what a full forward with the patch gives."""
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    clean, corrupted = Run(inputs), recovery_blocked(model, inputs)
+    metric = logit_difference(answer=RIGHT, wrong=WRONG)
+    layer_0_attention = model.hf_model.model.language_model.layers[0].self_attn
+    calls = []
+    handle = layer_0_attention.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        swept = head_sweep(model, clean, corrupted, metric, layers=[1], chunk_size=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 2, "layer 0 runs for the source and the target only"
+    source = run_and_collect(model, clean, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
+    ko = corrupted.edit(inputs)
+    for head in range(model.cfg.n_heads):
+        def put_head(z, hook, head=head):
+            z = z.clone()
+            z[:, :, head] = source[:, :, head]
+            return z
+
+        logits = model.run_with_hooks(inputs, fwd_hooks=[*ko.hooks, ("blocks.1.attn.hook_z", put_head)])
+        torch.testing.assert_close(swept[0, head], metric({"logits": logits}, inputs), atol=1e-5, rtol=0)

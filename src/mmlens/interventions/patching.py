@@ -295,23 +295,56 @@ def patch_conditions(
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
     batch, n_images = len(target.inputs), target.inputs.layout.n_images
     # Copies of the target differ only inside the LLM when every patched and read hook is there:
-    # compute the LLM's input once (under the target's edit) and run only the LLM per copy.
-    embeds = None
+    # a copy that patches (and reads) nothing below layer l equals the target there, so it starts
+    # at layer l from the target's own residual and runs only the layers above.
+    residuals = None
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        embeds = run_and_collect(model, target, ["hook_multimodal_embed"])["hook_multimodal_embed"]
+        residuals = _llm_residuals(model, target)
     values = []
-    for start in range(0, len(conditions), chunk_size):
-        chunk = conditions[start:start + chunk_size]
+    for chunk in _chunks(conditions, chunk_size, None if residuals is None else lambda c: _first_layer(model, c, wanted)):
         k = len(chunk)
         patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
-        run = Run(repeated, target.edit if embeds is None else _llm_part(model, target.edit), target.name)
-        llm_only = {} if embeds is None else {"llm_inputs_embeds": embeds.repeat(k, 1, 1)}
-        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **llm_only)
+        run = Run(repeated, target.edit if residuals is None else _llm_part(model, target.edit), target.name)
+        resume = {}
+        if residuals is not None:
+            start = _first_layer(model, chunk[0], wanted)
+            resume = {"llm_inputs_embeds": residuals[start].repeat(k, 1, 1), "start_at_layer": start}
+        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume)
         for r in range(k):
             rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
             values.append(evaluate(metric, rows, target.inputs))
     return torch.stack(values)
+
+
+def _llm_residuals(model: HookedMLLM, target: Run) -> list[Tensor]:
+    """The target run's residual entering each LLM block and leaving the last (index n_layers)."""
+    n = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    found = run_and_collect(model, target, names)
+    return [found[name] for name in names]
+
+
+def _hook_layer(model: HookedMLLM, name: str) -> int:
+    """The LLM block a hook sits in (n_layers for the final norm)."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else model.cfg.n_layers
+
+
+def _first_layer(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str]) -> int:
+    """The lowest LLM block a condition patches or the metric reads: copies start there."""
+    return min(_hook_layer(model, model.resolve_hook_name(n)) for n in [*(p.hook for p in condition), *wanted])
+
+
+def _chunks(conditions: list[list[Patch]], size: int, start_of: Callable | None) -> list[list[list[Patch]]]:
+    """Consecutive conditions, `size` at most per chunk, a chunk's conditions sharing a start layer."""
+    chunks: list[list[list[Patch]]] = []
+    for condition in conditions:
+        if chunks and len(chunks[-1]) < size and (start_of is None or start_of(condition) == start_of(chunks[-1][0])):
+            chunks[-1].append(condition)
+        else:
+            chunks.append([condition])
+    return chunks
 
 
 @torch.no_grad()

@@ -365,7 +365,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
 
         `llm_inputs_embeds`: the LLM's input (`hook_multimodal_embed`, i.e. text embeddings with
         the adapter's output at the image tokens) from an earlier run of the same inputs; only
-        the LLM runs, so vision and adapter hooks do not fire (the same as `start_at_layer=0`).
+        the LLM runs, so vision and adapter hooks do not fire. With `start_at_layer=l` it is the
+        residual entering block `l` instead, and `inputs` are the tokens it came from.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -377,9 +378,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         n_layers = self.cfg.n_layers
         start = check_layer(start_at_layer, n_layers, "start_at_layer")
         stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")
-        if start is not None:
-            if llm_inputs_embeds is not None:
-                raise InputError("give the residual either as inputs (with start_at_layer) or as llm_inputs_embeds, not both")
+        if start is not None and llm_inputs_embeds is None:
             if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
                 raise InputError("with start_at_layer, inputs is the residual [batch, seq, d_model] entering that layer")
             llm_inputs_embeds, inputs = inputs, tokens
@@ -390,7 +389,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                 if return_type in ("loss", "both"):
                     raise InputError("a loss needs the targets: pass tokens= with start_at_layer")
         elif tokens is not None:
-            raise InputError("tokens= goes with start_at_layer; otherwise pass the ids or MultimodalInputs as inputs")
+            raise InputError("tokens= goes with start_at_layer and a residual as inputs; otherwise pass the ids or "
+                             "MultimodalInputs as inputs")
         kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask, check_images=llm_inputs_embeds is None)
         run_kwargs = self._with_image_attention(kwargs)
         embeds_points: tuple = ()
