@@ -84,3 +84,27 @@ def test_a_probe_does_not_depend_on_the_probes_fitted_beside_it():
     alone = [fit_logistic(x1, y1, 3, max_iter=20), fit_logistic(x2, y2, 3, max_iter=20)]
     for a, b in zip(together, alone):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+@pytest.mark.parametrize("kind", ["ridge", "logistic"])
+def test_a_probe_read_back_from_disk_gives_bit_identical_logits(tmp_path, kind):
+    # MKL rounds float32 matmuls by operand layout on some CPUs, so a resumed run (probes from disk)
+    # equals an uninterrupted one (probes in memory) only if both are laid out alike.
+    from safetensors.torch import load_file, save_file
+
+    from mmlens.probing.linear import LinearProbe
+
+    x, y = _data(n=3000, d=96, classes=7)
+    if kind == "ridge":
+        stats = RidgeStatistics(96, 7)
+        stats.update(x, y)
+        fitted = stats.solve()
+    else:
+        fitted = fit_logistic(x, y, 7, max_iter=5)
+    parts = ("mean", "scale", "weight", "bias")
+    save_file({p: getattr(fitted, p).contiguous() for p in parts}, str(tmp_path / "probe.safetensors"))
+    stored = load_file(str(tmp_path / "probe.safetensors"))
+    restored = LinearProbe(*(stored[p] for p in parts), kind=kind)
+    for p in parts:
+        assert getattr(fitted, p).stride() == getattr(restored, p).stride(), p
+    assert torch.equal(fitted.logits(x), restored.logits(x))

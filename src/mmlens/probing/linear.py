@@ -19,6 +19,13 @@ class LinearProbe:
     bias: Float[Tensor, "n_classes"]
     kind: str = "linear"
 
+    def __post_init__(self) -> None:
+        # One memory layout whatever produced the tensors (LAPACK returns column-major solutions,
+        # safetensors restores row-major): MKL rounds a float32 matmul differently by operand
+        # layout, so a probe read back from disk must be laid out like the one fitted in memory.
+        for name in ("mean", "scale", "weight", "bias"):
+            setattr(self, name, getattr(self, name).contiguous())
+
     @property
     def n_classes(self) -> int:
         return self.weight.shape[1]
