@@ -290,8 +290,9 @@ def patch_conditions(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     conditions = _conditions(conditions)
     names = sorted({model.resolve_hook_name(p.hook) for c in conditions for p in c})
+    shared_input = _same_llm_input(model, source, target)
     if source_activations is None or not set(names) <= set(source_activations):
-        source_activations = run_and_collect(model, source, names)
+        source_activations = run_and_collect(model, source, [*names, *(["hook_multimodal_embed"] if shared_input else [])])
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
     batch, n_images = len(target.inputs), target.inputs.layout.n_images
     # Copies of the target differ only inside the LLM when every patched and read hook is there:
@@ -299,7 +300,7 @@ def patch_conditions(
     # at layer l from the target's own residual and runs only the layers above.
     residuals = None
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        residuals = _llm_residuals(model, target)
+        residuals = _llm_residuals(model, target, source_activations.get("hook_multimodal_embed") if shared_input else None)
     values = []
     for chunk in _chunks(conditions, chunk_size, None if residuals is None else lambda c: _first_layer(model, c, wanted)):
         k = len(chunk)
@@ -317,12 +318,32 @@ def patch_conditions(
     return torch.stack(values)
 
 
-def _llm_residuals(model: HookedMLLM, target: Run) -> list[Tensor]:
-    """The target run's residual entering each LLM block and leaving the last (index n_layers)."""
+def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None = None) -> list[Tensor]:
+    """The target run's residual entering each LLM block and leaving the last (index n_layers);
+    from `llm_input` (its `hook_multimodal_embed`, when known) only the LLM runs."""
     n = model.cfg.n_layers
     names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
-    found = run_and_collect(model, target, names)
+    if llm_input is None:
+        found = run_and_collect(model, target, names)
+    else:
+        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), names, llm_inputs_embeds=llm_input)
     return [found[name] for name in names]
+
+
+def _same_llm_input(model: HookedMLLM, source: Run, target: Run) -> bool:
+    """Whether both runs feed the LLM the same input: same inputs, and no edit before the LLM
+    (then the target's vision tower and adapter need not run again)."""
+    a, b = source.inputs, target.inputs
+    same = a is b or (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+                      and torch.equal(a.attention_mask, b.attention_mask))
+    return same and all(_only_llm_hooks(model, run) for run in (source, target))
+
+
+def _only_llm_hooks(model: HookedMLLM, run: Run) -> bool:
+    if run.edit is None:
+        return True
+    hooks, _ = edit_hooks(run.edit, run.inputs)
+    return all(isinstance(name, str) and model.resolve_hook_name(name).startswith(LLM_HOOK_PREFIXES) for name, _ in hooks)
 
 
 def _hook_layer(model: HookedMLLM, name: str) -> int:
