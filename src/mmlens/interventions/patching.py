@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import HookedMLLM, ImageSpan, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from .hook_set import Edit, edit_hooks
@@ -241,6 +242,9 @@ def adapter_token_mask(model: HookedMLLM, inputs: MultimodalInputs, mask: Tensor
 
 
 def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:
+    if isinstance(conditions, Patch) or not isinstance(conditions, Sequence) or len(conditions) == 0:
+        raise InputError(f"conditions must be a non-empty list of Patches (or of lists of Patches applied together); "
+                         f"got {conditions!r:.80}")
     out = []
     for c in conditions:
         group = [c] if isinstance(c, Patch) else list(c)

@@ -230,6 +230,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             raise ValueError("empty batch: give at least one image")
         if isinstance(prompts, str):
             prompts = [prompts] * len(per_prompt)
+        if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Sequence) \
+                or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"prompts must be a string or a list of strings (\"\" for no text); got {prompts!r:.80}")
         prompts = list(prompts)
         if len(prompts) != len(per_prompt):
             raise ValueError(
@@ -335,6 +338,10 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                     f"pixel_values have shape {tuple(pixel_values.shape)} but this model takes "
                     f"[n, 3, {size}, {size}]; preprocess images with model.prepare(...)"
                 )
+            if pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
+                bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
+                raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream would "
+                                 "be NaN. Check the images (or the code that built pixel_values)")
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -559,6 +566,9 @@ def _images_per_prompt(images: Any) -> list[list[Any]]:
 
 
 def _to_pil(image: Any, where: str) -> Image.Image:
+    size = image.size if isinstance(image, Image.Image) else tuple(getattr(image, "shape", (1, 1, 1)))
+    if 0 in tuple(size):
+        raise InputError(f"{where} is empty (size {tuple(size)}); every image needs at least one pixel")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, Tensor):
@@ -568,6 +578,8 @@ def _to_pil(image: Any, where: str) -> Image.Image:
         image = image.numpy()
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
         if image.dtype != np.uint8:
+            if not np.isfinite(image).all():
+                raise InputError(f"{where} holds NaN or inf; float images must be finite, in [0, 1]")
             if image.min() < 0 or image.max() > 1:
                 raise ValueError(f"{where}: float images must be in [0, 1]; got range [{image.min()}, {image.max()}]")
             image = (image * 255).round().astype(np.uint8)

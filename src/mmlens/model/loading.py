@@ -14,8 +14,10 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
+from ..errors import InputError, ModelLoadError, UnsupportedModelError
 from ..zoo import shipped_models
 from .architectures import ARCHITECTURES
+from .devices import device_problem, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -57,24 +59,22 @@ def load_hf_checkpoint(
     load_processor: bool = True,
 ) -> tuple[nn.Module, object | None]:
     """Load the model class named in the checkpoint's config, and its processor."""
+    problem = device_problem(device)
+    if problem:
+        raise InputError(f"device {problem}")
+    try:
+        dtype = resolve_dtype(dtype)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     location, is_local = resolve_checkpoint(name_or_path)
     local_only = is_local or _offline()
-    try:
-        config = AutoConfig.from_pretrained(location, local_files_only=local_only)
-    except OSError as error:
-        hint = (
-            "HF_HUB_OFFLINE is set and it is not in the local cache"
-            if _offline()
-            else "the hub could not be reached or the id does not exist"
-        )
-        raise FileNotFoundError(
-            f"cannot load {name_or_path!r}: {hint}. Download it where the hub is reachable "
-            f"(`hf download {name_or_path}`) or pass a local checkpoint directory. "
-            f"Shipped models: {sorted(shipped_models())}"
-        ) from error
+    if is_local:
+        config = _local_config(Path(location))
+    else:
+        config = _hub_config(name_or_path, location, local_only)
     class_name = (config.architectures or [None])[0]
     if class_name not in ARCHITECTURES:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{name_or_path!r} is a {class_name}; supported architectures: {sorted(ARCHITECTURES)}"
         )
     model_class = getattr(transformers, class_name)
@@ -82,8 +82,16 @@ def load_hf_checkpoint(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = model_class.from_pretrained(location, **kwargs).eval()
+        kwargs["dtype"] = dtype
+    try:
+        model = model_class.from_pretrained(location, **kwargs).eval()
+    except Exception as error:  # safetensors, torch and transformers each raise their own kinds
+        if not is_local:
+            raise
+        raise ModelLoadError(
+            f"the weights in {location} cannot be loaded ({type(error).__name__}: {str(error)[:300]}); the file is "
+            "damaged or truncated (an interrupted download or copy?): copy the checkpoint again"
+        ) from error
     if device is not None:
         model = model.to(device)
     processor = None
@@ -96,3 +104,30 @@ def load_hf_checkpoint(
                 "pass load_processor=False and build inputs yourself, or add the processor files"
             ) from error
     return model, processor
+
+
+def _local_config(location: Path):
+    """The config of a local checkpoint; a broken config.json is named as such (not as a cache miss)."""
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=True)
+    except Exception as error:
+        raise ModelLoadError(
+            f"{location / 'config.json'} cannot be read as a Hugging Face config ({type(error).__name__}: "
+            f"{str(error)[:300]}); fix or replace that file"
+        ) from error
+
+
+def _hub_config(name_or_path, location: str, local_only: bool):
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=local_only)
+    except OSError as error:
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if _offline()
+            else "the hub could not be reached or the id does not exist"
+        )
+        raise FileNotFoundError(
+            f"cannot load {name_or_path!r}: {hint}. Download it where the hub is reachable "
+            f"(`hf download {name_or_path}`) or pass a local checkpoint directory. "
+            f"Shipped models: {sorted(shipped_models())}"
+        ) from error

@@ -1,8 +1,10 @@
 """Shared image / label-mask geometry read from a Hugging Face image processor.
 
 `ImageGeometry` reads the pad-to-square, resize, center-crop, rescale and normalize settings of
-a PIL-backend image processor and replays them step by step (same size rule, integer rounding,
-PIL filter and crop offsets), so `to_pixel_values` reproduces the processor's `pixel_values`.
+an image processor, PIL- or torchvision-backed, and replays them step by step (same size rule,
+integer rounding, filter and crop offsets of that backend), so `to_pixel_values` reproduces the
+processor's `pixel_values`. The torchvision backend is replayed with torchvision itself, which a
+torchvision-backed processor implies is installed; mmlens never needs it otherwise.
 Label masks go through the identical geometry with nearest-neighbour resampling, and every
 output pixel that does not come from the source image (padding, crop overhang) is `ignore_index`.
 """
@@ -95,20 +97,26 @@ def _pad_square(array: np.ndarray, fill: Any) -> np.ndarray:
     return out
 
 
-def _crop_offsets(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
-    """Top-left corner of transformers' center_crop in source coordinates (may be negative)."""
-    return (height - crop[0]) // 2, (width - crop[1]) // 2
+def _crop_offsets(height: int, width: int, crop: tuple[int, int], backend: str = "pil") -> tuple[int, int]:
+    """Top-left corner of transformers' center_crop in source coordinates (may be negative).
 
-
-def _center_crop(array: np.ndarray, crop: tuple[int, int], fill: Any) -> np.ndarray:
-    """transformers' center_crop on a channels-last array; overhang is filled with `fill`.
-
-    transformers pads a too-small image with ceil((crop - size) / 2) before it, which puts source
-    pixel 0 at output offset -floor((size - crop) / 2): the same offset as the plain crop, so a
-    single formula covers the cropping and the padding case, per axis.
+    The PIL backend pads a too-small image with ceil((crop - size) / 2) before it, which puts
+    source pixel 0 at output offset -floor((size - crop) / 2): the plain crop's formula. The
+    torchvision backend pads floor((crop - size) / 2) before it, one pixel less when the
+    overhang is odd.
     """
+    def offset(size: int, target: int) -> int:
+        if backend == "torchvision" and target > size:
+            return -((target - size) // 2)
+        return (size - target) // 2
+
+    return offset(height, crop[0]), offset(width, crop[1])
+
+
+def _center_crop(array: np.ndarray, crop: tuple[int, int], fill: Any, backend: str = "pil") -> np.ndarray:
+    """transformers' center_crop on a channels-last array; overhang is filled with `fill`."""
     height, width = array.shape[:2]
-    top, left = _crop_offsets(height, width, crop)
+    top, left = _crop_offsets(height, width, crop, backend)
     out = np.empty(crop + array.shape[2:], dtype=array.dtype)
     out[...] = fill
     src_top, src_left = max(top, 0), max(left, 0)
@@ -120,6 +128,42 @@ def _center_crop(array: np.ndarray, crop: tuple[int, int], fill: Any) -> np.ndar
     return out
 
 
+def _llava_processor_class(backend: str) -> type:
+    """LLaVA's image processor (pad-to-square before resizing) for one backend; the torchvision
+    one is imported only when a torchvision-backed processor is in use (it imports torchvision)."""
+    if backend == "torchvision":
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+
+        return LlavaImageProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil
+
+
+def _torchvision_resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """The torchvision backend's resize of a uint8 (H, W, 3) array: tvF.resize with antialias and
+    the PIL filter's torchvision counterpart, exactly as transformers calls it."""
+    from torchvision.transforms.v2 import functional as tvF
+    from transformers.image_utils import pil_torch_interpolation_mapping
+
+    chw = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy
+    out = tvF.resize(chw, list(size), interpolation=pil_torch_interpolation_mapping[resample], antialias=True)
+    return out.permute(1, 2, 0).numpy()
+
+
+def _torchvision_rescale_and_normalize(chw: np.ndarray, geometry: "ImageGeometry") -> torch.Tensor:
+    """TorchvisionBackend.rescale_and_normalize: rescale folded into float32 mean and std."""
+    x = torch.from_numpy(chw)
+    if geometry.do_normalize:
+        mean, std = torch.tensor(geometry.image_mean), torch.tensor(geometry.image_std)
+        if geometry.do_rescale:
+            mean, std = mean * (1.0 / geometry.rescale_factor), std * (1.0 / geometry.rescale_factor)
+        return (x.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+    if geometry.do_rescale:
+        return x * geometry.rescale_factor
+    return x.to(torch.float32)
+
+
 def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
     """transformers' get_resize_output_image_size(default_to_square=False): int() truncation."""
     short, long = (width, height) if width <= height else (height, width)
@@ -129,7 +173,7 @@ def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[in
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """The geometry and intensity pipeline of a PIL-backend Hugging Face image processor.
+    """The geometry and intensity pipeline of a Hugging Face image processor (PIL or torchvision backend).
 
     Steps, in the processor's order: RGB conversion (alpha composited on white), LLaVA's
     pad-to-square (background `pad_color`), resize, center crop, rescale, normalize.
@@ -143,6 +187,7 @@ class ImageGeometry:
         do_rescale / rescale_factor: multiply by the factor (in float64, then cast to float32).
         do_normalize / image_mean / image_std: `(x - mean) / std` per channel, in float32.
         do_convert_rgb: convert non-RGB PIL images to RGB; if False only RGB images are accepted.
+        backend: "pil" or "torchvision": whose resize filter and crop offsets are replayed.
     """
 
     pad_to_square: bool = False
@@ -155,8 +200,11 @@ class ImageGeometry:
     do_normalize: bool = False
     do_rescale: bool = True
     do_convert_rgb: bool = True
+    backend: str = "pil"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("pil", "torchvision"):
+            raise ValueError(f"backend must be 'pil' or 'torchvision', got {self.backend!r}")
         if self.resize is not None:
             if isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool):
                 if self.resize <= 0:
@@ -189,7 +237,6 @@ class ImageGeometry:
         """
         from transformers.image_processing_backends import PilBackend, TorchvisionBackend
         from transformers.image_processing_utils import BaseImageProcessor
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
         if not isinstance(image_processor, BaseImageProcessor) and hasattr(image_processor, "image_processor"):
             image_processor = image_processor.image_processor
@@ -200,23 +247,20 @@ class ImageGeometry:
             )
         cls_name = type(image_processor).__name__
         if isinstance(image_processor, TorchvisionBackend):
+            backend, stock = "torchvision", TorchvisionBackend
+        elif isinstance(image_processor, PilBackend):
+            backend, stock = "pil", PilBackend
+        else:
             raise ValueError(
-                f"{cls_name} uses the torchvision backend, whose resize (torch interpolation with "
-                "antialias) differs from PIL's; ImageGeometry mirrors the PIL backend only. Load the "
-                "PIL backend instead, e.g. AutoImageProcessor.from_pretrained(..., backend='pil') or "
-                f"the {cls_name.removesuffix('Fast')}Pil class."
+                f"{cls_name} is neither a PIL- nor a torchvision-backed image processor; ImageGeometry only "
+                "mirrors the stock pipelines of transformers."
             )
-        if not isinstance(image_processor, PilBackend):
-            raise ValueError(
-                f"{cls_name} is not a PilBackend image processor; ImageGeometry only mirrors the "
-                "stock PIL-backend pipeline of transformers."
-            )
-
+        llava = _llava_processor_class(backend)
         proc_type = type(image_processor)
-        is_llava = isinstance(image_processor, LlavaImageProcessorPil)
-        reference = LlavaImageProcessorPil if is_llava else PilBackend
+        is_llava = isinstance(image_processor, llava)
+        reference = llava if is_llava else stock
         methods = _MIRRORED_METHODS + (("pad_to_square",) if is_llava else ())
-        overridden = [name for name in methods if getattr(proc_type, name) is not getattr(reference, name)]
+        overridden = [name for name in methods if getattr(proc_type, name, None) is not getattr(reference, name, None)]
         if overridden:
             raise ValueError(
                 f"{cls_name} overrides {', '.join(m + '()' for m in overridden)} of "
@@ -258,7 +302,7 @@ class ImageGeometry:
         elif isinstance(resample, (int, np.integer)):
             resample = int(resample)
         else:
-            unsupported.append(f"resample={resample!r} (only PIL filters)")
+            unsupported.append(f"resample={resample!r} (only PIL filter numbers)")
 
         do_normalize = bool(get("do_normalize"))
         raw_mean, raw_std = get("image_mean"), get("image_std")
@@ -288,6 +332,7 @@ class ImageGeometry:
             do_normalize=do_normalize,
             do_rescale=do_rescale,
             do_convert_rgb=bool(get("do_convert_rgb")),
+            backend=backend,
         )
 
     # ------------------------------------------------------------------ sizes
@@ -354,10 +399,13 @@ class ImageGeometry:
             array = _pad_square(array, np.asarray(self.pad_color, dtype=np.uint8))
         if self.resize is not None:
             height, width = self._resized_size(*array.shape[:2])
-            pil = Image.fromarray(np.ascontiguousarray(array))
-            array = np.asarray(pil.resize((width, height), resample=self.resample))
+            if self.backend == "torchvision":
+                array = _torchvision_resize(array, (height, width), self.resample)
+            else:
+                pil = Image.fromarray(np.ascontiguousarray(array))
+                array = np.asarray(pil.resize((width, height), resample=self.resample))
         if self.crop is not None:
-            array = _center_crop(array, self.crop, np.zeros(3, dtype=np.uint8))
+            array = _center_crop(array, self.crop, np.zeros(3, dtype=np.uint8), self.backend)
         return array
 
     def transform_image(self, image: ImageInput) -> Image.Image:
@@ -365,8 +413,10 @@ class ImageGeometry:
         return Image.fromarray(np.ascontiguousarray(self._transform_rgb_array(self._image_to_rgb_array(image))))
 
     def _to_float_chw(self, array: np.ndarray) -> np.ndarray:
-        """Rescale and normalize a uint8 (H, W, 3) array exactly as transformers' numpy ops do."""
+        """Rescale and normalize a uint8 (H, W, 3) array exactly as the processor's backend does."""
         chw = np.ascontiguousarray(array.transpose(2, 0, 1))
+        if self.backend == "torchvision":
+            return _torchvision_rescale_and_normalize(chw, self).numpy()
         if self.do_rescale:
             chw = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
@@ -442,7 +492,7 @@ class ImageGeometry:
             pil = Image.fromarray(np.ascontiguousarray(array))  # mode L (uint8) or I (int32)
             array = np.asarray(pil.resize((width, height), resample=Image.Resampling.NEAREST))
         if self.crop is not None:
-            array = _center_crop(array, self.crop, ignore_index)
+            array = _center_crop(array, self.crop, ignore_index, self.backend)
         return np.array(array, dtype=np.uint8 if small else np.int64)
 
     # ------------------------------------------------------------------ pairs

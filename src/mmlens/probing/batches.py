@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.schema import segmentation_info
 from ..data.token_labels import TokenLabels, token_labels
+from ..errors import LayoutMismatchError
 from ..model import HookedMLLM, MultimodalInputs
 
 
@@ -56,6 +57,7 @@ def labelled_batches(
     for start in tqdm(steps, desc=desc, disable=not progress, leave=False):
         chunk = indices[start : start + batch_size]
         rows = dataset[chunk.tolist()]  # decoded once
+        _check_mask_sizes(model, rows, chunk)
         masks = torch.stack([
             torch.from_numpy(model.transform_mask(np.asarray(mask), ignore).astype(np.int64)) for mask in rows["mask"]
         ])
@@ -70,3 +72,17 @@ def labelled_batches(
         # LLaVA's LLM grid is the patch grid: label it once then
         labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else label(layout.token_grid)
         yield LabelledBatch(inputs, masks, labels, chunk)
+
+
+def _check_mask_sizes(model: HookedMLLM, rows: dict, chunk: np.ndarray) -> None:
+    """Every mask must have its image's size: one of another size would be stretched onto it
+    and label tokens with the wrong classes."""
+    for index, image, mask in zip(chunk, rows["image"], rows["mask"]):
+        image_hw = model.geometry.image_size(image)
+        mask_hw = tuple(int(s) for s in np.asarray(mask).shape[:2])
+        if image_hw != mask_hw:
+            raise LayoutMismatchError(
+                f"dataset row {int(index)}: the mask is (height, width) = {mask_hw} but its image is {image_hw}; "
+                "a segmentation mask must have its image's size. Fix the dataset (resize the mask with "
+                "nearest-neighbour resampling, or pair it with the image it was annotated on)"
+            )

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.schema import segmentation_info
+from ..errors import InputError
 from ..interventions.hook_set import Edit, edit_hooks
 from ..model import HookedMLLM, TokenGrid
 from .batches import labelled_batches
@@ -27,6 +28,7 @@ from .logistic import fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
 from .ridge import RidgeStatistics
 from .sites import Site, default_sites, gather_image_tokens
+from .split import split_images
 from .store import ActivationStore
 
 ProbeKind = Literal["ridge", "logistic"]
@@ -119,7 +121,9 @@ def probe_sweep(
     info = segmentation_info(dataset)
     n_classes = len(info.class_names)
     resolved = default_sites(model, sites)
-    train_idx, test_idx = _split(len(dataset), cfg.test_fraction, cfg.seed)
+    if not resolved:
+        raise InputError("sites is empty: pass 'all', a stage ('vision', 'adapter', 'llm') or a list of hook names")
+    train_idx, test_idx = split_images(len(dataset), cfg.test_fraction, cfg.seed)
     runs = [("model", ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else []))]
     if "random_init" in controls:
         runs.append(("random_init", ["random_init"]))
@@ -138,16 +142,6 @@ def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
     torch.manual_seed(seed)
     hf = type(model.hf_model)(copy.deepcopy(model.hf_model.config)).to(model.cfg.device, model.cfg.dtype).eval()
     return HookedMLLM.from_hf(hf, model.processor)
-
-
-def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_test = max(1, int(round(n * test_fraction)))
-    if n - n_test < 1:
-        raise ValueError(f"{n} images cannot be split into train and test; use more images")
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 class _SweepRun:
@@ -201,7 +195,7 @@ class _SweepRun:
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
                 valid = labels[site.grid].valid.to(x.device)
-                rows = x[valid]
+                rows = _finite(x[valid], site, "training")
                 acc = accumulators.get(site.hook)
                 if acc is None:
                     acc = accumulators[site.hook] = (
@@ -248,6 +242,7 @@ class _SweepRun:
                 x = gather_image_tokens(site, activation, inputs.layout, self.llm_sees_cls)
                 grid = inputs.layout.patch_grid if site.grid == "vision" else inputs.layout.token_grid
                 lab = labels[site.grid]
+                _finite(x, site, "held-out")
                 for condition in self.conditions:
                     key = (condition, site.hook)
                     pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
@@ -263,6 +258,18 @@ class _SweepRun:
         found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
         grids = {"vision": inputs.layout.patch_grid, "llm": inputs.layout.token_grid}
         return found, torch.cat(masks_seen).numpy(), grids
+
+
+def _finite(x: Tensor, site: Site, which: str) -> Tensor:
+    """`x`, after checking it holds no NaN or inf: a probe fitted on them is NaN and its predictions
+    a constant class, which would be scored as if it were a finding."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(-1).sum())
+        raise InputError(
+            f"{bad} {which} image tokens have NaN or inf activations at {site.hook}; the model overflows or its "
+            "inputs hold NaN (float16 overflows easily: run in float32 or bfloat16, and check pixel_values)"
+        )
+    return x
 
 
 def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids, dataset) -> ProbeSweep:

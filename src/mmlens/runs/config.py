@@ -34,6 +34,10 @@ def non_negative(value: Any) -> str | None:
     return None if value >= 0 else f"must be zero or more, got {value!r}"
 
 
+def at_least_two(value: Any) -> str | None:
+    return None if value >= 2 else f"must be at least 2 (an interval needs two images), got {value!r}"
+
+
 def open_unit(value: Any) -> str | None:
     return None if 0 < value < 1 else f"must be strictly between 0 and 1, got {value!r}"
 
@@ -119,7 +123,7 @@ class RecoveryConfig:
     window: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers blocked by recovery_blocked (null: all)")
     tokens: Literal["objects", "all", "recovered"] = checked("objects", doc="tokens the probe margin is averaged over")
     hook: Literal["z", "result"] = checked("z", doc="per-head activation that is patched")
-    n_images: int | None = checked(64, check=positive, doc="held-out images patched (null: all)")
+    n_images: int | None = checked(64, check=at_least_two, doc="held-out images patched (null: all)")
     top_k: int = checked(4, check=positive, doc="best heads also patched together")
     attribution: bool = checked(True, doc="also estimate every head's effect by attribution patching")
     n_maps: int = checked(2, check=non_negative, doc="attention recovery maps drawn")

@@ -37,7 +37,7 @@ POSITION_CURVE_HOW_TO_READ = (
 
 
 @register_stage("anchor_knockout", title="Anchor knockout", depends_on=("probe_sweep",),
-                enabled=lambda config: config.knockout.enabled)
+                enabled=lambda config: config.knockout.enabled, sections=("knockout",))
 def anchor_knockout_stage(context: StageContext) -> StageOutput:
     config, settings = context.config, context.config.knockout
     sweep = context.result("probe_sweep")
@@ -73,7 +73,8 @@ def anchor_knockout_stage(context: StageContext) -> StageOutput:
     )
 
 
-@register_stage("position_study", title="Position study", enabled=lambda config: config.position.enabled)
+@register_stage("position_study", title="Position study", enabled=lambda config: config.position.enabled,
+                sections=("position", "probe"))
 def position_study_stage(context: StageContext) -> StageOutput:
     config, settings, probe = context.config, context.config.position, context.config.probe
     with torch.no_grad():
@@ -128,7 +129,7 @@ RECOVERY_MAP_HOW_TO_READ = (
 
 
 @register_stage("recovery_heads", title="Recovery heads", depends_on=("probe_sweep",),
-                enabled=lambda config: config.recovery.enabled)
+                enabled=lambda config: config.recovery.enabled, sections=("recovery",))
 def recovery_heads_stage(context: StageContext) -> StageOutput:
     try:
         from ..experiments.recovery_heads import find_recovery_heads

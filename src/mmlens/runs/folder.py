@@ -4,8 +4,10 @@ Every file is written to a temporary name in its final folder, flushed, and rena
 target (`os.replace`, atomic on POSIX), so a reader sees either the old file or the whole new
 one. A stage unit counts as done only when its completion record (`done.json`, listing every
 file with its sha256) is written, and that record is written last; a unit without it is wiped
-and rerun. `manifest.json` names the config (its canonical form and hash) and package versions;
-opening the folder with a different config is refused rather than mixing two studies.
+and rerun. `manifest.json` names the config (its canonical form and hash), package versions and
+the key of every planned unit (a hash of the config sections the unit reads); a unit's record
+counts only while its key matches, so results of two configs are never mixed. A process holds
+the folder's lock (`lock.py`) from opening to closing, so two processes never write one study.
 
 Testing hook: `MMLENS_KILL_AT=UNIT:K` (e.g. `anchor_knockout/seed-0:2`) makes the process send
 itself SIGKILL during the K-th file write of that unit, after the temporary file is written and
@@ -35,13 +37,14 @@ from torch import Tensor
 
 from ..errors import RunFolderError
 from .config import StudyConfig
+from .lock import LOCK_NAME, RunLock
 from .outputs import StageOutput, StoredOutput
 
 MANIFEST = "manifest.json"
 DONE = "done.json"
 TEMP_MARK = ".tmp-"
-FORMAT = 1
-PACKAGES = ("mmlens", "torch", "transformers", "transformer-lens")
+FORMAT = 2  # 2: per-unit keys
+PACKAGES = ("mmlens", "torch", "transformers", "transformer-lens", "torchvision")  # torchvision: processor backend
 
 
 def package_versions() -> dict[str, str]:
@@ -59,48 +62,67 @@ def now() -> str:
 
 
 class RunFolder:
-    """The folder of one study run. Use `RunFolder.create(path, config)` to start or resume a
-    run, `RunFolder.open(path)` to read a finished one."""
+    """The folder of one study run. Use `RunFolder.create(path, config, unit_keys)` to start or
+    resume a run (it holds the folder's lock until `close()`), `RunFolder.open(path)` to read one."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], lock: RunLock | None = None):
         self.path = path
         self.manifest = manifest
+        self.lock = lock
         self._writes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | Path, config: StudyConfig, *, overwrite: bool = False) -> "RunFolder":
-        """Start a run in `path`, or resume the one there if it was made by the same config."""
+    def create(
+        cls,
+        path: str | Path,
+        config: StudyConfig,
+        unit_keys: dict[str, str],
+        *,
+        overwrite: bool = False,
+        rerun: set[str] | frozenset[str] = frozenset(),
+        echo: Callable[[str], None] = print,
+    ) -> "RunFolder":
+        """Start a run in `path`, or resume the one there. A changed config is taken over when it
+        leaves every finished unit valid, or when the units it invalidates are in `rerun`."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path} is a file, not a run folder; pick another --out")
-        existing = path / MANIFEST
-        if overwrite and existing.is_file():
-            shutil.rmtree(path)
-        elif path.is_dir() and not existing.is_file() and any(path.iterdir()):
+        if path.is_dir() and not (path / MANIFEST).is_file() and any(p.name != LOCK_NAME for p in path.iterdir()):
             raise RunFolderError(f"{path} is not empty and holds no {MANIFEST}, so it is not an mmlens run folder; "
                                  "pick a new or empty --out")
-        if existing.is_file():
-            folder = cls.open(path)
-            folder._check_config(config)
-            folder._remove_temporaries()
+        lock = RunLock(path).acquire()  # before anything is read or deleted
+        try:
+            if overwrite:
+                for entry in path.iterdir():
+                    if entry.name != LOCK_NAME:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if (path / MANIFEST).is_file():
+                folder = cls.open(path)
+                folder.lock = lock
+                folder._adopt(config, unit_keys, rerun, echo)
+                folder._remove_temporaries()
+                return folder
+            manifest = {
+                "format": FORMAT,
+                "config_sha256": config.sha256(),
+                "config": config.canonical(),
+                "unit_keys": dict(unit_keys),
+                "created": now(),
+                "versions": package_versions(),
+                "stages": {},
+            }
+            folder = cls(path, manifest, lock)
+            folder._atomic(path / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
+            folder._save_manifest()
             return folder
-        path.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
-            "config_sha256": config.sha256(),
-            "config": config.canonical(),
-            "created": now(),
-            "versions": package_versions(),
-            "stages": {},
-        }
-        folder = cls(path, manifest)
-        folder._atomic(path / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
-        folder._save_manifest()
-        return folder
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":
+        """A run folder for reading (no lock: a report can be rebuilt while a study runs)."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -108,27 +130,62 @@ class RunFolder:
                                  "run `mmlens study CONFIG --out DIR` or `mmlens demo` first")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise RunFolderError(f"{manifest_path} is damaged ({error}); rerun with --overwrite") from None
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except ValueError as error:
+            raise RunFolderError(f"{manifest_path} is damaged ({error}); without it the results cannot be matched to "
+                                 "their config: start over with --overwrite, or pick a new --out") from None
         if manifest.get("format") != FORMAT:
             raise RunFolderError(f"{path} was written by an incompatible mmlens (format {manifest.get('format')}, "
                                  f"this version reads {FORMAT}); pick a new --out or pass --overwrite")
         return cls(path, manifest)
 
+    def close(self) -> None:
+        """Release the folder's lock (a no-op for folders opened for reading)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def config_sha256(self) -> str:
         return self.manifest["config_sha256"]
 
-    def _check_config(self, config: StudyConfig) -> None:
-        if config.sha256() == self.config_sha256:
+    def rerun_command(self, stage: str) -> str:
+        """The command that reruns one stage of this folder's study alone."""
+        return f"mmlens study {self.path / 'config.yaml'} --out {self.path} --rerun {stage}"
+
+    def _adopt(self, config: StudyConfig, unit_keys: dict[str, str], rerun: set[str] | frozenset[str],
+               echo: Callable[[str], None]) -> None:
+        """Take over `config`: finished units it leaves valid are kept, the rest rerun."""
+        if config.sha256() == self.config_sha256 and self.manifest["unit_keys"] == unit_keys:
             return
+        finished = {unit: self._read_record(unit) for unit in self.manifest["stages"] if unit not in rerun}
+        finished = {unit: r for unit, r in finished.items() if r is not None
+                    and r.get("key") == self.manifest["unit_keys"].get(unit)}
+        invalidated = [u for u in finished if u in unit_keys and finished[u]["key"] != unit_keys[u]]
+        invalidated += [u for u in rerun if u in self.manifest["stages"]]
+        kept = [u for u in finished if unit_keys.get(u) == finished[u]["key"]]
         changes = _differences(self.manifest["config"], config.canonical())
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-        raise RunFolderError(
-            f"{self.path} holds results of a different config (sha256 {self.config_sha256[:12]}, this config "
-            f"{config.sha256()[:12]}): {shown}. Results are never mixed: pick a new --out, or pass --overwrite to "
-            "delete the old results."
-        )
+        blocked = [u for u in invalidated if u not in rerun]
+        if blocked:
+            stages = sorted({u.split("/")[0] for u in blocked})
+            raise RunFolderError(
+                f"{self.path} holds results of another config ({shown}). Finished unit(s) {', '.join(blocked)} were "
+                f"computed with the old settings and would be replaced. Pass --rerun {' --rerun '.join(stages)} to "
+                f"replace just those{' (kept: ' + ', '.join(kept) + ')' if kept else ''}, --overwrite to delete every "
+                "result, or pick a new --out."
+            )
+        echo(f"config changed ({shown}); kept: {', '.join(kept) or 'nothing'}; "
+             f"rerun: {', '.join(invalidated) or 'only unfinished stages'}")
+        self.manifest.update(config_sha256=config.sha256(), config=config.canonical(), unit_keys=dict(unit_keys))
+        self._atomic(self.path / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
+        self._save_manifest()
 
     def _remove_temporaries(self) -> None:
         """Temporary files are what a killed write leaves behind; they are never results."""
@@ -139,13 +196,24 @@ class RunFolder:
     def unit_dir(self, unit: str) -> Path:
         return self.path / "stages" / unit
 
-    def record(self, unit: str) -> dict[str, Any] | None:
-        """The unit's completion record, or None when it has not finished."""
+    def _read_record(self, unit: str) -> dict[str, Any] | None:
         done = self.unit_dir(unit) / DONE
         if not done.is_file():
             return None
-        record = json.loads(done.read_text())
-        return record if record.get("config_sha256") == self.config_sha256 else None
+        try:
+            record = json.loads(done.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+                raise ValueError("not a completion record")
+        except ValueError as error:
+            raise RunFolderError(f"{done} is damaged ({error}); rerun that stage alone: "
+                                 f"{self.rerun_command(unit.split('/')[0])}") from None
+        return record
+
+    def record(self, unit: str) -> dict[str, Any] | None:
+        """The unit's completion record, or None when it has not finished under this config."""
+        record = self._read_record(unit)
+        expected = self.manifest["unit_keys"].get(unit)
+        return record if record is not None and expected is not None and record.get("key") == expected else None
 
     def is_done(self, unit: str) -> bool:
         return self.record(unit) is not None
@@ -194,7 +262,8 @@ class RunFolder:
             files[f"figures/{name}.json"] = self._write(unit, f"figures/{name}.json", lambda tmp, s=text: tmp.write_text(s))
             figures[name] = {"how_to_read": entry.how_to_read, "title": entry.title, "table": entry.table,
                              "notes": entry.notes}
-        record = {"unit": unit, "config_sha256": self.config_sha256, "started": started, "finished": now(),
+        record = {"unit": unit, "key": self.manifest["unit_keys"][unit], "config_sha256": self.config_sha256,
+                  "started": started, "finished": now(),
                   "seconds": round(seconds, 3), "files": files, "figures": figures, "summary": list(output.summary),
                   "versions": package_versions(), **(extra or {})}
         text = json.dumps(record, indent=1)
@@ -212,11 +281,8 @@ class RunFolder:
         if record is None:
             raise RunFolderError(f"stage {unit} has not finished in {self.path}")
         directory = self.unit_dir(unit)
-        for relative, digest in record["files"].items():
-            file = directory / relative
-            if not file.is_file() or _sha256(file) != digest:
-                raise RunFolderError(f"{file} is missing or changed since stage {unit} finished; "
-                                     "rerun with --overwrite (or a new --out)")
+        for relative in record["files"]:
+            self.verified(unit, relative)
         tables, tensors, data = {}, {}, {}
         for relative in record["files"]:
             kind, _, filename = relative.partition("/")
@@ -229,9 +295,27 @@ class RunFolder:
                 data[name] = json.loads((directory / relative).read_text())
         return StoredOutput(unit=unit, record=record, tables=tables, tensors=tensors, data=data)
 
+    def verified(self, unit: str, relative: str) -> Path:
+        """The path of a finished unit's file, after checking it against the sha256 its record holds."""
+        record = self.record(unit)
+        if record is None:
+            raise RunFolderError(f"stage {unit} has not finished in {self.path}")
+        file = self.unit_dir(unit) / relative
+        digest = record["files"].get(relative)
+        if digest is None or not file.is_file() or _sha256(file) != digest:
+            state = "not part of" if digest is None else "missing or changed since"
+            raise RunFolderError(f"{file} is {state} stage {unit}'s results; rerun that stage alone: "
+                                 f"{self.rerun_command(unit.split('/')[0])}")
+        return file
+
+    def table(self, unit: str, name: str) -> pd.DataFrame:
+        """A saved table of a finished unit, checked against its hash."""
+        return pd.read_parquet(self.verified(unit, f"tables/{name}.parquet"))
+
     def figure(self, unit: str, name: str):
-        """A saved figure of a finished unit, as a plotly Figure (arrays decoded back to NumPy)."""
-        text = (self.unit_dir(unit) / "figures" / f"{name}.json").read_text()
+        """A saved figure of a finished unit, as a plotly Figure (arrays decoded back to NumPy),
+        checked against its hash."""
+        text = self.verified(unit, f"figures/{name}.json").read_text()
         return plotly.io.from_json(json.dumps(_decode_arrays(json.loads(text)), cls=plotly.utils.PlotlyJSONEncoder))
 
     # ------------------------------------------------------------------ writing

@@ -143,7 +143,7 @@ def _restore(context: StageContext, stored: StoredOutput) -> ProbeSweep:
     return sweep_from_stored(stored, context.dataset, context.model.cfg.device)
 
 
-@register_stage("probe_sweep", title="Probe sweep", restore=_restore)
+@register_stage("probe_sweep", title="Probe sweep", restore=_restore, sections=("probe",))
 def probe_sweep_stage(context: StageContext) -> StageOutput:
     """Layer-wise probes over vision encoder, adapter and LLM, with the configured controls."""
     config, probe = context.config, context.config.probe

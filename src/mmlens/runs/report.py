@@ -2,14 +2,13 @@
 
 One section per saved figure, in run order, with its how-to-read paragraph, the table the stage
 named for it and the stage's headline numbers; the run's config, hash, versions and timings go
-in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant.
+in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant; every file is checked
+against the sha256 its stage recorded before it is rendered.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pandas as pd
 
 from .folder import RunFolder
 
@@ -28,7 +27,7 @@ def report_sections(folder: RunFolder) -> list:
         for name, meta in record["figures"].items():
             table = None
             if meta.get("table"):
-                table = pd.read_parquet(folder.unit_dir(unit) / "tables" / f"{meta['table']}.parquet")
+                table = folder.table(unit, meta["table"])
             notes = "\n\n".join(part for part in (meta.get("notes") or "", "\n".join(record["summary"])) if part)
             figure = folder.figure(unit, name)
             title = (meta.get("title") or figure.layout.title.text or name) + suffix
@@ -47,8 +46,7 @@ def report_metadata(folder: RunFolder) -> dict:
         "run folder": str(folder.path.resolve()),
         "created": manifest["created"],
         "versions": manifest["versions"],
-        "stage seconds": {unit: entry.get("seconds") for unit, entry in manifest["stages"].items()
-                          if entry.get("status") == "done"},
+        "stage seconds": {unit: folder.record(unit)["seconds"] for unit in folder.done_units()},
     }
 
 

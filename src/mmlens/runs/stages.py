@@ -7,10 +7,16 @@ completion record exists, and for a skipped unit that others depend on rebuilds 
 result from disk with the stage's `restore`. Global random generators are reseeded before each
 unit, so a unit computes the same numbers whether it runs after its dependencies in one process
 or alone in a resumed one.
+
+A unit is reused only while its key holds: the hash of the config sections its stage reads
+(`config_sections`, plus the sections every stage reads), its seed and its dependencies' keys.
+Fixing one section of a config therefore reruns the stages that read it and keeps the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable
@@ -22,7 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from .config import StudyConfig
+from .config_checks import device_problems, model_problems
 from .folder import RunFolder, package_versions
 from .outputs import StageOutput, StoredOutput
 
@@ -31,6 +39,7 @@ class Stage(Protocol):
     name: str
     title: str
     depends_on: tuple[str, ...]
+    config_sections: tuple[str, ...]  # the StudyConfig sections it reads beyond SHARED_SECTIONS
 
     def enabled(self, config: StudyConfig) -> bool: ...
 
@@ -50,6 +59,7 @@ class FunctionStage:
     depends_on: tuple[str, ...] = ()
     enabled_fn: Callable[[StudyConfig], bool] | None = None
     restore_fn: Callable[["StageContext", StoredOutput], Any] | None = None
+    config_sections: tuple[str, ...] = ()
 
     def enabled(self, config: StudyConfig) -> bool:
         return True if self.enabled_fn is None else bool(self.enabled_fn(config))
@@ -62,6 +72,8 @@ class FunctionStage:
 
 
 STAGES: dict[str, Stage] = {}  # in run order; a stage comes after every stage it depends on
+# Sections that can change any stage's numbers (what is run, on what, in which precision).
+SHARED_SECTIONS = ("model", "dataset", "device", "dtype", "batch_size", "prompt", "n_boot")
 
 
 def register_stage(
@@ -71,12 +83,13 @@ def register_stage(
     depends_on: tuple[str, ...] = (),
     enabled: Callable[[StudyConfig], bool] | None = None,
     restore: Callable[["StageContext", StoredOutput], Any] | None = None,
+    sections: tuple[str, ...] = (),
 ) -> Callable[[Callable[["StageContext"], StageOutput]], FunctionStage]:
     """Decorator: register `run(context) -> StageOutput` as the stage `name`, run after its
-    dependencies."""
+    dependencies; `sections` are the config sections it reads (besides `SHARED_SECTIONS`)."""
 
     def decorate(run: Callable[["StageContext"], StageOutput]) -> FunctionStage:
-        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore))
+        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore, tuple(sections)))
         return run
 
     return decorate
@@ -88,12 +101,42 @@ def add_stage(stage: Stage) -> None:
         raise ValueError(f"stage {stage.name!r} depends on {missing}, which are not registered before it")
     if "/" in stage.name:
         raise ValueError(f"stage names cannot contain '/', got {stage.name!r}")
+    unknown = [s for s in stage.config_sections if s not in StudyConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"stage {stage.name!r} reads unknown config sections {unknown}")
     STAGES[stage.name] = stage
 
 
 def unit_name(stage: str, seed: int) -> str:
     return f"{stage}/seed-{seed}"
 
+
+def unit_keys(config: StudyConfig, plan: list[tuple[Stage, int]]) -> dict[str, str]:
+    """Each planned unit's key: a hash of what its results depend on (see the module docstring)."""
+    canonical, keys = config.canonical(), {}
+    for stage, seed in plan:  # dependencies come first in a plan
+        sections = {name: canonical[name] for name in (*SHARED_SECTIONS, *stage.config_sections)}
+        depends = [keys[unit_name(d, seed)] for d in stage.depends_on]
+        text = json.dumps({"stage": stage.name, "seed": seed, "sections": sections, "depends_on": depends},
+                          sort_keys=True, separators=(",", ":"))
+        keys[unit_name(stage.name, seed)] = hashlib.sha256(text.encode()).hexdigest()
+    return keys
+
+
+def rerun_units(plan: list[tuple[Stage, int]], rerun: tuple[str, ...]) -> set[str]:
+    """Units named by `rerun` (a stage, or one unit like "probe_sweep/seed-1") and every unit that
+    depends on one of them; an unknown name is a `ConfigError` listing the planned ones."""
+    names = {stage.name for stage, _ in plan} | {unit_name(stage.name, seed) for stage, seed in plan}
+    unknown = [r for r in rerun if r not in names]
+    if unknown:
+        raise ConfigError([f"--rerun {r}: not a stage or unit of this study; choose from {sorted(names)}"
+                           for r in unknown])
+    chosen: set[str] = set()
+    for stage, seed in plan:
+        unit = unit_name(stage.name, seed)
+        if stage.name in rerun or unit in rerun or any(unit_name(d, seed) in chosen for d in stage.depends_on):
+            chosen.add(unit)
+    return chosen
 
 @dataclass
 class Session:
@@ -210,6 +253,7 @@ def run_study(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    rerun: tuple[str, ...] = (),
     progress: bool = True,
     report: bool = True,
     echo: Callable[[str], None] = print,
@@ -217,17 +261,45 @@ def run_study(
 ) -> StudyRun:
     """Run (or resume) every enabled stage of the study into `out_dir`, then build the report.
 
-    `stages` (default: the registry `STAGES`) are the stages to run, in order."""
-    folder = RunFolder.create(out_dir, config, overwrite=overwrite)
-    session = Session(config, folder, progress, stages=STAGES if stages is None else stages)
-    plan = planned_units(config, session.stages)
-    reports, versions = [], package_versions()
+    `rerun` names stages (or units, "probe_sweep/seed-1") computed again even if finished, with
+    every unit that depends on them. `stages` (default: the registry `STAGES`) are the stages to
+    run, in order. Model- and data-dependent config values are checked before the first unit."""
+    stages = STAGES if stages is None else stages
+    plan = planned_units(config, stages)
+    keys = unit_keys(config, plan)
+    reruns = rerun_units(plan, tuple(rerun))
+    problems = device_problems(config)
+    if problems:
+        raise ConfigError(problems, "the config, on this machine")
+    folder = RunFolder.create(out_dir, config, keys, overwrite=overwrite, rerun=reruns, echo=echo)
+    try:
+        session = Session(config, folder, progress, stages=stages)
+        todo = [unit_name(s.name, seed) for s, seed in plan
+                if unit_name(s.name, seed) in reruns or folder.record(unit_name(s.name, seed)) is None]
+        if todo:
+            problems = model_problems(config, session.model, len(session.dataset))
+            if problems:
+                raise ConfigError(problems, f"the config, checked against {config.model} and its dataset")
+        reports = _run_units(session, plan, set(todo), progress)
+        run = StudyRun(folder, reports)
+        if report:
+            from .report import build_report
+
+            run.report_path, run.report_problem = build_report(folder)
+    finally:
+        folder.close()
+    echo(run.summary_text())
+    return run
+
+
+def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], progress: bool) -> list[UnitReport]:
+    folder, reports, versions = session.folder, [], package_versions()
     bar = tqdm(plan, desc="study", unit="stage", disable=not progress)
     for stage, seed in bar:
         unit = unit_name(stage.name, seed)
         bar.set_postfix_str(unit)
-        record = folder.record(unit)
-        if record is not None:
+        if unit not in todo:
+            record = folder.record(unit)
             notes = [f"note: finished with {name} {old}, now {versions.get(name)}"
                      for name, old in record.get("versions", {}).items() if versions.get(name) != old]
             reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"] + notes))
@@ -246,13 +318,7 @@ def run_study(
         if progress:
             tqdm.write(f"{unit}: done in {seconds:.1f} s")
     bar.close()
-    run = StudyRun(folder, reports)
-    if report:
-        from .report import build_report
-
-        run.report_path, run.report_problem = build_report(folder)
-    echo(run.summary_text())
-    return run
+    return reports
 
 
 def _reseed(seed: int) -> None:
