@@ -300,20 +300,23 @@ def patch_conditions(
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
     batch, n_images = len(target.inputs), target.inputs.layout.n_images
     # Copies of the target differ only inside the LLM when every patched and read hook is there:
-    # a copy that patches (and reads) nothing below layer l equals the target there, so it starts
-    # at layer l from the target's own residual and runs only the layers above.
+    # a copy that patches (and reads) nothing below layer l equals the target there, so a chunk
+    # of copies starts at its lowest such layer from the target's own residual. Chunks stay
+    # consecutive conditions (head sweeps are layer-major): splitting a small chunk by layer
+    # costs more forwards than the layers it saves (measured at 1 image: 2x slower).
     residuals = None
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
         residuals = _llm_residuals(model, target, source_activations.get("hook_multimodal_embed") if shared_input else None)
     values = []
-    for chunk in _chunks(conditions, chunk_size, None if residuals is None else lambda c: _first_layer(model, c, wanted)):
+    for first in range(0, len(conditions), chunk_size):
+        chunk = conditions[first:first + chunk_size]
         k = len(chunk)
         patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
         run = Run(repeated, target.edit if residuals is None else _llm_part(model, target.edit), target.name)
         resume = {}
         if residuals is not None:
-            start = _first_layer(model, chunk[0], wanted)
+            start = min(_first_layer(model, condition, wanted) for condition in chunk)
             resume = {"llm_inputs_embeds": residuals[start].repeat(k, 1, 1), "start_at_layer": start}
         found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume)
         for r in range(k):
@@ -359,17 +362,6 @@ def _hook_layer(model: HookedMLLM, name: str) -> int:
 def _first_layer(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str]) -> int:
     """The lowest LLM block a condition patches or the metric reads: copies start there."""
     return min(_hook_layer(model, model.resolve_hook_name(n)) for n in [*(p.hook for p in condition), *wanted])
-
-
-def _chunks(conditions: list[list[Patch]], size: int, start_of: Callable | None) -> list[list[list[Patch]]]:
-    """Consecutive conditions, `size` at most per chunk, a chunk's conditions sharing a start layer."""
-    chunks: list[list[list[Patch]]] = []
-    for condition in conditions:
-        if chunks and len(chunks[-1]) < size and (start_of is None or start_of(condition) == start_of(chunks[-1][0])):
-            chunks[-1].append(condition)
-        else:
-            chunks.append([condition])
-    return chunks
 
 
 @torch.no_grad()
