@@ -1,6 +1,6 @@
 """Cost and faithfulness of activation and attribution patching, measured in one run.
 
-Run: `python benchmarks/patching.py [--model tiny-shapes-llava] [--images 64]`. Prints:
+Run: `python benchmarks/patching.py [--model tiny-shapes-llava] [--images 64] [--sections 1 2 3]`. Prints:
 1. the head sweep (every LLM layer x head, clean -> recovery-blocked, probe margin) with the
    conditions batched (default chunks: 32 rows per forward) and with 16 replicas per forward,
    against one forward per head, for targets of 1 and of 8 images, and the largest difference
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-shapes-llava")
     parser.add_argument("--images", type=int, default=64, help="images in the recovery-heads study")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model = HookedMLLM.from_pretrained(args.model)
@@ -48,13 +49,15 @@ def main() -> None:
           f"{torch.get_num_threads()}")
 
     print("\n1. head sweep, batched vs one forward per head")
-    for n in (1, 8):
+    for n in (1, 8) if 1 in args.sections else (8,):
         batch = next(labelled_batches(model, scenes, sweep.test_indices[:n], batch_size=n))
         metric = probe_metric(model, sweep.probes[("model", READOUT)], READOUT, batch.inputs, batch.labels["llm"])
         # unverified for the timing, so both ways do the same work per row (verification of the
         # unrepeated batch is what recovery_blocked does by default)
         clean, corrupted = Run(batch.inputs), recovery_blocked(model, batch.inputs, verify=False)
         batched = head_sweep(model, clean, corrupted, metric, chunk_size=None)
+        if 1 not in args.sections:
+            continue
         sequential = head_sweep(model, clean, corrupted, metric, chunk_size=1)
         by_hand = full_forward_per_head(model, clean, corrupted, metric)
         times = time_interleaved({
@@ -69,19 +72,29 @@ def main() -> None:
               f"{times['sequential'] / times['batched']:.1f}x; max |difference| batched vs one at a time "
               f"{float((batched - sequential).abs().max()):.2e}, vs by hand {float((batched - by_hand).abs().max()):.2e}")
 
+    if 2 in args.sections:
+        attribution_cost(model, clean, corrupted, metric, args.repeats)
+    if 3 in args.sections:
+        recovery_heads_studies(model, sweep, args.images)
+
+
+def attribution_cost(model, clean, corrupted, metric, repeats: int) -> None:
     print("\n2. attribution patching cost (target of 8 images)")
     times = time_interleaved({
         "forward": lambda: baseline(model, corrupted, metric),
         "attribution": lambda: attribution_patching(model, clean, corrupted, metric),
-    }, repeats=args.repeats, warmup=1)
+    }, repeats=repeats, warmup=1)
     print(f"   one forward {times['forward']:.3f} s, attribution {times['attribution']:.3f} s -> "
           f"{times['attribution'] / times['forward']:.2f} forward-pass equivalents "
           f"(exact head sweep: {model.cfg.n_layers * model.cfg.llm.n_heads} patched forwards)")
 
-    print(f"\n3. recovery-heads study on {args.images} held-out images (attribution vs exact)")
+
+
+def recovery_heads_studies(model, sweep, n_images: int) -> None:
+    print(f"\n3. recovery-heads study on {n_images} held-out images (attribution vs exact)")
     for corruption in ("recovery_blocked", "anchors_removed", "counterfactual"):
         start = time.perf_counter()
-        result = find_recovery_heads(model, sweep, corruption=corruption, n_images=args.images)
+        result = find_recovery_heads(model, sweep, corruption=corruption, n_images=n_images)
         elapsed = time.perf_counter() - start
         s = result.summary
         best = result.table.iloc[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from .weights import AttentionWeights, MLPWeights, NormWeights, StackedWeights
+
 
 def is_hooked(point: HookPoint) -> bool:
     return bool(point._forward_hooks or point._backward_hooks)
@@ -38,20 +40,22 @@ class HookGroup(nn.Module):
         return any(p._forward_hooks or p._backward_hooks for p in self._own_points)
 
 
-class AttentionHooks(HookGroup):
+class AttentionHooks(AttentionWeights, HookGroup):
     def __init__(self, rotary: bool):
         names = ["hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"]
         super().__init__(*names, *(["hook_rot_q", "hook_rot_k"] if rotary else []))
 
 
-class MLPHooks(HookGroup):
+class MLPHooks(MLPWeights, HookGroup):
     def __init__(self, gated: bool):
         super().__init__("hook_pre", "hook_post", *(["hook_pre_linear"] if gated else []))
 
 
-class NormHooks(HookGroup):
+class NormHooks(NormWeights, HookGroup):
+    """`hook_scale` (the divisor, [..., 1]) and `hook_normalized` (the output); callable as the norm."""
+
     def __init__(self):
-        super().__init__("hook_normalized")
+        super().__init__("hook_scale", "hook_normalized")
 
 
 class BlockHooks(HookGroup):
@@ -67,11 +71,11 @@ class BlockHooks(HookGroup):
         self.mlp = MLPHooks(gated_mlp)
 
     def residual_hooked(self) -> bool:
-        """Whether the block-level path (not attention or MLP internals) has to be taken apart."""
-        return self.any_hooked() or self.ln1.any_hooked() or self.ln2.any_hooked()
+        """Whether the block-level path (not attention, MLP or norm internals) has to be taken apart."""
+        return self.any_hooked()
 
 
-class VisionHooks(HookGroup):
+class VisionHooks(StackedWeights, HookGroup):
     def __init__(self, stage):
         super().__init__("hook_embed")
         if stage.has_ln_pre:

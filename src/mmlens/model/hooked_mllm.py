@@ -32,20 +32,26 @@ from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
+from .layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
 from .preprocess import ImageGeometry
 from .spec_check import verify_blocks
+from .tl_view import WithImages
+from .tokens import TokenHelpers
+from .weights import Embed, LanguageModelWeights, Unembed
 
 ReturnType = Literal["logits", "loss", "both"] | None
 ImageLike = Image.Image | np.ndarray | Tensor
 
 
-class HookedMLLM(HookedRootModule):
+class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     """A multimodal LLM with TransformerLens hooks on every stage.
 
     Build one with `from_pretrained` (shipped name, local folder or hub id) or `from_hf` (an
-    in-memory Hugging Face model, which is instrumented in place).
+    in-memory Hugging Face model, which is instrumented in place). Both return it in eval mode.
+    The TL weight surface (`W_U`, `blocks[l].attn.W_Q`, `model.vision.W_O` ...), token helpers
+    and `unembed` read the Hugging Face parameters (see `weights`, `tokens`).
     """
 
     cfg: MLLMConfig
@@ -68,6 +74,9 @@ class HookedMLLM(HookedRootModule):
         )
         self.ln_final = NormHooks()
         self._handles = self.architecture.instrument(hf_model, self)
+        self._stages = self.architecture.stage_modules(hf_model)
+        self.unembed = Unembed(self._stages["llm"].unembed)
+        self.embed = Embed(self._stages["llm"].embed)
         self.setup()
         if self.cfg.device.type == "cpu":
             tune_allocator()
@@ -82,7 +91,7 @@ class HookedMLLM(HookedRootModule):
 
         `verify` runs a small probe batch with and without an identity hook on every point and
         refuses (UnsupportedModelError, naming the block) a model whose hooked maths differs."""
-        return cls(hf_model.eval(), processor, verify=verify)
+        return cls(hf_model.eval(), processor, verify=verify).eval()
 
     @classmethod
     def from_pretrained(
@@ -107,7 +116,7 @@ class HookedMLLM(HookedRootModule):
             attn_implementation=attn_implementation,
             load_processor=load_processor,
         )
-        return cls(hf_model, processor, verify=verify)
+        return cls(hf_model, processor, verify=verify).eval()
 
     def setup(self) -> None:
         """Index our hook points only; the Hugging Face modules keep their own names."""
@@ -283,6 +292,7 @@ class HookedMLLM(HookedRootModule):
         input_ids: Tensor | None,
         pixel_values: Tensor | None,
         attention_mask: Tensor | None,
+        check_images: bool = True,
     ) -> dict[str, Tensor]:
         if isinstance(inputs, MultimodalInputs):
             kwargs = inputs.hf_kwargs()
@@ -306,37 +316,73 @@ class HookedMLLM(HookedRootModule):
             raise ValueError("no input_ids: pass MultimodalInputs from model.prepare(...) or input_ids=")
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
-        pixel_values = kwargs.get("pixel_values")
-        self.architecture.check_inputs(self.cfg, ids, pixel_values)
-        if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
-            bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
-            raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream would "
-                             "be NaN. Check the images (or the code that built pixel_values)")
+        if check_images:
+            pixel_values = kwargs.get("pixel_values")
+            self.architecture.check_inputs(self.cfg, ids, pixel_values)
+            if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
+                bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
+                raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream "
+                                 "would be NaN. Check the images (or the code that built pixel_values)")
         return kwargs
 
     # ----------------------------------------------------------------- forward
     def forward(
         self,
-        inputs: MultimodalInputs | Mapping[str, Tensor] | Tensor | None = None,
+        inputs: MultimodalInputs | Mapping[str, Tensor] | Tensor | str | list[str] | None = None,
         *,
         input_ids: Int[Tensor, "batch seq"] | None = None,
         pixel_values: Float[Tensor, "n_images 3 h w"] | None = None,
         attention_mask: Int[Tensor, "batch seq"] | None = None,
         return_type: ReturnType = "logits",
         llm_inputs_embeds: Float[Tensor, "batch seq d_model"] | None = None,
-        **hf_kwargs: Any,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        tokens: MultimodalInputs | Int[Tensor, "batch seq"] | None = None,
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
     ) -> Any:
         """Logits [batch, seq, d_vocab] (or the next-token loss over text tokens, or both).
 
+        `inputs`: a `MultimodalInputs` (from `prepare`), Hugging Face keywords, token ids, or
+        text (`"a string"` or a list: tokenised by `to_tokens` with `prepend_bos` and
+        `padding_side`, no images). As in TransformerLens, `stop_at_layer=l` returns the
+        residual entering LLM block `l`; `start_at_layer=l` takes that residual as `inputs`
+        and runs the rest (`tokens=` the ids or `MultimodalInputs` it came from: they give the
+        padding mask, the image-attention mask and the loss targets). `loss_per_token=True`
+        gives `[batch, seq - 1]` losses, zero where the target is an image token or padding.
+
         `llm_inputs_embeds`: the LLM's input (`hook_multimodal_embed`, i.e. text embeddings with
         the adapter's output at the image tokens) from an earlier run of the same inputs; only
-        the LLM runs, so vision and adapter hooks do not fire. Patching uses it to skip the
-        vision tower in every repeated copy of a batch.
+        the LLM runs, so vision and adapter hooks do not fire. With `start_at_layer=l` it is the
+        residual entering block `l` instead, and `inputs` are the tokens it came from.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask)
+        text = isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs))
+        if text:
+            inputs = self._text_inputs(inputs, prepend_bos, padding_side)
+        elif prepend_bos is not None or padding_side is not None:
+            raise InputError("prepend_bos and padding_side apply to text inputs; these inputs are already tokenised")
+        n_layers = self.cfg.n_layers
+        start = check_layer(start_at_layer, n_layers, "start_at_layer")
+        stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")
+        if start is not None and llm_inputs_embeds is None:
+            if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+                raise InputError("with start_at_layer, inputs is the residual [batch, seq, d_model] entering that layer")
+            llm_inputs_embeds, inputs = inputs, tokens
+            if inputs is None:
+                inputs = torch.zeros(llm_inputs_embeds.shape[:2], dtype=torch.long, device=llm_inputs_embeds.device)
+                if self.image_attention != "causal":
+                    raise InputError("this model attends bidirectionally among image tokens: pass tokens= so they are known")
+                if return_type in ("loss", "both"):
+                    raise InputError("a loss needs the targets: pass tokens= with start_at_layer")
+        elif tokens is not None:
+            raise InputError("tokens= goes with start_at_layer and a residual as inputs; otherwise pass the ids or "
+                             "MultimodalInputs as inputs")
+        kwargs = self._coerce_inputs(inputs, input_ids, pixel_values, attention_mask, check_images=llm_inputs_embeds is None)
         run_kwargs = self._with_image_attention(kwargs)
+        embeds_points: tuple = ()
         if llm_inputs_embeds is not None:
             expected = (*kwargs["input_ids"].shape, self.cfg.d_model)
             if tuple(llm_inputs_embeds.shape) != expected:
@@ -344,13 +390,49 @@ class HookedMLLM(HookedRootModule):
                                  f"got {tuple(llm_inputs_embeds.shape)}")
             keep = ("attention_mask", *self.architecture.llm_input_names)
             run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs}}
-        logits = self.architecture.forward(self.hf_model, **run_kwargs, **hf_kwargs).logits
+            if start:  # the residual at a later layer is not the LLM's input embedding
+                embeds_points = (self.hook_multimodal_embed,)
+        layers = self._stages["llm"].layers
+        with layer_range(layers, start, stop), silenced(*embeds_points):
+            out, residual = run_or_stop(lambda: self.architecture.forward(self.hf_model, **run_kwargs))
+        if residual is not None:
+            return residual
+        logits = out.logits
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
-        loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
+        loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"), per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _text_inputs(self, text: str | list[str], prepend_bos: bool | None, padding_side: str | None) -> dict[str, Tensor]:
+        ids, mask = self.text_batch(text, prepend_bos, padding_side)
+        return {"input_ids": ids.to(self.cfg.device), "attention_mask": mask.to(self.cfg.device)}
+
+    def run_vision(
+        self,
+        input: Float[Tensor, "n_images 3 h w"] | Float[Tensor, "n_images n_patches d_vision"],
+        *,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+    ) -> Float[Tensor, "n_images n_patches d_vision"]:
+        """The vision tower alone, TL style: pixels (or, with `start_at_layer=l`, the residual
+        entering block `l`) in, the residual entering block `stop_at_layer` out (default: leaving
+        the last block, before any post-norm). Vision hooks fire; wrap in `model.hooks(...)`."""
+        n_layers = self.cfg.vision.n_layers
+        start = check_layer(start_at_layer, n_layers, "start_at_layer")
+        stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")
+        stop = n_layers if stop is None else stop
+        residual = None
+        if start is not None:
+            residual, size = input, self.cfg.vision.image_size
+            input = torch.zeros(len(residual), 3, size, size, dtype=self.cfg.dtype, device=residual.device)
+            if start == stop:
+                return residual
+        silent = (self.vision.hook_embed, *([self.vision.ln_pre.hook_scale, self.vision.ln_pre.hook_normalized] if self.cfg.vision.has_ln_pre else []))
+        with layer_range(self._stages["vision"].layers, start, stop, residual), silenced(*(silent if start is not None else ())):
+            _, out = run_or_stop(lambda: self._stages["vision"].tower(input))
+        return out
 
     @contextmanager
     def using_image_attention(self, mode: Literal["causal", "bidirectional"] | str) -> Iterator["HookedMLLM"]:
@@ -386,8 +468,10 @@ class HookedMLLM(HookedRootModule):
         logits: Float[Tensor, "batch seq d_vocab"],
         input_ids: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"] | None = None,
-    ) -> Float[Tensor, ""]:
-        """Mean next-token cross-entropy over targets that are text (not image, not padding)."""
+        per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch seq_minus_1"]:
+        """Mean next-token cross-entropy over targets that are text (not image, not padding);
+        `per_token`: each position's loss `[batch, seq - 1]`, zero where the target is not text."""
         targets = input_ids[:, 1:]
         keep = targets != self.cfg.image_token_id
         if attention_mask is not None:
@@ -395,22 +479,43 @@ class HookedMLLM(HookedRootModule):
         losses = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
         )
-        return (losses * keep.flatten()).sum() / keep.sum().clamp(min=1)
+        losses = losses * keep.flatten()
+        if per_token:
+            return losses.view(targets.shape)
+        return losses.sum() / keep.sum().clamp(min=1)
 
     def run_with_cache(
         self, *model_args: Any, names_filter: Any = None, return_cache_object: bool = True, **kwargs: Any
     ) -> tuple[Any, MultimodalActivationCache | dict[str, Tensor]]:
         """Run and cache activations of every stage (or those `names_filter` selects)."""
+        ids = self._batch_ids(model_args, kwargs)
+        if kwargs.get("remove_batch_dim"):
+            batch = 1 if isinstance(ids, str) else len(ids) if ids is not None else 1
+            assert batch == 1, f"Cannot remove batch dimension from cache with batch size {batch}"
         out, cache = super().run_with_cache(*model_args, names_filter=self._name_filter(names_filter), **kwargs)
         if not return_cache_object:
             return out, cache
         cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        if isinstance(ids, (MultimodalInputs, Tensor)):
+            cache_object.layout = self.layout(ids)
+        return out, cache_object
+
+    def with_images(self, inputs: MultimodalInputs) -> WithImages:
+        """A view whose forwards on token ids carry `inputs`' images, for TransformerLens's own
+        helpers (`transformer_lens.patching`) that pass ids only."""
+        return WithImages(self, inputs)
+
+    @staticmethod
+    def _batch_ids(model_args: tuple, kwargs: dict) -> Any:
+        """What a forward's arguments say the batch is: MultimodalInputs, ids, text or None."""
         first = model_args[0] if model_args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if kwargs.get("start_at_layer") is not None:
+            first = kwargs.get("tokens")
         if isinstance(first, Mapping):
             first = first.get("input_ids")
-        if first is not None:
-            cache_object.layout = self.layout(first)
-        return out, cache_object
+        if isinstance(first, Tensor) and first.is_floating_point():
+            return None
+        return first
 
     @torch.no_grad()
     def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
@@ -438,9 +543,6 @@ class HookedMLLM(HookedRootModule):
                     break
             new_tokens = ids[:, inputs.input_ids.shape[1] :]
         return processor.batch_decode(new_tokens, skip_special_tokens=True)
-
-    def to_str_tokens(self, input_ids: Int[Tensor, "seq"]) -> list[str]:
-        return self._require_processor().tokenizer.convert_ids_to_tokens(torch.as_tensor(input_ids).tolist())
 
     def __repr__(self) -> str:
         return f"HookedMLLM({self.cfg.summary()}, {len(self.hook_dict)} hook points)"

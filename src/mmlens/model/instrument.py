@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
+from .norms import NormKind, instrument_norm
 
 _INSTRUMENTED = "_mmlens_instrumented"
 
@@ -100,6 +101,7 @@ def instrument_attention(
     q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
     d_head = attn.head_dim
     scaling = getattr(attn, spec.scaling)
+    hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
         if not hooks.any_hooked():
@@ -144,6 +146,7 @@ def instrument_attention(
 
 def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
     original = mlp.forward
+    hooks.bind_mlp(mlp, gated)
     if gated:
 
         def forward(x: Tensor) -> Tensor:
@@ -165,12 +168,14 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
 
 
 def instrument_block(
-    layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool]
+    layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool], norm: NormKind
 ) -> None:
-    """Hook a pre-norm block, its attention and its MLP."""
+    """Hook a pre-norm block, its norms (which fire their own points), attention and MLP."""
     ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
     scale1, scale2 = (getattr(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
+    instrument_norm(ln1, hooks.ln1, norm)
+    instrument_norm(ln2, hooks.ln2, norm)
     instrument_attention(attn, hooks.attn, spec.attention, use_result)
     instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
     original = layer.forward
@@ -181,10 +186,10 @@ def instrument_block(
             return original(hidden_states, *args, **kwargs)
         kwargs.update(zip(names, args))
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
-        normed = fire(hooks.ln1.hook_normalized, ln1(resid_pre))
+        normed = ln1(resid_pre)  # the instrumented norm fires its own hook_scale / hook_normalized
         attn_out = fire(hooks.hook_attn_out, scale1(attn(hidden_states=normed, **kwargs)[0]))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
-        normed = fire(hooks.ln2.hook_normalized, ln2(resid_mid))
+        normed = ln2(resid_mid)
         mlp_out = fire(hooks.hook_mlp_out, scale2(mlp(normed)))
         return fire(hooks.hook_resid_post, resid_mid + mlp_out)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,18 @@ from ..layout import ImageTokenLayout, compute_layout
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
 BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
+
+
+@dataclass(frozen=True)
+class StageModules:
+    """The Hugging Face modules of one transformer stack that the TL surface reads or runs:
+    its blocks in order (for start/stop at a layer), for the LLM the token embedding and the
+    unembedding (`W_E`, `W_U`, `model.unembed`), for the vision stack the module taking pixels."""
+
+    layers: tuple[nn.Module, ...]
+    embed: nn.Module | None = None
+    unembed: nn.Module | None = None
+    tower: nn.Module | None = None  # the vision stack's own module, called on pixel values
 
 
 class Architecture(ABC):
@@ -169,6 +182,10 @@ class Architecture(ABC):
         ids = torch.tensor([image + text, [text[0]] + image + text[1:]])
         mask = torch.ones_like(ids)
         return {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+
+    @abstractmethod
+    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
+        """`{"vision": ..., "llm": ...}`: the modules behind the weight surface and start/stop at a layer."""
 
     # ------------------------------------------------------------- names
     def canonical_name(self, name: str) -> str:

@@ -17,7 +17,8 @@ from ...errors import UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
 from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block
-from .base import Architecture
+from ..norms import instrument_norm
+from .base import Architecture, StageModules
 from .towers import TOWERS, Tower
 
 LLMS = ("llama", "mistral", "qwen2")
@@ -173,20 +174,21 @@ class Llava(Architecture):
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         tower, kind = self.vision_tower(hf_model), self.tower_kind(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
+        vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
         block = kind.block(hf_model.config.vision_config)
         for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
-            instrument_block(layer, hooks, block, use_result)
+            instrument_block(layer, hooks, block, use_result, vision_norm)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
         if kind.pre_norm is not None:
-            handles.append(hook_module_output(getattr(tower, kind.pre_norm), root.vision.ln_pre.hook_normalized))
-        handles.append(hook_module_output(getattr(tower, kind.post_norm), root.vision.ln_post.hook_normalized))
+            instrument_norm(getattr(tower, kind.pre_norm), root.vision.ln_pre, vision_norm)
+        instrument_norm(getattr(tower, kind.post_norm), root.vision.ln_post, vision_norm)
         self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
 
         lm = hf_model.model.language_model
         for layer, hooks in zip(self.llm_layers(hf_model), root.blocks):
-            instrument_block(layer, hooks, self.llm_block, use_result)
+            instrument_block(layer, hooks, self.llm_block, use_result, llm_norm)
         handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
-        handles.append(hook_module_output(lm.norm, root.ln_final.hook_normalized))
+        instrument_norm(lm.norm, root.ln_final, llm_norm)
 
         def merged_embedding(_module, args, kwargs):
             embeds = kwargs.get("inputs_embeds")
@@ -205,3 +207,11 @@ class Llava(Architecture):
             return fire(hooks.hook_out, projector.linear_2(hidden))
 
         _override_forward(projector, forward)
+
+    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
+        lm = hf_model.model.language_model
+        return {
+            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=self.vision_tower(hf_model)),
+            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens,
+                                unembed=hf_model.lm_head),
+        }

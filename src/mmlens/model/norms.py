@@ -1,0 +1,61 @@
+"""Norm layers with TransformerLens's `hook_scale` and `hook_normalized`, whatever the family.
+
+The Hugging Face norm runs as is; when a hook listens, its scale (`sqrt(mean(x^2) + eps)` for
+RMSNorm, `sqrt(var(x) + eps)` for LayerNorm) is computed beside it and fired at `hook_scale`. An
+edited scale rescales HF's own output (`(out - b) * s / s' + b`), so the norm's formula (a plain
+weight, Gemma's `1 + weight` ...) never has to be restated and an untouched scale leaves the
+output bit-identical. `hook_normalized` is HF's output, weight applied (TL fires it before the
+weight; docs/tl_compat.md says so).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .hook_tree import fire, is_hooked
+
+NormKind = Literal["LN", "RMS"]
+_INSTRUMENTED = "_mmlens_instrumented"
+
+
+def norm_epsilon(module: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    raise AttributeError(f"{type(module).__name__} keeps its epsilon under no known name (variance_epsilon, eps)")
+
+
+def norm_scale(x: Float[Tensor, "... d"], kind: NormKind, eps: float) -> Float[Tensor, "... 1"]:
+    """The divisor a norm applies at each position, computed in float32 as HF norms do."""
+    x = x.float()
+    if kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None:
+    """Fire `hooks.hook_scale` and `hooks.hook_normalized` around a Hugging Face norm module."""
+    original = module.forward
+    eps = norm_epsilon(module)
+    bias = getattr(module, "bias", None)
+
+    def forward(x: Tensor) -> Tensor:
+        out = original(x)
+        if not hooks.any_hooked():
+            return out
+        if is_hooked(hooks.hook_scale):
+            scale = norm_scale(x, kind, eps).to(x.dtype)
+            edited = hooks.hook_scale(scale)
+            if edited is not scale and not torch.equal(edited, scale):
+                ratio = (scale.float() / edited.float()).to(out.dtype)
+                out = out * ratio if bias is None else (out - bias) * ratio + bias
+        return fire(hooks.hook_normalized, out)
+
+    module.forward = forward
+    setattr(module, _INSTRUMENTED, True)
+    hooks.bind_norm(module, kind)

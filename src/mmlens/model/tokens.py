@@ -1,0 +1,125 @@
+"""TransformerLens's token helpers on a multimodal model, with image tokens named by image and cell.
+
+Text goes through the processor's tokenizer as TL's `to_tokens` does (BOS prepended unless told
+not to, padding on the tokenizer's side). In `to_str_tokens`, each image token is written
+`<img{i} r{row}c{col}>` (image `i` of the batch, its grid cell) rather than sixty-four identical
+`<image>`s, so a plot axis or a printed row shows where in the image a position sits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from ..errors import InputError
+from .inputs import MultimodalInputs
+
+
+class TokenHelpers:
+    """`tokenizer`, `to_tokens`, `to_single_token`, `to_string`, `to_str_tokens` (mixin of HookedMLLM)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require_processor().tokenizer
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids `[batch, pos]` of text (no images: build image inputs with `model.prepare`).
+
+        `prepend_bos` defaults to True when the tokenizer has a BOS token; padding goes on
+        `padding_side` (default: the tokenizer's), BOS after left padding, as in TL.
+        """
+        tokens, _ = self.text_batch(input, prepend_bos, padding_side)
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def text_batch(
+        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """`to_tokens` and its attention mask (0 at padding), on the CPU."""
+        tokenizer = self.tokenizer
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"to_tokens takes a string or a non-empty list of strings, got {type(input).__name__}")
+        if prepend_bos is None:
+            prepend_bos = tokenizer.bos_token_id is not None
+        if prepend_bos and tokenizer.bos_token_id is None:
+            raise InputError("prepend_bos=True but this tokenizer has no BOS token")
+        side = padding_side or tokenizer.padding_side
+        if side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if prepend_bos:
+            rows = [[tokenizer.bos_token_id, *row] for row in rows]
+        width = max(len(row) for row in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            tokens[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return tokens, mask
+
+    def to_single_token(self, string: str) -> int:
+        """The id of `string`, which must be exactly one token (no BOS)."""
+        ids = self.to_tokens(string, prepend_bos=False, move_to_device=False)[0]
+        if ids.numel() != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+            raise InputError(f"{string!r} is {ids.numel()} tokens ({pieces}), not one")
+        return int(ids.item())
+
+    def to_string(self, tokens: int | Tensor | list) -> str | list[str]:
+        """Decode ids: one string for a 0-d/1-d input, a list of strings for `[batch, pos]`."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 0:
+            tokens = tokens[None]
+        if tokens.ndim == 1:
+            return self.tokenizer.decode(tokens.tolist())
+        if tokens.ndim == 2:
+            return [self.tokenizer.decode(row.tolist()) for row in tokens]
+        raise InputError(f"to_string takes ids of shape [pos] or [batch, pos], got {tuple(tokens.shape)}")
+
+    def to_str_tokens(
+        self, input: str | list[str] | Tensor | MultimodalInputs, prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """Token strings per position; a batch (or a list of texts) gives one list per row.
+
+        Image tokens read `<img{i} r{row}c{col}>`: image `i` in `pixel_values` order and its
+        grid cell; an image's CLS token, when the LLM sees it, reads `<img{i} cls>`.
+        """
+        if isinstance(input, (str, list)):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos, move_to_device=False)
+            return self._str_rows(ids)[0] if isinstance(input, str) else self._str_rows(ids)
+        if prepend_bos is not None:
+            raise InputError("prepend_bos applies to text; these tokens are already tokenised")
+        if isinstance(input, MultimodalInputs):
+            return self._str_rows(input.input_ids, input.layout)
+        ids = torch.as_tensor(input)
+        if ids.ndim == 1:
+            return self._str_rows(ids[None])[0]
+        if ids.ndim != 2:
+            raise InputError(f"to_str_tokens takes ids of shape [pos] or [batch, pos], got {tuple(ids.shape)}")
+        return self._str_rows(ids)
+
+    def _str_rows(self, ids: Tensor, layout: Any = None) -> list[list[str]]:
+        ids = ids.cpu()
+        rows = [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        if not bool((ids == self.cfg.image_token_id).any()):
+            return rows
+        layout = layout if layout is not None else self.layout(ids)
+        cells = layout.token_cells.tolist()
+        for span in layout.spans:
+            names = rows[span.row]
+            for position, (r, c) in zip(span.positions.tolist(), cells):
+                names[position] = f"<img{span.image_index} r{r}c{c}>"
+            if span.cls_position is not None:
+                names[span.cls_position] = f"<img{span.image_index} cls>"
+        return rows

@@ -1,0 +1,237 @@
+"""The TransformerLens weight surface, as views of the Hugging Face parameters.
+
+TL keeps attention weights per head (`W_Q[l]` is `[n_heads, d_model, d_head]`), MLP weights as
+`[d_model, d_mlp]` / `[d_mlp, d_model]`, the unembedding as `[d_model, d_vocab]`. Here each is a
+rearranged view of the HF `nn.Linear` it comes from (no copy: gradients flow, in-place writes
+edit the model), with TL's conventions: absent biases are zeros, grouped-query keys and values
+are repeated per query head (`_W_K` keeps the kv heads), `QK`/`OV` are `FactoredMatrix`es.
+Weights are not folded: norms keep their own weight `w`, and the cache applies it where TL's
+folded weights would (see `MultimodalActivationCache.apply_ln_to_stack`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.FactoredMatrix import FactoredMatrix
+
+
+def _bound(group: nn.Module, what: str) -> Any:
+    source = getattr(group, "_weight_source", None)
+    if source is None:
+        raise AttributeError(f"{type(group).__name__} has no {what}: its Hugging Face module was not bound")
+    return source
+
+
+def _bias(linear: nn.Linear) -> Tensor:
+    if linear.bias is not None:
+        return linear.bias
+    return torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+class FactoredCircuits:
+    """`QK` (`W_Q W_K^T`) and `OV` (`W_V W_O`) as TL's `FactoredMatrix`, per head (and layer)."""
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+class AttentionWeights(FactoredCircuits):
+    """`W_Q/W_K/W_V` `[n_heads, d_model, d_head]`, `W_O` `[n_heads, d_head, d_model]`, biases, `QK`, `OV`."""
+
+    def bind_attention(self, module: nn.Module, q: str, k: str, v: str, o: str) -> None:
+        # a tuple, so nn.Module does not adopt the HF module as a child of the hook tree
+        self._weight_source = tuple(getattr(module, n) for n in (q, k, v, o)) + (module.head_dim,)
+
+    def _linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear, int]:
+        return _bound(self, "attention weights")
+
+    @property
+    def repeat_kv_heads(self) -> int:
+        q, k, *_ = self._linears()
+        return q.out_features // k.out_features
+
+    def _expand(self, per_kv_head: Tensor) -> Tensor:
+        n_rep = self.repeat_kv_heads
+        return per_kv_head if n_rep == 1 else per_kv_head.repeat_interleave(n_rep, dim=0)
+
+    def _per_head(self, index: int) -> Tensor:
+        linear, d_head = self._linears()[index], self._linears()[-1]
+        return einops.rearrange(linear.weight, "(h d) m -> h m d", d=d_head)
+
+    def _per_head_bias(self, index: int) -> Tensor:
+        linear, d_head = self._linears()[index], self._linears()[-1]
+        return _bias(linear).view(-1, d_head)
+
+    W_Q = property(lambda self: self._per_head(0), doc="[n_heads, d_model, d_head]")
+    _W_K = property(lambda self: self._per_head(1), doc="[n_kv_heads, d_model, d_head]")
+    _W_V = property(lambda self: self._per_head(2), doc="[n_kv_heads, d_model, d_head]")
+    W_K = property(lambda self: self._expand(self._W_K), doc="[n_heads, d_model, d_head], kv heads repeated")
+    W_V = property(lambda self: self._expand(self._W_V), doc="[n_heads, d_model, d_head], kv heads repeated")
+    b_Q = property(lambda self: self._per_head_bias(0), doc="[n_heads, d_head]")
+    _b_K = property(lambda self: self._per_head_bias(1), doc="[n_kv_heads, d_head]")
+    _b_V = property(lambda self: self._per_head_bias(2), doc="[n_kv_heads, d_head]")
+    b_K = property(lambda self: self._expand(self._b_K), doc="[n_heads, d_head]")
+    b_V = property(lambda self: self._expand(self._b_V), doc="[n_heads, d_head]")
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
+        *_, o, d_head = self._linears()
+        return einops.rearrange(o.weight, "m (h d) -> h d m", d=d_head)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        return _bias(self._linears()[3])
+
+
+class MLPWeights:
+    """`W_in` (and `W_gate` when gated) `[d_model, d_mlp]`, `W_out` `[d_mlp, d_model]`, biases."""
+
+    def bind_mlp(self, module: nn.Module, gated: bool) -> None:
+        names = ("up_proj", "down_proj", "gate_proj") if gated else ("fc1", "fc2")
+        self._weight_source = tuple(getattr(module, n) for n in names)
+
+    def _linear(self, index: int) -> nn.Linear:
+        linears = _bound(self, "MLP weights")
+        if index >= len(linears):
+            raise AttributeError("this MLP is not gated: it has W_in and W_out only")
+        return linears[index]
+
+    W_in = property(lambda self: self._linear(0).weight.T, doc="[d_model, d_mlp]")
+    b_in = property(lambda self: _bias(self._linear(0)), doc="[d_mlp]")
+    W_out = property(lambda self: self._linear(1).weight.T, doc="[d_mlp, d_model]")
+    b_out = property(lambda self: _bias(self._linear(1)), doc="[d_model]")
+    W_gate = property(lambda self: self._linear(2).weight.T, doc="[d_model, d_mlp], gated MLPs only")
+
+
+class NormWeights:
+    """`w` (and `b` for LayerNorm) of a norm; calling the group runs the norm with its hooks."""
+
+    def bind_norm(self, module: nn.Module, kind: str) -> None:
+        self._weight_source = (module, kind)
+
+    @property
+    def kind(self) -> str:
+        return _bound(self, "norm")[1]
+
+    @property
+    def w(self) -> Float[Tensor, "d_model"]:
+        return _bound(self, "norm weight")[0].weight
+
+    @property
+    def b(self) -> Float[Tensor, "d_model"]:
+        module = _bound(self, "norm bias")[0]
+        return module.bias if getattr(module, "bias", None) is not None else torch.zeros_like(module.weight)
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        return _bound(self, "forward")[0](x)
+
+
+def _stack(blocks: Any, part: str, name: str) -> Tensor:
+    return torch.stack([getattr(getattr(block, part), name) for block in blocks])
+
+
+class StackedWeights(FactoredCircuits):
+    """Model-level TL names: every layer's weights stacked, `[n_layers, ...]` (a copy, as in TL)."""
+
+    blocks: nn.ModuleList
+
+    W_Q = property(lambda self: _stack(self.blocks, "attn", "W_Q"))
+    W_K = property(lambda self: _stack(self.blocks, "attn", "W_K"))
+    W_V = property(lambda self: _stack(self.blocks, "attn", "W_V"))
+    W_O = property(lambda self: _stack(self.blocks, "attn", "W_O"))
+    b_Q = property(lambda self: _stack(self.blocks, "attn", "b_Q"))
+    b_K = property(lambda self: _stack(self.blocks, "attn", "b_K"))
+    b_V = property(lambda self: _stack(self.blocks, "attn", "b_V"))
+    b_O = property(lambda self: _stack(self.blocks, "attn", "b_O"))
+    W_in = property(lambda self: _stack(self.blocks, "mlp", "W_in"))
+    W_gate = property(lambda self: _stack(self.blocks, "mlp", "W_gate"))
+    W_out = property(lambda self: _stack(self.blocks, "mlp", "W_out"))
+    b_in = property(lambda self: _stack(self.blocks, "mlp", "b_in"))
+    b_out = property(lambda self: _stack(self.blocks, "mlp", "b_out"))
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """Sum of attention-out and MLP-out biases of the layers before `layer` (as TL)."""
+        first = self.blocks[0].attn.b_O
+        total = torch.zeros_like(first)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O
+            if include_mlp_biases:
+                total = total + block.mlp.b_out
+        if mlp_input:
+            if layer >= len(self.blocks):
+                raise ValueError("mlp_input=True needs a layer below n_layers: the unembed has no MLP")
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+
+class Unembed:
+    """`model.unembed(x)`: the LLM's unembedding, residual (after the final norm) -> logits."""
+
+    def __init__(self, module: nn.Linear):
+        self._module = module
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self._module.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return _bias(self._module)
+
+    def __call__(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return self._module(residual)
+
+
+class Embed:
+    """`model.embed(tokens)`: token embeddings (the `<image>` placeholder's own at image tokens)."""
+
+    def __init__(self, module: nn.Embedding):
+        self._module = module
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self._module.weight
+
+    def __call__(self, tokens: Tensor) -> Float[Tensor, "... d_model"]:
+        return self._module(tokens)
+
+
+class LanguageModelWeights(StackedWeights):
+    """The LLM's TL weights on the model itself: `W_E`, `W_U`, `b_U`, the stacked block weights."""
+
+    unembed: Unembed
+    embed: Embed
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Float[Tensor, "... d_model"]:
+        """Columns of `W_U` for `tokens` (a string must be one token), with d_model last, as TL."""
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor):
+            token = int(tokens.item())
+        else:
+            token = int(tokens)
+        return self.W_U[:, token]
