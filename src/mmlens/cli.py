@@ -121,13 +121,13 @@ def _hooks(args: argparse.Namespace) -> int:
 
     from .model import HookedMLLM
 
-    torch.set_grad_enabled(False)
     model = HookedMLLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     model.set_use_attn_result(True)  # so the per-head outputs show up too
     size = model.cfg.vision.image_size
     blank = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
     inputs = model.prepare([blank], args.prompt)
-    _, cache = model.run_with_cache(inputs)
+    with torch.no_grad():  # not set_grad_enabled: `main` may run inside a caller's process
+        _, cache = model.run_with_cache(inputs)
     print(f"{args.model}: one {size}x{size} image, prompt {args.prompt!r}, {inputs.input_ids.shape[1]} tokens "
           f"({inputs.layout.positions(0).numel()} image tokens)")
     for stage in ("vision", "adapter", "llm"):

@@ -77,7 +77,8 @@ class DatasetConfig:
     path: str | None = checked(None, doc="dataset folder (not for scenes)")
     split: str = checked("validation")
     n: int | None = checked(200, check=positive, doc="number of images (null: all)")
-    image_size: int | None = checked(64, check=positive, doc="square side; null keeps native resolution")
+    image_size: int | None = checked(None, check=positive,
+                                     doc="square side; null: native resolution (scenes: 64 px, the embedded models' size)")
     seed: int = checked(0, doc="which synthetic scenes are drawn (scenes only)")
 
 
@@ -194,8 +195,6 @@ def _cross_checks(config: StudyConfig) -> list[str]:
     if data.name == "scenes":
         if data.path is not None:
             problems.append("dataset.path: 'scenes' is generated and takes no path; remove it")
-        if data.image_size is None:
-            problems.append("dataset.image_size: 'scenes' needs an integer image size (64 for tiny-shapes-llava)")
     elif data.path is None and data.name != "scene_parse_150":
         problems.append(f"dataset.path: {data.name!r} is read from a folder; give its path")
     if len(set(config.seeds)) != len(config.seeds):

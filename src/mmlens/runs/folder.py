@@ -33,7 +33,6 @@ import pandas as pd
 import plotly.io
 import plotly.utils
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from ..errors import RunFolderError
 from .config import StudyConfig

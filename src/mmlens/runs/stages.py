@@ -203,6 +203,8 @@ class StageContext:
         unit = unit_name(stage, self.seed)
         if unit not in self.session.results:
             owner = self.session.stages[stage]
+            if self.session.progress:  # checking hashes and rebuilding a sweep takes seconds on big runs
+                tqdm.write(f"{unit}: finished earlier; reading it back from the run folder")
             stored = self.session.folder.load(unit)
             self.session.results[unit] = owner.restore(StageContext(owner, self.seed, self.session), stored)
         return self.session.results[unit]
