@@ -80,12 +80,12 @@ class PositionStudyResult:
         last_site = self.summary.site.iloc[-1]
         rows = self.summary[self.summary.site == last_site].set_index("condition")
         gains = self.gains[(self.gains.site == last_site) & (self.gains.condition == "bidirectional")].set_index("tokens")
-        deficit = effect_phrase(*rows.loc["causal", ["early_deficit", "early_deficit_low", "early_deficit_high"]],
-                                signed=True)
+        deficit = {condition: effect_phrase(*rows.loc[condition, ["early_deficit", "early_deficit_low",
+                                                                   "early_deficit_high"]], signed=True)
+                   for condition in ("causal", "bidirectional")}
         gain = effect_phrase(*gains.loc["early", ["gain_over_causal", "low", "high"]], signed=True)
         return [
-            f"early-token deficit at {last_site}: causal {deficit}; bidirectional "
-            f"{rows.loc['bidirectional', 'early_deficit']:+.3f}",
+            f"early-token deficit at {last_site}: causal {deficit['causal']}; bidirectional {deficit['bidirectional']}",
             f"bidirectional gain on early tokens {gain}",
         ]
 
