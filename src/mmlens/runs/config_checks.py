@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import HookNameError, InputError
 from ..model.devices import device_problem
+from ..probing.split import split_sizes
 from .config import StudyConfig
 
 
@@ -24,8 +25,6 @@ def device_problems(config: StudyConfig) -> list[str]:
 
 def model_problems(config: StudyConfig, model: Any, n_images: int) -> list[str]:
     """Every config value that names something the model or the dataset must have."""
-    from ..probing.split import split_sizes
-
     problems = []
     n_layers = model.cfg.n_layers
     layer_lists = [("position.layers", config.position.enabled, config.position.layers),

@@ -276,12 +276,10 @@ class RunFolder:
 
     def load(self, unit: str) -> StoredOutput:
         """A finished unit's tables, tensors and JSON results, checked against their hashes."""
-        record = self.record(unit)
-        if record is None:
-            raise RunFolderError(f"stage {unit} has not finished in {self.path}")
+        record = self._finished(unit)
         directory = self.unit_dir(unit)
         for relative in record["files"]:
-            self.verified(unit, relative)
+            self.verified(unit, relative, record)
         tables, tensors, data = {}, {}, {}
         for relative in record["files"]:
             kind, _, filename = relative.partition("/")
@@ -294,11 +292,16 @@ class RunFolder:
                 data[name] = json.loads((directory / relative).read_text())
         return StoredOutput(unit=unit, record=record, tables=tables, tensors=tensors, data=data)
 
-    def verified(self, unit: str, relative: str) -> Path:
-        """The path of a finished unit's file, after checking it against the sha256 its record holds."""
+    def _finished(self, unit: str) -> dict[str, Any]:
         record = self.record(unit)
         if record is None:
             raise RunFolderError(f"stage {unit} has not finished in {self.path}")
+        return record
+
+    def verified(self, unit: str, relative: str, record: dict[str, Any] | None = None) -> Path:
+        """The path of a finished unit's file, after checking it against the sha256 its record
+        holds (`record`: the unit's record when the caller has read it already)."""
+        record = self._finished(unit) if record is None else record
         file = self.unit_dir(unit) / relative
         digest = record["files"].get(relative)
         if digest is None or not file.is_file() or _sha256(file) != digest:
