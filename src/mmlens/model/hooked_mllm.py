@@ -318,7 +318,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
         if check_images:
             pixel_values = kwargs.get("pixel_values")
-            self.architecture.check_inputs(self.cfg, ids, pixel_values)
+            family = {k: kwargs[k] for k in self.architecture.extra_input_names if k in kwargs}
+            self.architecture.check_inputs(self.cfg, ids, pixel_values, **family)
             if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
                 bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
                 raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream "

@@ -7,10 +7,11 @@ from torch import nn
 from ...errors import UnsupportedModelError
 from .base import Architecture
 from .llava import Llava
+from .llava_next import LlavaNext
 from .paligemma import PaliGemma
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, PaliGemma) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, PaliGemma) for name in arch.hf_class_names
 }
 
 

@@ -167,8 +167,9 @@ class Architecture(ABC):
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
 
-    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
-        """Refuse images and placeholders that do not match (fixed grid: a constant per image)."""
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
+        """Refuse images and placeholders that do not match (fixed grid: a constant per image);
+        `inputs`: the family's own keywords present (e.g. `image_sizes`)."""
         per_image = cfg.adapter.n_image_tokens
         n_tokens = int((input_ids == cfg.image_token_id).sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
