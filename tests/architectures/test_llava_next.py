@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from mmlens.data import load_segmentation
 from mmlens.testing_families import tiny_llava_next
@@ -55,3 +58,37 @@ def test_newlines_are_in_the_image_block_but_not_in_its_grid(eager):
 def test_every_analysis_runs(eager):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
     tier.every_analysis_runs(eager.model, scenes)
+
+
+@pytest.mark.parametrize("size", [(12, 17), (90, 200)], ids=["upscaled", "downscaled"])
+def test_boxes_hold_the_pixels_each_token_was_made_from(eager, size):
+    """Send masks labelling every pixel with its row (and its column) through the processor's own
+    tiling: every tile pixel under a token's patch came from inside that token's box in the original
+    image, or from the pixel just past its end (an upscaled pixel straddles two features; boxes tile
+    the image, so it goes to the next box, whose first pixel it is)."""
+    model = eager.model
+    height, width = size
+    rows = np.repeat(np.arange(height)[:, None], width, axis=1)
+    cols = np.repeat(np.arange(width)[None, :], height, axis=0)
+    tile_rows, tile_cols = (model.geometry.tile_masks(m, ignore_index=-1) for m in (rows, cols))
+    inputs = model.prepare([Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8))], "")
+    assert tile_rows.shape[0] == inputs.layout.vision_shape[0]
+    patch = model.cfg.vision.patch_size
+    prefix = model.architecture.vision_prefix_tokens(model.cfg)
+    for segment in inputs.layout.spans[0].segments:
+        for (tile, position), (y0, x0, y1, x1) in zip(zip(*(i.tolist() for i in segment.vision_index)),
+                                                     segment.patches.boxes.tolist()):
+            r, c = divmod(position - prefix, model.cfg.vision.image_size // patch)
+            window = (tile, slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
+            ys, xs = tile_rows[window], tile_cols[window]
+            ys, xs = ys[ys >= 0], xs[xs >= 0]
+            assert len(ys), "a kept feature saw some of the image"
+            assert (ys >= y0).all() and (ys <= y1).all() and (xs >= x0).all() and (xs <= x1).all(), segment.kind
+            # inner boxes start at their feature's first source pixel (the outer ones at the image's edge)
+            assert (ys.min() == y0 or y0 == 0) and (xs.min() == x0 or x0 == 0)
+
+
+def test_masks_stay_in_the_original_pixels(eager):
+    model = eager.model
+    mask = np.random.default_rng(0).integers(0, 5, size=(21, 34)).astype(np.uint8)
+    assert np.array_equal(model.transform_mask(mask), mask)

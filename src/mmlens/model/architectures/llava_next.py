@@ -57,14 +57,22 @@ def anyres_geometry(size: tuple[int, int], pinpoints: list, tile: int, patch: in
 
 
 def _edges_back(features: Int[Tensor, "n"], patch: int, pad: int, resized: int, original: int) -> Int[Tensor, "n_plus_1"]:
-    """Pixel edges in the original image of consecutive feature rows (or columns) `features` of the
-    padded canvas: a feature covers `patch` canvas pixels; the image sits at offset `pad` and was
-    resized from `original` to `resized`. The outer edges are the image's own (features the model
-    kept over padding, or padding it cut over the image, are absorbed by the first and last cell)."""
-    starts = torch.cat([features, features[-1:] + 1]) * patch - pad
-    edges = torch.div(starts.clamp(0, resized) * original, resized, rounding_mode="floor")
+    """Pixel edges in the original image of consecutive feature rows (or columns) `features` of a
+    canvas where the image, resized from `original` to `resized` pixels, sits at offset `pad`; a
+    feature covers `patch` canvas pixels. A canvas pixel i comes from original pixel
+    floor((i + 0.5) * original / resized) (nearest-neighbour centres), so each edge is the source of
+    a feature's first pixel and a box holds every pixel its feature was resized from. The outer
+    edges are the image's own: what the model kept over padding, or cut of the image, falls to the
+    first and last cell."""
+    starts = (torch.cat([features, features[-1:] + 1]) * patch - pad).clamp(0, resized)
+    edges = torch.div((2 * starts + 1) * original, 2 * resized, rounding_mode="floor").clamp(max=original)
     edges[0], edges[-1] = 0, original
     return edges
+
+
+def patch_px(geo: AnyresGeometry, g: int) -> int:
+    """Pixels of a tile per feature."""
+    return geo.best[0] // (geo.tile_grid[0] * g)
 
 
 class LlavaNext(Llava):
@@ -129,23 +137,24 @@ class LlavaNext(Llava):
     def _span(row: int, index: int, block: Tensor, geo: AnyresGeometry, tile0: int, g: int, prefix: int) -> ImageSpan:
         height, width = geo.size
         base = torch.arange(g * g)
-        base_grid = GridCells.uniform(g, g, height, width)
+        patch = patch_px(geo, g)
+        cells = torch.arange(g)  # the base image: the whole image squashed into one tile
+        base_grid = GridCells(_edges_back(cells, patch, 0, g * patch, height), _edges_back(cells, patch, 0, g * patch, width))
         segments = [Segment("base", base_grid, block[: g * g].clone(), (torch.full((g * g,), tile0), base),
                             base_grid, (torch.full((g * g,), tile0), base + prefix), base)]
         rows_u, cols_u = geo.kept.shape
         full_cols = geo.tile_grid[1] * g
         feature_row, feature_col = geo.kept[:, 0] // full_cols, geo.kept[0] % full_cols
-        patch = geo.best[0] // (geo.tile_grid[0] * g)
         pad_top, pad_left = (geo.best[0] - geo.resized[0]) // 2, (geo.best[1] - geo.resized[1]) // 2
         grid = GridCells(_edges_back(feature_row, patch, pad_top, geo.resized[0], height),
                          _edges_back(feature_col, patch, pad_left, geo.resized[1], width))
         r, c = feature_row[:, None].expand(rows_u, cols_u).flatten(), feature_col[None, :].expand(rows_u, cols_u).flatten()
-        tile = tile0 + 1 + (r // g) * geo.tile_grid[1] + c // g
+        tiles = tile0 + 1 + (r // g) * geo.tile_grid[1] + c // g
         within = (r % g) * g + c % g
         body = block[g * g :].view(rows_u, cols_u + 1)
         n = rows_u * cols_u
-        segments.append(Segment("tiles", grid, body[:, :cols_u].flatten().clone(), (tile, within),
-                                grid, (tile, within + prefix), torch.arange(n)))
+        segments.append(Segment("tiles", grid, body[:, :cols_u].flatten().clone(), (tiles, within),
+                                grid, (tiles, within + prefix), torch.arange(n)))
         return ImageSpan(row, index, tuple(segments), (height, width), {"newline": body[:, cols_u].clone()})
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
