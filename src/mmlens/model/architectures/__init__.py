@@ -8,10 +8,11 @@ from ...errors import UnsupportedModelError
 from .base import Architecture
 from .llava import Llava
 from .llava_next import LlavaNext
+from .llava_onevision import LlavaOnevision
 from .paligemma import PaliGemma
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, LlavaNext, PaliGemma) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma) for name in arch.hf_class_names
 }
 
 
