@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ...errors import LayoutMismatchError, UnsupportedModelError
+from ...errors import InputError, UnsupportedModelError
 from ..config import MLLMConfig
 from ..layout import ImageSpan
 from .llava_next import LlavaNext, _edges_back
@@ -64,7 +64,7 @@ class LlavaOnevision(LlavaNext):
             return g * g + 1, 1
         rows, cols = self.geometry(cfg, size).kept.shape
         if math.sqrt(rows * cols / (self.max_tiles * g * g)) > 1.1:
-            raise LayoutMismatchError(
+            raise InputError(
                 f"an image of size {size} gives a {rows}x{cols} feature grid, more than anyres_max_{self.max_tiles} "
                 "allows: the model shrinks it by bilinear interpolation, whose tokens mix features no layout row "
                 "holds. Resize the image (or raise vision_aspect_ratio) so it stays within the limit"
