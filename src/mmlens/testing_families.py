@@ -144,11 +144,13 @@ def tiny_llava_next(
     pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (32, 96)),
     seed: int = 0,
     attn_implementation: str = "eager",
+    **sizes,
 ):
     """A tiny LLaVA-NeXT (CLIP tower on `tile`-pixel tiles, MLP projector, Llama LLM) and its
-    processor: the grid resolutions `pinpoints` give wide, tall and square tile grids."""
+    processor: the grid resolutions `pinpoints` give wide, tall and square tile grids; `sizes` are
+    `mmlens.zoo.build.build_llava`'s widths and depths."""
     reference, llava_processor = build_llava(seed=seed, image_size=tile, patch_size=patch_size,
-                                             attn_implementation=attn_implementation)
+                                             attn_implementation=attn_implementation, **sizes)
     tokenizer = llava_processor.tokenizer
     pins = [list(p) for p in pinpoints]
     image_processor = LlavaNextImageProcessorPil(
@@ -187,11 +189,13 @@ def tiny_llava_onevision(
     pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (32, 96)),
     seed: int = 0,
     attn_implementation: str = "eager",
+    **sizes,
 ):
     """A tiny LLaVA-OneVision (SigLIP tower on `tile`-pixel tiles, MLP projector, Qwen2 LLM) and its
-    processor; rows with one image are tiled, rows with several are not."""
+    processor; rows with one image are tiled, rows with several are not. `sizes` are
+    `build_llava`'s widths and depths (the LLM's apply to the Qwen2 LLM)."""
     reference, llava_processor = build_llava("siglip", seed=seed, image_size=tile, patch_size=patch_size,
-                                             attn_implementation=attn_implementation)
+                                             attn_implementation=attn_implementation, **sizes)
     tokenizer = llava_processor.tokenizer
     pins = [list(p) for p in pinpoints]
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pins)
@@ -199,7 +203,8 @@ def tiny_llava_onevision(
                                         num_image_tokens=(tile // patch_size) ** 2, vision_feature_select_strategy="full")
     config = LlavaOnevisionConfig(
         vision_config=reference.config.vision_config,
-        text_config=Qwen2Config(**_text_kwargs(tokenizer, 64, 2, 4, 2)),
+        text_config=Qwen2Config(**_text_kwargs(tokenizer, sizes.get("llm_d_model", 64), sizes.get("llm_layers", 2),
+                                               sizes.get("llm_heads", 4), 2)),
         image_token_id=reference.config.image_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
