@@ -112,3 +112,17 @@ def test_corruptions_and_groups_respect_images_with_fewer_tokens(eager):
     assert torch.equal(group, layout.image_token_mask())
     with pytest.raises(InputError, match="same grid"):
         anchors_removed(model, inputs, group, replacement="resample")
+
+
+@torch.no_grad()
+def test_bare_ids_still_name_tokens_and_cache(eager):
+    """Without image_sizes the layout is unknown: token names stay plain and a cache has no layout,
+    but nothing fails; with the inputs, newlines are named."""
+    model, inputs = eager.model, eager.inputs
+    names = model.to_str_tokens(inputs.input_ids)
+    assert "<image>" in names[0] and not any(n.startswith("<img") for n in names[0])
+    assert "<img0 newline>" in model.to_str_tokens(inputs)[0]
+    text = inputs.input_ids.clone()
+    text[text == model.cfg.image_token_id] = inputs.input_ids[0, 0]
+    _, cache = model.run_with_cache(text, names_filter="blocks.0.hook_resid_post")
+    assert cache.layout is not None and cache.layout.n_images == 0
