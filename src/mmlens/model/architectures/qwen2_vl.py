@@ -34,6 +34,26 @@ from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrumen
 GRID = "image_grid_thw"
 TYPES = "mm_token_type_ids"
 
+_V = r"vision_encoder\.blocks\.(\d+)\."
+# TransformerBridge's names for Qwen2.5-VL (TL 4.3 wraps it; it does not wrap Qwen2-VL). Bridge
+# points whose tensor is not ours are left out rather than aliased to something else:
+# `patch_embed.hook_out` and `vision_projector.hook_out` hold the tower's order before and after
+# the window reordering (ours: the blocks' order, and the LLM's order), the fused `attn.qkv` has
+# no single point here (see `hook_q/k/v`). Ours carry a leading batch dimension of one.
+QWEN_BRIDGE_ALIASES = (
+    (_V + r"hook_(in|resid_pre)", r"vision.blocks.\1.hook_resid_pre"),
+    (_V + r"hook_(out|resid_post)", r"vision.blocks.\1.hook_resid_post"),
+    (_V + r"norm([12])\.hook_out", r"vision.blocks.\1.ln\2.hook_normalized"),
+    (_V + r"(attn\.hook_in|hook_attn_in)", r"vision.blocks.\1.ln1.hook_normalized"),
+    (_V + r"(mlp\.hook_in|hook_mlp_in)", r"vision.blocks.\1.ln2.hook_normalized"),
+    (_V + r"(attn\.hook_out|hook_attn_out)", r"vision.blocks.\1.hook_attn_out"),
+    (_V + r"(mlp\.hook_out|hook_mlp_out)", r"vision.blocks.\1.hook_mlp_out"),
+    (_V + r"mlp\.gate\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
+    (_V + r"mlp\.in\.hook_out", r"vision.blocks.\1.mlp.hook_pre_linear"),
+    (_V + r"mlp\.out\.hook_in", r"vision.blocks.\1.mlp.hook_post"),
+    *(alias for alias in Llava.bridge_aliases if not alias[0].startswith("vision")),  # the LLM's: same layout
+)
+
 
 class Qwen2VL(Architecture):
     hf_class_names = ("Qwen2VLForConditionalGeneration",)
@@ -215,6 +235,7 @@ class Qwen2VL(Architecture):
 
 class Qwen2_5_VL(Qwen2VL):
     hf_class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    bridge_aliases = QWEN_BRIDGE_ALIASES
     vision_norm: NormKind = "RMS"
     vision_gated = True  # SwiGLU: gate_proj, up_proj, down_proj
     windowed = True
