@@ -29,6 +29,7 @@ from ..layout import ImageTokenLayout
 from ..norms import NormKind, instrument_norm
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
+from .qwen2_vl_layout import qwen_layout
 from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrument_packed_block
 
 GRID = "image_grid_thw"
@@ -162,6 +163,19 @@ class Qwen2VL(Architecture):
         window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
         return torch.argsort(window_index).to(grid_thw.device)
 
+    # ------------------------------------------------------------- images -> tokens
+    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+        config = self._hf_model.config
+        visual = self._hf_model.model.visual
+        grid = inputs.get(GRID)
+        return qwen_layout(
+            input_ids.cpu(), None if grid is None else grid.cpu(),
+            image_token_id=config.image_token_id, start_token_id=config.vision_start_token_id,
+            end_token_id=config.vision_end_token_id, patch_size=config.vision_config.patch_size,
+            merge=config.vision_config.spatial_merge_size,
+            tower_group=None if grid is None else self.merged_order(visual, grid.cpu()),
+        )
+
     # ------------------------------------------------------------- inputs and positions
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
         vc = self._hf_model.config.vision_config
@@ -194,6 +208,10 @@ class Qwen2VL(Architecture):
             attention_mask=mask if mask is not None and mask.ndim == 2 else None,
         )
         return positions
+
+    def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        positions = self.position_ids(inputs)
+        return {} if positions is None else {"position_ids": positions}
 
     def attention_kwargs(
         self, mode: str, kwargs: dict[str, Tensor], layout: Callable[[], ImageTokenLayout], dtype: torch.dtype

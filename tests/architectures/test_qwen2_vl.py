@@ -1,0 +1,184 @@
+"""Qwen2-VL: native resolution (a grid per image), a packed vision tower split by cu_seqlens, the
+2x2 patch merger and M-RoPE. The Qwen-specific tests here also run on Qwen2.5-VL
+(`test_qwen2_5_vl.py` imports `QWEN_TESTS`)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from mmlens.data import load_segmentation
+from mmlens.interventions import TokenGroup, knockout
+from mmlens.model.architectures.qwen2_vl_tower import block_diagonal
+from mmlens.model.attention_masks import additive_mask
+from mmlens.testing_families import tiny_qwen2_vl
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+import family_tier as tier
+from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
+
+family, eager, builder = tier.fixtures({"qwen2-vl": lambda attn: tiny_qwen2_vl("2", attn_implementation=attn)})
+
+
+@torch.no_grad()
+def test_cache_equals_hf_hidden_states(eager):
+    """LLM residuals = HF hidden states, vision residuals = the tower's (packed, its order), the
+    adapter's output = HF's merged image features (LLM token order)."""
+    model, inputs, reference = eager.model, eager.inputs, eager.reference
+    _, cache = model.run_with_cache(inputs)
+    ref = reference(**inputs.hf_kwargs(), output_hidden_states=True)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer], atol=1e-5, rtol=0)
+    grid = inputs.extra["image_grid_thw"]
+    tower = reference.model.visual(inputs.pixel_values, grid_thw=grid, output_hidden_states=True)
+    for block in range(model.cfg.vision.n_layers):
+        torch.testing.assert_close(cache[f"vision.blocks.{block}.hook_resid_post"][0], tower.hidden_states[block + 1],
+                                   atol=1e-5, rtol=0)
+    features = torch.cat(reference.model.get_image_features(inputs.pixel_values, grid).pooler_output)
+    torch.testing.assert_close(cache["adapter.hook_out"][0], features, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_knockout_equals_hf_with_its_mask(eager):
+    """As the tier's, with the M-RoPE positions Hugging Face computes from the 2-D mask (it
+    cannot read them off a 4D one)."""
+    model, inputs = eager.model, eager.inputs
+    corner = TokenGroup.box(0, 0, 2, 2)
+    ko = knockout(model, inputs, queries=TokenGroup.image() - corner, keys=corner,
+                  layers=range(model.cfg.n_layers), verify=True)
+    with ko:
+        ours = model(inputs)
+    assert ko.n_blocked_edges > 0 and all(mass == 0.0 for mass in ko.blocked_mass.values())
+    allowed = model.attention_edges(inputs) & ~ko.blocked.cpu()
+    kwargs = inputs.hf_kwargs()
+    theirs = eager.reference(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
+                             image_grid_thw=kwargs["image_grid_thw"], attention_mask=additive_mask(allowed),
+                             position_ids=model.architecture.position_ids(kwargs)).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"
+
+
+@contextmanager
+def tower_attention_masked(reference, allowed: torch.Tensor):
+    """Hugging Face's own vision attention, run chunk by chunk as it does, with the additive mask
+    of `allowed` ([n_patches, n_patches], packed order) cut to each chunk."""
+    visual = reference.model.visual
+    module = sys.modules[type(visual.blocks[0].attn).__module__]
+    original = module.eager_attention_forward
+    offset = [0]
+
+    def masked(attn, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        n = query.shape[2]
+        start, offset[0] = offset[0], offset[0] + n
+        block = allowed[start : start + n, start : start + n]
+        mask = torch.zeros(block.shape).masked_fill(~block, float("-inf"))[None, None]
+        return original(attn, query, key, value, mask, scaling, dropout, **kwargs)
+
+    handles = [block.attn.register_forward_pre_hook(lambda *_: offset.__setitem__(0, 0)) for block in visual.blocks]
+    module.eager_attention_forward = masked
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_vision_knockout_equals_hf_with_its_mask(eager):
+    """A knockout in the packed tower = Hugging Face's per-image (per-window) attention with the
+    blocked edges masked, chunk by chunk."""
+    model, inputs = eager.model, eager.inputs
+    layers = range(model.cfg.vision.n_layers)
+    ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1), layers=layers,
+                  stage="vision", verify=True)
+    with ko:
+        ours = model(inputs)
+    assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
+    assert all(mass == 0.0 for mass in ko.blocked_mass.values())
+    with tower_attention_masked(eager.reference, ~ko.blocked[0].cpu()):
+        theirs = eager.reference(**inputs.hf_kwargs()).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"
+
+
+@torch.no_grad()
+def test_vision_attention_stays_in_its_image_and_window(eager):
+    """The packed pattern is zero between images, and in Qwen2.5-VL's windowed blocks between
+    windows; the full blocks read the whole image."""
+    model, inputs = eager.model, eager.inputs
+    _, cache = model.run_with_cache(inputs, names_filter=lambda n: n.startswith("vision.") and n.endswith("hook_pattern"))
+    visual = model.hf_model.model.visual
+    grid = inputs.extra["image_grid_thw"].cpu()
+    n = int(grid.prod(-1).sum())
+    images = block_diagonal(get_vision_cu_seqlens(grid), n)
+    windowed = getattr(visual, "fullatt_block_indexes", None)
+    for block in range(model.cfg.vision.n_layers):
+        pattern = cache[f"vision.blocks.{block}.attn.hook_pattern"][0].cpu()
+        assert pattern.shape == (model.cfg.vision.n_heads, n, n)
+        rule = images
+        if windowed is not None and block not in windowed:
+            _, cu_windows = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+            rule = block_diagonal(cu_windows, n)
+            assert rule.sum() < images.sum(), "the test images span several windows"
+        assert (pattern[:, ~rule] == 0).all() and (pattern[:, rule] > 0).all()
+
+
+def test_each_image_has_its_own_grid_and_mrope_cells(eager):
+    """Grids follow image_grid_thw (two sizes in the batch), start/end tokens sit outside them, and
+    the M-RoPE rows and columns of an image's tokens are its grid cells."""
+    model, inputs = eager.model, eager.inputs
+    layout = inputs.layout
+    grid = inputs.extra["image_grid_thw"].cpu()
+    shapes = {tuple(span.segments[0].tokens.shape) for span in layout.spans}
+    assert len(shapes) > 1, "images of different sizes"
+    positions = model.architecture.position_ids(inputs.hf_kwargs()).cpu()
+    ids = inputs.input_ids.cpu()
+    config = model.hf_model.config
+    for span in layout.spans:
+        (segment,) = span.segments
+        _, h, w = grid[span.image_index].tolist()
+        assert segment.tokens.shape == (h // 2, w // 2) and span.canvas == (h * 4, w * 4)
+        assert int(ids[span.row, span.special["start"]]) == config.vision_start_token_id
+        assert int(ids[span.row, span.special["end"]]) == config.vision_end_token_id
+        t, row, col = positions[:, span.row, segment.positions]
+        assert (t == t[0]).all()
+        assert torch.equal(torch.stack([row - row[0], col - col[0]], dim=1), segment.tokens.cells)
+
+
+@torch.no_grad()
+def test_vision_gather_reads_raster_patches(eager):
+    """`gather("vision")` puts each image's patches in raster order: the patch embeddings it returns
+    are the patch embedding of the processed image's pixels at those cells."""
+    model, inputs = eager.model, eager.inputs
+    _, cache = model.run_with_cache(inputs, names_filter="vision.hook_embed")
+    gathered = inputs.layout.gather("vision", cache["vision.hook_embed"])
+    embed = model.hf_model.model.visual.patch_embed
+    offset = 0
+    for k, span in enumerate(inputs.layout.spans):
+        _, h, w = inputs.extra["image_grid_thw"][span.image_index].tolist()
+        own = embed(inputs.pixel_values[offset : offset + h * w])  # the processor's order: 2x2 groups
+        offset += h * w
+        r, c = span.segments[0].patches.cells.T
+        slot = ((r // 2) * (w // 2) + c // 2) * 4 + (r % 2) * 2 + c % 2
+        torch.testing.assert_close(gathered[k, : h * w], own[slot], atol=1e-6, rtol=0)
+
+
+def test_every_analysis_runs(eager):
+    scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
+    tier.every_analysis_runs(eager.model, scenes)
+
+
+QWEN_TESTS = (
+    test_cache_equals_hf_hidden_states,
+    test_knockout_equals_hf_with_its_mask,
+    test_vision_knockout_equals_hf_with_its_mask,
+    test_vision_attention_stays_in_its_image_and_window,
+    test_each_image_has_its_own_grid_and_mrope_cells,
+    test_vision_gather_reads_raster_patches,
+    test_every_analysis_runs,
+)
