@@ -23,12 +23,16 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
-from mmlens.testing_families import tiny_llava_dinov2, tiny_paligemma  # noqa: E402
+from mmlens.testing_families import tiny_llava_dinov2, tiny_paligemma, tiny_qwen2_vl  # noqa: E402
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
 FAMILIES = {
     "paligemma": lambda attn: tiny_paligemma(**SIZE, llm_heads=8, attn_implementation=attn),
     "llava-dinov2": lambda attn: tiny_llava_dinov2(**SIZE, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+    # the same widths; a 64x64 image is 8x8 patches of 8 px and 4x4 merged tokens, the 4 images one packed sequence
+    **{f"qwen{v}-vl": (lambda attn, v=v: tiny_qwen2_vl(v, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4,
+                                                       llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn))
+       for v in ("2", "2.5")},
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (
