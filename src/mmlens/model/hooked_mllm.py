@@ -389,7 +389,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                 raise ValueError(f"llm_inputs_embeds must be [batch, seq, d_model] = {expected} for these inputs, "
                                  f"got {tuple(llm_inputs_embeds.shape)}")
             keep = ("attention_mask", *self.architecture.llm_input_names)
-            run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs}}
+            run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs},
+                          **self.architecture.llm_keywords(self.hf_model, kwargs)}
             if start:  # the residual at a later layer is not the LLM's input embedding
                 embeds_points = (self.hook_multimodal_embed,)
         layers = self._stages["llm"].layers
