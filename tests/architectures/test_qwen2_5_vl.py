@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from mmlens import HookedMLLM
-from mmlens.errors import UnsupportedModelError
-from mmlens.model.architectures import qwen2_vl
 from mmlens.testing_families import tiny_qwen2_vl
 
 import family_tier as tier
@@ -16,14 +13,6 @@ from test_qwen2_vl import QWEN_TESTS
 
 globals().update({test.__name__: test for test in QWEN_TESTS})  # Qwen2-VL's own checks, on this file's fixtures
 family, eager, builder = tier.fixtures({"qwen2.5-vl": lambda attn: tiny_qwen2_vl("2.5", attn_implementation=attn)})
-
-
-def test_a_tower_read_without_its_windows_is_refused(monkeypatch):
-    """Merged tokens read in the tower's window order instead of the LLM's: refused at load."""
-    monkeypatch.setattr(qwen2_vl.Qwen2_5_VL, "windowed", False)
-    hf_model, processor = tiny_qwen2_vl("2.5")
-    with pytest.raises(UnsupportedModelError, match="logits differ"):
-        HookedMLLM.from_hf(hf_model, processor)
 
 
 BRIDGE_NAMES = {

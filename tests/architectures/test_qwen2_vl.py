@@ -7,16 +7,22 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+import numpy as np
+import pytest
 import torch
 
+from mmlens import HookedMLLM
+from mmlens.errors import UnsupportedModelError
 from mmlens.data import load_segmentation
 from mmlens.interventions import TokenGroup, knockout
+from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.qwen2_vl_tower import block_diagonal
 from mmlens.model.attention_masks import additive_mask
 from mmlens.testing_families import tiny_qwen2_vl
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 import family_tier as tier
+from conftest import random_images
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 family, eager, builder = tier.fixtures({"qwen2-vl": lambda attn: tiny_qwen2_vl("2", attn_implementation=attn)})
@@ -66,11 +72,14 @@ def tower_attention_masked(reference, allowed: torch.Tensor):
     """Hugging Face's own vision attention, run chunk by chunk as it does, with the additive mask
     of `allowed` ([n_patches, n_patches], packed order) cut to each chunk."""
     visual = reference.model.visual
-    module = sys.modules[type(visual.blocks[0].attn).__module__]
-    original = module.eager_attention_forward
+    vision_attention = type(visual.blocks[0].attn)
+    module = sys.modules[vision_attention.__module__]
+    original = module.eager_attention_forward  # the LLM's attention uses it too: leave that alone
     offset = [0]
 
     def masked(attn, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if not isinstance(attn, vision_attention):
+            return original(attn, query, key, value, attention_mask, scaling, dropout, **kwargs)
         n = query.shape[2]
         start, offset[0] = offset[0], offset[0] + n
         block = allowed[start : start + n, start : start + n]
@@ -168,12 +177,68 @@ def test_vision_gather_reads_raster_patches(eager):
         torch.testing.assert_close(gathered[k, : h * w], own[slot], atol=1e-6, rtol=0)
 
 
+def test_layout_contract(eager):
+    """Every image placeholder is one grid token of one image, `<|vision_start|>` / `<|vision_end|>`
+    are special tokens outside the grid (and not placeholders), token and patch boxes tile each
+    image's canvas, each token is fed by its 2x2 patches, and what the merger made is what the LLM got."""
+    model, inputs = eager.model, eager.inputs
+    layout = inputs.layout
+    placeholders = inputs.input_ids.cpu() == model.cfg.image_token_id
+    labelled = torch.zeros_like(placeholders, dtype=torch.long)
+    for span in layout.spans:
+        labelled[span.row, span.positions] += 1
+        assert set(span.special) == {"start", "end"} and not placeholders[span.row, span.special["start"]].any()
+        (segment,) = span.segments
+        for grid in (segment.tokens, segment.patches):
+            cover = torch.zeros(span.canvas, dtype=torch.long)
+            for y0, x0, y1, x1 in grid.boxes.tolist():
+                cover[y0:y1, x0:x1] += 1
+            assert (cover == 1).all(), "pixel boxes tile the image"
+        assert torch.equal(torch.bincount(segment.patch_to_token), torch.full((len(segment.tokens),), 4))
+        token_box = segment.tokens.boxes[segment.patch_to_token]
+        patch_box = segment.patches.boxes
+        assert ((patch_box[:, :2] >= token_box[:, :2]) & (patch_box[:, 2:] <= token_box[:, 2:])).all()
+    assert torch.equal(labelled, placeholders.long()), "every image placeholder belongs to exactly one image"
+    for kind in ("start", "end"):
+        assert not (layout.special_positions(kind) & layout.image_token_mask()).any()
+    _, cache = model.run_with_cache(inputs, names_filter=["adapter.hook_out", "hook_multimodal_embed"])
+    present = layout.table("llm").present
+    assert present.sum(1).tolist() == [len(s.positions) for s in layout.spans]
+    torch.testing.assert_close(layout.gather("adapter", cache["adapter.hook_out"])[present],
+                               layout.gather("llm", cache["hook_multimodal_embed"])[present], atol=0, rtol=0)
+
+
+def test_masks_follow_the_resize_onto_each_canvas(eager):
+    """`transform_mask` resizes a mask as the processor resizes its image (smart_resize, nearest):
+    it lands on the canvas, and the geometry's image is the processor's pixels."""
+    model, inputs = eager.model, eager.inputs
+    images = random_images(3)
+    processor = model.processor.image_processor
+    for span, image in zip(inputs.layout.spans, images):
+        mask = np.zeros((image.height, image.width), dtype=np.uint8)
+        assert model.transform_mask(mask).shape == span.canvas
+        ours = np.asarray(model.geometry.transform_image(image), dtype=np.float32) / 255
+        theirs = processor.resize(np.asarray(image).transpose(2, 0, 1), size=processor.size, resample=processor.resample,
+                                  factor=processor.patch_size * processor.merge_size)
+        np.testing.assert_allclose(ours.transpose(2, 0, 1), np.asarray(theirs, dtype=np.float32) / 255, atol=1 / 255)
+
+
+def test_a_tower_spec_without_its_rotary_is_refused(builder, monkeypatch):
+    hf_model, processor = builder()
+    monkeypatch.setattr(type(architecture_for(hf_model)), "vision_rotary", False)
+    with pytest.raises(UnsupportedModelError, match=r"vision\.blocks\.0 .*does not match its block spec"):
+        HookedMLLM.from_hf(hf_model, processor)
+
+
 def test_every_analysis_runs(eager):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
     tier.every_analysis_runs(eager.model, scenes)
 
 
 QWEN_TESTS = (
+    test_layout_contract,
+    test_masks_follow_the_resize_onto_each_canvas,
+    test_a_tower_spec_without_its_rotary_is_refused,
     test_cache_equals_hf_hidden_states,
     test_knockout_equals_hf_with_its_mask,
     test_vision_knockout_equals_hf_with_its_mask,

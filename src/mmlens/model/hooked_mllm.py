@@ -262,7 +262,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def geometry(self) -> ImageGeometry:
         """The processor's resize / pad / crop, to apply the same geometry to label masks."""
         if getattr(self, "_geometry", None) is None:
-            self._geometry = ImageGeometry.from_processor(self._require_processor())
+            self._geometry = self.architecture.geometry(self._require_processor())
         return self._geometry
 
     def transform_mask(self, mask: Any, ignore_index: int = 255) -> np.ndarray:

@@ -23,6 +23,7 @@ from ...errors import InputError
 from ..attention_masks import additive_mask, allowed_edges
 from ..config import MLLMConfig
 from ..layout import ImageTokenLayout, compute_layout
+from ..preprocess import ImageGeometry
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
 BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
@@ -166,6 +167,10 @@ class Architecture(ABC):
             llm_sees_cls=self.llm_sees_cls(cfg),
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
+
+    def geometry(self, processor: Any) -> ImageGeometry:
+        """The processor's pixel geometry (resize, pad, crop), which label masks follow onto the canvas."""
+        return ImageGeometry.from_processor(processor)
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
         """Refuse images and placeholders that do not match (fixed grid: a constant per image)."""

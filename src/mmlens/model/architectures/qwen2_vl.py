@@ -29,6 +29,7 @@ from ..layout import ImageTokenLayout
 from ..norms import NormKind, instrument_norm
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
+from .qwen2_vl_geometry import SmartResizeGeometry
 from .qwen2_vl_layout import qwen_layout
 from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrument_packed_block
 
@@ -62,6 +63,7 @@ class Qwen2VL(Architecture):
     llm_block = LLM_BLOCK
     vision_norm: NormKind = "LN"
     vision_gated = False  # fc1 -> act -> fc2
+    vision_rotary = True  # the tower's 2-D rotary embedding (a spec without it is refused at load)
     windowed = False
 
     # ------------------------------------------------------------- config and modules
@@ -130,7 +132,7 @@ class Qwen2VL(Architecture):
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
         vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
         for layer, hooks in zip(visual.blocks, root.vision.blocks):
-            instrument_packed_block(layer, hooks, self.vision_gated, use_result, vision_norm)
+            instrument_packed_block(layer, hooks, self.vision_gated, use_result, vision_norm, self.vision_rotary)
         handles = [hook_first_block_input(visual.blocks[0], root.vision.hook_embed)]
         grids: dict[str, Tensor] = {}
 
@@ -176,8 +178,11 @@ class Qwen2VL(Architecture):
             tower_group=None if grid is None else self.merged_order(visual, grid.cpu()),
         )
 
+    def geometry(self, processor: Any) -> SmartResizeGeometry:
+        return SmartResizeGeometry.from_processor(processor)
+
     # ------------------------------------------------------------- inputs and positions
-    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
         vc = self._hf_model.config.vision_config
         per_patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         n_tokens = int((input_ids == cfg.image_token_id).sum())

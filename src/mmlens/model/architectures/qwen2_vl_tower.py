@@ -66,11 +66,14 @@ def _any(points: list[HookPoint]) -> bool:
     return any(p._forward_hooks or p._backward_hooks for p in points)
 
 
-def instrument_packed_attention(attn: nn.Module, hooks: AttentionHooks, use_result: Callable[[], bool]) -> None:
+def instrument_packed_attention(
+    attn: nn.Module, hooks: AttentionHooks, use_result: Callable[[], bool], rotary: bool = True
+) -> None:
     """Hugging Face's code while nothing listens; else the eager maths over the whole packed
-    sequence with the block-diagonal mask, firing TL's attention points."""
+    sequence with the block-diagonal mask, firing TL's attention points. `rotary=False` is a spec
+    that forgets the 2-D rotary embedding (which loading refuses)."""
     original = attn.forward
-    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+    rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision") if rotary else None
     d_head, n_heads = attn.head_dim, attn.num_heads
     hooks._weight_source = (FusedPart(attn.qkv, 0), FusedPart(attn.qkv, 1), FusedPart(attn.qkv, 2), attn.proj, d_head)
 
@@ -81,8 +84,8 @@ def instrument_packed_attention(attn: nn.Module, hooks: AttentionHooks, use_resu
         length = hidden_states.shape[0]
         q, k, v = attn.qkv(hidden_states).reshape(length, 3, n_heads, d_head).permute(1, 0, 2, 3).unbind(0)
         q, k, v = (fire(point, x[None])[0] for point, x in ((hooks.hook_q, q), (hooks.hook_k, k), (hooks.hook_v, v)))
-        cos, sin = kwargs["position_embeddings"]
-        q, k = rotary(q, k, cos, sin)
+        if rotate is not None:
+            q, k = rotate(q, k, *kwargs["position_embeddings"])
         q = fire(hooks.hook_rot_q, q[None])
         k = fire(hooks.hook_rot_k, k[None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v[None].transpose(1, 2)  # [1, heads, n, d_head]
@@ -102,14 +105,15 @@ def instrument_packed_attention(attn: nn.Module, hooks: AttentionHooks, use_resu
 
 
 def instrument_packed_block(
-    layer: nn.Module, hooks: BlockHooks, gated_mlp: bool, use_result: Callable[[], bool], norm: NormKind
+    layer: nn.Module, hooks: BlockHooks, gated_mlp: bool, use_result: Callable[[], bool], norm: NormKind,
+    rotary: bool = True,
 ) -> None:
     """A pre-norm vision block `x + attn(norm1(x))`, `+ mlp(norm2(.))` on the packed sequence. The
     block is taken apart whenever any of its points listens, so that its norms and MLP fire with
     the batch dimension of one like its residual points."""
     instrument_norm(layer.norm1, hooks.ln1, norm)
     instrument_norm(layer.norm2, hooks.ln2, norm)
-    instrument_packed_attention(layer.attn, hooks.attn, use_result)
+    instrument_packed_attention(layer.attn, hooks.attn, use_result, rotary)
     instrument_mlp(layer.mlp, hooks.mlp, gated_mlp)
     original = layer.forward
     names = _argument_names(layer)
