@@ -420,6 +420,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """The vision tower alone, TL style: pixels (or, with `start_at_layer=l`, the residual
         entering block `l`) in, the residual entering block `stop_at_layer` out (default: leaving
         the last block, before any post-norm). Vision hooks fire; wrap in `model.hooks(...)`."""
+        if not self.cfg.vision.image_size:
+            raise InputError(f"run_vision takes images of one fixed size; {self.cfg.architecture} reads each image at its "
+                             "own resolution: run the model with hooks on vision.* points, or stop_at_layer in the LLM")
         n_layers = self.cfg.vision.n_layers
         start = check_layer(start_at_layer, n_layers, "start_at_layer")
         stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")
