@@ -7,11 +7,12 @@ from torch import nn
 from ...errors import UnsupportedModelError
 from .base import Architecture
 from .llava import Llava
+from .llava_next import LlavaNext
 from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2_5_VL, Qwen2VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, PaliGemma, Qwen2VL, Qwen2_5_VL) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, PaliGemma, Qwen2VL, Qwen2_5_VL) for name in arch.hf_class_names
 }
 
 

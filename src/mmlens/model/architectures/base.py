@@ -23,6 +23,7 @@ from ...errors import InputError
 from ..attention_masks import additive_mask, allowed_edges
 from ..config import MLLMConfig
 from ..layout import ImageTokenLayout, compute_layout
+from ..anyres import AnyresGeometry, geometry_for
 from ..preprocess import ImageGeometry
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
@@ -168,12 +169,14 @@ class Architecture(ABC):
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
 
-    def geometry(self, processor: Any) -> ImageGeometry:
-        """The processor's pixel geometry (resize, pad, crop), which label masks follow onto the canvas."""
-        return ImageGeometry.from_processor(processor)
+    def geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
+        """The processor's pixel geometry (resize, pad, crop, or anyres tiling), which label masks
+        follow onto the canvas."""
+        return geometry_for(processor)
 
-    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
-        """Refuse images and placeholders that do not match (fixed grid: a constant per image)."""
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
+        """Refuse images and placeholders that do not match (fixed grid: a constant per image);
+        `inputs`: the family's own keywords present (e.g. `image_sizes`)."""
         per_image = cfg.adapter.n_image_tokens
         n_tokens = int((input_ids == cfg.image_token_id).sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
