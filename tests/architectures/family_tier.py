@@ -175,6 +175,8 @@ def test_knockout_equals_hf_with_its_mask(eager: Family) -> None:
     assert torch.equal(ko.effective_mask(), allowed.to(ko.blocked.device))
     rules = ("attention_mask", *model.architecture.llm_input_names)  # replaced by the 4D mask
     plain = {k: v for k, v in inputs.hf_kwargs().items() if k not in rules}
+    # what the LLM reads off the 2-D mask, given explicitly (Qwen2-VL's M-RoPE positions)
+    plain.update(model.architecture.llm_keywords(model.hf_model, inputs.hf_kwargs()))
     theirs = eager.reference(**plain, attention_mask=additive_mask(allowed)).logits
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)

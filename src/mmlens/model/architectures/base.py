@@ -169,6 +169,11 @@ class Architecture(ABC):
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
 
+    def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Float[Tensor, "3 height width"]:
+        """Image `image_index`'s preprocessed pixels as a [3, height, width] picture (what
+        `pixel_values` holds for it, in whatever layout the family's processor uses)."""
+        return pixel_values[image_index]
+
     def geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
         """The processor's pixel geometry (resize, pad, crop, or anyres tiling), which label masks
         follow onto the canvas."""

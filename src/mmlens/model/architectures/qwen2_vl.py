@@ -30,7 +30,7 @@ from ..norms import NormKind, instrument_norm
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
 from .qwen2_vl_geometry import SmartResizeGeometry
-from .qwen2_vl_layout import qwen_layout
+from .qwen2_vl_layout import qwen_layout, unpatchify
 from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrument_packed_block
 
 GRID = "image_grid_thw"
@@ -177,6 +177,14 @@ class Qwen2VL(Architecture):
             merge=config.vision_config.spatial_merge_size,
             tower_group=None if grid is None else self.merged_order(visual, grid.cpu()),
         )
+
+    def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Tensor:
+        vc = self._hf_model.config.vision_config
+        grid = inputs[GRID].cpu()
+        start = int(grid[:image_index].prod(-1).sum())
+        t, h, w = grid[image_index].tolist()
+        return unpatchify(pixel_values[start : start + t * h * w], h, w, channels=vc.in_channels,
+                          temporal=vc.temporal_patch_size, patch_size=vc.patch_size, merge=vc.spatial_merge_size)
 
     def geometry(self, processor: Any) -> SmartResizeGeometry:
         return SmartResizeGeometry.from_processor(processor)

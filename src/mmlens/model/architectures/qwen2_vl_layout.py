@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ...errors import LayoutMismatchError
@@ -49,6 +49,17 @@ def patch_order(h: int, w: int, merge: int) -> Int[Tensor, "h_times_w"]:
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     group = (r // merge) * (w // merge) + c // merge
     return (group * merge * merge + (r % merge) * merge + c % merge).flatten()
+
+
+def unpatchify(
+    patches: Float[Tensor, "n_patches patch_dim"], h: int, w: int, *, channels: int, temporal: int, patch_size: int,
+    merge: int,
+) -> Float[Tensor, "channels height width"]:
+    """One image's rows of the processor's `pixel_values` (2x2 groups of flattened patches, each
+    repeated over `temporal` frames) back into the [channels, h * patch, w * patch] picture."""
+    p = patch_size
+    x = patches.reshape(h // merge, w // merge, merge, merge, channels, temporal, p, p)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * p, w * p)
 
 
 def qwen_layout(
