@@ -447,6 +447,16 @@ class ImageTokenLayout:
         """For every canvas pixel of every image (canvases padded to the largest), the row of
         `gather(stage, ...)` whose box covers it, or -1. Where segments overlap (a base image and its
         tiles) the later, finer segment wins."""
+        stage = self._check_stage(stage)
+        if stage not in self._pixel_maps:
+            self._pixel_maps[stage] = self._paint(stage)
+        return self._pixel_maps[stage]
+
+    @cached_property
+    def _pixel_maps(self) -> dict[str, Tensor]:
+        return {}
+
+    def _paint(self, stage: Stage) -> Int[Tensor, "n_images height width"]:
         canvas = self.table(stage).canvas
         height = int(canvas[:, 0].max()) if len(canvas) else 0
         width = int(canvas[:, 1].max()) if len(canvas) else 0
@@ -459,6 +469,11 @@ class ImageTokenLayout:
                 out[k] = torch.where(index >= 0, index + start, out[k])
                 start += len(grid)
         return out
+
+    def pixels(self, stage: Stage) -> "TokenGrid | Int[Tensor, 'n_images height width']":
+        """What paints `gather(stage, ...)` rows onto canvas pixels: the shared grid of a fixed-grid
+        family (as before), otherwise `pixel_map(stage)`."""
+        return self.grid_of(stage) if self.uniform else self.pixel_map(stage)
 
     # ------------------------------------------------------------- selections across stages
     def scatter_adapter(self, selected: Bool[Tensor, "batch seq"], n_adapter: int | None = None) -> Bool[Tensor, "..."]:
