@@ -228,7 +228,7 @@ def test_bidirectional_edit_equals_the_bidirectional_mode(eager: Family) -> None
     assert (edited - causal)[valid].abs().max() > 1e-4
 
 
-def every_analysis_runs(model: HookedMLLM, scenes) -> None:
+def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     """Probe sweep, verified knockouts (LLM and vision), head sweep, anchor knockout, position
     study and recovery heads, end to end on a random-weight model (numbers are not the point)."""
     n_layers = model.cfg.n_layers
@@ -256,3 +256,6 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> None:
     assert len(study.per_position) and set(study.gains.tokens) == {"early", "late"}
     heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=4, n_boot=5, n_maps=1, top_k=2)
     assert len(heads.table) == n_layers * model.cfg.llm.n_heads and len(heads.maps) == 1
+    picture = heads.maps[0].image  # the image as the model saw it
+    assert picture.ndim == 3 and picture.shape[-1] == 3 and min(picture.shape[:2]) >= min(heads.maps[0].grid)
+    return heads
