@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from contextlib import contextmanager
 
@@ -214,6 +215,26 @@ def test_a_tower_spec_without_its_rotary_is_refused(builder, monkeypatch):
         HookedMLLM.from_hf(hf_model, processor)
 
 
+@torch.no_grad()
+def test_two_images_in_one_row(builder):
+    """A prompt with two images of different sizes: two spans in its row, each with its own grid,
+    and every hook active still gives Hugging Face's logits."""
+    hf_model, processor = builder()
+    reference = copy.deepcopy(hf_model)
+    model = HookedMLLM.from_hf(hf_model, processor)
+    a, b, c = random_images(3)
+    inputs = model.prepare([[a, b], [c]], ["compare them", "what"])
+    rows = [[span.image_index for span in row] for row in inputs.layout.images]
+    assert rows == [[0, 1], [2]]
+    first, second = inputs.layout.images[0]
+    assert first.segments[0].tokens.shape != second.segments[0].tokens.shape
+    assert int(first.special["end"]) < int(second.special["start"])
+    ours = model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x.clone())])
+    valid = inputs.attention_mask.bool()
+    theirs = reference(**inputs.hf_kwargs()).logits
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+
+
 def test_every_analysis_runs(eager):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
     heads = tier.every_analysis_runs(eager.model, scenes)
@@ -231,5 +252,6 @@ QWEN_TESTS = (
     test_vision_attention_stays_in_its_image_and_window,
     test_each_image_has_its_own_grid_and_mrope_cells,
     test_vision_gather_reads_raster_patches,
+    test_two_images_in_one_row,
     test_every_analysis_runs,
 )
