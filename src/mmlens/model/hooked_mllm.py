@@ -264,7 +264,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """The processor's resize / pad / crop (or anyres tiling), to bring label masks into the
         pixels the layout's boxes live in."""
         if getattr(self, "_geometry", None) is None:
-            self._geometry = self.architecture.geometry(self._require_processor())
+            self._geometry = self.architecture.mask_geometry(self._require_processor())
         return self._geometry
 
     def transform_mask(self, mask: Any, ignore_index: int = 255) -> np.ndarray:

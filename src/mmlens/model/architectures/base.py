@@ -174,7 +174,7 @@ class Architecture(ABC):
         `pixel_values` holds for it, in whatever layout the family's processor uses)."""
         return pixel_values[image_index]
 
-    def geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
+    def mask_geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
         """The processor's pixel geometry (resize, pad, crop, or anyres tiling), which label masks
         follow onto the canvas."""
         return geometry_for(processor)

@@ -186,7 +186,7 @@ class Qwen2VL(Architecture):
         return unpatchify(pixel_values[start : start + t * h * w], h, w, channels=vc.in_channels,
                           temporal=vc.temporal_patch_size, patch_size=vc.patch_size, merge=vc.spatial_merge_size)
 
-    def geometry(self, processor: Any) -> SmartResizeGeometry:
+    def mask_geometry(self, processor: Any) -> SmartResizeGeometry:
         return SmartResizeGeometry.from_processor(processor)
 
     # ------------------------------------------------------------- inputs and positions
