@@ -216,6 +216,23 @@ def test_a_tower_spec_without_its_rotary_is_refused(builder, monkeypatch):
 
 
 @torch.no_grad()
+def test_vision_weights_split_the_fused_qkv(eager):
+    """`W_Q/W_K/W_V` of a vision block are per-head views of its fused qkv: they give the cached
+    queries, keys and values from the block's normalised input."""
+    model, inputs = eager.model, eager.inputs
+    names = ["vision.blocks.0.ln1.hook_normalized", *(f"vision.blocks.0.attn.hook_{x}" for x in "qkv")]
+    _, cache = model.run_with_cache(inputs, names_filter=names)
+    attn = model.vision.blocks[0].attn
+    cfg = model.cfg.vision
+    assert attn.W_Q.shape == (cfg.n_heads, cfg.d_model, cfg.d_head)
+    normed = cache["vision.blocks.0.ln1.hook_normalized"]
+    for x, (w, b) in zip("qkv", ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))):
+        ours = torch.einsum("bpm,hmd->bphd", normed, w) + b
+        torch.testing.assert_close(ours, cache[f"vision.blocks.0.attn.hook_{x}"], atol=1e-5, rtol=0)
+    assert attn.W_Q.data_ptr() == model.hf_model.model.visual.blocks[0].attn.qkv.weight.data_ptr()  # a view
+
+
+@torch.no_grad()
 def test_two_images_in_one_row(builder):
     """A prompt with two images of different sizes: two spans in its row, each with its own grid,
     and every hook active still gives Hugging Face's logits."""
@@ -252,6 +269,7 @@ QWEN_TESTS = (
     test_vision_attention_stays_in_its_image_and_window,
     test_each_image_has_its_own_grid_and_mrope_cells,
     test_vision_gather_reads_raster_patches,
+    test_vision_weights_split_the_fused_qkv,
     test_two_images_in_one_row,
     test_every_analysis_runs,
 )

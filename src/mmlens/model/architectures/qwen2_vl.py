@@ -127,7 +127,7 @@ class Qwen2VL(Architecture):
 
     # ------------------------------------------------------------- hooks
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
-        self._hf_model = hf_model  # get_rope_index, for position ids under 4D masks
+        self._hf_model = hf_model  # its config (layouts, input checks, probe batch) and get_rope_index
         visual = hf_model.model.visual
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
         vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
