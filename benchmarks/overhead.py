@@ -23,7 +23,9 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
-from mmlens.testing_families import tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_paligemma  # noqa: E402
+from mmlens.testing_families import (  # noqa: E402
+    tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_paligemma, tiny_qwen2_vl,
+)
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
 TILED = dict(tile=64, patch_size=8, pinpoints=((64, 128), (128, 64), (128, 128)), vision_layers=4, vision_d_model=128,
@@ -34,6 +36,10 @@ FAMILIES = {
     # tiles of SIZE's image size, up to 2x2 of them: the tower runs on 2-5 tiles per image
     "llava-next": lambda attn: tiny_llava_next(**TILED, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
     "llava-onevision": lambda attn: tiny_llava_onevision(**TILED, vision_heads=4, llm_heads=8, attn_implementation=attn),
+    # the same widths; a 64x64 image is 8x8 patches of 8 px and 4x4 merged tokens, the 4 images one packed sequence
+    **{f"qwen{v}-vl": (lambda attn, v=v: tiny_qwen2_vl(v, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4,
+                                                       llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn))
+       for v in ("2", "2.5")},
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

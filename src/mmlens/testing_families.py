@@ -22,12 +22,19 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
 
 from .zoo.build import build_llava, build_word_tokenizer
 
@@ -214,3 +221,71 @@ def tiny_llava_onevision(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlavaOnevisionForConditionalGeneration(config).eval(), processor
+
+
+# ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+# Qwen's chat template, reduced to what the word tokenizer reads: each image is wrapped in its
+# vision start/end tokens before the text.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ content['text'] }} {% endif %}{% endfor %}{% endfor %}"
+)
+
+
+class QwenImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2-VL's processor for images only: its video processor needs torchvision, which mmlens
+    does not require (the image path, `mm_token_type_ids` included, is Hugging Face's own)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def tiny_qwen2_vl(
+    version: Literal["2", "2.5"] = "2.5",
+    *,
+    patch_size: int = 4,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    llm_layers: int = 2,
+    llm_d_model: int = 64,
+    llm_heads: int = 4,
+    max_side: int = 48,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A tiny Qwen2-VL or Qwen2.5-VL and its processor. Images are resized to multiples of
+    2 x `patch_size` pixels between 16x16 and `max_side`^2 pixels in area, so a 32x32 image is
+    8x8 patches and 4x4 LLM tokens. Qwen2.5-VL's windows span 2x2 LLM tokens (block 0) and block
+    1 attends over the whole image, so both attention rules run on every test image."""
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
+    image_token, video_token, start, end = (tokenizer.convert_tokens_to_ids(t) for t in (
+        "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
+    )
+    processor = QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    text = _text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2)
+    head_dim = llm_d_model // llm_heads
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]}
+    vision = dict(depth=vision_layers, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2.5":
+        vision.update(hidden_size=vision_d_model, intermediate_size=2 * vision_d_model, out_hidden_size=llm_d_model,
+                      window_size=4 * patch_size, fullatt_block_indexes=[vision_layers - 1])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        vision.update(embed_dim=vision_d_model, hidden_size=llm_d_model, mlp_ratio=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    config = config_class(
+        text_config={**text, "rope_parameters": rope},
+        vision_config=vision,
+        image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return model_class(config).eval(), processor

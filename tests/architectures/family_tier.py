@@ -177,6 +177,8 @@ def test_knockout_equals_hf_with_its_mask(eager: Family) -> None:
     assert torch.equal(ko.effective_mask(), allowed.to(ko.blocked.device))
     rules = ("attention_mask", *model.architecture.llm_input_names)  # replaced by the 4D mask
     plain = {k: v for k, v in inputs.hf_kwargs().items() if k not in rules}
+    # what the LLM reads off the 2-D mask, given explicitly (Qwen2-VL's M-RoPE positions)
+    plain.update(model.architecture.llm_keywords(model.hf_model, inputs.hf_kwargs()))
     theirs = eager.reference(**plain, attention_mask=additive_mask(allowed)).logits
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
@@ -259,7 +261,7 @@ def test_bidirectional_edit_equals_the_bidirectional_mode(eager: Family) -> None
     assert (edited - causal)[valid].abs().max() > 1e-4
 
 
-def every_analysis_runs(model: HookedMLLM, scenes) -> None:
+def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     """Probe sweep, verified knockouts (LLM and vision), head sweep, anchor knockout, position
     study and recovery heads, end to end on a random-weight model (numbers are not the point)."""
     n_layers = model.cfg.n_layers
@@ -287,3 +289,6 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> None:
     assert len(study.per_position) and set(study.gains.tokens) == {"early", "late"}
     heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=4, n_boot=5, n_maps=1, top_k=2)
     assert len(heads.table) == n_layers * model.cfg.llm.n_heads and len(heads.maps) == 1
+    picture = heads.maps[0].image  # the image as the model saw it
+    assert picture.ndim == 3 and picture.shape[-1] == 3 and min(picture.shape[:2]) >= min(heads.maps[0].grid)
+    return heads

@@ -115,11 +115,15 @@ class MLLMConfig:
 
     def summary(self) -> str:
         v, a, l = self.vision, self.adapter, self.llm
+        if v.image_size:
+            patches = (f"{v.image_size}px / {v.patch_size}px patches ({v.patch_grid[0]}x{v.patch_grid[1]}"
+                       f"{' + CLS' if v.has_cls else ''}{f' + {v.n_registers} registers' if v.n_registers else ''})")
+            tokens = f"{a.n_image_tokens} image tokens ({a.token_grid[0]}x{a.token_grid[1]})"
+        else:  # every image at its own resolution (Qwen2-VL)
+            patches, tokens = f"native resolution, {v.patch_size}px patches", "a token grid per image"
         return (
             f"{self.architecture}: vision {v.n_layers} layers x {v.n_heads} heads, d_model {v.d_model}, "
-            f"{v.image_size}px / {v.patch_size}px patches ({v.patch_grid[0]}x{v.patch_grid[1]}"
-            f"{' + CLS' if v.has_cls else ''}{f' + {v.n_registers} registers' if v.n_registers else ''}) -> adapter {a.kind} reads vision layer(s) "
-            f"{list(a.feature_layers)} -> {a.n_image_tokens} image tokens ({a.token_grid[0]}x"
-            f"{a.token_grid[1]}) -> LLM {l.n_layers} layers x {l.n_heads} heads "
+            f"{patches} -> adapter {a.kind} reads vision layer(s) {list(a.feature_layers)} -> {tokens} "
+            f"-> LLM {l.n_layers} layers x {l.n_heads} heads "
             f"({l.n_key_value_heads} kv), d_model {l.d_model}, vocab {self.d_vocab}"
         )

@@ -35,7 +35,7 @@ from .inputs import MultimodalInputs
 from .layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
-from .anyres import AnyresGeometry, geometry_for
+from .anyres import AnyresGeometry
 from .preprocess import ImageGeometry
 from .spec_check import verify_blocks
 from .tl_view import WithImages
@@ -269,7 +269,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """The processor's resize / pad / crop (or anyres tiling), to bring label masks into the
         pixels the layout's boxes live in."""
         if getattr(self, "_geometry", None) is None:
-            self._geometry = geometry_for(self._require_processor())
+            self._geometry = self.architecture.mask_geometry(self._require_processor())
         return self._geometry
 
     def transform_mask(self, mask: Any, ignore_index: int = 255) -> np.ndarray:
@@ -429,6 +429,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """The vision tower alone, TL style: pixels (or, with `start_at_layer=l`, the residual
         entering block `l`) in, the residual entering block `stop_at_layer` out (default: leaving
         the last block, before any post-norm). Vision hooks fire; wrap in `model.hooks(...)`."""
+        if not self.cfg.vision.image_size:
+            raise InputError(f"run_vision takes images of one fixed size; {self.cfg.architecture} reads each image at its "
+                             "own resolution: run the model with hooks on vision.* points, or stop_at_layer in the LLM")
         n_layers = self.cfg.vision.n_layers
         start = check_layer(start_at_layer, n_layers, "start_at_layer")
         stop = check_layer(stop_at_layer, n_layers, "stop_at_layer")

@@ -157,12 +157,13 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
             return mlp.down_proj(fire(hooks.hook_post, mlp.act_fn(pre) * pre_linear))
 
     else:
+        act = getattr(mlp, "activation_fn", None) or mlp.act  # CLIP / SigLIP name it one way, Qwen2-VL's tower the other
 
         def forward(x: Tensor) -> Tensor:
             if not hooks.any_hooked():
                 return original(x)
             pre = fire(hooks.hook_pre, mlp.fc1(x))
-            return mlp.fc2(fire(hooks.hook_post, mlp.activation_fn(pre)))
+            return mlp.fc2(fire(hooks.hook_post, act(pre)))
 
     _override_forward(mlp, forward)
 

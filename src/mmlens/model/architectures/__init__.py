@@ -10,9 +10,11 @@ from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
 from .paligemma import PaliGemma
+from .qwen2_vl import Qwen2_5_VL, Qwen2VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Qwen2VL, Qwen2_5_VL)
+    for name in arch.hf_class_names
 }
 
 

@@ -23,6 +23,8 @@ from ...errors import InputError
 from ..attention_masks import additive_mask, allowed_edges
 from ..config import MLLMConfig
 from ..layout import ImageTokenLayout, compute_layout
+from ..anyres import AnyresGeometry, geometry_for
+from ..preprocess import ImageGeometry
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
 BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
@@ -169,6 +171,16 @@ class Architecture(ABC):
             llm_sees_cls=self.llm_sees_cls(cfg),
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
+
+    def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Float[Tensor, "3 height width"]:
+        """Image `image_index`'s preprocessed pixels as a [3, height, width] picture (what
+        `pixel_values` holds for it, in whatever layout the family's processor uses)."""
+        return pixel_values[image_index]
+
+    def mask_geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
+        """The processor's pixel geometry (resize, pad, crop, or anyres tiling), which label masks
+        follow onto the canvas."""
+        return geometry_for(processor)
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
         """Refuse images and placeholders that do not match (fixed grid: a constant per image);
