@@ -24,7 +24,6 @@ from mmlens import HookedMLLM, MultimodalInputs
 from mmlens.errors import UnsupportedModelError
 from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
-from mmlens.model.attention_masks import additive_mask
 from mmlens.model.instrument import AttentionSpec
 from mmlens.probing import probe_sweep
 
@@ -157,7 +156,7 @@ def test_knockout_equals_hf_with_its_mask(eager: Family) -> None:
     allowed = model.attention_edges(inputs) & ~ko.blocked.cpu()
     assert torch.equal(ko.effective_mask(), allowed.to(ko.blocked.device))
     plain = {k: v for k, v in inputs.hf_kwargs().items() if k in ("input_ids", "pixel_values")}
-    theirs = eager.reference(**plain, attention_mask=additive_mask(allowed)).logits
+    theirs = eager.reference(**plain, attention_mask=model.architecture.hf_attention_mask(allowed)).logits
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
     assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"
