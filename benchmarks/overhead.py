@@ -23,12 +23,15 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
-from mmlens.testing_families import tiny_llava_dinov2, tiny_paligemma  # noqa: E402
+from mmlens.testing_families import tiny_gemma3, tiny_llava_dinov2, tiny_paligemma  # noqa: E402
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
 FAMILIES = {
     "paligemma": lambda attn: tiny_paligemma(**SIZE, llm_heads=8, attn_implementation=attn),
     "llava-dinov2": lambda attn: tiny_llava_dinov2(**SIZE, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+    # Gemma's own 4x4 pooling: 16x16 patches of 8 px -> 16 LLM tokens per image
+    "gemma3": lambda attn: tiny_gemma3(image_size=128, patch_size=8, tokens_per_side=4, vision_layers=4, vision_d_model=128,
+                                       llm_layers=4, llm_d_model=256, llm_heads=8, sliding_window=16, attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

@@ -10,7 +10,7 @@ import torch
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
-from mmlens.errors import UnsupportedModelError
+from mmlens.errors import HookNameError, UnsupportedModelError
 from mmlens.interventions import TokenGroup, knockout
 from mmlens.model.architectures.llava import LLM_BLOCK
 from mmlens.model.attention_masks import additive_mask
@@ -83,6 +83,18 @@ def test_bidirectional_images_are_the_own_rule_and_causal_removes_it(eager):
 
 
 @torch.no_grad()
+def test_a_generated_token_is_text_for_the_attention_rule(eager):
+    model, inputs, reference = eager.model, eager.inputs, eager.reference
+    extra = model.architecture.extend_by_one_token(dict(inputs.extra))
+    next_token = model(inputs)[:, -1].argmax(-1, keepdim=True)
+    ids = torch.cat([inputs.input_ids, next_token], dim=1)
+    mask = torch.cat([inputs.attention_mask, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(extra["token_type_ids"], (ids == model.cfg.image_token_id).long())
+    grown = {"input_ids": ids, "pixel_values": inputs.pixel_values, "attention_mask": mask, **extra}
+    assert torch.equal(model(grown), reference(**grown).logits)
+
+
+@torch.no_grad()
 def test_vision_knockout_equals_hf_with_its_mask(eager):
     """Blocking the top-left LLM token in the tower blocks its 16 patches; HF's own SigLIP layers
     with that 4D mask in layer 0 give the same adapter output."""
@@ -100,6 +112,36 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
     theirs = reference.model.multi_modal_projector(tower.post_layernorm(hidden))
     torch.testing.assert_close(cache["adapter.hook_out"], theirs, atol=1e-5, rtol=0)
     assert (theirs - reference.model.get_image_features(inputs.pixel_values).pooler_output).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_norm_weights_are_gemmas_one_plus_weight(eager):
+    """`w` is the factor Gemma's RMSNorms apply (1 + weight), so the cache's folded norm of the
+    last residual is the final norm's output."""
+    model, inputs = eager.model, eager.inputs
+    _, cache = model.run_with_cache(inputs)
+    last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    normed = cache.apply_ln_to_stack(last[None], layer=None)[0]
+    torch.testing.assert_close(normed, cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
+    block = model.blocks[0]
+    for norm, module in ((block.ln1_post, eager.model.hf_model.model.language_model.layers[0].post_attention_layernorm),
+                         (block.attn.q_ln, eager.model.hf_model.model.language_model.layers[0].self_attn.q_norm)):
+        torch.testing.assert_close(norm.w, module.weight + 1, atol=0, rtol=0)
+
+
+def test_bridge_names_are_aliases(eager):
+    """TransformerLens 4.3's Gemma 3 bridge names; its pre-sandwich-norm branch outputs have no
+    counterpart and are refused, not mapped to the post-norm sublayer outputs."""
+    resolve = eager.model.resolve_hook_name
+    assert resolve("blocks.1.ln1_post.hook_out") == "blocks.1.ln1_post.hook_normalized"
+    assert resolve("blocks.0.ln2_post.hook_out") == "blocks.0.ln2_post.hook_normalized"
+    assert resolve("blocks.0.attn.k_norm.hook_out") == "blocks.0.attn.k_ln.hook_normalized"
+    assert resolve("vision_encoder.encoder_layers.1.hook_out") == "vision.blocks.1.hook_resid_post"
+    assert resolve("vision_projector.hook_out") == "adapter.hook_out"
+    assert resolve("blocks.2.hook_out") == "blocks.2.hook_resid_post"
+    for name in ("blocks.0.attn.hook_out", "blocks.0.mlp.hook_out"):
+        with pytest.raises(HookNameError):
+            resolve(name)
 
 
 def test_llava_spec_on_gemma3_is_refused(monkeypatch):
