@@ -16,6 +16,9 @@ from transformers import (
     GemmaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     MistralConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
@@ -25,6 +28,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .zoo.build import build_llava, build_word_tokenizer
@@ -209,3 +213,37 @@ def tiny_gemma3(
             if "norm" in name and "model.vision_tower" not in name:  # Gemma's (1 + w) RMSNorms
                 param.normal_(0, 0.5)
     return model, processor
+
+
+def tiny_llava_next(
+    *,
+    tile: int = 32,
+    patch_size: int = 8,
+    pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (32, 96)),
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A tiny LLaVA-NeXT (CLIP tower on `tile`-pixel tiles, MLP projector, Llama LLM) and its
+    processor: the grid resolutions `pinpoints` give wide, tall and square tile grids."""
+    reference, llava_processor = build_llava(seed=seed, image_size=tile, patch_size=patch_size,
+                                             attn_implementation=attn_implementation)
+    tokenizer = llava_processor.tokenizer
+    pins = [list(p) for p in pinpoints]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pins,
+        image_mean=llava_processor.image_processor.image_mean, image_std=llava_processor.image_processor.image_std,
+    )
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaNextConfig(
+        vision_config=reference.config.vision_config,
+        text_config=reference.config.text_config,
+        image_token_id=reference.config.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pins,
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval(), processor

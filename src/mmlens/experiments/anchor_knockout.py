@@ -168,7 +168,7 @@ def anchor_knockout(
             blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
         if blocked_mass != 0.0:
             raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
-        grid = inputs.layout.token_grid
+        grid = inputs.layout.pixels("llm")
         for condition, runs in predictions.items():
             for name in readout_names:
                 segmentation = SegmentationScores(n_classes, sweep.ignore_index)

@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..probing.token_labels import token_labels
 from ..interventions import bidirectional_image_attention
 from ..model.edits import edit_hooks
-from ..model import HookedMLLM
+from ..model import HookedMLLM, TokenGrid
 from ..probing import ProbeSweep, probe_sweep
-from ..probing.batches import labelled_batches
+from ..probing.batches import labelled_batches, pad_stack
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
@@ -134,19 +133,16 @@ def position_study(
     with model.using_image_attention("causal"):
         sweeps = {"causal": probe_sweep(model, dataset, **common),
                   "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
-        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress)
+        cross, labels, valid = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress)
     causal = sweeps["causal"]
-    n_classes = len(causal.class_names)
     grid = causal.grids["llm"]
-    labels = token_labels(torch.from_numpy(causal.test_masks.astype(np.int64)), grid, n_classes=n_classes,
-                          ignore_index=causal.ignore_index, min_valid_fraction=causal.settings.min_valid_fraction)
     excluded = torch.tensor(excluded_classes(causal.class_names, exclude), dtype=torch.long)
-    counted = labels.valid & ~torch.isin(labels.labels, excluded)
+    counted = valid & ~torch.isin(labels, excluded)
     scored = counted.numpy()
     predictions = {("causal", n): causal.predictions[("model", n)] for n in names}
     predictions |= {("bidirectional", n): sweeps["bidirectional"].predictions[("model", n)] for n in names}
     predictions |= {("causal_probe_on_bidirectional", n): cross[n] for n in names}
-    hits = {key: ((pred.long() == labels.labels) & counted).numpy() for key, pred in predictions.items()}
+    hits = {key: ((pred.long() == labels) & counted).numpy() for key, pred in predictions.items()}
     resamples = bootstrap_indices(len(scored), n_boot, seed)
     n_tokens = scored.shape[1]
     n_edge = max(1, int(round(early_fraction * n_tokens)))
@@ -182,9 +178,11 @@ def position_study(
                 low, high = percentile_interval(diff)
                 gains.append({"condition": condition, "hook": name, "site": site.label, "tokens": part,
                               "gain_over_causal": accuracy(key, where) - accuracy(base, where), "low": low, "high": high})
-    per_position = _per_position(hits, scored, names, model, grid.cols)
+    # images with their own segments: positions are the rows of `layout.gather`, in sequence order
+    shape = grid.shape if isinstance(grid, TokenGrid) else (1, n_tokens)
+    per_position = _per_position(hits, scored, names, model, shape[1])
     return PositionStudyResult(
-        per_position=per_position, summary=pd.DataFrame(rows), gains=pd.DataFrame(gains), grid=grid.shape,
+        per_position=per_position, summary=pd.DataFrame(rows), gains=pd.DataFrame(gains), grid=shape,
         sweeps=sweeps,
         settings={"layers": layers, "early_fraction": early_fraction, "early_tokens": n_edge, "n_images": len(scored),
                   "probe": probe, "seed": seed, "n_boot": n_boot, "model_attention": model.image_attention,
@@ -193,18 +191,23 @@ def position_study(
     )
 
 
-def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False) -> dict[str, torch.Tensor]:
-    """The causal probes read on the bidirectional run of the same held-out images."""
+def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False):
+    """The causal probes read on the bidirectional run of the same held-out images, with those
+    images' LLM token labels and validity (padded to the longest image)."""
     probes = {n: causal.probes[("model", n)] for n in names}
     settings = causal.settings
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    labels, valid = [], []
     for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
                                   prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
                                   progress=progress, desc="position study: causal probes on the bidirectional run"):
         predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
         for n in names:
-            out[n].append(predicted[n])
-    return {n: torch.cat(v) for n, v in out.items()}
+            out[n].extend(predicted[n])
+        labels.extend(batch.labels["llm"].labels)
+        valid.extend(batch.labels["llm"].valid)
+    return ({n: pad_stack(v, -1) for n, v in out.items()}, pad_stack(labels, causal.ignore_index),
+            pad_stack(valid, False))
 
 
 def _per_position(hits, scored, names, model, cols) -> pd.DataFrame:

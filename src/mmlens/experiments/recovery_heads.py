@@ -341,31 +341,46 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
         inputs, labels = clean.inputs, batch.labels["llm"]
         context = GroupContext(token_labels=labels.labels, model=model, ignore_index=sweep.ignore_index)
         span = inputs.layout.spans[k]
+        n = len(span.positions)
         queries = recovered.resolve(inputs, context)[span.row, span.positions]
         query_kind = "recovered"
         if not queries.any():
             background = torch.tensor(excluded_classes(sweep.class_names), dtype=torch.long)
-            queries = labels.valid[k] & ~torch.isin(labels.labels[k], background)
+            queries = labels.valid[k][:n] & ~torch.isin(labels.labels[k][:n], background)
             query_kind = "objects"
         anchor_tokens = anchors.resolve(inputs, context)[span.row, span.positions]
+        # the map is drawn over the image's finest segment (its only one for a fixed grid)
+        start, segment = _finest_segment(span)
+        shown = slice(start, start + len(segment.positions))
         found = run_and_collect(model, clean, names)
         positions = span.positions.to(model.cfg.device)
+        keys = segment.positions.to(model.cfg.device)
         attention = {}
         for l, hs in heads.items():
             pattern = found[f"blocks.{l}.attn.hook_pattern"][span.row, hs]  # [heads, query, key]
-            from_queries = pattern[:, positions[queries.to(positions.device)]][:, :, positions]
-            attention[l] = from_queries.float().mean((0, 1)).view(inputs.layout.grid).cpu().numpy()
+            from_queries = pattern[:, positions[queries.to(positions.device)]][:, :, keys]
+            attention[l] = from_queries.float().mean((0, 1)).view(segment.tokens.shape).cpu().numpy()
         picture = _model_view(model, inputs.pixel_values[span.image_index])
-        maps.append(RecoveryMap(int(batch.indices[k]), picture, inputs.layout.grid,
-                                queries.nonzero().flatten().tolist(), anchor_tokens.nonzero().flatten().tolist(),
+        maps.append(RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
+                                queries[shown].nonzero().flatten().tolist(), anchor_tokens[shown].nonzero().flatten().tolist(),
                                 attention, {l: sorted(hs) for l, hs in heads.items()}, query_kind))
     return maps
 
 
+def _finest_segment(span):
+    """(first index in `span.positions`, segment) of the image's segment with the most tokens."""
+    starts = np.cumsum([0] + [len(s.positions) for s in span.segments])
+    best = max(range(len(span.segments)), key=lambda i: len(span.segments[i].positions))
+    return int(starts[best]), span.segments[best]
+
+
 def _model_view(model, pixels: torch.Tensor) -> np.ndarray:
-    """The preprocessed image as the model sees it (normalisation undone), [h, w, 3] uint8."""
+    """The preprocessed image as the model sees it (normalisation undone), [h, w, 3] uint8 (for a
+    tiled image, its base tile: the whole image at the tower's size)."""
     processor = getattr(model.processor, "image_processor", None)
     mean = torch.tensor(getattr(processor, "image_mean", (0.0, 0.0, 0.0)))[:, None, None]
     std = torch.tensor(getattr(processor, "image_std", (1.0, 1.0, 1.0)))[:, None, None]
+    if pixels.ndim == 4:  # tiles of one image (anyres): the first is the whole image, squashed
+        pixels = pixels[0]
     image = (pixels.float().cpu() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

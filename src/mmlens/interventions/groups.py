@@ -113,10 +113,11 @@ class TokenGroup:
 
     @staticmethod
     def box(row0: int, col0: int, row1: int, col1: int) -> "TokenGroup":
-        """Image tokens whose grid cell is in rows row0..row1-1 and columns col0..col1-1."""
+        """Image tokens whose grid cell (in its own segment's grid) is in rows row0..row1-1 and
+        columns col0..col1-1."""
         def pick(cells: Tensor) -> Tensor:
             return (cells[:, 0] >= row0) & (cells[:, 0] < row1) & (cells[:, 1] >= col0) & (cells[:, 1] < col1)
-        return TokenGroup(lambda i, c: _per_token(i, lambda k: pick(i.layout.token_cells)), f"box rows {row0}:{row1} cols {col0}:{col1}")
+        return TokenGroup(lambda i, c: _per_token(i, lambda k: pick(_cells(i, k))), f"box rows {row0}:{row1} cols {col0}:{col1}")
 
     @staticmethod
     def of_class(*class_indices: int) -> "TokenGroup":
@@ -146,14 +147,15 @@ class TokenGroup:
     @staticmethod
     def neighbours(group: "TokenGroup", radius: int = 1) -> "TokenGroup":
         """Image tokens within Chebyshev distance `radius` on the grid of a token of `group`
-        in the same image (the group's own tokens excluded)."""
+        in the same image and segment (the group's own tokens excluded)."""
         def resolve(i, c):
             inner = group.resolve(i, c)
-            cells = i.layout.token_cells
-            near = (cells[:, None, :] - cells[None, :, :]).abs().amax(-1) <= radius
 
             def around(k):
                 span = i.layout.spans[k]
+                cells, segment = _cells(i, k), _segments(i, k)
+                near = ((cells[:, None, :] - cells[None, :, :]).abs().amax(-1) <= radius) \
+                    & (segment[:, None] == segment[None, :])
                 member = inner[span.row, span.positions]
                 return (near[:, member].any(1)) & ~member
             return _per_token(i, around)
@@ -192,10 +194,10 @@ def probe_predictions(
         context.activations[name] = cache[name]
     site = site_for(model, name)
     layout = inputs.layout
-    if site.grid == "vision" and len(layout.patch_grid) != len(layout.token_grid):
+    if site.grid == "vision" and not layout.vision_aligned:
         raise ValueError(
-            f"{name} is read on the vision patch grid {layout.patch_grid.shape}, which differs from the LLM "
-            f"token grid {layout.token_grid.shape}; probe groups need a site on the LLM grid (adapter or LLM)"
+            f"{name} is read on the vision patches, which do not map one to one onto the LLM's image tokens "
+            "in this model; probe groups need a site on the LLM grid (adapter or LLM)"
         )
     return predict_image_tokens(model, inputs, {name: probe}, activations=context.activations)[name]
 
@@ -216,6 +218,17 @@ def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
 def _image_id(inputs: MultimodalInputs) -> int:
     spans = inputs.layout.spans
     return int(inputs.input_ids[spans[0].row, spans[0].positions[0]]) if spans else -1
+
+
+def _cells(inputs: MultimodalInputs, k: int) -> Int[Tensor, "n 2"]:
+    """Grid cell of every LLM grid token of image `k`, in `span.positions` order."""
+    table = inputs.layout.table("llm")
+    return table.cells[k][table.present[k]]
+
+
+def _segments(inputs: MultimodalInputs, k: int) -> Int[Tensor, "n"]:
+    table = inputs.layout.table("llm")
+    return table.segment[k][table.present[k]]
 
 
 def _per_token(inputs: MultimodalInputs, select: Callable[[int], Tensor]) -> Tensor:

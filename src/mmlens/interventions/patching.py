@@ -23,6 +23,7 @@ from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from ..model.edits import Edit, edit_hooks
+from ..model.layout import same_span
 
 # inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
 # object with a `hooks` list, such as `knockout(...)`
@@ -90,16 +91,16 @@ def check_same_layout(source: MultimodalInputs, target: MultimodalInputs) -> Non
         rows = (source.attention_mask.cpu() != target.attention_mask.cpu()).any(1).nonzero().flatten().tolist()
         problems.append(f"padding (attention_mask) differs in rows {rows[:5]}")
     if not a.same_geometry(b):
-        if (a.token_grid, a.patch_grid) != (b.token_grid, b.patch_grid):
-            problems.append(f"token grids {a.token_grid.shape}/{a.patch_grid.shape} vs {b.token_grid.shape}/{b.patch_grid.shape}")
-        elif [len(r) for r in a.images] != [len(r) for r in b.images]:
+        if [len(r) for r in a.images] != [len(r) for r in b.images]:
             problems.append(f"images per row {[len(r) for r in a.images]} vs {[len(r) for r in b.images]}")
         else:
             for ra, rb in zip(a.images, b.images):
                 for sa, sb in zip(ra, rb):
-                    if not torch.equal(sa.positions, sb.positions) or not torch.equal(sa.prefix_positions, sb.prefix_positions):
+                    if not same_span(sa, sb):
                         problems.append(f"row {sa.row}: image tokens at {int(sa.positions[0])}..{int(sa.positions[-1])} "
-                                        f"vs {int(sb.positions[0])}..{int(sb.positions[-1])}")
+                                        f"({len(sa.positions)} in {len(sa.segments)} segment(s)) vs "
+                                        f"{int(sb.positions[0])}..{int(sb.positions[-1])} ({len(sb.positions)} in "
+                                        f"{len(sb.segments)})")
                         break
             if not problems:
                 problems.append(f"sequence lengths {a.seq_len} vs {b.seq_len}")

@@ -35,6 +35,7 @@ from .inputs import MultimodalInputs
 from .layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
+from .anyres import AnyresGeometry, geometry_for
 from .preprocess import ImageGeometry
 from .spec_check import verify_blocks
 from .tl_view import WithImages
@@ -260,14 +261,16 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         )
 
     @property
-    def geometry(self) -> ImageGeometry:
-        """The processor's resize / pad / crop, to apply the same geometry to label masks."""
+    def geometry(self) -> ImageGeometry | AnyresGeometry:
+        """The processor's resize / pad / crop (or anyres tiling), to bring label masks into the
+        pixels the layout's boxes live in."""
         if getattr(self, "_geometry", None) is None:
-            self._geometry = ImageGeometry.from_processor(self._require_processor())
+            self._geometry = geometry_for(self._require_processor())
         return self._geometry
 
     def transform_mask(self, mask: Any, ignore_index: int = 255) -> np.ndarray:
-        """A label mask in the preprocessed image's pixels (nearest-neighbour; padding = ignore)."""
+        """A label mask in the pixels the layout's boxes live in: the preprocessed image for a fixed
+        grid (nearest-neighbour; padding = ignore), the original image for anyres tiles."""
         return self.geometry.transform_mask(mask, ignore_index=ignore_index)
 
     def _require_processor(self) -> Any:
@@ -319,7 +322,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
         if check_images:
             pixel_values = kwargs.get("pixel_values")
-            self.architecture.check_inputs(self.cfg, ids, pixel_values)
+            family = {k: kwargs[k] for k in self.architecture.extra_input_names if k in kwargs}
+            self.architecture.check_inputs(self.cfg, ids, pixel_values, **family)
             if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
                 bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
                 raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream "
@@ -390,7 +394,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                 raise ValueError(f"llm_inputs_embeds must be [batch, seq, d_model] = {expected} for these inputs, "
                                  f"got {tuple(llm_inputs_embeds.shape)}")
             keep = ("attention_mask", *self.architecture.llm_input_names)
-            run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs}}
+            run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs},
+                          **self.architecture.llm_keywords(self.hf_model, kwargs)}
             if start:  # the residual at a later layer is not the LLM's input embedding
                 embeds_points = (self.hook_multimodal_embed,)
         layers = self._stages["llm"].layers

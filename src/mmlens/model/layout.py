@@ -1,14 +1,23 @@
 """Image-token bookkeeping: where each image's tokens sit in a sequence and which pixels they see.
 
-An `ImageTokenLayout` is computed from the input ids and the model config, never hard-coded. It
-maps, per batch row and per image, the sequence positions of the image tokens to cells of the
-token grid and to pixel boxes of the preprocessed image, and does the same for the vision
-encoder's patches, with the patch -> LLM-token map between the two grids. `gather` is the one
-way to read a stage's activation at the image tokens; nothing above `model/` indexes them by hand.
+An `ImageTokenLayout` is computed from the inputs by the model family, never hard-coded. Each image
+(`ImageSpan`) is a list of `Segment`s: the crops or tiles the family cuts it into (one grid for a
+fixed-grid model; LLaVA-NeXT's base image then its unpadded tile grid; ...). A segment is a grid of
+LLM tokens and a grid of vision patches, each laid over the image's *canvas* (the pixel space its
+labels live in: the preprocessed image for a fixed grid, the original image for tiled families) by
+pixel edges, with the LLM sequence positions of its tokens, where each token sits in the adapter's
+output and each patch in the vision activation (any leading dims: per image, per tile, or one packed
+sequence), and which token each patch feeds (many-to-one for merges and pooling). Tokens that are
+not grid cells (row newlines, CLS, registers, image start/end) are recorded by kind.
+
+`gather(stage, activation)` is the one way to read a stage's activation at the image tokens; rows
+come out image by image, zero-padded to the longest image, with `table(stage)` telling which rows
+are present and their cells and pixel boxes. Nothing above `model/` indexes image tokens by hand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
@@ -17,7 +26,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import LayoutMismatchError
+
 Stage = Literal["vision", "adapter", "llm"]
+Index = tuple[Tensor, ...]  # one index tensor per leading dim of an activation
+# Special-token kinds that belong to their image's attention block (bidirectional edits, knockouts
+# of "the image"); other kinds (text-like start/end markers, tile separators) stay outside it.
+IMAGE_BLOCK_KINDS = frozenset({"cls", "register", "newline"})
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _edges(n: int, length: int, start: int = 0) -> Int[Tensor, "n_plus_1"]:
+    """`n` equal cells over `length` pixels from `start`, floor-rounded like `TokenGrid`."""
+    return start + torch.div(torch.arange(n + 1) * length, n, rounding_mode="floor")
 
 
 @dataclass(frozen=True)
@@ -44,11 +65,13 @@ class TokenGrid:
     @cached_property
     def boxes(self) -> Int[Tensor, "n_tokens 4"]:
         """Pixel box (y0, x0, y1, x1) of every token, end-exclusive, in the preprocessed image."""
+        return self.cells_grid.boxes
+
+    @cached_property
+    def cells_grid(self) -> "GridCells":
+        """The same grid as pixel edges over the image."""
         height, width = self.image_size
-        y_edges = torch.div(torch.arange(self.rows + 1) * height, self.rows, rounding_mode="floor")
-        x_edges = torch.div(torch.arange(self.cols + 1) * width, self.cols, rounding_mode="floor")
-        r, c = self.cells[:, 0], self.cells[:, 1]
-        return torch.stack([y_edges[r], x_edges[c], y_edges[r + 1], x_edges[c + 1]], dim=1)
+        return GridCells(_edges(self.rows, height), _edges(self.cols, width))
 
     def cell_index_map(self) -> Int[Tensor, "height width"]:
         """For every pixel, the index of the token whose box contains it."""
@@ -58,35 +81,161 @@ class TokenGrid:
         return rows[:, None] * self.cols + cols[None, :]
 
 
-@dataclass(frozen=True)
-class ImageSpan:
-    """One image inside one batch row."""
+@dataclass(frozen=True, eq=False)
+class GridCells:
+    """A rows x cols grid laid over a canvas by its pixel edges (end-exclusive, non-decreasing);
+    cell (r, c) covers y_edges[r]:y_edges[r+1], x_edges[c]:x_edges[c+1]."""
 
-    row: int  # batch row of the sequence
-    image_index: int  # index of the image in `pixel_values`
-    positions: Int[Tensor, "n_tokens"]  # sequence positions of the grid tokens, raster order
-    cls_position: int | None  # sequence position of the image's CLS token, if the LLM sees it
-    # every non-grid token of the image the LLM sees before its grid (CLS, registers), in order
-    prefix_positions: Int[Tensor, "n_prefix"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-
-
-@dataclass(frozen=True)
-class ImageTokenLayout:
-    """Per batch row, the image tokens' positions, grid cells and pixel boxes (LLM and vision)."""
-
-    token_grid: TokenGrid  # the LLM's image tokens
-    patch_grid: TokenGrid  # the vision encoder's patches
-    patch_positions: Int[Tensor, "n_patches"]  # index of each patch in the vision sequence
-    patch_to_token: Int[Tensor, "n_patches"]  # grid token fed by each vision patch
-    images: tuple[tuple[ImageSpan, ...], ...]  # per batch row, its images in order
-    seq_len: int
-    adapter_positions: Int[Tensor, "n_tokens"]  # index of each grid token in the adapter's output per image
-    vision_seq_len: int  # length of one image's vision sequence (CLS, registers and patches)
+    y_edges: Int[Tensor, "rows_plus_1"]
+    x_edges: Int[Tensor, "cols_plus_1"]
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return self.token_grid.shape
+    def rows(self) -> int:
+        return len(self.y_edges) - 1
 
+    @property
+    def cols(self) -> int:
+        return len(self.x_edges) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    @staticmethod
+    def uniform(rows: int, cols: int, height: int, width: int, top: int = 0, left: int = 0) -> "GridCells":
+        """`rows` x `cols` equal cells over a `height` x `width` box at (top, left)."""
+        return GridCells(_edges(rows, height, top), _edges(cols, width, left))
+
+    @cached_property
+    def cells(self) -> Int[Tensor, "n 2"]:
+        r, c = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
+        return torch.stack([r.flatten(), c.flatten()], dim=1)
+
+    @cached_property
+    def boxes(self) -> Int[Tensor, "n 4"]:
+        r, c = self.cells[:, 0], self.cells[:, 1]
+        y, x = self.y_edges, self.x_edges
+        return torch.stack([y[r], x[c], y[r + 1], x[c + 1]], dim=1)
+
+    def index_map(self, height: int, width: int) -> Int[Tensor, "height width"]:
+        """For every pixel of a `height` x `width` canvas, the cell containing it, or -1."""
+        rows = torch.searchsorted(self.y_edges, torch.arange(height), right=True) - 1
+        cols = torch.searchsorted(self.x_edges, torch.arange(width), right=True) - 1
+        inside = (rows >= 0) & (rows < self.rows)
+        inside_x = (cols >= 0) & (cols < self.cols)
+        index = rows[:, None] * self.cols + cols[None, :]
+        return torch.where(inside[:, None] & inside_x[None, :], index, torch.full_like(index, -1))
+
+    def same_as(self, other: "GridCells") -> bool:
+        return torch.equal(self.y_edges, other.y_edges) and torch.equal(self.x_edges, other.x_edges)
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """One crop or tile of an image: its LLM token grid and its vision patch grid.
+
+    `positions[i]` is the LLM sequence position of token i (raster order over `tokens`);
+    `adapter_index` / `vision_index` hold one index tensor per leading dim of the adapter's output
+    and of the vision activation (e.g. (tile, position) for per-tile batches, (row,) for a packed
+    sequence); `patch_to_token[j]` is the token (index into this segment's tokens) patch j feeds,
+    -1 when it feeds none (dropped by unpadding). Several patches may feed one token (merges)."""
+
+    kind: str  # "grid" (a fixed-grid image), "base", "tiles", "tile", "thumbnail", ...
+    tokens: GridCells
+    positions: Int[Tensor, "n_tokens"]
+    adapter_index: Index
+    patches: GridCells
+    vision_index: Index
+    patch_to_token: Int[Tensor, "n_patches"]
+
+    def __post_init__(self) -> None:
+        n, p = len(self.tokens), len(self.patches)
+        if len(self.positions) != n or any(len(i) != n for i in self.adapter_index):
+            raise LayoutMismatchError(f"{self.kind} segment: {n} grid cells but {len(self.positions)} positions")
+        if any(len(i) != p for i in self.vision_index) or len(self.patch_to_token) != p:
+            raise LayoutMismatchError(f"{self.kind} segment: {p} patch cells but vision indices of other lengths")
+
+    def shifted(self, vision: int, adapter: int) -> "Segment":
+        """The segment of a replica whose leading vision/adapter items come later."""
+        return replace(
+            self,
+            adapter_index=(self.adapter_index[0] + adapter, *self.adapter_index[1:]),
+            vision_index=(self.vision_index[0] + vision, *self.vision_index[1:]),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSpan:
+    """One image inside one batch row: its segments in sequence order and its special tokens."""
+
+    row: int  # batch row of the sequence
+    image_index: int  # index of the image in `pixel_values` (and `image_sizes`, ...)
+    segments: tuple[Segment, ...]
+    canvas: tuple[int, int]  # (height, width) of the pixel space its boxes and labels live in
+    # non-grid tokens by kind: "cls", "register", "newline", "start", "end", "separator" ...
+    special: Mapping[str, Int[Tensor, "n"]] = field(default_factory=dict)
+
+    @cached_property
+    def positions(self) -> Int[Tensor, "n_tokens"]:
+        """Sequence positions of every grid token, segment by segment, raster order in each."""
+        return torch.cat([s.positions for s in self.segments]) if self.segments else _EMPTY
+
+    @property
+    def prefix_positions(self) -> Int[Tensor, "n_prefix"]:
+        """Feature tokens the LLM sees before the grid (CLS, registers), in order."""
+        parts = [self.special[k] for k in ("cls", "register") if k in self.special]
+        return torch.cat(parts).sort().values if parts else _EMPTY
+
+    @property
+    def cls_position(self) -> int | None:
+        cls = self.special.get("cls")
+        return int(cls[0]) if cls is not None and len(cls) else None
+
+    @property
+    def block_positions(self) -> Int[Tensor, "n"]:
+        """Every position of the image's attention block: grid tokens and the special kinds in
+        `IMAGE_BLOCK_KINDS` (CLS, registers, row newlines)."""
+        parts = [self.positions, *(v for k, v in self.special.items() if k in IMAGE_BLOCK_KINDS)]
+        return torch.cat(parts).sort().values
+
+    def shifted(self, rows: int, images: int, vision: int, adapter: int) -> "ImageSpan":
+        return replace(self, row=self.row + rows, image_index=self.image_index + images,
+                       segments=tuple(s.shifted(vision, adapter) for s in self.segments))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenTable:
+    """What the rows of `gather(stage, ...)` are: per image and row, whether the row is a real
+    token (rows past an image's end are padding), its segment, its cell in that segment's grid and
+    its pixel box (y0, x0, y1, x1) in the image's canvas."""
+
+    present: Bool[Tensor, "n_images n"]
+    segment: Int[Tensor, "n_images n"]
+    cells: Int[Tensor, "n_images n 2"]
+    boxes: Int[Tensor, "n_images n 4"]
+    canvas: Int[Tensor, "n_images 2"]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageTokenLayout:
+    """Per batch row, its images; per image, its segments (see the module docstring).
+
+    `vision_shape` / `adapter_shape` are the leading dims of the vision activations and of the
+    adapter's output for this batch (e.g. (n_images, vision_seq) for LLaVA, (n_tiles, vision_seq)
+    for LLaVA-NeXT, (n_patches,) for a packed sequence). `grids`, for a fixed-grid family, is its
+    (LLM token, vision patch) grid, kept even for a batch without images.
+    """
+
+    images: tuple[tuple[ImageSpan, ...], ...]  # per batch row, its images in order
+    seq_len: int
+    vision_shape: tuple[int, ...]
+    adapter_shape: tuple[int, ...]
+    grids: tuple[TokenGrid, TokenGrid] | None = None
+
+    # ------------------------------------------------------------- basics
     @property
     def batch_size(self) -> int:
         return len(self.images)
@@ -95,7 +244,7 @@ class ImageTokenLayout:
     def n_images(self) -> int:
         return sum(len(row) for row in self.images)
 
-    @property
+    @cached_property
     def spans(self) -> list[ImageSpan]:
         """All images of the batch in `pixel_values` order."""
         return sorted((s for row in self.images for s in row), key=lambda s: s.image_index)
@@ -109,6 +258,41 @@ class ImageTokenLayout:
                 f"batch row {row} has {len(self.images[row]) if row < len(self.images) else 0} "
                 f"image(s); asked for image {image} (batch size {self.batch_size})"
             ) from None
+
+    # ------------------------------------------------------------- one grid for all (fixed-grid families)
+    @cached_property
+    def uniform(self) -> bool:
+        """True when every image is one segment on the same grids and canvas (a fixed-grid family)."""
+        if self.grids is None:
+            return False
+        tokens, patches = (g.cells_grid for g in self.grids)
+        return all(
+            len(s.segments) == 1 and s.canvas == self.grids[0].image_size
+            and s.segments[0].tokens.same_as(tokens) and s.segments[0].patches.same_as(patches)
+            for s in self.spans
+        )
+
+    def _uniform_grids(self) -> tuple[TokenGrid, TokenGrid]:
+        if not self.uniform:
+            raise LayoutMismatchError(
+                "these images have their own token grids (tiles, variable resolution); there is no one grid "
+                "for the batch: read per-image cells and boxes from layout.table(stage)"
+            )
+        return self.grids
+
+    @property
+    def token_grid(self) -> TokenGrid:
+        """The LLM token grid every image shares (fixed-grid families only)."""
+        return self._uniform_grids()[0]
+
+    @property
+    def patch_grid(self) -> TokenGrid:
+        """The vision patch grid every image shares (fixed-grid families only)."""
+        return self._uniform_grids()[1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.token_grid.shape
 
     @property
     def token_cells(self) -> Int[Tensor, "n_tokens 2"]:
@@ -126,94 +310,260 @@ class ImageTokenLayout:
     def patch_boxes(self) -> Int[Tensor, "n_patches 4"]:
         return self.patch_grid.boxes
 
-    def by_image(self, values: Tensor) -> Tensor:
-        """`values` laid out [batch, seq, ...] (a token mask, activations) taken at each image's
-        grid tokens: [n_images, n_tokens, ...], images in `pixel_values` order."""
-        spans = self.spans
-        if not spans:
-            return values.new_zeros((0, len(self.token_grid), *values.shape[2:]))
-        rows = torch.tensor([s.row for s in spans], device=values.device)
-        positions = torch.stack([s.positions for s in spans]).to(values.device)
-        return values[rows[:, None], positions]
+    @property
+    def patch_positions(self) -> Int[Tensor, "n_patches"]:
+        """Index of each patch in one image's vision sequence (fixed-grid families)."""
+        self._uniform_grids()
+        if not self.spans:
+            raise LayoutMismatchError("no images in this batch")
+        return self.spans[0].segments[0].vision_index[-1]
 
-    def gather(self, stage: Stage, activation: Tensor) -> Float[Tensor, "n_images n_tokens ..."]:
-        """A stage's activation at the image's grid tokens, image by image in `pixel_values` order.
+    @property
+    def patch_to_token(self) -> Int[Tensor, "n_patches"]:
+        self._uniform_grids()
+        if not self.spans:
+            raise LayoutMismatchError("no images in this batch")
+        return self.spans[0].segments[0].patch_to_token
 
-        Vision activations are [n_images, vision_seq, ...] and come back at the patches (CLS and
-        registers left out, `patch_grid` order); adapter activations are [n_images,
-        adapter_tokens, ...] and LLM ones [batch, seq, ...], both back on the LLM `token_grid`.
-        """
-        if stage == "vision":
-            return activation[:, self.patch_positions.to(activation.device)]
-        if stage == "adapter":
-            return activation[:, self.adapter_positions.to(activation.device)]
-        if stage == "llm":
-            return self.by_image(activation)
-        raise ValueError(f"stage must be 'vision', 'adapter' or 'llm', got {stage!r}")
+    @property
+    def vision_seq_len(self) -> int:
+        return self.vision_shape[-1]
+
+    @cached_property
+    def vision_aligned(self) -> bool:
+        """True when `gather("vision")` rows are `gather("llm")` rows one to one (each patch feeds
+        the token of the same index: no merge, no pooling, nothing dropped)."""
+        return all(
+            torch.equal(seg.patch_to_token, torch.arange(len(seg.tokens))) for s in self.spans for seg in s.segments
+        )
 
     def grid_of(self, stage: Stage) -> TokenGrid:
-        """The grid `gather(stage, ...)` rows live on."""
+        """The grid `gather(stage, ...)` rows live on (fixed-grid families; else see `table`)."""
         return self.patch_grid if stage == "vision" else self.token_grid
 
-    def scatter_adapter(
-        self, selected: Bool[Tensor, "batch seq"], n_adapter: int | None = None
-    ) -> Bool[Tensor, "n_images adapter_tokens"]:
-        """A [batch, seq] selection of image tokens as the same selection of the adapter's output
-        (`n_adapter` tokens per image; by default up to the last grid token)."""
-        if n_adapter is None:
-            n_adapter = int(self.adapter_positions.max()) + 1 if len(self.adapter_positions) else 0
-        out = torch.zeros(self.n_images, n_adapter, dtype=torch.bool)
-        for span in self.spans:
-            out[span.image_index, self.adapter_positions] = selected[span.row, span.positions].cpu()
+    # ------------------------------------------------------------- per-image tables and gather
+    def _grid(self, stage: Stage, segment: Segment) -> GridCells:
+        return segment.patches if stage == "vision" else segment.tokens
+
+    @cached_property
+    def _slots(self) -> dict[str, tuple[Index, Tensor, Tensor, int]]:
+        """Per stage: the index of every image-token row in the stage's activation (one tensor per
+        leading dim), its (image, row) slot in the padded output, and the longest image's count."""
+        out = {}
+        for stage in ("vision", "adapter", "llm"):
+            parts: list[Index] = []
+            image, slot, longest = [], [], 0
+            for k, span in enumerate(self.spans):
+                n = 0
+                for seg in span.segments:
+                    if stage == "llm":
+                        parts.append((torch.full_like(seg.positions, span.row), seg.positions))
+                    else:
+                        parts.append(seg.vision_index if stage == "vision" else seg.adapter_index)
+                    n += len(parts[-1][0])
+                longest = max(longest, n)
+                image.append(torch.full((n,), k))
+                slot.append(torch.arange(n))
+            dims = len(self._shape(stage))
+            index = tuple(torch.cat([p[d] for p in parts]) if parts else _EMPTY for d in range(dims))
+            out[stage] = (index, torch.cat(image) if image else _EMPTY, torch.cat(slot) if slot else _EMPTY, longest)
         return out
 
-    def scatter_vision(self, selected: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "n_images vision_seq"]:
-        """A [batch, seq] selection of image tokens as a selection of the vision patches feeding them."""
-        out = torch.zeros(self.n_images, self.vision_seq_len, dtype=torch.bool)
+    def _shape(self, stage: Stage) -> tuple[int, ...]:
+        return self.vision_shape if stage == "vision" else self.adapter_shape if stage == "adapter" \
+            else (self.batch_size, self.seq_len)
+
+    def n_rows(self, stage: Stage) -> int:
+        """Rows per image `gather(stage, ...)` returns (the longest image's count)."""
+        return self._slots[self._check_stage(stage)][3]
+
+    @staticmethod
+    def _check_stage(stage: str) -> str:
+        if stage not in ("vision", "adapter", "llm"):
+            raise ValueError(f"stage must be 'vision', 'adapter' or 'llm', got {stage!r}")
+        return stage
+
+    def _take(self, stage: Stage, values: Tensor) -> Tensor:
+        index, image, slot, longest = self._slots[stage]
+        lead = len(index)
+        picked = values[tuple(i.to(values.device) for i in index)]
+        n = self.n_images
+        if len(picked) == n * longest:  # every image has the same count: no padding needed
+            return picked.view(n, longest, *values.shape[lead:])
+        out = values.new_zeros((n, longest, *values.shape[lead:]))
+        out[image.to(values.device), slot.to(values.device)] = picked
+        return out
+
+    def gather(self, stage: Stage, activation: Tensor) -> Float[Tensor, "n_images n_tokens ..."]:
+        """A stage's activation at every image's grid tokens, image by image in `pixel_values` order,
+        zero-padded to the longest image (`table(stage).present` marks the real rows).
+
+        Vision activations have the leading dims `vision_shape` and come back at the patches (CLS,
+        registers and unpadded-away patches left out, segment by segment); adapter activations have
+        `adapter_shape` and LLM ones [batch, seq], both back at the LLM grid tokens (newlines and other
+        special tokens left out). For a fixed-grid family nothing is padded.
+        """
+        stage = self._check_stage(stage)
+        lead = len(self._slots[stage][0])
+        if tuple(activation.shape[:lead]) != tuple(self._shape(stage)):
+            raise LayoutMismatchError(
+                f"a {stage} activation of shape {tuple(activation.shape)} for a layout whose {stage} leading "
+                f"dims are {tuple(self._shape(stage))}; was it computed from these inputs?"
+            )
+        return self._take(stage, activation)
+
+    def by_image(self, values: Tensor) -> Tensor:
+        """`values` laid out [batch, seq, ...] (a token mask, activations) taken at each image's
+        grid tokens: [n_images, n_tokens, ...], images in `pixel_values` order (zero-padded)."""
+        return self._take("llm", values)
+
+    @cached_property
+    def _tables(self) -> dict[str, TokenTable]:
+        out = {}
+        for stage in ("vision", "adapter", "llm"):
+            n, longest = self.n_images, self._slots[stage][3]
+            present = torch.zeros(n, longest, dtype=torch.bool)
+            segment = torch.full((n, longest), -1, dtype=torch.long)
+            cells = torch.zeros(n, longest, 2, dtype=torch.long)
+            boxes = torch.zeros(n, longest, 4, dtype=torch.long)
+            for k, span in enumerate(self.spans):
+                start = 0
+                for s, seg in enumerate(span.segments):
+                    grid = seg.patches if stage == "vision" else seg.tokens
+                    end = start + len(grid)
+                    present[k, start:end] = True
+                    segment[k, start:end] = s
+                    cells[k, start:end], boxes[k, start:end] = grid.cells, grid.boxes
+                    start = end
+            canvas = torch.tensor([s.canvas for s in self.spans], dtype=torch.long).view(-1, 2)
+            out[stage] = TokenTable(present, segment, cells, boxes, canvas)
+        return out
+
+    def table(self, stage: Stage) -> TokenTable:
+        """Presence, segment, cell and pixel box of every row `gather(stage, ...)` returns."""
+        return self._tables[self._check_stage(stage)]
+
+    def pixel_map(self, stage: Stage) -> Int[Tensor, "n_images height width"]:
+        """For every canvas pixel of every image (canvases padded to the largest), the row of
+        `gather(stage, ...)` whose box covers it, or -1. Where segments overlap (a base image and its
+        tiles) the later, finer segment wins."""
+        stage = self._check_stage(stage)
+        if stage not in self._pixel_maps:
+            self._pixel_maps[stage] = self._paint(stage)
+        return self._pixel_maps[stage]
+
+    @cached_property
+    def _pixel_maps(self) -> dict[str, Tensor]:
+        return {}
+
+    def _paint(self, stage: Stage) -> Int[Tensor, "n_images height width"]:
+        canvas = self.table(stage).canvas
+        height = int(canvas[:, 0].max()) if len(canvas) else 0
+        width = int(canvas[:, 1].max()) if len(canvas) else 0
+        out = torch.full((self.n_images, height, width), -1, dtype=torch.long)
+        for k, span in enumerate(self.spans):
+            start = 0
+            for seg in span.segments:
+                grid = seg.patches if stage == "vision" else seg.tokens
+                index = grid.index_map(height, width)
+                out[k] = torch.where(index >= 0, index + start, out[k])
+                start += len(grid)
+        return out
+
+    def pixels(self, stage: Stage) -> "TokenGrid | Int[Tensor, 'n_images height width']":
+        """What paints `gather(stage, ...)` rows onto canvas pixels: the shared grid of a fixed-grid
+        family (as before), otherwise `pixel_map(stage)`."""
+        return self.grid_of(stage) if self.uniform else self.pixel_map(stage)
+
+    # ------------------------------------------------------------- selections across stages
+    def scatter_adapter(self, selected: Bool[Tensor, "batch seq"], n_adapter: int | None = None) -> Bool[Tensor, "..."]:
+        """A [batch, seq] selection of image tokens as the same selection of the adapter's output
+        (a mask of `adapter_shape`; `n_adapter` overrides its last dim)."""
+        shape = list(self.adapter_shape)
+        if n_adapter is not None:
+            shape[-1] = n_adapter
+        out = torch.zeros(shape, dtype=torch.bool)
+        selected = selected.cpu()
         for span in self.spans:
-            out[span.image_index, self.patch_positions] = selected[span.row, span.positions].cpu()[self.patch_to_token]
+            for seg in span.segments:
+                out[seg.adapter_index] = selected[span.row, seg.positions]
+        return out
+
+    def scatter_vision(self, selected: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "..."]:
+        """A [batch, seq] selection of image tokens as a selection of the vision patches feeding
+        them (a mask of `vision_shape`)."""
+        out = torch.zeros(self.vision_shape, dtype=torch.bool)
+        selected = selected.cpu()
+        for span in self.spans:
+            for seg in span.segments:
+                feeds = seg.patch_to_token >= 0
+                chosen = torch.zeros(len(seg.patch_to_token), dtype=torch.bool)
+                chosen[feeds] = selected[span.row, seg.positions[seg.patch_to_token[feeds]]]
+                out[seg.vision_index] = chosen
         return out
 
     def image_of_position(self) -> Int[Tensor, "batch seq"]:
-        """For every position, which image of its row it belongs to (0, 1, ...; CLS and registers
-        included) or -1."""
+        """For every position, which image of its row it belongs to (0, 1, ...; its whole attention
+        block: grid, CLS, registers and newlines) or -1."""
         out = torch.full((self.batch_size, self.seq_len), -1, dtype=torch.long)
         for row in self.images:
             for k, span in enumerate(row):
-                out[span.row, span.positions] = k
-                out[span.row, span.prefix_positions] = k
+                out[span.row, span.block_positions] = k
         return out
 
     def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
-        """True at every image grid token (CLS tokens excluded)."""
+        """True at every image grid token (CLS, registers, newlines and other specials excluded)."""
         mask = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)
         for row in self.images:
             for span in row:
                 mask[span.row, span.positions] = True
         return mask
 
+    def special_positions(self, kind: str) -> Bool[Tensor, "batch seq"]:
+        """True at every special token of `kind` ("newline", "cls", ...)."""
+        mask = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)
+        for span in self.spans:
+            if kind in span.special:
+                mask[span.row, span.special[kind]] = True
+        return mask
+
+    # ------------------------------------------------------------- batches of batches
     def repeat(self, k: int) -> "ImageTokenLayout":
         """The layout of the batch repeated `k` times, replica-major (see `MultimodalInputs.repeat`)."""
-        b, n = self.batch_size, self.n_images
+        b, n, v, a = self.batch_size, self.n_images, self.vision_shape[0], self.adapter_shape[0]
         rows = tuple(
-            tuple(replace(s, row=s.row + r * b, image_index=s.image_index + r * n) for s in row)
+            tuple(s.shifted(r * b, r * n, r * v, r * a) for s in row)
             for r in range(k) for row in self.images
         )
-        return replace(self, images=rows)
+        return replace(self, images=rows, vision_shape=(v * k, *self.vision_shape[1:]),
+                       adapter_shape=(a * k, *self.adapter_shape[1:]))
 
     def same_geometry(self, other: "ImageTokenLayout") -> bool:
-        """True when both layouts put the same images at the same positions (for patching)."""
-        if (self.token_grid, self.patch_grid, self.seq_len) != (
-            other.token_grid,
-            other.patch_grid,
-            other.seq_len,
-        ) or [len(r) for r in self.images] != [len(r) for r in other.images]:
+        """True when both layouts put the same images at the same positions with the same grids (for patching)."""
+        if (self.seq_len, self.vision_shape, self.adapter_shape) != (other.seq_len, other.vision_shape, other.adapter_shape) \
+                or [len(r) for r in self.images] != [len(r) for r in other.images]:
             return False
-        return all(
-            torch.equal(a.positions, b.positions) and torch.equal(a.prefix_positions, b.prefix_positions)
-            for ra, rb in zip(self.images, other.images)
-            for a, b in zip(ra, rb)
-        )
+        return all(same_span(a, b) for ra, rb in zip(self.images, other.images) for a, b in zip(ra, rb))
+
+
+def same_span(a: ImageSpan, b: ImageSpan) -> bool:
+    """Same positions, specials, canvas and grids (two images patched onto each other)."""
+    if a.canvas != b.canvas or len(a.segments) != len(b.segments) or set(a.special) != set(b.special):
+        return False
+    if not all(torch.equal(a.special[k], b.special[k]) for k in a.special):
+        return False
+    return all(
+        torch.equal(x.positions, y.positions) and x.tokens.same_as(y.tokens) and x.patches.same_as(y.patches)
+        for x, y in zip(a.segments, b.segments)
+    )
+
+
+def image_runs(input_ids: Int[Tensor, "batch seq"], image_token_id: int) -> list[Int[Tensor, "n"]]:
+    """Per batch row, the positions of the image placeholder tokens, in order."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    is_image = (input_ids == image_token_id).cpu()
+    return [torch.nonzero(row).flatten() for row in is_image]
 
 
 def compute_layout(
@@ -228,26 +578,26 @@ def compute_layout(
     llm_sees_cls: bool,
     llm_prefix: int | None = None,
 ) -> ImageTokenLayout:
-    """Find every image's tokens in `input_ids`.
+    """The layout of a fixed-grid family: one segment per image.
 
     Each image contributes `llm_prefix` (CLS and register tokens; by default `llm_sees_cls`)
-    and then `len(token_grid)` consecutive placeholder tokens; a
-    run of placeholders is split into images of that size, and images are numbered in row-major
-    batch order, which is the order of `pixel_values`.
+    and then `len(token_grid)` consecutive placeholder tokens; a run of placeholders is split into
+    images of that size, and images are numbered in row-major batch order, which is the order of
+    `pixel_values`. The vision activation is [n_images, vision_prefix + n_patches, ...] and the
+    adapter's output [n_images, llm_prefix + n_tokens, ...].
     """
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    tokens_grid = TokenGrid(*token_grid, image_size=image_size)
+    tokens = TokenGrid(*token_grid, image_size=image_size)
     patches = TokenGrid(*patch_grid, image_size=image_size)
     llm_prefix = int(llm_sees_cls) if llm_prefix is None else llm_prefix
-    per_image = len(tokens_grid) + llm_prefix
-    is_image = (input_ids == image_token_id).cpu()
+    n_tokens, n_patches = len(tokens), len(patches)
+    per_image = n_tokens + llm_prefix
+    patch_positions = torch.arange(n_patches) + vision_prefix
+    adapter_positions = torch.arange(n_tokens) + llm_prefix
     rows: list[tuple[ImageSpan, ...]] = []
     image_index = 0
-    for b in range(input_ids.shape[0]):
-        where = torch.nonzero(is_image[b]).flatten()
+    for b, where in enumerate(image_runs(input_ids, image_token_id)):
         if len(where) % per_image:
-            raise ValueError(
+            raise LayoutMismatchError(
                 f"batch row {b} has {len(where)} image tokens, not a multiple of the {per_image} "
                 "tokens one image takes; were the prompts expanded by this model's processor?"
             )
@@ -255,22 +605,29 @@ def compute_layout(
         for start in range(0, len(where), per_image):
             block = where[start : start + per_image]
             if block[-1] - block[0] != per_image - 1:
-                raise ValueError(
+                raise LayoutMismatchError(
                     f"batch row {b}: the image tokens at positions {block[0].item()}..."
                     f"{block[-1].item()} are not contiguous"
                 )
-            cls = int(block[0]) if llm_sees_cls else None
-            spans.append(ImageSpan(b, image_index, block[llm_prefix:].clone(), cls, block[:llm_prefix].clone()))
+            segment = Segment(
+                "grid", tokens.cells_grid, block[llm_prefix:].clone(),
+                (torch.full((n_tokens,), image_index), adapter_positions),
+                patches.cells_grid, (torch.full((n_patches,), image_index), patch_positions), patch_to_token,
+            )
+            special = {}
+            if llm_prefix:
+                cls = int(llm_sees_cls)
+                if cls:
+                    special["cls"] = block[:1].clone()
+                if llm_prefix > cls:
+                    special["register"] = block[cls:llm_prefix].clone()
+            spans.append(ImageSpan(b, image_index, (segment,), image_size, special))
             image_index += 1
         rows.append(tuple(spans))
-    n_patches = len(patches)
     return ImageTokenLayout(
-        token_grid=tokens_grid,
-        patch_grid=patches,
-        patch_positions=torch.arange(n_patches) + vision_prefix,
-        patch_to_token=patch_to_token,
         images=tuple(rows),
         seq_len=input_ids.shape[1],
-        adapter_positions=torch.arange(len(tokens_grid)) + llm_prefix,
-        vision_seq_len=n_patches + vision_prefix,
+        vision_shape=(image_index, n_patches + vision_prefix),
+        adapter_shape=(image_index, per_image),
+        grids=(tokens, patches),
     )

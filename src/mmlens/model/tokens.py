@@ -93,7 +93,8 @@ class TokenHelpers:
         """Token strings per position; a batch (or a list of texts) gives one list per row.
 
         Image tokens read `<img{i} r{row}c{col}>`: image `i` in `pixel_values` order and its
-        grid cell; an image's CLS token, when the LLM sees it, reads `<img{i} cls>`.
+        grid cell (`<img{i} tiles r{row}c{col}>` in an image of several segments, named by kind); an
+        image's special tokens read by kind: `<img{i} cls>`, `<img{i} newline>`.
         """
         if isinstance(input, (str, list)):
             ids = self.to_tokens(input, prepend_bos=prepend_bos, move_to_device=False)
@@ -115,11 +116,15 @@ class TokenHelpers:
         if not bool((ids == self.cfg.image_token_id).any()):
             return rows
         layout = layout if layout is not None else self.layout(ids)
-        cells = layout.token_cells.tolist()
         for span in layout.spans:
             names = rows[span.row]
-            for position, (r, c) in zip(span.positions.tolist(), cells):
-                names[position] = f"<img{span.image_index} r{r}c{c}>"
-            if span.cls_position is not None:
-                names[span.cls_position] = f"<img{span.image_index} cls>"
+            one = len(span.segments) == 1  # a fixed grid: no segment name needed
+            for segment in span.segments:
+                where = "" if one else f"{segment.kind} "
+                for position, (r, c) in zip(segment.positions.tolist(), segment.tokens.cells.tolist()):
+                    names[position] = f"<img{span.image_index} {where}r{r}c{c}>"
+            for kind, positions in span.special.items():
+                if kind != "register":  # registers keep their placeholder name
+                    for position in positions.tolist():
+                        names[position] = f"<img{span.image_index} {kind}>"
         return rows

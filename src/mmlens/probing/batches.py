@@ -29,7 +29,7 @@ class LabelledBatch:
     """One batch of images with everything needed to score its tokens."""
 
     inputs: MultimodalInputs
-    masks: Int[Tensor, "n_images height width"]  # in the preprocessed image's pixels
+    masks: Int[Tensor, "n_images height width"]  # in the layout's canvas pixels, padded with ignore to the largest
     labels: dict[str, TokenLabels]  # "vision" (patch grid) and "llm" (image-token grid)
     indices: np.ndarray  # dataset rows, in pixel_values order
 
@@ -59,22 +59,40 @@ def labelled_batches(
         chunk = indices[start : start + batch_size]
         rows = dataset[chunk.tolist()]  # decoded once
         _check_mask_sizes(model, rows, chunk)
-        masks = torch.stack([
+        masks = pad_stack([
             torch.from_numpy(model.transform_mask(np.asarray(mask), ignore).astype(np.int64)) for mask in rows["mask"]
-        ])
+        ], ignore)
         inputs = model.prepare(rows["image"], prompt)
         layout = inputs.layout
 
-        def label(grid):
-            return token_labels(masks, grid, n_classes=n_classes, ignore_index=ignore,
+        def label(grid, stage="llm"):
+            return token_labels(masks, grid, n_classes=n_classes, ignore_index=ignore, stage=stage,
                                 min_valid_fraction=min_valid_fraction)
 
-        labels = {"vision": label(layout.patch_grid)}
-        # LLaVA's LLM grid is the patch grid: label it once then
-        labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else label(layout.token_grid)
+        if layout.uniform:
+            labels = {"vision": label(layout.patch_grid)}
+            # LLaVA's LLM grid is the patch grid: label it once then
+            labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else label(layout.token_grid)
+        else:  # images with their own segments: label each gather row from its box
+            labels = {"vision": label(layout, "vision")}
+            same = layout.vision_aligned and torch.equal(layout.table("vision").boxes, layout.table("llm").boxes)
+            labels["llm"] = labels["vision"] if same else label(layout, "llm")
         yield LabelledBatch(inputs, masks, labels, chunk)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()
+
+
+def pad_stack(items: list[Tensor], fill: int) -> Tensor:
+    """Stack tensors of one ndim, padding each at the end of every dim with `fill` to the largest:
+    masks in original pixels (tiled families) and per-image token rows differ in size; items of one
+    size are stacked unchanged."""
+    if not items:
+        return torch.zeros(0, dtype=torch.long)
+    shape = [max(t.shape[d] for t in items) for d in range(items[0].ndim)]
+    out = torch.full((len(items), *shape), fill, dtype=items[0].dtype)
+    for k, item in enumerate(items):
+        out[(k, *(slice(0, n) for n in item.shape))] = item
+    return out
 
 
 def _check_mask_sizes(model: HookedMLLM, rows: dict, chunk: np.ndarray) -> None:

@@ -17,9 +17,16 @@ from torch import Tensor
 from ..model.layout import TokenGrid
 
 
-def tokens_to_pixels(predictions: Int[Tensor, "n_images n_tokens"], grid: TokenGrid) -> Int[Tensor, "n_images h w"]:
-    """Paint every token's prediction over its pixel box."""
-    return predictions[:, grid.cell_index_map().to(predictions.device)]
+def tokens_to_pixels(
+    predictions: Int[Tensor, "n_images n_tokens"], grid: TokenGrid | Int[Tensor, "n_images h w"]
+) -> Int[Tensor, "n_images h w"]:
+    """Paint every token's prediction over its pixel box: `grid` is the grid all images share, or
+    per image the token painting each pixel (`ImageTokenLayout.pixel_map`; -1 paints -1)."""
+    if isinstance(grid, TokenGrid):
+        return predictions[:, grid.cell_index_map().to(predictions.device)]
+    index = grid.to(predictions.device).long()
+    painted = predictions.gather(1, index.clamp(min=0).flatten(1)).view(index.shape)
+    return torch.where(index >= 0, painted, torch.full_like(painted, -1))
 
 
 @dataclass
@@ -43,7 +50,7 @@ class SegmentationScores:
         token_labels: Int[Tensor, "n_images n_tokens"],
         token_valid: Tensor,
         masks: Int[Tensor, "n_images h w"],
-        grid: TokenGrid,
+        grid: TokenGrid | Int[Tensor, "n_images h w"],
     ) -> None:
         predictions = predictions.cpu().long()
         self.tokens_correct += int(((predictions == token_labels) & token_valid).sum())
@@ -51,9 +58,9 @@ class SegmentationScores:
         pixels = tokens_to_pixels(predictions, grid).flatten(1)
         truth = masks.long().flatten(1)
         c, n = self.n_classes, truth.shape[0]
-        keep = truth != self.ignore_index
+        keep = (truth != self.ignore_index) & (pixels >= 0)  # a pixel no token covers counts for no one
         image = torch.arange(n)[:, None].expand_as(truth)
-        index = (image * c + truth.clamp(0, c - 1)) * c + pixels
+        index = (image * c + truth.clamp(0, c - 1)) * c + pixels.clamp(min=0)
         pairs = torch.bincount(index[keep], minlength=n * c * c).view(n, c, c).numpy()
         self.confusion += pairs.sum(0)
         tp = np.diagonal(pairs, axis1=1, axis2=2)

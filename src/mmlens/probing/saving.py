@@ -72,13 +72,16 @@ def sweep_parts(sweep: ProbeSweep) -> SweepParts:
         "test_indices": torch.from_numpy(np.asarray(sweep.test_indices, dtype=np.int64)),
         "test_masks": torch.from_numpy(np.ascontiguousarray(sweep.test_masks)),
         "bootstrap": torch.from_numpy(np.asarray(sweep.bootstrap, dtype=np.int64)),
+        **{f"pixel_map_{name}": g.contiguous() for name, g in sweep.grids.items() if not isinstance(g, TokenGrid)},
     }
     description = {
         "settings": dataclasses.asdict(sweep.settings),
         "sites": [dataclasses.asdict(s) for s in sweep.sites],
         "class_names": list(sweep.class_names),
         "ignore_index": sweep.ignore_index,
-        "grids": {name: [g.rows, g.cols, *g.image_size] for name, g in sweep.grids.items()},
+        # a shared grid as its shape; per-image pixel maps (images with their own segments) as tensors
+        "grids": {name: [g.rows, g.cols, *g.image_size] if isinstance(g, TokenGrid) else "pixel_map"
+                  for name, g in sweep.grids.items()},
         "probe_kinds": {_key(c, h): p.kind for (c, h), p in sweep.probes.items()},
     }
     tables = {"probe_table": sweep.table, "per_class_iou": sweep.per_class_iou.reset_index()}
@@ -113,7 +116,8 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
         sites=[Site(**s) for s in description["sites"]],
         class_names=class_names,
         ignore_index=ignore_index,
-        grids={name: TokenGrid(rows, cols, (h, w)) for name, (rows, cols, h, w) in description["grids"].items()},
+        grids={name: split[f"pixel_map_{name}"] if shape == "pixel_map" else TokenGrid(shape[0], shape[1], tuple(shape[2:]))
+               for name, shape in description["grids"].items()},
         test_indices=split["test_indices"].numpy(),
         train_indices=split["train_indices"].numpy(),
         test_masks=split["test_masks"].numpy(),

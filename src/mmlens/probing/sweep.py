@@ -22,7 +22,7 @@ from ..data.schema import segmentation_info
 from ..errors import InputError
 from ..model import HookedMLLM, TokenGrid
 from ..model.edits import Edit, edit_hooks
-from .batches import labelled_batches
+from .batches import labelled_batches, pad_stack
 from .linear import LinearProbe
 from .logistic import fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
@@ -65,10 +65,12 @@ class ProbeSweep:
     sites: list[Site]
     class_names: tuple[str, ...]
     ignore_index: int
-    grids: dict[str, TokenGrid]  # "vision" (patches) and "llm" (image tokens)
+    # "vision" (patches) and "llm" (image tokens): the grid every image shares, or for images with their
+    # own segments, per held-out image the prediction painting each pixel ([n_test, h, w], -1: none)
+    grids: dict[str, TokenGrid | Tensor]
     test_indices: np.ndarray  # dataset rows of the held-out images
     train_indices: np.ndarray
-    test_masks: np.ndarray  # [n_test, h, w] in the preprocessed image's pixels
+    test_masks: np.ndarray  # [n_test, h, w] in the layout's canvas pixels (padded with ignore to the largest)
     settings: SweepSettings
     dataset: Any = field(repr=False, default=None)
     bootstrap: np.ndarray = field(repr=False, default=None)  # [n_boot, n_test] image resamples
@@ -258,24 +260,35 @@ class _SweepRun:
         def test_hook(site: Site, labels, masks):
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout)
-                grid = inputs.layout.grid_of(site.stage)
+                grid = inputs.layout.pixels(site.stage)
+                present = inputs.layout.table(site.stage).present
                 lab = labels[site.grid]
                 _finite(x, site, "held-out")
                 for condition in self.conditions:
                     key = (condition, site.hook)
                     pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
+                    pred[~present] = -1  # padding rows of images with fewer tokens
                     scores[key].add(pred, lab.labels, lab.valid, masks, grid)
                     predictions[key].append(pred.to(torch.int16))
             return hook
 
+        maps_seen: dict[str, list[Tensor]] = {"vision": [], "llm": []}
         for inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
             masks_seen.append(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
+            if not inputs.layout.uniform:
+                for grid in maps_seen:
+                    maps_seen[grid].append(inputs.layout.pixel_map("vision" if grid == "vision" else "llm"))
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
                                  + [(s.hook, test_hook(s, labels, masks)) for s in self.sites],
                                  return_type=None)
-        found = {key: (probes[key], scores[key], torch.cat(predictions[key])) for key in probes}
-        grids = {"vision": inputs.layout.grid_of("vision"), "llm": inputs.layout.grid_of("llm")}
-        return found, torch.cat(masks_seen).numpy(), grids
+        found = {key: (probes[key], scores[key], pad_stack([p for batch in predictions[key] for p in batch], -1))
+                 for key in probes}  # rows past an image's tokens are -1
+        if inputs.layout.uniform:
+            grids = {"vision": inputs.layout.grid_of("vision"), "llm": inputs.layout.grid_of("llm")}
+        else:  # per held-out image, which prediction paints each pixel
+            grids = {grid: pad_stack([m for maps in seen for m in maps], -1) for grid, seen in maps_seen.items()}
+        masks = pad_stack([m for batch in masks_seen for m in batch], self.ignore_index)
+        return found, masks.numpy(), grids
 
 
 def _finite(x: Tensor, site: Site, which: str) -> Tensor:

@@ -41,22 +41,50 @@ def token_labels(
     ignore_index: int = IGNORE_INDEX,
     min_valid_fraction: float = 0.5,
 ) -> TokenLabels:
-    """Token labels for masks already in the preprocessed image's pixels (see
-    `HookedMLLM.transform_mask`). `stage` picks the LLM token grid or the vision patch grid
-    when a layout is given."""
-    grid = layout if isinstance(layout, TokenGrid) else (
-        layout.token_grid if stage == "llm" else layout.patch_grid
-    )
+    """Token labels for masks already in the canvas pixels (see `HookedMLLM.transform_mask`).
+    `stage` picks the LLM tokens or the vision patches when a layout is given. For a layout whose
+    images have their own segments (tiles, variable grids), masks are [n_images, H, W] padded with
+    `ignore_index` to the largest canvas, and the labels come out in `layout.gather` rows (absent
+    rows invalid)."""
     masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, Tensor) else masks).long()
     if masks.ndim == 2:
         masks = masks[None]
     if masks.ndim != 3:
         raise ValueError(f"masks must be [n, height, width] or [height, width], got {tuple(masks.shape)}")
-    if tuple(masks.shape[1:]) != grid.image_size:
-        raise ValueError(
-            f"masks are {tuple(masks.shape[1:])} pixels but the token grid tiles a "
-            f"{grid.image_size} image; transform masks with model.transform_mask first"
+    if isinstance(layout, TokenGrid) or layout.uniform:
+        grid = layout if isinstance(layout, TokenGrid) else (
+            layout.token_grid if stage == "llm" else layout.patch_grid
         )
+        if tuple(masks.shape[1:]) != grid.image_size:
+            raise ValueError(
+                f"masks are {tuple(masks.shape[1:])} pixels but the token grid tiles a "
+                f"{grid.image_size} image; transform masks with model.transform_mask first"
+            )
+        n_tokens = len(grid)
+        cell = grid.cell_index_map().flatten()
+        box_pixels = torch.bincount(cell, minlength=n_tokens).float()
+        cell, flat = cell[None].expand(masks.shape[0], -1), masks.flatten(1)
+    else:
+        cell = _segment_cells(masks, layout, stage)
+        n_tokens = layout.n_rows(stage)
+        flat = masks.flatten(1).repeat(1, cell.shape[1] // masks[0].numel())  # once per segment
+        box_pixels = torch.zeros(masks.shape[0], n_tokens).scatter_add_(1, cell.clamp(min=0), (cell >= 0).float())
+    _check_classes(masks, n_classes, ignore_index)
+    n_images = masks.shape[0]
+    valid_pixels = (flat != ignore_index) & (cell >= 0)
+    index = cell.clamp(min=0) * n_classes + flat.clamp(0, n_classes - 1)
+    counts = torch.zeros(n_images, n_tokens * n_classes)
+    counts.scatter_add_(1, index, valid_pixels.float())
+    counts = counts.view(n_images, n_tokens, n_classes)
+    n_valid = counts.sum(-1)
+    valid_fraction = n_valid / box_pixels.clamp(min=1)  # an absent row has no pixels
+    fractions = counts / n_valid.clamp(min=1).unsqueeze(-1)
+    valid = (valid_fraction >= min_valid_fraction) & (n_valid > 0)
+    labels = torch.where(valid, counts.argmax(-1), torch.full_like(valid, ignore_index, dtype=torch.long))
+    return TokenLabels(labels, valid, fractions, valid_fraction, ignore_index)
+
+
+def _check_classes(masks: Tensor, n_classes: int, ignore_index: int) -> None:
     valid_pixels = masks != ignore_index
     out_of_range = valid_pixels & ((masks < 0) | (masks >= n_classes))
     if out_of_range.any():
@@ -65,17 +93,29 @@ def token_labels(
             f"mask labels {bad} are outside 0..{n_classes - 1} and not the ignore index "
             f"{ignore_index}; check n_classes or the dataset's label mapping"
         )
-    n_images, n_tokens = masks.shape[0], len(grid)
-    cell = grid.cell_index_map().flatten()
-    flat = masks.flatten(1)
-    index = cell[None, :] * n_classes + flat.clamp(0, n_classes - 1)
-    counts = torch.zeros(n_images, n_tokens * n_classes)
-    counts.scatter_add_(1, index, valid_pixels.flatten(1).float())
-    counts = counts.view(n_images, n_tokens, n_classes)
-    box_pixels = torch.bincount(cell, minlength=n_tokens).float()
-    n_valid = counts.sum(-1)
-    valid_fraction = n_valid / box_pixels
-    fractions = counts / n_valid.clamp(min=1).unsqueeze(-1)
-    valid = (valid_fraction >= min_valid_fraction) & (n_valid > 0)
-    labels = torch.where(valid, counts.argmax(-1), torch.full_like(valid, ignore_index, dtype=torch.long))
-    return TokenLabels(labels, valid, fractions, valid_fraction, ignore_index)
+
+
+def _segment_cells(masks: Tensor, layout: ImageTokenLayout, stage: str) -> Int[Tensor, "n_images pixels"]:
+    """Per image, the `gather` row whose box holds each pixel (-1: none). A token's box belongs to
+    it alone even where segments overlap (a base image under its tiles), so each segment is
+    labelled on its own: pixels are repeated once per segment."""
+    canvas = layout.table(stage).canvas
+    height, width = masks.shape[1:]
+    if len(canvas) != masks.shape[0]:
+        raise ValueError(f"{masks.shape[0]} masks for {len(canvas)} images")
+    if len(canvas) and (int(canvas[:, 0].max()), int(canvas[:, 1].max())) != (height, width):
+        raise ValueError(
+            f"masks are {(height, width)} pixels but the images' canvases are up to "
+            f"{(int(canvas[:, 0].max()), int(canvas[:, 1].max()))}; transform masks with model.transform_mask "
+            "and pad them with the ignore index to the largest"
+        )
+    n_segments = max(len(s.segments) for s in layout.spans)
+    out = torch.full((masks.shape[0], n_segments, height * width), -1, dtype=torch.long)
+    for k, span in enumerate(layout.spans):
+        start = 0
+        for s, seg in enumerate(span.segments):
+            grid = seg.patches if stage == "vision" else seg.tokens
+            index = grid.index_map(height, width).flatten()
+            out[k, s] = torch.where(index >= 0, index + start, index)
+            start += len(grid)
+    return out.flatten(1)

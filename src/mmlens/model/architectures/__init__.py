@@ -8,10 +8,11 @@ from ...errors import UnsupportedModelError
 from .base import Architecture
 from .gemma3 import Gemma3
 from .llava import Llava
+from .llava_next import LlavaNext
 from .paligemma import PaliGemma
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, PaliGemma, Gemma3) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, PaliGemma, Gemma3) for name in arch.hf_class_names
 }
 
 

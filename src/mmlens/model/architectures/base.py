@@ -53,6 +53,21 @@ class Architecture(ABC):
     # start from the merged embeddings.
     llm_input_names: tuple[str, ...] = ()
 
+    def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Keywords the LLM needs, beyond `attention_mask` and `llm_input_names`, when a run starts
+        from the merged embeddings (`forward(llm_inputs_embeds=...)`, `start_at_layer`, patching's
+        LLM-only copies) instead of from ids and pixels.
+
+        `inputs` holds the full multimodal keywords of the rows being run (`input_ids`,
+        `attention_mask`, the family's `extra_input_names`; `pixel_values` may be absent), already
+        repeated when the batch is. A family whose positions depend on the images returns them
+        here, computed the way its own forward does (Qwen2-VL: `{"position_ids": ...}` from
+        `get_rope_index(input_ids, image_grid_thw, ..., attention_mask)`), so the shortcut computes
+        what the full forward computes. The default, for families whose LLM positions follow from
+        the attention mask alone, adds nothing.
+        """
+        return {}
+
     @abstractmethod
     def build_config(self, hf_model: nn.Module) -> MLLMConfig: ...
 
@@ -163,8 +178,9 @@ class Architecture(ABC):
             llm_prefix=self.llm_prefix_tokens(cfg),
         )
 
-    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None) -> None:
-        """Refuse images and placeholders that do not match (fixed grid: a constant per image)."""
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
+        """Refuse images and placeholders that do not match (fixed grid: a constant per image);
+        `inputs`: the family's own keywords present (e.g. `image_sizes`)."""
         per_image = cfg.adapter.n_image_tokens
         n_tokens = int((input_ids == cfg.image_token_id).sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]

@@ -1,0 +1,192 @@
+"""LLaVA-NeXT (LlavaNextForConditionalGeneration): "anyres" tiles, a base image and row newlines.
+
+The processor picks the best grid resolution for each image (`select_best_resolution`), resizes the
+image into it keeping its aspect, pads the rest, and cuts it into tower-sized tiles; a squashed copy
+of the whole image (the base image) comes first. The tower and projector run on every tile as a batch
+([n_tiles, patches, d]); the model then joins the tiles' features into one grid, removes the rows or
+columns that only saw padding (`unpad_image`) and appends the learned `image_newline` after every row.
+So each image is two segments on its original pixels: the base grid, then the unpadded tile grid
+(row newlines recorded as special tokens), and its token count depends on its size (`image_sizes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches, unpad_image
+
+from ...errors import InputError, LayoutMismatchError, UnsupportedModelError
+from ..config import MLLMConfig
+from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
+from .llava import Llava
+
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """Where one image's tiles and features sit, in the processor's and the model's own arithmetic."""
+
+    size: tuple[int, int]  # original (height, width)
+    best: tuple[int, int]  # the grid resolution chosen for it (height, width)
+    resized: tuple[int, int]  # the image inside it, aspect kept (height, width)
+    n_tiles: int  # tower inputs: base image + tiles
+    tile_grid: tuple[int, int]  # tiles down, across
+    kept: Int[Tensor, "rows cols"]  # full-grid feature index of each feature left after unpadding
+
+    @property
+    def n_tokens(self) -> int:
+        rows, cols = self.kept.shape
+        return rows * (cols + 1)  # plus the base grid, counted by the caller
+
+
+def anyres_geometry(size: tuple[int, int], pinpoints: list, tile: int, patch: int) -> AnyresGeometry:
+    """Geometry of one image of (height, width) `size` for tiles of `tile` pixels and `patch`-pixel patches."""
+    height, width = size
+    best = tuple(select_best_resolution((height, width), pinpoints))
+    resized = tuple(get_patch_output_size(np.empty((1, height, width), dtype=np.uint8), best, "channels_first"))
+    tile_grid = (best[0] // tile, best[1] // tile)
+    g = tile // patch
+    full = torch.arange(tile_grid[0] * g * tile_grid[1] * g).view(1, tile_grid[0] * g, tile_grid[1] * g)
+    kept = unpad_image(full, [height, width])[0]  # the model's own unpadding, on feature indices
+    n_tiles = image_size_to_num_patches([height, width], pinpoints, tile)
+    return AnyresGeometry((height, width), best, resized, n_tiles, tile_grid, kept)
+
+
+def _edges_back(features: Int[Tensor, "n"], patch: int, pad: int, resized: int, original: int) -> Int[Tensor, "n_plus_1"]:
+    """Pixel edges in the original image of consecutive feature rows (or columns) `features` of a
+    canvas where the image, resized from `original` to `resized` pixels, sits at offset `pad`; a
+    feature covers `patch` canvas pixels. A canvas pixel i comes from original pixel
+    floor((i + 0.5) * original / resized) (nearest-neighbour centres), so each edge is the source of
+    a feature's first pixel and a box holds every pixel its feature was resized from. The outer
+    edges are the image's own: what the model kept over padding, or cut of the image, falls to the
+    first and last cell."""
+    starts = (torch.cat([features, features[-1:] + 1]) * patch - pad).clamp(0, resized)
+    edges = torch.div((2 * starts + 1) * original, 2 * resized, rounding_mode="floor").clamp(max=original)
+    edges[0], edges[-1] = 0, original
+    return edges
+
+
+def patch_px(geo: AnyresGeometry, g: int) -> int:
+    """Pixels of a tile per feature."""
+    return geo.best[0] // (geo.tile_grid[0] * g)
+
+
+class LlavaNext(Llava):
+    hf_class_names = ("LlavaNextForConditionalGeneration",)
+    extra_input_names = ("image_sizes",)
+    vision_towers = ("clip_vision_model",)  # "default" drops the first token: the tower needs a CLS
+
+    def check_supported(self, hf_model: nn.Module) -> None:
+        super().check_supported(hf_model)
+        config = hf_model.config
+        if config.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                f"{type(hf_model).__name__} with vision_feature_select_strategy="
+                f"{config.vision_feature_select_strategy!r}: the tiles' features only form a grid without the CLS token"
+            )
+
+    def build_config(self, hf_model: nn.Module) -> MLLMConfig:
+        self.pinpoints = [list(p) for p in hf_model.config.image_grid_pinpoints]
+        return super().build_config(hf_model)
+
+    def geometry(self, cfg: MLLMConfig, size: tuple[int, int]) -> AnyresGeometry:
+        return anyres_geometry(size, self.pinpoints, cfg.vision.image_size, cfg.vision.patch_size)
+
+    def _sizes(self, image_sizes: Tensor | None, n_images: int) -> list[tuple[int, int]]:
+        if image_sizes is None:
+            raise InputError("LLaVA-NeXT needs image_sizes (the original (height, width) of every image); "
+                             "use model.prepare(...) or pass the processor's image_sizes")
+        sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
+        if len(sizes) != n_images:
+            raise InputError(f"{len(sizes)} image_sizes for {n_images} image(s)")
+        return sizes
+
+    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+        g = cfg.vision.image_size // cfg.vision.patch_size
+        vision_prefix = self.vision_prefix_tokens(cfg)
+        runs = image_runs(input_ids, cfg.image_token_id)
+        given = inputs.get("image_sizes")
+        sizes = [] if given is None else self._sizes(given, len(given))
+        rows, k, tile0 = [], 0, 0
+        for b, where in enumerate(runs):
+            spans, used = [], 0
+            while used < len(where):
+                if k >= len(sizes):
+                    raise LayoutMismatchError(f"batch row {b} has image tokens beyond the {len(sizes)} image(s) whose "
+                                              "image_sizes were given (LLaVA-NeXT's layout needs image_sizes)")
+                geo = self.geometry(cfg, sizes[k])
+                n = g * g + geo.n_tokens
+                block = where[used : used + n]
+                if len(block) < n or block[-1] - block[0] != n - 1:
+                    raise LayoutMismatchError(
+                        f"batch row {b}: image {k} of size {sizes[k]} takes {n} contiguous image tokens, found "
+                        f"{len(block)} from position {int(block[0])}; were the prompts expanded by this model's processor?"
+                    )
+                spans.append(self._span(b, k, block, geo, tile0, g, vision_prefix))
+                used, k, tile0 = used + n, k + 1, tile0 + geo.n_tiles
+            rows.append(tuple(spans))
+        if k != len(sizes):
+            raise LayoutMismatchError(f"{len(sizes)} image(s) but image tokens for {k} in input_ids")
+        return ImageTokenLayout(tuple(rows), input_ids.shape[1], (tile0, vision_prefix + g * g), (tile0, g * g))
+
+    @staticmethod
+    def _span(row: int, index: int, block: Tensor, geo: AnyresGeometry, tile0: int, g: int, prefix: int) -> ImageSpan:
+        height, width = geo.size
+        base = torch.arange(g * g)
+        patch = patch_px(geo, g)
+        cells = torch.arange(g)  # the base image: the whole image squashed into one tile
+        base_grid = GridCells(_edges_back(cells, patch, 0, g * patch, height), _edges_back(cells, patch, 0, g * patch, width))
+        segments = [Segment("base", base_grid, block[: g * g].clone(), (torch.full((g * g,), tile0), base),
+                            base_grid, (torch.full((g * g,), tile0), base + prefix), base)]
+        rows_u, cols_u = geo.kept.shape
+        full_cols = geo.tile_grid[1] * g
+        feature_row, feature_col = geo.kept[:, 0] // full_cols, geo.kept[0] % full_cols
+        pad_top, pad_left = (geo.best[0] - geo.resized[0]) // 2, (geo.best[1] - geo.resized[1]) // 2
+        grid = GridCells(_edges_back(feature_row, patch, pad_top, geo.resized[0], height),
+                         _edges_back(feature_col, patch, pad_left, geo.resized[1], width))
+        r, c = feature_row[:, None].expand(rows_u, cols_u).flatten(), feature_col[None, :].expand(rows_u, cols_u).flatten()
+        tiles = tile0 + 1 + (r // g) * geo.tile_grid[1] + c // g
+        within = (r % g) * g + c % g
+        body = block[g * g :].view(rows_u, cols_u + 1)
+        n = rows_u * cols_u
+        segments.append(Segment("tiles", grid, body[:, :cols_u].flatten().clone(), (tiles, within),
+                                grid, (tiles, within + prefix), torch.arange(n)))
+        return ImageSpan(row, index, tuple(segments), (height, width), {"newline": body[:, cols_u].clone()})
+
+    def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
+        if pixel_values is None:
+            if (input_ids == cfg.image_token_id).any():
+                raise InputError("image tokens in input_ids but no pixel_values")
+            return
+        tile = cfg.vision.image_size
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, tile, tile):
+            raise InputError(
+                f"pixel_values have shape {tuple(pixel_values.shape)} but LLaVA-NeXT takes [n_images, n_tiles, 3, "
+                f"{tile}, {tile}]; preprocess images with model.prepare(...)"
+            )
+        sizes = self._sizes(inputs.get("image_sizes"), pixel_values.shape[0])
+        g = tile // cfg.vision.patch_size
+        want = sum(g * g + self.geometry(cfg, s).n_tokens for s in sizes)
+        have = int((input_ids == cfg.image_token_id).sum())
+        if want != have:
+            raise InputError(f"{len(sizes)} image(s) of sizes {sizes} take {want} image tokens but input_ids hold "
+                             f"{have}; the prompts' placeholders and the images must match")
+
+    def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
+        """Two rows, one image each, of two different shapes (wide and tall tile grids)."""
+        generator = torch.Generator().manual_seed(seed)
+        tile, g = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
+        sizes = [tuple(self.pinpoints[0]), tuple(self.pinpoints[-1])]
+        geos = [self.geometry(cfg, s) for s in sizes]
+        n_tiles = max(geo.n_tiles for geo in geos)
+        pixels = torch.randn(2, n_tiles, 3, tile, tile, generator=generator)
+        text = [t for t in range(min(cfg.d_vocab, 16)) if t != cfg.image_token_id][:4]
+        rows = [[cfg.image_token_id] * (g * g + geo.n_tokens) + text for geo in geos]
+        length = max(len(r) for r in rows)
+        ids = torch.tensor([[text[0]] * (length - len(r)) + r for r in rows])  # no padding: repeated text
+        return {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.ones_like(ids),
+                "image_sizes": torch.tensor(sizes)}
