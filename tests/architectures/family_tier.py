@@ -25,6 +25,7 @@ from mmlens.errors import UnsupportedModelError
 from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.instrument import AttentionSpec
+from mmlens.model.layout import IMAGE_BLOCK_KINDS
 from mmlens.probing import probe_sweep
 
 from conftest import random_images
@@ -148,7 +149,11 @@ def test_layout_contract(eager: Family) -> None:
                 for y0, x0, y1, x1 in grid.boxes.tolist():
                     cover[y0:y1, x0:x1] += 1
                 assert (cover == 1).all(), f"the {segment.kind} segment's pixel boxes tile the image"
-    assert torch.equal(labelled, placeholders.long()), "every image placeholder belongs to exactly one image"
+    assert (labelled[placeholders] == 1).all() and (labelled <= 1).all(), "every image placeholder belongs to exactly one image"
+    markers = labelled.bool() & ~placeholders  # specials with their own token (Gemma 3's start/end of image)
+    for span in layout.spans:
+        for kind, positions in span.special.items():
+            assert not markers[span.row, positions].any() or kind not in IMAGE_BLOCK_KINDS, f"{kind} must be a placeholder"
     grid_tokens = layout.image_token_mask()
     assert torch.equal(grid_tokens & ~placeholders, torch.zeros_like(placeholders)), "no text in a grid"
     for kind in {k for s in layout.spans for k in s.special}:

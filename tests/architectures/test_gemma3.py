@@ -35,10 +35,12 @@ def test_sixteen_patches_feed_each_token_and_image_markers_stay_outside_the_grid
         assert ty0 <= py0 and py1 <= ty1 and tx0 <= px0 and px1 <= tx1
     types = inputs.extra["token_type_ids"]
     assert torch.equal(layout.image_token_mask(), types.bool().cpu()), "the grid is exactly Hugging Face's image block"
-    for span in layout.spans:
-        ids = inputs.input_ids[span.row]
-        first, last = int(span.positions[0]), int(span.positions[-1])
-        assert int(ids[first - 1]) == tokenizer.boi_token_id and int(ids[last + 1]) == tokenizer.eoi_token_id
+    ids = inputs.input_ids.cpu()
+    for kind, token in (("start", tokenizer.boi_token_id), ("end", tokenizer.eoi_token_id)):
+        markers = layout.special_positions(kind)
+        assert torch.equal(markers, ids == token) and not (markers & layout.image_token_mask()).any()
+        assert (layout.image_of_position()[markers] == -1).all(), "the markers are outside the image's block"
+    assert "<img0 start>" in model.to_str_tokens(inputs)[0]
 
 
 @torch.no_grad()

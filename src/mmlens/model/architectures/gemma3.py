@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor, nn
 
-from ...errors import UnsupportedModelError
+from ...errors import LayoutMismatchError, UnsupportedModelError
 from ..attention_masks import additive_mask
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
@@ -63,8 +63,9 @@ class Gemma3(Llava):
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         cfg = super().build_config(hf_model)
         text = hf_model.config.text_config
-        # what the attention rule needs later, when only the forward's keywords are at hand
+        # what the attention rule and the layout need later, when only the ids are at hand
         self.image_token_id = cfg.image_token_id
+        self.markers = {"start": hf_model.config.boi_token_index, "end": hf_model.config.eoi_token_index}
         self.sliding_window = text.sliding_window if "sliding_attention" in text.layer_types else None
         if self.sliding_window is not None and self.sliding_window < cfg.adapter.n_image_tokens:
             raise UnsupportedModelError(
@@ -104,6 +105,27 @@ class Gemma3(Llava):
         token_rows, token_cols = cfg.adapter.token_grid
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         return ((r // (rows // token_rows)) * token_cols + c // (cols // token_cols)).flatten()
+
+    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+        """One pooled grid per image; its `<start_of_image>` and `<end_of_image>` tokens are the
+        specials "start" and "end", outside the grid and outside the image's attention block."""
+        layout = super().layout(cfg, input_ids, **inputs)
+        ids = input_ids.cpu()
+        rows = []
+        for row in layout.images:
+            spans = []
+            for span in row:
+                around = {"start": span.positions[:1] - 1, "end": span.positions[-1:] + 1}
+                for kind, position in around.items():
+                    inside = 0 <= int(position) < ids.shape[1]
+                    if not inside or int(ids[span.row, position]) != self.markers[kind]:
+                        raise LayoutMismatchError(
+                            f"batch row {span.row}: image {span.image_index} has no <{kind}_of_image> token next to its "
+                            "grid; Gemma 3 prompts must be expanded by its processor (Gemma3Processor)"
+                        )
+                spans.append(replace(span, special={**span.special, **around}))
+            rows.append(tuple(spans))
+        return replace(layout, images=tuple(rows))
 
     @staticmethod
     def _instrument_projector(projector: nn.Module, hooks: Any) -> None:
