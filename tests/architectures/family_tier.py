@@ -27,6 +27,7 @@ from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_ima
 from mmlens.model.architectures import Architecture
 from mmlens.model.attention_masks import additive_mask
 from mmlens.model.instrument import AttentionSpec
+from mmlens.model.layout import IMAGE_BLOCK_KINDS
 from mmlens.probing import probe_sweep
 
 from conftest import random_images
@@ -151,7 +152,11 @@ def test_layout_contract(eager: Family) -> None:
                 for y0, x0, y1, x1 in grid.boxes.tolist():
                     cover[y0:y1, x0:x1] += 1
                 assert (cover == 1).all(), f"the {segment.kind} segment's pixel boxes tile the image"
-    assert torch.equal(labelled, placeholders.long()), "every image placeholder belongs to exactly one image"
+    assert (labelled[placeholders] == 1).all() and (labelled <= 1).all(), "every image placeholder belongs to exactly one image"
+    markers = labelled.bool() & ~placeholders  # specials with their own token (Gemma 3's start/end of image)
+    for span in layout.spans:
+        for kind, positions in span.special.items():
+            assert not markers[span.row, positions].any() or kind not in IMAGE_BLOCK_KINDS, f"{kind} must be a placeholder"
     grid_tokens = layout.image_token_mask()
     assert torch.equal(grid_tokens & ~placeholders, torch.zeros_like(placeholders)), "no text in a grid"
     for kind in {k for s in layout.spans for k in s.special}:
@@ -179,7 +184,7 @@ def test_knockout_equals_hf_with_its_mask(eager: Family) -> None:
     plain = {k: v for k, v in inputs.hf_kwargs().items() if k not in rules}
     # what the LLM reads off the 2-D mask, given explicitly (Qwen2-VL's M-RoPE positions)
     plain.update(model.architecture.llm_keywords(model.hf_model, inputs.hf_kwargs()))
-    theirs = eager.reference(**plain, attention_mask=additive_mask(allowed)).logits
+    theirs = eager.reference(**plain, attention_mask=model.architecture.hf_attention_mask(allowed)).logits
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
     assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"

@@ -25,6 +25,9 @@ class StageConfig:
     normalization_type: str  # "LN" or "RMS"
     positional_embedding_type: str  # "learned" or "rotary"
     gated_mlp: bool = False  # act(gate(x)) * up(x) (Llama) rather than act(fc1(x))
+    # TL's names: sandwich norms on the attention and MLP outputs (Gemma 2/3), per-head q/k RMSNorms
+    use_normalization_before_and_after: bool = False
+    use_qk_norm: bool = False
 
 
 @dataclass(frozen=True)

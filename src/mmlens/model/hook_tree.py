@@ -41,9 +41,17 @@ class HookGroup(nn.Module):
 
 
 class AttentionHooks(AttentionWeights, HookGroup):
-    def __init__(self, rotary: bool):
+    def __init__(self, rotary: bool, qk_norm: bool = False):
         names = ["hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"]
         super().__init__(*names, *(["hook_rot_q", "hook_rot_k"] if rotary else []))
+        self._qk_norms: tuple[NormHooks, ...] = ()
+        if qk_norm:  # TL's names for per-head q/k RMSNorms (use_qk_norm)
+            self.q_ln, self.k_ln = NormHooks(), NormHooks()
+            self._qk_norms = (self.q_ln, self.k_ln)
+
+    def any_hooked(self) -> bool:
+        # a hooked q/k norm takes the step-by-step path, so its points see [batch, pos, head, d_head]
+        return super().any_hooked() or any(n.any_hooked() for n in self._qk_norms)
 
 
 class MLPHooks(MLPWeights, HookGroup):
@@ -61,13 +69,16 @@ class NormHooks(NormWeights, HookGroup):
 class BlockHooks(HookGroup):
     """Residual-stream points of one block plus its attention, MLP and norm points."""
 
-    def __init__(self, rotary: bool, gated_mlp: bool):
+    def __init__(self, rotary: bool, gated_mlp: bool, sandwich_norms: bool = False, qk_norm: bool = False):
         super().__init__(
             "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"
         )
         self.ln1 = NormHooks()
         self.ln2 = NormHooks()
-        self.attn = AttentionHooks(rotary)
+        if sandwich_norms:  # TL's names for the norms on the attention and MLP outputs
+            self.ln1_post = NormHooks()
+            self.ln2_post = NormHooks()
+        self.attn = AttentionHooks(rotary, qk_norm)
         self.mlp = MLPHooks(gated_mlp)
 
     def residual_hooked(self) -> bool:
@@ -81,7 +92,10 @@ class VisionHooks(StackedWeights, HookGroup):
         if stage.has_ln_pre:
             self.ln_pre = NormHooks()
         rotary = stage.positional_embedding_type == "rotary"
-        self.blocks = nn.ModuleList(BlockHooks(rotary, stage.gated_mlp) for _ in range(stage.n_layers))
+        self.blocks = nn.ModuleList(
+            BlockHooks(rotary, stage.gated_mlp, stage.use_normalization_before_and_after, stage.use_qk_norm)
+            for _ in range(stage.n_layers)
+        )
         self.ln_post = NormHooks()
 
 

@@ -70,7 +70,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         self.hook_embed = HookPoint()
         self.hook_multimodal_embed = HookPoint()
         self.blocks = nn.ModuleList(
-            BlockHooks(rotary=llm.positional_embedding_type == "rotary", gated_mlp=llm.gated_mlp)
+            BlockHooks(rotary=llm.positional_embedding_type == "rotary", gated_mlp=llm.gated_mlp,
+                       sandwich_norms=llm.use_normalization_before_and_after, qk_norm=llm.use_qk_norm)
             for _ in range(llm.n_layers)
         )
         self.ln_final = NormHooks()
@@ -245,13 +246,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                     "image(s); use one placeholder per image or none (then they are inserted)"
                 )
             texts.append(text)
-        flat = [_to_pil(img, f"image {i}.{j}") for i, g in enumerate(per_prompt) for j, img in enumerate(g)]
-        if self.architecture.images_per_row:  # the processor treats a row's images together
-            starts = np.cumsum([0] + [len(g) for g in per_prompt])
-            images_in = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
-        else:
-            images_in = flat
-        batch = processor(images=images_in, text=texts, padding=True, return_tensors="pt")
+        nested = [[_to_pil(img, f"image {i}.{j}") for j, img in enumerate(g)] for i, g in enumerate(per_prompt)]
+        batch = processor(images=self.architecture.processor_images(nested), text=texts, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"]
         device = self.cfg.device
         extra = {k: batch[k] for k in self.architecture.extra_input_names if k in batch}
@@ -466,7 +462,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """The keywords with the current attention mode in force (a 4D mask where it differs from
         Hugging Face's own rule); a 4D mask given by the caller is kept as is."""
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 4:
+        if mask is not None and (not isinstance(mask, Tensor) or mask.ndim == 4):  # 4D, or per layer type
             return kwargs
         family_inputs = {k: v for k, v in kwargs.items() if k not in BASE_INPUT_NAMES}
         layout = lambda: self.layout(kwargs["input_ids"], **family_inputs)  # noqa: E731 - only if a mask needs it
@@ -540,7 +536,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
         processor = self._require_processor()
         own_rule = self._with_image_attention(inputs.hf_kwargs())
-        if own_rule["attention_mask"].ndim == 2:  # Hugging Face's cached decoding applies the rule itself
+        rule_mask = own_rule["attention_mask"]
+        if isinstance(rule_mask, Tensor) and rule_mask.ndim == 2:  # Hugging Face's cached decoding applies the rule itself
             kwargs.setdefault("do_sample", False)
             out = self.hf_model.generate(**own_rule, max_new_tokens=max_new_tokens, **kwargs)
             new_tokens = out[:, inputs.input_ids.shape[1] :]

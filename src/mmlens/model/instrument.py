@@ -34,6 +34,12 @@ class AttentionSpec:
     o: str = "o_proj"
     scaling: str = "scaling"
     rotary: bool = True
+    # RMSNorms over each head's queries and keys before the rotary embedding (Gemma 3, Qwen3)
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # attribute holding a tanh soft cap on the scaled scores, applied before the mask when not
+    # None (Gemma 2); leave None for a family whose Hugging Face code ignores its configured cap
+    softcap: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class BlockSpec:
     attention: AttentionSpec
     # modules scaling the attention and MLP outputs before they join the residual (DINOv2)
     layer_scale: tuple[str, str] | None = None
+    # sandwich norms on the attention and MLP outputs before they join the residual (Gemma 2/3):
+    # x + post_ln1(attn(ln1(x))), then + post_ln2(mlp(ln2(.))); TL's `ln1_post` / `ln2_post`
+    post_norms: tuple[str, str] | None = None
 
 
 def _override_forward(module: nn.Module, forward: Callable) -> None:
@@ -91,7 +100,8 @@ def apply_attention_mask(
 
 
 def instrument_attention(
-    attn: nn.Module, hooks: AttentionHooks, spec: AttentionSpec, use_result: Callable[[], bool]
+    attn: nn.Module, hooks: AttentionHooks, spec: AttentionSpec, use_result: Callable[[], bool],
+    norm_kind: NormKind = "RMS",
 ) -> None:
     original = attn.forward
     names = _argument_names(attn)
@@ -101,6 +111,12 @@ def instrument_attention(
     q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
     d_head = attn.head_dim
     scaling = getattr(attn, spec.scaling)
+    softcap = getattr(attn, spec.softcap) if spec.softcap else None
+    identity = lambda x: x  # noqa: E731
+    q_norm, k_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, spec.k_norm))
+    if spec.q_norm:  # per-head RMSNorms act on the last dim, so [b, s, h, d] gives HF's numbers
+        instrument_norm(q_norm, hooks.q_ln, norm_kind)
+        instrument_norm(k_norm, hooks.k_ln, norm_kind)
     hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
@@ -109,8 +125,8 @@ def instrument_attention(
         kwargs.update(zip(names, args))
         attention_mask = kwargs.get("attention_mask")
         batch, seq, _ = hidden_states.shape
-        q = fire(hooks.hook_q, q_proj(hidden_states).view(batch, seq, -1, d_head))
-        k = fire(hooks.hook_k, k_proj(hidden_states).view(batch, seq, -1, d_head))
+        q = q_norm(fire(hooks.hook_q, q_proj(hidden_states).view(batch, seq, -1, d_head)))
+        k = k_norm(fire(hooks.hook_k, k_proj(hidden_states).view(batch, seq, -1, d_head)))
         v = fire(hooks.hook_v, v_proj(hidden_states).view(batch, seq, -1, d_head))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotary_fn is not None:
@@ -125,6 +141,8 @@ def instrument_attention(
         if n_rep > 1:  # grouped-query attention: query head h reads kv head h // n_rep
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = fire(hooks.hook_attn_scores, apply_attention_mask(scores, attention_mask, attn.is_causal))
         pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if attn.training:
@@ -171,13 +189,18 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
 def instrument_block(
     layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool], norm: NormKind
 ) -> None:
-    """Hook a pre-norm block, its norms (which fire their own points), attention and MLP."""
+    """Hook a pre-norm block (with sandwich norms if its spec says so), its norms (which fire
+    their own points), attention and MLP."""
     ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
     scale1, scale2 = (getattr(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
+    post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
     instrument_norm(ln1, hooks.ln1, norm)
     instrument_norm(ln2, hooks.ln2, norm)
-    instrument_attention(attn, hooks.attn, spec.attention, use_result)
+    if spec.post_norms:
+        instrument_norm(post1, hooks.ln1_post, norm)
+        instrument_norm(post2, hooks.ln2_post, norm)
+    instrument_attention(attn, hooks.attn, spec.attention, use_result, norm)
     instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
     original = layer.forward
     names = _argument_names(layer)
@@ -188,10 +211,10 @@ def instrument_block(
         kwargs.update(zip(names, args))
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
         normed = ln1(resid_pre)  # the instrumented norm fires its own hook_scale / hook_normalized
-        attn_out = fire(hooks.hook_attn_out, scale1(attn(hidden_states=normed, **kwargs)[0]))
+        attn_out = fire(hooks.hook_attn_out, post1(scale1(attn(hidden_states=normed, **kwargs)[0])))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
         normed = ln2(resid_mid)
-        mlp_out = fire(hooks.hook_mlp_out, scale2(mlp(normed)))
+        mlp_out = fire(hooks.hook_mlp_out, post2(scale2(mlp(normed))))
         return fire(hooks.hook_resid_post, resid_mid + mlp_out)
 
     _override_forward(layer, forward)

@@ -5,7 +5,7 @@ RMSNorm, `sqrt(var(x) + eps)` for LayerNorm) is computed beside it and fired at 
 edited scale rescales HF's own output (`(out - b) * s / s' + b`), so the norm's formula (a plain
 weight, Gemma's `1 + weight` ...) never has to be restated and an untouched scale leaves the
 output bit-identical. `hook_normalized` is HF's output, weight applied (TL fires it before the
-weight; docs/tl_compat.md says so).
+weight; docs/tl_compat.md says so). A norm's `w` is the factor it applies (`1 + weight` for Gemma's).
 """
 
 from __future__ import annotations
@@ -58,4 +58,15 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
 
     module.forward = forward
     setattr(module, _INSTRUMENTED, True)
-    hooks.bind_norm(module, kind)
+    hooks.bind_norm(module, kind, weight_offset(original, module, kind))
+
+
+@torch.no_grad()
+def weight_offset(forward, module: nn.Module, kind: NormKind) -> float:
+    """1.0 for an RMSNorm that scales by `1 + weight` (Gemma's), else 0.0 (TL's
+    `rmsnorm_uses_offset`), read from what `forward` computes on a vector of ones."""
+    weight = getattr(module, "weight", None)
+    if kind != "RMS" or not isinstance(weight, Tensor) or weight.ndim != 1 or weight.is_meta:
+        return 0.0
+    out = forward(torch.ones_like(weight)).float() * (1 + norm_epsilon(module)) ** 0.5
+    return 1.0 if (out - weight.float() - 1).abs().max() < (out - weight.float()).abs().max() else 0.0

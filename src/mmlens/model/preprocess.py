@@ -128,6 +128,20 @@ def _center_crop(array: np.ndarray, crop: tuple[int, int], fill: Any, backend: s
     return out
 
 
+# Processors whose overrides only add a step that is off by default: with every listed option
+# off, the listed methods run the stock resize / rescale / normalize (Gemma 3's pan-and-scan crops;
+# its `_preprocess` never crops or pads, so the stock crop and pad must be off too).
+_OFF_MAKES_STOCK = {
+    "Gemma3ImageProcessorPil": (("do_pan_and_scan", "do_center_crop", "do_pad"), ("preprocess", "_preprocess")),
+}
+
+
+def _stock_when_off(image_processor: Any) -> tuple[str, ...]:
+    """The overridden methods of `image_processor` that run the stock pipeline as it is set."""
+    options, methods = _OFF_MAKES_STOCK.get(type(image_processor).__name__, ((), ()))
+    return () if any(getattr(image_processor, o, None) for o in options) else methods
+
+
 def _llava_processor_class(backend: str) -> type:
     """LLaVA's image processor (pad-to-square before resizing) for one backend; the torchvision
     one is imported only when a torchvision-backed processor is in use (it imports torchvision)."""
@@ -260,7 +274,8 @@ class ImageGeometry:
         is_llava = isinstance(image_processor, llava)
         reference = llava if is_llava else stock
         methods = _MIRRORED_METHODS + (("pad_to_square",) if is_llava else ())
-        overridden = [name for name in methods if getattr(proc_type, name, None) is not getattr(reference, name, None)]
+        overridden = [name for name in methods if getattr(proc_type, name, None) is not getattr(reference, name, None)
+                      and name not in _stock_when_off(image_processor)]
         if overridden:
             raise ValueError(
                 f"{cls_name} overrides {', '.join(m + '()' for m in overridden)} of "

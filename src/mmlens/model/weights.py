@@ -116,8 +116,8 @@ class MLPWeights:
 class NormWeights:
     """`w` (and `b` for LayerNorm) of a norm; calling the group runs the norm with its hooks."""
 
-    def bind_norm(self, module: nn.Module, kind: str) -> None:
-        self._weight_source = (module, kind)
+    def bind_norm(self, module: nn.Module, kind: str, offset: float = 0.0) -> None:
+        self._weight_source = (module, kind, offset)
 
     @property
     def kind(self) -> str:
@@ -125,7 +125,10 @@ class NormWeights:
 
     @property
     def w(self) -> Float[Tensor, "d_model"]:
-        return _bound(self, "norm weight")[0].weight
+        """The factor the norm applies: the parameter itself, or `1 + weight` (a new tensor) for
+        norms that store an offset weight (Gemma's RMSNorms; TL's `rmsnorm_uses_offset`)."""
+        module, _, offset = _bound(self, "norm weight")
+        return module.weight + offset if offset else module.weight
 
     @property
     def b(self) -> Float[Tensor, "d_model"]:

@@ -92,6 +92,11 @@ class Architecture(ABC):
         """Run the Hugging Face model on its keywords (`input_ids`, `pixel_values`, ...)."""
         return hf_model(**inputs, use_cache=False)
 
+    def processor_images(self, images: list[list[Any]]) -> list[Any]:
+        """The images as the family's processor takes them, from one list per prompt (most take a
+        flat list; a processor that counts images per prompt takes the nested one)."""
+        return images if self.images_per_row else [image for row in images for image in row]
+
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
         """The family's keywords for the same rows with one more generated (text) token."""
         return extra
@@ -127,7 +132,13 @@ class Architecture(ABC):
         ids = kwargs["input_ids"]
         mask = torch.ones_like(ids) if mask is None else mask
         edges = self.attention_edges(mode, layout(), mask, kwargs).to(ids.device)
-        return {**kwargs, "attention_mask": additive_mask(edges, dtype)}
+        return {**kwargs, "attention_mask": self.hf_attention_mask(edges, dtype)}
+
+    def hf_attention_mask(self, edges: Bool[Tensor, "batch seq seq"], dtype: torch.dtype = torch.float32) -> Any:
+        """The `attention_mask` keyword that makes Hugging Face's forward attend along `edges`
+        (a 4D additive mask; a family whose layers differ, such as sliding-window ones, returns
+        what its forward takes per layer type)."""
+        return additive_mask(edges, dtype)
 
     def llm_attention(self, hf_model: nn.Module, layer: int) -> nn.Module:
         return self.llm_layers(hf_model)[layer].self_attn
