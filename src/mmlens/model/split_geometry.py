@@ -44,7 +44,8 @@ class SplitGeometry:
         p, nearest = self.processor, PILImageResampling.NEAREST
         tile = p.max_image_size["longest_edge"]
         if p.do_resize:
-            coded = p.resize(coded, SizeDict(**p.size), resample=nearest)
+            size = p.size if isinstance(p.size, SizeDict) else SizeDict(**p.size)
+            coded = p.resize(coded, size, resample=nearest)
         if p.do_image_splitting:
             coded = p.resize_for_vision_encoder(coded, tile, resample=nearest)
         else:
