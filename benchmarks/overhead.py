@@ -23,12 +23,15 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
-from mmlens.testing_families import tiny_llava_dinov2, tiny_paligemma  # noqa: E402
+from mmlens.testing_families import tiny_idefics3, tiny_llava_dinov2, tiny_paligemma  # noqa: E402
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
 FAMILIES = {
     "paligemma": lambda attn: tiny_paligemma(**SIZE, llm_heads=8, attn_implementation=attn),
     "llava-dinov2": lambda attn: tiny_llava_dinov2(**SIZE, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+    # 64-px tiles, 8-px patches: a 64-px image is 2 x 2 tiles + the global image, 5 x 16 = 80 image tokens
+    "idefics3": lambda attn: tiny_idefics3(tile=64, patch_size=8, longest_edge=128, vision_layers=4, vision_d_model=128,
+                                           llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

@@ -173,6 +173,11 @@ def tiny_idefics3(
     tile: int = 16,
     patch_size: int = 4,
     longest_edge: int = 48,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    llm_layers: int = 2,
+    llm_d_model: int = 64,
+    llm_heads: int = 4,
     seed: int = 0,
     attn_implementation: str = "eager",
 ):
@@ -194,9 +199,9 @@ def tiny_idefics3(
                                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
     n_tokens = (tile // patch_size // 2) ** 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=n_tokens)
-    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=tile, patch_size=patch_size)
-    text = LlamaConfig(**_text_kwargs(tokenizer, 64, 2, 4, 2))
+    vision = dict(hidden_size=vision_d_model, intermediate_size=4 * vision_d_model, num_hidden_layers=vision_layers,
+                  num_attention_heads=4, image_size=tile, patch_size=patch_size)
+    text = LlamaConfig(**_text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, llm_heads // 2))
     config_class, model_class = {"idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
                                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}[variant]
     config = config_class(vision_config=vision, text_config=text.to_dict(), image_token_id=processor.image_token_id,

@@ -100,3 +100,16 @@ def test_frames_of_another_row_are_refused(eager):
     pixels[-1, 0] = 0
     with pytest.raises(InputError, match="real"):
         model({**inputs.hf_kwargs(), "pixel_values": pixels})
+
+
+@torch.no_grad()
+def test_transformerlens_bridge_names_are_aliases(eager):
+    """TransformerLens 4.3 wraps Idefics3 (not SmolVLM) with LLaVA's component names."""
+    model, inputs = eager.model, eager.inputs
+    names = {"vision_encoder.encoder_layers.1.hook_out": "vision.blocks.1.hook_resid_post",
+             "vision_encoder.post_layernorm.hook_out": "vision.ln_post.hook_normalized",
+             "vision_projector.hook_in": "adapter.hook_in", "vision_projector.hook_out": "adapter.hook_out",
+             "blocks.0.attn.hook_out": "blocks.0.hook_attn_out", "ln_final.hook_out": "ln_final.hook_normalized"}
+    _, cache = model.run_with_cache(inputs, names_filter=list(names) + list(names.values()))
+    for bridge, ours in names.items():
+        assert torch.equal(cache[bridge], cache[ours]), bridge

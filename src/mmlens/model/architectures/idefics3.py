@@ -59,6 +59,9 @@ class Idefics3(Architecture):
     # The processor's pixel mask (which tile pixels are image, not padding) travels with every forward.
     extra_input_names = ("pixel_attention_mask",)
     llm_block = LLM_BLOCK
+    # TransformerLens 4.3's Idefics3 adapter names its parts as its LLaVA one does (vision_encoder: a
+    # SigLIP bridge without a pre-layernorm, vision_projector: the connector, then the Llama LLM)
+    bridge_aliases = tuple(a for a in Llava.bridge_aliases if "pre_layernorm" not in a[0])
     vision_block = CLIP_BLOCK  # pre-norm SigLIP blocks: layer_norm1/2, self_attn (out_proj, scale), mlp
     llm_config = staticmethod(Llava.llm_config)
     # filled by `use_processor`: the ids of the separators around the image tokens
