@@ -23,12 +23,23 @@ from common import time_interleaved  # noqa: E402
 
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
-from mmlens.testing_families import tiny_idefics3, tiny_llava_dinov2, tiny_paligemma  # noqa: E402
+from mmlens.testing_families import (  # noqa: E402
+    tiny_idefics3,
+    tiny_llava_dinov2,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_paligemma,
+)
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
+TILED = dict(tile=64, patch_size=8, pinpoints=((64, 128), (128, 64), (128, 128)), vision_layers=4, vision_d_model=128,
+             llm_layers=4, llm_d_model=256)
 FAMILIES = {
     "paligemma": lambda attn: tiny_paligemma(**SIZE, llm_heads=8, attn_implementation=attn),
     "llava-dinov2": lambda attn: tiny_llava_dinov2(**SIZE, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+    # tiles of SIZE's image size, up to 2x2 of them: the tower runs on 2-5 tiles per image
+    "llava-next": lambda attn: tiny_llava_next(**TILED, vision_heads=4, llm_heads=8, llm_d_mlp=688, attn_implementation=attn),
+    "llava-onevision": lambda attn: tiny_llava_onevision(**TILED, vision_heads=4, llm_heads=8, attn_implementation=attn),
     # 64-px tiles, 8-px patches: a 64-px image is 2 x 2 tiles + the global image, 5 x 16 = 80 image tokens
     "idefics3": lambda attn: tiny_idefics3(tile=64, patch_size=8, longest_edge=128, vision_layers=4, vision_d_model=128,
                                            llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),

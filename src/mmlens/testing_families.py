@@ -15,6 +15,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     MistralConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
@@ -23,6 +26,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .zoo.build import build_llava, build_word_tokenizer
@@ -140,11 +144,13 @@ def tiny_llava_next(
     pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (32, 96)),
     seed: int = 0,
     attn_implementation: str = "eager",
+    **sizes,
 ):
     """A tiny LLaVA-NeXT (CLIP tower on `tile`-pixel tiles, MLP projector, Llama LLM) and its
-    processor: the grid resolutions `pinpoints` give wide, tall and square tile grids."""
+    processor: the grid resolutions `pinpoints` give wide, tall and square tile grids; `sizes` are
+    `mmlens.zoo.build.build_llava`'s widths and depths."""
     reference, llava_processor = build_llava(seed=seed, image_size=tile, patch_size=patch_size,
-                                             attn_implementation=attn_implementation)
+                                             attn_implementation=attn_implementation, **sizes)
     tokenizer = llava_processor.tokenizer
     pins = [list(p) for p in pinpoints]
     image_processor = LlavaNextImageProcessorPil(
@@ -165,6 +171,49 @@ def tiny_llava_next(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlavaNextForConditionalGeneration(config).eval(), processor
+
+
+class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without its video processor, which needs torchvision (not installed
+    here); images only. Its own signature leaves `video_processor` out of the processor's parts."""
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, **kwargs)
+        self.video_token = self.video_token_id = None  # the word tokenizer has no <video>: unknown words are not videos
+
+
+def tiny_llava_onevision(
+    *,
+    tile: int = 32,
+    patch_size: int = 8,
+    pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (32, 96)),
+    seed: int = 0,
+    attn_implementation: str = "eager",
+    **sizes,
+):
+    """A tiny LLaVA-OneVision (SigLIP tower on `tile`-pixel tiles, MLP projector, Qwen2 LLM) and its
+    processor; rows with one image are tiled, rows with several are not. `sizes` are
+    `build_llava`'s widths and depths (the LLM's apply to the Qwen2 LLM)."""
+    reference, llava_processor = build_llava("siglip", seed=seed, image_size=tile, patch_size=patch_size,
+                                             attn_implementation=attn_implementation, **sizes)
+    tokenizer = llava_processor.tokenizer
+    pins = [list(p) for p in pinpoints]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pins)
+    processor = ImageOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        num_image_tokens=(tile // patch_size) ** 2, vision_feature_select_strategy="full")
+    config = LlavaOnevisionConfig(
+        vision_config=reference.config.vision_config,
+        text_config=Qwen2Config(**_text_kwargs(tokenizer, sizes.get("llm_d_model", 64), sizes.get("llm_layers", 2),
+                                               sizes.get("llm_heads", 4), 2)),
+        image_token_id=reference.config.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pins,
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(config).eval(), processor
 
 
 def tiny_idefics3(

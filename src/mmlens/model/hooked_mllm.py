@@ -248,7 +248,12 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                 )
             texts.append(text)
         flat = [_to_pil(img, f"image {i}.{j}") for i, g in enumerate(per_prompt) for j, img in enumerate(g)]
-        batch = processor(images=flat, text=texts, padding=True, return_tensors="pt")
+        if self.architecture.images_per_row:  # the processor treats a row's images together
+            starts = np.cumsum([0] + [len(g) for g in per_prompt])
+            images_in = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            images_in = flat
+        batch = processor(images=images_in, text=texts, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"]
         device = self.cfg.device
         extra = {k: batch[k] for k in self.architecture.extra_input_names if k in batch}

@@ -9,10 +9,11 @@ from .base import Architecture
 from .idefics3 import Idefics3
 from .llava import Llava
 from .llava_next import LlavaNext
+from .llava_onevision import LlavaOnevision
 from .paligemma import PaliGemma
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, LlavaNext, PaliGemma, Idefics3) for name in arch.hf_class_names
+    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Idefics3) for name in arch.hf_class_names
 }
 
 

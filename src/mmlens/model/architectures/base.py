@@ -52,6 +52,9 @@ class Architecture(ABC):
     # Those of `extra_input_names` the LLM alone still needs (attention rules), for runs that
     # start from the merged embeddings.
     llm_input_names: tuple[str, ...] = ()
+    # Whether the processor takes images as one list per row (it treats a row's images together,
+    # e.g. LLaVA-OneVision tiles only a row's single image) rather than one flat list.
+    images_per_row: bool = False
 
     def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Keywords the LLM needs, beyond `attention_mask` and `llm_input_names`, when a run starts

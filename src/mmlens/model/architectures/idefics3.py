@@ -58,6 +58,7 @@ class Idefics3(Architecture):
     hf_class_names = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     # The processor's pixel mask (which tile pixels are image, not padding) travels with every forward.
     extra_input_names = ("pixel_attention_mask",)
+    images_per_row = True  # the processor's documented input: one list of images per prompt
     llm_block = LLM_BLOCK
     # TransformerLens 4.3's Idefics3 adapter names its parts as its LLaVA one does (vision_encoder: a
     # SigLIP bridge without a pre-layernorm, vision_projector: the connector, then the Llama LLM)
