@@ -113,3 +113,23 @@ def test_transformerlens_bridge_names_are_aliases(eager):
     _, cache = model.run_with_cache(inputs, names_filter=list(names) + list(names.values()))
     for bridge, ours in names.items():
         assert torch.equal(cache[bridge], cache[ours]), bridge
+
+
+@torch.no_grad()
+def test_two_images_in_one_row(eager):
+    """A row's images are one frame list in pixel_values; the layout numbers their frames in
+    order, so what the adapter made for each image is what the LLM got at its tokens."""
+    model = eager.model
+    images = tier.random_images(3)
+    inputs = model.prepare([[images[0], images[2]], [images[1]]], ["<image> and <image> ?", "<image> what"])
+    layout = inputs.layout
+    assert [(s.row, s.image_index) for s in layout.spans] == [(0, 0), (0, 1), (1, 2)]
+    assert layout.spans[0].canvas != layout.spans[1].canvas
+    ours = model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x.clone())])
+    theirs = eager.reference(**inputs.hf_kwargs()).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    _, cache = model.run_with_cache(inputs, names_filter=["adapter.hook_out", "hook_multimodal_embed"])
+    present = layout.table("llm").present
+    assert torch.equal(layout.gather("adapter", cache["adapter.hook_out"])[present],
+                       layout.gather("llm", cache["hook_multimodal_embed"])[present])

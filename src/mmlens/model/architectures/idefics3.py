@@ -202,6 +202,8 @@ class Idefics3(Architecture):
         if len(where) % n:
             raise LayoutMismatchError(f"batch row {b} has {len(where)} image tokens, not a multiple of {n} per frame")
         starts = where[::n]
+        if len(starts) and int(starts[0]) < 2:  # every frame follows a separator and a tag
+            raise LayoutMismatchError(f"batch row {b}: image tokens at position {int(starts[0])}, before any separator")
         for s, block in zip(starts.tolist(), where.view(-1, n)):
             if int(block[-1]) - s != n - 1:
                 raise LayoutMismatchError(f"batch row {b}: the frame at position {s} is not {n} contiguous image tokens")
