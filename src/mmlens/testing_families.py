@@ -222,6 +222,7 @@ def tiny_idefics3(
     tile: int = 16,
     patch_size: int = 4,
     longest_edge: int = 48,
+    scale_factor: int = 2,
     vision_layers: int = 2,
     vision_d_model: int = 32,
     llm_layers: int = 2,
@@ -230,7 +231,7 @@ def tiny_idefics3(
     seed: int = 0,
     attn_implementation: str = "eager",
 ):
-    """A tiny Idefics3 or SmolVLM (SigLIP-like tower on `tile`-pixel tiles, 2x2 pixel shuffle,
+    """A tiny Idefics3 or SmolVLM (SigLIP-like tower on `tile`-pixel tiles, `scale_factor` pixel shuffle,
     Llama LLM) and an Idefics3 processor: images are resized to a `longest_edge` of 3 tiles, so
     the test images give 2 x 3, 3 x 2 or 3 x 3 tiles plus the global image.
 
@@ -246,7 +247,7 @@ def tiny_idefics3(
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", *tags]})
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},
                                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    n_tokens = (tile // patch_size // 2) ** 2
+    n_tokens = (tile // patch_size // scale_factor) ** 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=n_tokens)
     vision = dict(hidden_size=vision_d_model, intermediate_size=4 * vision_d_model, num_hidden_layers=vision_layers,
                   num_attention_heads=4, image_size=tile, patch_size=patch_size)
@@ -254,7 +255,7 @@ def tiny_idefics3(
     config_class, model_class = {"idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
                                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}[variant]
     config = config_class(vision_config=vision, text_config=text.to_dict(), image_token_id=processor.image_token_id,
-                          scale_factor=2, tie_word_embeddings=False)
+                          scale_factor=scale_factor, tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return model_class(config).eval(), processor

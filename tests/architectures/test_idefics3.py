@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError
 from mmlens.testing_families import tiny_idefics3
@@ -46,7 +47,18 @@ def test_separators_and_frames_follow_the_processor(eager):
 def test_pixel_shuffle_addressing(eager):
     """Four patches feed each token: the connector's shuffled input at a token is its patches'
     features stacked in the layout's patch -> token order, tile by tile and for the global image."""
-    model, inputs = eager.model, eager.inputs
+    shuffle_addressing_holds(eager.model, eager.inputs, 2)
+
+
+@torch.no_grad()
+def test_pixel_shuffle_by_four():
+    """SmolVLM's small checkpoints fold 4 x 4 patches into a token: 16 patches each, same rule."""
+    hf_model, processor = tiny_idefics3("smolvlm", patch_size=2, scale_factor=4)
+    model = HookedMLLM.from_hf(hf_model, processor)
+    shuffle_addressing_holds(model, model.prepare(tier.random_images(3), ["a", "b", "c"]), 4)
+
+
+def shuffle_addressing_holds(model, inputs, r: int) -> None:
     _, cache = model.run_with_cache(inputs, names_filter=["adapter.hook_in", "adapter.hook_hidden"])
     vision, shuffled = cache["adapter.hook_in"], cache["adapter.hook_hidden"]
     layout = inputs.layout
@@ -59,9 +71,9 @@ def test_pixel_shuffle_addressing(eager):
             patches = vision[segment.vision_index]
             for token in range(len(segment.tokens)):
                 fed = patches[segment.patch_to_token == token]
-                assert len(fed) == 4
+                assert len(fed) == r * r
                 row = shuffled[tuple(i[token] for i in segment.adapter_index)]
-                assert {tuple(x.tolist()) for x in row.view(4, d)} == {tuple(x.tolist()) for x in fed}
+                assert {tuple(x.tolist()) for x in row.view(r * r, d)} == {tuple(x.tolist()) for x in fed}
 
 
 def test_every_analysis_runs(eager):
