@@ -23,7 +23,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from ...errors import InputError, LayoutMismatchError, UnsupportedModelError
-from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
+from ..config import AdapterConfig, MLLMConfig, VisionConfig
 from ..hook_tree import fire
 from ..instrument import _override_forward, hook_module_output, instrument_block
 from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
