@@ -25,7 +25,6 @@ from mmlens.errors import UnsupportedModelError
 from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.architectures import Architecture
-from mmlens.model.attention_masks import additive_mask
 from mmlens.model.instrument import AttentionSpec
 from mmlens.model.layout import IMAGE_BLOCK_KINDS
 from mmlens.probing import probe_sweep
@@ -121,6 +120,8 @@ def test_cache_equals_hf_hidden_states(eager: Family) -> None:
         torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer], atol=1e-5, rtol=0)
     d_model = model.cfg.d_model
     adapter, merged = cache["adapter.hook_out"], cache["hook_multimodal_embed"]
+    if not isinstance(ref.image_hidden_states, torch.Tensor):  # SmolVLM returns the image encoder's output
+        ref.image_hidden_states = torch.cat(list(ref.image_hidden_states.pooler_output))
     if adapter.numel() == ref.image_hidden_states.numel():
         torch.testing.assert_close(adapter.reshape(-1, d_model), ref.image_hidden_states.reshape(-1, d_model), atol=1e-5, rtol=0)
     else:  # the model reshapes the adapter's output (tiles joined, unpadded, newlines): compare where it lands
@@ -152,6 +153,8 @@ def test_layout_contract(eager: Family) -> None:
                 for y0, x0, y1, x1 in grid.boxes.tolist():
                     cover[y0:y1, x0:x1] += 1
                 assert (cover == 1).all(), f"the {segment.kind} segment's pixel boxes tile the image"
+    # specials with their own token (Gemma 3's start/end of image, Idefics3's separators and tile
+    # tags) are labelled once, never as a grid token, and outside the image's attention block
     assert (labelled[placeholders] == 1).all() and (labelled <= 1).all(), "every image placeholder belongs to exactly one image"
     markers = labelled.bool() & ~placeholders  # specials with their own token (Gemma 3's start/end of image)
     for span in layout.spans:

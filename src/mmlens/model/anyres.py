@@ -27,6 +27,10 @@ def is_anyres(image_processor: Any) -> bool:
 
 def geometry_for(processor: Any) -> "ImageGeometry | AnyresGeometry":
     """The mask geometry of `processor`: anyres tiling or the stock resize / pad / crop."""
+    from .split_geometry import SplitGeometry, is_split  # Idefics3-style tiles
+
+    if is_split(processor):
+        return SplitGeometry(processor)
     return AnyresGeometry(processor) if is_anyres(processor) else ImageGeometry.from_processor(processor)
 
 

@@ -63,6 +63,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         self.cfg = self.architecture.build_config(hf_model)
         self.hf_model = hf_model
         self.processor = processor
+        if processor is not None:
+            self.architecture.use_processor(processor)
         self.image_attention = self.architecture.own_attention_mode(hf_model)
         v, llm = self.cfg.vision, self.cfg.llm
         self.vision = VisionHooks(v)

@@ -76,6 +76,10 @@ class Architecture(ABC):
     @abstractmethod
     def build_config(self, hf_model: nn.Module) -> MLLMConfig: ...
 
+    def use_processor(self, processor: Any) -> None:
+        """Read what the layout needs from the model's processor (Idefics3: the separator tokens'
+        ids); called once when the model is wrapped with a processor. The default needs nothing."""
+
     @abstractmethod
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         """Install hooks on `hf_model` that fire `root`'s hook points; return removable handles."""
