@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class ActivationStore:
     def __init__(self, d: int, n_label_sets: int, directory: str | Path | None = None, name: str = "site"):
@@ -25,14 +27,20 @@ class ActivationStore:
         safe = name.replace("/", "_")
         self.features_path = root / f"{safe}.f16"
         self.labels_path = root / f"{safe}.labels.i32"
-        self.d, self.n_label_sets, self.n = d, n_label_sets, 0
+        self.d, self.n_label_sets, self.n, self.name = d, n_label_sets, 0, name
         self._features = open(self.features_path, "wb")
         self._labels = open(self.labels_path, "wb")
 
     def append(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"]) -> None:
         if len(labels) != self.n_label_sets:
             raise ValueError(f"expected {self.n_label_sets} label sets, got {len(labels)}")
-        self._features.write(x.detach().to("cpu", torch.float16).numpy().tobytes())
+        half = x.detach().to("cpu", torch.float16)
+        if not torch.isfinite(half).all():  # finite in the model's dtype (checked upstream), so beyond float16's range
+            raise InputError(
+                f"{self.name}: activations up to {float(x.abs().max()):.4g} exceed float16's range (65504) and cannot be "
+                "stored for the logistic probe; use the ridge probe at this site, or leave it out of the sweep"
+            )
+        self._features.write(half.numpy().tobytes())
         stacked = torch.stack([y.cpu().to(torch.int32) for y in labels], dim=1)
         self._labels.write(stacked.numpy().tobytes())
         self.n += x.shape[0]
