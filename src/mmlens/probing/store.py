@@ -2,8 +2,9 @@
 
 Logistic probes need their training features more than once (one L-BFGS step per iteration), so
 the sweep writes them to disk as they stream past instead of running the model again for every
-iteration: one forward pass per image in total, and memory that does not grow with the dataset.
-float16 halves the disk and is ample precision for a standardised linear probe.
+iteration: one forward pass per image in total, and memory that does not grow with the dataset
+(the fit reads the store back in chunks). float16 halves the disk and is ample precision for a
+standardised linear probe; disk grows with the tokens kept (see `max_train_tokens_per_image`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class ActivationStore:
         labels = np.fromfile(self.labels_path, dtype=np.int32).reshape(self.n, self.n_label_sets)
         return torch.from_numpy(np.asarray(features, dtype=np.float32)), torch.from_numpy(labels).long()
 
+    def features(self, label_set: int = 0) -> "StoredFeatures":
+        """The stored tokens with one label set, read in chunks (for `fit_logistic_many`)."""
+        self._features.flush()
+        self._labels.flush()
+        return StoredFeatures(self, label_set)
+
     def close(self) -> None:
         self._features.close()
         self._labels.close()
@@ -62,3 +69,20 @@ class ActivationStore:
             path.unlink(missing_ok=True)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class StoredFeatures:
+    """One label set of a store, read from disk a chunk at a time: memory is the chunk, not the
+    store (a memory map would keep every page it touched resident)."""
+
+    def __init__(self, store: ActivationStore, label_set: int):
+        self.store, self.label_set, self.n, self.d = store, label_set, store.n, store.d
+
+    def chunks(self, rows: int):
+        store = self.store
+        with open(store.features_path, "rb") as features, open(store.labels_path, "rb") as labels:
+            for start in range(0, self.n, rows):
+                m = min(rows, self.n - start)
+                x = np.fromfile(features, dtype=np.float16, count=m * self.d).reshape(m, self.d)
+                y = np.fromfile(labels, dtype=np.int32, count=m * store.n_label_sets).reshape(m, store.n_label_sets)
+                yield torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y[:, self.label_set].astype(np.int64))
