@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,13 @@ def batch_starts(n: int, batch_size: int, group: Any = None) -> list[int]:
     """The start offsets of this rank's batches over n items: batch b to rank b mod world size."""
     starts = list(range(0, n, batch_size))
     return starts[rank(group) :: world_size(group)]
+
+
+def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T], group: Any = None) -> list[T]:
+    """`fn(start, stop)` over this rank's batches of n items, every rank's results gathered in
+    batch order: the list one process would make (e.g. a head sweep per batch of images)."""
+    mine = [(start, fn(start, min(start + batch_size, n))) for start in batch_starts(n, batch_size, group)]
+    return gather_in_order(mine, group)
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
@@ -131,4 +138,4 @@ def shard_rows(n: int, group: Any = None) -> np.ndarray:
 
 
 __all__ = ["active", "all_reduce_sum", "alone", "local_device", "barrier", "batch_starts", "broadcast_object", "gather_in_order",
-           "init_from_environment", "is_main", "rank", "shard_rows", "shutdown", "world_size"]
+           "init_from_environment", "is_main", "map_batches", "rank", "shard_rows", "shutdown", "world_size"]

@@ -160,7 +160,7 @@ def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, repo
         w = weight.detach()
         weight.grad = (totals[1 : 1 + source.d * n_classes].view(source.d, n_classes).to(dtype) + 2 * l2 * w)
         bias.grad = totals[1 + source.d * n_classes :].to(dtype)
-        return (totals[0] + l2 * (w.double() ** 2).sum()).to(dtype)
+        return totals[0] + l2 * (w.double() ** 2).sum()  # float64: the line search compares losses closer than float32 resolves
 
     optimizer.step(closure)
     return LinearProbe(mean.float(), scale.float(), weight.detach().float(), bias.detach().float(), kind="logistic")
