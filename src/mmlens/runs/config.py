@@ -138,6 +138,7 @@ class StudyConfig:
     dataset: DatasetConfig = checked()
     device: str = checked("cpu", doc="cpu, cuda, cuda:N or mps")
     dtype: Literal["float32", "float16", "bfloat16"] = checked("float32")
+    device_map: str | None = checked(None, doc="auto, balanced, sequential: split the model over the visible GPUs (accelerate); replaces device")
     seeds: list[int] = checked(default_factory=lambda: [0], check=non_empty,
                                doc="each seed repeats the study (split, bootstrap, controls)")
     batch_size: int = checked(16, check=positive)

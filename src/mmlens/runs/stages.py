@@ -162,8 +162,9 @@ class Session:
         if self._model is None:
             from ..model import HookedMLLM
 
-            self._model = HookedMLLM.from_pretrained(self.config.model, device=distributed.local_device(self.config.device),
-                                                     dtype=self.config.dtype)
+            placement = ({"device_map": self.config.device_map} if self.config.device_map
+                         else {"device": distributed.local_device(self.config.device)})
+            self._model = HookedMLLM.from_pretrained(self.config.model, dtype=self.config.dtype, **placement)
         return self._model
 
     @property
