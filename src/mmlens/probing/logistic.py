@@ -78,10 +78,12 @@ def fit_logistic_many(
     names: list[str] | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     group: Any = None,
+    device: torch.device | str | None = None,
 ) -> list[LinearProbe]:
     """One probe per problem ((features, labels) or a `Features` source), each fitted on its own.
     `memory_mb` bounds the features held at once; with `group`, each rank holds its own share of
-    every problem's tokens and all ranks get the same probes. With `progress`, a bar counts fitted
+    every problem's tokens and all ranks get the same probes. `device`: where the chunks are
+    computed (default: where the features are; the sweep passes the model's). With `progress`, a bar counts fitted
     probes and names the one being fitted (`names`) with its L-BFGS evaluations."""
     sources = [p if hasattr(p, "chunks") else TensorFeatures(*p) for p in problems]
     names = names or [f"probe {i}" for i in range(len(sources))]
@@ -96,17 +98,18 @@ def fit_logistic_many(
             bar.update(0)
 
         rows = chunk_rows(source.d, n_classes, memory_mb)
-        probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None))
+        probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None, device))
         bar.update(1)
     bar.close()
     return probes
 
 
-def _standardisation(source: Features, rows: int, group: Any) -> tuple[int, Tensor, Tensor, torch.device]:
+def _standardisation(source: Features, rows: int, group: Any, device=None) -> tuple[int, Tensor, Tensor, torch.device]:
     """n, mean and standard deviation (n - 1 in the denominator, as torch.std) over all ranks."""
-    sums, device = None, torch.device("cpu")
+    sums, found = None, torch.device("cpu")
     for x, _ in source.chunks(rows):
-        x64, device = x.to(torch.float64), x.device
+        found = x.device
+        x64 = x.to(found if device is None else device, torch.float64)
         part = torch.stack([x64.sum(0), (x64 * x64).sum(0)])
         sums = part if sums is None else sums + part
     totals = torch.zeros(1 + 2 * source.d, dtype=torch.float64)
@@ -119,11 +122,12 @@ def _standardisation(source: Features, rows: int, group: Any) -> tuple[int, Tens
         raise ValueError("no training examples for the probe")
     mean = totals[1 : 1 + source.d] / n
     variance = (totals[1 + source.d :] - n * mean * mean) / max(n - 1, 1)
+    device = torch.device(found if device is None else device)
     return n, mean.to(device), variance.clamp(min=0).sqrt().clamp(min=1e-6).to(device), device
 
 
-def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, report=None) -> LinearProbe:
-    n, mean, scale, device = _standardisation(source, rows, group)
+def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, report=None, device=None) -> LinearProbe:
+    n, mean, scale, device = _standardisation(source, rows, group, device)
 
     def standardised():
         for x, y in source.chunks(rows):

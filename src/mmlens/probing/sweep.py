@@ -268,7 +268,8 @@ class _SweepRun:
             problems = [accumulators[site.hook].features(k) for site in self.sites for k in range(n_sets)]
             fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter,
                                        progress=self.progress, names=[f"{h} ({c})" for c, h in keys],
-                                       memory_mb=cfg.logistic_memory_mb, group=self.group)
+                                       memory_mb=cfg.logistic_memory_mb, group=self.group,
+                                       device=model.cfg.device)
             for site in self.sites:
                 accumulators[site.hook].close()
             probes = dict(zip(keys, fitted))
