@@ -74,10 +74,48 @@ def measure(name: str, shape: dict, n_images: int = 2, classes: int = 150) -> di
     }
 
 
+# params, vision layers, d_vision, vision tokens, adapter widths, LLM layers, d_llm, LLM image tokens, LLM params
+STUDIES = {
+    "LLaVA-1.5-7B": (7.06e9, 24, 1024, 576, (1024, 4096, 4096), 32, 4096, 576, 6.74e9),
+    "Qwen2.5-VL-7B": (8.29e9, 32, 1280, 1024, (5120, 5120, 3584), 28, 3584, 256, 7.62e9),
+    "Qwen2.5-VL-72B": (73.4e9, 32, 1280, 1024, (5120, 5120, 8192), 80, 8192, 256, 72.7e9),
+}
+
+
+def projections(args) -> None:
+    """Sizes (exact) and GPU time (from FLOPs at the assumed throughputs) of an ADE20K study."""
+    train, test, classes, text = 1500, 500, 150, 40
+    print(f"assumed per GPU: {args.gpu_tflops} TFLOP/s bf16 (forward), {args.fp32_tflops} TFLOP/s float32 "
+          f"(logistic), {args.fp64_tflops} TFLOP/s float64 (ridge); 120 L-BFGS evaluations per probe, 2 label sets")
+    for name, (params, vl, dv, tv, adapter, ll, dl, tl, llm_params) in STUDIES.items():
+        sites = ([(dv, tv)] * (vl + 1) + [(adapter[0], tv if name.startswith("LLaVA") else tl), (adapter[1], tl),
+                 (adapter[2], tl)] + [(dl, tl)] * (ll + 1))
+        forward = 2 * llm_params * (tl + text) + 2 * (params - llm_params) * tv  # FLOPs per image
+        sweep_forward = forward * (train + test) / (args.gpu_tflops * 1e12)
+        ridge = sum(2 * d * d * train * t for d, t in sites) / (args.fp64_tflops * 1e12)
+        logistic = sum(4 * d * classes * train * t for d, t in sites) * 120 * 2 / (args.fp32_tflops * 1e12)
+        store = sum(train * t * (2 * d + 8) for d, t in sites)
+        # a site held in one chunk is read twice (once per label set); otherwise at every evaluation
+        reread, once = store * 2 * 120 / (args.disk_gbps * 1e9), store * 2 / (args.disk_gbps * 1e9)
+        one_chunk_gb = train * tl * 4 * (2 * dl + 2 * classes) / 1e9
+        print(f"{name}: {len(sites)} sites, forward {forward / 1e12:.1f} TFLOP/image; one GPU: sweep forwards "
+              f"{sweep_forward / 60:.1f} min, ridge updates {ridge / 60:.1f} min, logistic fits {logistic / 60:.1f} min "
+              f"of compute; logistic store {store / 1e9:.0f} GB, read at {args.disk_gbps} GB/s: {reread / 3600:.1f} h "
+              f"when sites are re-read per evaluation, {once / 60:.1f} min when each LLM site fits one chunk "
+              f"(logistic_memory_mb >= {one_chunk_gb * 1e3 / 1.048576:.0f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--project", action="store_true", help="print the projections of docs/scale.md and stop")
+    parser.add_argument("--gpu-tflops", type=float, default=300.0)
+    parser.add_argument("--fp32-tflops", type=float, default=50.0)
+    parser.add_argument("--fp64-tflops", type=float, default=50.0)
+    parser.add_argument("--disk-gbps", type=float, default=2.0)
     args = parser.parse_args()
+    if args.project:
+        return projections(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
