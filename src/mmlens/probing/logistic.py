@@ -133,7 +133,7 @@ def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, repo
         for x, y in source.chunks(rows):
             yield ((x.to(device, torch.float64) - mean) / scale).to(dtype), y.to(device).long()
 
-    # one chunk holds everything: standardise once instead of at every evaluation
+    # everything fits the budget: standardise once instead of at every evaluation
     cached = list(standardised()) if source.n <= rows else None
     weight = torch.zeros(source.d, n_classes, dtype=dtype, device=device, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)

@@ -29,6 +29,7 @@ class ActivationStore:
         self.features_path = root / f"{safe}.f16"
         self.labels_path = root / f"{safe}.labels.i32"
         self.d, self.n_label_sets, self.n, self.name = d, n_label_sets, 0, name
+        self.sizes: list[int] = []  # rows of each append (one batch of images)
         self._features = open(self.features_path, "wb")
         self._labels = open(self.labels_path, "wb")
 
@@ -45,6 +46,7 @@ class ActivationStore:
         stacked = torch.stack([y.cpu().to(torch.int32) for y in labels], dim=1)
         self._labels.write(stacked.numpy().tobytes())
         self.n += x.shape[0]
+        self.sizes.append(x.shape[0])
 
     def read(self) -> tuple[Float[Tensor, "n d"], Int[Tensor, "n label_sets"]]:
         """Everything appended so far (features as float32)."""
@@ -73,16 +75,18 @@ class ActivationStore:
 
 class StoredFeatures:
     """One label set of a store, read from disk a chunk at a time: memory is the chunk, not the
-    store (a memory map would keep every page it touched resident)."""
+    store (a memory map would keep every page it touched resident). A chunk never spans two
+    appends (batches), and an append is cut the same way whatever came before it: each batch's
+    partial sums are then the same numbers on whichever rank stored it."""
 
     def __init__(self, store: ActivationStore, label_set: int):
         self.store, self.label_set, self.n, self.d = store, label_set, store.n, store.d
 
     def chunks(self, rows: int):
         store = self.store
+        pieces = [min(rows, size - start) for size in store.sizes for start in range(0, size, rows)]
         with open(store.features_path, "rb") as features, open(store.labels_path, "rb") as labels:
-            for start in range(0, self.n, rows):
-                m = min(rows, self.n - start)
+            for m in pieces:
                 x = np.fromfile(features, dtype=np.float16, count=m * self.d).reshape(m, self.d)
                 y = np.fromfile(labels, dtype=np.int32, count=m * store.n_label_sets).reshape(m, store.n_label_sets)
                 yield torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y[:, self.label_set].astype(np.int64))
