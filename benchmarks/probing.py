@@ -5,7 +5,10 @@ Run: `python benchmarks/probing.py [--model tiny-shapes-llava] [--images 200]`. 
 2. the naive way (run_with_cache of everything, stack, scikit-learn LogisticRegression per
    site) / ours (logistic), on the same images and sites;
 3. mIoU of our logistic probes vs scikit-learn's on the same features, for three sites;
-4. peak memory (RSS) of a ridge sweep for two dataset sizes, each in a fresh process.
+4. peak memory (RSS) of a ridge sweep for two dataset sizes, each in a fresh process;
+5. the same for the logistic sweep with `logistic_memory_mb=8` (flat: the features are read back
+   from the disk store in chunks) and, for contrast, with the whole store in one chunk.
+`--memory-only` runs 4 and 5 alone.
 """
 
 from __future__ import annotations
@@ -57,18 +60,18 @@ def naive_features(model, dataset, indices, sites, batch_size):
     return cat(feats), cat(labels), cat(valid), torch.cat(masks), inputs.layout
 
 
-def _memory_child(model_name, n, queue):
+def _memory_child(model_name, n, queue, probe="ridge", settings=None):
     torch.set_grad_enabled(False)
     model = HookedMLLM.from_pretrained(model_name)
     data = load_segmentation("scenes", split="validation", n=n, seed=0)
-    probe_sweep(model, data, probe="ridge", progress=False, n_boot=20)
+    probe_sweep(model, data, probe=probe, progress=False, n_boot=20, **(settings or {}))
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def peak_memory(model_name, n):
+def peak_memory(model_name, n, probe="ridge", **settings):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_memory_child, args=(model_name, n, queue))
+    process = ctx.Process(target=_memory_child, args=(model_name, n, queue, probe, settings))
     process.start()
     value = queue.get()
     process.join()
@@ -80,6 +83,7 @@ def main():
     parser.add_argument("--model", default="tiny-shapes-llava")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory sections (4 and 5)")
     parser.add_argument("--random-model", action="store_true",
                         help="a larger random-weight LLaVA (vision 4 x 256, LLM 8 x 512) instead of --model, "
                              "where the forward pass weighs more against the fixed costs")
@@ -95,6 +99,8 @@ def main():
         args.model = tempfile.mkdtemp(prefix="mmlens-bench-")
         hf.save_pretrained(args.model)
         processor.save_pretrained(args.model)
+    if args.memory_only:
+        return memory_sections(args.model, args.images)
     model = HookedMLLM.from_pretrained(args.model)
     data = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     info = segmentation_info(data)
@@ -151,10 +157,19 @@ def main():
     worst = max(abs(ours[h] - naive_miou[h]) for h in naive_miou)
     print(f"   largest difference over all {len(sites)} sites: {worst:.4f}")
 
-    small, large = args.images // 2, args.images * 2
-    mem_small, mem_large = peak_memory(args.model, small), peak_memory(args.model, large)
+    memory_sections(args.model, args.images)
+
+
+def memory_sections(model_name, images):
+    small, large = images // 2, images * 2
+    mem_small, mem_large = peak_memory(model_name, small), peak_memory(model_name, large)
     print(f"4. peak RSS of a ridge sweep: {small} images {mem_small:.0f} MB, {large} images {mem_large:.0f} MB "
           f"(ratio {mem_large / mem_small:.2f}; should stay ~1)")
+    bounded = {n: peak_memory(model_name, n, "logistic", logistic_memory_mb=8, max_iter=20) for n in (small, large)}
+    whole = peak_memory(model_name, large, "logistic", logistic_memory_mb=1e6, max_iter=20)
+    print(f"5. peak RSS of a logistic sweep, logistic_memory_mb=8: {small} images {bounded[small]:.0f} MB, {large} images "
+          f"{bounded[large]:.0f} MB (ratio {bounded[large] / bounded[small]:.2f}; should stay ~1); "
+          f"{large} images with the store in one chunk: {whole:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The `mmlens` command: the whole study from one config, the demo, hook listings and reports.
 
     mmlens demo [--out DIR]            every study on the embedded model and synthetic scenes
-    mmlens study CONFIG.yaml [--out]   the same from a config (model, dataset, sites, probes, ...)
+    mmlens study CONFIG.yaml [--out]   the same from a config (model, dataset, sites, probes, ...);
+                                       under `torchrun --nproc-per-node N -m mmlens study ...` the
+                                       probe sweeps are shared over N processes
     mmlens hooks MODEL                 every hook name with its shape for a one-image prompt
     mmlens report RUN_DIR              rebuild a run folder's HTML report
 
@@ -105,10 +107,16 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _run(config, out: Path, args: argparse.Namespace) -> int:
+    from . import distributed
     from .runs import run_study
 
-    run = run_study(config, out, overwrite=args.overwrite, rerun=tuple(args.rerun), progress=not args.quiet,
-                    report=not args.no_report)
+    # started by torchrun (WORLD_SIZE > 1): join its process group; rank 0 writes the run folder
+    distributed.init_from_environment()
+    try:
+        run = run_study(config, out, overwrite=args.overwrite, rerun=tuple(args.rerun), progress=not args.quiet,
+                        report=not args.no_report)
+    finally:
+        distributed.shutdown()
     if run.report_path is not None:
         print(f"\nopen {run.report_path} in a browser; results (parquet tables, probes, figures) are in {out}/")
     return 0

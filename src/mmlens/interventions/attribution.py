@@ -76,7 +76,8 @@ def attribution_patching(
     out = []
     for name, grad in zip(names, grads):
         grad = torch.zeros_like(found[name]) if grad is None else grad
-        out.append(((clean[name] - found[name].detach()) * grad).sum(-1))
+        # summed over d_head in float32: in half precision the sum of many small products loses them
+        out.append(((clean[name].float() - found[name].detach().float()) * grad.float()).sum(-1))
     return Attribution(torch.stack(out).detach(), layers, hook, source_metric.detach(), values.detach())
 
 

@@ -144,7 +144,8 @@ class LogitDifference:
             raise ValueError(f"the position group {self.position.description} must pick exactly one token per row; "
                              f"it picks {where.sum(1).tolist()}")
         rows = torch.arange(len(inputs), device=logits.device)
-        at = logits[rows, where.long().argmax(1).to(logits.device)]
+        # float32: a difference of two half-precision logits keeps 8 bits at best
+        at = logits[rows, where.long().argmax(1).to(logits.device)].float()
         answer = self.answer.to(logits.device).expand(len(inputs))
         wrong = self.wrong.to(logits.device).expand(len(inputs))
         return at[rows, answer] - at[rows, wrong]

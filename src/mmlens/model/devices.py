@@ -1,13 +1,22 @@
-"""Whether this machine has a device and a dtype can be used, asked before anything is loaded.
+"""Devices: whether one exists (asked before anything loads), and models dispatched by accelerate.
 
 torch's own errors for an absent device surface deep inside a load ("Torch not compiled with
 CUDA enabled") or not at all until the first kernel; asking up front gives one sentence that
-says what exists instead.
+says what exists instead. A model loaded with a `device_map` carries accelerate hooks on its
+modules (`_hf_hook`): they move inputs to the module's device and load offloaded weights around
+its forward. Our instrumented forwards must run inside those hooks, never around them, so they
+replace accelerate's inner `_old_forward` instead of `forward` when a module has one.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable
+
 import torch
+from torch import nn
+
+_ORIGINAL = "_mmlens_original_forward"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -42,4 +51,59 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-__all__ = ["DTYPES", "device_problem", "resolve_dtype"]
+def dispatched(module: nn.Module) -> bool:
+    """Whether accelerate wrapped this module's forward (a model loaded with a device_map)."""
+    return hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+
+
+def bare_forward(module: nn.Module) -> Callable:
+    """The module's forward without our instrumentation and inside accelerate's hook, if any."""
+    return module._old_forward if dispatched(module) else module.forward
+
+
+def override_forward(module: nn.Module, forward: Callable) -> None:
+    """Run `forward` when the module is called. Under accelerate it goes inside the hook, so the
+    inputs arrive on the module's device and offloaded weights are loaded while it runs."""
+    if not hasattr(module, _ORIGINAL):
+        setattr(module, _ORIGINAL, module.__dict__.get("_old_forward" if dispatched(module) else "forward"))
+    if dispatched(module):
+        module._old_forward = forward
+    else:
+        module.forward = forward  # instance attribute shadows the class method; nn.Module calls it
+
+
+def restore_forward(module: nn.Module) -> None:
+    """Put back the forward `override_forward` replaced."""
+    if not hasattr(module, _ORIGINAL):
+        return
+    original = getattr(module, _ORIGINAL)
+    name = "_old_forward" if dispatched(module) else "forward"
+    if original is None:
+        module.__dict__.pop(name, None)
+    else:
+        setattr(module, name, original)
+    delattr(module, _ORIGINAL)
+
+
+def weights_present(module: nn.Module):
+    """A context in which the module's own weights are real tensors on its execution device
+    (offloaded weights are `meta` tensors outside its forward)."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        from accelerate.utils import align_module_device
+
+        return align_module_device(module)
+    return nullcontext()
+
+
+def input_device(hf_model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (the first parameter may be
+    offloaded to `meta`, or on another device than the one the forward starts on)."""
+    weight = hf_model.get_input_embeddings().weight
+    hook = getattr(hf_model.get_input_embeddings(), "_hf_hook", None)
+    if weight.device.type == "meta" and hook is not None and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
+    return weight.device
+
+
+__all__ = ["DTYPES", "bare_forward", "device_problem", "dispatched", "input_device", "override_forward",
+           "resolve_dtype", "restore_forward", "weights_present"]

@@ -30,6 +30,7 @@ from .architectures import architecture_for
 from .architectures.base import BASE_INPUT_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
+from .devices import input_device
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
 from .layer_runs import check_layer, layer_range, run_or_stop, silenced
@@ -61,6 +62,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         super().__init__()
         self.architecture = architecture_for(hf_model)
         self.cfg = self.architecture.build_config(hf_model)
+        if getattr(hf_model, "hf_device_map", None):  # split or offloaded: inputs go where the forward starts
+            self.cfg = replace(self.cfg, device=input_device(hf_model))
         self.hf_model = hf_model
         self.processor = processor
         if processor is not None:
@@ -107,11 +110,17 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         attn_implementation: str | None = None,
         load_processor: bool = True,
         verify: bool = True,
+        device_map: str | dict[str, str | int] | None = None,
+        max_memory: dict[str | int, str | int] | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ) -> "HookedMLLM":
         """Load a shipped model by name, a local Hugging Face checkpoint folder, or a hub id.
 
         Respects `HF_HUB_OFFLINE`; never installs packages. `attn_implementation` ("eager",
         "sdpa") is passed to Hugging Face; hooked layers always compute attention explicitly.
+        `device_map` ("auto", or module name -> device, "cpu" or "disk"), `max_memory` and
+        `offload_folder` split a model too large for one device through accelerate, as in
+        Hugging Face; hooks then see each activation on the device of the layer that made it.
         """
         hf_model, processor = load_hf_checkpoint(
             name_or_path,
@@ -119,6 +128,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             dtype=dtype,
             attn_implementation=attn_implementation,
             load_processor=load_processor,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
         )
         return cls(hf_model, processor, verify=verify).eval()
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
+from .devices import bare_forward, override_forward, restore_forward, weights_present
 from .norms import NormKind, instrument_norm
 
 _INSTRUMENTED = "_mmlens_instrumented"
@@ -60,7 +61,7 @@ class BlockSpec:
 
 
 def _override_forward(module: nn.Module, forward: Callable) -> None:
-    module.forward = forward  # instance attribute shadows the class method; nn.Module calls it
+    override_forward(module, forward)
     setattr(module, _INSTRUMENTED, True)
 
 
@@ -68,7 +69,7 @@ def restore(model: nn.Module) -> None:
     """Remove every instance-level forward this module installed."""
     for module in model.modules():
         if getattr(module, _INSTRUMENTED, False):
-            del module.forward
+            restore_forward(module)
             delattr(module, _INSTRUMENTED)
 
 
@@ -103,7 +104,7 @@ def instrument_attention(
     attn: nn.Module, hooks: AttentionHooks, spec: AttentionSpec, use_result: Callable[[], bool],
     norm_kind: NormKind = "RMS",
 ) -> None:
-    original = attn.forward
+    original = bare_forward(attn)
     names = _argument_names(attn)
     rotary_fn = (
         getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary else None
@@ -150,11 +151,12 @@ def instrument_attention(
         pattern = fire(hooks.hook_pattern, pattern)
         z = fire(hooks.hook_z, torch.matmul(pattern, v).transpose(1, 2).contiguous())
         if use_result() and is_hooked(hooks.hook_result):
-            w_o = einops.rearrange(o_proj.weight, "m (h d) -> h d m", d=d_head)
-            result = hooks.hook_result(einops.einsum(z, w_o, "b s h d, h d m -> b s h m"))
-            out = result.sum(dim=-2)
-            if o_proj.bias is not None:
-                out = out + o_proj.bias
+            with weights_present(o_proj):  # an offloaded o_proj holds meta tensors outside its forward
+                w_o = einops.rearrange(o_proj.weight, "m (h d) -> h d m", d=d_head)
+                result = hooks.hook_result(einops.einsum(z.to(w_o.device), w_o, "b s h d, h d m -> b s h m"))
+                out = result.sum(dim=-2)
+                if o_proj.bias is not None:
+                    out = out + o_proj.bias
         else:
             out = o_proj(z.reshape(batch, seq, -1))
         return out, pattern
@@ -163,7 +165,7 @@ def instrument_attention(
 
 
 def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
-    original = mlp.forward
+    original = bare_forward(mlp)
     hooks.bind_mlp(mlp, gated)
     if gated:
 
@@ -202,7 +204,7 @@ def instrument_block(
         instrument_norm(post2, hooks.ln2_post, norm)
     instrument_attention(attn, hooks.attn, spec.attention, use_result, norm)
     instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
-    original = layer.forward
+    original = bare_forward(layer)
     names = _argument_names(layer)
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:

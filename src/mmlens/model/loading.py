@@ -73,11 +73,23 @@ def load_hf_checkpoint(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     load_processor: bool = True,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object | None]:
-    """Load the model class named in the checkpoint's config, and its processor."""
+    """Load the model class named in the checkpoint's config, and its processor. `device_map`,
+    `max_memory` and `offload_folder` go to Hugging Face (accelerate places the layers)."""
     problem = device_problem(device)
     if problem:
         raise InputError(f"device {problem}")
+    if device_map is not None and device is not None:
+        raise InputError("pass device or device_map, not both: a device map already says where every layer goes")
+    for placed in (device_map.values() if isinstance(device_map, dict) else ()):
+        problem = None if placed in ("cpu", "disk") else device_problem(f"cuda:{placed}" if isinstance(placed, int) else placed)
+        if problem:
+            raise InputError(f"device_map: {problem}")
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise InputError("device_map sends layers to 'disk': pass offload_folder= (where their weights are kept)")
     try:
         dtype = resolve_dtype(dtype)
     except ValueError as error:
@@ -99,6 +111,8 @@ def load_hf_checkpoint(
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
         kwargs["dtype"] = dtype
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    kwargs.update({k: (str(v) if k == "offload_folder" else v) for k, v in placement.items() if v is not None})
     try:
         model = model_class.from_pretrained(location, **kwargs).eval()
     except Exception as error:  # safetensors, torch and transformers each raise their own kinds

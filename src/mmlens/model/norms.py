@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from .devices import bare_forward, override_forward
 from .hook_tree import fire, is_hooked
 
 NormKind = Literal["LN", "RMS"]
@@ -40,7 +41,7 @@ def norm_scale(x: Float[Tensor, "... d"], kind: NormKind, eps: float) -> Float[T
 
 def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None:
     """Fire `hooks.hook_scale` and `hooks.hook_normalized` around a Hugging Face norm module."""
-    original = module.forward
+    original = bare_forward(module)
     eps = norm_epsilon(module)
     bias = getattr(module, "bias", None)
 
@@ -56,7 +57,7 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
                 out = out * ratio if bias is None else (out - bias) * ratio + bias
         return fire(hooks.hook_normalized, out)
 
-    module.forward = forward
+    override_forward(module, forward)
     setattr(module, _INSTRUMENTED, True)
     hooks.bind_norm(module, kind, weight_offset(original, module, kind))
 

@@ -1,21 +1,59 @@
-"""Multinomial logistic-regression probes fitted with full-batch L-BFGS in torch.
+"""Multinomial logistic-regression probes fitted with full-batch L-BFGS in torch, in bounded memory.
 
 Features are standardised with training statistics (LLM activations have outlier dimensions),
-then a softmax classifier with an L2 penalty is fitted. Every probe gets its own L-BFGS run:
-stacking several probes into one run shares the line search and curvature history between them,
-so a probe stopped at `max_iter` would depend on which other sites were fitted beside it. Fitting
-them one by one costs the same here and makes each probe a function of its own data only.
-Deterministic for fixed inputs.
+then a softmax classifier with an L2 penalty is fitted. The loss and its gradient are sums over
+training tokens, so they are computed chunk by chunk from wherever the features live (a tensor, or
+the float16 store on disk): memory is one chunk, set by `memory_mb`, whatever the number of
+images, tokens or sites. The sums are accumulated in float64 and, given a process group, added
+over ranks, so every rank takes the same L-BFGS steps on the whole training set: the probe does
+not depend on how the tokens are split over chunks or processes beyond float rounding.
+Every probe gets its own L-BFGS run: stacking several probes into one run shares the line search
+and curvature history between them, so a probe stopped at `max_iter` would depend on which other
+sites were fitted beside it. Deterministic for fixed inputs.
 """
 
 from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .linear import LinearProbe
+
+DEFAULT_MEMORY_MB = 1024.0
+
+
+class Features(Protocol):
+    """Training tokens of one probe, readable in chunks of at most `rows` tokens."""
+
+    n: int
+    d: int
+
+    def chunks(self, rows: int) -> Iterator[tuple[Float[Tensor, "m d"], Int[Tensor, "m"]]]: ...
+
+
+class TensorFeatures:
+    """Features already in memory."""
+
+    def __init__(self, x: Float[Tensor, "n d"], y: Int[Tensor, "n"]):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
+        self.x, self.y, self.n, self.d = x, y, x.shape[0], x.shape[1]
+
+    def chunks(self, rows: int):
+        for start in range(0, self.n, rows):
+            yield self.x[start : start + rows], self.y[start : start + rows]
+
+
+def chunk_rows(d: int, n_classes: int, memory_mb: float) -> int:
+    """Tokens per chunk so that a chunk's float32 features, standardised copy, logits and
+    probabilities fit in `memory_mb` (the float64 sums are d x n_classes, counted apart)."""
+    return max(1, int(memory_mb * 2**20 / (4 * (2 * d + 2 * n_classes) + 8)))
+
 
 def fit_logistic(
     x: Float[Tensor, "n d"],
@@ -30,7 +68,7 @@ def fit_logistic(
 
 
 def fit_logistic_many(
-    problems: list[tuple[Float[Tensor, "n d"], Int[Tensor, "n"]]],
+    problems: list[tuple[Float[Tensor, "n d"], Int[Tensor, "n"]] | Features],
     n_classes: int,
     *,
     l2: float = 1e-3,
@@ -38,56 +76,95 @@ def fit_logistic_many(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     names: list[str] | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    group: Any = None,
+    device: torch.device | str | None = None,
 ) -> list[LinearProbe]:
-    """One probe per (features, labels) problem, each fitted on its own. With `progress`, a bar
-    counts fitted probes and names the one being fitted (`names`) with its L-BFGS evaluations."""
-    for x, y in problems:
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
-        if x.shape[0] == 0:
-            raise ValueError("no training examples for the probe")
-    names = names or [f"probe {i}" for i in range(len(problems))]
+    """One probe per problem ((features, labels) or a `Features` source), each fitted on its own.
+    `memory_mb` bounds the features held at once; with `group`, each rank holds its own share of
+    every problem's tokens and all ranks get the same probes. `device`: where the chunks are
+    computed (default: where the features are; the sweep passes the model's). With `progress`, a bar counts fitted
+    probes and names the one being fitted (`names`) with its L-BFGS evaluations."""
+    sources = [p if hasattr(p, "chunks") else TensorFeatures(*p) for p in problems]
+    names = names or [f"probe {i}" for i in range(len(sources))]
     # miniters=0: update(0) redraws whenever mininterval has passed, so evaluations show mid-fit
-    bar = tqdm(total=len(problems), desc="fitting probes", unit="probe", disable=not progress, leave=False, miniters=0)
+    bar = tqdm(total=len(sources), desc="fitting probes", unit="probe", disable=not progress, leave=False, miniters=0)
     probes = []
-    for (x, y), name in zip(problems, names):
+    for source, name in zip(sources, names):
 
         def report(evaluations: int, name: str = name) -> None:
             # a long fit keeps the screen moving: update(0) redraws at most every mininterval
             bar.set_postfix_str(f"{name}, L-BFGS evaluation {evaluations}", refresh=False)
             bar.update(0)
 
-        probes.append(_fit_one(x, y, n_classes, l2, max_iter, dtype, report if progress else None))
+        rows = chunk_rows(source.d, n_classes, memory_mb)
+        probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None, device))
         bar.update(1)
     bar.close()
     return probes
 
 
-def _fit_one(x, y, n_classes, l2, max_iter, dtype, report=None) -> LinearProbe:
-    device = x.device
-    x64 = x.to(torch.float64)
-    mean, scale = x64.mean(0), x64.std(0).clamp(min=1e-6)
-    z = ((x64 - mean) / scale).to(dtype)
-    labels = y.to(device).long()
-    weight = torch.zeros(x.shape[1], n_classes, dtype=dtype, device=device, requires_grad=True)
+def _standardisation(source: Features, rows: int, group: Any, device=None) -> tuple[int, Tensor, Tensor, torch.device]:
+    """n, mean and standard deviation (n - 1 in the denominator, as torch.std) over all ranks."""
+    sums, found = None, torch.device("cpu")
+    for x, _ in source.chunks(rows):
+        found = x.device
+        x64 = x.to(found if device is None else device, torch.float64)
+        part = torch.stack([x64.sum(0), (x64 * x64).sum(0)])
+        sums = part if sums is None else sums + part
+    totals = torch.zeros(1 + 2 * source.d, dtype=torch.float64)
+    totals[0] = source.n
+    if sums is not None:
+        totals[1:] = sums.flatten().cpu()
+    distributed.all_reduce_sum(totals, group)
+    n = int(totals[0])
+    if n == 0:
+        raise ValueError("no training examples for the probe")
+    mean = totals[1 : 1 + source.d] / n
+    variance = (totals[1 + source.d :] - n * mean * mean) / max(n - 1, 1)
+    device = torch.device(found if device is None else device)
+    return n, mean.to(device), variance.clamp(min=0).sqrt().clamp(min=1e-6).to(device), device
+
+
+def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, report=None, device=None) -> LinearProbe:
+    n, mean, scale, device = _standardisation(source, rows, group, device)
+
+    def standardised():
+        for x, y in source.chunks(rows):
+            yield ((x.to(device, torch.float64) - mean) / scale).to(dtype), y.to(device).long()
+
+    # everything fits the budget: standardise once instead of at every evaluation
+    cached = list(standardised()) if source.n <= rows else None
+    weight = torch.zeros(source.d, n_classes, dtype=dtype, device=device, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
         history_size=20, line_search_fn="strong_wolfe",
     )
-
     evaluations = 0
 
     def closure():
+        # mean cross-entropy and its gradient, summed chunk by chunk (and rank by rank) in float64:
+        # d loss / d logits = softmax - onehot, so no autograd graph over the tokens is kept
         nonlocal evaluations
         evaluations += 1
         if report is not None:
             report(evaluations)
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ weight + bias, labels) + l2 * (weight**2).sum()
-        loss.backward()
-        return loss
+        totals = torch.zeros(1 + (source.d + 1) * n_classes, dtype=torch.float64, device=device)
+        for z, y in (cached if cached is not None else standardised()):
+            logits = z @ weight.detach() + bias.detach()
+            log_p = torch.log_softmax(logits, dim=-1)
+            residual = log_p.exp()
+            residual[torch.arange(len(y), device=device), y] -= 1
+            totals[0] -= log_p.gather(1, y[:, None]).sum().double()
+            totals[1 : 1 + source.d * n_classes] += (z.T @ residual).double().flatten()
+            totals[1 + source.d * n_classes :] += residual.sum(0).double()
+        distributed.all_reduce_sum(totals, group)
+        totals /= n
+        w = weight.detach()
+        weight.grad = (totals[1 : 1 + source.d * n_classes].view(source.d, n_classes).to(dtype) + 2 * l2 * w)
+        bias.grad = totals[1 + source.d * n_classes :].to(dtype)
+        return totals[0] + l2 * (w.double() ** 2).sum()  # float64: the line search compares losses closer than float32 resolves
 
-    with torch.enable_grad():
-        optimizer.step(closure)
+    optimizer.step(closure)
     return LinearProbe(mean.float(), scale.float(), weight.detach().float(), bias.detach().float(), kind="logistic")

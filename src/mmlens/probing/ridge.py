@@ -2,16 +2,20 @@
 
 A one-vs-rest ridge classifier on standardised features needs only n, sum(x), sum(x x^T) and
 sum(x y^T) over the training tokens. These are accumulated batch by batch as activations stream
-past (one pass, constant memory), add up across workers with `merge`, and give the probe in
+past (one pass, constant memory), add up across workers with `merge` (or `all_reduce` over
+the ranks of a torch.distributed group), and give the probe in
 closed form: standardising is a congruence of the Gram matrix.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .. import distributed
 from .linear import LinearProbe
 
 
@@ -43,6 +47,16 @@ class RidgeStatistics:
         self.n += other.n
         for name in ("sum_x", "gram", "cross", "class_counts"):
             getattr(self, name).add_(getattr(other, name).to(self.gram.device))
+        return self
+
+    def all_reduce(self, group: Any = None) -> "RidgeStatistics":
+        """Sum these statistics over the ranks of a process group (a no-op in one process)."""
+        if distributed.active(group):
+            count = torch.tensor([float(self.n)], dtype=torch.float64)
+            distributed.all_reduce_sum(count, group)
+            self.n = int(count.item())
+            for name in ("sum_x", "gram", "cross", "class_counts"):
+                distributed.all_reduce_sum(getattr(self, name), group)
         return self
 
     def solve(self, alpha: float = 1e-2, label_set: int = 0) -> LinearProbe:

@@ -2,8 +2,9 @@
 
 Logistic probes need their training features more than once (one L-BFGS step per iteration), so
 the sweep writes them to disk as they stream past instead of running the model again for every
-iteration: one forward pass per image in total, and memory that does not grow with the dataset.
-float16 halves the disk and is ample precision for a standardised linear probe.
+iteration: one forward pass per image in total, and memory that does not grow with the dataset
+(the fit reads the store back in chunks). float16 halves the disk and is ample precision for a
+standardised linear probe; disk grows with the tokens kept (see `max_train_tokens_per_image`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class ActivationStore:
     def __init__(self, d: int, n_label_sets: int, directory: str | Path | None = None, name: str = "site"):
@@ -25,17 +28,25 @@ class ActivationStore:
         safe = name.replace("/", "_")
         self.features_path = root / f"{safe}.f16"
         self.labels_path = root / f"{safe}.labels.i32"
-        self.d, self.n_label_sets, self.n = d, n_label_sets, 0
+        self.d, self.n_label_sets, self.n, self.name = d, n_label_sets, 0, name
+        self.sizes: list[int] = []  # rows of each append (one batch of images)
         self._features = open(self.features_path, "wb")
         self._labels = open(self.labels_path, "wb")
 
     def append(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"]) -> None:
         if len(labels) != self.n_label_sets:
             raise ValueError(f"expected {self.n_label_sets} label sets, got {len(labels)}")
-        self._features.write(x.detach().to("cpu", torch.float16).numpy().tobytes())
+        half = x.detach().to("cpu", torch.float16)
+        if not torch.isfinite(half).all():  # finite in the model's dtype (checked upstream), so beyond float16's range
+            raise InputError(
+                f"{self.name}: activations up to {float(x.abs().max()):.4g} exceed float16's range (65504) and cannot be "
+                "stored for the logistic probe; use the ridge probe at this site, or leave it out of the sweep"
+            )
+        self._features.write(half.numpy().tobytes())
         stacked = torch.stack([y.cpu().to(torch.int32) for y in labels], dim=1)
         self._labels.write(stacked.numpy().tobytes())
         self.n += x.shape[0]
+        self.sizes.append(x.shape[0])
 
     def read(self) -> tuple[Float[Tensor, "n d"], Int[Tensor, "n label_sets"]]:
         """Everything appended so far (features as float32)."""
@@ -47,6 +58,12 @@ class ActivationStore:
         labels = np.fromfile(self.labels_path, dtype=np.int32).reshape(self.n, self.n_label_sets)
         return torch.from_numpy(np.asarray(features, dtype=np.float32)), torch.from_numpy(labels).long()
 
+    def features(self, label_set: int = 0) -> "StoredFeatures":
+        """The stored tokens with one label set, read in chunks (for `fit_logistic_many`)."""
+        self._features.flush()
+        self._labels.flush()
+        return StoredFeatures(self, label_set)
+
     def close(self) -> None:
         self._features.close()
         self._labels.close()
@@ -54,3 +71,22 @@ class ActivationStore:
             path.unlink(missing_ok=True)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class StoredFeatures:
+    """One label set of a store, read from disk a chunk at a time: memory is the chunk, not the
+    store (a memory map would keep every page it touched resident). A chunk never spans two
+    appends (batches), and an append is cut the same way whatever came before it: each batch's
+    partial sums are then the same numbers on whichever rank stored it."""
+
+    def __init__(self, store: ActivationStore, label_set: int):
+        self.store, self.label_set, self.n, self.d = store, label_set, store.n, store.d
+
+    def chunks(self, rows: int):
+        store = self.store
+        pieces = [min(rows, size - start) for size in store.sizes for start in range(0, size, rows)]
+        with open(store.features_path, "rb") as features, open(store.labels_path, "rb") as labels:
+            for m in pieces:
+                x = np.fromfile(features, dtype=np.float16, count=m * self.d).reshape(m, self.d)
+                y = np.fromfile(labels, dtype=np.int32, count=m * store.n_label_sets).reshape(m, store.n_label_sets)
+                yield torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y[:, self.label_set].astype(np.int64))

@@ -18,13 +18,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..data.schema import segmentation_info
 from ..errors import InputError
 from ..model import HookedMLLM, TokenGrid
 from ..model.edits import Edit, edit_hooks
 from .batches import labelled_batches, pad_stack
 from .linear import LinearProbe
-from .logistic import fit_logistic_many
+from .logistic import DEFAULT_MEMORY_MB, fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
 from .ridge import RidgeStatistics
 from .sites import Site, default_sites, gather_image_tokens
@@ -47,7 +48,8 @@ class SweepSettings:
     l2: float = 1e-3  # logistic penalty
     max_iter: int = 100
     min_valid_fraction: float = 0.5
-    max_train_tokens_per_image: int | None = None  # logistic store subsample
+    max_train_tokens_per_image: int | None = None  # logistic store subsample (bounds the store's disk)
+    logistic_memory_mb: float = DEFAULT_MEMORY_MB  # features held at once while fitting a logistic probe
     n_boot: int = 200
     store_dir: str | None = None
     stats_device: str | None = None  # where ridge statistics live; default: the activations' device
@@ -114,6 +116,7 @@ def probe_sweep(
     control: Control | Iterable[Control] | None = None,
     intervention: Edit | None = None,
     progress: bool = True,
+    group: Any = None,
     **settings: Any,
 ) -> ProbeSweep:
     """Probe every site for each image token's class and score it at the pixel level.
@@ -125,6 +128,11 @@ def probe_sweep(
     `hooks` list, such as `knockout(...)` or `bidirectional_image_attention(...)`) that run in
     every forward of the sweep, training and test images alike: probes then describe the edited
     model. Other keywords are `SweepSettings` fields.
+
+    Under torch.distributed (torchrun, or `group`, a process group), each rank runs its share of
+    the image batches; ridge statistics and logistic gradients are summed over ranks and the
+    held-out scores gathered in batch order, so every rank returns the sweep one process would
+    (per-image results exactly, fitted probes up to float rounding of the sums).
     """
     cfg = SweepSettings(probe=probe, **settings)
     if cfg.probe not in ("ridge", "logistic"):
@@ -151,7 +159,7 @@ def probe_sweep(
     for which, conditions in runs:
         run_model = model if which == "model" else randomly_initialised(model, cfg.seed)
         runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress,
-                           intervention if which == "model" else None)
+                           intervention if which == "model" else None, group)
         found, test_masks, grids = runner.run(train_idx, test_idx)
         results.update(found)
     return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset)
@@ -167,31 +175,42 @@ def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
 class _SweepRun:
     """One model's pass: train images -> fit probes -> test images -> scores."""
 
-    def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress, intervention=None):
-        self.model, self.dataset, self.sites, self.cfg = model, dataset, sites, cfg
+    def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress, intervention=None,
+                 group=None):
+        self.model, self.dataset, self.sites, self.cfg, self.group = model, dataset, sites, cfg, group
         self.intervention = intervention
         self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
         self.progress = progress
-        self.rng = np.random.default_rng(cfg.seed + 1)
 
-    def _batches(self, indices: np.ndarray, desc: str):
+    def _batches(self, indices: np.ndarray, desc: str, every_rank: bool = False):
+        """This rank's batches (all of them in one process), each with its number in the
+        single-process order: batch b goes to rank b mod world size, with the same images.
+        `every_rank`: each rank must get one (training: every rank holds every site's sums)."""
         cfg = self.cfg
-        for batch in labelled_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, prompt=cfg.prompt,
+        starts = distributed.batch_starts(len(indices), cfg.batch_size, self.group)
+        if every_rank and not starts and len(indices):
+            raise InputError(f"{len(indices)} training images make fewer batches of {cfg.batch_size} than there are ranks "
+                             f"({distributed.world_size(self.group)}); lower batch_size or use fewer processes")
+        # every batch but the last of all is full, and that one is its rank's last: cutting the
+        # concatenation into batch_size pieces gives back exactly these batches
+        mine = np.concatenate([indices[start : start + cfg.batch_size] for start in starts]) if starts else indices[:0]
+        numbers = iter([start // cfg.batch_size for start in starts])
+        for batch in labelled_batches(self.model, self.dataset, mine, batch_size=cfg.batch_size, prompt=cfg.prompt,
                                       min_valid_fraction=cfg.min_valid_fraction, progress=self.progress, desc=desc):
-            yield batch.inputs, batch.masks, batch.labels
+            yield next(numbers), batch.inputs, batch.masks, batch.labels
 
-    def _label_sets(self, labels) -> dict[str, list[Tensor]]:
+    def _label_sets(self, labels, rng) -> dict[str, list[Tensor]]:
         """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""
         out = {}
         for grid, lab in labels.items():
             y = lab.labels[lab.valid]
             sets = [y]
             if "shuffled_labels" in self.conditions:
-                sets.append(y[torch.from_numpy(self.rng.permutation(len(y)))])
+                sets.append(y[torch.from_numpy(rng.permutation(len(y)))])
             out[grid] = sets
         return out
 
-    def _keep(self, valid: Tensor) -> Tensor:
+    def _keep(self, valid: Tensor, rng) -> Tensor:
         """Which valid training tokens go to the logistic store (optional per-image subsample)."""
         cap = self.cfg.max_train_tokens_per_image
         if cap is None or self.cfg.probe == "ridge":
@@ -200,7 +219,7 @@ class _SweepRun:
         for row in valid:
             n = int(row.sum())
             chosen = torch.zeros(n, dtype=torch.bool)
-            chosen[torch.from_numpy(self.rng.permutation(n)[:cap])] = True
+            chosen[torch.from_numpy(rng.permutation(n)[:cap])] = True
             keep.append(chosen)
         return torch.cat(keep)
 
@@ -209,6 +228,8 @@ class _SweepRun:
         cfg, model = self.cfg, self.model
         n_sets = len(self.conditions)
         accumulators: dict[str, RidgeStatistics | ActivationStore] = {}
+        # several ranks on one machine share store_dir: each writes its own files
+        suffix = f".rank{distributed.rank(self.group)}" if distributed.active(self.group) else ""
 
         def train_hook(site: Site, labels, label_sets, keep):
             def hook(activation, hook):
@@ -220,7 +241,7 @@ class _SweepRun:
                     acc = accumulators[site.hook] = (
                         RidgeStatistics(x.shape[-1], self.n_classes, n_sets, device=cfg.stats_device or x.device)
                         if cfg.probe == "ridge"
-                        else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook)
+                        else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook + suffix)
                     )
                 if cfg.probe == "ridge":
                     acc.update(rows, *label_sets[site.grid])
@@ -229,9 +250,11 @@ class _SweepRun:
                     acc.append(rows[k], *(y[k.cpu()] for y in label_sets[site.grid]))
             return hook
 
-        for inputs, _, labels in self._batches(train_idx, "probe sweep: train images"):
-            label_sets = self._label_sets(labels)
-            keep = {grid: self._keep(labels[grid].valid) for grid in labels}
+        for number, inputs, _, labels in self._batches(train_idx, "probe sweep: train images", every_rank=True):
+            # one generator per batch, from its number: the same draws whichever rank runs it
+            rng = np.random.default_rng([cfg.seed + 1, number])
+            label_sets = self._label_sets(labels, rng)
+            keep = {grid: self._keep(labels[grid].valid, rng) for grid in labels}
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
                                  + [(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
                                  return_type=None)
@@ -240,24 +263,21 @@ class _SweepRun:
         keys = [(condition, site.hook) for site in self.sites for condition in self.conditions]
         if cfg.probe == "ridge":
             for site in self.sites:
+                accumulators[site.hook].all_reduce(self.group)
                 for k, condition in enumerate(self.conditions):
                     probes[(condition, site.hook)] = accumulators[site.hook].solve(cfg.alpha, label_set=k)
         else:
-            problems = []
-            for site in self.sites:
-                x, y = accumulators[site.hook].read()
-                accumulators[site.hook].close()
-                problems += [(x, y[:, k]) for k in range(len(self.conditions))]
+            problems = [accumulators[site.hook].features(k) for site in self.sites for k in range(n_sets)]
             fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter,
-                                       progress=self.progress, names=[f"{h} ({c})" for c, h in keys])
+                                       progress=self.progress, names=[f"{h} ({c})" for c, h in keys],
+                                       memory_mb=cfg.logistic_memory_mb, group=self.group,
+                                       device=model.cfg.device)
+            for site in self.sites:
+                accumulators[site.hook].close()
             probes = dict(zip(keys, fitted))
         probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
 
-        scores = {key: SegmentationScores(self.n_classes, self.ignore_index) for key in probes}
-        predictions: dict[tuple[str, str], list[Tensor]] = {key: [] for key in probes}
-        masks_seen = []
-
-        def test_hook(site: Site, labels, masks):
+        def test_hook(site: Site, labels, masks, found):
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout)
                 grid = inputs.layout.pixels(site.stage)
@@ -268,27 +288,48 @@ class _SweepRun:
                     key = (condition, site.hook)
                     pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
                     pred[~present] = -1  # padding rows of images with fewer tokens
-                    scores[key].add(pred, lab.labels, lab.valid, masks, grid)
-                    predictions[key].append(pred.to(torch.int16))
+                    found[key][0].add(pred, lab.labels, lab.valid, masks, grid)
+                    found[key][1].extend(pred.to(torch.int16))
             return hook
 
-        maps_seen: dict[str, list[Tensor]] = {"vision": [], "llm": []}
-        for inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
-            masks_seen.append(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
-            if not inputs.layout.uniform:
-                for grid in maps_seen:
-                    maps_seen[grid].append(inputs.layout.pixel_map("vision" if grid == "vision" else "llm"))
+        # per test batch: its scores, predictions, masks and (for images with their own grids) the
+        # pixel maps, gathered from every rank in batch order
+        parts = []
+        for number, inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
+            found = {key: (SegmentationScores(self.n_classes, self.ignore_index), []) for key in probes}
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
-                                 + [(s.hook, test_hook(s, labels, masks)) for s in self.sites],
+                                 + [(s.hook, test_hook(s, labels, masks, found)) for s in self.sites],
                                  return_type=None)
-        found = {key: (probes[key], scores[key], pad_stack([p for batch in predictions[key] for p in batch], -1))
-                 for key in probes}  # rows past an image's tokens are -1
-        if inputs.layout.uniform:
-            grids = {"vision": inputs.layout.grid_of("vision"), "llm": inputs.layout.grid_of("llm")}
-        else:  # per held-out image, which prediction paints each pixel
-            grids = {grid: pad_stack([m for maps in seen for m in maps], -1) for grid, seen in maps_seen.items()}
-        masks = pad_stack([m for batch in masks_seen for m in batch], self.ignore_index)
+            layout = inputs.layout
+            if layout.uniform:
+                grids = {"vision": layout.grid_of("vision"), "llm": layout.grid_of("llm")}
+            else:  # per held-out image, which prediction paints each pixel
+                grids = {grid: list(layout.pixel_map(grid)) for grid in ("vision", "llm")}
+            kept_masks = list(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
+            parts.append((number, (found, kept_masks, grids)))
+        parts = distributed.gather_in_order(parts, self.group)
+        # rows past an image's tokens are -1, masks past its canvas the ignore index
+        found = {key: (probes[key], _merged([p[0][key][0] for p in parts], self.n_classes, self.ignore_index),
+                       pad_stack([row for p in parts for row in p[0][key][1]], -1)) for key in probes}
+        masks = pad_stack([m for p in parts for m in p[1]], self.ignore_index)
+        if all(isinstance(p[2]["llm"], list) for p in parts):
+            grids = {grid: pad_stack([m for p in parts for m in p[2][grid]], -1) for grid in ("vision", "llm")}
+        elif any(isinstance(p[2]["llm"], list) for p in parts):
+            raise InputError("held-out batches mix images of one fixed grid with images of their own grids")
+        else:
+            grids = parts[-1][2]
         return found, masks.numpy(), grids
+
+
+def _merged(parts: list[SegmentationScores], n_classes: int, ignore_index: int) -> SegmentationScores:
+    """Batch scores added in batch order: integer counts, so the same as one running total."""
+    total = SegmentationScores(n_classes, ignore_index)
+    for part in parts:
+        total.tokens_correct += part.tokens_correct
+        total.tokens_valid += part.tokens_valid
+        total.confusion += part.confusion
+        total.per_image.extend(part.per_image)
+    return total
 
 
 def _finite(x: Tensor, site: Site, which: str) -> Tensor:

@@ -93,7 +93,8 @@ class ProbeConfig:
     l2: float = checked(1e-3, check=non_negative, doc="logistic penalty")
     max_iter: int = checked(100, check=positive)
     min_valid_fraction: float = checked(0.5, check=unit_fraction)
-    max_train_tokens_per_image: int | None = checked(None, check=positive)
+    max_train_tokens_per_image: int | None = checked(None, check=positive, doc="logistic: training tokens kept per image (bounds the store's disk)")
+    logistic_memory_mb: float = checked(1024.0, check=positive, doc="logistic: features held in memory at once while fitting")
     stats_device: str | None = checked(None, doc="where ridge statistics live (cpu on small GPUs)")
 
 
@@ -137,6 +138,7 @@ class StudyConfig:
     dataset: DatasetConfig = checked()
     device: str = checked("cpu", doc="cpu, cuda, cuda:N or mps")
     dtype: Literal["float32", "float16", "bfloat16"] = checked("float32")
+    device_map: str | None = checked(None, doc="auto, balanced, sequential: split the model over the visible GPUs (accelerate); replaces device")
     seeds: list[int] = checked(default_factory=lambda: [0], check=non_empty,
                                doc="each seed repeats the study (split, bootstrap, controls)")
     batch_size: int = checked(16, check=positive)

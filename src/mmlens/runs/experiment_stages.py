@@ -76,7 +76,7 @@ def position_study_stage(context: StageContext) -> StageOutput:
             progress=context.progress, test_fraction=probe.test_fraction, batch_size=config.batch_size,
             prompt=config.prompt, alpha=probe.alpha, l2=probe.l2, max_iter=probe.max_iter,
             min_valid_fraction=probe.min_valid_fraction, max_train_tokens_per_image=probe.max_train_tokens_per_image,
-            stats_device=probe.stats_device,
+            stats_device=probe.stats_device, logistic_memory_mb=probe.logistic_memory_mb,
         )
     summary_table = study.summary
     lines = study.findings()

@@ -73,7 +73,7 @@ def _restore(context: StageContext, stored: StoredOutput) -> ProbeSweep:
     return sweep_from_stored(stored, context.dataset, context.model.cfg.device)
 
 
-@register_stage("probe_sweep", title="Probe sweep", restore=_restore, sections=("probe",))
+@register_stage("probe_sweep", title="Probe sweep", restore=_restore, sections=("probe",), distributed=True)
 def probe_sweep_stage(context: StageContext) -> StageOutput:
     """Layer-wise probes over vision encoder, adapter and LLM, with the configured controls."""
     config, probe = context.config, context.config.probe
@@ -84,7 +84,7 @@ def probe_sweep_stage(context: StageContext) -> StageOutput:
             batch_size=config.batch_size, prompt=config.prompt, alpha=probe.alpha, l2=probe.l2,
             max_iter=probe.max_iter, min_valid_fraction=probe.min_valid_fraction,
             max_train_tokens_per_image=probe.max_train_tokens_per_image, n_boot=config.n_boot,
-            stats_device=probe.stats_device,
+            stats_device=probe.stats_device, logistic_memory_mb=probe.logistic_memory_mb,
         )
     return sweep_output(sweep)
 

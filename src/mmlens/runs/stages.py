@@ -20,6 +20,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from .. import distributed
+from ..errors import ConfigError, RunFolderError
 from .config import StudyConfig
 from .config_checks import device_problems, model_problems
 from .folder import RunFolder, package_versions
@@ -60,6 +62,9 @@ class FunctionStage:
     enabled_fn: Callable[[StudyConfig], bool] | None = None
     restore_fn: Callable[["StageContext", StoredOutput], Any] | None = None
     config_sections: tuple[str, ...] = ()
+    # every rank of a torch.distributed run takes part (the stage shards its images); otherwise
+    # rank 0 runs it alone while the others go on to the next unit they share
+    distributed: bool = False
 
     def enabled(self, config: StudyConfig) -> bool:
         return True if self.enabled_fn is None else bool(self.enabled_fn(config))
@@ -84,12 +89,14 @@ def register_stage(
     enabled: Callable[[StudyConfig], bool] | None = None,
     restore: Callable[["StageContext", StoredOutput], Any] | None = None,
     sections: tuple[str, ...] = (),
+    distributed: bool = False,
 ) -> Callable[[Callable[["StageContext"], StageOutput]], FunctionStage]:
     """Decorator: register `run(context) -> StageOutput` as the stage `name`, run after its
-    dependencies; `sections` are the config sections it reads (besides `SHARED_SECTIONS`)."""
+    dependencies; `sections` are the config sections it reads (besides `SHARED_SECTIONS`);
+    `distributed`: every rank of a multi-process run takes part in it."""
 
     def decorate(run: Callable[["StageContext"], StageOutput]) -> FunctionStage:
-        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore, tuple(sections)))
+        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore, tuple(sections), distributed))
         return run
 
     return decorate
@@ -143,7 +150,7 @@ class Session:
     """What the units of one run share: the model and dataset (loaded once) and the results."""
 
     config: StudyConfig
-    folder: RunFolder
+    folder: RunFolder | None  # None on ranks other than 0 of a multi-process run: they write nothing
     progress: bool = True
     stages: dict[str, Stage] = field(default_factory=lambda: STAGES)
     _model: Any = None
@@ -155,8 +162,9 @@ class Session:
         if self._model is None:
             from ..model import HookedMLLM
 
-            self._model = HookedMLLM.from_pretrained(self.config.model, device=self.config.device,
-                                                     dtype=self.config.dtype)
+            placement = ({"device_map": self.config.device_map} if self.config.device_map
+                         else {"device": distributed.local_device(self.config.device)})
+            self._model = HookedMLLM.from_pretrained(self.config.model, dtype=self.config.dtype, **placement)
         return self._model
 
     @property
@@ -221,12 +229,14 @@ class UnitReport:
 
 @dataclass
 class StudyRun:
-    folder: RunFolder
+    folder: RunFolder | None  # None on ranks other than 0
     units: list[UnitReport]
     report_path: Path | None = None
     report_problem: str | None = None
 
     def summary_text(self) -> str:
+        if self.folder is None:
+            return ""
         lines = [f"run folder {self.folder.path} (config sha256 {self.folder.config_sha256[:12]})"]
         for u in self.units:
             state = f"ran in {u.seconds:.1f} s" if u.ran else f"done earlier ({u.seconds:.1f} s), skipped"
@@ -273,24 +283,42 @@ def run_study(
     problems = device_problems(config)
     if problems:
         raise ConfigError(problems, "the config, on this machine")
-    folder = RunFolder.create(out_dir, config, keys, overwrite=overwrite, rerun=reruns, echo=echo)
+    # under torch.distributed rank 0 owns the run folder (lock, records, files, report) and says
+    # which units are left; the other ranks only compute their share of the distributed stages
+    main, folder, failure, todo = distributed.is_main(), None, None, []
+    if main:
+        try:
+            folder = RunFolder.create(out_dir, config, keys, overwrite=overwrite, rerun=reruns, echo=echo)
+            session = Session(config, folder, progress, stages=stages)
+            todo = [unit_name(s.name, seed) for s, seed in plan
+                    if unit_name(s.name, seed) in reruns or folder.record(unit_name(s.name, seed)) is None]
+            if todo:
+                problems = model_problems(config, session.model, len(session.dataset))
+                if problems:
+                    raise ConfigError(problems, f"the config, checked against {config.model} and its dataset")
+        except BaseException as error:
+            failure = error
+    todo, stopped = distributed.broadcast_object((todo, None if failure is None else str(failure)), None)
+    if failure is not None:
+        if folder is not None:
+            folder.close()
+        raise failure
+    if stopped is not None:
+        raise RunFolderError(f"rank 0 stopped before the first unit: {stopped}")
+    if not main:
+        session = Session(config, None, progress=False, stages=stages)
     try:
-        session = Session(config, folder, progress, stages=stages)
-        todo = [unit_name(s.name, seed) for s, seed in plan
-                if unit_name(s.name, seed) in reruns or folder.record(unit_name(s.name, seed)) is None]
-        if todo:
-            problems = model_problems(config, session.model, len(session.dataset))
-            if problems:
-                raise ConfigError(problems, f"the config, checked against {config.model} and its dataset")
-        reports = _run_units(session, plan, set(todo), progress)
+        reports = _run_units(session, plan, set(todo), progress and main)
         run = StudyRun(folder, reports)
-        if report:
+        if report and main:
             from .report import build_report
 
             run.report_path, run.report_problem = build_report(folder)
     finally:
-        folder.close()
-    echo(run.summary_text())
+        if folder is not None:
+            folder.close()
+    if main:
+        echo(run.summary_text())
     return run
 
 
@@ -300,6 +328,12 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
     for stage, seed in bar:
         unit = unit_name(stage.name, seed)
         bar.set_postfix_str(unit)
+        shared = getattr(stage, "distributed", False)
+        if folder is None:  # a rank other than 0: its share of the distributed units, nothing else
+            if unit in todo and shared:
+                _reseed(seed)
+                stage.run(StageContext(stage, seed, session))
+            continue
         if unit not in todo:
             record = folder.record(unit)
             notes = [f"note: finished with {name} {old}, now {versions.get(name)}"
@@ -309,7 +343,8 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
         started, clock = folder.begin(unit), time.perf_counter()
         _reseed(seed)
         try:
-            output = stage.run(StageContext(stage, seed, session))
+            with nullcontext() if shared else distributed.alone():
+                output = stage.run(StageContext(stage, seed, session))
         except BaseException as error:
             folder.fail(unit, error)
             raise

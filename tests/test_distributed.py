@@ -1,0 +1,115 @@
+"""Data-parallel studies on torch.distributed: 2 processes (gloo, CPU) against one process.
+
+torchrun starts the ranks, as a researcher would. Batches go to ranks whole, so held-out
+predictions are the same computation as in one process and must be equal exactly; ridge
+statistics and logistic gradients are all-reduced sums, so probes (and mIoU) must agree within
+1e-6. torchrun sets OMP_NUM_THREADS=1 in its workers; the single-process side runs on one thread
+too, so both sides run the same kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mmlens import HookedMLLM
+from mmlens.data import load_segmentation
+from mmlens.runs import RunFolder, load_config, run_study
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_worker import sweeps  # noqa: E402
+
+HERE = Path(__file__).parent
+CONFIG = {
+    "model": "tiny-shapes-llava",
+    "batch_size": 4,  # 6 training and 2 held-out batches: both ranks take some of each
+    "n_boot": 20,
+    "dataset": {"name": "scenes", "n": 32},
+    "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
+                                         "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},
+    "knockout": {"n_pairs": 2, "n_control": 1},
+    "position": {"enabled": False},
+    "recovery": {"enabled": False},
+}
+
+
+def torchrun(*args: str, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    src = str(Path(__import__("mmlens").__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    # its own session: on a timeout the whole group goes, workers included (not torchrun alone)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_grad_enabled(True)
+    torch.set_num_threads(threads)
+
+
+def test_probe_sweeps_on_two_ranks_equal_one_process(tmp_path, one_thread):
+    out = tmp_path / "ranks.pt"
+    torchrun(str(HERE / "distributed_worker.py"), str(out))
+    ranks = torch.load(out, weights_only=False)
+    model = HookedMLLM.from_pretrained("tiny-shapes-llava")
+    single = sweeps(model, load_segmentation("scenes", split="validation", n=24, seed=0))
+    for kind, sweep in single.items():
+        got = ranks[kind]
+        assert (got["test_indices"] == sweep.test_indices).all()
+        for key, probe in sweep.probes.items():
+            for name in ("mean", "scale", "weight", "bias"):
+                torch.testing.assert_close(getattr(got["probes"][key], name), getattr(probe, name), atol=1e-6, rtol=0)
+        pd.testing.assert_frame_equal(got["table"], sweep.table, check_exact=False, atol=1e-6, rtol=0, obj=kind)
+        if kind == "ridge":  # probes equal to 1e-7 and a held-out forward that is the same computation
+            for key, predictions in sweep.predictions.items():
+                assert torch.equal(got["predictions"][key], predictions), key
+
+
+def test_a_killed_two_process_study_resumes_and_equals_one_process(tmp_path, one_thread):
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(CONFIG))
+    single = run_study(load_config(config_path), tmp_path / "single", progress=False, report=False, echo=lambda _: None)
+    killed = tmp_path / "killed"
+    crash = torchrun("-m", "mmlens", "study", str(config_path), "--out", str(killed), "--quiet", "--no-report",
+                     env_extra={"MMLENS_KILL_AT": "anchor_knockout/seed-0:2"}, check=False)
+    assert crash.returncode != 0
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["stages"]["probe_sweep/seed-0"]["status"] == "done"
+    assert manifest["stages"]["anchor_knockout/seed-0"]["status"] == "running"
+    # rank 0 alone wrote the folder: no rank-suffixed or second copy of anything
+    assert not [p for p in killed.rglob("*") if "rank1" in p.name]
+    resumed = torchrun("-m", "mmlens", "study", str(config_path), "--out", str(killed), "--no-report")
+    assert "probe_sweep/seed-0: done earlier" in resumed.stdout and "anchor_knockout/seed-0: ran" in resumed.stdout
+    tables = {run: {str(p.relative_to(run)): pd.read_parquet(p) for p in sorted(run.glob("stages/*/*/tables/*.parquet"))}
+              for run in (single.folder.path, killed)}
+    expected, got = tables[single.folder.path], tables[killed]
+    assert set(got) == set(expected) and any("anchor_knockout" in name for name in got)
+    for name in expected:
+        pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, atol=1e-6, rtol=0, obj=name)
+    a = RunFolder.open(single.folder.path).load("probe_sweep/seed-0").tensors["predictions"]
+    b = RunFolder.open(killed).load("probe_sweep/seed-0").tensors["predictions"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
