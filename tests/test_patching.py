@@ -237,3 +237,26 @@ def test_an_edit_before_the_llm_applies_once_when_copies_run_only_the_llm(tiny_c
     nothing = Patch("blocks.0.hook_resid_pre", positions=torch.zeros(inputs.input_ids.shape, dtype=torch.bool))
     patched = patch_conditions(model, Run(inputs), target, metric, [nothing, nothing])
     torch.testing.assert_close(patched, baseline(model, target, metric).expand(2, -1), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_metric_without_logits_stops_at_its_layer_with_the_same_values(tiny_clip):
+    """A metric that reads block 1 only lets patched copies stop after block 1 (and start at their
+    patched layer): the values equal those of full runs, and patches above block 1 change nothing."""
+    model = tiny_clip.model
+    clean, corrupted = Run(tiny_clip.inputs), recovery_blocked(model, tiny_clip.inputs)
+    hook = "blocks.1.hook_resid_post"
+    seen: list[set[str]] = []
+
+    def read(activations, inputs):
+        seen.append(set(activations))
+        return activations[hook][:, -1].float().pow(2).mean(-1)
+
+    full = head_sweep(model, clean, corrupted, CacheMetric(read, hooks=[hook]), chunk_size=8)
+    assert "logits" in seen[-1]
+    stopped = head_sweep(model, clean, corrupted, CacheMetric(read, hooks=[hook], reads_logits=False), chunk_size=8)
+    assert "logits" not in seen[-1], "the copies ran past the layer the metric reads"
+    torch.testing.assert_close(stopped, full, atol=1e-6, rtol=0)
+    unpatched = baseline(model, corrupted, CacheMetric(read, hooks=[hook]))
+    torch.testing.assert_close(stopped[2:], unpatched.expand_as(stopped[2:]), atol=1e-6, rtol=0)
+    assert (stopped[:2] - unpatched).abs().max() > 0.01 * unpatched.abs().max(), "heads below the readout must matter"

@@ -129,7 +129,8 @@ def metric_hooks(metric: Metric) -> list[str]:
 
 def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach: bool = True,
                     extra_hooks: Sequence[tuple[str, Callable]] = (), **forward_kwargs: Any) -> dict[str, Tensor]:
-    """One forward of a run: the activations at `names` and the logits."""
+    """One forward of a run: the activations at `names` and the logits (with `stop_at_layer`,
+    the residual entering that layer instead, as "residual")."""
     hooks, made = edit_hooks(run.edit, run.inputs)
     store: dict[str, Tensor] = {}
 
@@ -137,10 +138,11 @@ def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach
         store[hook.name] = activation.detach() if detach else activation
 
     names = list(dict.fromkeys(model.resolve_hook_name(n) for n in names))
-    logits = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)],
-                                  **forward_kwargs)
+    out = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)],
+                               **forward_kwargs)
     verify_edit(made)
-    store["logits"] = logits
+    # a run stopped at a layer returns the residual entering it, not logits
+    store["logits" if forward_kwargs.get("stop_at_layer") is None else "residual"] = out
     return store
 
 
@@ -285,7 +287,13 @@ def patch_conditions(
     # costs more forwards than the layers it saves (measured at 1 image: 2x slower).
     residuals = None
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        residuals = _llm_residuals(model, target, source_activations.get("hook_multimodal_embed") if shared_input else None)
+        starts = [min(_first_layer(model, c, wanted) for c in conditions[i:i + chunk_size])
+                  for i in range(0, len(conditions), chunk_size)]
+        llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
+        residuals = _llm_residuals(model, target, llm_input, max(starts))
+    # A metric that reads no logits (a probe) needs no layer above the highest one it reads.
+    last = max((_hook_layer(model, n) for n in wanted), default=model.cfg.n_layers)
+    stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
     values = []
     bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
     for first in range(0, len(conditions), chunk_size):
@@ -298,7 +306,7 @@ def patch_conditions(
         if residuals is not None:
             start = min(_first_layer(model, condition, wanted) for condition in chunk)
             resume = {"llm_inputs_embeds": residuals[start].repeat(k, 1, 1), "start_at_layer": start}
-        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume)
+        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume, **stop)
         for r in range(k):
             rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
             values.append(evaluate(metric, rows, target.inputs))
@@ -307,16 +315,19 @@ def patch_conditions(
     return torch.stack(values)
 
 
-def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None = None) -> list[Tensor]:
-    """The target run's residual entering each LLM block and leaving the last (index n_layers);
-    from `llm_input` (its `hook_multimodal_embed`, when known) only the LLM runs."""
-    n = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int) -> list[Tensor]:
+    """The target run's residual entering LLM blocks 0..`up_to` (`up_to` = n_layers: leaving the
+    last); from `llm_input` (its `hook_multimodal_embed`, when known) only the LLM runs, and not
+    at all when block 0 is the only start."""
+    if llm_input is not None and up_to == 0:
+        return [llm_input]
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(up_to)]
     if llm_input is None:
-        found = run_and_collect(model, target, names)
+        found = run_and_collect(model, target, names, stop_at_layer=up_to)
     else:
-        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), names, llm_inputs_embeds=llm_input)
-    return [found[name] for name in names]
+        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), names,
+                                llm_inputs_embeds=llm_input, stop_at_layer=up_to)
+    return [*(found[name] for name in names), found["residual"]]
 
 
 def _same_llm_input(model: HookedMLLM, source: Run, target: Run) -> bool:

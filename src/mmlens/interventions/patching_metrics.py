@@ -23,11 +23,13 @@ from .groups import GroupContext, TokenGroup
 
 class CacheMetric:
     """Any function of the run's activations (hook name -> tensor, plus "logits") and inputs,
-    returning one value per batch row; `hooks` names the activations it reads."""
+    returning one value per batch row; `hooks` names the activations it reads. With
+    `reads_logits=False` (it reads `hooks` only) patching runs stop above the highest LLM layer
+    it reads, and "logits" is then not in `activations`."""
 
     def __init__(self, fn: Callable[[Mapping[str, Tensor], MultimodalInputs], Tensor], hooks: Sequence[str] = (),
-                 name: str = "metric"):
-        self.fn, self.hooks, self.name = fn, tuple(hooks), name
+                 name: str = "metric", reads_logits: bool = True):
+        self.fn, self.hooks, self.name, self.reads_logits = fn, tuple(hooks), name, reads_logits
 
     def __call__(self, activations: Mapping[str, Tensor], inputs: MultimodalInputs) -> Tensor:
         return self.fn(activations, inputs)
@@ -39,6 +41,9 @@ class CacheMetric:
 class ProbeMetric:
     """A linear probe at `hook`, scored on chosen labelled image tokens of one batch, averaged per
     batch row. Rows with no scored token give NaN (and no gradient)."""
+
+    # it reads its hook only, so patching runs may stop above the probe's layer
+    reads_logits = False
 
     def __init__(self, model: HookedMLLM, probe, hook: str, labels: Int[Tensor, "n_images n_tokens"],
                  scored: Bool[Tensor, "n_images n_tokens"], inputs: MultimodalInputs,
