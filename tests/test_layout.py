@@ -1,4 +1,5 @@
-"""ImageTokenLayout is derived from ids and config: padding, several images, CLS, grids."""
+"""ImageTokenLayout is derived from ids and config: padding, several images, CLS, grids; and
+layouts made of segments (packed sequences, merges, images of different sizes) built by hand."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from mmlens import HookedMLLM
+from mmlens.errors import LayoutMismatchError
+from mmlens.model.layout import GridCells, ImageSpan, ImageTokenLayout, Segment
 from mmlens.testing import tiny_llava
 
 from conftest import build_tiny, random_images
@@ -149,3 +152,82 @@ def test_gather_reads_each_stage_at_the_same_grid_tokens():
     selected = layout.scatter_adapter(first)
     assert selected.shape == adapter.shape[:2] and selected[:, 1].all() and selected.sum() == layout.n_images
     assert layout.scatter_vision(first)[:, 1].all() and layout.scatter_vision(first).sum() == layout.n_images
+
+
+def _packed_layout():
+    """Two images in a packed-sequence model with a 2x2 merge (Qwen2-VL style), built by hand:
+    image 0 (row 0): 4x4 patches -> 2x2 tokens at positions 1..4 of a 4x4 canvas; image 1 (row 1):
+    2x4 patches -> 1x2 tokens at positions 2, 3 of a 2x4 canvas, and an "end" marker at 4."""
+    def merged(rows, cols):  # patch (r, c) feeds token (r // 2, c // 2)
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        return ((r // 2) * (cols // 2) + c // 2).flatten()
+
+    first = Segment("image", GridCells.uniform(2, 2, 4, 4), torch.arange(1, 5), (torch.arange(4),),
+                    GridCells.uniform(4, 4, 4, 4), (torch.arange(16),), merged(4, 4))
+    second = Segment("image", GridCells.uniform(1, 2, 2, 4), torch.tensor([2, 3]), (torch.arange(4, 6),),
+                     GridCells.uniform(2, 4, 2, 4), (torch.arange(16, 24),), merged(2, 4))
+    images = ((ImageSpan(0, 0, (first,), (4, 4)),), (ImageSpan(1, 1, (second,), (2, 4), {"end": torch.tensor([4])}),))
+    return ImageTokenLayout(images, seq_len=6, vision_shape=(24,), adapter_shape=(6,))
+
+
+def test_a_packed_layout_gathers_images_of_different_sizes_padded():
+    layout = _packed_layout()
+    assert not layout.uniform and layout.n_rows("vision") == 16 and layout.n_rows("llm") == 4
+    vision = torch.arange(24.0)[:, None]
+    taken = layout.gather("vision", vision)
+    assert taken.shape == (2, 16, 1) and torch.equal(taken[1, :8, 0], torch.arange(16.0, 24.0))
+    assert (taken[1, 8:] == 0).all() and torch.equal(layout.table("vision").present.sum(1), torch.tensor([16, 8]))
+    llm = torch.arange(12.0).view(2, 6)
+    assert torch.equal(layout.gather("llm", llm), torch.tensor([[1.0, 2, 3, 4], [8, 9, 0, 0]]))
+    assert torch.equal(layout.gather("adapter", torch.arange(6.0)), torch.tensor([[0.0, 1, 2, 3], [4, 5, 0, 0]]))
+    with pytest.raises(LayoutMismatchError, match="leading"):
+        layout.gather("vision", torch.zeros(23, 1))
+    with pytest.raises(LayoutMismatchError, match="own token grids"):
+        layout.token_grid
+    table = layout.table("llm")
+    assert table.boxes[1, :2].tolist() == [[0, 0, 2, 2], [0, 2, 2, 4]] and table.canvas.tolist() == [[4, 4], [2, 4]]
+
+
+def test_a_selected_token_selects_every_patch_merged_into_it():
+    layout = _packed_layout()
+    selected = torch.zeros(2, 6, dtype=torch.bool)
+    selected[0, 2] = True  # image 0, token (0, 1): patches (0..1, 2..3)
+    selected[1, 3] = True  # image 1, token (0, 1): patches 16 + (0..1, 2..3) of a 2x4 grid
+    patches = layout.scatter_vision(selected)
+    assert patches.shape == (24,)
+    assert patches.nonzero().flatten().tolist() == [2, 3, 6, 7, 18, 19, 22, 23]
+    assert layout.scatter_adapter(selected).nonzero().flatten().tolist() == [1, 5]
+    assert not layout.vision_aligned
+
+
+def test_a_repeated_packed_layout_shifts_its_vision_rows():
+    layout = _packed_layout()
+    twice = layout.repeat(2)
+    assert twice.vision_shape == (48,) and twice.adapter_shape == (12,) and twice.batch_size == 4
+    vision = torch.randn(24, 3)
+    assert torch.equal(twice.gather("vision", vision.repeat(2, 1)), layout.gather("vision", vision).repeat(2, 1, 1))
+    assert [s.image_index for s in twice.spans] == [0, 1, 2, 3] and twice.spans[3].row == 3
+
+
+def test_special_tokens_outside_the_image_block_and_every_grid():
+    layout = _packed_layout()
+    assert layout.special_positions("end").nonzero().tolist() == [[1, 4]]
+    assert layout.image_of_position()[1].tolist() == [-1, -1, 0, 0, -1, -1]  # "end" is not in the block
+    assert not (layout.image_token_mask() & layout.special_positions("end")).any()
+
+
+def test_tokens_of_a_segment_layout_are_labelled_from_their_boxes():
+    """Masks of two sizes, padded with ignore: each token takes its box's majority class, rows past
+    an image's tokens are invalid, and the pixel map paints each image with its own tokens."""
+    from mmlens.probing.token_labels import token_labels
+
+    layout = _packed_layout()
+    masks = torch.full((2, 4, 4), 255)
+    masks[0] = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 0, 0], [3, 3, 0, 255]])
+    masks[1, :2] = torch.tensor([[4, 4, 5, 5], [4, 255, 5, 5]])
+    labels = token_labels(masks, layout, n_classes=6)
+    assert labels.labels.tolist() == [[1, 2, 3, 0], [4, 5, 255, 255]]
+    assert labels.valid.tolist() == [[True] * 4, [True, True, False, False]]
+    assert labels.valid_fraction[1, 0] == 0.75
+    pixels = layout.pixel_map("llm")
+    assert pixels[1].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [-1] * 4, [-1] * 4]

@@ -24,6 +24,7 @@ from mmlens import HookedMLLM, MultimodalInputs
 from mmlens.errors import UnsupportedModelError
 from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
+from mmlens.model.architectures import Architecture
 from mmlens.model.attention_masks import additive_mask
 from mmlens.model.instrument import AttentionSpec
 from mmlens.probing import probe_sweep
@@ -39,6 +40,7 @@ __all__ = [
     "test_identity_hooks_everywhere_equal_hf",
     "test_knockout_equals_hf_with_its_mask",
     "test_layout_contract",
+    "test_llm_keywords_reach_every_run_from_merged_embeddings",
     "test_wrong_spec_is_refused",
 ]
 Builder = Callable[[str], tuple[nn.Module, Any]]  # attention implementation -> (HF model, processor)
@@ -212,6 +214,37 @@ def test_family_keywords_travel_everywhere(eager: Family) -> None:
     ours = model.generate(inputs, max_new_tokens=3)
     theirs = eager.reference.generate(**inputs.hf_kwargs(), max_new_tokens=3, do_sample=False)
     assert ours == model.processor.batch_decode(theirs[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_llm_keywords_reach_every_run_from_merged_embeddings(eager: Family, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The family's LLM keywords (M-RoPE position ids for Qwen2-VL) go into every run that starts
+    from the merged embeddings; these families need none, and a substitute that moves every token
+    to position 0 changes the logits exactly as Hugging Face given the same positions."""
+    model, inputs = eager.model, eager.inputs
+    own = model.architecture.llm_keywords(model.hf_model, inputs.hf_kwargs())
+    if type(model.architecture).llm_keywords is Architecture.llm_keywords:
+        assert own == {}, "a family that does not override the hook adds nothing"
+    zero = torch.zeros_like(own.get("position_ids", inputs.input_ids))  # M-RoPE ids are [3, batch, seq]
+    _, cache = model.run_with_cache(inputs, names_filter=["hook_multimodal_embed", "blocks.1.hook_resid_pre"])
+    embeds = cache["hook_multimodal_embed"]
+    seen = []
+
+    def at_zero(hf_model, keywords):
+        seen.append(set(keywords))
+        return {"position_ids": zero}
+
+    monkeypatch.setattr(model.architecture, "llm_keywords", at_zero)
+    moved = model(inputs, llm_inputs_embeds=embeds)
+    rules = {k: inputs.extra[k] for k in model.architecture.llm_input_names}
+    theirs = eager.reference(inputs_embeds=embeds, attention_mask=inputs.attention_mask, **rules,
+                             position_ids=zero).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(moved[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert (moved - model(inputs))[valid].abs().max() > 1e-4, "the positions were used"
+    model(cache["blocks.1.hook_resid_pre"], start_at_layer=1, tokens=inputs)
+    assert len(seen) == 2 and all({"input_ids", "attention_mask"} <= keys for keys in seen)
+    assert set(inputs.extra) <= seen[0], "the hook sees the family's own keywords"
 
 
 @torch.no_grad()

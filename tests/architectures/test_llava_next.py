@@ -92,3 +92,37 @@ def test_masks_stay_in_the_original_pixels(eager):
     model = eager.model
     mask = np.random.default_rng(0).integers(0, 5, size=(21, 34)).astype(np.uint8)
     assert np.array_equal(model.transform_mask(mask), mask)
+
+
+@torch.no_grad()
+def test_corruptions_and_groups_respect_images_with_fewer_tokens(eager):
+    """The mean adapter output leaves padding rows out; class groups drop them; resampling tokens
+    across images of different grids is refused (there is no same cell to take)."""
+    from mmlens.errors import InputError
+    from mmlens.interventions import GroupContext, TokenGroup
+    from mmlens.interventions.corruptions import anchors_removed, mean_adapter_output
+
+    model, inputs = eager.model, eager.inputs
+    layout = inputs.layout
+    _, cache = model.run_with_cache(inputs, names_filter="adapter.hook_out")
+    rows = layout.gather("adapter", cache["adapter.hook_out"])[layout.table("adapter").present]
+    torch.testing.assert_close(mean_adapter_output(model, [inputs]), rows.mean(0), atol=1e-6, rtol=0)
+    labels = torch.zeros(layout.table("llm").present.shape, dtype=torch.long)  # every row class 0, padding too
+    group = TokenGroup.of_class(0).resolve(inputs, GroupContext(token_labels=labels))
+    assert torch.equal(group, layout.image_token_mask())
+    with pytest.raises(InputError, match="same grid"):
+        anchors_removed(model, inputs, group, replacement="resample")
+
+
+@torch.no_grad()
+def test_bare_ids_still_name_tokens_and_cache(eager):
+    """Without image_sizes the layout is unknown: token names stay plain and a cache has no layout,
+    but nothing fails; with the inputs, newlines are named."""
+    model, inputs = eager.model, eager.inputs
+    names = model.to_str_tokens(inputs.input_ids)
+    assert "<image>" in names[0] and not any(n.startswith("<img") for n in names[0])
+    assert "<img0 newline>" in model.to_str_tokens(inputs)[0]
+    text = inputs.input_ids.clone()
+    text[text == model.cfg.image_token_id] = inputs.input_ids[0, 0]
+    _, cache = model.run_with_cache(text, names_filter="blocks.0.hook_resid_post")
+    assert cache.layout is not None and cache.layout.n_images == 0

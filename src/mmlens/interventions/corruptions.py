@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from .knockout import knockout
@@ -51,6 +52,9 @@ def mean_adapter_output(model: HookedMLLM, batches: Iterable[MultimodalInputs]) 
     for inputs in batches:
         _, cache = model.run_with_cache(inputs, names_filter=ADAPTER_OUT, return_cache_object=False)
         tokens = inputs.layout.gather("adapter", cache[ADAPTER_OUT]).float()
+        present = inputs.layout.table("adapter").present
+        if not present.all():  # images with fewer tokens end in padding rows: leave them out
+            tokens = tokens[present.to(tokens.device)][None]
         total = tokens.sum((0, 1)) if total is None else total + tokens.sum((0, 1))
         count += tokens.shape[0] * tokens.shape[1]
     if not count:
@@ -85,6 +89,10 @@ def anchors_removed(
     elif replacement == "resample":
         if n_images < 2:
             raise ValueError("replacement='resample' takes tokens from other images of the batch: use at least 2 images")
+        if not inputs.layout.uniform or inputs.layout.adapter_shape[0] != n_images:
+            raise InputError("replacement='resample' takes the same grid cell from another image, so every image must "
+                             "have the same grid (one adapter row per image); these images are tiled or differ: "
+                             "use replacement='mean'")
         donors = derangement(n_images, seed)
     else:
         raise ValueError(f"replacement must be 'mean' or 'resample', got {replacement!r}")

@@ -232,8 +232,9 @@ def _segments(inputs: MultimodalInputs, k: int) -> Int[Tensor, "n"]:
 
 
 def _per_token(inputs: MultimodalInputs, select: Callable[[int], Tensor]) -> Tensor:
-    """Scatter a per-image selection over grid tokens (`select(image_index)`) into [batch, seq]."""
+    """Scatter a per-image selection over grid tokens (`select(image_index)`, in `layout.gather` rows:
+    an image with fewer tokens than the longest ends in padding rows, dropped here) into [batch, seq]."""
     mask = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
     for k, span in enumerate(inputs.layout.spans):
-        mask[span.row, span.positions] = select(k).cpu()
+        mask[span.row, span.positions] = select(k).cpu()[: len(span.positions)]
     return mask

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from ..errors import HookNameError, InputError
+from ..errors import HookNameError, InputError, LayoutMismatchError
 from .allocator import tune_allocator
 from .architectures import architecture_for
 from .architectures.base import BASE_INPUT_NAMES
@@ -509,8 +509,13 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         if not return_cache_object:
             return out, cache
         cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-        if isinstance(ids, (MultimodalInputs, Tensor)):
-            cache_object.layout = self.layout(ids)
+        if isinstance(ids, MultimodalInputs):
+            cache_object.layout = ids.layout
+        elif isinstance(ids, Tensor):
+            try:  # bare ids lack the keywords some families' layouts need (LLaVA-NeXT's image_sizes)
+                cache_object.layout = self.layout(ids)
+            except LayoutMismatchError:
+                cache_object.layout = None
         return out, cache_object
 
     def with_images(self, inputs: MultimodalInputs) -> WithImages:

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, LayoutMismatchError
 from .inputs import MultimodalInputs
 
 
@@ -115,7 +115,11 @@ class TokenHelpers:
         rows = [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
         if not bool((ids == self.cfg.image_token_id).any()):
             return rows
-        layout = layout if layout is not None else self.layout(ids)
+        if layout is None:
+            try:
+                layout = self.layout(ids)
+            except LayoutMismatchError:  # the family needs more than ids (LLaVA-NeXT: image_sizes): plain names
+                return rows
         for span in layout.spans:
             names = rows[span.row]
             one = len(span.segments) == 1  # a fixed grid: no segment name needed
