@@ -16,7 +16,7 @@ import numpy as np
 from jaxtyping import Shaped
 from transformers.image_utils import PILImageResampling
 
-from .preprocess import ImageGeometry, ImageInput, MaskInput
+from .preprocess import ImageGeometry, MaskInput
 
 
 def is_anyres(image_processor: Any) -> bool:
