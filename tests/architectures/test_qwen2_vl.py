@@ -92,6 +92,9 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
     assert (ours - model(inputs))[valid].abs().max() > 1e-4, "the knockout changed something"
+    # the mask it reports is the packed tower's own: one block per image, minus the blocked edges
+    images = block_diagonal(get_vision_cu_seqlens(inputs.extra["image_grid_thw"].cpu()), ko.blocked.shape[-1])
+    assert torch.equal(ko.effective_mask()[0].cpu(), images & ~ko.blocked[0].cpu())
 
 
 @torch.no_grad()

@@ -104,10 +104,14 @@ class Knockout(HookSet):
     def effective_mask(self, head: int | None = None) -> Bool[Tensor, "batch query key"]:
         """True where a query may read a key in the edited layers: the model's own mask (causal
         or bidirectional image attention, padding) without the blocked edges. In the vision stage
-        rows are images and every patch sees every other. With `heads`, `head` picks one head
-        (an unedited head shows the model's own mask)."""
+        a patch sees the patches of its own image (in a packed sequence, a block per image; the
+        windows of Qwen2.5-VL's windowed blocks are not drawn), and a row's CLS and registers see
+        all of it. With `heads`, `head` picks one head (an unedited head shows the model's own
+        mask)."""
         if self.stage == "vision":
-            own = torch.ones_like(self.blocked)
+            image = self.inputs.layout.image_of_patch().to(self.blocked.device)
+            query, key = image[:, :, None], image[:, None, :]
+            own = (query == key) | (query < 0) | (key < 0)
         else:
             own = self.model.attention_edges(self.inputs).to(self.blocked.device)
         if head is not None and self.heads is not None and head not in self.heads.tolist():

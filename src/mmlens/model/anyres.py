@@ -26,11 +26,8 @@ def is_anyres(image_processor: Any) -> bool:
 
 
 def geometry_for(processor: Any) -> "ImageGeometry | AnyresGeometry":
-    """The mask geometry of `processor`: anyres tiling or the stock resize / pad / crop."""
-    from .split_geometry import SplitGeometry, is_split  # Idefics3-style tiles
-
-    if is_split(processor):
-        return SplitGeometry(processor)
+    """The mask geometry of `processor`: anyres tiling or the stock resize / pad / crop (a family
+    with its own geometry overrides `Architecture.mask_geometry` instead)."""
     return AnyresGeometry(processor) if is_anyres(processor) else ImageGeometry.from_processor(processor)
 
 

@@ -502,6 +502,15 @@ class ImageTokenLayout:
                 out[seg.vision_index] = chosen
         return out
 
+    def image_of_patch(self) -> Int[Tensor, "..."]:
+        """For every vision position (a tensor of `vision_shape`), the image (`pixel_values`
+        order) whose patch it is, or -1 (CLS, registers)."""
+        out = torch.full(self.vision_shape, -1, dtype=torch.long)
+        for span in self.spans:
+            for seg in span.segments:
+                out[seg.vision_index] = span.image_index
+        return out
+
     def image_of_position(self) -> Int[Tensor, "batch seq"]:
         """For every position, which image of its row it belongs to (0, 1, ...; its whole attention
         block: grid, CLS, registers and newlines) or -1."""

@@ -18,12 +18,6 @@ from transformers.image_utils import PILImageResampling, SizeDict
 from .preprocess import ImageGeometry, MaskInput
 
 
-def is_split(image_processor: Any) -> bool:
-    """Whether the processor is an Idefics3-style tiler (it has `split_images` and `max_image_size`)."""
-    image_processor = getattr(image_processor, "image_processor", image_processor)
-    return hasattr(image_processor, "split_images") and hasattr(image_processor, "resize_for_vision_encoder")
-
-
 class SplitGeometry:
     """Mask geometry of an Idefics3-style image processor (see the module docstring)."""
 

@@ -28,6 +28,7 @@ from ..hook_tree import fire
 from ..instrument import _override_forward, hook_module_output, instrument_block
 from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
 from ..norms import instrument_norm
+from ..split_geometry import SplitGeometry
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
 from .towers import CLIP_BLOCK
@@ -114,6 +115,10 @@ class Idefics3(Architecture):
             llm=self.llm_config(config.text_config), d_vocab=config.text_config.vocab_size,
             image_token_id=config.image_token_id, device=param.device, dtype=param.dtype,
         )
+
+    def mask_geometry(self, processor: Any) -> SplitGeometry:
+        """The processor's two resizes, replayed on label masks (its tiles are crops of the result)."""
+        return SplitGeometry(processor)
 
     def use_processor(self, processor: Any) -> None:
         tokenizer = getattr(processor, "tokenizer", None)
