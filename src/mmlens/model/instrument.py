@@ -225,3 +225,22 @@ def instrument_block(
 def hook_module_output(module: nn.Module, point) -> torch.utils.hooks.RemovableHandle:
     """Route a module's output through a hook point (for modules with a single tensor output)."""
     return module.register_forward_hook(lambda _m, _i, out: fire(point, out))
+
+
+def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root: Any,
+                              use_result: Callable[[], bool]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook a Hugging Face decoder stack (`embed_tokens`, `layers`, `norm`) into `root`'s LLM
+    points: its blocks, token embedding, final norm, and `hook_multimodal_embed` on the merged
+    input it receives (text embeddings with the image tokens in place)."""
+    norm = root.cfg.llm.normalization_type
+    for layer, hooks in zip(layers, root.blocks):
+        instrument_block(layer, hooks, spec, use_result, norm)
+    instrument_norm(lm.norm, root.ln_final, norm)
+
+    def merged_embedding(_module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, kwargs["inputs_embeds"])
+        return args, kwargs
+
+    return [hook_module_output(lm.embed_tokens, root.hook_embed),
+            lm.register_forward_pre_hook(merged_embedding, with_kwargs=True)]

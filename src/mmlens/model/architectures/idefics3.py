@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ...errors import InputError, LayoutMismatchError, UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, VisionConfig
 from ..hook_tree import fire
-from ..instrument import _override_forward, hook_module_output, instrument_block
+from ..instrument import _override_forward, hook_module_output, instrument_block, instrument_language_model
 from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
 from ..norms import instrument_norm
 from ..split_geometry import SplitGeometry
@@ -137,7 +137,7 @@ class Idefics3(Architecture):
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         tower = self.vision_tower(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
-        vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
+        vision_norm = root.cfg.vision.normalization_type
         for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
             instrument_block(layer, hooks, self.vision_block, use_result, vision_norm)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
@@ -151,18 +151,7 @@ class Idefics3(Architecture):
 
         _override_forward(connector, connect)
         lm = hf_model.model.text_model
-        for layer, hooks in zip(self.llm_layers(hf_model), root.blocks):
-            instrument_block(layer, hooks, self.llm_block, use_result, llm_norm)
-        handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
-        instrument_norm(lm.norm, root.ln_final, llm_norm)
-
-        def merged_embedding(_module, args, kwargs):
-            if kwargs.get("inputs_embeds") is not None:
-                kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, kwargs["inputs_embeds"])
-            return args, kwargs
-
-        handles.append(lm.register_forward_pre_hook(merged_embedding, with_kwargs=True))
-        return handles
+        return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
         lm = hf_model.model.text_model

@@ -16,7 +16,9 @@ from torch import nn
 from ...errors import UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..hook_tree import fire
-from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block
+from ..instrument import (
+    AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model,
+)
 from ..norms import instrument_norm
 from .base import Architecture, StageModules
 from .towers import TOWERS, Tower
@@ -174,7 +176,7 @@ class Llava(Architecture):
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         tower, kind = self.vision_tower(hf_model), self.tower_kind(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
-        vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
+        vision_norm = root.cfg.vision.normalization_type
         block = kind.block(hf_model.config.vision_config)
         for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
             instrument_block(layer, hooks, block, use_result, vision_norm)
@@ -183,21 +185,8 @@ class Llava(Architecture):
             instrument_norm(getattr(tower, kind.pre_norm), root.vision.ln_pre, vision_norm)
         instrument_norm(getattr(tower, kind.post_norm), root.vision.ln_post, vision_norm)
         self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
-
         lm = hf_model.model.language_model
-        for layer, hooks in zip(self.llm_layers(hf_model), root.blocks):
-            instrument_block(layer, hooks, self.llm_block, use_result, llm_norm)
-        handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
-        instrument_norm(lm.norm, root.ln_final, llm_norm)
-
-        def merged_embedding(_module, args, kwargs):
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is not None:
-                kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, embeds)
-            return args, kwargs
-
-        handles.append(lm.register_forward_pre_hook(merged_embedding, with_kwargs=True))
-        return handles
+        return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     @staticmethod
     def _instrument_projector(projector: nn.Module, hooks: Any) -> None:

@@ -23,10 +23,9 @@ from transformers.vision_utils import get_vision_window_index
 
 from ...errors import InputError
 from ..config import AdapterConfig, MLLMConfig, VisionConfig
-from ..hook_tree import fire
-from ..instrument import hook_module_output, instrument_block
+from ..instrument import instrument_language_model
 from ..layout import ImageTokenLayout
-from ..norms import NormKind, instrument_norm
+from ..norms import NormKind
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
 from .qwen2_vl_geometry import SmartResizeGeometry
@@ -130,7 +129,7 @@ class Qwen2VL(Architecture):
         self._hf_model = hf_model  # its config (layouts, input checks, probe batch) and get_rope_index
         visual = hf_model.model.visual
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
-        vision_norm, llm_norm = root.cfg.vision.normalization_type, root.cfg.llm.normalization_type
+        vision_norm = root.cfg.vision.normalization_type
         for layer, hooks in zip(visual.blocks, root.vision.blocks):
             instrument_packed_block(layer, hooks, self.vision_gated, use_result, vision_norm, self.vision_rotary)
         handles = [hook_first_block_input(visual.blocks[0], root.vision.hook_embed)]
@@ -144,18 +143,7 @@ class Qwen2VL(Architecture):
                           lambda: self.merged_order(visual, grids["thw"]))
 
         lm = hf_model.model.language_model
-        for layer, hooks in zip(self.llm_layers(hf_model), root.blocks):
-            instrument_block(layer, hooks, self.llm_block, use_result, llm_norm)
-        handles.append(hook_module_output(lm.embed_tokens, root.hook_embed))
-        instrument_norm(lm.norm, root.ln_final, llm_norm)
-
-        def merged_embedding(_module, args, kwargs):
-            if kwargs.get("inputs_embeds") is not None:
-                kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, kwargs["inputs_embeds"])
-            return args, kwargs
-
-        handles.append(lm.register_forward_pre_hook(merged_embedding, with_kwargs=True))
-        return handles
+        return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     def merged_order(self, visual: nn.Module, grid_thw: Int[Tensor, "n_images 3"]) -> Int[Tensor, "n_tokens"] | None:
         """For each LLM image token (all images, in order), the index of its 2x2 group in the
