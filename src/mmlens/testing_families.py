@@ -47,6 +47,14 @@ from .zoo.build import build_llava, build_word_tokenizer
 TEXT_CONFIGS = {"mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
+def _instantiate(model_class, config, attn_implementation: str, seed: int):
+    """`model_class(config)` with `attn_implementation`, its random weights drawn after seeding
+    torch with `seed`, in eval mode."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
 def _text_kwargs(tokenizer, d_model: int, layers: int, heads: int, kv_heads: int) -> dict:
     return dict(
         vocab_size=len(tokenizer),
@@ -75,9 +83,7 @@ def tiny_llava_with(llm: Literal["mistral", "qwen2"], *, seed: int = 0, attn_imp
         vision_feature_select_strategy=reference.config.vision_feature_select_strategy,
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval(), processor
+    return _instantiate(LlavaForConditionalGeneration, config, attn_implementation, seed), processor
 
 
 def tiny_llava_dinov2(
@@ -105,9 +111,7 @@ def tiny_llava_dinov2(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = _instantiate(LlavaForConditionalGeneration, config, attn_implementation, seed)
     with torch.no_grad():
         for layer in model.model.vision_tower.encoder.layer:
             for scale in (layer.layer_scale1, layer.layer_scale2):
@@ -145,9 +149,7 @@ def tiny_paligemma(
         hidden_size=llm_d_model,
         vocab_size=len(tokenizer),
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return PaliGemmaForConditionalGeneration(config).eval(), processor
+    return _instantiate(PaliGemmaForConditionalGeneration, config, attn_implementation, seed), processor
 
 
 def gemma3_tokenizer():
@@ -215,9 +217,7 @@ def tiny_gemma3(
         image_token_index=tokenizer.image_token_id,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = _instantiate(Gemma3ForConditionalGeneration, config, attn_implementation, seed)
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, vision_d_model**-0.5)
         for name, param in model.named_parameters():
@@ -257,9 +257,7 @@ def tiny_llava_next(
         image_grid_pinpoints=pins,
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration(config).eval(), processor
+    return _instantiate(LlavaNextForConditionalGeneration, config, attn_implementation, seed), processor
 
 
 class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
@@ -300,9 +298,7 @@ def tiny_llava_onevision(
         image_grid_pinpoints=pins,
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaOnevisionForConditionalGeneration(config).eval(), processor
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn_implementation, seed), processor
 
 
 # ---------------------------------------------------------------- Idefics3 / SmolVLM
@@ -346,9 +342,7 @@ def tiny_idefics3(
                                  "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration)}[variant]
     config = config_class(vision_config=vision, text_config=text.to_dict(), image_token_id=processor.image_token_id,
                           scale_factor=scale_factor, tie_word_embeddings=False)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return model_class(config).eval(), processor
+    return _instantiate(model_class, config, attn_implementation, seed), processor
 
 
 # ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
@@ -414,6 +408,4 @@ def tiny_qwen2_vl(
         vision_config=vision,
         image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return model_class(config).eval(), processor
+    return _instantiate(model_class, config, attn_implementation, seed), processor
