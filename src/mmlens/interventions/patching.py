@@ -285,10 +285,10 @@ def patch_conditions(
     # of copies starts at its lowest such layer from the target's own residual. Chunks stay
     # consecutive conditions (head sweeps are layer-major): splitting a small chunk by layer
     # costs more forwards than the layers it saves (measured at 1 image: 2x slower).
+    chunks = [conditions[first:first + chunk_size] for first in range(0, len(conditions), chunk_size)]
     residuals = None
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        starts = [min(_first_layer(model, c, wanted) for c in conditions[i:i + chunk_size])
-                  for i in range(0, len(conditions), chunk_size)]
+        starts = [min(_first_layer(model, c, wanted) for c in chunk) for chunk in chunks]
         llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
         residuals = _llm_residuals(model, target, llm_input, max(starts))
     # A metric that reads no logits (a probe) needs no layer above the highest one it reads.
@@ -296,15 +296,14 @@ def patch_conditions(
     stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
     values = []
     bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
-    for first in range(0, len(conditions), chunk_size):
-        chunk = conditions[first:first + chunk_size]
+    for number, chunk in enumerate(chunks):
         k = len(chunk)
         patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
         run = Run(repeated, target.edit if residuals is None else _llm_part(model, target.edit), target.name)
         resume = {}
         if residuals is not None:
-            start = min(_first_layer(model, condition, wanted) for condition in chunk)
+            start = starts[number]
             resume = {"llm_inputs_embeds": residuals[start].repeat(k, 1, 1), "start_at_layer": start}
         found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume, **stop)
         for r in range(k):
