@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmlens.errors import InputError
 from mmlens.interventions import TokenGroup
 from mmlens.interventions.corruptions import anchors_removed, counterfactual_images, derangement, recovery_blocked
 from mmlens.interventions.patching import (
@@ -260,3 +261,28 @@ def test_a_metric_without_logits_stops_at_its_layer_with_the_same_values(tiny_cl
     unpatched = baseline(model, corrupted, CacheMetric(read, hooks=[hook]))
     torch.testing.assert_close(stopped[2:], unpatched.expand_as(stopped[2:]), atol=1e-6, rtol=0)
     assert (stopped[:2] - unpatched).abs().max() > 0.01 * unpatched.abs().max(), "heads below the readout must matter"
+
+
+@torch.no_grad()
+def test_rows_joining_at_their_layer_equal_runs_started_there(tiny_clip):
+    """Two copies in one forward joining at blocks 0 and 1: block 0 computes only the first, and
+    the second equals a run started at block 1 from the residual it joined with (another image's,
+    so a copy that had run block 0 would differ)."""
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    rows = len(inputs)
+    other = model.prepare(random_images(rows, seed=7), ["what is in the image ?", "how many", "the colour of the left shape is ?"])
+    seen: list[int] = []
+    with model.llm_rows_joining({0: rows, 1: 2 * rows}, {1: model(other, stop_at_layer=1)}):
+        logits = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=model(inputs, stop_at_layer=0).repeat(2, 1, 1),
+                                      start_at_layer=0, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: seen.append(len(x)))])
+    assert seen == [rows], "block 0 must compute only the copy that joined there"
+    torch.testing.assert_close(logits[:rows], model(inputs), atol=1e-5, rtol=0)
+    expected = model(model(other, stop_at_layer=1), start_at_layer=1, tokens=inputs)
+    torch.testing.assert_close(logits[rows:], expected, atol=1e-5, rtol=0)
+    assert (logits[rows:] - logits[:rows]).abs().max() > 1e-3, "the joined residual must matter"
+    with pytest.raises(InputError, match="not leave"):
+        with model.llm_rows_joining({0: 2 * rows, 1: rows}, rows):
+            pass
+    with pytest.raises(InputError, match="not all in this stack"):
+        with model.llm_rows_joining({0: rows, model.cfg.n_layers: 2 * rows}, rows):
+            pass

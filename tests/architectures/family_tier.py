@@ -290,6 +290,10 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     metric = CacheMetric(lambda acts, inp: acts[last][:, -1].norm(dim=-1), [last])
     effects = head_sweep(model, Run(inputs), recovery_blocked(model, inputs), metric)
     assert effects.shape == (n_layers, model.cfg.llm.n_heads, len(inputs)) and torch.isfinite(effects).all()
+    # copies joining the batched forward at their own layer (the family's masks and positions cut
+    # to the rows each block computes) = one forward per head
+    one_at_a_time = head_sweep(model, Run(inputs), recovery_blocked(model, inputs), metric, chunk_size=1)
+    torch.testing.assert_close(effects, one_at_a_time, atol=1e-5, rtol=1e-5)
 
     result = anchor_knockout(model, sweep, n_control=1, n_boot=5)
     assert result.blocked_mass == 0.0 and len(result.table)

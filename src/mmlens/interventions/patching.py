@@ -174,13 +174,18 @@ class _Patcher:
         return [(name, self._patch) for name in self.masks]
 
     def _patch(self, activation: Tensor, hook) -> Tensor:
+        # a block that computes only the copies joined by then sees the first of them (see
+        # `_run_staggered`); every copy patched there has joined
         src = self.source[hook.name]
-        if activation.shape[0] != self.k * src.shape[0] or activation.shape[1:] != src.shape[1:]:
+        copies = activation.shape[0] // max(1, src.shape[0])
+        if not 1 <= copies <= self.k or activation.shape[0] != copies * src.shape[0] or activation.shape[1:] != src.shape[1:]:
             raise RuntimeError(f"{hook.name}: the target activation {tuple(activation.shape)} does not match "
                                f"{self.k} copies of the source {tuple(src.shape)}")
-        mask = self.masks[hook.name]
+        if self.masks[hook.name][copies:].any():
+            raise RuntimeError(f"{hook.name}: a copy that patches here has not joined the batch yet")
+        mask = self.masks[hook.name][:copies]
         mask = mask.view(*mask.shape, *([1] * (src.ndim + 1 - mask.ndim)))
-        patched = torch.where(mask, src.unsqueeze(0), activation.view(self.k, *src.shape))
+        patched = torch.where(mask, src.unsqueeze(0), activation.view(copies, *src.shape))
         return patched.view_as(activation)
 
 
@@ -281,37 +286,67 @@ def patch_conditions(
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
     batch, n_images = len(target.inputs), target.inputs.layout.n_images
     # Copies of the target differ only inside the LLM when every patched and read hook is there:
-    # a copy that patches (and reads) nothing below layer l equals the target there, so a chunk
-    # of copies starts at its lowest such layer from the target's own residual. Chunks stay
-    # consecutive conditions (head sweeps are layer-major): splitting a small chunk by layer
-    # costs more forwards than the layers it saves (measured at 1 image: 2x slower).
-    chunks = [conditions[first:first + chunk_size] for first in range(0, len(conditions), chunk_size)]
-    residuals = None
+    # a copy that patches (and reads) nothing below layer l equals the target there, so it joins
+    # the chunk's forward at block l (rows join a growing batch, `HookedMLLM.llm_rows_joining`),
+    # as a copy of an unpatched target replica that leads the chunk from its lowest layer. Chunks
+    # stay consecutive conditions (head sweeps are layer-major), each sorted by joining layer, and
+    # start from the target's residual entering their lowest layer, computed once.
+    chunks = [list(range(first, min(first + chunk_size, len(conditions))))
+              for first in range(0, len(conditions), chunk_size)]
+    residuals, starts = None, [0] * len(conditions)
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        starts = [min(_first_layer(model, c, wanted) for c in chunk) for chunk in chunks]
+        starts = [_first_layer(model, c, wanted) for c in conditions]
+        chunks = [sorted(chunk, key=starts.__getitem__) for chunk in chunks]
         llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
-        residuals = _llm_residuals(model, target, llm_input, max(starts))
+        residuals = _llm_residuals(model, target, llm_input, max(starts[chunk[0]] for chunk in chunks))
     # A metric that reads no logits (a probe) needs no layer above the highest one it reads.
     last = max((_hook_layer(model, n) for n in wanted), default=model.cfg.n_layers)
     stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
-    values = []
+    values: list[Tensor | None] = [None] * len(conditions)
     bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
-    for number, chunk in enumerate(chunks):
-        k = len(chunk)
-        patcher = _Patcher(model, target.inputs, source_activations, chunk, context)
+    for chunk in chunks:
+        joins = [starts[i] for i in chunk]
+        lead = int(residuals is not None and joins[0] < joins[-1])  # the unpatched target replica
+        chunk_conditions = [[]] * lead + [conditions[i] for i in chunk]
+        patcher = _Patcher(model, target.inputs, source_activations, chunk_conditions, context)
+        k = len(chunk_conditions)
         repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
-        run = Run(repeated, target.edit if residuals is None else _llm_part(model, target.edit), target.name)
-        resume = {}
-        if residuals is not None:
-            start = starts[number]
-            resume = {"llm_inputs_embeds": residuals[start].repeat(k, 1, 1), "start_at_layer": start}
-        found = run_and_collect(model, run, wanted, extra_hooks=patcher.hooks, **resume, **stop)
-        for r in range(k):
+        if residuals is None:
+            found = run_and_collect(model, Run(repeated, target.edit, target.name), wanted, extra_hooks=patcher.hooks, **stop)
+        else:
+            found = _run_from_residuals(model, target, repeated, residuals, joins[:1] * lead + joins, wanted,
+                                        patcher.hooks, stop)
+        for r, condition in enumerate(chunk, start=lead):
             rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
-            values.append(evaluate(metric, rows, target.inputs))
-        bar.update(k)
+            values[condition] = evaluate(metric, rows, target.inputs)
+        bar.update(len(chunk))
     bar.close()
     return torch.stack(values)
+
+
+def _run_from_residuals(model: HookedMLLM, target: Run, repeated: MultimodalInputs, residuals: Sequence[Tensor],
+                        joins: Sequence[int], wanted: Sequence[str], patch_hooks: Sequence[tuple[str, Callable]],
+                        stop: Mapping[str, Any]) -> dict[str, Tensor]:
+    """One LLM-only forward of a chunk's copies, sorted by `joins`, the block each joins at: it
+    starts at the lowest from the target's residual there, and each block computes the copies
+    joined by then, those joining entering as copies of the first (an unpatched target replica
+    whenever copies join at more than one block). The target's edit is made for as many copies
+    as each block computes."""
+    k, batch, first = len(joins), len(target.inputs), joins[0]
+    joined = {layer: sum(j <= layer for j in joins) for layer in range(first, joins[-1] + 1)} if first < joins[-1] else {}
+    edit, hooks, made = _llm_part(model, target.edit), [], []
+    for copies in sorted(set(joined.values()) | {k}):
+        own, one = edit_hooks(edit, repeated if copies == k else repeat_inputs(target.inputs, copies))
+        made.append(one)
+        hooks += [(name, hook) for name, hook in own
+                  if joined.get(_hook_layer(model, model.resolve_hook_name(name)), k) == copies]
+    resume = {"llm_inputs_embeds": residuals[first].repeat(k, 1, 1), "start_at_layer": first}
+    with model.llm_rows_joining({layer: n * batch for layer, n in joined.items()}, batch):
+        found = run_and_collect(model, Run(repeated, None, target.name), wanted, extra_hooks=[*hooks, *patch_hooks],
+                                **resume, **stop)
+    for one in made:
+        verify_edit(one)
+    return found
 
 
 def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int) -> list[Tensor]:

@@ -33,7 +33,7 @@ from .config import MLLMConfig
 from .devices import input_device
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
-from .layer_runs import check_layer, layer_range, run_or_stop, silenced
+from .layer_runs import check_layer, growing_batch, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
 from .anyres import AnyresGeometry
@@ -428,6 +428,15 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def _text_inputs(self, text: str | list[str], prepend_bos: bool | None, padding_side: str | None) -> dict[str, Tensor]:
         ids, mask = self.text_batch(text, prepend_bos, padding_side)
         return {"input_ids": ids.to(self.cfg.device), "attention_mask": mask.to(self.cfg.device)}
+
+    def llm_rows_joining(self, active: Mapping[int, int], joining: Mapping[int, Tensor] | int):
+        """A context in which LLM block `l` computes only the first `active[l]` rows of a batch;
+        the rows joining at `l` enter with `joining[l]` (a residual entering block `l`, repeated
+        to fill them) or, for an int `n`, with copies of the first `n` rows as they enter block
+        `l`. Copies of one input that differ only from some block on (patching one layer each)
+        thus start where they differ, in one forward started at the lowest key
+        (`start_at_layer`); hooks in block `l` see its `active[l]` rows."""
+        return growing_batch(self._stages["llm"].layers, active, joining)
 
     def run_vision(
         self,

@@ -4,16 +4,19 @@ TransformerLens's `stop_at_layer=l` returns the residual entering block `l` (`n_
 the last block, before the final norm); `start_at_layer=l` takes that residual and runs the
 rest. Here the Hugging Face model runs as usual: a hook on block `l` raises with its input to
 stop, and blocks below `l` pass their input through unchanged to start (block `l` is handed the
-residual), so masks, positions and rotary embeddings are built by HF's own code.
+residual), so masks, positions and rotary embeddings are built by HF's own code. A growing batch
+lets rows start at different blocks in one run: block `l` computes only the rows that have joined
+by then, and the rows joining at `l` enter with a given residual.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -129,3 +132,72 @@ def run_or_stop(run: Any) -> tuple[Any, Tensor | None]:
         return run(), None
     except StoppedAtLayer as stopped:
         return None, stopped.residual
+
+
+def _first_rows(value: Any, rows: int, n: int) -> Any:
+    """`value` (a block argument) cut to its first `n` batch rows: tensors whose leading dim is
+    the batch; size-1 leading dims broadcast and stay. A tensor batched along another dim cannot
+    be cut safely, so it stops the run instead of giving rows the wrong masks or positions."""
+    if isinstance(value, Tensor) and value.ndim >= 2:
+        if value.shape[0] == rows:
+            return value[:n]
+        if value.shape[0] != 1 and value.shape[1] == rows:
+            raise RuntimeError(f"a block argument of shape {tuple(value.shape)} is batched along a dim other than "
+                               "the first; rows cannot join this stack at different layers")
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_rows(v, rows, n) for v in value)
+    return value
+
+
+@contextmanager
+def growing_batch(layers: Sequence[nn.Module], active: Mapping[int, int], joining: Mapping[int, Tensor] | int) -> Iterator[None]:
+    """Within the block, block `l` (each key of `active`) computes only the first `active[l]`
+    rows of the batch; the rows that join at `l` (past those the block below computed) enter with
+    `joining[l]` repeated to fill them, or, when `joining` is an int `n`, with copies of the first
+    `n` rows' residual entering block `l` (a template computed in the same run). Rows past
+    `active[l]` pass through untouched, so the stack's own code between blocks still sees the
+    whole batch; `active` must not decrease, and must cover the whole batch from its first
+    block on where a stop or the final norm reads it."""
+    counts = sorted(active.items())
+    if counts and not 0 <= counts[0][0] <= counts[-1][0] < len(layers):
+        raise InputError(f"blocks {sorted(active)} are not all in this stack's {len(layers)} blocks")
+    if any(b[1] < a[1] for a, b in zip(counts, counts[1:])):
+        raise InputError(f"rows can only join a growing batch, not leave it: {dict(counts)}")
+    computed = {layer: previous for (layer, _), (_, previous) in zip(counts, [(None, 0), *counts[:-1]])}
+    saved = {layer: layers[layer].__dict__.get("forward") for layer in active}
+
+    def grown(layer: int, forward: Any) -> Any:
+        n, before = active[layer], computed[layer]
+
+        def run(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+            rows = hidden_states.shape[0]
+            if n > rows:
+                raise InputError(f"block {layer} is asked to compute {n} rows of a batch of {rows}")
+            cut = hidden_states[:n]
+            if n > before > 0:
+                join = hidden_states[:joining] if isinstance(joining, int) else joining.get(layer)
+                if join is not None:
+                    if (n - before) % len(join):
+                        raise InputError(f"{n - before} rows join block {layer}, not a multiple of the {len(join)} given")
+                    join = join.repeat((n - before) // len(join), *([1] * (join.ndim - 1))).to(hidden_states)
+                    cut = torch.cat([hidden_states[:before], join])
+            out = forward(cut, *(_first_rows(a, rows, n) for a in args),
+                          **{k: _first_rows(v, rows, n) for k, v in kwargs.items()})
+            if n == rows:
+                return out
+            head = out[0] if isinstance(out, tuple) else out
+            whole = torch.cat([head, hidden_states[n:]])
+            return (whole, *out[1:]) if isinstance(out, tuple) else whole
+        return run
+
+    try:
+        for layer in active:
+            layers[layer].forward = grown(layer, layers[layer].forward)
+        yield
+    finally:
+        for layer, forward in saved.items():
+            if forward is None:
+                del layers[layer].forward
+            else:
+                layers[layer].forward = forward
