@@ -66,12 +66,11 @@ class Knockout(HookSet):
         if scores.shape[0] != self.blocked.shape[0]:
             raise ValueError(f"this knockout was resolved on a batch of {self.blocked.shape[0]} but the attention has "
                              f"{scores.shape[0]} rows; build the knockout from the inputs you run")
-        n_heads = scores.shape[1]
-        edges = self._window(*scores.shape[-2:])[:, None].expand(-1, n_heads, -1, -1).clone()
+        edges = self._window(*scores.shape[-2:])[:, None]  # [batch, 1, q, k]: broadcast over heads, no copy
         if self.heads is not None:
-            keep = torch.ones(n_heads, dtype=torch.bool)
-            keep[self.heads] = False
-            edges[:, keep.to(edges.device)] = False
+            chosen = torch.zeros(scores.shape[1], dtype=torch.bool)
+            chosen[self.heads] = True
+            edges = edges & chosen.to(edges.device)[None, :, None, None]
         return edges
 
     def _window(self, q_len: int, k_len: int) -> Tensor:
