@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import ImageOps
 
+from mmlens import HookedMLLM
+from mmlens.errors import UnsupportedModelError
+from mmlens.model.architectures.qwen3_vl import QWEN3_BLOCK, Qwen3VL
+from mmlens.model.instrument import AttentionSpec
 from mmlens.testing_families import tiny_qwen3_vl
 
 import family_tier as tier
@@ -215,3 +221,17 @@ def test_the_llm_normalises_queries_and_keys_per_head(eager):
     q_norm = eager.reference.model.language_model.layers[0].self_attn.q_norm
     torch.testing.assert_close(cache[names[1]], q_norm(cache[names[0]]), atol=1e-6, rtol=0)
     assert model.cfg.llm.use_qk_norm
+
+
+def test_a_spec_without_the_qk_norms_is_refused(builder, monkeypatch):
+    """Forgetting the Qwen3 q/k norms (rotary kept) leaves plain logits exact; loading refuses it."""
+    hf_model, processor = builder()
+    monkeypatch.setattr(Qwen3VL, "llm_block", replace(QWEN3_BLOCK, attention=AttentionSpec()))
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0 .*does not match its block spec"):
+        HookedMLLM.from_hf(hf_model, processor)
+
+
+def test_more_deepstack_levels_than_llm_layers_are_refused():
+    hf_model, processor = tiny_qwen3_vl(vision_layers=3, deepstack_layers=(0, 1, 2), llm_layers=2)
+    with pytest.raises(UnsupportedModelError, match="3 deepstack levels .* only 2 LLM layers"):
+        HookedMLLM.from_hf(hf_model, processor)

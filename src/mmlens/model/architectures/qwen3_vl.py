@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ...errors import UnsupportedModelError
 from ..config import StageConfig
 from ..instrument import AttentionSpec
 from .llava import LLM_BLOCK, Llava
@@ -75,8 +76,9 @@ class Qwen3VL(Qwen2VL):
         handles = super().instrument(hf_model, root)
         lm = hf_model.model.language_model
         n_levels = self.deepstack_levels()
-        if n_levels > len(self.llm_layers(hf_model)):
-            raise ValueError(f"{n_levels} deepstack levels but only {len(lm.layers)} LLM layers")
+        if n_levels > len(lm.layers):  # Hugging Face would silently drop the levels past its last layer
+            raise UnsupportedModelError(f"{type(hf_model).__name__}: {n_levels} deepstack levels "
+                                        f"(deepstack_visual_indexes) but only {len(lm.layers)} LLM layers to add them to")
         handles += instrument_deepstack(lm, self.llm_layers(hf_model), root, n_levels)
         # a run from merged embeddings recomputes the terms with the tower and its merger quiet
         self._tower_points = [m for group in (root.vision, root.adapter) for m in group.modules()
