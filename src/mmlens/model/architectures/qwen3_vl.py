@@ -81,8 +81,9 @@ class Qwen3VL(Qwen2VL):
                                         f"(deepstack_visual_indexes) but only {len(lm.layers)} LLM layers to add them to")
         handles += instrument_deepstack(lm, self.llm_layers(hf_model), root, n_levels)
         # a run from merged embeddings recomputes the terms with the tower and its merger quiet
+        deepstack = {id(m) for m in root.adapter.deepstack.modules()}
         self._tower_points = [m for group in (root.vision, root.adapter) for m in group.modules()
-                              if isinstance(m, HookPoint) and not _is_deepstack_point(root, m)]
+                              if isinstance(m, HookPoint) and id(m) not in deepstack]
         return handles
 
     def canonical_name(self, name: str) -> str:
@@ -107,7 +108,3 @@ class Qwen3VL(Qwen2VL):
         features = image_features(hf_model, pixels.to(hf_model.model.visual.dtype), grid, self._tower_points)
         mask = inputs["input_ids"] == hf_model.config.image_token_id
         return {**keywords, DEEPSTACK: DeepstackTerms(mask, features)}
-
-
-def _is_deepstack_point(root: Any, module: nn.Module) -> bool:
-    return any(module is m for m in root.adapter.deepstack.modules())
