@@ -25,6 +25,7 @@ from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
 from mmlens.testing_families import (  # noqa: E402
     tiny_gemma3, tiny_idefics3, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_paligemma, tiny_qwen2_vl,
+    tiny_qwen3_vl,
 )
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
@@ -40,6 +41,9 @@ FAMILIES = {
     **{f"qwen{v}-vl": (lambda attn, v=v: tiny_qwen2_vl(v, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4,
                                                        llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn))
        for v in ("2", "2.5")},
+    # Qwen2-VL's widths; deepstack after vision blocks 1 and 2, added after LLM layers 0 and 1
+    "qwen3-vl": lambda attn: tiny_qwen3_vl(patch_size=8, vision_layers=4, vision_d_model=128, deepstack_layers=(1, 2),
+                                           llm_layers=4, llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn),
     # Gemma's own 4x4 pooling: 16x16 patches of 8 px -> 16 LLM tokens per image
     "gemma3": lambda attn: tiny_gemma3(image_size=128, patch_size=8, tokens_per_side=4, vision_layers=4, vision_d_model=128,
                                        llm_layers=4, llm_d_model=256, llm_heads=8, sliding_window=16, attn_implementation=attn),

@@ -33,6 +33,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -409,3 +411,46 @@ def tiny_qwen2_vl(
         image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
     )
     return _instantiate(model_class, config, attn_implementation, seed), processor
+
+
+# ---------------------------------------------------------------- Qwen3-VL
+def tiny_qwen3_vl(
+    *,
+    patch_size: int = 4,
+    vision_layers: int = 3,
+    vision_d_model: int = 32,
+    deepstack_layers: tuple[int, ...] = (0, 1),
+    llm_layers: int = 3,
+    llm_d_model: int = 64,
+    llm_heads: int = 4,
+    max_side: int = 48,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A tiny Qwen3-VL and its processor (Qwen2-VL's image processor and the word tokenizer with
+    Qwen's special tokens, as `tiny_qwen2_vl`). Its vision tower takes deepstack features after
+    blocks `deepstack_layers`, which the LLM adds to the image tokens' residual after its first
+    `len(deepstack_layers)` blocks; the learned position grid (6x6) is interpolated to each image."""
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
+    image_token, video_token, start, end = (tokenizer.convert_tokens_to_ids(t) for t in (
+        "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
+    )
+    processor = QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    text = _text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2)
+    head_dim = llm_d_model // llm_heads
+    # interleaved M-RoPE: the (t, h, w) sections share the head's head_dim / 2 frequencies
+    section = [head_dim // 2 - 2 * (head_dim * 3 // 16), head_dim * 3 // 16, head_dim * 3 // 16]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, "mrope_interleaved": True}
+    vision = dict(depth=vision_layers, hidden_size=vision_d_model, intermediate_size=2 * vision_d_model, num_heads=4,
+                  patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=llm_d_model,
+                  num_position_embeddings=36, deepstack_visual_indexes=list(deepstack_layers))
+    config = Qwen3VLConfig(
+        text_config={**text, "head_dim": head_dim, "rope_parameters": rope},
+        vision_config=vision,
+        image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
+    )
+    return _instantiate(Qwen3VLForConditionalGeneration, config, attn_implementation, seed), processor

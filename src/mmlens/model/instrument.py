@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
 from .devices import bare_forward, override_forward, restore_forward, weights_present
 from .norms import NormKind, instrument_norm
+from .weights import ungated_linears
 
 _INSTRUMENTED = "_mmlens_instrumented"
 
@@ -177,13 +178,15 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
             return mlp.down_proj(fire(hooks.hook_post, mlp.act_fn(pre) * pre_linear))
 
     else:
-        act = getattr(mlp, "activation_fn", None) or mlp.act  # CLIP / SigLIP name it one way, Qwen2-VL's tower the other
+        # CLIP / SigLIP: fc1, activation_fn, fc2; Qwen2-VL's tower: act; Qwen3-VL's: linear_fc1, act_fn, linear_fc2
+        act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act", None) or mlp.act_fn
+        fc1, fc2 = ungated_linears(mlp)
 
         def forward(x: Tensor) -> Tensor:
             if not hooks.any_hooked():
                 return original(x)
-            pre = fire(hooks.hook_pre, mlp.fc1(x))
-            return mlp.fc2(fire(hooks.hook_post, act(pre)))
+            pre = fire(hooks.hook_pre, fc1(x))
+            return fc2(fire(hooks.hook_post, act(pre)))
 
     _override_forward(mlp, forward)
 

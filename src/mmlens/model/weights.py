@@ -27,6 +27,14 @@ def _bound(group: nn.Module, what: str) -> Any:
     return source
 
 
+def ungated_linears(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """An ungated MLP's input and output linears: `fc1`/`fc2` (CLIP, SigLIP, Qwen2-VL's tower) or
+    `linear_fc1`/`linear_fc2` (Qwen3-VL's tower)."""
+    if hasattr(mlp, "fc1"):
+        return mlp.fc1, mlp.fc2
+    return mlp.linear_fc1, mlp.linear_fc2
+
+
 def _bias(linear: nn.Linear) -> Tensor:
     if linear.bias is not None:
         return linear.bias
@@ -97,8 +105,10 @@ class MLPWeights:
     """`W_in` (and `W_gate` when gated) `[d_model, d_mlp]`, `W_out` `[d_mlp, d_model]`, biases."""
 
     def bind_mlp(self, module: nn.Module, gated: bool) -> None:
-        names = ("up_proj", "down_proj", "gate_proj") if gated else ("fc1", "fc2")
-        self._weight_source = tuple(getattr(module, n) for n in names)
+        if gated:
+            self._weight_source = tuple(getattr(module, n) for n in ("up_proj", "down_proj", "gate_proj"))
+        else:
+            self._weight_source = ungated_linears(module)
 
     def _linear(self, index: int) -> nn.Linear:
         linears = _bound(self, "MLP weights")

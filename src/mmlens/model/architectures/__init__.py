@@ -13,9 +13,11 @@ from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
 from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2_5_VL, Qwen2VL
+from .qwen3_vl import Qwen3VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL)
+    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL,
+                 Qwen3VL)
     for name in arch.hf_class_names
 }
 

@@ -26,11 +26,12 @@ from ..config import AdapterConfig, MLLMConfig, VisionConfig
 from ..instrument import instrument_language_model
 from ..layout import ImageTokenLayout
 from ..norms import NormKind
+from ..weights import ungated_linears
 from .base import Architecture, StageModules
 from .llava import LLM_BLOCK, Llava
 from .qwen2_vl_geometry import SmartResizeGeometry
 from .qwen2_vl_layout import qwen_layout, unpatchify
-from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrument_packed_block
+from .qwen2_vl_tower import hook_first_block_input, instrument_merger, instrument_packed_block, merger_parts
 
 GRID = "image_grid_thw"
 TYPES = "mm_token_type_ids"
@@ -66,6 +67,8 @@ class Qwen2VL(Architecture):
     windowed = False
 
     # ------------------------------------------------------------- config and modules
+    llm_config = staticmethod(Llava.llm_config)
+
     @staticmethod
     def vision_width(vision_config: Any) -> int:
         return vision_config.embed_dim
@@ -80,7 +83,7 @@ class Qwen2VL(Architecture):
             n_heads=vc.num_heads,
             d_model=width,
             d_head=width // vc.num_heads,
-            d_mlp=(mlp.up_proj if self.vision_gated else mlp.fc1).out_features,
+            d_mlp=(mlp.up_proj if self.vision_gated else ungated_linears(mlp)[0]).out_features,
             n_key_value_heads=vc.num_heads,
             normalization_type=self.vision_norm,
             positional_embedding_type="rotary",
@@ -89,11 +92,12 @@ class Qwen2VL(Architecture):
         )
         merge = vc.spatial_merge_size
         merger = visual.merger
+        _, linear_1, _, linear_2 = merger_parts(merger)
         adapter = AdapterConfig(
             kind=f"patch_merger_{merge}x{merge}",
             d_in=merger.hidden_size,
-            d_hidden=merger.mlp[0].out_features,
-            d_out=merger.mlp[2].out_features,
+            d_hidden=linear_1.out_features,
+            d_out=linear_2.out_features,
             feature_layers=(vc.depth,),  # the last block, through ln_q
             select_strategy="full",
             n_image_tokens=0,  # variable: (h / merge) x (w / merge) per image
@@ -104,7 +108,7 @@ class Qwen2VL(Architecture):
             architecture=type(hf_model).__name__,
             vision=vision,
             adapter=adapter,
-            llm=Llava.llm_config(config.text_config),
+            llm=self.llm_config(config.text_config),
             d_vocab=config.text_config.vocab_size,
             image_token_id=config.image_token_id,
             device=param.device,

@@ -144,23 +144,31 @@ def hook_first_block_input(block: nn.Module, point: HookPoint) -> torch.utils.ho
     return block.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
+def merger_parts(merger: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Module, nn.Linear]:
+    """(norm, first linear, activation, second linear) of a patch merger: Qwen2-VL's `ln_q` and
+    `mlp`, or Qwen3-VL's `norm`, `linear_fc1`, `act_fn`, `linear_fc2`."""
+    if hasattr(merger, "ln_q"):
+        return (merger.ln_q, *merger.mlp)
+    return merger.norm, merger.linear_fc1, merger.act_fn, merger.linear_fc2
+
+
 def instrument_merger(
     merger: nn.Module, ln_post: NormHooks, adapter: AdapterHooks, norm: NormKind, llm_order: Callable[[], Tensor | None]
 ) -> None:
-    """The 2x2 patch merger: `ln_q` fires `vision.ln_post` on the packed sequence; `adapter.hook_in`
+    """The 2x2 patch merger: `ln_q` (Qwen3-VL: `norm`) fires `vision.ln_post` on the packed sequence; `adapter.hook_in`
     is each group of merged patches concatenated (`[1, n_tokens, 4 d_vision]`), `hook_hidden` the
     MLP's hidden layer and `hook_out` what the LLM receives, all in the LLM's token order.
     `llm_order()` gives, for each LLM token, its group's index in the tower's order (None when the
     two orders agree); the output goes back to the tower's order, which Hugging Face then undoes."""
-    instrument_norm(merger.ln_q, ln_post, norm)
+    ln_q, linear_1, act, linear_2 = merger_parts(merger)
+    instrument_norm(ln_q, ln_post, norm)
     original = merger.forward
-    points = _points(adapter) + _points(ln_post)
-    linear_1, act, linear_2 = merger.mlp
+    points = list(adapter._own_points) + _points(ln_post)  # not Qwen3-VL's deepstack points under it
 
     def forward(x: Tensor) -> Tensor:
         if not _any(points):
             return original(x)
-        grouped = merger.ln_q(x[None]).reshape(1, -1, merger.hidden_size)
+        grouped = ln_q(x[None]).reshape(1, -1, merger.hidden_size)
         order = llm_order()
         if order is not None:
             grouped = grouped[:, order]
