@@ -35,19 +35,6 @@ from .llava import LLM_BLOCK, Llava
 SIZES = "image_sizes"  # layout-only: each image's original (height, width)
 
 
-def vision_block(vision_config: Any) -> BlockSpec:
-    """InternViT's block: norms before attention and MLP, layer scale parameters on both branches,
-    and (use_qk_norm) RMSNorms over the whole query and key projections."""
-    qk = bool(vision_config.use_qk_norm)
-    return BlockSpec(
-        ln1="layernorm_before", attn="attention", ln2="layernorm_after", mlp="mlp", gated_mlp=False,
-        attention=AttentionSpec(o="projection_layer", scaling="scale", rotary=False,
-                                q_norm="q_norm" if qk else None, k_norm="k_norm" if qk else None,
-                                qk_norm_over="width", qk_norm_kind="RMS"),
-        layer_scale=("lambda_1", "lambda_2"),
-    )
-
-
 class _Unpatch:
     """Handle that takes an instance-level method override off again."""
 
@@ -68,6 +55,19 @@ class InternVL(Architecture):
     markers: dict[str, int] | None = None  # ids of <img> and </img>
 
     # ------------------------------------------------------------- modules
+    @staticmethod
+    def vision_block(vision_config: Any) -> BlockSpec:
+        """InternViT's block: norms before attention and MLP, layer scale parameters on both branches,
+        and (use_qk_norm) RMSNorms over the whole query and key projections."""
+        qk = bool(vision_config.use_qk_norm)
+        return BlockSpec(
+            ln1="layernorm_before", attn="attention", ln2="layernorm_after", mlp="mlp", gated_mlp=False,
+            attention=AttentionSpec(o="projection_layer", scaling="scale", rotary=False,
+                                    q_norm="q_norm" if qk else None, k_norm="k_norm" if qk else None,
+                                    qk_norm_over="width", qk_norm_kind="RMS"),
+            layer_scale=("lambda_1", "lambda_2"),
+        )
+
     def check_supported(self, hf_model: nn.Module) -> None:
         config = hf_model.config
         text_type = config.text_config.model_type
@@ -144,7 +144,7 @@ class InternVL(Architecture):
         tower = self.vision_tower(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
         vision_norm = root.cfg.vision.normalization_type
-        block = vision_block(hf_model.config.vision_config)
+        block = self.vision_block(hf_model.config.vision_config)
         for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
             instrument_block(layer, hooks, block, use_result, vision_norm)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]

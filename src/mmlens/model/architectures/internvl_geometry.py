@@ -6,7 +6,7 @@ whole image to `cols*T x rows*T`, cuts the tiles in raster order and, when there
 appends the whole image resized to `T x T` (the thumbnail). It returns neither the grid nor the
 image's size, so mmlens keeps the original size per image (`image_sizes`, a layout-only keyword)
 and replays the grid choice here with the processor's own function and settings. Boxes live on the
-original image: a resized pixel comes from the original pixel under its centre.
+original image: each cell holds the original pixels whose centres its resized pixels cover.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import Tensor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from ..preprocess import ImageGeometry, MaskInput
-from .llava_next import _edges_back
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,14 @@ class Tiling:
 
 def edges_on_original(n: int, cell: int, resized: int, original: int) -> Int[Tensor, "n_plus_1"]:
     """Edges, in original pixels, of `n` consecutive cells of `cell` resized pixels each, when the
-    `original`-pixel side was resized to `resized` pixels (each edge is the original pixel under the
-    centre of the cell's first pixel; the outer edges are the image's own)."""
-    return _edges_back(torch.arange(n), cell, 0, resized, original)
+    `original`-pixel side was resized to `resized` pixels. Resized pixel i covers the original span
+    [i * s, (i + 1) * s) with s = original / resized (what an antialiased resize averages), so a
+    cell's box holds the original pixels whose centres fall in its cells' span: edge
+    ceil(a * s - 1/2), in integers. Boxes tile the side; upscaled, some are empty."""
+    starts = torch.arange(n + 1) * cell
+    edges = torch.div(2 * starts * original + resized - 1, 2 * resized, rounding_mode="floor").clamp(0, original)
+    edges[0], edges[-1] = 0, original
+    return edges
 
 
 class TileGeometry:
