@@ -104,6 +104,24 @@ def test_patch_boxes_hold_the_pixels_each_patch_saw(eager, size):
     assert model.transform_mask(y).shape == span.canvas == size, "masks stay on the original image"
 
 
+def test_image_as_the_tower_saw_it(eager):
+    """An image's picture (recovery maps draw on it) is its own tiles put back in their grid: the
+    last image's starts after the earlier images' tiles and thumbnails."""
+    model, inputs = eager.model, eager.inputs
+    tile, k = model.cfg.vision.image_size, model.cfg.adapter.token_grid[0]
+    span = inputs.layout.spans[-1]
+    rows, cols = span.segments[0].tokens.rows // k, span.segments[0].tokens.cols // k
+    picture = model.architecture.image_pixels(inputs.pixel_values, span.image_index, **inputs.layout_inputs)
+    assert picture.shape == (3, rows * tile, cols * tile)
+    first = int(span.segments[0].vision_index[0].min())
+    assert first == len(inputs.pixel_values) - rows * cols - 1
+    for r in range(rows):
+        for c in range(cols):
+            assert torch.equal(picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], inputs.pixel_values[first + r * cols + c])
+    with pytest.raises(InputError, match="image_sizes"):
+        model.architecture.image_pixels(inputs.pixel_values, 0)
+
+
 @torch.no_grad()
 def test_layout_inputs_never_reach_hugging_face(eager):
     """image_sizes travel with the batch (repeats, moves) and into the layout, never into a Hugging
@@ -200,4 +218,6 @@ def test_every_analysis_runs(eager):
     # 48 px scenes: 2 x 2 tiles and the thumbnail each. With seed 0 the 6B-style tower's random-weight
     # ridge probe happens to confuse no pair of classes, which the anchor knockout needs
     scenes = load_segmentation("scenes", split="validation", n=24, seed=1, image_size=48)
-    tier.every_analysis_runs(eager.model, scenes)
+    heads = tier.every_analysis_runs(eager.model, scenes)
+    tile = eager.model.cfg.vision.image_size
+    assert heads.maps[0].image.shape[:2] == (2 * tile, 2 * tile), "recovery maps show the tiles, not one frame"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
@@ -272,6 +273,15 @@ class InternVL(Architecture):
             if found != (self.markers["start"], self.markers["end"]):
                 raise LayoutMismatchError(f"batch row {b}: image {image}'s tokens are not wrapped in <img> ... </img>")
         return ImageSpan(b, image, tuple(segments), (height, width), special)
+
+    def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Tensor:
+        """Image `image_index` as the tower saw it: its tiles put back together, [3, rows*T, cols*T]
+        (the image resized to its grid; a one-tile image is that tile)."""
+        sizes, tiling = self._sizes(inputs, needed=True), self._tiling()
+        first = sum(tiling.n_frames(s) for s in sizes[:image_index])
+        rows, cols = tiling.grid(sizes[image_index])
+        tiles = pixel_values[first: first + rows * cols]
+        return einops.rearrange(tiles, "(r c) ch h w -> ch (r h) (c w)", r=rows, c=cols)
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
         n_tokens = int((input_ids == cfg.image_token_id).sum())
