@@ -18,6 +18,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     InternVLProcessor,
     InternVLVisionConfig,
+    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -439,6 +440,7 @@ def internvl_tokenizer():
 def tiny_internvl(
     variant: Literal["internvl3", "internvit6b"] = "internvl3",
     *,
+    llm: Literal["qwen2", "llama"] = "qwen2",
     tile: int = 16,
     patch_size: int = 4,
     max_tiles: int = 6,
@@ -451,7 +453,7 @@ def tiny_internvl(
     attn_implementation: str = "eager",
 ):
     """A tiny InternVL (InternViT on `tile`-pixel tiles, 2 x 2 pixel shuffle, LN + MLP projector,
-    Qwen2 LLM) and its processor, which cuts images into up to `max_tiles` tiles plus a thumbnail:
+    Qwen2 or Llama LLM) and its processor, which cuts images into up to `max_tiles` tiles plus a thumbnail:
     the test images give 3 x 2, 2 x 2 and 2 x 3 tiles.
 
     "internvl3" has InternViT-300M's block (LayerNorms, no q/k norm, no final norm); "internvit6b"
@@ -471,7 +473,8 @@ def tiny_internvl(
         num_attention_heads=4, image_size=tile, patch_size=patch_size, norm_type="rms_norm" if six_b else "layer_norm",
         use_qk_norm=six_b, use_mean_pooling=not six_b,
     )
-    text = Qwen2Config(**_text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2))
+    text_config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[llm]
+    text = text_config(**_text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2))
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
                             image_seq_length=n_tokens, downsample_ratio=0.5, tie_word_embeddings=False)
     model = _instantiate(InternVLForConditionalGeneration, config, attn_implementation, seed)

@@ -5,6 +5,7 @@ layout-only keyword that never reaches Hugging Face."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -221,3 +222,17 @@ def test_every_analysis_runs(eager):
     heads = tier.every_analysis_runs(eager.model, scenes)
     tile = eager.model.cfg.vision.image_size
     assert heads.maps[0].image.shape[:2] == (2 * tile, 2 * tile), "recovery maps show the tiles, not one frame"
+
+
+@torch.no_grad()
+def test_llama_llm():
+    """InternVL2.5-style checkpoints with a Llama LLM: every hook active equals Hugging Face."""
+    hf_model, processor = tiny_internvl(llm="llama")
+    reference = copy.deepcopy(hf_model)
+    model = HookedMLLM.from_hf(hf_model, processor)
+    assert model.hf_model.config.text_config.model_type == "llama" and model.spec_difference < 1e-5
+    inputs = model.prepare(tier.random_images(2), ["what", "how many"])
+    ours = model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x.clone())])
+    theirs = reference(**inputs.hf_kwargs()).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
