@@ -158,6 +158,8 @@ def test_unknown_grid_is_refused_with_what_to_do(eager):
     torch.testing.assert_close(model(processor_outputs), model(inputs), atol=0, rtol=0)
     with pytest.raises(InputError, match=r"model\.prepare"):
         model.layout(inputs.input_ids)
+    _, cache = model.run_with_cache(processor_outputs, names_filter="adapter.hook_out")
+    assert cache.layout is None, "a cache of the processor's outputs has no layout (and says so when one is needed)"
     with pytest.raises(InputError, match=r"model\.prepare"), model.using_image_attention("bidirectional"):
         model(processor_outputs)
     squares = torch.full_like(inputs.layout_inputs["image_sizes"], 32)  # 2 x 2 tiles each: fewer frames than given

@@ -525,9 +525,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         if isinstance(ids, MultimodalInputs):
             cache_object.layout = ids.layout
         elif isinstance(ids, Tensor):
-            try:  # bare ids lack the keywords some families' layouts need (LLaVA-NeXT's image_sizes)
+            try:  # bare ids lack the keywords some families' layouts need (LLaVA-NeXT's, InternVL's image_sizes)
                 cache_object.layout = self.layout(ids)
-            except LayoutMismatchError:
+            except (LayoutMismatchError, InputError):
                 cache_object.layout = None
         return out, cache_object
 

@@ -207,21 +207,26 @@ class InternVL(Architecture):
             return []
         return [(int(h), int(w)) for h, w in torch.as_tensor(given).tolist()]
 
-    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+    def _images(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], sizes: list[tuple[int, int]]) -> list[list[tuple]]:
+        """Per batch row, its images as (image, first position, size, grid, first frame): the
+        placeholders walked image by image, as the model fills them with the frames in order."""
         runs = image_runs(input_ids, cfg.image_token_id)
-        sizes = self._sizes(inputs, needed=any(len(r) for r in runs))
-        tiling = self._tiling() if sizes else None
-        if tiling is not None and tiling.tile != cfg.vision.image_size:
+        if not sizes:
+            if any(len(r) for r in runs):
+                self._sizes({}, needed=True)  # raises, saying what to do
+            return [[] for _ in runs]
+        tiling = self._tiling()
+        if tiling.tile != cfg.vision.image_size:
             raise InputError(f"the processor's tiles are {tiling.tile} px but the tower takes {cfg.vision.image_size} px")
-        n, g = cfg.adapter.n_image_tokens, cfg.vision.image_size // cfg.vision.patch_size
+        n = cfg.adapter.n_image_tokens
         rows, image, frame = [], 0, 0
         for b, where in enumerate(runs):
-            spans, used = [], 0
+            found, used = [], 0
             while used < len(where):
                 if image >= len(sizes):
                     raise LayoutMismatchError(f"batch row {b} has image tokens beyond the {len(sizes)} image(s) in image_sizes")
-                grid = tiling.grid(sizes[image])
-                count = tiling.n_frames(sizes[image]) * n
+                grid, frames = tiling.grid(sizes[image]), tiling.n_frames(sizes[image])
+                count = frames * n
                 block = where[used: used + count]
                 if len(block) < count or int(block[-1] - block[0]) != count - 1:
                     raise LayoutMismatchError(
@@ -229,15 +234,22 @@ class InternVL(Architecture):
                         f"{' + a thumbnail' if grid != (1, 1) else ''}, {count} contiguous image tokens; found {len(block)} "
                         f"from position {int(block[0])}. Were the prompts expanded by this model's processor, "
                         "with its default tiling?")
-                spans.append(self._span(cfg, b, image, input_ids[b], int(block[0]), sizes[image], grid, frame))
-                used, image, frame = used + count, image + 1, frame + count // n
-            rows.append(tuple(spans))
+                found.append((image, int(block[0]), sizes[image], grid, frame))
+                used, image, frame = used + count, image + 1, frame + frames
+            rows.append(found)
         if image != len(sizes):
             raise LayoutMismatchError(f"{len(sizes)} image_sizes but image tokens for {image} image(s) in input_ids")
-        return ImageTokenLayout(tuple(rows), input_ids.shape[1], (frame, 1 + g * g), (frame, n))
+        return rows
 
-    def _span(self, cfg: MLLMConfig, b: int, image: int, ids: Tensor, first: int, size: tuple[int, int],
-              grid: tuple[int, int], frame0: int) -> ImageSpan:
+    def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
+        images = self._images(cfg, input_ids, self._sizes(inputs, needed=False))
+        rows = tuple(tuple(self._span(cfg, b, *image, input_ids[b]) for image in row) for b, row in enumerate(images))
+        frames = sum(self._tiling().n_frames(size) for row in images for _, _, size, _, _ in row)
+        g = cfg.vision.image_size // cfg.vision.patch_size
+        return ImageTokenLayout(rows, input_ids.shape[1], (frames, 1 + g * g), (frames, cfg.adapter.n_image_tokens))
+
+    def _span(self, cfg: MLLMConfig, b: int, image: int, first: int, size: tuple[int, int], grid: tuple[int, int],
+              frame0: int, ids: Tensor) -> ImageSpan:
         """The tiles as one joined grid (token (R, C) is token (R % k, C % k) of tile (R // k, C // k)),
         then the thumbnail when there are several tiles; both laid on the original image."""
         tile, patch = cfg.vision.image_size, cfg.vision.patch_size
@@ -302,8 +314,8 @@ class InternVL(Architecture):
             frames = sum(tiling.n_frames(s) for s in sizes)
             if frames != len(pixel_values):
                 raise InputError(f"image_sizes {sizes} make {frames} frames but pixel_values hold {len(pixel_values)}")
-            try:  # the layout walks the placeholders image by image, as the model will fill them
-                self.layout(cfg, input_ids, **inputs)
+            try:  # walk the placeholders image by image, as the model will fill them
+                self._images(cfg, input_ids, sizes)
             except LayoutMismatchError as error:
                 raise InputError(f"images of sizes {sizes} and the prompts' placeholders do not match: {error}") from None
 
