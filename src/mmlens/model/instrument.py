@@ -196,10 +196,12 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
     _override_forward(mlp, forward)
 
 
-def _scaling(scale: nn.Module | Tensor) -> Callable[[Tensor], Tensor]:
+def _scaling(layer: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
     """A layer scale as a function: the module itself, or `weight * x` for a parameter (in that
-    order, as InternViT's `self.lambda_1 * attention_output`)."""
-    return scale if isinstance(scale, nn.Module) else (lambda x: scale * x)
+    order, as InternViT's `self.lambda_1 * attention_output`; read at call time, since an offloaded
+    layer's parameters are put in place only while it runs)."""
+    scale = getattr(layer, name)
+    return scale if isinstance(scale, nn.Module) else (lambda x: getattr(layer, name) * x)
 
 
 def instrument_block(
@@ -209,7 +211,7 @@ def instrument_block(
     their own points), attention and MLP."""
     ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
-    scale1, scale2 = (_scaling(getattr(layer, n)) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
+    scale1, scale2 = (_scaling(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
     post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
     instrument_norm(ln1, hooks.ln1, norm)
     instrument_norm(ln2, hooks.ln2, norm)
