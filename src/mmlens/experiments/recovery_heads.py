@@ -360,7 +360,8 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
             pattern = found[f"blocks.{l}.attn.hook_pattern"][span.row, hs]  # [heads, query, key]
             from_queries = pattern[:, positions[queries.to(positions.device)]][:, :, keys]
             attention[l] = from_queries.float().mean((0, 1)).view(segment.tokens.shape).cpu().numpy()
-        picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index, **inputs.extra))
+        picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index,
+                                                                      **inputs.extra, **inputs.layout_inputs))
         maps.append(RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
                                 queries[shown].nonzero().flatten().tolist(), anchor_tokens[shown].nonzero().flatten().tolist(),
                                 attention, {l: sorted(hs) for l, hs in heads.items()}, query_kind))

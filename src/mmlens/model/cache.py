@@ -35,7 +35,7 @@ class VisionStage(StackedWeights):
         vision = model.cfg.vision
         self.cfg = SimpleNamespace(**asdict(vision), attn_only=False, device=model.cfg.device, dtype=model.cfg.dtype)
         self.blocks = model.vision.blocks
-        self.ln_final = model.vision.ln_post
+        self.ln_final = getattr(model.vision, "ln_post", None)  # None: a tower without a final norm
 
 
 class MultimodalActivationCache(ActivationCache):

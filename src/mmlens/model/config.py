@@ -37,6 +37,7 @@ class VisionConfig(StageConfig):
     has_cls: bool = False
     n_registers: int = 0  # register tokens after the CLS token (DINOv2 with registers)
     has_ln_pre: bool = False  # a LayerNorm between embeddings and the first block (CLIP)
+    has_ln_post: bool = True  # a norm after the last block (`vision.ln_post`); InternViT has none
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -96,7 +96,8 @@ class VisionHooks(StackedWeights, HookGroup):
             BlockHooks(rotary, stage.gated_mlp, stage.use_normalization_before_and_after, stage.use_qk_norm)
             for _ in range(stage.n_layers)
         )
-        self.ln_post = NormHooks()
+        if stage.has_ln_post:
+            self.ln_post = NormHooks()
 
 
 class AdapterHooks(HookGroup):

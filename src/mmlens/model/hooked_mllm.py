@@ -265,13 +265,15 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         input_ids = batch["input_ids"]
         device = self.cfg.device
         extra = {k: batch[k] for k in self.architecture.extra_input_names if k in batch}
+        layout_only = self.architecture.layout_inputs(nested)  # what the processor does not return
         return MultimodalInputs(
             input_ids=input_ids.to(device),
             pixel_values=batch["pixel_values"].to(device=device, dtype=self.cfg.dtype),
             attention_mask=batch["attention_mask"].to(device),
-            layout=self.layout(input_ids, **extra),
+            layout=self.layout(input_ids, **extra, **layout_only),
             prompts=tuple(texts),
             extra={k: v.to(device) for k, v in extra.items()},
+            layout_inputs={k: v.to(device) for k, v in layout_only.items()},
         )
 
     @property
@@ -312,10 +314,11 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         attention_mask: Tensor | None,
         check_images: bool = True,
     ) -> dict[str, Tensor]:
+        family_names = self.architecture.extra_input_names + self.architecture.layout_input_names
         if isinstance(inputs, MultimodalInputs):
-            kwargs = inputs.hf_kwargs()
+            kwargs = inputs.keywords()
         elif isinstance(inputs, Mapping):
-            names = BASE_INPUT_NAMES + self.architecture.extra_input_names
+            names = BASE_INPUT_NAMES + family_names
             kwargs = {k: inputs[k] for k in names if k in inputs}
         elif isinstance(inputs, Tensor):
             kwargs = {"input_ids": inputs}
@@ -336,7 +339,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
         if check_images:
             pixel_values = kwargs.get("pixel_values")
-            family = {k: kwargs[k] for k in self.architecture.extra_input_names if k in kwargs}
+            family = {k: kwargs[k] for k in family_names if k in kwargs}
             self.architecture.check_inputs(self.cfg, ids, pixel_values, **family)
             if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
                 bad = [i for i, image in enumerate(pixel_values) if not torch.isfinite(image).all()]
@@ -531,9 +534,9 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         if isinstance(ids, MultimodalInputs):
             cache_object.layout = ids.layout
         elif isinstance(ids, Tensor):
-            try:  # bare ids lack the keywords some families' layouts need (LLaVA-NeXT's image_sizes)
+            try:  # bare ids lack the keywords some families' layouts need (LLaVA-NeXT's, InternVL's image_sizes)
                 cache_object.layout = self.layout(ids)
-            except LayoutMismatchError:
+            except (LayoutMismatchError, InputError):
                 cache_object.layout = None
         return out, cache_object
 
@@ -558,11 +561,11 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
         processor = self._require_processor()
-        own_rule = self._with_image_attention(inputs.hf_kwargs())
+        own_rule = self._with_image_attention(inputs.keywords())
         rule_mask = own_rule["attention_mask"]
         if isinstance(rule_mask, Tensor) and rule_mask.ndim == 2:  # Hugging Face's cached decoding applies the rule itself
             kwargs.setdefault("do_sample", False)
-            out = self.hf_model.generate(**own_rule, max_new_tokens=max_new_tokens, **kwargs)
+            out = self.hf_model.generate(**self.architecture.hf_keywords(own_rule), max_new_tokens=max_new_tokens, **kwargs)
             new_tokens = out[:, inputs.input_ids.shape[1] :]
         else:  # Hugging Face's cached decoding cannot carry the 4D image mask: decode greedily in full
             ids, mask = inputs.input_ids, inputs.attention_mask
@@ -570,8 +573,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
             extra = dict(inputs.extra)
             for _ in range(max_new_tokens):
-                next_token = self(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=mask,
-                                  **extra)[:, -1].argmax(-1)
+                next_token = self({"input_ids": ids, "pixel_values": inputs.pixel_values, "attention_mask": mask,
+                                   **extra, **inputs.layout_inputs})[:, -1].argmax(-1)
                 next_token = torch.where(done, torch.full_like(next_token, eos), next_token)
                 ids = torch.cat([ids, next_token[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

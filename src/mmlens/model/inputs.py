@@ -20,6 +20,9 @@ class MultimodalInputs:
     index there is its `ImageSpan.image_index` in `layout`. `extra` holds the keywords the
     family's own forward takes (PaliGemma's `token_type_ids`, LLaVA-NeXT's `image_sizes` ...):
     tensors whose first dimension is the batch row or the image, carried through every forward.
+    `layout_inputs` holds the keywords only mmlens reads (`Architecture.layout_input_names`, e.g.
+    InternVL's original image sizes, per image): they travel with the batch like `extra` but are
+    never given to Hugging Face (`hf_kwargs` leaves them out, `keywords` has both).
     """
 
     input_ids: Int[Tensor, "batch seq"]
@@ -28,6 +31,7 @@ class MultimodalInputs:
     layout: ImageTokenLayout
     prompts: tuple[str, ...] = ()
     extra: Mapping[str, Tensor] = field(default_factory=dict)
+    layout_inputs: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -40,6 +44,7 @@ class MultimodalInputs:
             pixel_values=self.pixel_values.to(device=device, dtype=dtype),
             attention_mask=self.attention_mask.to(device),
             extra={k: v.to(device) for k, v in self.extra.items()},
+            layout_inputs={k: v.to(device) for k, v in self.layout_inputs.items()},
         )
 
     def hf_kwargs(self) -> dict[str, Tensor]:
@@ -50,6 +55,10 @@ class MultimodalInputs:
             "attention_mask": self.attention_mask,
             **self.extra,
         }
+
+    def keywords(self) -> dict[str, Tensor]:
+        """The Hugging Face keywords plus the layout-only ones: what mmlens's own forwards take."""
+        return {**self.hf_kwargs(), **self.layout_inputs}
 
     def repeat(self, k: int) -> "MultimodalInputs":
         """The batch repeated `k` times along the batch dimension, replica-major (rows r*B..r*B+B-1
@@ -68,4 +77,5 @@ class MultimodalInputs:
             layout=self.layout.repeat(k),
             prompts=tuple(self.prompts) * k,
             extra={name: rep(v) for name, v in self.extra.items()},
+            layout_inputs={name: rep(v) for name, v in self.layout_inputs.items()},
         )

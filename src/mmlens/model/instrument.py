@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import einops
 import torch
@@ -42,6 +42,11 @@ class AttentionSpec:
     # attribute holding a tanh soft cap on the scaled scores, applied before the mask when not
     # None (Gemma 2); leave None for a family whose Hugging Face code ignores its configured cap
     softcap: str | None = None
+    # what the q/k norms normalise: "head" (each head's d_head values, as above) or "width" (the
+    # whole projection before it is split into heads: InternViT-6B); `qk_norm_kind` is their kind
+    # when it is not the block's (InternViT: RMSNorms on q/k in a LayerNorm block)
+    qk_norm_over: Literal["head", "width"] = "head"
+    qk_norm_kind: NormKind | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class BlockSpec:
     mlp: str
     gated_mlp: bool  # gate_proj/up_proj/down_proj (Llama) vs fc1/fc2 (CLIP, SigLIP)
     attention: AttentionSpec
-    # modules scaling the attention and MLP outputs before they join the residual (DINOv2)
+    # modules (DINOv2) or per-channel parameters (InternViT's lambda_1/2) scaling the attention and
+    # MLP outputs before they join the residual
     layer_scale: tuple[str, str] | None = None
     # sandwich norms on the attention and MLP outputs before they join the residual (Gemma 2/3):
     # x + post_ln1(attn(ln1(x))), then + post_ln2(mlp(ln2(.))); TL's `ln1_post` / `ln2_post`
@@ -117,8 +123,10 @@ def instrument_attention(
     identity = lambda x: x  # noqa: E731
     q_norm, k_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, spec.k_norm))
     if spec.q_norm:  # per-head RMSNorms act on the last dim, so [b, s, h, d] gives HF's numbers
-        instrument_norm(q_norm, hooks.q_ln, norm_kind)
-        instrument_norm(k_norm, hooks.k_ln, norm_kind)
+        instrument_norm(q_norm, hooks.q_ln, spec.qk_norm_kind or norm_kind)
+        instrument_norm(k_norm, hooks.k_ln, spec.qk_norm_kind or norm_kind)
+    if spec.qk_norm_over == "width":  # normalise the whole projection, then split it into heads
+        q_norm, k_norm = (lambda x, n=n: n(x.flatten(-2)).unflatten(-1, (-1, d_head)) for n in (q_norm, k_norm))
     hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
@@ -191,6 +199,14 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
     _override_forward(mlp, forward)
 
 
+def _scaling(layer: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
+    """A layer scale as a function: the module itself, or `weight * x` for a parameter (in that
+    order, as InternViT's `self.lambda_1 * attention_output`; read at call time, since an offloaded
+    layer's parameters are put in place only while it runs)."""
+    scale = getattr(layer, name)
+    return scale if isinstance(scale, nn.Module) else (lambda x: getattr(layer, name) * x)
+
+
 def instrument_block(
     layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool], norm: NormKind
 ) -> None:
@@ -198,7 +214,7 @@ def instrument_block(
     their own points), attention and MLP."""
     ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
-    scale1, scale2 = (getattr(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
+    scale1, scale2 = (_scaling(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
     post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
     instrument_norm(ln1, hooks.ln1, norm)
     instrument_norm(ln2, hooks.ln2, norm)

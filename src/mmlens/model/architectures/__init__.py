@@ -8,6 +8,7 @@ from ...errors import UnsupportedModelError
 from .base import Architecture
 from .gemma3 import Gemma3
 from .idefics3 import Idefics3
+from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
@@ -17,7 +18,7 @@ from .qwen3_vl import Qwen3VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
     name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL,
-                 Qwen3VL)
+                 Qwen3VL, InternVL)
     for name in arch.hf_class_names
 }
 

@@ -54,6 +54,11 @@ class Architecture(ABC):
     # Those of `extra_input_names` the LLM alone still needs (attention rules), for runs that
     # start from the merged embeddings.
     llm_input_names: tuple[str, ...] = ()
+    # Keywords only mmlens reads: per-image facts the layout needs that the processor does not
+    # return (InternVL's original image sizes, from which its tile grids follow). `prepare` computes
+    # them (`layout_inputs`), MultimodalInputs carries them beside the family's keywords through
+    # every forward, repeat and generation, and `hf_keywords` strips them before Hugging Face runs.
+    layout_input_names: tuple[str, ...] = ()
     # Whether the processor takes images as one list per row (it treats a row's images together,
     # e.g. LLaVA-OneVision tiles only a row's single image) rather than one flat list.
     images_per_row: bool = False
@@ -72,6 +77,16 @@ class Architecture(ABC):
         the attention mask alone, adds nothing.
         """
         return {}
+
+    def layout_inputs(self, images: list[list[Any]]) -> dict[str, Tensor]:
+        """The `layout_input_names` keywords for these images (one list per prompt, PIL images as
+        the processor receives them); the default family needs none."""
+        return {}
+
+    def hf_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` without the keywords only mmlens reads (`layout_input_names`): what a Hugging
+        Face forward or `generate` is given."""
+        return {k: v for k, v in kwargs.items() if k not in self.layout_input_names}
 
     @abstractmethod
     def build_config(self, hf_model: nn.Module) -> MLLMConfig: ...
@@ -93,8 +108,9 @@ class Architecture(ABC):
         """The LLM's decoder blocks, in order (`blocks.{l}`)."""
 
     def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
-        """Run the Hugging Face model on its keywords (`input_ids`, `pixel_values`, ...)."""
-        return hf_model(**inputs, use_cache=False)
+        """Run the Hugging Face model on its keywords (`input_ids`, `pixel_values`, ...; the
+        layout-only ones are dropped here)."""
+        return hf_model(**self.hf_keywords(inputs), use_cache=False)
 
     def processor_images(self, images: list[list[Any]]) -> list[Any]:
         """The images as the family's processor takes them, from one list per prompt (most take a
