@@ -41,6 +41,9 @@ class AttentionSpec:
     # attribute holding a tanh soft cap on the scaled scores, applied before the mask when not
     # None (Gemma 2); leave None for a family whose Hugging Face code ignores its configured cap
     softcap: str | None = None
+    # the dim `apply_rotary_pos_emb` unsqueezes cos/sin at: 1 for [batch, seq, d_head] tables, 0
+    # for a packed sequence's [seq, d_head] table (Pixtral)
+    rotary_unsqueeze_dim: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def instrument_attention(
         instrument_norm(q_norm, hooks.q_ln, norm_kind)
         instrument_norm(k_norm, hooks.k_ln, norm_kind)
     hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
+    unsqueeze = {} if spec.rotary_unsqueeze_dim == 1 else {"unsqueeze_dim": spec.rotary_unsqueeze_dim}
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
         if not hooks.any_hooked():
@@ -132,7 +136,7 @@ def instrument_attention(
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotary_fn is not None:
             cos, sin = kwargs["position_embeddings"]
-            q, k = rotary_fn(q, k, cos, sin)
+            q, k = rotary_fn(q, k, cos, sin, **unsqueeze)
             q = fire(hooks.hook_rot_q, q.transpose(1, 2)).transpose(1, 2)
             k = fire(hooks.hook_rot_k, k.transpose(1, 2)).transpose(1, 2)
         cache = kwargs.get("past_key_values")

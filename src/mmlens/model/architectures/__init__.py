@@ -11,11 +11,13 @@ from .idefics3 import Idefics3
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
+from .mistral3 import Mistral3
 from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2_5_VL, Qwen2VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL)
+    name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL,
+                 Mistral3)
     for name in arch.hf_class_names
 }
 
