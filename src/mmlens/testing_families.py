@@ -430,7 +430,8 @@ def tiny_mistral3(
     """A tiny Mistral 3 (Pixtral tower with 2-D rotary, 2x2 patch merger, Mistral LLM) and its
     processor (`Mistral3Processor`, Hugging Face's Pixtral prompts without torchvision). Images are
     scaled to fit `longest_edge` and rounded up to multiples of 2 x `patch_size`, so the test
-    images (40x50, 32x32, 61x37) are 8x10, 8x8 and 10x6 patches: 4x5, 4x4 and 5x3 LLM tokens."""
+    images (40x50, 32x32 and 61x37 pixels) become 32x40, 32x32 and 40x24: 4x5, 4x4 and 5x3 LLM
+    tokens. The tower's query and key weights are drawn large, so its attention is peaked."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
@@ -448,4 +449,9 @@ def tiny_mistral3(
     config = Mistral3Config(vision_config=vision, text_config=text.to_dict(), image_token_index=processor.image_token_id,
                             spatial_merge_size=2, vision_feature_layer=-1, projector_hidden_act="gelu",
                             tie_word_embeddings=False)
-    return _instantiate(Mistral3ForConditionalGeneration, config, attn_implementation, seed), processor
+    model = _instantiate(Mistral3ForConditionalGeneration, config, attn_implementation, seed)
+    with torch.no_grad():  # peaked tower attention (the init's is near uniform), so its rotary positions matter
+        for layer in model.model.vision_tower.transformer.layers:
+            for proj in (layer.attention.q_proj, layer.attention.k_proj):
+                proj.weight.normal_(0, 0.5)
+    return model, processor
