@@ -44,6 +44,8 @@ def test_cache_equals_hf_hidden_states(eager):
     tier.test_cache_equals_hf_hidden_states(eager)
     model, inputs, reference = eager.model, eager.inputs, eager.reference
     _, cache = model.run_with_cache(inputs)
+    with pytest.raises(InputError, match="own resolution"):
+        model.run_vision(inputs.pixel_values)
     sizes = inputs.extra["image_sizes"]
     tower = reference.model.vision_tower(inputs.pixel_values, image_sizes=sizes, output_hidden_states=True)
     for block in range(model.cfg.vision.n_layers):
@@ -236,6 +238,8 @@ def test_two_images_in_one_row_and_bad_inputs(builder):
     ours = model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x.clone())])
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], reference(**inputs.hf_kwargs()).logits[valid], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="own resolution"):
+        model.run_vision(inputs.pixel_values)
     sizes = inputs.extra["image_sizes"]
     with pytest.raises(InputError, match="exceed the padded pixel_values"):
         model(replace(inputs, extra={"image_sizes": sizes * 2}))
