@@ -173,7 +173,8 @@ class Mistral3(Architecture):
         grids = [(2, 3), (3, 2)]
         specials = {config.image_token_id, self.break_token_id, self.end_token_id}
         text = [t for t in range(min(cfg.d_vocab, 32)) if t not in specials][:6]
-        breaking, ending = self.break_token_id or text[-1], self.end_token_id or text[-2]
+        breaking = text[-1] if self.break_token_id is None else self.break_token_id
+        ending = text[-2] if self.end_token_id is None else self.end_token_id
         rows = []
         for k, (th, tw) in enumerate(grids):
             image = [tok for r in range(th) for tok in [config.image_token_id] * tw + [ending if r == th - 1 else breaking]]

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from ..hook_tree import AdapterHooks, NormHooks, fire, is_hooked
 from ..instrument import AttentionSpec, BlockSpec, _override_forward
 from ..norms import instrument_norm
-from .qwen2_vl_tower import _any, _points
 
 PIXTRAL_BLOCK = BlockSpec(
     ln1="attention_norm",
@@ -66,10 +65,9 @@ def instrument_projector(projector: nn.Module, ln_post: NormHooks, adapter: Adap
     instrument_norm(projector.norm, ln_post, norm)
     merger = projector.patch_merger
     original = projector.forward
-    points = _points(ln_post) + _points(adapter)
 
     def forward(image_features: Tensor, image_sizes: Int[Tensor, "n_images 2"]) -> Tensor:
-        if not _any(points):
+        if not (ln_post.any_hooked() or adapter.any_hooked()):
             return original(image_features, image_sizes)
         normed = projector.norm(image_features[None])[0]
         grids = [(int(h) // merger.patch_size, int(w) // merger.patch_size) for h, w in image_sizes]
