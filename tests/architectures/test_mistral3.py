@@ -270,4 +270,7 @@ def test_bridge_hook_names_are_aliases(eager):
 
 def test_every_analysis_runs(eager):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
-    tier.every_analysis_runs(eager.model, scenes)
+    heads = tier.every_analysis_runs(eager.model, scenes)
+    shown = heads.maps[0]  # a 32x32 scene is not resized: the recovery map shows it as it is
+    original = np.asarray(scenes[shown.dataset_index]["image"], dtype=np.int64)
+    assert shown.image.shape == original.shape and np.abs(shown.image - original).max() <= 1
