@@ -18,8 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ...errors import LayoutMismatchError
-from ..layout import GridCells, ImageSpan, Segment, image_runs
-from .qwen2_vl_layout import PackedLayout
+from ..layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
 
 ROW_BREAK, END = "row_break", "end"
 
