@@ -8,7 +8,7 @@ with patches of `patch_size x spatial_merge_size` pixels (each image resized on 
 edge at most `size["longest_edge"]`, both sides rounded up to that multiple, then zero-padded at
 the bottom and right to the batch's largest image, with `image_sizes` the real sizes), and each
 `[IMG]` in a prompt becomes, per row of LLM tokens, `cols` x `[IMG]` then `[IMG_BREAK]`, the last
-row's break being `[IMG_END]`. The methods below are `PixtralProcessor`'s, line for line.
+row's break being `[IMG_END]`. The methods below restate `PixtralProcessor`'s.
 """
 
 from __future__ import annotations
