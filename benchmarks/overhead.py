@@ -24,8 +24,8 @@ from common import time_interleaved  # noqa: E402
 from mmlens import HookedMLLM  # noqa: E402
 from mmlens.testing import tiny_llava  # noqa: E402
 from mmlens.testing_families import (  # noqa: E402
-    tiny_gemma3, tiny_idefics3, tiny_internvl, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_paligemma,
-    tiny_qwen2_vl, tiny_qwen3_vl,
+    tiny_gemma3, tiny_idefics3, tiny_internvl, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_mistral3,
+    tiny_paligemma, tiny_qwen2_vl, tiny_qwen3_vl,
 )
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
@@ -53,6 +53,10 @@ FAMILIES = {
     # 64-px tiles, 8-px patches, up to 4 tiles: the test images are 2 x 2 tiles + the thumbnail, 5 x 16 = 80 image tokens
     "internvl": lambda attn: tiny_internvl(tile=64, patch_size=8, max_tiles=4, vision_layers=4, vision_d_model=128,
                                            llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # the same widths; a 64x64 image is 8x8 patches of 8 px and 4x4 merged tokens in 4 rows closed by
+    # [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask
+    "mistral3": lambda attn: tiny_mistral3(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128, llm_layers=4,
+                                           llm_d_model=256, llm_heads=8, attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

@@ -47,6 +47,9 @@ class AttentionSpec:
     # when it is not the block's (InternViT: RMSNorms on q/k in a LayerNorm block)
     qk_norm_over: Literal["head", "width"] = "head"
     qk_norm_kind: NormKind | None = None
+    # the dim `apply_rotary_pos_emb` unsqueezes cos/sin at: 1 for [batch, seq, d_head] tables, 0
+    # for a packed sequence's [seq, d_head] table (Pixtral)
+    rotary_unsqueeze_dim: int = 1
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def instrument_attention(
     if spec.qk_norm_over == "width":  # normalise the whole projection, then split it into heads
         q_norm, k_norm = (lambda x, n=n: n(x.flatten(-2)).unflatten(-1, (-1, d_head)) for n in (q_norm, k_norm))
     hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
+    unsqueeze = {} if spec.rotary_unsqueeze_dim == 1 else {"unsqueeze_dim": spec.rotary_unsqueeze_dim}
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
         if not hooks.any_hooked():
@@ -141,7 +145,7 @@ def instrument_attention(
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotary_fn is not None:
             cos, sin = kwargs["position_embeddings"]
-            q, k = rotary_fn(q, k, cos, sin)
+            q, k = rotary_fn(q, k, cos, sin, **unsqueeze)
             q = fire(hooks.hook_rot_q, q.transpose(1, 2)).transpose(1, 2)
             k = fire(hooks.hook_rot_k, k.transpose(1, 2)).transpose(1, 2)
         cache = kwargs.get("past_key_values")

@@ -555,6 +555,27 @@ class ImageTokenLayout:
         return all(same_span(a, b) for ra, rb in zip(self.images, other.images) for a, b in zip(ra, rb))
 
 
+class PackedLayout(ImageTokenLayout):
+    """A layout whose vision and adapter activations are one packed sequence `[1, n, ...]` (index
+    tensors (0, k): Qwen2-VL's and Mistral 3's towers): a repeated batch packs its replicas one
+    after the other along the sequence, not along dim 0."""
+
+    def repeat(self, k: int) -> "PackedLayout":
+        b, n = self.batch_size, self.n_images
+        v, a = self.vision_shape[1], self.adapter_shape[1]
+
+        def shift(span: ImageSpan, r: int) -> ImageSpan:
+            segments = tuple(
+                replace(s, vision_index=(s.vision_index[0], s.vision_index[1] + r * v),
+                        adapter_index=(s.adapter_index[0], s.adapter_index[1] + r * a))
+                for s in span.segments
+            )
+            return replace(span, row=span.row + r * b, image_index=span.image_index + r * n, segments=segments)
+
+        rows = tuple(tuple(shift(s, r) for s in row) for r in range(k) for row in self.images)
+        return replace(self, images=rows, vision_shape=(1, v * k), adapter_shape=(1, a * k))
+
+
 def same_span(a: ImageSpan, b: ImageSpan) -> bool:
     """Same positions, specials, canvas and grids (two images patched onto each other)."""
     if a.canvas != b.canvas or len(a.segments) != len(b.segments) or set(a.special) != set(b.special):

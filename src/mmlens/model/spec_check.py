@@ -56,6 +56,11 @@ def verify_blocks(model: Any) -> float:
     try:
         with model.hooks(fwd_hooks=[(lambda _name: True, lambda x, hook: x)]):
             hooked, hooked_logits = _block_outputs(model, probe, blocks)
+    except RuntimeError as error:  # the spec's maths does not even run on this block's tensors
+        raise UnsupportedModelError(
+            f"{cfg.architecture}: with hooks active the forward fails ({error}); a block does not match its "
+            "block spec (rotary tables, head layout). Fix the spec, or pass verify=False to inspect the model anyway."
+        ) from error
     finally:
         model.set_use_attn_result(use_result)
     worst = 0.0

@@ -12,13 +12,14 @@ from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
+from .mistral3 import Mistral3
 from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2_5_VL, Qwen2VL
 from .qwen3_vl import Qwen3VL
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
     name: arch for arch in (Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3, Idefics3, Qwen2VL, Qwen2_5_VL,
-                 Qwen3VL, InternVL)
+                 Qwen3VL, InternVL, Mistral3)
     for name in arch.hf_class_names
 }
 

@@ -13,34 +13,12 @@ a leading dimension of one: `vision_shape = (1, n_patches)`, `adapter_shape = (1
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ...errors import LayoutMismatchError
-from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
-
-
-class PackedLayout(ImageTokenLayout):
-    """A layout whose vision and adapter activations are one packed sequence `[1, n, ...]`: a
-    repeated batch packs its replicas one after the other along the sequence, not along dim 0."""
-
-    def repeat(self, k: int) -> "PackedLayout":
-        b, n = self.batch_size, self.n_images
-        v, a = self.vision_shape[1], self.adapter_shape[1]
-
-        def shift(span: ImageSpan, r: int) -> ImageSpan:
-            segments = tuple(
-                replace(s, vision_index=(s.vision_index[0], s.vision_index[1] + r * v),
-                        adapter_index=(s.adapter_index[0], s.adapter_index[1] + r * a))
-                for s in span.segments
-            )
-            return replace(span, row=span.row + r * b, image_index=span.image_index + r * n, segments=segments)
-
-        rows = tuple(tuple(shift(s, r) for s in row) for r in range(k) for row in self.images)
-        return replace(self, images=rows, vision_shape=(1, v * k), adapter_shape=(1, a * k))
+from ..layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
 
 
 def patch_order(h: int, w: int, merge: int) -> Int[Tensor, "h_times_w"]:
