@@ -61,6 +61,11 @@ def batch_starts(n: int, batch_size: int, group: Any = None) -> list[int]:
     return starts[rank(group) :: world_size(group)]
 
 
+def share(n: int, batch_size: int, group: Any = None) -> int:
+    """How many of n items this rank's batches hold (for progress bars)."""
+    return sum(min(batch_size, n - start) for start in batch_starts(n, batch_size, group))
+
+
 def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T], group: Any = None) -> list[T]:
     """`fn(start, stop)` over this rank's batches of n items, every rank's results gathered in
     batch order: the list one process would make (e.g. a head sweep per batch of images)."""
@@ -138,4 +143,4 @@ def shard_rows(n: int, group: Any = None) -> np.ndarray:
 
 
 __all__ = ["active", "all_reduce_sum", "alone", "local_device", "barrier", "batch_starts", "broadcast_object", "gather_in_order",
-           "init_from_environment", "is_main", "map_batches", "rank", "shard_rows", "shutdown", "world_size"]
+           "init_from_environment", "is_main", "map_batches", "rank", "shard_rows", "share", "shutdown", "world_size"]
