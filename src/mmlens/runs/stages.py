@@ -162,8 +162,10 @@ class Session:
         if self._model is None:
             from ..model import HookedMLLM
 
-            placement = ({"device_map": self.config.device_map} if self.config.device_map
-                         else {"device": distributed.local_device(self.config.device)})
+            from ..placement import rank_placement
+
+            # under torchrun: this rank's own GPU, or its own GPUs for a device map (see placement)
+            placement = rank_placement(self.config.device, self.config.device_map)
             self._model = HookedMLLM.from_pretrained(self.config.model, dtype=self.config.dtype, **placement)
         return self._model
 
@@ -353,7 +355,9 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
             folder.fail(unit, error)
             raise
         seconds = time.perf_counter() - clock
-        folder.save(unit, output, started=started, seconds=seconds, extra={"stage": stage.name, "seed": seed})
+        # "processes": how many ranks computed the unit (its results do not depend on it)
+        folder.save(unit, output, started=started, seconds=seconds,
+                    extra={"stage": stage.name, "seed": seed, "processes": distributed.world_size() if shared else 1})
         session.results[unit] = output.result
         reports.append(UnitReport(unit, stage.title, True, seconds, list(output.summary)))
         if progress:
