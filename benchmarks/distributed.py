@@ -5,10 +5,16 @@ with 2 processes (`python -m torch.distributed.run --standalone --nproc-per-node
 one thread, and times on rank 0:
 1. a ridge and a logistic probe sweep over every site of tiny-shapes-llava;
 2. a head sweep (every LLM head, recovery-blocked corruption, logit difference) over the images
-   in batches of 4, the batches shared over ranks (`mmlens.distributed.map_batches`).
+   in batches of 4, the batches shared over ranks (`mmlens.distributed.map_batches`);
+3. the three experiment stages as a study runs them, each sharing its image batches over the
+   ranks: the anchor knockout and the recovery heads (recovery-blocked, attribution on) on the
+   held-out images of one ridge sweep, and the position study (two ridge sweeps of its own and
+   the cross reading). The sweep they start from is fitted by each rank alone, so it is the same
+   in both runs and their per-image results can be compared exactly.
 Then it prints the speedups and whether the 2-process results equal the 1-process ones (tables
-within 1e-6, held-out predictions and head-sweep values exactly). On a machine whose cores are
-busy with other work the speedup is bounded by the free cores: say the load with the figure.
+within 1e-6, held-out predictions, head-sweep values and the experiments' per-image values
+exactly). On a machine whose cores are busy with other work the speedup is bounded by the free
+cores: say the load with the figure.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 def worker(images: int, out: Path) -> None:
     from mmlens import HookedMLLM, distributed
     from mmlens.data import load_segmentation
+    from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
     from mmlens.interventions.corruptions import recovery_blocked
     from mmlens.interventions.patching import Run, head_sweep
     from mmlens.interventions.patching_metrics import logit_difference
@@ -52,9 +60,33 @@ def worker(images: int, out: Path) -> None:
     start = time.perf_counter()
     results["heads"] = torch.cat(distributed.map_batches(min(images, 32), 4, heads), dim=-1)
     seconds["heads"] = time.perf_counter() - start
+
+    with distributed.alone():  # the experiments' starting point, the same in every run (not timed)
+        sweep = probe_sweep(model, scenes, sites=["adapter.hook_out", "blocks.1.hook_resid_post",
+                                                  "blocks.3.hook_resid_post"], probe="ridge", progress=False, n_boot=50)
+    studies = {
+        "knockout": lambda: anchor_knockout(model, sweep, n_pairs=2, n_control=2, batch_size=4, n_boot=200),
+        "position": lambda: position_study(model, scenes, probe="ridge", n_boot=200, batch_size=4, progress=False),
+        "recovery": lambda: find_recovery_heads(model, sweep, n_images=None, n_maps=2, batch_size=4, n_boot=200),
+    }
+    for name, study in studies.items():
+        distributed.barrier()
+        start = time.perf_counter()
+        found = study()
+        seconds[name] = time.perf_counter() - start
+        results[name] = _per_image(name, found)
     if distributed.is_main():
         torch.save({"results": results, "seconds": seconds, "world": distributed.world_size()}, out)
     distributed.shutdown()
+
+
+def _per_image(name: str, found) -> dict:
+    """What an experiment keeps per image (compared exactly) and its tables (within 1e-6)."""
+    if name == "knockout":
+        return {"tables": [found.table, found.effects], "per_image": []}
+    if name == "position":
+        return {"tables": [found.summary, found.gains, found.per_position], "per_image": list(found._hits.values())}
+    return {"tables": [found.table, found.top_k], "per_image": [found.exact, found.attribution]}
 
 
 def launch(n: int, images: int, out: Path) -> dict:
@@ -77,7 +109,7 @@ def main() -> None:
     one, two = launch(1, args.images, folder / "one.pt"), launch(2, args.images, folder / "two.pt")
     print(f"tiny-shapes-llava, {args.images} scene images, one thread per rank, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores at the end")
-    for name in ("ridge", "logistic", "heads"):
+    for name in ("ridge", "logistic", "heads", "knockout", "position", "recovery"):
         a, b = one["seconds"][name], two["seconds"][name]
         print(f"{name:>9}: 1 process {a:6.1f} s, 2 processes {b:6.1f} s, speedup {a / b:.2f}x")
     for kind in ("ridge", "logistic"):
@@ -86,6 +118,12 @@ def main() -> None:
         same = all(torch.equal(p1[k], p2[k]) for k in p1)
         print(f"{kind} sweep: largest table difference {gap:.2e}; held-out predictions identical: {same}")
     print(f"head sweep values identical: {torch.equal(one['results']['heads'], two['results']['heads'])}")
+    for name in ("knockout", "position", "recovery"):
+        a, b = one["results"][name], two["results"][name]
+        gap = max((x.select_dtypes("number") - y.select_dtypes("number")).abs().max().max()
+                  for x, y in zip(a["tables"], b["tables"]))
+        same = all(np.array_equal(x, y) for x, y in zip(a["per_image"], b["per_image"]))
+        print(f"{name}: largest table difference {gap:.2e}; per-image values identical: {same}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): the Python functions given
-the process group torchrun sets up. Rank 0 writes what every rank computed to OUT for comparison."""
+the process group torchrun sets up. Rank 0 writes what every rank computed to OUT for comparison,
+and, for the experiments, what it computes alone (one process, `distributed.alone()`) from the
+same sweep: the per-image results must be the same computation."""
 
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch.distributed as dist
 
 from mmlens import HookedMLLM, distributed
 from mmlens.data import load_segmentation
+from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.probing import probe_sweep
 
 SITES = ["vision.blocks.1.hook_resid_post", "adapter.hook_out", "blocks.1.hook_resid_post"]
@@ -23,6 +26,27 @@ def sweeps(model, scenes, group=None):
     return {"ridge": ridge, "logistic": logistic}
 
 
+def experiments(model, scenes, sweep, group=None) -> dict:
+    """The three experiments on 6 held-out images in batches of 4 (one batch per rank); what each
+    keeps per image, and its tables."""
+    knockout = anchor_knockout(model, sweep, n_pairs=2, n_control=1, n_boot=20, batch_size=4, group=group)
+    position = position_study(model, scenes, probe="ridge", sites=["blocks.1.hook_resid_post"], n_boot=20,
+                              batch_size=4, group=group)
+    heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=8, top_k=2, n_maps=2, n_boot=20,
+                                batch_size=4, group=group)
+    return {
+        "knockout": {"tables": {"table": knockout.table, "effects": knockout.effects, "pairs": knockout.pairs},
+                     "numbers": [knockout.anchors_per_image, knockout.targets_per_image, knockout.blocked_mass,
+                                 knockout.control_anchor_share]},
+        "position": {"tables": {"summary": position.summary, "gains": position.gains,
+                                "per_position": position.per_position, "curve": position.position_curves()},
+                     "per_image": {"scored": position._scored, **{f"{c} {h}": v for (c, h), v in position._hits.items()}}},
+        "heads": {"tables": {"heads": heads.table, "top_k": heads.top_k}, "summary": heads.summary,
+                  "per_image": {"exact": heads.exact, "attribution": heads.attribution},
+                  "maps": [(m.dataset_index, m.queries, m.anchors, m.attention) for m in heads.maps]},
+    }
+
+
 def main(out: Path) -> None:
     distributed.init_from_environment()
     assert distributed.world_size() == 2 and dist.get_backend() == "gloo"
@@ -30,13 +54,20 @@ def main(out: Path) -> None:
     model = HookedMLLM.from_pretrained("tiny-shapes-llava")
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0)
     found = sweeps(model, scenes, group=dist.group.WORLD)
-    # every rank returns the whole sweep: rank 1's must equal rank 0's
-    gathered = distributed.gather_in_order([(distributed.rank(), {k: s.table for k, s in found.items()})])
+    studied = experiments(model, scenes, found["ridge"], group=dist.group.WORLD)
+    # every rank returns the whole sweep and every whole experiment: rank 1's must equal rank 0's
+    gathered = distributed.gather_in_order([(distributed.rank(), ({k: s.table for k, s in found.items()},
+                                                                  {k: e["tables"] for k, e in studied.items()}))])
     for k in found:
-        assert gathered[0][k].equals(gathered[1][k]), k
+        assert gathered[0][0][k].equals(gathered[1][0][k]), k
+    for k, tables in gathered[0][1].items():
+        assert all(table.equals(gathered[1][1][k][name]) for name, table in tables.items()), k
     if distributed.is_main():
+        with distributed.alone():  # the same experiments in one process, from the same sweep
+            alone = experiments(model, scenes, found["ridge"])
         torch.save({k: {"table": s.table, "predictions": s.predictions, "probes": s.probes,
-                        "test_indices": s.test_indices} for k, s in found.items()}, out)
+                        "test_indices": s.test_indices} for k, s in found.items()}
+                   | {"experiments": studied, "experiments_alone": alone}, out)
     distributed.shutdown()
 
 

@@ -3,7 +3,9 @@
 torchrun starts the ranks, as a researcher would. Batches go to ranks whole, so held-out
 predictions are the same computation as in one process and must be equal exactly; ridge
 statistics and logistic gradients are all-reduced sums, so probes (and mIoU) must agree within
-1e-6. torchrun sets OMP_NUM_THREADS=1 in its workers; the single-process side runs on one thread
+1e-6. The experiment stages (anchor knockout, position study, recovery heads) gather per-image
+results: from one sweep they are the same computation on 2 ranks as in one process, so equal
+exactly. torchrun sets OMP_NUM_THREADS=1 in its workers; the single-process side runs on one thread
 too, so both sides run the same kernels.
 """
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,8 +40,9 @@ CONFIG = {
     "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
                                          "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},
     "knockout": {"n_pairs": 2, "n_control": 1},
-    "position": {"enabled": False},
-    "recovery": {"enabled": False},
+    "position": {"layers": [1, 2]},
+    # 8 held-out images in batches of 4: each rank patches one batch
+    "recovery": {"n_images": 8, "top_k": 2, "n_maps": 1, "window": [1, 2, 3]},
 }
 
 
@@ -71,10 +75,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_probe_sweeps_on_two_ranks_equal_one_process(tmp_path, one_thread):
-    out = tmp_path / "ranks.pt"
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What the worker computed on 2 ranks (and, for the experiments, on rank 0 alone)."""
+    out = tmp_path_factory.mktemp("ranks") / "ranks.pt"
     torchrun(str(HERE / "distributed_worker.py"), str(out))
-    ranks = torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=False)
+
+
+def test_probe_sweeps_on_two_ranks_equal_one_process(ranks, one_thread):
     model = HookedMLLM.from_pretrained("tiny-shapes-llava")
     single = sweeps(model, load_segmentation("scenes", split="validation", n=24, seed=0))
     for kind, sweep in single.items():
@@ -87,6 +96,23 @@ def test_probe_sweeps_on_two_ranks_equal_one_process(tmp_path, one_thread):
         if kind == "ridge":  # probes equal to 1e-7 and a held-out forward that is the same computation
             for key, predictions in sweep.predictions.items():
                 assert torch.equal(got["predictions"][key], predictions), key
+
+
+def test_experiments_on_two_ranks_equal_one_process(ranks):
+    """Knockout, position study and recovery heads with the process group against the same
+    functions in one process from the same sweep: per-image results and every table exactly."""
+    shared, alone = ranks["experiments"], ranks["experiments_alone"]
+    for study, found in shared.items():
+        for name, table in found["tables"].items():
+            pd.testing.assert_frame_equal(table, alone[study]["tables"][name], check_exact=True, obj=f"{study} {name}")
+        for name, values in found.get("per_image", {}).items():
+            np.testing.assert_array_equal(values, alone[study]["per_image"][name], err_msg=f"{study} {name}")
+    assert shared["knockout"]["numbers"] == alone["knockout"]["numbers"]
+    assert shared["heads"]["summary"] == alone["heads"]["summary"]
+    maps, expected = shared["heads"]["maps"], alone["heads"]["maps"]
+    assert [m[:3] for m in maps] == [m[:3] for m in expected] and len(maps) == 2
+    for (*_, attention), (*_, reference) in zip(maps, expected):
+        assert attention.keys() == reference.keys() and all(np.array_equal(attention[l], reference[l]) for l in attention)
 
 
 def test_a_killed_two_process_study_resumes_and_equals_one_process(tmp_path, one_thread):
@@ -102,12 +128,19 @@ def test_a_killed_two_process_study_resumes_and_equals_one_process(tmp_path, one
     assert manifest["stages"]["anchor_knockout/seed-0"]["status"] == "running"
     # rank 0 alone wrote the folder: no rank-suffixed or second copy of anything
     assert not [p for p in killed.rglob("*") if "rank1" in p.name]
+    # resumed: rank 1 rebuilds the sweep from what rank 0 read back, and the three experiment
+    # stages share their images over both ranks
     resumed = torchrun("-m", "mmlens", "study", str(config_path), "--out", str(killed), "--no-report")
-    assert "probe_sweep/seed-0: done earlier" in resumed.stdout and "anchor_knockout/seed-0: ran" in resumed.stdout
+    assert "probe_sweep/seed-0: done earlier" in resumed.stdout
+    experiments = ("anchor_knockout", "position_study", "recovery_heads")
+    assert all(f"{stage}/seed-0: ran" in resumed.stdout for stage in experiments)
+    records = RunFolder.open(killed)
+    assert all(records.record(f"{stage}/seed-0")["processes"] == 2 for stage in ("probe_sweep", *experiments))
     tables = {run: {str(p.relative_to(run)): pd.read_parquet(p) for p in sorted(run.glob("stages/*/*/tables/*.parquet"))}
               for run in (single.folder.path, killed)}
     expected, got = tables[single.folder.path], tables[killed]
-    assert set(got) == set(expected) and any("anchor_knockout" in name for name in got)
+    assert set(got) == set(expected)
+    assert all(any(stage in name for name in got) for stage in ("anchor_knockout", "position_study", "recovery_heads"))
     for name in expected:
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, atol=1e-6, rtol=0, obj=name)
     a = RunFolder.open(single.folder.path).load("probe_sweep/seed-0").tensors["predictions"]

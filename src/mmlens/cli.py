@@ -110,8 +110,16 @@ def _run(config, out: Path, args: argparse.Namespace) -> int:
     from . import distributed
     from .runs import run_study
 
-    # started by torchrun (WORLD_SIZE > 1): join its process group; rank 0 writes the run folder
-    distributed.init_from_environment()
+    from .errors import ConfigError
+    from .placement import collective_gpu
+    from .runs.config_checks import device_problems
+
+    problems = device_problems(config)  # before joining: a rank that cannot place its model says why
+    if problems:
+        raise ConfigError(problems, "the config, on this machine")
+    # started by torchrun (WORLD_SIZE > 1): join its process group, on the GPU this rank's model
+    # uses (NCCL) or the CPU (gloo); rank 0 writes the run folder
+    distributed.init_from_environment(collective_gpu(config.device, config.device_map))
     try:
         run = run_study(config, out, overwrite=args.overwrite, rerun=tuple(args.rerun), progress=not args.quiet,
                         report=not args.no_report)

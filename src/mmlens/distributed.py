@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -59,6 +58,11 @@ def batch_starts(n: int, batch_size: int, group: Any = None) -> list[int]:
     """The start offsets of this rank's batches over n items: batch b to rank b mod world size."""
     starts = list(range(0, n, batch_size))
     return starts[rank(group) :: world_size(group)]
+
+
+def share(n: int, batch_size: int, group: Any = None) -> int:
+    """How many of n items this rank's batches hold (for progress bars)."""
+    return sum(min(batch_size, n - start) for start in batch_starts(n, batch_size, group))
 
 
 def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T], group: Any = None) -> list[T]:
@@ -105,15 +109,16 @@ def barrier(group: Any = None) -> None:
         dist.barrier(group=group)
 
 
-def init_from_environment() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), with gloo on CPU and NCCL on
-    CUDA; returns whether this process is part of a multi-process run."""
+def init_from_environment(gpu: int | None = None) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA device `gpu` (the
+    first GPU this rank's model uses, `placement.collective_gpu`), gloo when `gpu` is None (a
+    model on the CPU); returns whether this process is part of a multi-process run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return active()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # ranks other than 0 wait while rank 0 runs the stages it runs alone: allow hours, not minutes
+    backend = "gloo" if gpu is None else "nccl"
+    if gpu is not None:
+        torch.cuda.set_device(gpu)  # NCCL runs each rank's collectives on its current device
+    # ranks other than 0 wait while rank 0 writes a stage's results and the report: allow hours
     dist.init_process_group(backend, timeout=timedelta(hours=12))
     return active()
 
@@ -124,18 +129,5 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def local_device(device: str) -> str:
-    """`cuda` in a multi-process run is this rank's GPU (torchrun's LOCAL_RANK)."""
-    if device == "cuda" and active():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank()))}"
-    return device
-
-
-def shard_rows(n: int, group: Any = None) -> np.ndarray:
-    """This rank's share of n rows, contiguous (rank r takes the r-th of world-size near-equal parts)."""
-    bounds = np.linspace(0, n, world_size(group) + 1).round().astype(int)
-    return np.arange(bounds[rank(group)], bounds[rank(group) + 1])
-
-
-__all__ = ["active", "all_reduce_sum", "alone", "local_device", "barrier", "batch_starts", "broadcast_object", "gather_in_order",
-           "init_from_environment", "is_main", "map_batches", "rank", "shard_rows", "shutdown", "world_size"]
+__all__ = ["active", "all_reduce_sum", "alone", "barrier", "batch_starts", "broadcast_object", "gather_in_order",
+           "init_from_environment", "is_main", "map_batches", "rank", "share", "shutdown", "world_size"]

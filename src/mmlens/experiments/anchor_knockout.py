@@ -15,17 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..display import result_html
 from ..findings import effect_phrase
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
-from ..probing.batches import labelled_batches
+from ..probing.batches import rank_batches
 from ..probing.metrics import SegmentationScores, bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import Site, site_for
@@ -100,6 +102,7 @@ def anchor_knockout(
     n_boot: int = 200,
     seed: int = 0,
     progress: bool = False,
+    group: Any = None,
 ) -> AnchorKnockoutResult:
     """Block anchors -> other image tokens and measure the targets with the sweep's probes.
 
@@ -109,6 +112,10 @@ def anchor_knockout(
     reference and every probed LLM `hook_resid_post` in or after the window). `pairs`: a table
     from `conflicting_pairs` to use instead of the `n_pairs` most confused. `images`: dataset
     rows (default: the sweep's held-out images, which its probes never saw).
+
+    Under torch.distributed (torchrun, or `group`, a process group) each rank runs its share of
+    the image batches (whole batches, as in one process) and the per-image counts are gathered in
+    batch order: every rank returns the result one process would, intervals included.
     """
     reference = model.resolve_hook_name(reference)
     ref_site = site_for(model, reference)
@@ -123,68 +130,28 @@ def anchor_knockout(
     classes = pair_classes(pairs)
     probes = {name: sweep.probes[("model", name)] for name in readout_names}
     anchors, targets = anchor_groups(sweep, reference, classes)
-    same_classes = TokenGroup.of_class(*classes)
-    image = TokenGroup.image()
     indices = np.asarray(sweep.test_indices if images is None else images)
     settings = sweep.settings
 
-    n_classes = len(sweep.class_names)
-    counts = {(c, h): [] for c in CONDITIONS for h in readout_names}  # per batch: [images, 3, classes]
-    correct = {(c, h): [] for c in CONDITIONS for h in readout_names}
-    scored: list[np.ndarray] = []
-    n_anchors: list[int] = []
-    blocked_mass = 0.0
-    overlap = [0, 0]  # control keys that are anchors, all control keys
-    batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                               min_valid_fraction=settings.min_valid_fraction)
+    parts = []  # (batch number, its per-image counts): this rank's batches, gathered below
     # one forward per image and condition (clean, anchors, each control seed): the bar moves after each
-    bar = tqdm(total=len(indices) * (2 + n_control), desc="anchor knockout", unit="image run", disable=not progress,
-               leave=False)
-    for b, batch in enumerate(batches):
-        inputs, labels = batch.inputs, batch.labels["llm"]
-        _, clean = model.run_with_cache(inputs, names_filter=sorted({reference, *readout_names}), return_cache_object=False)
-        context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)
-        anchor_mask = anchors.resolve(inputs, context)
-        anchor_group = TokenGroup.from_mask(anchor_mask, "anchors")
-        target_mask = targets.resolve(inputs, context)
-        target_tokens = inputs.layout.by_image(target_mask)
-        scored_group = TokenGroup.from_mask(target_mask, "targets")
-        predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
-        bar.update(len(batch.indices))
-        knocked = [("anchors", anchor_group)] + [
-            ("control", TokenGroup.random_like(anchor_group, within=same_classes, seed=seed + 7919 * b + s))
-            for s in range(n_control)
-        ]
-        for condition, keys in knocked:
-            # scored targets stay queries in every condition, even when the control draws them as keys
-            ko = knockout(model, inputs, queries=(image - keys) | scored_group, keys=keys, layers=window, verify=True,
-                          context=context, allow_empty=True)  # a batch may hold no anchors
-            if condition == "control":
-                drawn = keys.resolve(inputs, context)
-                overlap[0] += int((drawn & anchor_mask).sum())
-                overlap[1] += int(drawn.sum())
-            predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
-            bar.update(len(batch.indices))
-            blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
-        if blocked_mass != 0.0:
-            raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
-        grid = inputs.layout.pixels("llm")
-        for condition, runs in predictions.items():
-            for name in readout_names:
-                segmentation = SegmentationScores(n_classes, sweep.ignore_index)
-                hits = torch.zeros(target_tokens.shape, dtype=torch.long)
-                for run in runs:  # control seeds pool their counts image by image
-                    segmentation.add(run[name], labels.labels, labels.valid, batch.masks, grid)
-                    hits += ((run[name] == labels.labels) & target_tokens).long()
-                per_run = np.stack(segmentation.per_image).reshape(len(runs), len(batch.indices), 3, n_classes)
-                counts[(condition, name)].append(per_run.sum(0))
-                correct[(condition, name)].append(hits.sum(1).numpy())
-        scored.append(target_tokens.sum(1).numpy())
-        n_anchors.append(inputs.layout.by_image(anchor_mask).sum(1).numpy())
+    bar = tqdm(total=distributed.share(len(indices), batch_size, group) * (2 + n_control), desc="anchor knockout",
+               unit="image run", disable=not progress, leave=False)
+    plan = _Plan(anchors, targets, TokenGroup.of_class(*classes), probes, readout_names, reference, window, n_control,
+                 seed)
+    for b, batch in rank_batches(model, sweep.dataset, indices, batch_size=batch_size, group=group,
+                                 prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
+        parts.append((b, _knockout_batch(model, sweep, batch, b, plan, bar)))
     bar.close()
+    # per image in single-process order, whichever rank ran it; every statistic below is made from these
+    parts = distributed.gather_in_order(parts, group)
+    counts = {key: np.concatenate([p["counts"][key] for p in parts]) for key in parts[0]["counts"]}
+    correct = {key: np.concatenate([p["correct"][key] for p in parts]) for key in parts[0]["correct"]}
+    scored = [p["scored"] for p in parts]
+    n_anchors = [p["anchors"] for p in parts]
+    blocked_mass = max(p["blocked_mass"] for p in parts)
+    overlap = [sum(p["overlap"][0] for p in parts), sum(p["overlap"][1] for p in parts)]
 
-    counts = {key: np.concatenate(v) for key, v in counts.items()}
-    correct = {key: np.concatenate(v) for key, v in correct.items()}
     runs_per_condition = {"clean": 1, "anchors": 1, "control": n_control}
     scored_tokens = {c: np.concatenate(scored) * runs_per_condition[c] for c in CONDITIONS}
     resamples = bootstrap_indices(len(indices), n_boot, seed)
@@ -226,6 +193,73 @@ def anchor_knockout(
         settings={"n_images": len(indices), "n_control": n_control, "n_boot": n_boot, "seed": seed,
                   "classes": [sweep.class_names[c] for c in classes]},
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every batch of one knockout study shares."""
+
+    anchors: TokenGroup
+    targets: TokenGroup
+    same_classes: TokenGroup  # where the control draws its tokens
+    probes: dict
+    readout_names: list[str]
+    reference: str
+    window: list[int]
+    n_control: int
+    seed: int
+
+
+def _knockout_batch(model, sweep, batch, b: int, plan: _Plan, bar) -> dict:
+    """Batch number `b`'s per-image counts under every condition: [tp, fp, fn] x class and
+    correct target tokens per condition and readout, scored targets and anchors per image, the
+    largest attention left on a blocked edge, and the control's blocked keys that are anchors
+    (and all of them)."""
+    inputs, labels = batch.inputs, batch.labels["llm"]
+    probes, readout_names, n_classes = plan.probes, plan.readout_names, len(sweep.class_names)
+    _, clean = model.run_with_cache(inputs, names_filter=sorted({plan.reference, *readout_names}), return_cache_object=False)
+    context = GroupContext(token_labels=labels.labels, model=model, activations=clean, ignore_index=sweep.ignore_index)
+    anchor_mask = plan.anchors.resolve(inputs, context)
+    anchor_group = TokenGroup.from_mask(anchor_mask, "anchors")
+    target_mask = plan.targets.resolve(inputs, context)
+    target_tokens = inputs.layout.by_image(target_mask)
+    scored_group = TokenGroup.from_mask(target_mask, "targets")
+    predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
+    bar.update(len(batch.indices))
+    # the control's draws follow the batch number, so they are the same on any rank
+    knocked = [("anchors", anchor_group)] + [
+        ("control", TokenGroup.random_like(anchor_group, within=plan.same_classes, seed=plan.seed + 7919 * b + s))
+        for s in range(plan.n_control)
+    ]
+    blocked_mass, overlap = 0.0, [0, 0]
+    for condition, keys in knocked:
+        # scored targets stay queries in every condition, even when the control draws them as keys
+        ko = knockout(model, inputs, queries=(TokenGroup.image() - keys) | scored_group, keys=keys, layers=plan.window,
+                      verify=True, context=context, allow_empty=True)  # a batch may hold no anchors
+        if condition == "control":
+            drawn = keys.resolve(inputs, context)
+            overlap[0] += int((drawn & anchor_mask).sum())
+            overlap[1] += int(drawn.sum())
+        predictions.setdefault(condition, []).append(predict_image_tokens(model, inputs, probes, fwd_hooks=ko.hooks))
+        bar.update(len(batch.indices))
+        blocked_mass = max(blocked_mass, *ko.blocked_mass.values())
+    if blocked_mass != 0.0:
+        raise RuntimeError(f"the knockout left attention {blocked_mass} on a blocked edge; it did not take effect")
+    grid = inputs.layout.pixels("llm")
+    counts, correct = {}, {}
+    for condition, runs in predictions.items():
+        for name in readout_names:
+            segmentation = SegmentationScores(n_classes, sweep.ignore_index)
+            hits = torch.zeros(target_tokens.shape, dtype=torch.long)
+            for run in runs:  # control seeds pool their counts image by image
+                segmentation.add(run[name], labels.labels, labels.valid, batch.masks, grid)
+                hits += ((run[name] == labels.labels) & target_tokens).long()
+            per_run = np.stack(segmentation.per_image).reshape(len(runs), len(batch.indices), 3, n_classes)
+            counts[(condition, name)] = per_run.sum(0)
+            correct[(condition, name)] = hits.sum(1).numpy()
+    return {"counts": counts, "correct": correct, "scored": target_tokens.sum(1).numpy(),
+            "anchors": inputs.layout.by_image(anchor_mask).sum(1).numpy(), "blocked_mass": blocked_mass,
+            "overlap": overlap}
 
 
 def _default_window(model: HookedMLLM, reference: Site) -> list[int]:

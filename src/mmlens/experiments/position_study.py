@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import distributed
 from ..interventions import bidirectional_image_attention
 from ..model.edits import edit_hooks
 from ..model import HookedMLLM, TokenGrid
 from ..probing import ProbeSweep, probe_sweep
-from ..probing.batches import labelled_batches, pad_stack
+from ..probing.batches import pad_stack, rank_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
@@ -105,6 +106,7 @@ def position_study(
     n_boot: int = 200,
     seed: int = 0,
     progress: bool = False,
+    group: Any = None,
     **sweep_settings: Any,
 ) -> PositionStudyResult:
     """Per-token accuracy against raster position, causal vs bidirectional image attention.
@@ -116,6 +118,10 @@ def position_study(
     token is right almost anywhere and would hide the effect. Other keywords go to `probe_sweep`
     (batch_size, test_fraction, ...). The model's own attention mode does not matter: the
     causal condition forces causal attention, so the bidirectional twin can be studied too.
+
+    Under torch.distributed (torchrun, or `group`, a process group) both sweeps and the cross
+    reading share the image batches over ranks (`probe_sweep`), per-image predictions are gathered
+    in batch order, and every rank returns the result one process would.
     """
     if not 0 < early_fraction <= 0.5:
         raise ValueError(f"early_fraction must be in (0, 0.5], got {early_fraction}")
@@ -129,11 +135,12 @@ def position_study(
     def bidirectional(inputs):
         return bidirectional_image_attention(model, inputs, layers)
 
-    common = dict(sites=names, probe=probe, seed=seed, n_boot=n_boot, progress=progress, **sweep_settings)
+    common = dict(sites=names, probe=probe, seed=seed, n_boot=n_boot, progress=progress, group=group, **sweep_settings)
     with model.using_image_attention("causal"):
         sweeps = {"causal": probe_sweep(model, dataset, **common),
                   "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
-        cross, labels, valid = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress)
+        cross, labels, valid = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress,
+                                                  group)
     causal = sweeps["causal"]
     grid = causal.grids["llm"]
     excluded = torch.tensor(excluded_classes(causal.class_names, exclude), dtype=torch.long)
@@ -191,23 +198,22 @@ def position_study(
     )
 
 
-def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False):
+def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False, group=None):
     """The causal probes read on the bidirectional run of the same held-out images, with those
-    images' LLM token labels and validity (padded to the longest image)."""
+    images' LLM token labels and validity (padded to the longest image); each rank reads its
+    batches and the per-image rows are gathered in batch order."""
     probes = {n: causal.probes[("model", n)] for n in names}
     settings = causal.settings
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    labels, valid = [], []
-    for batch in labelled_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
-                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
-                                  progress=progress, desc="position study: causal probes on the bidirectional run"):
+    parts = []
+    for number, batch in rank_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
+                                      group=group, prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
+                                      progress=progress, desc="position study: causal probes on the bidirectional run"):
         predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
-        for n in names:
-            out[n].extend(predicted[n])
-        labels.extend(batch.labels["llm"].labels)
-        valid.extend(batch.labels["llm"].valid)
-    return ({n: pad_stack(v, -1) for n, v in out.items()}, pad_stack(labels, causal.ignore_index),
-            pad_stack(valid, False))
+        parts.append((number, (predicted, batch.labels["llm"].labels, batch.labels["llm"].valid)))
+    parts = distributed.gather_in_order(parts, group)  # rows of a batch's tensors below are its images
+    out = {n: pad_stack([row for p in parts for row in p[0][n]], -1) for n in names}
+    return (out, pad_stack([row for p in parts for row in p[1]], causal.ignore_index),
+            pad_stack([row for p in parts for row in p[2]], False))
 
 
 def _per_position(hits, scored, names, model, cols) -> pd.DataFrame:

@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..interventions import GroupContext, TokenGroup
 from ..interventions.attribution import attribution_patching, rank_correlation
 from ..interventions.corruptions import anchors_removed, counterfactual_images, derangement, mean_adapter_output, recovery_blocked
 from ..interventions.patching import Patch, Run, baseline, evaluate, head_conditions, patch_conditions, run_and_collect
 from ..interventions.patching_metrics import probe_metric
 from ..model import HookedMLLM
-from ..probing.batches import labelled_batches
+from ..probing.batches import labelled_batches, rank_batches
 from ..probing.metrics import bootstrap_indices
 from ..probing.sites import site_for
 from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes
@@ -134,6 +135,7 @@ def find_recovery_heads(
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    group: Any = None,
 ) -> RecoveryHeadsResult:
     """Rank the LLM's heads by how much of the probe margin at `readout` they restore.
 
@@ -146,6 +148,11 @@ def find_recovery_heads(
     `readout`) or a TokenGroup. `anchors` (default: tokens the reference probe gets right in
     the 4 most confused class pairs) are removed by "anchors_removed" and marked on the maps.
     `images`: dataset rows (default the sweep's held-out images, the first `n_images`).
+
+    Under torch.distributed (torchrun, or `group`, a process group) each rank patches its share
+    of the image batches (whole, as in one process), the per-image values are gathered in batch
+    order and every rank returns the result one process would; the mean adapter output of
+    "anchors_removed" is computed whole on every rank, so each corrupted run is the same.
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
@@ -179,12 +186,14 @@ def find_recovery_heads(
     layers, conditions = head_conditions(model, hook)
     n_heads = model.cfg.llm.n_heads
 
-    batches = labelled_batches(model, sweep.dataset, indices, batch_size=batch_size, prompt=settings.prompt,
-                               min_valid_fraction=settings.min_valid_fraction, progress=progress,
-                               desc="recovery heads: clean and corrupted runs")
+    # each rank prepares and patches its own batches (whole, as in one process); the per-image
+    # values are gathered in batch order, so the tables below are made from every image
+    batches = rank_batches(model, sweep.dataset, indices, batch_size=batch_size, group=group, prompt=settings.prompt,
+                           min_valid_fraction=settings.min_valid_fraction, progress=progress,
+                           desc="recovery heads: clean and corrupted runs")
     head_hooks = [f"blocks.{l}.attn.hook_{hook}" for l in layers]
-    prepared = []  # (clean run, corrupted run, metric, n recovered tokens per image, batch, clean activations)
-    for b, batch in enumerate(batches):
+    prepared = {}  # this rank's batch numbers -> (clean run, corrupted run, metric, batch, clean activations, n recovered)
+    for b, batch in batches:
         inputs, labels = batch.inputs, batch.labels["llm"]
         clean_acts = run_and_collect(model, Run(inputs), [reference, readout, *head_hooks])  # reused as the source
         context = GroupContext(token_labels=labels.labels, model=model, activations=clean_acts,
@@ -193,40 +202,43 @@ def find_recovery_heads(
         corrupted = _corrupt(model, corruption, inputs, window, anchors, context, mean, sweep.dataset,
                              indices, batch, seed + b)
         n_recovered = inputs.layout.by_image(recovered.resolve(inputs, context)).sum(1)
-        prepared.append((Run(inputs, name="clean"), corrupted, metric, n_recovered, batch, clean_acts))
+        prepared[b] = (Run(inputs, name="clean"), corrupted, metric, batch, clean_acts, n_recovered)
 
-    clean_m, corrupt_m, exact, attributed, recovered_counts = [], [], [], [], []
-    bar = tqdm(total=len(indices), disable=not progress, desc="recovery heads: patching every head", unit="image")
-    for clean, corrupted, metric, n_recovered, batch, acts in prepared:
-        clean_m.append(evaluate(metric, acts, clean.inputs))
-        corrupt_m.append(baseline(model, corrupted, metric))
+    parts = []  # (batch number, per-image values of that batch), moved to the CPU to be gathered
+    bar = tqdm(total=distributed.share(len(indices), batch_size, group), disable=not progress,
+               desc="recovery heads: patching every head", unit="image")
+    for b, (clean, corrupted, metric, batch, acts, n_recovered) in prepared.items():
+        found = {"clean": evaluate(metric, acts, clean.inputs).cpu(), "corrupted": baseline(model, corrupted, metric).cpu()}
         values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size,
                                   source_activations=acts, progress=progress)
-        exact.append(values.view(len(layers), n_heads, -1))
+        found["exact"] = values.view(len(layers), n_heads, -1).cpu()
         if attribution:
-            attributed.append(attribution_patching(model, clean, corrupted, metric, hook=hook).per_head())
-        recovered_counts.append(n_recovered)
+            found["attribution"] = attribution_patching(model, clean, corrupted, metric, hook=hook).per_head().cpu()
+        found["recovered"] = n_recovered.cpu()
+        parts.append((b, found))
         bar.update(len(batch.indices))
     bar.close()
-    clean_m, corrupt_m = torch.cat(clean_m).cpu().numpy(), torch.cat(corrupt_m).cpu().numpy()
-    patched = torch.cat(exact, dim=-1).cpu().numpy()
+    parts = distributed.gather_in_order(parts, group)
+    clean_m = torch.cat([p["clean"] for p in parts]).numpy()
+    corrupt_m = torch.cat([p["corrupted"] for p in parts]).numpy()
+    patched = torch.cat([p["exact"] for p in parts], dim=-1).numpy()
     keep = np.isfinite(clean_m) & np.isfinite(corrupt_m)  # images with at least one scored token
     if keep.sum() < 2:
         raise ValueError(f"only {int(keep.sum())} image(s) have tokens to score with tokens={tokens!r}; "
                          "use more images or a broader token set ('objects', 'all')")
     effects = (patched - corrupt_m)[..., keep]
     gap = (clean_m - corrupt_m)[keep]
-    attr = torch.cat(attributed, dim=-1).cpu().numpy()[..., keep] if attribution else None
+    attr = torch.cat([p["attribution"] for p in parts], dim=-1).numpy()[..., keep] if attribution else None
     resamples = bootstrap_indices(int(keep.sum()), n_boot, seed)
     table = _head_table(effects, gap, attr, resamples, layers)
     top = list(zip(table.layer[:top_k].astype(int), table["head"][:top_k].astype(int)))
 
     together = []  # cumulative: best 1, best 2, ..., best top_k heads patched at once
     nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
-    for clean, corrupted, metric, _, _, acts in prepared:
-        together.append(patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
-                                         source_activations=acts, progress=progress))
-    together = torch.cat(together, dim=-1).cpu().numpy()[..., keep] - corrupt_m[keep]
+    for b, (clean, corrupted, metric, _, acts, _) in prepared.items():
+        together.append((b, patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
+                                             source_activations=acts, progress=progress).cpu()))
+    together = torch.cat(distributed.gather_in_order(together, group), dim=-1).numpy()[..., keep] - corrupt_m[keep]
     top_table = _top_k_table(together, gap, resamples, top)
 
     corr = rank_correlation(effects.mean(-1), attr.mean(-1)) if attribution else float("nan")
@@ -238,8 +250,8 @@ def find_recovery_heads(
                "rank_correlation": corr,
                "top_k_fraction_restored": float(top_table.fraction_restored.iloc[-1]),
                "n_images": int(keep.sum()), "n_images_without_scored_tokens": int((~keep).sum())}
-    counts = torch.cat(recovered_counts).numpy()
-    maps = _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_maps)
+    counts = torch.cat([p["recovered"] for p in parts]).numpy()
+    maps = _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered, sweep, n_maps, group)
     return RecoveryHeadsResult(
         table=table, top_k=top_table, layers=sorted({l for l, _ in top}), summary=summary,
         exact=effects, attribution=attr, maps=maps,
@@ -322,10 +334,11 @@ def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_maps) -> list[RecoveryMap]:
+def _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered, sweep, n_maps, group) -> list[RecoveryMap]:
     """Clean attention of the top heads from the recovered tokens (or, in images without any,
     from all labelled object tokens, flagged in `query_kind`) of the images with the most
-    recovered tokens."""
+    recovered tokens. `prepared`: this rank's batches by number; each map is drawn by the rank
+    that holds its image's batch, and the maps are gathered in order."""
     if n_maps < 1:
         return []
     order = np.argsort(-counts, kind="stable")[:n_maps]
@@ -333,11 +346,12 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
     for l, h in top:
         heads.setdefault(l, []).append(h)
     names = [f"blocks.{l}.attn.hook_pattern" for l in heads]
-    flat = [(b, k) for b, item in enumerate(prepared) for k in range(len(item[4].indices))]
     maps = []
-    for image in order:
-        b, k = flat[int(image)]
-        clean, _, _, _, batch, _ = prepared[b]
+    for place, image in enumerate(order):
+        b, k = divmod(int(image), batch_size)  # image i of the study is in batch i // batch_size
+        if b not in prepared:
+            continue
+        clean, _, _, batch, _, _ = prepared[b]
         inputs, labels = clean.inputs, batch.labels["llm"]
         context = GroupContext(token_labels=labels.labels, model=model, ignore_index=sweep.ignore_index)
         span = inputs.layout.spans[k]
@@ -362,10 +376,11 @@ def _recovery_maps(model, prepared, counts, top, anchors, recovered, sweep, n_ma
             attention[l] = from_queries.float().mean((0, 1)).view(segment.tokens.shape).cpu().numpy()
         picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index,
                                                                       **inputs.extra, **inputs.layout_inputs))
-        maps.append(RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
-                                queries[shown].nonzero().flatten().tolist(), anchor_tokens[shown].nonzero().flatten().tolist(),
-                                attention, {l: sorted(hs) for l, hs in heads.items()}, query_kind))
-    return maps
+        maps.append((place, RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
+                                        queries[shown].nonzero().flatten().tolist(),
+                                        anchor_tokens[shown].nonzero().flatten().tolist(),
+                                        attention, {l: sorted(hs) for l, hs in heads.items()}, query_kind)))
+    return distributed.gather_in_order(maps, group)
 
 
 def _finest_segment(span):

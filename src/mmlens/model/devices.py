@@ -21,8 +21,9 @@ _ORIGINAL = "_mmlens_original_forward"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def device_problem(device: str | torch.device | None) -> str | None:
-    """None when `device` exists on this machine, else why not (and what to use)."""
+def device_problem(device: str | torch.device | None, cuda_count: int | None = None) -> str | None:
+    """None when `device` exists on this machine (with `cuda_count` CUDA devices; default: as many
+    as torch sees), else why not (and what to use)."""
     if device is None:
         return None
     try:
@@ -30,7 +31,7 @@ def device_problem(device: str | torch.device | None) -> str | None:
     except (RuntimeError, ValueError, TypeError) as error:
         return f"{device!r} is not a torch device ({error}); use cpu, cuda, cuda:N or mps"
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_count if cuda_count is not None else torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             return (f"{str(device)!r} was asked for, but torch {torch.__version__} sees no CUDA device on this machine; "
                     "use cpu, or a CUDA build of torch on a machine with a GPU")

@@ -18,6 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.schema import segmentation_info
 from ..errors import LayoutMismatchError
 from ..model import HookedMLLM, MultimodalInputs
@@ -80,6 +81,30 @@ def labelled_batches(
         yield LabelledBatch(inputs, masks, labels, chunk)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()
+
+
+def rank_batches(
+    model: HookedMLLM,
+    dataset: Any,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int = 16,
+    group: Any = None,
+    **settings: Any,
+) -> Iterator[tuple[int, LabelledBatch]]:
+    """This rank's `LabelledBatch`es over `dataset[indices]`, each with its number b in the
+    single-process order (every batch of them in one process). Batch b goes to rank b mod world
+    size whole, with the very images one process would put in it, so a per-image result is the
+    same computation on any number of ranks; `distributed.gather_in_order` on (b, result) gives
+    the single-process list. Other keywords go to `labelled_batches`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    starts = distributed.batch_starts(len(indices), batch_size, group)
+    # every batch but the last of all is full, and that one is its rank's last: cutting the
+    # concatenation into batch_size pieces gives back exactly these batches
+    mine = np.concatenate([indices[start : start + batch_size] for start in starts]) if starts else indices[:0]
+    numbers = iter([start // batch_size for start in starts])
+    for batch in labelled_batches(model, dataset, mine, batch_size=batch_size, **settings):
+        yield next(numbers), batch
 
 
 def pad_stack(items: list[Tensor], fill: int) -> Tensor:

@@ -23,7 +23,7 @@ from ..data.schema import segmentation_info
 from ..errors import InputError
 from ..model import HookedMLLM, TokenGrid
 from ..model.edits import Edit, edit_hooks
-from .batches import labelled_batches, pad_stack
+from .batches import pad_stack, rank_batches
 from .linear import LinearProbe
 from .logistic import DEFAULT_MEMORY_MB, fit_logistic_many
 from .metrics import SegmentationScores, bootstrap_indices
@@ -187,17 +187,13 @@ class _SweepRun:
         single-process order: batch b goes to rank b mod world size, with the same images.
         `every_rank`: each rank must get one (training: every rank holds every site's sums)."""
         cfg = self.cfg
-        starts = distributed.batch_starts(len(indices), cfg.batch_size, self.group)
-        if every_rank and not starts and len(indices):
+        if every_rank and len(indices) and len(indices) <= cfg.batch_size * (distributed.world_size(self.group) - 1):
             raise InputError(f"{len(indices)} training images make fewer batches of {cfg.batch_size} than there are ranks "
                              f"({distributed.world_size(self.group)}); lower batch_size or use fewer processes")
-        # every batch but the last of all is full, and that one is its rank's last: cutting the
-        # concatenation into batch_size pieces gives back exactly these batches
-        mine = np.concatenate([indices[start : start + cfg.batch_size] for start in starts]) if starts else indices[:0]
-        numbers = iter([start // cfg.batch_size for start in starts])
-        for batch in labelled_batches(self.model, self.dataset, mine, batch_size=cfg.batch_size, prompt=cfg.prompt,
-                                      min_valid_fraction=cfg.min_valid_fraction, progress=self.progress, desc=desc):
-            yield next(numbers), batch.inputs, batch.masks, batch.labels
+        for number, batch in rank_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, group=self.group,
+                                          prompt=cfg.prompt, min_valid_fraction=cfg.min_valid_fraction,
+                                          progress=self.progress, desc=desc):
+            yield number, batch.inputs, batch.masks, batch.labels
 
     def _label_sets(self, labels, rng) -> dict[str, list[Tensor]]:
         """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""

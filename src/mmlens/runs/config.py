@@ -136,9 +136,12 @@ class RecoveryConfig:
 class StudyConfig:
     model: str = checked(doc="shipped name (tiny-shapes-llava), local folder or hub id")
     dataset: DatasetConfig = checked()
-    device: str = checked("cpu", doc="cpu, cuda, cuda:N or mps")
+    device: str = checked("cpu", doc="cpu, cuda, cuda:N, mps, or auto (a GPU when there is one); under torchrun "
+                                     "cuda and auto are each rank's own GPU, cuda:LOCAL_RANK")
     dtype: Literal["float32", "float16", "bfloat16"] = checked("float32")
-    device_map: str | None = checked(None, doc="auto, balanced, sequential: split the model over the visible GPUs (accelerate); replaces device")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = checked(
+        None, doc="split the model over the visible GPUs (accelerate); replaces device. Under torchrun each rank "
+                  "splits its copy over its own GPUs: GPUs per node / processes per node, which must divide evenly")
     seeds: list[int] = checked(default_factory=lambda: [0], check=non_empty,
                                doc="each seed repeats the study (split, bootstrap, controls)")
     batch_size: int = checked(16, check=positive)

@@ -12,15 +12,15 @@ import difflib
 from typing import Any
 
 from ..errors import HookNameError, InputError
-from ..model.devices import device_problem
+from ..placement import placement_problem
 from ..probing.split import split_sizes
 from .config import StudyConfig
 
 
 def device_problems(config: StudyConfig) -> list[str]:
-    """Whether this machine has the configured device."""
-    problem = device_problem(config.device)
-    return [f"device: {problem}"] if problem else []
+    """Whether this machine (and, under torchrun, this rank) has the configured device or GPUs."""
+    problem = placement_problem(config.device, config.device_map)
+    return [problem] if problem else []
 
 
 def model_problems(config: StudyConfig, model: Any, n_images: int) -> list[str]:

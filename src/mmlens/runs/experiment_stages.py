@@ -3,6 +3,9 @@ position study.
 
 Each is one registered function: it calls the experiment in `mmlens.experiments` with the
 config's settings and this unit's seed, and returns its tables, figures and headline numbers.
+All three are distributed: under torchrun every rank runs its share of the image batches, the
+per-image results are gathered in batch order and every rank holds the whole result; rank 0
+writes it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ POSITION_CURVE_HOW_TO_READ = (
 
 
 @register_stage("anchor_knockout", title="Anchor knockout", depends_on=("probe_sweep",),
-                enabled=lambda config: config.knockout.enabled, sections=("knockout",))
+                enabled=lambda config: config.knockout.enabled, sections=("knockout",), distributed=True)
 def anchor_knockout_stage(context: StageContext) -> StageOutput:
     config, settings = context.config, context.config.knockout
     sweep = context.result("probe_sweep")
@@ -66,7 +69,7 @@ def anchor_knockout_stage(context: StageContext) -> StageOutput:
 
 
 @register_stage("position_study", title="Position study", enabled=lambda config: config.position.enabled,
-                sections=("position", "probe"))
+                sections=("position", "probe"), distributed=True)
 def position_study_stage(context: StageContext) -> StageOutput:
     config, settings, probe = context.config, context.config.position, context.config.probe
     with torch.no_grad():
@@ -112,7 +115,7 @@ RECOVERY_MAP_HOW_TO_READ = (
 
 
 @register_stage("recovery_heads", title="Recovery heads", depends_on=("probe_sweep",),
-                enabled=lambda config: config.recovery.enabled, sections=("recovery",))
+                enabled=lambda config: config.recovery.enabled, sections=("recovery",), distributed=True)
 def recovery_heads_stage(context: StageContext) -> StageOutput:
     try:
         from ..experiments.recovery_heads import find_recovery_heads

@@ -162,8 +162,10 @@ class Session:
         if self._model is None:
             from ..model import HookedMLLM
 
-            placement = ({"device_map": self.config.device_map} if self.config.device_map
-                         else {"device": distributed.local_device(self.config.device)})
+            from ..placement import rank_placement
+
+            # under torchrun: this rank's own GPU, or its own GPUs for a device map (see placement)
+            placement = rank_placement(self.config.device, self.config.device_map)
             self._model = HookedMLLM.from_pretrained(self.config.model, dtype=self.config.dtype, **placement)
         return self._model
 
@@ -331,8 +333,10 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
         shared = getattr(stage, "distributed", False)
         if folder is None:  # a rank other than 0: its share of the distributed units, nothing else
             if unit in todo and shared:
+                _share_dependencies(session, stage, seed)
                 _reseed(seed)
-                stage.run(StageContext(stage, seed, session))
+                # every rank returns the whole result (gathered per image): kept for the stages built on it
+                session.results[unit] = stage.run(StageContext(stage, seed, session)).result
             continue
         if unit not in todo:
             record = folder.record(unit)
@@ -341,21 +345,45 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
             reports.append(UnitReport(unit, stage.title, False, record["seconds"], record["summary"] + notes))
             continue
         started, clock = folder.begin(unit), time.perf_counter()
-        _reseed(seed)
         try:
+            if shared:
+                _share_dependencies(session, stage, seed)
+            _reseed(seed)
             with nullcontext() if shared else distributed.alone():
                 output = stage.run(StageContext(stage, seed, session))
         except BaseException as error:
             folder.fail(unit, error)
             raise
         seconds = time.perf_counter() - clock
-        folder.save(unit, output, started=started, seconds=seconds, extra={"stage": stage.name, "seed": seed})
+        # "processes": how many ranks computed the unit (its results do not depend on it)
+        folder.save(unit, output, started=started, seconds=seconds,
+                    extra={"stage": stage.name, "seed": seed, "processes": distributed.world_size() if shared else 1})
         session.results[unit] = output.result
         reports.append(UnitReport(unit, stage.title, True, seconds, list(output.summary)))
         if progress:
             tqdm.write(f"{unit}: done in {seconds:.1f} s")
     bar.close()
     return reports
+
+
+def _share_dependencies(session: Session, stage: Stage, seed: int) -> None:
+    """Before a distributed unit, every rank holds the results of the units it builds on. A
+    rank without one (the unit finished in an earlier run, or rank 0 ran it alone) gets what
+    rank 0's run folder stored for it and rebuilds it with the stage's `restore`, as a resumed
+    single process does; ranks that hold it already keep theirs. Every rank calls this."""
+    if not distributed.active():
+        return
+    for name in stage.depends_on:
+        unit = unit_name(name, seed)
+        lacking = distributed.gather_in_order([(distributed.rank(), unit not in session.results)])
+        if not any(lacking):
+            continue
+        stored = distributed.broadcast_object(session.folder.load(unit) if session.folder is not None else None)
+        if unit not in session.results:
+            if session.progress:
+                tqdm.write(f"{unit}: finished earlier; reading it back from the run folder")
+            owner = session.stages[name]
+            session.results[unit] = owner.restore(StageContext(owner, seed, session), stored)
 
 
 def _reseed(seed: int) -> None:
