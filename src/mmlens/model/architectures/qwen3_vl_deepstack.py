@@ -81,11 +81,15 @@ def _add_after_layer(lm: nn.Module, layer: nn.Module, level: int, term_point: nn
         terms = state["terms"]
         if terms is None:  # text only, or a cached decoding step
             return inner(hidden_states, *args, **kwargs)
+        # a block of a growing batch (patching copies joining at their layer) computes the first
+        # rows only: their image tokens come first in the terms, which follow the rows in order
+        mask, features = terms.image_mask[:len(hidden_states)], terms.features[level]
+        features = features[:int(mask.sum())]
         if not (is_hooked(term_point) or is_hooked(resid_post)):
-            return lm._deepstack_process(inner(hidden_states, *args, **kwargs), terms.image_mask, terms.features[level])
+            return lm._deepstack_process(inner(hidden_states, *args, **kwargs), mask, features)
         with silenced(resid_post):  # it fires below, on the sum
             out = inner(hidden_states, *args, **kwargs)
-        term = fire(term_point, terms.features[level][None])[0]
-        return fire(resid_post, lm._deepstack_process(out, terms.image_mask, term))
+        term = fire(term_point, features[None])[0]
+        return fire(resid_post, lm._deepstack_process(out, mask, term))
 
     _override_forward(layer, forward)
