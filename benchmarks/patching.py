@@ -71,11 +71,37 @@ def main() -> None:
               f"faster; mmlens one condition per forward {times['sequential']:.3f} s -> "
               f"{times['sequential'] / times['batched']:.1f}x; max |difference| batched vs one at a time "
               f"{float((batched - sequential).abs().max()):.2e}, vs by hand {float((batched - by_hand).abs().max()):.2e}")
+        exact_sweep_work(model, corrupted, args.repeats)
 
     if 2 in args.sections:
         attribution_cost(model, clean, corrupted, metric, args.repeats)
     if 3 in args.sections:
         recovery_heads_studies(model, sweep, args.images)
+
+
+def exact_sweep_work(model, corrupted, repeats: int) -> None:
+    """The ratio to the hand-written loop that an exact sweep of full-width copies reaches if a row
+    costs in a batched copy what it costs in the target's own forward F: the loop runs 17 forwards
+    (16 heads and the clean run); such a sweep runs one (the clean run), the target's LLM up to
+    the top patched layer, and each copy's LLM layers from its own up. The LLM's share is F minus
+    the vision tower and adapter (`stop_at_layer=0`). Batching can lower the cost per row below
+    F's (much so for one image, whose forwards are mostly fixed cost), so this is a work ratio,
+    not a bound on every machine."""
+    cfg, inputs = model.cfg, corrupted.inputs
+    hooks = corrupted.edit(inputs).hooks if corrupted.edit else []
+    times = time_interleaved({
+        "forward": lambda: model.run_with_hooks(inputs, fwd_hooks=hooks),
+        "vision": lambda: model(inputs, stop_at_layer=0),
+    }, repeats=max(10, 5 * repeats), warmup=2)
+    layers, heads = cfg.n_layers, cfg.llm.n_heads
+    llm = max(times["forward"] - times["vision"], 0.0)
+    copies = heads * sum(layers - l for l in range(layers)) / layers  # in whole-LLM forwards
+    floor = times["forward"] + (layers - 1) / layers * llm + copies * llm
+    hand = (layers * heads + 1) * times["forward"]
+    print(f"   work of an exact sweep of full-width copies ({len(inputs)} image(s)), at the target forward's cost per row: "
+          f"forward {times['forward']:.3f} s, of which vision tower + adapter {times['vision']:.3f} s "
+          f"({times['vision'] / times['forward']:.0%}); sweep {floor:.3f} s against the loop's {hand:.3f} s -> "
+          f"{hand / floor:.1f}x")
 
 
 def attribution_cost(model, clean, corrupted, metric, repeats: int) -> None:
