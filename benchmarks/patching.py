@@ -5,7 +5,8 @@ Run: `python benchmarks/patching.py [--model tiny-shapes-llava] [--images 64] [-
    conditions batched (default chunks: 32 rows per forward) and with 16 replicas per forward,
    against one forward per head, for targets of 1 and of 8 images, and the largest difference
    between batched and one at a time (must be 0 or float rounding); the knockout is unverified
-   here so that both ways do the same work per row;
+   here so that both ways do the same work per row; and the work ratio an exact sweep of
+   full-width copies reaches at the target forward's cost per row (`exact_sweep_work`);
 2. attribution patching's cost in forward-pass equivalents (its time / one forward of the
    corrupted run with its edit and the metric);
 3. the recovery-heads study per corruption: wall time, and the Spearman correlation of
