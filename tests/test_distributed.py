@@ -140,7 +140,7 @@ def test_a_killed_two_process_study_resumes_and_equals_one_process(tmp_path, one
               for run in (single.folder.path, killed)}
     expected, got = tables[single.folder.path], tables[killed]
     assert set(got) == set(expected)
-    assert all(any(stage in name for name in got) for stage in ("anchor_knockout", "position_study", "recovery_heads"))
+    assert all(any(stage in name for name in got) for stage in experiments)
     for name in expected:
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, atol=1e-6, rtol=0, obj=name)
     a = RunFolder.open(single.folder.path).load("probe_sweep/seed-0").tensors["predictions"]

@@ -58,7 +58,7 @@ def test_gpus_that_do_not_divide_among_the_ranks_are_refused_with_the_rule():
     with pytest.raises(InputError, match=r"8 GPU\(s\) for 3 processes.*divides 8 \(e\.g\. --nproc-per-node 2\)"):
         rank_placement("cpu", "auto", n_gpus=8, slot=torchrun_slot(0, 3), available={})
     assert "1 GPU(s) for 2 processes" in placement_problem("cpu", "auto", n_gpus=1, slot=torchrun_slot(0, 2))
-    assert "on a node with GPUs" in placement_problem("cpu", "auto", n_gpus=0, slot=torchrun_slot(0, 2))
+    assert "this node has no GPU" in placement_problem("cpu", "auto", n_gpus=0, slot=torchrun_slot(0, 2))
     with pytest.raises(InputError, match="no memory figure for GPU"):
         rank_max_memory({"cpu": 1}, [0], torchrun_slot(0, 1))
 

@@ -108,10 +108,9 @@ def _study(args: argparse.Namespace) -> int:
 
 def _run(config, out: Path, args: argparse.Namespace) -> int:
     from . import distributed
-    from .runs import run_study
-
     from .errors import ConfigError
     from .placement import collective_gpu
+    from .runs import run_study
     from .runs.config_checks import device_problems
 
     problems = device_problems(config)  # before joining: a rank that cannot place its model says why

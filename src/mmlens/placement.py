@@ -60,12 +60,13 @@ def rank_gpus(n_gpus: int, slot: NodeSlot, split: bool) -> list[int]:
                              f"{n_gpus} processes per node (--nproc-per-node {n_gpus})" if n_gpus else
                              "torchrun ranks asked for CUDA, but this node has no CUDA device; use device: cpu")
         return [r]
+    rule = ("device_map under torchrun splits each rank's model over GPUs of its own: the node's GPUs are shared "
+            "out evenly, k = GPUs / processes per node each (rank r on cuda:r*k .. r*k+k-1)")
+    if not n_gpus:
+        raise InputError(f"{rule}, but this node has no GPU; use device: cpu (or auto) without a device_map")
     if n_gpus < ranks or n_gpus % ranks:
-        raise InputError(f"device_map under torchrun splits each rank's model over GPUs of its own: the node's GPUs "
-                         f"are shared out evenly, k = GPUs / processes per node each (rank r on cuda:r*k .. r*k+k-1). "
-                         f"This node has {n_gpus} GPU(s) for {ranks} processes; start a number of processes per node "
-                         f"that divides {n_gpus}" + (f" (e.g. --nproc-per-node {_divisor_below(n_gpus, ranks)})"
-                                                    if n_gpus else ", on a node with GPUs"))
+        raise InputError(f"{rule}. This node has {n_gpus} GPU(s) for {ranks} processes; start a number of processes "
+                         f"per node that divides {n_gpus} (e.g. --nproc-per-node {_divisor_below(n_gpus, ranks)})")
     k = n_gpus // ranks
     return list(range(r * k, (r + 1) * k))
 
@@ -127,7 +128,8 @@ def rank_placement(device: str, device_map: str | None, *, n_gpus: int | None = 
     if not slot.several:
         return {"device_map": device_map}
     gpus = rank_gpus(n_gpus, slot, split=True)
-    return {"device_map": device_map, "max_memory": rank_max_memory(available or _free_memory(gpus), gpus, slot)}
+    available = _free_memory(gpus) if available is None else available
+    return {"device_map": device_map, "max_memory": rank_max_memory(available, gpus, slot)}
 
 
 def collective_gpu(device: str, device_map: str | None) -> int | None:
