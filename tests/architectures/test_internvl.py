@@ -59,7 +59,8 @@ def test_pixel_shuffle_addressing(eager):
     are its four patches' (in the layout's patch -> token order), tile by tile and in the thumbnail."""
     model, inputs = eager.model, eager.inputs
     last = f"vision.blocks.{model.cfg.vision.n_layers - 1}.hook_resid_post"
-    names = ["adapter.hook_in", "adapter.hook_hidden", last] + (["vision.ln_post.hook_normalized"] if model.cfg.vision.has_ln_post else [])
+    names = ["adapter.hook_in", "adapter.hook_hidden", last]
+    names += ["vision.ln_post.hook_normalized"] if model.cfg.vision.has_ln_post else []
     _, cache = model.run_with_cache(inputs, names_filter=names)
     vision, shuffled = cache["adapter.hook_in"], cache["adapter.hook_hidden"]
     read = cache[names[-1]] if model.cfg.vision.has_ln_post else cache[last]
@@ -118,7 +119,8 @@ def test_image_as_the_tower_saw_it(eager):
     assert first == len(inputs.pixel_values) - rows * cols - 1
     for r in range(rows):
         for c in range(cols):
-            assert torch.equal(picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], inputs.pixel_values[first + r * cols + c])
+            block = picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+            assert torch.equal(block, inputs.pixel_values[first + r * cols + c])
     with pytest.raises(InputError, match="image_sizes"):
         model.architecture.image_pixels(inputs.pixel_values, 0)
 
