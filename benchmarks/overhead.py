@@ -50,8 +50,8 @@ FAMILIES = {
     # 64-px tiles, 8-px patches: a 64-px image is 2 x 2 tiles + the global image, 5 x 16 = 80 image tokens
     "idefics3": lambda attn: tiny_idefics3(tile=64, patch_size=8, longest_edge=128, vision_layers=4, vision_d_model=128,
                                            llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
-    # 64-px tiles, 8-px patches, up to 4 tiles: the test images are 2 x 2 tiles + the thumbnail, 5 x 16 = 80 image tokens
-    "internvl": lambda attn: tiny_internvl(tile=64, patch_size=8, max_tiles=4, vision_layers=4, vision_d_model=128,
+    # 32-px tiles, 4-px patches: a 64-px image is 2 x 2 tiles + the thumbnail, 5 x 16 = 80 image tokens (as Idefics3's)
+    "internvl": lambda attn: tiny_internvl(tile=32, patch_size=4, max_tiles=4, vision_layers=4, vision_d_model=128,
                                            llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
     # the same widths; a 64x64 image is 8x8 patches of 8 px and 4x4 merged tokens in 4 rows closed by
     # [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask

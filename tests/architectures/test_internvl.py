@@ -59,7 +59,8 @@ def test_pixel_shuffle_addressing(eager):
     are its four patches' (in the layout's patch -> token order), tile by tile and in the thumbnail."""
     model, inputs = eager.model, eager.inputs
     last = f"vision.blocks.{model.cfg.vision.n_layers - 1}.hook_resid_post"
-    names = ["adapter.hook_in", "adapter.hook_hidden", last] + (["vision.ln_post.hook_normalized"] if model.cfg.vision.has_ln_post else [])
+    names = ["adapter.hook_in", "adapter.hook_hidden", last]
+    names += ["vision.ln_post.hook_normalized"] if model.cfg.vision.has_ln_post else []
     _, cache = model.run_with_cache(inputs, names_filter=names)
     vision, shuffled = cache["adapter.hook_in"], cache["adapter.hook_hidden"]
     read = cache[names[-1]] if model.cfg.vision.has_ln_post else cache[last]
@@ -118,7 +119,8 @@ def test_image_as_the_tower_saw_it(eager):
     assert first == len(inputs.pixel_values) - rows * cols - 1
     for r in range(rows):
         for c in range(cols):
-            assert torch.equal(picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], inputs.pixel_values[first + r * cols + c])
+            block = picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+            assert torch.equal(block, inputs.pixel_values[first + r * cols + c])
     with pytest.raises(InputError, match="image_sizes"):
         model.architecture.image_pixels(inputs.pixel_values, 0)
 
@@ -238,3 +240,24 @@ def test_llama_llm():
     theirs = reference(**inputs.hf_kwargs()).logits
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_two_images_in_one_row(eager):
+    """A row's two images are two <img> ... </img> runs; their frames follow each other in
+    pixel_values, and what the adapter made for each image is what the LLM got at its tokens."""
+    model = eager.model
+    images = tier.random_images(3)
+    token = model.processor.image_token
+    inputs = model.prepare([[images[0], images[2]], [images[1]]], [f"{token} and {token} ?", f"{token} what"])
+    layout = inputs.layout
+    assert [(s.row, s.image_index) for s in layout.spans] == [(0, 0), (0, 1), (1, 2)]
+    assert [s.canvas for s in layout.spans] == [(i.height, i.width) for i in (images[0], images[2], images[1])]
+    ours = model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x.clone())])
+    theirs = eager.reference(**inputs.hf_kwargs()).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    _, cache = model.run_with_cache(inputs, names_filter=["adapter.hook_out", "hook_multimodal_embed"])
+    present = layout.table("llm").present
+    assert torch.equal(layout.gather("adapter", cache["adapter.hook_out"])[present],
+                       layout.gather("llm", cache["hook_multimodal_embed"])[present])

@@ -25,7 +25,9 @@ from ...errors import InputError, LayoutMismatchError, UnsupportedModelError
 from ..config import AdapterConfig, MLLMConfig, VisionConfig
 from ..devices import bare_forward
 from ..hook_tree import fire
-from ..instrument import AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model
+from ..instrument import (
+    AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model,
+)
 from ..layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
 from ..norms import instrument_norm
 from .base import Architecture, StageModules
@@ -261,7 +263,8 @@ class InternVL(Architecture):
             return GridCells(edges_on_original(cells_down, px, tiles_down * tile, height),
                              edges_on_original(cells_across, px, tiles_across * tile, width))
 
-        tokens, patches = on_image(n_rows * k, n_cols * k, tile // k, n_rows, n_cols), on_image(n_rows * g, n_cols * g, patch, n_rows, n_cols)
+        tokens = on_image(n_rows * k, n_cols * k, tile // k, n_rows, n_cols)
+        patches = on_image(n_rows * g, n_cols * g, patch, n_rows, n_cols)
         tr, tc = tokens.cells[:, 0], tokens.cells[:, 1]
         which = (tr // k) * n_cols + tc // k  # the tile of each token of the joined grid
         within = (tr % k) * k + tc % k
@@ -306,7 +309,8 @@ class InternVL(Architecture):
             raise InputError(f"pixel_values have shape {tuple(pixel_values.shape)} but {cfg.architecture} takes "
                              f"[frames, 3, {tile}, {tile}] (every image's tiles and thumbnail); use model.prepare(...)")
         if n_tokens != len(pixel_values) * cfg.adapter.n_image_tokens:
-            raise InputError(f"{len(pixel_values)} frames (tiles and thumbnails) need {len(pixel_values) * cfg.adapter.n_image_tokens} "
+            need = len(pixel_values) * cfg.adapter.n_image_tokens
+            raise InputError(f"{len(pixel_values)} frames (tiles and thumbnails) need {need} "
                              f"image tokens but input_ids hold {n_tokens}; the prompts' placeholders and the images must match")
         sizes = self._sizes(inputs, needed=False)
         if sizes:
