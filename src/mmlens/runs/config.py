@@ -27,7 +27,8 @@ from ..errors import ConfigError
 
 # Constraints: each returns an error message (without the key path) or None.
 def positive(value: Any) -> str | None:
-    return None if value > 0 else f"must be a positive integer, got {value!r}"
+    kind = "integer" if isinstance(value, int) else "number"
+    return None if value > 0 else f"must be a positive {kind}, got {value!r}"
 
 
 def non_negative(value: Any) -> str | None:
