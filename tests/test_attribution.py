@@ -10,7 +10,7 @@ from mmlens import HookedMLLM
 from mmlens.interventions import TokenGroup
 from mmlens.interventions.attribution import attribution_patching, positions_mask, rank_correlation
 from mmlens.interventions.corruptions import counterfactual_images
-from mmlens.interventions.patching import Run, head_sweep, run_and_collect
+from mmlens.interventions.patching import Run, head_sweep, repeat_inputs, run_and_collect
 from mmlens.interventions.patching_metrics import logit_difference, probe_metric
 from mmlens.probing import LinearProbe
 from mmlens.testing import tiny_llava
@@ -112,3 +112,17 @@ def test_probe_metric_is_the_mean_true_class_margin_of_the_scored_tokens(tiny_cl
         others[torch.arange(len(truth)), truth] = float("-inf")
         torch.testing.assert_close(got[span.row], (true - others.max(1).values).mean())
         torch.testing.assert_close(hits[span.row], (logits.argmax(1) == truth).float().mean())
+
+    # copies of the run evaluated at once (patching's chunks) = each copy on its own, NaN rows kept
+    copies = 3
+    repeated = run_and_collect(model, Run(repeat_inputs(inputs, copies)), [hook])
+    repeated[hook] = repeated[hook] + torch.arange(copies, dtype=repeated[hook].dtype).repeat_interleave(len(inputs))[:, None, None]
+    for metric in (margin, accuracy):
+        every = metric.per_copy(repeated, repeat_inputs(inputs, copies), copies)
+        one_by_one = torch.stack([metric({hook: repeated[hook][r * len(inputs):(r + 1) * len(inputs)]}, inputs)
+                                  for r in range(copies)])
+        torch.testing.assert_close(every, one_by_one, atol=1e-6, rtol=0, equal_nan=True)
+    shifted = margin.per_copy(repeated, repeat_inputs(inputs, copies), copies)
+    assert not torch.equal(shifted[0], shifted[1]), "the copies differ, so a per-copy mix-up would show"
+    with pytest.raises(ValueError, match="copies"):
+        margin.per_copy(repeated, repeat_inputs(inputs, copies), 2)

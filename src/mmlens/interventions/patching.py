@@ -316,9 +316,18 @@ def patch_conditions(
         else:
             found = _run_from_residuals(model, target, repeated, residuals, joins[:1] * lead + joins, wanted,
                                         patcher.hooks, stop)
-        for r, condition in enumerate(chunk, start=lead):
-            rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
-            values[condition] = evaluate(metric, rows, target.inputs)
+        per_copy = getattr(metric, "per_copy", None)
+        if per_copy is not None and k > 1:  # one evaluation for every copy (a probe's matmul)
+            every = per_copy(found, repeated, k)
+            if not isinstance(every, Tensor) or every.shape != (k, batch):
+                raise ValueError(f"a metric's per_copy must return [copies, batch] = ({k}, {batch}), got "
+                                 f"{tuple(every.shape) if isinstance(every, Tensor) else type(every).__name__}")
+            for r, condition in enumerate(chunk, start=lead):
+                values[condition] = every[r]
+        else:
+            for r, condition in enumerate(chunk, start=lead):
+                rows = {n: _replica(a, r, n_images if n.startswith(("vision.", "adapter.")) else batch) for n, a in found.items()}
+                values[condition] = evaluate(metric, rows, target.inputs)
         bar.update(len(chunk))
     bar.close()
     return torch.stack(values)

@@ -75,17 +75,33 @@ class ProbeMetric:
             raise ValueError(f"the metric was built for {tuple(self.labels.shape)} image tokens but the run has "
                              f"{tuple(x.shape[:2])}; build it on the same batch")
         logits = self.probe.logits(x.flatten(0, 1).float()).view(*x.shape[:2], -1)
-        if self.kind == "accuracy":
-            return (logits.argmax(-1) == self.labels).float()
-        true = logits.gather(-1, self.labels[..., None])[..., 0]
-        others = logits.masked_fill(torch.nn.functional.one_hot(self.labels, logits.shape[-1]).bool(), float("-inf"))
-        return true - others.amax(-1)
+        return self._score(logits[None])[0]
 
     def __call__(self, activations: Mapping[str, Tensor], inputs: MultimodalInputs) -> Float[Tensor, "batch"]:
-        values = self.per_token(activations[self.site.hook], inputs)
+        return self._per_row(self.per_token(activations[self.site.hook], inputs)[None])[0]
+
+    def per_copy(self, activations: Mapping[str, Tensor], repeated: MultimodalInputs, copies: int) -> Float[Tensor, "copies batch"]:
+        """The metric of each of `copies` copies of its batch run as one (`repeat_inputs`), in one
+        probe evaluation instead of one per copy (patching's chunks)."""
+        x = gather_image_tokens(self.site, activations[self.site.hook], repeated.layout)
+        if x.shape[:2] != (copies * self.labels.shape[0], self.labels.shape[1]):
+            raise ValueError(f"the metric was built for {tuple(self.labels.shape)} image tokens but {copies} copies of "
+                             f"the run have {tuple(x.shape[:2])}; build it on the same batch")
+        logits = self.probe.logits(x.flatten(0, 1).float()).view(copies, *self.labels.shape, -1)
+        return self._per_row(self._score(logits))
+
+    def _score(self, logits: Float[Tensor, "copies n_images n_tokens classes"]) -> Float[Tensor, "copies n_images n_tokens"]:
+        labels = self.labels.expand(*logits.shape[:-1])
+        if self.kind == "accuracy":
+            return (logits.argmax(-1) == labels).float()
+        true = logits.gather(-1, labels[..., None])[..., 0]
+        others = logits.masked_fill(torch.nn.functional.one_hot(labels, logits.shape[-1]).bool(), float("-inf"))
+        return true - others.amax(-1)
+
+    def _per_row(self, values: Float[Tensor, "copies n_images n_tokens"]) -> Float[Tensor, "copies batch"]:
         weights = self.scored.float()
-        total = torch.zeros(self.batch, device=values.device).index_add(0, self.rows, (values * weights).sum(1))
-        count = torch.zeros(self.batch, device=values.device).index_add(0, self.rows, weights.sum(1))
+        total = values.new_zeros(len(values), self.batch).index_add(1, self.rows, (values * weights).sum(-1))
+        count = values.new_zeros(len(values), self.batch).index_add(1, self.rows, weights.sum(1).expand(len(values), -1))
         return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
     def __repr__(self) -> str:
