@@ -145,3 +145,17 @@ def test_two_images_in_one_row(eager):
     present = layout.table("llm").present
     assert torch.equal(layout.gather("adapter", cache["adapter.hook_out"])[present],
                        layout.gather("llm", cache["hook_multimodal_embed"])[present])
+
+    # each image's picture (recovery maps draw on it) is its own frames, found through its span:
+    # the same frames the processor makes for that image alone, its tiles back in their raster
+    for span, image in zip(layout.spans, [images[0], images[2], images[1]]):
+        alone = model.prepare([image], "<image> what").pixel_values[0]
+        picture = model.architecture.image_pixels(inputs.pixel_values, span.image_index, span=span)
+        assert picture.shape[-2:] == span.canvas
+        tile = alone.shape[-1]
+        rows, cols = span.canvas[0] // tile, span.canvas[1] // tile
+        for r in range(rows):
+            for c in range(cols):
+                assert torch.equal(picture[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], alone[r * cols + c])
+    with pytest.raises(InputError, match="span"):
+        model.architecture.image_pixels(inputs.pixel_values, 1)

@@ -374,7 +374,7 @@ def _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered,
             pattern = found[f"blocks.{l}.attn.hook_pattern"][span.row, hs]  # [heads, query, key]
             from_queries = pattern[:, positions[queries.to(positions.device)]][:, :, keys]
             attention[l] = from_queries.float().mean((0, 1)).view(segment.tokens.shape).cpu().numpy()
-        picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index,
+        picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index, span=span,
                                                                       **inputs.extra, **inputs.layout_inputs))
         maps.append((place, RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
                                         queries[shown].nonzero().flatten().tolist(),

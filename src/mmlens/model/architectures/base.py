@@ -205,7 +205,8 @@ class Architecture(ABC):
 
     def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Float[Tensor, "3 height width"]:
         """Image `image_index`'s preprocessed pixels as a [3, height, width] picture (what
-        `pixel_values` holds for it, in whatever layout the family's processor uses)."""
+        `pixel_values` holds for it, in whatever layout the family's processor uses). Callers may
+        pass `span=` (the image's `ImageSpan`) for families that need the layout to find it."""
         return pixel_values[image_index]
 
     def mask_geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
@@ -251,6 +252,25 @@ class Idefics3(Architecture):
             kind = SEPARATOR if t == ids[SEPARATOR] else TILE_TAG if t in ids[TILE_TAG] else GLOBAL_TAG if t == ids[GLOBAL_TAG] else ROW_BREAK
             kinds[kind].append(p)
         return {kind: torch.tensor(p, dtype=torch.long) for kind, p in kinds.items() if p}
+
+    def image_pixels(self, pixel_values: Tensor, image_index: int, *, span: ImageSpan | None = None,
+                     **inputs: Tensor) -> Tensor:
+        """Image `span`'s picture as the tower saw it: its tiles put back in their raster,
+        [3, rows*T, cols*T] (the processed canvas its tile grid covers), or its global frame when
+        it has no tiles. `pixel_values` holds frames per batch row, padded with all-zero frames the
+        model drops, so which frames are this image's comes from its layout span."""
+        if span is None:
+            raise InputError("Idefics3 keeps a row's images as one list of frames: pass the image's layout span "
+                             "(span=inputs.layout.spans[i]) to find its frames")
+        frames = pixel_values.flatten(0, 1)
+        frames = frames[frames.flatten(1).ne(0).any(1)]  # the model's own drop of all-zero padding frames
+        tiles = [seg for seg in span.segments if seg.kind == "tiles"]
+        if not tiles:
+            return frames[int(span.segments[-1].vision_index[0][0])]
+        tile = frames.shape[-1]
+        rows, cols = span.canvas[0] // tile, span.canvas[1] // tile
+        first = int(tiles[0].vision_index[0].min())
+        return einops.rearrange(frames[first:first + rows * cols], "(r c) ch h w -> ch (r h) (c w)", r=rows, c=cols)
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
         n_tokens = (input_ids == cfg.image_token_id).sum(dim=1)
