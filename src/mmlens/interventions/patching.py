@@ -175,7 +175,7 @@ class _Patcher:
 
     def _patch(self, activation: Tensor, hook) -> Tensor:
         # a block that computes only the copies joined by then sees the first of them (see
-        # `_run_staggered`); every copy patched there has joined
+        # `_run_from_residuals`); every copy patched there has joined
         src = self.source[hook.name]
         copies = activation.shape[0] // max(1, src.shape[0])
         if not 1 <= copies <= self.k or activation.shape[0] != copies * src.shape[0] or activation.shape[1:] != src.shape[1:]:
