@@ -216,6 +216,16 @@ class ImageGeometry:
     do_convert_rgb: bool = True
     backend: str = "pil"
 
+    @staticmethod
+    def pixel_steps(image_processor: Any) -> dict[str, Any]:
+        """The steps a Hugging Face image processor applies to every pixel (resampling filter,
+        rescale, normalisation, RGB conversion) as this class's fields, for geometries whose resize
+        rule is the family's own."""
+        ip = image_processor
+        return dict(resample=int(ip.resample), rescale_factor=ip.rescale_factor, image_mean=tuple(ip.image_mean),
+                    image_std=tuple(ip.image_std), do_normalize=bool(ip.do_normalize), do_rescale=bool(ip.do_rescale),
+                    do_convert_rgb=bool(ip.do_convert_rgb))
+
     def __post_init__(self) -> None:
         if self.backend not in ("pil", "torchvision"):
             raise ValueError(f"backend must be 'pil' or 'torchvision', got {self.backend!r}")

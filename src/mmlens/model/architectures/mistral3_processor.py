@@ -93,13 +93,7 @@ class PixtralGeometry(ImageGeometry):
         factor = processor.patch_size * processor.spatial_merge_size
         return cls(
             resize=(factor, factor),  # the smallest output, only to say that images are resized
-            resample=int(ip.resample),
-            rescale_factor=ip.rescale_factor,
-            image_mean=tuple(ip.image_mean),
-            image_std=tuple(ip.image_std),
-            do_normalize=bool(ip.do_normalize),
-            do_rescale=bool(ip.do_rescale),
-            do_convert_rgb=bool(ip.do_convert_rgb),
+            **ImageGeometry.pixel_steps(ip),
             factor=factor,
             longest_edge=int(ip.size["longest_edge"]),
         )

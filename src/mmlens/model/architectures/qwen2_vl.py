@@ -42,7 +42,9 @@ _V = r"vision_encoder\.blocks\.(\d+)\."
 # `patch_embed.hook_out` and `vision_projector.hook_out` hold the tower's order before and after
 # the window reordering (ours: the blocks' order, and the LLM's order), the fused `attn.qkv` has
 # no single point here (see `hook_q/k/v`). Ours carry a leading batch dimension of one.
-QWEN_BRIDGE_ALIASES = (
+# the bridge's names around a Qwen vision block (residuals, norms, attention and MLP outputs),
+# shared by every Qwen tower
+QWEN_VISION_BLOCK_ALIASES = (
     (_V + r"hook_(in|resid_pre)", r"vision.blocks.\1.hook_resid_pre"),
     (_V + r"hook_(out|resid_post)", r"vision.blocks.\1.hook_resid_post"),
     (_V + r"norm([12])\.hook_out", r"vision.blocks.\1.ln\2.hook_normalized"),
@@ -50,6 +52,9 @@ QWEN_BRIDGE_ALIASES = (
     (_V + r"(mlp\.hook_in|hook_mlp_in)", r"vision.blocks.\1.ln2.hook_normalized"),
     (_V + r"(attn\.hook_out|hook_attn_out)", r"vision.blocks.\1.hook_attn_out"),
     (_V + r"(mlp\.hook_out|hook_mlp_out)", r"vision.blocks.\1.hook_mlp_out"),
+)
+QWEN_BRIDGE_ALIASES = (
+    *QWEN_VISION_BLOCK_ALIASES,
     (_V + r"mlp\.gate\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
     (_V + r"mlp\.in\.hook_out", r"vision.blocks.\1.mlp.hook_pre_linear"),
     (_V + r"mlp\.out\.hook_in", r"vision.blocks.\1.mlp.hook_post"),

@@ -36,13 +36,7 @@ class SmartResizeGeometry(ImageGeometry):
         factor = ip.patch_size * ip.merge_size
         return cls(
             resize=(factor, factor),
-            resample=int(ip.resample),
-            rescale_factor=ip.rescale_factor,
-            image_mean=tuple(ip.image_mean),
-            image_std=tuple(ip.image_std),
-            do_normalize=bool(ip.do_normalize),
-            do_rescale=bool(ip.do_rescale),
-            do_convert_rgb=bool(ip.do_convert_rgb),
+            **ImageGeometry.pixel_steps(ip),
             factor=factor,
             min_pixels=int(ip.size["shortest_edge"]),
             max_pixels=int(ip.size["longest_edge"]),

@@ -26,7 +26,7 @@ from ...errors import UnsupportedModelError
 from ..config import StageConfig
 from ..instrument import AttentionSpec
 from .llava import LLM_BLOCK, Llava
-from .qwen2_vl import GRID, Qwen2VL
+from .qwen2_vl import GRID, QWEN_VISION_BLOCK_ALIASES, Qwen2VL
 from .qwen3_vl_deepstack import DEEPSTACK, DeepstackTerms, image_features, instrument_deepstack
 
 QWEN3_BLOCK = replace(LLM_BLOCK, attention=AttentionSpec(q_norm="q_norm", k_norm="k_norm"))
@@ -39,13 +39,7 @@ _L = r"blocks\.(\d+)\."
 # residual before the merger's norm, ours the normalised 2x2 groups) and, for the deepstack layers
 # only, `blocks.{i}.hook_out` (see `Qwen3VL.canonical_name`).
 QWEN3_BRIDGE_ALIASES = (
-    (_V + r"hook_(in|resid_pre)", r"vision.blocks.\1.hook_resid_pre"),
-    (_V + r"hook_(out|resid_post)", r"vision.blocks.\1.hook_resid_post"),
-    (_V + r"norm([12])\.hook_out", r"vision.blocks.\1.ln\2.hook_normalized"),
-    (_V + r"(attn\.hook_in|hook_attn_in)", r"vision.blocks.\1.ln1.hook_normalized"),
-    (_V + r"(mlp\.hook_in|hook_mlp_in)", r"vision.blocks.\1.ln2.hook_normalized"),
-    (_V + r"(attn\.hook_out|hook_attn_out)", r"vision.blocks.\1.hook_attn_out"),
-    (_V + r"(mlp\.hook_out|hook_mlp_out)", r"vision.blocks.\1.hook_mlp_out"),
+    *QWEN_VISION_BLOCK_ALIASES,
     (_V + r"mlp\.linear_fc1\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
     (_V + r"mlp\.linear_fc2\.hook_in", r"vision.blocks.\1.mlp.hook_post"),
     (r"vision_encoder\.deepstack_mergers\.(\d+)\.hook_out", r"adapter.deepstack.\1.hook_out"),
