@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...errors import InputError
 from ..attention_masks import additive_mask, allowed_edges
-from ..config import MLLMConfig
+from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..layout import ImageTokenLayout, compute_layout
 from ..anyres import AnyresGeometry, geometry_for
 from ..preprocess import ImageGeometry
@@ -90,6 +90,18 @@ class Architecture(ABC):
 
     @abstractmethod
     def build_config(self, hf_model: nn.Module) -> MLLMConfig: ...
+
+    @staticmethod
+    def assemble_config(hf_model: nn.Module, vision: VisionConfig, adapter: AdapterConfig, llm: StageConfig) -> MLLMConfig:
+        """The model's config from its three stages' (what `build_config` works out per family);
+        the name, vocabulary, image token, device and dtype are read off the Hugging Face model."""
+        param = next(hf_model.parameters())
+        config = hf_model.config
+        return MLLMConfig(
+            architecture=type(hf_model).__name__, vision=vision, adapter=adapter, llm=llm,
+            d_vocab=config.text_config.vocab_size, image_token_id=config.image_token_id,
+            device=param.device, dtype=param.dtype,
+        )
 
     def use_processor(self, processor: Any) -> None:
         """Read what the layout needs from the model's processor (Idefics3: the separator tokens'

@@ -110,12 +110,7 @@ class Idefics3(Architecture):
             d_out=proj.out_features, feature_layers=(vision.n_layers,), select_strategy="full",
             n_image_tokens=tokens * tokens, token_grid=(tokens, tokens),  # per frame (tile or global image)
         )
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__, vision=vision, adapter=adapter,
-            llm=self.llm_config(config.text_config), d_vocab=config.text_config.vocab_size,
-            image_token_id=config.image_token_id, device=param.device, dtype=param.dtype,
-        )
+        return self.assemble_config(hf_model, vision, adapter, self.llm_config(config.text_config))
 
     def mask_geometry(self, processor: Any) -> SplitGeometry:
         """The processor's two resizes, replayed on label masks (its tiles are crops of the result)."""

@@ -122,12 +122,7 @@ class InternVL(Architecture):
             d_out=projector.linear_2.out_features, feature_layers=(config.vision_feature_layer % n_states,),
             select_strategy="default", n_image_tokens=tokens * tokens, token_grid=(tokens, tokens),  # per frame
         )
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__, vision=vision, adapter=adapter, llm=self.llm_config(config.text_config),
-            d_vocab=config.text_config.vocab_size, image_token_id=config.image_token_id, device=param.device,
-            dtype=param.dtype,
-        )
+        return self.assemble_config(hf_model, vision, adapter, self.llm_config(config.text_config))
 
     def use_processor(self, processor: Any) -> None:
         image_processor = getattr(processor, "image_processor", None)

@@ -88,17 +88,7 @@ class Llava(Architecture):
         self.check_supported(hf_model)
         config = hf_model.config
         vision = self.vision_config(hf_model)
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__,
-            vision=vision,
-            adapter=self.adapter_config(hf_model, vision),
-            llm=self.llm_config(config.text_config),
-            d_vocab=config.text_config.vocab_size,
-            image_token_id=config.image_token_id,
-            device=param.device,
-            dtype=param.dtype,
-        )
+        return self.assemble_config(hf_model, vision, self.adapter_config(hf_model, vision), self.llm_config(config.text_config))
 
     @staticmethod
     def tower_kind(hf_model: nn.Module) -> Tower:

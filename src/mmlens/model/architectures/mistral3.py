@@ -79,12 +79,7 @@ class Mistral3(Architecture):
             n_image_tokens=0,  # variable: (h / merge) x (w / merge) per image
             token_grid=(0, 0),
         )
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__, vision=vision, adapter=adapter,
-            llm=Llava.llm_config(config.text_config), d_vocab=config.text_config.vocab_size,
-            image_token_id=config.image_token_id, device=param.device, dtype=param.dtype,
-        )
+        return self.assemble_config(hf_model, vision, adapter, Llava.llm_config(config.text_config))
 
     def use_processor(self, processor: Any) -> None:
         self.break_token_id = getattr(processor, "image_break_token_id", None)

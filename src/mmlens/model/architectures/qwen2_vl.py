@@ -108,17 +108,7 @@ class Qwen2VL(Architecture):
             n_image_tokens=0,  # variable: (h / merge) x (w / merge) per image
             token_grid=(0, 0),
         )
-        param = next(hf_model.parameters())
-        return MLLMConfig(
-            architecture=type(hf_model).__name__,
-            vision=vision,
-            adapter=adapter,
-            llm=self.llm_config(config.text_config),
-            d_vocab=config.text_config.vocab_size,
-            image_token_id=config.image_token_id,
-            device=param.device,
-            dtype=param.dtype,
-        )
+        return self.assemble_config(hf_model, vision, adapter, self.llm_config(config.text_config))
 
     def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
         return hf_model.model.visual.blocks
