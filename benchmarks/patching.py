@@ -6,7 +6,8 @@ Run: `python benchmarks/patching.py [--model tiny-shapes-llava] [--images 64] [-
    against one forward per head, for targets of 1 and of 8 images, and the largest difference
    between batched and one at a time (must be 0 or float rounding); the knockout is unverified
    here so that both ways do the same work per row; and the work ratio an exact sweep of
-   full-width copies reaches at the target forward's cost per row (`exact_sweep_work`);
+   full-width copies that skip the attention of the layer they patch reaches at the target
+   forward's cost per row (`exact_sweep_work`);
 2. attribution patching's cost in forward-pass equivalents (its time / one forward of the
    corrupted run with its edit and the metric);
 3. the recovery-heads study per corruption: wall time, and the Spearman correlation of
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from mmlens import HookedMLLM  # noqa: E402
 from mmlens.data import load_segmentation  # noqa: E402
 from mmlens.experiments import find_recovery_heads  # noqa: E402
 from mmlens.interventions import Run, attribution_patching, baseline, head_sweep, probe_metric, recovery_blocked  # noqa: E402
+from mmlens.interventions.patching import run_and_collect  # noqa: E402
 from mmlens.probing import probe_sweep  # noqa: E402
 from mmlens.probing.batches import labelled_batches  # noqa: E402
 
@@ -83,25 +86,41 @@ def main() -> None:
 def exact_sweep_work(model, corrupted, repeats: int) -> None:
     """The ratio to the hand-written loop that an exact sweep of full-width copies reaches if a row
     costs in a batched copy what it costs in the target's own forward F: the loop runs 17 forwards
-    (16 heads and the clean run); such a sweep runs one (the clean run), the target's LLM up to
-    the top patched layer, and each copy's LLM layers from its own up. The LLM's share is F minus
-    the vision tower and adapter (`stop_at_layer=0`). Batching can lower the cost per row below
-    F's (much so for one image, whose forwards are mostly fixed cost), so this is a work ratio,
-    not a bound on every machine."""
+    (16 heads and the clean run); such a sweep runs one (the clean run), the target's LLM, and
+    each copy's LLM layers from its own up, less the attention of its own layer (a copy joins
+    after it, at hook_z). The LLM's share is F minus the vision tower and adapter
+    (`stop_at_layer=0`); a layer's attention share is the difference between running that one
+    block and running it with the rows joining at its hook_z. Batching can lower the cost per row
+    below F's (much so for one image, whose forwards are mostly fixed cost), so this is a work
+    ratio, not a bound on every machine."""
     cfg, inputs = model.cfg, corrupted.inputs
     hooks = corrupted.edit(inputs).hooks if corrupted.edit else []
+    names = [f"blocks.{l}.{n}" for l in range(cfg.n_layers) for n in ("hook_resid_pre", "attn.hook_z")]
+    target = run_and_collect(model, corrupted, names)
+    rows = len(inputs)
+
+    def block(layer: int, skip_attention: bool):
+        joining = {"attending": {layer: 0}, "joining_z": {layer: target[f"blocks.{layer}.attn.hook_z"]}} if skip_attention else {}
+        with model.llm_rows_joining({layer: rows}, rows, **joining):
+            model.run_with_hooks(inputs, fwd_hooks=hooks, llm_inputs_embeds=target[f"blocks.{layer}.hook_resid_pre"],
+                                 start_at_layer=layer, stop_at_layer=layer + 1)
+
     times = time_interleaved({
         "forward": lambda: model.run_with_hooks(inputs, fwd_hooks=hooks),
         "vision": lambda: model(inputs, stop_at_layer=0),
+        **{f"block {l}": partial(block, l, False) for l in range(cfg.n_layers)},
+        **{f"block {l} from z": partial(block, l, True) for l in range(cfg.n_layers)},
     }, repeats=max(10, 5 * repeats), warmup=2)
     layers, heads = cfg.n_layers, cfg.llm.n_heads
     llm = max(times["forward"] - times["vision"], 0.0)
-    copies = heads * sum(layers - l for l in range(layers)) / layers  # in whole-LLM forwards
-    floor = times["forward"] + (layers - 1) / layers * llm + copies * llm
+    attention = [max(times[f"block {l}"] - times[f"block {l} from z"], 0.0) for l in range(layers)]
+    copies = heads * sum((layers - l) / layers * llm - attention[l] for l in range(layers))
+    floor = times["forward"] + llm + copies
     hand = (layers * heads + 1) * times["forward"]
     print(f"   work of an exact sweep of full-width copies ({len(inputs)} image(s)), at the target forward's cost per row: "
           f"forward {times['forward']:.3f} s, of which vision tower + adapter {times['vision']:.3f} s "
-          f"({times['vision'] / times['forward']:.0%}); sweep {floor:.3f} s against the loop's {hand:.3f} s -> "
+          f"({times['vision'] / times['forward']:.0%}) and attention {sum(attention):.3f} s "
+          f"({sum(attention) / times['forward']:.0%}); sweep {floor:.3f} s against the loop's {hand:.3f} s -> "
           f"{hand / floor:.1f}x")
 
 

@@ -63,18 +63,50 @@ def test_batched_head_sweep_equals_one_head_at_a_time(tiny_clip):
     torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=0)
     assert (batched - baseline(model, corrupted, metric)).abs().max() > 1e-3, "some head must matter"
 
-    layer, head = 1, 2
-    source = run_and_collect(model, clean, [f"blocks.{layer}.attn.hook_z"])[f"blocks.{layer}.attn.hook_z"]
-
-    def put_head(z, hook):
-        z = z.clone()
-        z[:, :, head] = source[:, :, head]
-        return z
-
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    source = run_and_collect(model, clean, names)
     ko = corrupted.edit(tiny_clip.inputs)
-    by_hand = model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[*ko.hooks, (f"blocks.{layer}.attn.hook_z", put_head)])
-    expected = metric({"logits": by_hand}, tiny_clip.inputs)
-    torch.testing.assert_close(batched[layer, head], expected, atol=1e-5, rtol=0)
+    for layer in range(model.cfg.n_layers):  # copies skip the attention of the layer they patch
+        for head in range(model.cfg.llm.n_heads):
+            def put_head(z, hook, head=head):
+                z = z.clone()
+                z[:, :, head] = source[hook.name][:, :, head]
+                return z
+
+            by_hand = model.run_with_hooks(tiny_clip.inputs, fwd_hooks=[*ko.hooks, (names[layer], put_head)])
+            expected = metric({"logits": by_hand}, tiny_clip.inputs)
+            torch.testing.assert_close(batched[layer, head], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_copies_joining_before_and_after_an_attention_in_one_chunk(tiny_clip):
+    """One chunk whose copies join at a block's input (resid_pre, an attention input), after its
+    attention (a head's z, the MLP) and in a higher block: each equals a full forward patched by
+    hand, and the knockout holds in every forward."""
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    clean, corrupted = Run(inputs), recovery_blocked(model, inputs)
+    metric = _metric(model)
+    conditions = [Patch("blocks.1.attn.hook_z", heads=(0,)), Patch("blocks.1.hook_resid_pre"),
+                  Patch("blocks.0.mlp.hook_post"), Patch("blocks.1.hook_resid_mid"), Patch("blocks.1.attn.hook_v"),
+                  [Patch("blocks.0.attn.hook_z", heads=(1,)), Patch("blocks.1.hook_resid_pre")],
+                  Patch("blocks.0.attn.hook_pattern")]
+    values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=len(conditions))
+    names = sorted({p.hook for c in conditions for p in (c if isinstance(c, list) else [c])})
+    source = run_and_collect(model, clean, names)
+    ko = corrupted.edit(inputs)
+    for value, condition in zip(values, conditions):
+        hooks = []
+        for patch in condition if isinstance(condition, list) else [condition]:
+            def put(x, hook, heads=patch.heads):
+                if heads is None:
+                    return source[hook.name]
+                x = x.clone()
+                x[:, :, list(heads)] = source[hook.name][:, :, list(heads)]
+                return x
+            hooks.append((patch.hook, put))
+        logits = model.run_with_hooks(inputs, fwd_hooks=[*ko.hooks, *hooks])
+        torch.testing.assert_close(value, metric({"logits": logits}, inputs), atol=1e-5, rtol=0)
+    assert (values - baseline(model, corrupted, metric)).abs().amax(1).min() > 0, "every condition must change something"
 
 
 @torch.no_grad()
@@ -285,4 +317,37 @@ def test_rows_joining_at_their_layer_equal_runs_started_there(tiny_clip):
             pass
     with pytest.raises(InputError, match="not all in this stack"):
         with model.llm_rows_joining({0: rows, model.cfg.n_layers: 2 * rows}, rows):
+            pass
+
+
+@torch.no_grad()
+def test_rows_joining_after_an_attention_take_the_given_z(tiny_clip):
+    """A copy joining block 1 at hook_z skips that attention (its hooks before z see the first
+    copy only) and equals a run whose block-1 z is another image's; copies of the first rows' z
+    give the first rows' result."""
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    rows = len(inputs)
+    other = model.prepare(random_images(rows, seed=7), ["what is in the image ?", "how many", "the colour of the left shape is ?"])
+    z_other = run_and_collect(model, Run(other), ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
+    residual = model(inputs, stop_at_layer=1).repeat(2, 1, 1)
+    seen: dict[str, int] = {}
+    record = [(f"blocks.1.{name}", lambda x, hook: seen.setdefault(hook.name, len(x)) and None)
+              for name in ("attn.hook_q", "attn.hook_pattern", "attn.hook_z", "hook_resid_mid")]
+    with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}, joining_z={1: z_other}):
+        logits = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=residual, start_at_layer=1,
+                                      fwd_hooks=record)
+    assert seen == {"blocks.1.attn.hook_q": rows, "blocks.1.attn.hook_pattern": rows, "blocks.1.attn.hook_z": 2 * rows,
+                    "blocks.1.hook_resid_mid": 2 * rows}
+    torch.testing.assert_close(logits[:rows], model(inputs), atol=1e-5, rtol=0)
+    expected = model.run_with_hooks(inputs, fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: z_other)])
+    torch.testing.assert_close(logits[rows:], expected, atol=1e-5, rtol=0)
+    assert (logits[rows:] - logits[:rows]).abs().max() > 1e-3, "the joined z must matter"
+    with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}, joining_z=rows):
+        copied = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=residual, start_at_layer=1)
+    torch.testing.assert_close(copied[rows:], copied[:rows], atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="joining_z gives no z"):
+        with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}):
+            pass
+    with pytest.raises(InputError, match="attention must compute"):  # rows block 0 computed must attend
+        with model.llm_rows_joining({0: rows, 1: 2 * rows}, rows, attending={1: 0}, joining_z={1: z_other}):
             pass

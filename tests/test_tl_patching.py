@@ -63,19 +63,23 @@ def test_the_view_refuses_ids_whose_images_moved(pair):
 
 @torch.no_grad()
 def test_patching_copies_start_at_the_patched_layer(tiny_clip):
-    """Copies that patch layer 1 never run layer 0 again (only the source and target runs do),
-    and give what a full forward with the patch gives."""
+    """Copies that patch layer 1's heads never run layer 0 again, nor layer 1's attention (only
+    the source and target runs do), and give what a full forward with the patch gives."""
     model, inputs = tiny_clip.model, tiny_clip.inputs
     clean, corrupted = Run(inputs), recovery_blocked(model, inputs)
     metric = logit_difference(answer=RIGHT, wrong=WRONG)
     layer_0_attention = model.hf_model.model.language_model.layers[0].self_attn
-    calls = []
-    handle = layer_0_attention.register_forward_hook(lambda *_: calls.append(1))
+    layer_1_queries = model.hf_model.model.language_model.layers[1].self_attn.q_proj
+    calls, queries = [], []
+    handles = [layer_0_attention.register_forward_hook(lambda *_: calls.append(1)),
+               layer_1_queries.register_forward_hook(lambda *_: queries.append(1))]
     try:
         swept = head_sweep(model, clean, corrupted, metric, layers=[1], chunk_size=2)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert len(calls) == 2, "layer 0 runs for the source and the target only"
+    assert len(queries) == 2, "layer 1's attention runs for the source and the target only"
     source = run_and_collect(model, clean, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
     ko = corrupted.edit(inputs)
     for head in range(model.cfg.n_heads):

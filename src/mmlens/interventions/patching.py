@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Union
 
 import torch
@@ -36,6 +37,10 @@ ROWS_PER_FORWARD = 32
 LLM_HOOK_PREFIXES = ("blocks.", "ln_final.")
 HEAD_HOOKS = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v",
               "attn.hook_rot_q", "attn.hook_rot_k")
+# hooks of an LLM block that come after its attention's hook_z: a copy of the target that patches
+# and reads nothing earlier in that block joins it there, skipping the attention
+AFTER_Z = ("attn.hook_z", "attn.hook_result", "hook_attn_out", "ln1_post.", "hook_resid_mid", "ln2.", "mlp.",
+           "hook_mlp_out", "ln2_post.", "hook_resid_post")
 
 
 @dataclass(frozen=True)
@@ -288,21 +293,25 @@ def patch_conditions(
     # Copies of the target differ only inside the LLM when every patched and read hook is there:
     # a copy that patches (and reads) nothing below layer l equals the target there, so it joins
     # the chunk's forward at block l (rows join a growing batch, `HookedMLLM.llm_rows_joining`),
-    # as a copy of an unpatched target replica that leads the chunk from its lowest layer. Chunks
-    # stay consecutive conditions (head sweeps are layer-major), each sorted by joining layer, and
-    # start from the target's residual entering their lowest layer, computed once.
+    # or after block l's attention when all it patches and reads in block l comes after hook_z
+    # (a head's output), as a copy of an unpatched target replica that leads the chunk from its
+    # lowest layer. Chunks stay consecutive conditions (head sweeps are layer-major), each sorted
+    # by joining point, and start from the target's residual entering their lowest layer (and its
+    # z there, when all of a chunk's copies join after that attention), computed once.
     chunks = [list(range(first, min(first + chunk_size, len(conditions))))
               for first in range(0, len(conditions), chunk_size)]
-    residuals, starts = None, [0] * len(conditions)
+    residuals, target_z, starts = None, {}, [0] * len(conditions)
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        starts = [_first_layer(model, c, wanted) for c in conditions]
+        starts = [_join_point(model, c, wanted) for c in conditions]
         chunks = [sorted(chunk, key=starts.__getitem__) for chunk in chunks]
         llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
-        residuals = _llm_residuals(model, target, llm_input, max(starts[chunk[0]] for chunk in chunks))
+        z_layers = {starts[c[0]] // 2 for c in chunks if starts[c[0]] == starts[c[-1]] and starts[c[0]] % 2}
+        residuals, target_z = _llm_residuals(model, target, llm_input, max(starts[c[0]] // 2 for c in chunks), z_layers)
     # A metric that reads no logits (a probe) needs no layer above the highest one it reads.
     last = max((_hook_layer(model, n) for n in wanted), default=model.cfg.n_layers)
     stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
     values: list[Tensor | None] = [None] * len(conditions)
+    copies = _TargetCopies(model, target)
     bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
     for chunk in chunks:
         joins = [starts[i] for i in chunk]
@@ -310,11 +319,11 @@ def patch_conditions(
         chunk_conditions = [[]] * lead + [conditions[i] for i in chunk]
         patcher = _Patcher(model, target.inputs, source_activations, chunk_conditions, context)
         k = len(chunk_conditions)
-        repeated = repeat_inputs(target.inputs, k) if k > 1 else target.inputs
+        repeated = copies.inputs(k)
         if residuals is None:
             found = run_and_collect(model, Run(repeated, target.edit, target.name), wanted, extra_hooks=patcher.hooks, **stop)
         else:
-            found = _run_from_residuals(model, target, repeated, residuals, joins[:1] * lead + joins, wanted,
+            found = _run_from_residuals(model, copies, residuals, target_z, [joins[0] // 2 * 2] * lead + joins, wanted,
                                         patcher.hooks, stop)
         per_copy = getattr(metric, "per_copy", None)
         if per_copy is not None and k > 1:  # one evaluation for every copy (a probe's matmul)
@@ -333,44 +342,86 @@ def patch_conditions(
     return torch.stack(values)
 
 
-def _run_from_residuals(model: HookedMLLM, target: Run, repeated: MultimodalInputs, residuals: Sequence[Tensor],
-                        joins: Sequence[int], wanted: Sequence[str], patch_hooks: Sequence[tuple[str, Callable]],
-                        stop: Mapping[str, Any]) -> dict[str, Tensor]:
-    """One LLM-only forward of a chunk's copies, sorted by `joins`, the block each joins at: it
-    starts at the lowest from the target's residual there, and each block computes the copies
-    joined by then, those joining entering as copies of the first (an unpatched target replica
-    whenever copies join at more than one block). The target's edit is made for as many copies
-    as each block computes."""
-    k, batch, first = len(joins), len(target.inputs), joins[0]
-    joined = {layer: sum(j <= layer for j in joins) for layer in range(first, joins[-1] + 1)} if first < joins[-1] else {}
-    edit, hooks, made = _llm_part(model, target.edit), [], []
-    for copies in sorted(set(joined.values()) | {k}):
-        own, one = edit_hooks(edit, repeated if copies == k else repeat_inputs(target.inputs, copies))
-        made.append(one)
-        hooks += [(name, hook) for name, hook in own
-                  if joined.get(_hook_layer(model, model.resolve_hook_name(name)), k) == copies]
+class _TargetCopies:
+    """The target repeated k times (`repeat_inputs`) and its LLM edit made for k copies, each
+    made once per sweep: every chunk of k copies shares them."""
+
+    def __init__(self, model: HookedMLLM, target: Run):
+        self.target, self.edit = target, _llm_part(model, target.edit)
+        self._inputs: dict[int, MultimodalInputs] = {1: target.inputs}
+        self._edits: dict[int, tuple[list, Any]] = {}
+
+    def inputs(self, k: int) -> MultimodalInputs:
+        if k not in self._inputs:
+            self._inputs[k] = repeat_inputs(self.target.inputs, k)
+        return self._inputs[k]
+
+    def edit_hooks(self, counts: set[int]) -> list[tuple[str, Callable]]:
+        """The LLM edit made for each number of copies in `counts`, each acting on activations of
+        its rows only: a block computes only the copies that joined by then, and the attention of
+        a block that copies join after it only those that joined before."""
+        if self.edit is None:
+            return []
+        rows, hooks = len(self.target.inputs), []
+        for k in sorted(counts):
+            if k not in self._edits:
+                self._edits[k] = edit_hooks(self.edit, self.inputs(k))
+            hooks += [(name, partial(_on_rows, k * rows, fn)) for name, fn in self._edits[k][0]]
+        return hooks
+
+    def verify(self) -> None:
+        for _, made in self._edits.values():
+            verify_edit(made)
+
+
+def _on_rows(rows: int, fn: Callable, activation: Tensor, **kwargs: Any) -> Any:
+    """`fn`, on activations of `rows` rows only."""
+    return fn(activation, **kwargs) if activation.shape[0] == rows else None
+
+
+def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Sequence[Tensor],
+                        target_z: Mapping[int, Tensor], joins: Sequence[int], wanted: Sequence[str],
+                        patch_hooks: Sequence[tuple[str, Callable]], stop: Mapping[str, Any]) -> dict[str, Tensor]:
+    """One LLM-only forward of a chunk's copies, sorted by `joins`, the point each joins at
+    (`_join_point`): it starts at the lowest block from the target's residual there, and each
+    block computes the copies joined by then, those joining entering as copies of the first (an
+    unpatched target replica whenever copies join at more than one point). Copies that join after
+    a block's attention take the first copy's z there, or the target's when all join there. The
+    target's edit is made for as many copies as each of its hooks sees."""
+    k, batch, first = len(joins), len(copies.target.inputs), joins[0] // 2
+    layers = range(first, joins[-1] // 2 + 1)
+    active = {l: batch * sum(j // 2 <= l for j in joins) for l in layers}
+    attending = {l: batch * sum(j <= 2 * l for j in joins) for l in layers}
+    attending = {l: n for l, n in attending.items() if n < active[l]}
+    if not attending and all(n == k * batch for n in active.values()):
+        active = {}
+    edit = copies.edit_hooks({n // batch for n in [*active.values(), *attending.values(), k * batch] if n})
     resume = {"llm_inputs_embeds": residuals[first].repeat(k, 1, 1), "start_at_layer": first}
-    with model.llm_rows_joining({layer: n * batch for layer, n in joined.items()}, batch):
-        found = run_and_collect(model, Run(repeated, None, target.name), wanted, extra_hooks=[*hooks, *patch_hooks],
-                                **resume, **stop)
-    for one in made:
-        verify_edit(one)
+    joining_z = batch if joins[0] < joins[-1] else {first: target_z[first]} if joins[0] % 2 else None
+    with model.llm_rows_joining(active, batch, attending=attending, joining_z=joining_z):
+        found = run_and_collect(model, Run(copies.inputs(k), None, copies.target.name), wanted,
+                                extra_hooks=[*edit, *patch_hooks], **resume, **stop)
+    copies.verify()
     return found
 
 
-def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int) -> list[Tensor]:
+def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int,
+                   z_layers: set[int]) -> tuple[list[Tensor], dict[int, Tensor]]:
     """The target run's residual entering LLM blocks 0..`up_to` (`up_to` = n_layers: leaving the
-    last); from `llm_input` (its `hook_multimodal_embed`, when known) only the LLM runs, and not
-    at all when block 0 is the only start."""
-    if llm_input is not None and up_to == 0:
-        return [llm_input]
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(up_to)]
+    last), and its z (`attn.hook_z`) in `z_layers`; from `llm_input` (its
+    `hook_multimodal_embed`, when known) only the LLM runs, and not at all when block 0's input
+    is all that is asked for."""
+    if llm_input is not None and up_to == 0 and not z_layers:
+        return [llm_input], {}
+    stop = max(up_to, max(z_layers, default=-1) + 1)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(stop)]
+    z_names = {l: f"blocks.{l}.attn.hook_z" for l in sorted(z_layers)}
     if llm_input is None:
-        found = run_and_collect(model, target, names, stop_at_layer=up_to)
+        found = run_and_collect(model, target, [*names, *z_names.values()], stop_at_layer=stop)
     else:
-        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), names,
-                                llm_inputs_embeds=llm_input, stop_at_layer=up_to)
-    return [*(found[name] for name in names), found["residual"]]
+        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), [*names, *z_names.values()],
+                                llm_inputs_embeds=llm_input, stop_at_layer=stop)
+    return [*(found[name] for name in names), found["residual"]], {l: found[name] for l, name in z_names.items()}
 
 
 def _same_llm_input(model: HookedMLLM, source: Run, target: Run) -> bool:
@@ -396,9 +447,14 @@ def _hook_layer(model: HookedMLLM, name: str) -> int:
     return int(parts[1]) if parts[0] == "blocks" else model.cfg.n_layers
 
 
-def _first_layer(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str]) -> int:
-    """The lowest LLM block a condition patches or the metric reads: copies start there."""
-    return min(_hook_layer(model, model.resolve_hook_name(n)) for n in [*(p.hook for p in condition), *wanted])
+def _join_point(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str]) -> int:
+    """Where a condition's copy first differs from the target: 2 l at the input of LLM block l,
+    the lowest the condition patches or the metric reads, and 2 l + 1 after that block's attention
+    when everything patched or read in it comes after `attn.hook_z` (2 n_layers: the final norm)."""
+    names = [model.resolve_hook_name(n) for n in [*(p.hook for p in condition), *wanted]]
+    layer = min(_hook_layer(model, n) for n in names)
+    in_block = [n.split(".", 2)[2] for n in names if _hook_layer(model, n) == layer and n.startswith("blocks.")]
+    return 2 * layer + int(bool(in_block) and all(n.startswith(AFTER_Z) for n in in_block))
 
 
 @torch.no_grad()

@@ -432,14 +432,20 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         ids, mask = self.text_batch(text, prepend_bos, padding_side)
         return {"input_ids": ids.to(self.cfg.device), "attention_mask": mask.to(self.cfg.device)}
 
-    def llm_rows_joining(self, active: Mapping[int, int], joining: Mapping[int, Tensor] | int):
+    def llm_rows_joining(self, active: Mapping[int, int], joining: Mapping[int, Tensor] | int, *,
+                         attending: Mapping[int, int] | None = None,
+                         joining_z: Mapping[int, Tensor] | int | None = None):
         """A context in which LLM block `l` computes only the first `active[l]` rows of a batch;
         the rows joining at `l` enter with `joining[l]` (a residual entering block `l`, repeated
         to fill them) or, for an int `n`, with copies of the first `n` rows as they enter block
         `l`. Copies of one input that differ only from some block on (patching one layer each)
         thus start where they differ, in one forward started at the lowest key
-        (`start_at_layer`); hooks in block `l` see its `active[l]` rows."""
-        return growing_batch(self._stages["llm"].layers, active, joining)
+        (`start_at_layer`); hooks in block `l` see its `active[l]` rows. With `attending[l]`
+        below `active[l]`, block `l`'s attention computes only that many rows (its hooks before
+        `attn.hook_z` see them) and the others join at `attn.hook_z` with `joining_z[l]` (that
+        block's z, repeated) or copies of the first `joining_z` rows' z: copies that differ from
+        a head's output on skip the attention that computes it."""
+        return growing_batch(self._stages["llm"].layers, active, joining, attending=attending, joining_z=joining_z)
 
     def run_vision(
         self,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
+from .layer_runs import Z_JOIN, first_rows
 from .devices import bare_forward, override_forward, restore_forward, weights_present
 from .norms import NormKind, instrument_norm
 from .weights import ungated_linears
@@ -81,6 +82,8 @@ def restore(model: nn.Module) -> None:
         if getattr(module, _INSTRUMENTED, False):
             restore_forward(module)
             delattr(module, _INSTRUMENTED)
+        if hasattr(module, Z_JOIN):
+            delattr(module, Z_JOIN)
 
 
 def _argument_names(module: nn.Module) -> list[str]:
@@ -96,7 +99,8 @@ def apply_attention_mask(
 
     eager builds an additive float mask; sdpa a boolean one (True = attend) or none at all when
     the mask is plain causal. Masked entries end at the dtype's minimum, as in HF eager, so a
-    fully padded row stays finite.
+    fully padded row stays finite. `scores` must be the caller's own fresh tensor: it is masked
+    in place (a copy of every score matrix costs as much as the softmax on CPU).
     """
     q_len, k_len = scores.shape[-2:]
     if attention_mask is None:
@@ -106,8 +110,9 @@ def apply_attention_mask(
             k_len - q_len
         )
     if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask[..., :k_len]
+        return scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    mask = attention_mask[..., :k_len]
+    return scores.add_(mask) if mask.dtype == scores.dtype else scores + mask  # keep a wider mask's promotion
 
 
 def instrument_attention(
@@ -133,10 +138,8 @@ def instrument_attention(
     hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
     unsqueeze = {} if spec.rotary_unsqueeze_dim == 1 else {"unsqueeze_dim": spec.rotary_unsqueeze_dim}
 
-    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
-        if not hooks.any_hooked():
-            return original(hidden_states, *args, **kwargs)
-        kwargs.update(zip(names, args))
+    def attend(hidden_states: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """z (before `hook_z` fires) and the pattern."""
         attention_mask = kwargs.get("attention_mask")
         batch, seq, _ = hidden_states.shape
         q = q_norm(fire(hooks.hook_q, q_proj(hidden_states).view(batch, seq, -1, d_head)))
@@ -162,7 +165,12 @@ def instrument_attention(
         if attn.training:
             pattern = nn.functional.dropout(pattern, p=getattr(attn, "attention_dropout", 0.0))
         pattern = fire(hooks.hook_pattern, pattern)
-        z = fire(hooks.hook_z, torch.matmul(pattern, v).transpose(1, 2).contiguous())
+        return torch.matmul(pattern, v).transpose(1, 2).contiguous(), pattern
+
+    def project(z: Tensor) -> Tensor:
+        """The attention output from z, through `hook_z` (and `hook_result`)."""
+        z = fire(hooks.hook_z, z)
+        batch, seq = z.shape[:2]
         if use_result() and is_hooked(hooks.hook_result):
             with weights_present(o_proj):  # an offloaded o_proj holds meta tensors outside its forward
                 w_o = einops.rearrange(o_proj.weight, "m (h d) -> h d m", d=d_head)
@@ -170,10 +178,24 @@ def instrument_attention(
                 out = result.sum(dim=-2)
                 if o_proj.bias is not None:
                     out = out + o_proj.bias
-        else:
-            out = o_proj(z.reshape(batch, seq, -1))
-        return out, pattern
+            return out
+        return o_proj(z.reshape(batch, seq, -1))
 
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
+        join = getattr(attn, Z_JOIN)
+        if join is None and not hooks.any_hooked():
+            return original(hidden_states, *args, **kwargs)
+        kwargs.update(zip(names, args))
+        if join is None:
+            z, pattern = attend(hidden_states, kwargs)
+            return project(z), pattern
+        # rows join at hook_z (`growing_batch`): only the first `computed` rows attend
+        computed, fill = join
+        rows = hidden_states.shape[0]
+        z = attend(hidden_states[:computed], {k: first_rows(v, rows, computed) for k, v in kwargs.items()})[0] if computed else None
+        return project(fill(z)), None
+
+    setattr(attn, Z_JOIN, None)
     _override_forward(attn, forward)
 
 

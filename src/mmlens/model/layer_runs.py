@@ -6,7 +6,8 @@ rest. Here the Hugging Face model runs as usual: a hook on block `l` raises with
 stop, and blocks below `l` pass their input through unchanged to start (block `l` is handed the
 residual), so masks, positions and rotary embeddings are built by HF's own code. A growing batch
 lets rows start at different blocks in one run: block `l` computes only the rows that have joined
-by then, and the rows joining at `l` enter with a given residual.
+by then, and the rows joining at `l` enter with a given residual; rows may also join a block
+after its attention, at `hook_z`, with a given z, so that they skip that attention.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+
+# Set on each attention mmlens instruments (None when idle): while a growing batch has rows join a
+# block at hook_z, (the rows the attention computes, a function giving z for every row from theirs)
+Z_JOIN = "_mmlens_z_join"
 
 
 class StoppedAtLayer(Exception):
@@ -134,7 +139,7 @@ def run_or_stop(run: Any) -> tuple[Any, Tensor | None]:
         return None, stopped.residual
 
 
-def _first_rows(value: Any, rows: int, n: int) -> Any:
+def first_rows(value: Any, rows: int, n: int) -> Any:
     """`value` (a block argument) cut to its first `n` batch rows: tensors whose leading dim is
     the batch; size-1 leading dims broadcast and stay. A tensor batched along another dim cannot
     be cut safely, so it stops the run instead of giving rows the wrong masks or positions."""
@@ -146,29 +151,67 @@ def _first_rows(value: Any, rows: int, n: int) -> Any:
                                "the first; rows cannot join this stack at different layers")
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_first_rows(v, rows, n) for v in value)
+        return type(value)(first_rows(v, rows, n) for v in value)
     return value
 
 
+def _attention_of(layer: nn.Module) -> nn.Module:
+    found = [m for m in layer.children() if hasattr(m, Z_JOIN)]
+    if len(found) != 1:
+        raise InputError(f"rows can join a {type(layer).__name__} at hook_z only when mmlens instruments its attention")
+    return found[0]
+
+
+def _filled(join: Tensor, count: int, what: str, like: Tensor) -> Tensor:
+    """`join` repeated to fill `count` rows."""
+    if count % len(join):
+        raise InputError(f"{count} rows join {what}, not a multiple of the {len(join)} given")
+    return join.repeat(count // len(join), *([1] * (join.ndim - 1))).to(like)
+
+
 @contextmanager
-def growing_batch(layers: Sequence[nn.Module], active: Mapping[int, int], joining: Mapping[int, Tensor] | int) -> Iterator[None]:
+def growing_batch(layers: Sequence[nn.Module], active: Mapping[int, int], joining: Mapping[int, Tensor] | int,
+                  *, attending: Mapping[int, int] | None = None,
+                  joining_z: Mapping[int, Tensor] | int | None = None) -> Iterator[None]:
     """Within the block, block `l` (each key of `active`) computes only the first `active[l]`
     rows of the batch; the rows that join at `l` (past those the block below computed) enter with
     `joining[l]` repeated to fill them, or, when `joining` is an int `n`, with copies of the first
     `n` rows' residual entering block `l` (a template computed in the same run). Rows past
     `active[l]` pass through untouched, so the stack's own code between blocks still sees the
     whole batch; `active` must not decrease, and must cover the whole batch from its first
-    block on where a stop or the final norm reads it."""
+    block on where a stop or the final norm reads it.
+
+    With `attending[l]` < `active[l]`, block `l`'s attention computes only its first
+    `attending[l]` rows (at least those the block below computed); the rest join at its `hook_z`
+    with `joining_z[l]` (a z, [batch, seq, heads, d_head]) repeated, or, for an int `n`, copies of
+    the first `n` rows' z. They still enter the block with a residual, as above, which the
+    attention's output is added to."""
     counts = sorted(active.items())
+    attending = dict(attending or {})
     if counts and not 0 <= counts[0][0] <= counts[-1][0] < len(layers):
         raise InputError(f"blocks {sorted(active)} are not all in this stack's {len(layers)} blocks")
     if any(b[1] < a[1] for a, b in zip(counts, counts[1:])):
         raise InputError(f"rows can only join a growing batch, not leave it: {dict(counts)}")
     computed = {layer: previous for (layer, _), (_, previous) in zip(counts, [(None, 0), *counts[:-1]])}
+    for layer, a in attending.items():
+        template = joining_z if isinstance(joining_z, int) else 0
+        if layer not in active or not max(computed[layer], template) <= a <= active[layer]:
+            raise InputError(f"block {layer}'s attention must compute between the rows the block below computed (and "
+                             f"the template rows) and the rows the block computes; got {a} of "
+                             f"{active.get(layer, 'no rows (not in active)')}")
+        if a < active[layer] and not isinstance(joining_z, int) and layer not in (joining_z or {}):
+            raise InputError(f"rows join block {layer} at hook_z, but joining_z gives no z for it")
+    attentions = {layer: _attention_of(layers[layer]) for layer, a in attending.items() if a < active[layer]}
     saved = {layer: layers[layer].__dict__.get("forward") for layer in active}
 
     def grown(layer: int, forward: Any) -> Any:
         n, before = active[layer], computed[layer]
+        attends = attending.get(layer, n)
+
+        def fill_z(z: Tensor | None) -> Tensor:
+            join = z[:joining_z] if isinstance(joining_z, int) else joining_z[layer]
+            join = _filled(join, n - attends, f"block {layer} at hook_z", join if z is None else z)
+            return join if z is None else torch.cat([z, join])
 
         def run(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
             rows = hidden_states.shape[0]
@@ -178,12 +221,16 @@ def growing_batch(layers: Sequence[nn.Module], active: Mapping[int, int], joinin
             if n > before > 0:
                 join = hidden_states[:joining] if isinstance(joining, int) else joining.get(layer)
                 if join is not None:
-                    if (n - before) % len(join):
-                        raise InputError(f"{n - before} rows join block {layer}, not a multiple of the {len(join)} given")
-                    join = join.repeat((n - before) // len(join), *([1] * (join.ndim - 1))).to(hidden_states)
-                    cut = torch.cat([hidden_states[:before], join])
-            out = forward(cut, *(_first_rows(a, rows, n) for a in args),
-                          **{k: _first_rows(v, rows, n) for k, v in kwargs.items()})
+                    cut = torch.cat([hidden_states[:before], _filled(join, n - before, f"block {layer}", hidden_states)])
+            attention = attentions.get(layer)
+            if attention is not None:
+                setattr(attention, Z_JOIN, (attends, fill_z))
+            try:
+                out = forward(cut, *(first_rows(a, rows, n) for a in args),
+                              **{k: first_rows(v, rows, n) for k, v in kwargs.items()})
+            finally:
+                if attention is not None:
+                    setattr(attention, Z_JOIN, None)
             if n == rows:
                 return out
             head = out[0] if isinstance(out, tuple) else out
