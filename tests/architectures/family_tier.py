@@ -294,6 +294,23 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     # to the rows each block computes) = one forward per head
     one_at_a_time = head_sweep(model, Run(inputs), recovery_blocked(model, inputs), metric, chunk_size=1)
     torch.testing.assert_close(effects, one_at_a_time, atol=1e-5, rtol=1e-5)
+    # and = a full forward patched by hand, though copies skip the attention of the layer they
+    # patch (they join there at hook_z)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    _, clean = model.run_with_cache(inputs, names_filter=names)
+    blocked = recovery_blocked(model, inputs).edit(inputs)
+    for layer in range(n_layers):
+        head = layer % model.cfg.llm.n_heads
+
+        def put_head(z, hook, head=head):
+            z = z.clone()
+            z[:, :, head] = clean[hook.name][:, :, head]
+            return z
+
+        read: dict[str, torch.Tensor] = {}
+        model.run_with_hooks(inputs, fwd_hooks=[*blocked.hooks, (names[layer], put_head),
+                                                (last, lambda x, hook: read.__setitem__(last, x))])
+        torch.testing.assert_close(effects[layer, head], metric(read, inputs), atol=1e-5, rtol=1e-5)
 
     result = anchor_knockout(model, sweep, n_control=1, n_boot=5)
     assert result.blocked_mass == 0.0 and len(result.table)
