@@ -78,18 +78,63 @@ def test_batched_head_sweep_equals_one_head_at_a_time(tiny_clip):
             torch.testing.assert_close(batched[layer, head], expected, atol=1e-5, rtol=0)
 
 
+class _GateByPattern:
+    """An edit that carries state inside a block: layer 1's z scaled by its own pattern's mean row
+    maximum, read at hook_pattern and used at hook_z."""
+
+    def __init__(self, inputs):
+        self.stash = {}
+        self.hooks = [("blocks.1.attn.hook_pattern", self.keep), ("blocks.1.attn.hook_z", self.use)]
+
+    def keep(self, pattern, hook):
+        self.stash["pattern"] = pattern
+
+    def use(self, z, hook):
+        return z * (1 + self.stash.pop("pattern").amax(-1).mean((1, 2)))[:, None, None, None]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("edit", ["halve head 3's z", "shift resid_pre", "gate by pattern"])
+def test_a_target_edit_at_the_join_point_applies_once(tiny_clip, edit):
+    """Copies resume from the target's residual and z as they reach their hooks, before its edit
+    acts there (the edit applies again in the copies' forward), and an edit that keeps state
+    from a block's pattern to its z is made for one number of copies there: every head equals a
+    full forward patched by hand, one head per forward and in the default chunks."""
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    hooks = {"halve head 3's z": [("blocks.1.attn.hook_z", lambda z, hook: z * torch.tensor([1, 1, 1, 0.5]).view(1, 1, -1, 1))],
+             "shift resid_pre": [("blocks.1.hook_resid_pre", lambda x, hook: x + 1.0)]}.get(edit)
+    target = Run(inputs, (lambda batch: list(hooks)) if hooks else _GateByPattern)
+    metric = _metric(model)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    source = run_and_collect(model, Run(inputs), names)
+    for chunk_size in (1, None):
+        swept = head_sweep(model, Run(inputs), target, metric, chunk_size=chunk_size)
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.llm.n_heads):
+                def put_head(z, hook, head=head):
+                    z = z.clone()
+                    z[:, :, head] = source[hook.name][:, :, head]
+                    return z
+
+                made = target.edit(inputs)
+                own = made if isinstance(made, list) else made.hooks
+                logits = model.run_with_hooks(inputs, fwd_hooks=[*own, (names[layer], put_head)])
+                torch.testing.assert_close(swept[layer, head], metric({"logits": logits}, inputs), atol=1e-5, rtol=0)
+    assert (swept - baseline(model, target, metric)).abs().max() > 1e-3, "some head must matter"
+
+
 @torch.no_grad()
 def test_copies_joining_before_and_after_an_attention_in_one_chunk(tiny_clip):
     """One chunk whose copies join at a block's input (resid_pre, an attention input), after its
-    attention (a head's z, the MLP) and in a higher block: each equals a full forward patched by
-    hand, and the knockout holds in every forward."""
+    attention (a head's z, the MLP), in a higher block and at the final norm: each equals a full
+    forward patched by hand, and the knockout holds in every forward."""
     model, inputs = tiny_clip.model, tiny_clip.inputs
     clean, corrupted = Run(inputs), recovery_blocked(model, inputs)
     metric = _metric(model)
     conditions = [Patch("blocks.1.attn.hook_z", heads=(0,)), Patch("blocks.1.hook_resid_pre"),
                   Patch("blocks.0.mlp.hook_post"), Patch("blocks.1.hook_resid_mid"), Patch("blocks.1.attn.hook_v"),
                   [Patch("blocks.0.attn.hook_z", heads=(1,)), Patch("blocks.1.hook_resid_pre")],
-                  Patch("blocks.0.attn.hook_pattern")]
+                  Patch("blocks.0.attn.hook_pattern"), Patch("ln_final.hook_normalized")]
     values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=len(conditions))
     names = sorted({p.hook for c in conditions for p in (c if isinstance(c, list) else [c])})
     source = run_and_collect(model, clean, names)

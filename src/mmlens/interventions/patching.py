@@ -41,6 +41,10 @@ HEAD_HOOKS = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "
 # and reads nothing earlier in that block joins it there, skipping the attention
 AFTER_Z = ("attn.hook_z", "attn.hook_result", "hook_attn_out", "ln1_post.", "hook_resid_mid", "ln2.", "mlp.",
            "hook_mlp_out", "ln2_post.", "hook_resid_post")
+# hooks inside an attention before its hook_z: where copies join after that attention, these see
+# fewer rows than the rest of the block (the target's edit is made for each number separately)
+ATTENTION_INTERNALS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_", "attn.hook_attn_scores",
+                       "attn.hook_pattern", "attn.q_ln.", "attn.k_ln.")
 
 
 @dataclass(frozen=True)
@@ -133,18 +137,23 @@ def metric_hooks(metric: Metric) -> list[str]:
 
 
 def run_and_collect(model: HookedMLLM, run: Run, names: Sequence[str], *, detach: bool = True,
-                    extra_hooks: Sequence[tuple[str, Callable]] = (), **forward_kwargs: Any) -> dict[str, Tensor]:
+                    extra_hooks: Sequence[tuple[str, Callable]] = (), before_edit: bool = False,
+                    **forward_kwargs: Any) -> dict[str, Tensor]:
     """One forward of a run: the activations at `names` and the logits (with `stop_at_layer`,
-    the residual entering that layer instead, as "residual")."""
+    the residual entering that layer instead, as "residual"). With `before_edit`, each is kept as
+    it reaches its hook point, before the run's edit changes it there (a copy, in case the edit
+    writes in place): what a run resumed from it must be given, since the edit applies again."""
     hooks, made = edit_hooks(run.edit, run.inputs)
     store: dict[str, Tensor] = {}
 
     def keep(activation: Tensor, hook) -> None:
-        store[hook.name] = activation.detach() if detach else activation
+        activation = activation.detach() if detach else activation
+        store[hook.name] = activation.clone() if before_edit else activation
 
     names = list(dict.fromkeys(model.resolve_hook_name(n) for n in names))
-    out = model.run_with_hooks(run.inputs, fwd_hooks=[*hooks, *extra_hooks, *((n, keep) for n in names)],
-                               **forward_kwargs)
+    kept = [(n, keep) for n in names]
+    out = model.run_with_hooks(run.inputs, fwd_hooks=[*(kept if before_edit else []), *hooks, *extra_hooks,
+                                                      *([] if before_edit else kept)], **forward_kwargs)
     verify_edit(made)
     # a run stopped at a layer returns the residual entering it, not logits
     store["logits" if forward_kwargs.get("stop_at_layer") is None else "residual"] = out
@@ -301,8 +310,10 @@ def patch_conditions(
     chunks = [list(range(first, min(first + chunk_size, len(conditions))))
               for first in range(0, len(conditions), chunk_size)]
     residuals, target_z, starts = None, {}, [0] * len(conditions)
+    copies = _TargetCopies(model, target)
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
-        starts = [_join_point(model, c, wanted) for c in conditions]
+        whole = _blocks_edited_across_attention(model, copies.edit_names())
+        starts = [_join_point(model, c, wanted, whole) for c in conditions]
         chunks = [sorted(chunk, key=starts.__getitem__) for chunk in chunks]
         llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
         z_layers = {starts[c[0]] // 2 for c in chunks if starts[c[0]] == starts[c[-1]] and starts[c[0]] % 2}
@@ -311,7 +322,6 @@ def patch_conditions(
     last = max((_hook_layer(model, n) for n in wanted), default=model.cfg.n_layers)
     stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
     values: list[Tensor | None] = [None] * len(conditions)
-    copies = _TargetCopies(model, target)
     bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
     for chunk in chunks:
         joins = [starts[i] for i in chunk]
@@ -356,6 +366,15 @@ class _TargetCopies:
             self._inputs[k] = repeat_inputs(self.target.inputs, k)
         return self._inputs[k]
 
+    def edit_names(self) -> list[str]:
+        """The hook points the LLM edit acts on."""
+        return [] if self.edit is None else [name for name, _ in self._made(1)[0]]
+
+    def _made(self, k: int) -> tuple[list, Any]:
+        if k not in self._edits:
+            self._edits[k] = edit_hooks(self.edit, self.inputs(k))
+        return self._edits[k]
+
     def edit_hooks(self, counts: set[int]) -> list[tuple[str, Callable]]:
         """The LLM edit made for each number of copies in `counts`, each acting on activations of
         its rows only: a block computes only the copies that joined by then, and the attention of
@@ -364,9 +383,7 @@ class _TargetCopies:
             return []
         rows, hooks = len(self.target.inputs), []
         for k in sorted(counts):
-            if k not in self._edits:
-                self._edits[k] = edit_hooks(self.edit, self.inputs(k))
-            hooks += [(name, partial(_on_rows, k * rows, fn)) for name, fn in self._edits[k][0]]
+            hooks += [(name, partial(_on_rows, k * rows, fn)) for name, fn in self._made(k)[0]]
         return hooks
 
     def verify(self) -> None:
@@ -386,8 +403,9 @@ def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Seq
     (`_join_point`): it starts at the lowest block from the target's residual there, and each
     block computes the copies joined by then, those joining entering as copies of the first (an
     unpatched target replica whenever copies join at more than one point). Copies that join after
-    a block's attention take the first copy's z there, or the target's when all join there. The
-    target's edit is made for as many copies as each of its hooks sees."""
+    a block's attention take the leading replica's z there as computed, or the target's as it
+    reached `hook_z` when all join there. The target's edit is made for as many copies as each of
+    its hooks sees."""
     k, batch, first = len(joins), len(copies.target.inputs), joins[0] // 2
     layers = range(first, joins[-1] // 2 + 1)
     active = {l: batch * sum(j // 2 <= l for j in joins) for l in layers}
@@ -408,19 +426,18 @@ def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Seq
 def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int,
                    z_layers: set[int]) -> tuple[list[Tensor], dict[int, Tensor]]:
     """The target run's residual entering LLM blocks 0..`up_to` (`up_to` = n_layers: leaving the
-    last), and its z (`attn.hook_z`) in `z_layers`; from `llm_input` (its
-    `hook_multimodal_embed`, when known) only the LLM runs, and not at all when block 0's input
-    is all that is asked for."""
+    last), and its z (`attn.hook_z`) in `z_layers`, each as it reaches its hook point, before the
+    target's edit acts there; from `llm_input` (its `hook_multimodal_embed`, when known) only the
+    LLM runs, and not at all when block 0's input is all that is asked for."""
     if llm_input is not None and up_to == 0 and not z_layers:
         return [llm_input], {}
     stop = max(up_to, max(z_layers, default=-1) + 1)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(stop)]
     z_names = {l: f"blocks.{l}.attn.hook_z" for l in sorted(z_layers)}
-    if llm_input is None:
-        found = run_and_collect(model, target, [*names, *z_names.values()], stop_at_layer=stop)
-    else:
-        found = run_and_collect(model, Run(target.inputs, _llm_part(model, target.edit)), [*names, *z_names.values()],
-                                llm_inputs_embeds=llm_input, stop_at_layer=stop)
+    run = target if llm_input is None else Run(target.inputs, _llm_part(model, target.edit))
+    resume = {} if llm_input is None else {"llm_inputs_embeds": llm_input}
+    # copies resume from these and the target's edit applies to them again: keep them unedited
+    found = run_and_collect(model, run, [*names, *z_names.values()], before_edit=True, stop_at_layer=stop, **resume)
     return [*(found[name] for name in names), found["residual"]], {l: found[name] for l, name in z_names.items()}
 
 
@@ -447,14 +464,30 @@ def _hook_layer(model: HookedMLLM, name: str) -> int:
     return int(parts[1]) if parts[0] == "blocks" else model.cfg.n_layers
 
 
-def _join_point(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str]) -> int:
+def _join_point(model: HookedMLLM, condition: Sequence[Patch], wanted: Sequence[str], whole: set[int]) -> int:
     """Where a condition's copy first differs from the target: 2 l at the input of LLM block l,
     the lowest the condition patches or the metric reads, and 2 l + 1 after that block's attention
-    when everything patched or read in it comes after `attn.hook_z` (2 n_layers: the final norm)."""
+    when everything patched or read in it comes after `attn.hook_z` (the final norm: after the
+    last block's) and the block is not in `whole`."""
     names = [model.resolve_hook_name(n) for n in [*(p.hook for p in condition), *wanted]]
-    layer = min(_hook_layer(model, n) for n in names)
-    in_block = [n.split(".", 2)[2] for n in names if _hook_layer(model, n) == layer and n.startswith("blocks.")]
-    return 2 * layer + int(bool(in_block) and all(n.startswith(AFTER_Z) for n in in_block))
+    # the final norm counts as the end of the last block: rows join a growing batch at a block
+    blocks = {n: min(_hook_layer(model, n), model.cfg.n_layers - 1) for n in names}
+    layer = min(blocks.values())
+    after_z = all(not n.startswith("blocks.") or n.split(".", 2)[2].startswith(AFTER_Z)
+                  for n in names if blocks[n] == layer)
+    return 2 * layer + int(after_z and layer not in whole)
+
+
+def _blocks_edited_across_attention(model: HookedMLLM, edited: Sequence[str]) -> set[int]:
+    """The LLM blocks where the target's edit hooks both inside the attention and elsewhere in
+    the block. Copies join those blocks whole: an edit may carry state from its pattern hook to
+    its z hook, say, and one made for a single number of copies must then serve both."""
+    inside: dict[int, set[bool]] = {}
+    for name in edited:
+        name = model.resolve_hook_name(name)
+        if name.startswith("blocks."):
+            inside.setdefault(_hook_layer(model, name), set()).add(name.split(".", 2)[2].startswith(ATTENTION_INTERNALS))
+    return {layer for layer, kinds in inside.items() if len(kinds) == 2}
 
 
 @torch.no_grad()

@@ -441,10 +441,11 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         `l`. Copies of one input that differ only from some block on (patching one layer each)
         thus start where they differ, in one forward started at the lowest key
         (`start_at_layer`); hooks in block `l` see its `active[l]` rows. With `attending[l]`
-        below `active[l]`, block `l`'s attention computes only that many rows (its hooks before
-        `attn.hook_z` see them) and the others join at `attn.hook_z` with `joining_z[l]` (that
-        block's z, repeated) or copies of the first `joining_z` rows' z: copies that differ from
-        a head's output on skip the attention that computes it."""
+        below `active[l]`, block `l`'s attention computes only that many rows (its q, k, v,
+        scores and pattern hooks see them) and the others join at `attn.hook_z` with
+        `joining_z[l]` (that block's z as it reaches `hook_z`, before that point's hooks,
+        repeated) or copies of the first `joining_z` rows' z: copies that differ from a head's
+        output on skip the attention that computes it."""
         return growing_batch(self._stages["llm"].layers, active, joining, attending=attending, joining_z=joining_z)
 
     def run_vision(

@@ -182,10 +182,12 @@ def growing_batch(layers: Sequence[nn.Module], active: Mapping[int, int], joinin
     block on where a stop or the final norm reads it.
 
     With `attending[l]` < `active[l]`, block `l`'s attention computes only its first
-    `attending[l]` rows (at least those the block below computed); the rest join at its `hook_z`
-    with `joining_z[l]` (a z, [batch, seq, heads, d_head]) repeated, or, for an int `n`, copies of
-    the first `n` rows' z. They still enter the block with a residual, as above, which the
-    attention's output is added to."""
+    `attending[l]` rows (at least those the block below computed), and its own hooks before
+    `hook_z` see only those; the rest join at its `hook_z` with `joining_z[l]` (a z,
+    [batch, seq, heads, d_head], as it reaches `hook_z`: that point's hooks then act on it)
+    repeated, or, for an int `n`, copies of the first `n` rows' z as computed. They still enter
+    the block with a residual, as above, which the attention's output is added to; the block's
+    hooks outside the attention see every row it computes."""
     counts = sorted(active.items())
     attending = dict(attending or {})
     if counts and not 0 <= counts[0][0] <= counts[-1][0] < len(layers):
