@@ -373,6 +373,23 @@ class QwenImageProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
+def _qwen_processor(patch_size: int, max_side: int):
+    """The word tokenizer with Qwen's special tokens, a Qwen2-VL image processor (2 x 2 merge,
+    images between 16x16 and `max_side`^2 pixels in area) and the processor over both; and the
+    special tokens' ids as the model config names them."""
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
+    )
+    processor = QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    return tokenizer, processor, ids
+
+
 def tiny_qwen2_vl(
     version: Literal["2", "2.5"] = "2.5",
     *,
@@ -390,15 +407,7 @@ def tiny_qwen2_vl(
     2 x `patch_size` pixels between 16x16 and `max_side`^2 pixels in area, so a 32x32 image is
     8x8 patches and 4x4 LLM tokens. Qwen2.5-VL's windows span 2x2 LLM tokens (block 0) and block
     1 attends over the whole image, so both attention rules run on every test image."""
-    tokenizer = build_word_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
-    image_token, video_token, start, end = (tokenizer.convert_tokens_to_ids(t) for t in (
-        "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
-    )
-    processor = QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    tokenizer, processor, ids = _qwen_processor(patch_size, max_side)
     text = _text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2)
     head_dim = llm_d_model // llm_heads
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]}
@@ -413,7 +422,7 @@ def tiny_qwen2_vl(
     config = config_class(
         text_config={**text, "rope_parameters": rope},
         vision_config=vision,
-        image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
+        **ids,
     )
     return _instantiate(model_class, config, attn_implementation, seed), processor
 
@@ -436,15 +445,7 @@ def tiny_qwen3_vl(
     Qwen's special tokens, as `tiny_qwen2_vl`). Its vision tower takes deepstack features after
     blocks `deepstack_layers`, which the LLM adds to the image tokens' residual after its first
     `len(deepstack_layers)` blocks; the learned position grid (6x6) is interpolated to each image."""
-    tokenizer = build_word_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
-    image_token, video_token, start, end = (tokenizer.convert_tokens_to_ids(t) for t in (
-        "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
-    )
-    processor = QwenImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    tokenizer, processor, ids = _qwen_processor(patch_size, max_side)
     text = _text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2)
     head_dim = llm_d_model // llm_heads
     # interleaved M-RoPE: the (t, h, w) sections share the head's head_dim / 2 frequencies
@@ -456,7 +457,7 @@ def tiny_qwen3_vl(
     config = Qwen3VLConfig(
         text_config={**text, "head_dim": head_dim, "rope_parameters": rope},
         vision_config=vision,
-        image_token_id=image_token, video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end,
+        **ids,
     )
     return _instantiate(Qwen3VLForConditionalGeneration, config, attn_implementation, seed), processor
 # ---------------------------------------------------------------- InternVL

@@ -39,6 +39,14 @@ class VisionConfig(StageConfig):
     has_ln_pre: bool = False  # a LayerNorm between embeddings and the first block (CLIP)
     has_ln_post: bool = True  # a norm after the last block (`vision.ln_post`); InternViT has none
 
+    @classmethod
+    def from_encoder(cls, vc, **fields) -> "VisionConfig":
+        """The stack's sizes read from a Hugging Face vision config with the usual names
+        (`num_hidden_layers`, `num_attention_heads`, `hidden_size`; every head its own key/value
+        head), and the rest from `fields`."""
+        return cls(n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads, d_model=vc.hidden_size,
+                   d_head=vc.hidden_size // vc.num_attention_heads, n_key_value_heads=vc.num_attention_heads, **fields)
+
     @property
     def patch_grid(self) -> tuple[int, int]:
         side = self.image_size // self.patch_size

@@ -93,10 +93,8 @@ class Idefics3(Architecture):
         vc = config.vision_config
         self.scale = int(config.scale_factor)
         mlp = self.vision_layers(hf_model)[0].mlp
-        vision = VisionConfig(
-            n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads, d_model=vc.hidden_size,
-            d_head=vc.hidden_size // vc.num_attention_heads, d_mlp=mlp.fc1.out_features,
-            n_key_value_heads=vc.num_attention_heads, normalization_type="LN", positional_embedding_type="learned",
+        vision = VisionConfig.from_encoder(
+            vc, d_mlp=mlp.fc1.out_features, normalization_type="LN", positional_embedding_type="learned",
             image_size=vc.image_size, patch_size=vc.patch_size, has_cls=False, n_registers=0, has_ln_pre=False,
         )
         side = vc.image_size // vc.patch_size

@@ -103,10 +103,8 @@ class InternVL(Architecture):
         vc = config.vision_config
         self.scale = int(1 / config.downsample_ratio)
         tile, patch = int(tuple(vc.image_size)[0]), int(tuple(vc.patch_size)[0])
-        vision = VisionConfig(
-            n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads, d_model=vc.hidden_size,
-            d_head=vc.hidden_size // vc.num_attention_heads, d_mlp=vc.intermediate_size,
-            n_key_value_heads=vc.num_attention_heads, normalization_type="LN" if vc.norm_type == "layer_norm" else "RMS",
+        vision = VisionConfig.from_encoder(
+            vc, d_mlp=vc.intermediate_size, normalization_type="LN" if vc.norm_type == "layer_norm" else "RMS",
             positional_embedding_type="learned", image_size=tile, patch_size=patch, has_cls=True, n_registers=0,
             has_ln_pre=False, has_ln_post=not vc.use_mean_pooling, use_qk_norm=bool(vc.use_qk_norm),
         )

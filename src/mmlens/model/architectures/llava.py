@@ -98,13 +98,9 @@ class Llava(Architecture):
         vc = hf_model.config.vision_config
         tower = self.tower_kind(hf_model)
         mlp = self.vision_layers(hf_model)[0].mlp
-        return VisionConfig(
-            n_layers=vc.num_hidden_layers,
-            n_heads=vc.num_attention_heads,
-            d_model=vc.hidden_size,
-            d_head=vc.hidden_size // vc.num_attention_heads,
+        return VisionConfig.from_encoder(
+            vc,
             d_mlp=(mlp.up_proj if hasattr(mlp, "up_proj") else mlp.fc1).out_features,
-            n_key_value_heads=vc.num_attention_heads,
             normalization_type="LN",
             positional_embedding_type="learned",
             image_size=vc.image_size,

@@ -61,10 +61,8 @@ class Mistral3(Architecture):
                 "layer's width; several concatenated layers are not a model Hugging Face can run either"
             )
         mlp = tower.transformer.layers[0].feed_forward
-        d_head = vc.hidden_size // vc.num_attention_heads
-        vision = VisionConfig(
-            n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads, d_model=vc.hidden_size, d_head=d_head,
-            d_mlp=mlp.up_proj.out_features, n_key_value_heads=vc.num_attention_heads, normalization_type="RMS",
+        vision = VisionConfig.from_encoder(
+            vc, d_mlp=mlp.up_proj.out_features, normalization_type="RMS",
             positional_embedding_type="rotary", patch_size=vc.patch_size,  # image_size 0: every image its own size
             has_ln_pre=True, gated_mlp=True,
         )
