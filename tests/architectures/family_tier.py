@@ -63,6 +63,27 @@ def build_family(make: Callable[[], tuple[nn.Module, Any]], padding_side: str = 
     return Family(model, reference, inputs)
 
 
+def assert_bridge_aliases(model: HookedMLLM, inputs: MultimodalInputs, names: dict[str, str]) -> None:
+    """TransformerBridge's names (keys) resolve to ours (values) and cache under ours."""
+    for bridge, ours in names.items():
+        assert model.resolve_hook_name(bridge) == ours
+    _, by_bridge = model.run_with_cache(inputs, names_filter=list(names))
+    assert set(by_bridge.keys()) == set(names.values())
+
+
+def verified_vision_knockout(model: HookedMLLM, inputs: MultimodalInputs) -> tuple[Any, torch.Tensor]:
+    """Every image token's edges to the top-left LLM token's patches blocked in every tower block,
+    verified to leave no attention on them: the knockout and the logits it gives."""
+    layers = range(model.cfg.vision.n_layers)
+    ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1), layers=layers,
+                  stage="vision", verify=True)
+    with ko:
+        logits = model(inputs)
+    assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
+    assert all(mass == 0.0 for mass in ko.blocked_mass.values())
+    return ko, logits
+
+
 def fixtures(variants: dict[str, Builder], attns: tuple[str, ...] = ("eager", "sdpa"), eager_variants: list[str] | None = None):
     """The fixtures the tier's tests take: `family` (every variant under every attention
     implementation), `eager` (the `eager_variants`, default all, with eager attention) and

@@ -16,12 +16,12 @@ from PIL import Image
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, UnsupportedModelError
-from mmlens.interventions import TokenGroup, knockout
 from mmlens.model.architectures.internvl import InternVL
 from mmlens.model.attention_masks import additive_mask
 from mmlens.testing_families import tiny_internvl
 
 import family_tier as tier
+from family_tier import verified_vision_knockout
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 family, eager, builder = tier.fixtures({
@@ -174,12 +174,7 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
     """A knockout in InternViT = Hugging Face's own attention given the blocked edges as a mask
     (its blocks pass none; the attention modules take one), frame by frame."""
     model, inputs, reference = eager.model, eager.inputs, eager.reference
-    layers = range(model.cfg.vision.n_layers)
-    ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1), layers=layers,
-                  stage="vision", verify=True)
-    with ko:
-        ours = model(inputs)
-    assert ko.n_blocked_edges > 0 and all(mass == 0.0 for mass in ko.blocked_mass.values())
+    ko, ours = verified_vision_knockout(model, inputs)
     mask = additive_mask(~ko.blocked.cpu())
 
     def masked(_module, args, kwargs):

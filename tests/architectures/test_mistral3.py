@@ -18,7 +18,6 @@ from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImag
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
-from mmlens.interventions import TokenGroup, knockout
 from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.mistral3_layout import mistral3_layout
 from mmlens.model.instrument import AttentionSpec
@@ -26,6 +25,7 @@ from mmlens.testing_families import tiny_mistral3
 
 import family_tier as tier
 from conftest import random_images
+from family_tier import assert_bridge_aliases, verified_vision_knockout
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 family, eager, builder = tier.fixtures({"mistral3": lambda attn: tiny_mistral3(attn_implementation=attn)})
@@ -122,13 +122,7 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
     """A knockout in the packed tower = Hugging Face's tower with the blocked edges taken out of its
     own block-diagonal mask; the mask it reports is that one."""
     model, inputs = eager.model, eager.inputs
-    layers = range(model.cfg.vision.n_layers)
-    ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1), layers=layers,
-                  stage="vision", verify=True)
-    with ko:
-        ours = model(inputs)
-    assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
-    assert all(mass == 0.0 for mass in ko.blocked_mass.values())
+    ko, ours = verified_vision_knockout(model, inputs)
     allowed = per_image_blocks(inputs) & ~ko.blocked[0].cpu()
     with tower_mask(allowed):
         theirs = eager.reference(**inputs.hf_kwargs()).logits
@@ -262,10 +256,7 @@ BRIDGE_NAMES = {
 def test_bridge_hook_names_are_aliases(eager):
     """TransformerBridge wraps Mistral 3 as LLaVA with an opaque tower: its names resolve to ours."""
     model, inputs = eager.model, eager.inputs
-    for bridge, ours in BRIDGE_NAMES.items():
-        assert model.resolve_hook_name(bridge) == ours
-    _, by_bridge = model.run_with_cache(inputs, names_filter=list(BRIDGE_NAMES))
-    assert set(by_bridge.keys()) == set(BRIDGE_NAMES.values())
+    assert_bridge_aliases(model, inputs, BRIDGE_NAMES)
 
 
 def test_every_analysis_runs(eager):

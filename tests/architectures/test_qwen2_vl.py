@@ -15,7 +15,6 @@ import torch
 from mmlens import HookedMLLM
 from mmlens.errors import UnsupportedModelError
 from mmlens.data import load_segmentation
-from mmlens.interventions import TokenGroup, knockout
 from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.qwen2_vl_tower import block_diagonal
 from mmlens.testing_families import tiny_qwen2_vl
@@ -23,6 +22,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 
 import family_tier as tier
 from conftest import random_images
+from family_tier import verified_vision_knockout
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 family, eager, builder = tier.fixtures({"qwen2-vl": lambda attn: tiny_qwen2_vl("2", attn_implementation=attn)})
@@ -80,13 +80,7 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
     """A knockout in the packed tower = Hugging Face's per-image (per-window) attention with the
     blocked edges masked, chunk by chunk."""
     model, inputs = eager.model, eager.inputs
-    layers = range(model.cfg.vision.n_layers)
-    ko = knockout(model, inputs, queries=TokenGroup.image(), keys=TokenGroup.box(0, 0, 1, 1), layers=layers,
-                  stage="vision", verify=True)
-    with ko:
-        ours = model(inputs)
-    assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
-    assert all(mass == 0.0 for mass in ko.blocked_mass.values())
+    ko, ours = verified_vision_knockout(model, inputs)
     with tower_attention_masked(eager.reference, ~ko.blocked[0].cpu()):
         theirs = eager.reference(**inputs.hf_kwargs()).logits
     valid = inputs.attention_mask.bool()

@@ -22,6 +22,7 @@ from mmlens.testing_families import tiny_qwen3_vl
 import family_tier as tier
 import test_qwen2_vl as qwen2
 from conftest import random_images
+from family_tier import assert_bridge_aliases
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 # Qwen2-VL's own checks, on this file's fixtures; the two that read Qwen2-VL's hidden states and
@@ -202,10 +203,7 @@ def test_bridge_hook_names_are_aliases(eager):
     """TransformerBridge's names resolve to ours; its `blocks.{i}.hook_out` of a deepstack layer
     (taken before the term is added) is not ours, so it is refused rather than aliased."""
     model, inputs = eager.model, eager.inputs
-    for bridge, ours in BRIDGE_NAMES.items():
-        assert model.resolve_hook_name(bridge) == ours
-    _, by_bridge = model.run_with_cache(inputs, names_filter=list(BRIDGE_NAMES))
-    assert set(by_bridge.keys()) == set(BRIDGE_NAMES.values())
+    assert_bridge_aliases(model, inputs, BRIDGE_NAMES)
     for name in ("blocks.0.hook_out", "blocks.1.hook_out", "vision_projector.hook_in", "vision_encoder.patch_embed.hook_out"):
         with pytest.raises(Exception, match="unknown hook name"):
             model.resolve_hook_name(name)
