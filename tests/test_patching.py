@@ -287,6 +287,9 @@ def test_bad_patches_and_metrics_are_clear_errors(tiny_clip):
         patch_conditions(model, inputs, inputs, metric, [Patch("blocks.0.hook_resid_pre", torch.ones(2, 2, dtype=torch.bool))])
     with pytest.raises(ValueError, match="hook must be 'z' or 'result'"):
         head_sweep(model, inputs, inputs, metric, hook="pattern")
+    by_filter = Run(inputs, lambda batch: [(lambda name: name.endswith("hook_resid_mid"), lambda x, hook: x * 2)])
+    with pytest.raises(InputError, match="by hook name"):  # the LLM-only copies could not apply it
+        head_sweep(model, inputs, by_filter, metric)
 
 
 @torch.no_grad()

@@ -253,18 +253,6 @@ def _conditions(conditions: Sequence[Condition]) -> list[list[Patch]]:
     return out
 
 
-def _llm_part(model: HookedMLLM, edit: Edit | None) -> Edit | None:
-    """The edit's hooks inside the LLM only: the rest (vision, adapter, `hook_multimodal_embed`)
-    already shaped the LLM input the copies start from, and must not apply twice."""
-    if edit is None:
-        return None
-
-    def llm_hooks(inputs: MultimodalInputs) -> list[tuple[str, Callable]]:
-        hooks, _ = edit_hooks(edit, inputs)
-        return [(name, hook) for name, hook in hooks if model.resolve_hook_name(name).startswith(LLM_HOOK_PREFIXES)]
-    return llm_hooks
-
-
 def _replica(activation: Tensor, r: int, rows: int) -> Tensor:
     return activation[r * rows:(r + 1) * rows]
 
@@ -294,7 +282,8 @@ def patch_conditions(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     conditions = _conditions(conditions)
     names = sorted({model.resolve_hook_name(p.hook) for c in conditions for p in c})
-    shared_input = _same_llm_input(model, source, target)
+    copies = _TargetCopies(model, target)
+    shared_input = _same_llm_input(model, source, copies)
     if source_activations is None or not set(names) <= set(source_activations):
         source_activations = run_and_collect(model, source, [*names, *(["hook_multimodal_embed"] if shared_input else [])])
     wanted = [model.resolve_hook_name(n) for n in metric_hooks(metric)]
@@ -310,14 +299,13 @@ def patch_conditions(
     chunks = [list(range(first, min(first + chunk_size, len(conditions))))
               for first in range(0, len(conditions), chunk_size)]
     residuals, target_z, starts = None, {}, [0] * len(conditions)
-    copies = _TargetCopies(model, target)
     if all(n.startswith(LLM_HOOK_PREFIXES) for n in [*names, *wanted]):
         whole = _blocks_edited_across_attention(model, copies.edit_names())
         starts = [_join_point(model, c, wanted, whole) for c in conditions]
         chunks = [sorted(chunk, key=starts.__getitem__) for chunk in chunks]
         llm_input = source_activations.get("hook_multimodal_embed") if shared_input else None
         z_layers = {starts[c[0]] // 2 for c in chunks if starts[c[0]] == starts[c[-1]] and starts[c[0]] % 2}
-        residuals, target_z = _llm_residuals(model, target, llm_input, max(starts[c[0]] // 2 for c in chunks), z_layers)
+        residuals, target_z = _llm_residuals(model, copies, llm_input, max(starts[c[0]] // 2 for c in chunks), z_layers)
     # A metric that reads no logits (a probe) needs no layer above the highest one it reads.
     last = max((_hook_layer(model, n) for n in wanted), default=model.cfg.n_layers)
     stop = {} if getattr(metric, "reads_logits", True) or last >= model.cfg.n_layers else {"stop_at_layer": last + 1}
@@ -353,11 +341,13 @@ def patch_conditions(
 
 
 class _TargetCopies:
-    """The target repeated k times (`repeat_inputs`) and its LLM edit made for k copies, each
-    made once per sweep: every chunk of k copies shares them."""
+    """The target repeated k times (`repeat_inputs`) and its edit made for k copies, each made
+    once per sweep: every chunk of k copies shares them. The copies run only the LLM, so they
+    take the edit's hooks there: the rest (vision, adapter, `hook_multimodal_embed`) already
+    shaped the LLM input they start from, and must not apply twice."""
 
     def __init__(self, model: HookedMLLM, target: Run):
-        self.target, self.edit = target, _llm_part(model, target.edit)
+        self.model, self.target = model, target
         self._inputs: dict[int, MultimodalInputs] = {1: target.inputs}
         self._edits: dict[int, tuple[list, Any]] = {}
 
@@ -366,24 +356,33 @@ class _TargetCopies:
             self._inputs[k] = repeat_inputs(self.target.inputs, k)
         return self._inputs[k]
 
-    def edit_names(self) -> list[str]:
-        """The hook points the LLM edit acts on."""
-        return [] if self.edit is None else [name for name, _ in self._made(1)[0]]
-
     def _made(self, k: int) -> tuple[list, Any]:
         if k not in self._edits:
-            self._edits[k] = edit_hooks(self.edit, self.inputs(k))
+            self._edits[k] = edit_hooks(self.target.edit, self.inputs(k))
         return self._edits[k]
+
+    def only_llm(self) -> bool:
+        """Whether every hook of the edit is in the LLM (by name)."""
+        return _only_llm_hooks(self.model, self._made(1)[0])
+
+    def _llm_hooks(self, k: int) -> list[tuple[str, Callable]]:
+        hooks = self._made(k)[0]
+        if not all(isinstance(name, str) for name, _ in hooks):
+            raise InputError("patching copies run only the LLM and apply the target's edit there by hook name: give "
+                             "the edit's hooks as names, not name filters")
+        return [(name, fn) for name, fn in hooks if self.model.resolve_hook_name(name).startswith(LLM_HOOK_PREFIXES)]
+
+    def edit_names(self) -> list[str]:
+        """The LLM hook points the edit acts on."""
+        return [name for name, _ in self._llm_hooks(1)]
 
     def edit_hooks(self, counts: set[int]) -> list[tuple[str, Callable]]:
         """The LLM edit made for each number of copies in `counts`, each acting on activations of
         its rows only: a block computes only the copies that joined by then, and the attention of
         a block that copies join after it only those that joined before."""
-        if self.edit is None:
-            return []
         rows, hooks = len(self.target.inputs), []
         for k in sorted(counts):
-            hooks += [(name, partial(_on_rows, k * rows, fn)) for name, fn in self._made(k)[0]]
+            hooks += [(name, partial(_on_rows, k * rows, fn)) for name, fn in self._llm_hooks(k)]
         return hooks
 
     def verify(self) -> None:
@@ -423,38 +422,39 @@ def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Seq
     return found
 
 
-def _llm_residuals(model: HookedMLLM, target: Run, llm_input: Tensor | None, up_to: int,
+def _llm_residuals(model: HookedMLLM, copies: _TargetCopies, llm_input: Tensor | None, up_to: int,
                    z_layers: set[int]) -> tuple[list[Tensor], dict[int, Tensor]]:
     """The target run's residual entering LLM blocks 0..`up_to` (`up_to` = n_layers: leaving the
     last), and its z (`attn.hook_z`) in `z_layers`, each as it reaches its hook point, before the
     target's edit acts there; from `llm_input` (its `hook_multimodal_embed`, when known) only the
-    LLM runs, and not at all when block 0's input is all that is asked for."""
+    LLM runs, under the edit's LLM hooks, and not at all when block 0's input is all that is
+    asked for."""
     if llm_input is not None and up_to == 0 and not z_layers:
         return [llm_input], {}
     stop = max(up_to, max(z_layers, default=-1) + 1)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(stop)]
     z_names = {l: f"blocks.{l}.attn.hook_z" for l in sorted(z_layers)}
-    run = target if llm_input is None else Run(target.inputs, _llm_part(model, target.edit))
-    resume = {} if llm_input is None else {"llm_inputs_embeds": llm_input}
     # copies resume from these and the target's edit applies to them again: keep them unedited
-    found = run_and_collect(model, run, [*names, *z_names.values()], before_edit=True, stop_at_layer=stop, **resume)
+    if llm_input is None:
+        found = run_and_collect(model, copies.target, [*names, *z_names.values()], before_edit=True, stop_at_layer=stop)
+    else:
+        found = run_and_collect(model, Run(copies.target.inputs), [*names, *z_names.values()], before_edit=True,
+                                extra_hooks=copies.edit_hooks({1}), llm_inputs_embeds=llm_input, stop_at_layer=stop)
+        copies.verify()
     return [*(found[name] for name in names), found["residual"]], {l: found[name] for l, name in z_names.items()}
 
 
-def _same_llm_input(model: HookedMLLM, source: Run, target: Run) -> bool:
-    """Whether both runs feed the LLM the same input: same inputs, and no edit before the LLM
-    (then the target's vision tower and adapter need not run again)."""
-    a, b = source.inputs, target.inputs
+def _same_llm_input(model: HookedMLLM, source: Run, copies: _TargetCopies) -> bool:
+    """Whether the source run and the target feed the LLM the same input: same inputs, and no
+    edit before the LLM (then the target's vision tower and adapter need not run again)."""
+    a, b = source.inputs, copies.target.inputs
     same = a is b or (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
                       and torch.equal(a.attention_mask, b.attention_mask) and a.extra.keys() == b.extra.keys()
                       and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra))
-    return same and all(_only_llm_hooks(model, run) for run in (source, target))
+    return same and _only_llm_hooks(model, edit_hooks(source.edit, source.inputs)[0]) and copies.only_llm()
 
 
-def _only_llm_hooks(model: HookedMLLM, run: Run) -> bool:
-    if run.edit is None:
-        return True
-    hooks, _ = edit_hooks(run.edit, run.inputs)
+def _only_llm_hooks(model: HookedMLLM, hooks: Sequence[tuple[Any, Callable]]) -> bool:
     return all(isinstance(name, str) and model.resolve_hook_name(name).startswith(LLM_HOOK_PREFIXES) for name, _ in hooks)
 
 
