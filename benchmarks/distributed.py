@@ -48,7 +48,7 @@ def worker(images: int, out: Path) -> None:
     for kind in ("ridge", "logistic"):
         distributed.barrier()
         start = time.perf_counter()
-        sweep = probe_sweep(model, scenes, probe=kind, progress=False, n_boot=50, batch_size=8, max_iter=50)
+        sweep = probe_sweep(model, scenes, probe=kind, progress=False, n_boot=1000, batch_size=8, max_iter=50)
         seconds[kind] = time.perf_counter() - start
         results[kind] = (sweep.table, sweep.predictions)
 
@@ -63,11 +63,11 @@ def worker(images: int, out: Path) -> None:
 
     with distributed.alone():  # the experiments' starting point, the same in every run (not timed)
         sweep = probe_sweep(model, scenes, sites=["adapter.hook_out", "blocks.1.hook_resid_post",
-                                                  "blocks.3.hook_resid_post"], probe="ridge", progress=False, n_boot=50)
+                                                  "blocks.3.hook_resid_post"], probe="ridge", progress=False, n_boot=1000)
     studies = {
-        "knockout": lambda: anchor_knockout(model, sweep, n_pairs=2, n_control=2, batch_size=4, n_boot=200),
-        "position": lambda: position_study(model, scenes, probe="ridge", n_boot=200, batch_size=4, progress=False),
-        "recovery": lambda: find_recovery_heads(model, sweep, n_images=None, n_maps=2, batch_size=4, n_boot=200),
+        "knockout": lambda: anchor_knockout(model, sweep, n_pairs=2, n_control=2, batch_size=4, n_boot=1000),
+        "position": lambda: position_study(model, scenes, probe="ridge", n_boot=1000, batch_size=4, progress=False),
+        "recovery": lambda: find_recovery_heads(model, sweep, n_images=None, n_maps=2, batch_size=4, n_boot=1000),
     }
     for name, study in studies.items():
         distributed.barrier()

@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = HookedMLLM.from_pretrained(args.model)
     scenes = load_segmentation("scenes", split="validation", n=4 * args.images, seed=0)
-    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out", READOUT], probe="ridge", progress=False, n_boot=20)
+    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out", READOUT], probe="ridge", progress=False, n_boot=1000)
     print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.llm.n_heads} heads, torch threads "
           f"{torch.get_num_threads()}")
 

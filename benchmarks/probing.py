@@ -64,7 +64,7 @@ def _memory_child(model_name, n, queue, probe="ridge", settings=None):
     torch.set_grad_enabled(False)
     model = HookedMLLM.from_pretrained(model_name)
     data = load_segmentation("scenes", split="validation", n=n, seed=0)
-    probe_sweep(model, data, probe=probe, progress=False, n_boot=20, **(settings or {}))
+    probe_sweep(model, data, probe=probe, progress=False, n_boot=1000, **(settings or {}))
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -105,7 +105,7 @@ def main():
     data = load_segmentation("scenes", split="validation", n=args.images, seed=0)
     info = segmentation_info(data)
     indices = np.arange(len(data))
-    settings = dict(batch_size=args.batch_size, progress=False, n_boot=100)
+    settings = dict(batch_size=args.batch_size, progress=False, n_boot=1000)
     forward_only(model, data, indices[: args.batch_size], args.batch_size)  # warm up
 
     start = time.perf_counter()

@@ -20,8 +20,8 @@ SITES = ["vision.blocks.1.hook_resid_post", "adapter.hook_out", "blocks.1.hook_r
 def sweeps(model, scenes, group=None):
     """The sweeps compared: ridge with its shuffled-label control, logistic fitted in small chunks."""
     ridge = probe_sweep(model, scenes, sites=SITES, probe="ridge", control="shuffled_labels", progress=False,
-                        n_boot=20, batch_size=4, group=group)
-    logistic = probe_sweep(model, scenes, sites=SITES[1:], probe="logistic", progress=False, n_boot=20, batch_size=4,
+                        n_boot=1000, batch_size=4, group=group)
+    logistic = probe_sweep(model, scenes, sites=SITES[1:], probe="logistic", progress=False, n_boot=1000, batch_size=4,
                            max_iter=15, max_train_tokens_per_image=40, logistic_memory_mb=0.05, group=group)
     return {"ridge": ridge, "logistic": logistic}
 
@@ -29,10 +29,10 @@ def sweeps(model, scenes, group=None):
 def experiments(model, scenes, sweep, group=None) -> dict:
     """The three experiments on 6 held-out images in batches of 4 (one batch per rank); what each
     keeps per image, and its tables."""
-    knockout = anchor_knockout(model, sweep, n_pairs=2, n_control=1, n_boot=20, batch_size=4, group=group)
-    position = position_study(model, scenes, probe="ridge", sites=["blocks.1.hook_resid_post"], n_boot=20,
+    knockout = anchor_knockout(model, sweep, n_pairs=2, n_control=1, n_boot=1000, batch_size=4, group=group)
+    position = position_study(model, scenes, probe="ridge", sites=["blocks.1.hook_resid_post"], n_boot=1000,
                               batch_size=4, group=group)
-    heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=8, top_k=2, n_maps=2, n_boot=20,
+    heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=8, top_k=2, n_maps=2, n_boot=1000,
                                 batch_size=4, group=group)
     return {
         "knockout": {"tables": {"table": knockout.table, "effects": knockout.effects, "pairs": knockout.pairs},

@@ -87,7 +87,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
                                    "recovery_heads/seed-0"]
     assert f"open {tmp_path / 'demo' / 'report.html'}" in out
     probe_table = folder.load("probe_sweep/seed-0").tables["probe_table"]
-    assert set(probe_table.condition) == {"model", "shuffled_labels", "random_init"}
+    assert set(probe_table.condition) == {"model", "shuffled_labels", "random_llm", "random_init", "penalty/10", "penalty*10"}
 
 
 def test_version_flag(capsys):

@@ -82,7 +82,7 @@ def test_knockout_and_patching_on_the_offloaded_model(pair, scenes):
 
 def test_probe_sweep_on_the_offloaded_model(pair, scenes):
     sites = ["adapter.hook_out", "blocks.1.hook_resid_post", "blocks.2.hook_resid_mid"]
-    tables = [probe_sweep(m, scenes.select(range(8)), sites=sites, probe="ridge", progress=False, n_boot=10).table
+    tables = [probe_sweep(m, scenes.select(range(8)), sites=sites, probe="ridge", progress=False, n_boot=1000).table
               for m in pair]
     assert tables[0].equals(tables[1])
 
@@ -108,5 +108,5 @@ def test_a_model_split_between_cuda_and_cpu_equals_the_whole_model_on_cpu(scenes
     for name in full.keys():
         torch.testing.assert_close(parted[name].cpu(), full[name], atol=1e-4, rtol=1e-3)
     sites = ["adapter.hook_out", "blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
-    tables = [probe_sweep(m, scenes, sites=sites, probe="ridge", progress=False, n_boot=10).table for m in (whole, split)]
+    tables = [probe_sweep(m, scenes, sites=sites, probe="ridge", progress=False, n_boot=1000).table for m in (whole, split)]
     assert (tables[0].miou - tables[1].miou).abs().max() <= 0.01

@@ -35,7 +35,7 @@ HERE = Path(__file__).parent
 CONFIG = {
     "model": "tiny-shapes-llava",
     "batch_size": 4,  # 6 training and 2 held-out batches: both ranks take some of each
-    "n_boot": 20,
+    "n_boot": 1000,
     "dataset": {"name": "scenes", "n": 32},
     "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
                                          "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},

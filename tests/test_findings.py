@@ -12,7 +12,7 @@ import yaml
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
-from mmlens.findings import NOT_DISTINGUISHABLE, effect_phrase, excludes_zero, verdict
+from mmlens.findings import NOT_DISTINGUISHABLE, ZERO_WIDTH, effect_phrase, excludes_zero, verdict
 from mmlens.probing import probe_sweep
 
 # adapter.hook_out and blocks.0.hook_resid_pre carry the same activations at image positions, so
@@ -24,7 +24,9 @@ STRONG_CLAIMS = ("Segmentation drops at the adapter", "The LLM recovers segmenta
 
 def test_interval_words():
     assert verdict(0.01, 0.2) == "above zero" and verdict(-0.3, -0.01) == "below zero"
-    assert verdict(-0.002, 0.037) == NOT_DISTINGUISHABLE == verdict(0.0, 0.0)
+    assert verdict(-0.002, 0.037) == NOT_DISTINGUISHABLE
+    # every resample the same value (one image, identical images): no evidence either way
+    assert verdict(0.0, 0.0) == ZERO_WIDTH == verdict(0.694, 0.694) and not excludes_zero(0.778, 0.778)
     assert verdict(float("nan"), 1.0) == "no interval" and verdict(np.float32("nan"), np.float32(1)) == "no interval"
     assert excludes_zero(np.float32(0.1), np.float32(0.3)) and not excludes_zero(0.0, 0.3)
     assert effect_phrase(0.017, -0.002, 0.037) == "0.017 [-0.002, 0.037], not distinguishable from zero"
@@ -37,14 +39,14 @@ def null_sweep():
     model = HookedMLLM.from_pretrained("tiny-shapes-llava")
     scenes = load_segmentation("scenes", split="validation", n=32)
     with torch.no_grad():
-        return probe_sweep(model, scenes, sites=NULL_SITES, probe="ridge", n_boot=50, progress=False)
+        return probe_sweep(model, scenes, sites=NULL_SITES, probe="ridge", n_boot=1000, progress=False)
 
 
 def test_null_sweep_summary_withholds_the_ratio(null_sweep):
     summary = null_sweep.summary()
     recovery = summary.loc["recovery_in_llm"]
     assert recovery.value == recovery.low == recovery.high == 0.0          # the null is exact
-    assert recovery.reading == NOT_DISTINGUISHABLE
+    assert recovery.reading == ZERO_WIDTH
     drop = summary.loc["drop_at_adapter"]
     assert not excludes_zero(drop.low, drop.high), drop                    # precondition of the next lines
     assert drop.reading == NOT_DISTINGUISHABLE
@@ -55,7 +57,7 @@ def test_null_sweep_summary_withholds_the_ratio(null_sweep):
     assert findings[0].startswith("No drop at the adapter can be claimed")
     assert findings[1].startswith("No recovery in the LLM can be claimed")
     assert "withheld" in findings[2]
-    assert sum(f"], {NOT_DISTINGUISHABLE}" in line for line in findings) == 2  # both intervals, worded
+    assert f"], {NOT_DISTINGUISHABLE}" in findings[0] and f"], {ZERO_WIDTH}" in findings[1]  # both intervals, worded
     assert not any(claim in line for claim in STRONG_CLAIMS for line in findings)
 
 
@@ -71,7 +73,7 @@ def null_run(tmp_path_factory):
     from mmlens.cli import main
 
     root = tmp_path_factory.mktemp("null_run")
-    config = {"model": "tiny-shapes-llava", "batch_size": 16, "n_boot": 50, "dataset": {"name": "scenes", "n": 32},
+    config = {"model": "tiny-shapes-llava", "batch_size": 16, "n_boot": 1000, "dataset": {"name": "scenes", "n": 32},
               "probe": {"kind": "ridge", "sites": NULL_SITES, "controls": []},
               "knockout": {"enabled": False}, "position": {"enabled": False}, "recovery": {"enabled": False}}
     (root / "study.yaml").write_text(yaml.safe_dump(config))
@@ -84,7 +86,7 @@ def test_report_of_a_null_run_claims_nothing(null_run):
     findings = page.split('id="section-1-findings-of-this-run"')[1].split("</section>")[0]
     assert "No drop at the adapter can be claimed" in findings
     assert "No recovery in the LLM can be claimed" in findings
-    assert findings.count(f"], {NOT_DISTINGUISHABLE}") == 2
+    assert findings.count(f"], {NOT_DISTINGUISHABLE}") == 1 and findings.count(f"], {ZERO_WIDTH}") == 1
     assert "The fraction of the drop recovered is withheld" in findings
     for claim in STRONG_CLAIMS:
         assert claim not in page, claim

@@ -36,7 +36,7 @@ def scenes():
 
 @pytest.fixture(scope="module")
 def sweeps(models, scenes):
-    return {dtype: probe_sweep(model, scenes, sites=SITES, probe="ridge", progress=False, n_boot=20)
+    return {dtype: probe_sweep(model, scenes, sites=SITES, probe="ridge", progress=False, alpha=1e-2)
             for dtype, model in models.items()}
 
 
@@ -54,7 +54,7 @@ def test_probe_sweep_in_bfloat16_matches_float32(models, scenes, sweeps):
     # ridge statistics are float64 sums either way: measured gap 0.0006 mIoU (one site), 0 at the others
     assert (full - half).abs().max() <= 0.01
     assert sweeps["bfloat16"].probes[("model", "adapter.hook_out")].weight.dtype == torch.float32
-    logistic = {d: probe_sweep(models[d], scenes, sites=SITES[1:3], probe="logistic", progress=False, n_boot=20,
+    logistic = {d: probe_sweep(models[d], scenes, sites=SITES[1:3], probe="logistic", progress=False, n_boot=1000,
                                max_iter=30).table.set_index("hook").miou for d in models}
     # L-BFGS stopped at 30 iterations amplifies the rounding: measured gap 0.016 mIoU
     assert (logistic["float32"] - logistic["bfloat16"]).abs().max() <= 0.04
@@ -62,7 +62,7 @@ def test_probe_sweep_in_bfloat16_matches_float32(models, scenes, sweeps):
 
 def test_anchor_knockout_effect_in_bfloat16_matches_float32(models, sweeps):
     # the same probes (the float32 sweep's) read both models, so only the model's precision differs
-    effects = {d: anchor_knockout(models[d], sweeps["float32"], n_control=1, n_boot=20).effects for d in models}
+    effects = {d: anchor_knockout(models[d], sweeps["float32"], n_control=1, n_boot=1000).effects for d in models}
     full, half = effects["float32"], effects["bfloat16"]
     assert list(full.comparison) == list(half.comparison) and list(full.hook) == list(half.hook)
     gap = (full.effect - half.effect).abs()

@@ -397,5 +397,5 @@ def test_a_torchvision_backed_model_runs_a_probe_study():
     image = scenes[0]["image"]
     torch.testing.assert_close(model.geometry.to_pixel_values(image), model.prepare([image], "").pixel_values,
                                atol=1e-5, rtol=0)
-    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out"], probe="ridge", n_boot=5, progress=False)
+    sweep = probe_sweep(model, scenes, sites=["adapter.hook_out"], probe="ridge", n_boot=1000, progress=False)
     assert 0 < sweep.table.miou.iloc[0] <= 1

@@ -21,15 +21,17 @@ def scenes():
 @pytest.fixture(scope="module")
 def ridge_sweep(tiny_clip, scenes):
     return probe_sweep(tiny_clip.model, scenes, probe="ridge", control=["shuffled_labels", "random_init"],
-                       batch_size=8, progress=False, n_boot=50)
+                       batch_size=8, progress=False, n_boot=1000)
 
 
 def test_every_site_and_condition_is_scored(ridge_sweep, tiny_clip):
     cfg = tiny_clip.model.cfg
     n_sites = 1 + cfg.vision.n_layers + 3 + cfg.n_layers
     table = ridge_sweep.table
-    assert set(table.condition) == {"model", "shuffled_labels", "random_init"}
-    assert (table.groupby("condition").size() == n_sites).all()
+    assert set(table.condition) == {"model", "shuffled_labels", "random_init", "penalty/10", "penalty*10"}
+    sizes = table.groupby("condition").size()
+    assert (sizes[["model", "shuffled_labels", "random_init"]] == n_sites).all()
+    assert (sizes[["penalty/10", "penalty*10"]] == 3).all()  # refits at the summary's three sites
     assert list(table[table.condition == "model"].stage.unique()) == ["vision", "adapter", "llm"]
     assert (table.miou_low <= table.miou + 1e-9).all() and (table.miou <= table.miou_high + 1e-9).all()
     assert table.n_test_tokens.gt(0).all()
@@ -50,10 +52,10 @@ def test_shuffled_labels_carry_no_signal(ridge_sweep):
 
 def test_sweep_is_deterministic_per_seed(tiny_clip, scenes, ridge_sweep):
     again = probe_sweep(tiny_clip.model, scenes, probe="ridge", control=["shuffled_labels", "random_init"],
-                        batch_size=8, progress=False, n_boot=50)
+                        batch_size=8, progress=False, n_boot=1000)
     pd.testing.assert_frame_equal(again.table, ridge_sweep.table)
     other = probe_sweep(tiny_clip.model, scenes, sites=["adapter.hook_in"], probe="ridge", seed=1,
-                        batch_size=8, progress=False, n_boot=10)
+                        batch_size=8, progress=False, n_boot=1000)
     assert not np.array_equal(other.test_indices, ridge_sweep.test_indices)
 
 
@@ -63,8 +65,11 @@ def test_summary_reports_drop_and_recovery(ridge_sweep):
     drop = table.loc["adapter.hook_in", "miou"] - table.loc["adapter.hook_out", "miou"]
     assert summary.loc["drop_at_adapter", "value"] == pytest.approx(drop)
     llm = table[table.stage == "llm"]
-    assert summary.loc["peak_llm_miou", "value"] == pytest.approx(llm.miou.max())
-    assert summary.loc["peak_llm_layer", "value"] == llm.loc[llm.miou.idxmax(), "layer"]
+    # the recovery reads the last LLM layer, fixed before the test images are seen (not their best layer)
+    assert summary.loc["recovery_layer", "value"] == llm.layer.max()
+    assert summary.loc["recovery_layer_miou", "value"] == pytest.approx(llm.loc[llm.layer.idxmax(), "miou"])
+    assert summary.loc["recovery_in_llm", "value"] == pytest.approx(
+        llm.loc[llm.layer.idxmax(), "miou"] - table.loc["adapter.hook_out", "miou"])
     for stat in ("drop_at_adapter", "recovery_in_llm"):
         low, high = summary.loc[stat, ["low", "high"]]
         assert low <= summary.loc[stat, "value"] <= high
@@ -72,9 +77,10 @@ def test_summary_reports_drop_and_recovery(ridge_sweep):
 
 def test_logistic_sweep_on_chosen_sites(tiny_clip, scenes):
     sweep = probe_sweep(tiny_clip.model, scenes, sites=["vision.blocks.1.hook_resid_post", "blocks.1.hook_resid_post"],
-                        probe="logistic", batch_size=8, progress=False, n_boot=10, max_train_tokens_per_image=8)
-    assert list(sweep.table.site) == ["V1", "L1"]
+                        probe="logistic", batch_size=8, progress=False, n_boot=1000, max_train_tokens_per_image=8)
+    assert list(sweep.table[sweep.table.condition == "model"].site) == ["V1", "L1"]
     assert sweep.probe("blocks.1.hook_resid_post").kind == "logistic"
+    assert set(sweep.penalties.candidate) == {1e-4, 1e-3, 1e-2}  # chosen by cross-validation on the training images
 
 
 def test_plots_render(ridge_sweep):
@@ -107,7 +113,7 @@ def test_an_intervention_runs_in_every_forward_of_the_sweep(tiny_clip, scenes):
         made.append(ko)
         return ko
 
-    kwargs = dict(sites=["blocks.1.hook_resid_post"], probe="ridge", batch_size=8, progress=False, n_boot=10)
+    kwargs = dict(sites=["blocks.1.hook_resid_post"], probe="ridge", batch_size=8, progress=False, n_boot=1000)
     edited = probe_sweep(model, scenes, intervention=blocked, **kwargs)
     plain = probe_sweep(model, scenes, **kwargs)
     assert len(made) == 4  # 18 training scenes in batches of 8 (3 forwards) and 6 test scenes (1)
@@ -117,7 +123,7 @@ def test_an_intervention_runs_in_every_forward_of_the_sweep(tiny_clip, scenes):
 
 
 def test_an_intervention_and_the_random_init_control_are_refused_together(tiny_clip, scenes):
-    with pytest.raises(ValueError, match="random_init control cannot take the intervention"):
+    with pytest.raises(ValueError, match="random_init and random_llm controls cannot take the intervention"):
         probe_sweep(tiny_clip.model, scenes, control="random_init", intervention=lambda inputs: [], progress=False)
 
 
@@ -131,7 +137,7 @@ def test_non_finite_activations_are_an_error_not_a_score(tiny_clip, scenes, kind
 
     with pytest.raises(InputError, match="image tokens have NaN or inf activations at blocks.1.hook_resid_post"):
         probe_sweep(tiny_clip.model, scenes, sites=["blocks.1.hook_resid_post"], probe=kind, intervention=overflow,
-                    n_boot=5, max_iter=3, progress=False)
+                    n_boot=1000, max_iter=3, progress=False)
 
 
 def test_masks_of_another_size_than_their_images_are_refused(tiny_clip, scenes):
@@ -145,7 +151,7 @@ def test_masks_of_another_size_than_their_images_are_refused(tiny_clip, scenes):
 
     damaged = scenes.add_column("index", list(range(len(scenes)))).map(shrink)
     with pytest.raises(LayoutMismatchError, match=r"dataset row 3: the mask is \(height, width\) = \(\d+, \d+\) but its image"):
-        probe_sweep(tiny_clip.model, damaged, sites=["adapter.hook_out"], probe="ridge", n_boot=5, progress=False)
+        probe_sweep(tiny_clip.model, damaged, sites=["adapter.hook_out"], probe="ridge", n_boot=1000, progress=False)
 
 
 def test_too_few_images_or_no_sites_are_refused(tiny_clip, scenes):

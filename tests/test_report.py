@@ -39,7 +39,7 @@ def require_chromium() -> None:
 def sweep(tiny_clip):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
     return probe_sweep(tiny_clip.model, scenes, probe="ridge", control=["shuffled_labels"],
-                       batch_size=8, progress=False, n_boot=20)
+                       batch_size=8, progress=False, n_boot=1000)
 
 
 @pytest.fixture(scope="module")

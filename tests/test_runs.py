@@ -32,7 +32,7 @@ from mmlens.runs import (
 )
 from mmlens.runs.folder import TEMP_MARK, package_versions
 
-TINY = {"model": "tiny-shapes-llava", "dataset": {"name": "scenes", "n": 24}, "n_boot": 20}
+TINY = {"model": "tiny-shapes-llava", "dataset": {"name": "scenes", "n": 24}, "n_boot": 1000}
 
 
 def tiny_config(**changes):
@@ -144,8 +144,8 @@ def test_a_finished_stage_from_other_package_versions_is_flagged(tmp_path):
 
 def test_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path):
     run_toy(tiny_config(), tmp_path / "run")
-    changed = tiny_config(n_boot=21)
-    with pytest.raises(RunFolderError, match=r"n_boot: 20 -> 21.*--rerun draws --rerun total.*--overwrite.*new --out"):
+    changed = tiny_config(n_boot=1001)
+    with pytest.raises(RunFolderError, match=r"n_boot: 1000 -> 1001.*--rerun draws --rerun total.*--overwrite.*new --out"):
         run_toy(changed, tmp_path / "run")
     # the old results are untouched by the refusal
     assert RunFolder.open(tmp_path / "run").config_sha256 == tiny_config().sha256()
@@ -217,7 +217,7 @@ def test_a_changed_result_file_is_detected(tmp_path):
 KILL_CONFIG = {
     "model": "tiny-shapes-llava",
     "batch_size": 16,
-    "n_boot": 30,
+    "n_boot": 1000,
     "dataset": {"name": "scenes", "n": 32},
     "probe": {"kind": "ridge", "sites": ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post",
                                          "blocks.3.hook_resid_post"], "controls": ["shuffled_labels"]},
@@ -324,7 +324,7 @@ def test_sweep_rebuilt_from_disk_equals_the_fitted_one(tmp_path):
     scenes = load_segmentation("scenes", split="validation", n=16)
     with torch.no_grad():
         sweep = probe_sweep(model, scenes, sites=["adapter.hook_in", "adapter.hook_out", "blocks.3.hook_resid_post"],
-                            probe="ridge", control="shuffled_labels", n_boot=10, progress=False)
+                            probe="ridge", control="shuffled_labels", n_boot=1000, progress=False)
     config = tiny_config()
     with RunFolder.create(tmp_path / "run", config, {"probe_sweep/seed-0": "key"}) as folder:
         folder.begin("probe_sweep/seed-0")

@@ -24,7 +24,7 @@ def scenes():
 def sweep(tiny_clip, scenes):
     with torch.no_grad():
         return probe_sweep(tiny_clip.model, scenes, sites=SITES, probe="logistic", control="shuffled_labels",
-                           batch_size=8, n_boot=20, progress=False, max_iter=20)
+                           batch_size=8, n_boot=1000, progress=False, max_iter=20)
 
 
 def test_probe_round_trip(sweep, tmp_path):

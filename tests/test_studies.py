@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation, lookalike_pairs
+from mmlens.errors import InputError
 from mmlens.experiments import anchor_knockout, conflicting_pairs, position_study
 from mmlens.interventions import GroupContext, TokenGroup, bidirectional_image_attention
 from mmlens.probing import probe_sweep
@@ -30,7 +32,7 @@ def scenes():
 @pytest.fixture(scope="module")
 def sweep(shapes, scenes):
     return probe_sweep(shapes, scenes, sites=["adapter.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(4)],
-                       probe="ridge", progress=False, n_boot=50)
+                       probe="ridge", progress=False, n_boot=1000)
 
 
 def test_probe_groups_split_labelled_image_tokens_by_the_probes_verdict(shapes, sweep, scenes):
@@ -63,7 +65,7 @@ def test_the_most_conflicting_pairs_are_the_lookalike_classes(sweep):
 
 
 def test_anchor_knockout_takes_effect_and_has_a_matched_control(shapes, sweep):
-    result = anchor_knockout(shapes, sweep, n_control=2, n_boot=50)
+    result = anchor_knockout(shapes, sweep, n_control=2, n_boot=1000)
     assert result.blocked_mass == 0.0 and result.layers == [0, 1, 2, 3]
     assert 0 < result.control_anchor_share < 1
     assert result.anchors_per_image > 0 and result.targets_per_image > 0
@@ -88,7 +90,8 @@ def test_anchor_knockout_rejects_a_window_after_the_last_layer(shapes, sweep):
 
 
 def test_position_study_conditions_and_deficits(shapes, scenes):
-    study = position_study(shapes, scenes, probe="ridge", n_boot=50, sites=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"])
+    study = position_study(shapes, scenes, probe="ridge", n_boot=1000,
+                           sites=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"])
     n_test, n_tokens = study._scored.shape
     assert n_tokens == 64 and study.grid == (8, 8)
     assert len(study.per_position) == 3 * 3 * 64  # conditions x (adapter + 2 sites) x positions
@@ -124,16 +127,53 @@ def test_a_bidirectional_model_is_forced_causal_on_request(scenes):
 def test_study_results_word_their_findings_from_intervals(shapes, sweep, scenes):
     from mmlens.findings import excludes_zero
 
-    result = anchor_knockout(shapes, sweep, n_control=1, n_boot=50)
+    result = anchor_knockout(shapes, sweep, n_control=1, n_boot=1000)
     last = result.effects[(result.effects.metric == "target_accuracy") & (result.effects.comparison == "anchors - control")
                           & (result.effects.hook == result.readouts[-1].hook)].iloc[0]
     line = result.findings()[1]
     assert f"{last.effect:+.3f} [{last.low:+.3f}, {last.high:+.3f}]" in line
     assert ("not distinguishable from zero" in line) == (not excludes_zero(last.low, last.high))
     assert "AnchorKnockoutResult" in result._repr_html_()
-    study = position_study(shapes, scenes, probe="ridge", n_boot=50, sites=["blocks.3.hook_resid_post"])
+    study = position_study(shapes, scenes, probe="ridge", n_boot=1000, sites=["blocks.3.hook_resid_post"])
     gain = study.gains[(study.gains.condition == "bidirectional") & (study.gains.tokens == "early")].iloc[-1]
     line = study.findings()[1]
     assert line.startswith("bidirectional gain on early tokens")
     assert ("not distinguishable from zero" in line) == (not excludes_zero(gain.low, gain.high))
     assert "PositionStudyResult" in study._repr_html_()
+
+
+def test_too_few_bootstrap_resamples_are_refused_before_any_work(shapes, sweep, scenes):
+    with pytest.raises(InputError, match="n_boot=200.*at least 1000"):
+        anchor_knockout(shapes, sweep, n_boot=200)
+    with pytest.raises(InputError, match="n_boot=200"):
+        position_study(shapes, scenes, n_boot=200)
+
+
+def test_anchor_knockout_does_not_depend_on_the_batch_size(shapes, sweep):
+    # the control's random tokens are seeded per image (study seed, dataset row, control number),
+    # so batching the same images differently gives the same per-image counts, hence the same tables
+    images = sweep.test_indices[:16]
+    results = [anchor_knockout(shapes, sweep, images=images, n_control=2, batch_size=size) for size in (4, 8, 16)]
+    for other in results[1:]:
+        pd.testing.assert_frame_equal(other.effects, results[0].effects, check_exact=True)
+        pd.testing.assert_frame_equal(other.table, results[0].table, check_exact=True)
+        assert other.control_anchor_share == results[0].control_anchor_share
+    # and another study seed draws another control
+    reseeded = anchor_knockout(shapes, sweep, images=images, n_control=2, batch_size=8, seed=1)
+    assert not reseeded.table.equals(results[0].table)
+
+
+def test_anchor_knockout_refuses_anchors_that_no_image_holds(shapes, sweep, scenes):
+    a, b = 1, 2  # a pair of classes absent from the chosen images: no anchors, no targets
+    absent = [int(i) for i in sweep.test_indices if not np.isin(np.asarray(scenes[int(i)]["mask"]), [a, b]).any()][:4]
+    assert len(absent) == 4
+    names = sweep.class_names
+    pairs = pd.DataFrame([{"class_a": a, "class_b": b, "name_a": names[a], "name_b": names[b], "confusion_rate": 0.1,
+                           "pixels_a": 1, "pixels_b": 1}])
+    with pytest.raises(InputError, match=rf"anchors \(tokens of {names[a]}/{names[b]} .*no token in any of the 4 images"):
+        anchor_knockout(shapes, sweep, pairs=pairs, images=absent, n_control=1)
+
+
+def test_position_study_refuses_to_exclude_every_class(shapes, scenes):
+    with pytest.raises(InputError, match="excludes every class"):
+        position_study(shapes, scenes, exclude=list(range(9)))

@@ -6,6 +6,7 @@
                                        probe sweeps are shared over N processes
     mmlens hooks MODEL                 every hook name with its shape for a one-image prompt
     mmlens report RUN_DIR              rebuild a run folder's HTML report
+    mmlens compare RUN_A RUN_B         paired differences of two runs on the same images
 
 Runs are resumable: rerunning the same command skips finished stages. Bad input (config,
 folder, model name) ends with a one-paragraph message and exit status 2, not a traceback.
@@ -73,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, default=None, help="report file (default RUN_DIR/report.html)")
     report.set_defaults(handler=_report)
+
+    compare = commands.add_parser("compare", help="paired differences of two runs' drop and recovery",
+                                  description="Compare two run folders made on the same images (e.g. a causal and a "
+                                              "bidirectional twin): per seed, the difference in drop at the adapter and "
+                                              "recovery in the LLM, with paired bootstrap intervals.")
+    compare.add_argument("run_a", type=Path)
+    compare.add_argument("run_b", type=Path)
+    compare.add_argument("--out", type=Path, default=None, help="also write the comparison as an HTML report here")
+    compare.set_defaults(handler=_compare)
     return parser
 
 
@@ -166,6 +176,23 @@ def _report(args: argparse.Namespace) -> int:
         print(f"mmlens report: no report for {args.run_dir}: {problem}", file=sys.stderr)
         return 1
     print(f"report written to {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .probing.compare import comparison_findings
+    from .runs.compare import compare_runs, write_comparison
+
+    tables = compare_runs(args.run_a, args.run_b)
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
+        for seed, table in tables.items():
+            print(f"seed {seed}:")
+            print("\n".join(f"  {line}" for line in comparison_findings(table)))
+            print(table.to_string())
+    if args.out is not None:
+        print(f"comparison written to {write_comparison(tables, args.out)}")
     return 0
 
 

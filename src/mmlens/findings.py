@@ -13,19 +13,24 @@ from __future__ import annotations
 import math
 
 NOT_DISTINGUISHABLE = "not distinguishable from zero"
+# every resample gave the same value: one image, identical images, or a statistic that cannot
+# move; such an interval says nothing about the spread, so it is never read as a finding
+ZERO_WIDTH = "no interval: every resample gives the same value (one image or identical images)"
 
 
 def excludes_zero(low: float, high: float) -> bool:
-    """True when the interval [low, high] lies wholly above or wholly below zero."""
-    if _missing(low) or _missing(high):
+    """True when the interval [low, high] lies wholly above or wholly below zero (and has width)."""
+    if _missing(low) or _missing(high) or low == high:
         return False
     return low > 0 or high < 0
 
 
 def verdict(low: float, high: float) -> str:
-    """"above zero", "below zero", "not distinguishable from zero", or "no interval"."""
+    """"above zero", "below zero", "not distinguishable from zero", "no interval", or `ZERO_WIDTH`."""
     if _missing(low) or _missing(high):
         return "no interval"
+    if low == high:
+        return ZERO_WIDTH
     if low > 0:
         return "above zero"
     if high < 0:
@@ -43,6 +48,8 @@ def effect_phrase(value: float, low: float, high: float, *, digits: int = 3, sig
     """The effect with its interval, followed by ", not distinguishable from zero" when the
     interval includes zero."""
     text = with_interval(value, low, high, digits=digits, signed=signed)
+    if not _missing(low) and low == high:
+        return f"{text}, {ZERO_WIDTH}"
     return text if excludes_zero(low, high) else f"{text}, {NOT_DISTINGUISHABLE}"
 
 
@@ -50,4 +57,4 @@ def _missing(x: float | None) -> bool:
     return x is None or math.isnan(float(x))
 
 
-__all__ = ["NOT_DISTINGUISHABLE", "effect_phrase", "excludes_zero", "verdict", "with_interval"]
+__all__ = ["NOT_DISTINGUISHABLE", "ZERO_WIDTH", "effect_phrase", "excludes_zero", "verdict", "with_interval"]

@@ -5,10 +5,12 @@ those classes it classifies correctly there are anchors; the others are the targ
 attention edges anchor -> every other image token (information flow from anchors, in the LLM
 layers after the reference) and read the targets out again with the sweep's own probes at every
 later layer. The control blocks the same number of random tokens of the same classes in each
-image (several seeds); the scored targets stay queries in every condition. Drawn from the same
-classes, the control shares tokens with the anchors (`control_anchor_share`), which makes the
-anchors - control difference conservative. Intervals are bootstrap resamples of the images,
-paired across conditions.
+image (several seeds; each image's draw is seeded from the study seed, its dataset row and the
+control number, so it does not depend on the batch the image is in); the scored targets stay
+queries in every condition. Drawn from the same classes, the control shares tokens with the
+anchors (`control_anchor_share`), which makes the anchors - control difference conservative.
+Intervals are bootstrap resamples of the images, paired across conditions. Anchors or targets
+that no image holds are refused; a zero-width interval is worded as no interval.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..display import result_html
-from ..findings import effect_phrase
+from ..errors import InputError
+from ..findings import effect_phrase, verdict
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
 from ..probing.batches import rank_batches
-from ..probing.metrics import SegmentationScores, bootstrap_indices
+from ..probing.metrics import SegmentationScores
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import Site, site_for
-from .anchors import anchor_groups, conflicting_pairs, pair_classes
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
+from .anchors import anchor_groups, conflicting_pairs, pair_classes, refuse_empty
 from .intervals import percentile_interval, pooled_accuracy, pooled_miou
 
 CONDITIONS = ("clean", "anchors", "control")
@@ -63,18 +67,17 @@ class AnchorKnockoutResult:
 
     def findings(self) -> list[str]:
         """The headline in sentences: the anchors-minus-control effect at the last readout, worded
-        from its interval."""
+        from its interval (a zero-width one, all resamples agreeing, supports no direction)."""
         effects = self.effects
         last = self.readouts[-1].hook
         headline = effects[(effects.metric == "target_accuracy") & (effects.comparison == "anchors - control")
                            & (effects.hook == last)].iloc[0]
         effect = effect_phrase(headline.effect, headline.low, headline.high, signed=True)
-        if headline.high < 0:
-            reading = "blocking the anchors hurts more than blocking as many other tokens"
-        elif headline.low > 0:
-            reading = "blocking the anchors hurts less than blocking as many other tokens"
-        else:
-            reading = "no difference between blocking the anchors and blocking as many other tokens can be claimed"
+        reading = {
+            "below zero": "blocking the anchors hurts more than blocking as many other tokens",
+            "above zero": "blocking the anchors hurts less than blocking as many other tokens",
+        }.get(verdict(headline.low, headline.high),
+              "no difference between blocking the anchors and blocking as many other tokens can be claimed")
         return [
             f"pairs {', '.join(f'{a}/{b}' for a, b in zip(self.pairs.name_a, self.pairs.name_b))}; "
             f"{self.anchors_per_image:.1f} anchors and {self.targets_per_image:.1f} targets per image",
@@ -99,7 +102,7 @@ def anchor_knockout(
     n_control: int = 3,
     images: Sequence[int] | None = None,
     batch_size: int = 16,
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
     progress: bool = False,
     group: Any = None,
@@ -111,26 +114,32 @@ def anchor_knockout(
     every layer after the reference). `readouts`: probed sites to measure at (default: the
     reference and every probed LLM `hook_resid_post` in or after the window). `pairs`: a table
     from `conflicting_pairs` to use instead of the `n_pairs` most confused. `images`: dataset
-    rows (default: the sweep's held-out images, which its probes never saw).
+    rows (default: the sweep's held-out images, which its probes never saw). Anchors or targets
+    that no image holds are refused (InputError): there would be nothing to measure.
 
     Under torch.distributed (torchrun, or `group`, a process group) each rank runs its share of
     the image batches (whole batches, as in one process) and the per-image counts are gathered in
     batch order: every rank returns the result one process would, intervals included.
     """
+    check_n_boot(n_boot)  # before the forwards, not after them
+    if seed < 0:
+        raise InputError(f"seed must be a non-negative int (it seeds numpy's SeedSequence), got {seed}")
     reference = model.resolve_hook_name(reference)
     ref_site = site_for(model, reference)
     if ref_site.grid != "llm":
-        raise ValueError(f"the reference {reference!r} is a vision site; use a site on the LLM token grid "
+        raise InputError(f"the reference {reference!r} is a vision site; use a site on the LLM token grid "
                          "(adapter.hook_out, blocks.L.hook_resid_post, ...)")
     window = sorted(set(_default_window(model, ref_site) if layers is None else layers))
     if not window:
-        raise ValueError(f"no LLM layer comes after {reference!r}; pick an earlier reference or pass layers=")
+        raise InputError(f"no LLM layer comes after {reference!r}; pick an earlier reference or pass layers=")
     readout_names = _readouts(model, sweep, reference, window, readouts)
     pairs = conflicting_pairs(sweep, reference, n_pairs) if pairs is None else pairs
     classes = pair_classes(pairs)
     probes = {name: sweep.probes[("model", name)] for name in readout_names}
     anchors, targets = anchor_groups(sweep, reference, classes)
     indices = np.asarray(sweep.test_indices if images is None else images)
+    if len(indices) < 2:
+        raise InputError(f"the study needs at least 2 images (its intervals are over images), got {len(indices)}")
     settings = sweep.settings
 
     parts = []  # (batch number, its per-image counts): this rank's batches, gathered below
@@ -141,7 +150,7 @@ def anchor_knockout(
                  seed)
     for b, batch in rank_batches(model, sweep.dataset, indices, batch_size=batch_size, group=group,
                                  prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
-        parts.append((b, _knockout_batch(model, sweep, batch, b, plan, bar)))
+        parts.append((b, _knockout_batch(model, sweep, batch, plan, bar)))
     bar.close()
     # per image in single-process order, whichever rank ran it; every statistic below is made from these
     parts = distributed.gather_in_order(parts, group)
@@ -150,6 +159,8 @@ def anchor_knockout(
     scored = [p["scored"] for p in parts]
     n_anchors = [p["anchors"] for p in parts]
     blocked_mass = max(p["blocked_mass"] for p in parts)
+    # every rank holds every image's counts here, so all ranks refuse alike
+    _refuse_empty_groups(pairs, reference, np.concatenate(n_anchors), np.concatenate(scored))
     overlap = [sum(p["overlap"][0] for p in parts), sum(p["overlap"][1] for p in parts)]
 
     runs_per_condition = {"clean": 1, "anchors": 1, "control": n_control}
@@ -210,8 +221,8 @@ class _Plan:
     seed: int
 
 
-def _knockout_batch(model, sweep, batch, b: int, plan: _Plan, bar) -> dict:
-    """Batch number `b`'s per-image counts under every condition: [tp, fp, fn] x class and
+def _knockout_batch(model, sweep, batch, plan: _Plan, bar) -> dict:
+    """One batch's per-image counts under every condition: [tp, fp, fn] x class and
     correct target tokens per condition and readout, scored targets and anchors per image, the
     largest attention left on a blocked edge, and the control's blocked keys that are anchors
     (and all of them)."""
@@ -226,9 +237,9 @@ def _knockout_batch(model, sweep, batch, b: int, plan: _Plan, bar) -> dict:
     scored_group = TokenGroup.from_mask(target_mask, "targets")
     predictions = {"clean": [predict_image_tokens(model, inputs, probes, activations=clean)]}
     bar.update(len(batch.indices))
-    # the control's draws follow the batch number, so they are the same on any rank
     knocked = [("anchors", anchor_group)] + [
-        ("control", TokenGroup.random_like(anchor_group, within=plan.same_classes, seed=plan.seed + 7919 * b + s))
+        ("control", TokenGroup.random_like(anchor_group, within=plan.same_classes,
+                                           seed=_row_seeds(inputs, batch.indices, plan.seed, s)))
         for s in range(plan.n_control)
     ]
     blocked_mass, overlap = 0.0, [0, 0]
@@ -262,6 +273,23 @@ def _knockout_batch(model, sweep, batch, b: int, plan: _Plan, bar) -> dict:
             "overlap": overlap}
 
 
+def _refuse_empty_groups(pairs: pd.DataFrame, reference: str, n_anchors: np.ndarray, n_targets: np.ndarray) -> None:
+    """InputError naming the anchors or the targets when no image holds any: their knockout or
+    their accuracy would be about nothing (a 0.000 [0.000, 0.000] effect, or NaN)."""
+    names = ", ".join(f"{a}/{b}" for a, b in zip(pairs.name_a, pairs.name_b))
+    refuse_empty("anchors", f"tokens of {names} the probe at {reference} gets right", n_anchors,
+                 "pass other pairs= or images= holding those classes")
+    refuse_empty("targets", f"tokens of {names} the probe at {reference} gets wrong", n_targets,
+                 "pass other pairs= or images= where the probe misreads those classes")
+
+
+def _row_seeds(inputs, dataset_rows, seed: int, control: int) -> list[int]:
+    """One seed per batch row, from the study seed, the control number and the dataset rows of
+    the row's images: an image's control tokens are then the same at any batch size, on any rank."""
+    rows = [[int(dataset_rows[span.image_index]) for span in row] for row in inputs.layout.images]
+    return [int(np.random.SeedSequence([seed, control, *images]).generate_state(1)[0]) for images in rows]
+
+
 def _default_window(model: HookedMLLM, reference: Site) -> list[int]:
     """LLM layers whose attention runs after the reference site has been computed."""
     n = model.cfg.n_layers
@@ -280,9 +308,9 @@ def _readouts(model, sweep, reference: str, window: list[int], readouts) -> list
         names = [model.resolve_hook_name(n) for n in readouts]
     missing = [n for n in names if n not in probed]
     if missing or reference not in probed:
-        raise ValueError(f"the sweep has no probe at {sorted(set(missing) | ({reference} - probed))}; "
+        raise InputError(f"the sweep has no probe at {sorted(set(missing) | ({reference} - probed))}; "
                          f"rerun probe_sweep with those sites (probed: {sorted(probed)})")
     grids = {site_for(model, n).grid for n in names}
     if grids != {"llm"}:
-        raise ValueError("readout sites must be on the LLM token grid (adapter or LLM sites)")
+        raise InputError("readout sites must be on the LLM token grid (adapter or LLM sites)")
     return list(dict.fromkeys(names))

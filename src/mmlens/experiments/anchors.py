@@ -5,6 +5,9 @@ pair's confusion rate is (C[a, b] + C[b, a]) / (pixels of a + pixels of b) from 
 held-out pixel confusion matrix. Tokens of conflicting classes that the same probe classifies
 correctly are the study's "semantic anchors"; the others of those classes are the tokens whose
 recovery the anchors are supposed to steer.
+
+Also here, because every study imports this module: the refusal of a token group that is empty
+in every image (its statistics would be empty, and their intervals read as findings about nothing).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..interventions import TokenGroup
 
 BACKGROUND_NAMES = ("background", "bg")
@@ -34,7 +38,7 @@ def conflicting_pairs(
     Columns: class_a, class_b, name_a, name_b, confusion_rate, pixels_a, pixels_b.
     """
     if n_pairs < 1:
-        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
+        raise InputError(f"n_pairs must be at least 1, got {n_pairs}")
     key = (condition, hook)
     if key not in sweep.confusion:
         probed = sorted({h for c, h in sweep.confusion if c == condition})
@@ -53,7 +57,8 @@ def conflicting_pairs(
                 rows.append({"class_a": a, "class_b": b, "name_a": names[a], "name_b": names[b],
                              "confusion_rate": rate, "pixels_a": int(support[a]), "pixels_b": int(support[b])})
     if not rows:
-        raise ValueError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on the held-out images")
+        raise InputError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on the held-out images; "
+                         "pick another reference site or pass the pairs yourself")
     table = pd.DataFrame(rows).sort_values("confusion_rate", ascending=False, kind="stable")
     return table.head(n_pairs).reset_index(drop=True)
 
@@ -66,7 +71,7 @@ def excluded_classes(class_names, exclude: Iterable[int | str] | None = None) ->
     out = []
     for e in exclude:
         if isinstance(e, str) and e not in names:
-            raise ValueError(f"unknown class {e!r} in exclude; classes: {names}")
+            raise InputError(f"unknown class {e!r} in exclude; classes: {names}")
         out.append(names.index(e) if isinstance(e, str) else int(e))
     return out
 
@@ -83,3 +88,13 @@ def anchor_groups(sweep, hook: str, classes: Sequence[int], condition: str = "mo
     probe = sweep.probes[(condition, hook)]
     of_classes = TokenGroup.of_class(*classes)
     return TokenGroup.probe_correct(probe, hook) & of_classes, TokenGroup.probe_wrong(probe, hook) & of_classes
+
+
+# ----------------------------------------------------------------- refusals shared by the studies
+def refuse_empty(name: str, description: str, per_image: Sequence[int] | np.ndarray, what_to_do: str) -> None:
+    """InputError when a token group has no token in any image of the study: every statistic of
+    it would be empty or NaN, and its intervals would read as findings about nothing."""
+    if int(np.asarray(per_image).sum()) == 0:
+        raise InputError(f"the {name} ({description}) hold no token in any of the {len(per_image)} images of the "
+                         f"study, so there is nothing to measure; {what_to_do}")
+

@@ -7,7 +7,9 @@ the bidirectional run with the causal probes. Per-token accuracy is then tabulat
 position; the early-position deficit is the accuracy of the last tokens minus that of the first,
 and, to cancel the class mix of each position, the same difference of the gain over the
 adapter output (the LLM's input, where no token has seen another yet). Intervals are bootstrap
-resamples of the held-out images, paired across conditions.
+resamples of the held-out images, paired across conditions. Findings are worded by the sign the
+interval allows: a negative deficit says the early tokens are the more accurate ones, a negative
+gain that bidirectional attention lowers their accuracy.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import pandas as pd
 import torch
 
 from .. import distributed
+from ..data.schema import segmentation_info
+from ..errors import InputError
+from ..findings import effect_phrase, verdict
 from ..interventions import bidirectional_image_attention
 from ..model.edits import edit_hooks
 from ..model import HookedMLLM, TokenGrid
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.batches import pad_stack, rank_batches
-from ..probing.metrics import bootstrap_indices
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
 from ..display import result_html
-from ..findings import effect_phrase
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
 from .anchors import excluded_classes
 from .intervals import percentile_interval, pooled_accuracy
 
@@ -56,7 +60,7 @@ class PositionStudyResult:
         site = site or sites[-1]
         hooks = dict(zip(self.per_position.site, self.per_position.hook))
         if site not in hooks:
-            raise ValueError(f"unknown site {site!r}; the study has {sites}")
+            raise InputError(f"unknown site {site!r}; the study has {sites}")
         cols = self.grid[1]
         n_tokens = self._scored.shape[1]
         bins = np.arange(n_tokens) // cols if by == "row" else np.arange(n_tokens)
@@ -76,16 +80,23 @@ class PositionStudyResult:
         return {"position_heatmap": plot_position_heatmap(self), "position_curve": plot_position_curve(self)}
 
     def findings(self) -> list[str]:
-        """The headlines at the last site in sentences, each worded from its interval."""
+        """The headlines at the last site in sentences, each worded from its interval and by the
+        sign it allows (the deficit is late minus early accuracy: below zero, the early tokens
+        are the more accurate)."""
         last_site = self.summary.site.iloc[-1]
         rows = self.summary[self.summary.site == last_site].set_index("condition")
         gains = self.gains[(self.gains.site == last_site) & (self.gains.condition == "bidirectional")].set_index("tokens")
-        deficit = {condition: effect_phrase(*rows.loc[condition, ["early_deficit", "early_deficit_low",
-                                                                   "early_deficit_high"]], signed=True)
+        columns = ["early_deficit", "early_deficit_low", "early_deficit_high"]
+        deficit = {condition: _worded(*rows.loc[condition, columns],
+                                      above="early tokens less accurate than late ones",
+                                      below="early tokens more accurate than late ones: no early-token deficit")
                    for condition in ("causal", "bidirectional")}
-        gain = effect_phrase(*gains.loc["early", ["gain_over_causal", "low", "high"]], signed=True)
+        gain = _worded(*gains.loc["early", ["gain_over_causal", "low", "high"]],
+                       above="bidirectional attention raises early-token accuracy",
+                       below="bidirectional attention lowers early-token accuracy")
         return [
-            f"early-token deficit at {last_site}: causal {deficit['causal']}; bidirectional {deficit['bidirectional']}",
+            f"early-token deficit (late minus early accuracy) at {last_site}: causal {deficit['causal']}; "
+            f"bidirectional {deficit['bidirectional']}",
             f"bidirectional gain on early tokens {gain}",
         ]
 
@@ -100,10 +111,10 @@ def position_study(
     *,
     layers: Iterable[int] | None = None,
     sites: Sequence[str] | None = None,
-    probe: str = "logistic",
+    probe: str = "ridge",
     early_fraction: float = 0.25,
     exclude: Iterable[int | str] | None = None,
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
     progress: bool = False,
     group: Any = None,
@@ -118,19 +129,24 @@ def position_study(
     token is right almost anywhere and would hide the effect. Other keywords go to `probe_sweep`
     (batch_size, test_fraction, ...). The model's own attention mode does not matter: the
     causal condition forces causal attention, so the bidirectional twin can be studied too.
+    An `exclude` that leaves no class, or early or late positions that hold no scored token in
+    any image, is refused (InputError) rather than reported as NaN.
 
     Under torch.distributed (torchrun, or `group`, a process group) both sweeps and the cross
     reading share the image batches over ranks (`probe_sweep`), per-image predictions are gathered
     in batch order, and every rank returns the result one process would.
     """
+    check_n_boot(n_boot)  # before the sweeps, not after them
     if not 0 < early_fraction <= 0.5:
-        raise ValueError(f"early_fraction must be in (0, 0.5], got {early_fraction}")
+        raise InputError(f"early_fraction must be in (0, 0.5], got {early_fraction}")
+    exclude = None if exclude is None else list(exclude)  # read twice below: a generator would run dry
+    _refuse_excluding_everything(dataset, exclude)
     layers = None if layers is None else sorted(set(layers))
     names = [BASELINE_SITE] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)] if sites is None else list(sites)
     names = list(dict.fromkeys([BASELINE_SITE, *(model.resolve_hook_name(n) for n in names)]))
     bad = [n for n in names if site_for(model, n).grid != "llm"]
     if bad:
-        raise ValueError(f"{bad} are vision sites; the position study reads image tokens on the LLM grid")
+        raise InputError(f"{bad} are vision sites; the position study reads image tokens on the LLM grid")
 
     def bidirectional(inputs):
         return bidirectional_image_attention(model, inputs, layers)
@@ -146,14 +162,15 @@ def position_study(
     excluded = torch.tensor(excluded_classes(causal.class_names, exclude), dtype=torch.long)
     counted = valid & ~torch.isin(labels, excluded)
     scored = counted.numpy()
+    n_tokens = scored.shape[1]
+    n_edge = max(1, int(round(early_fraction * n_tokens)))
+    early, late = np.arange(n_tokens) < n_edge, np.arange(n_tokens) >= n_tokens - n_edge
+    _refuse_unscored(scored, early, late, [causal.class_names[c] for c in excluded.tolist()])
     predictions = {("causal", n): causal.predictions[("model", n)] for n in names}
     predictions |= {("bidirectional", n): sweeps["bidirectional"].predictions[("model", n)] for n in names}
     predictions |= {("causal_probe_on_bidirectional", n): cross[n] for n in names}
     hits = {key: ((pred.long() == labels) & counted).numpy() for key, pred in predictions.items()}
     resamples = bootstrap_indices(len(scored), n_boot, seed)
-    n_tokens = scored.shape[1]
-    n_edge = max(1, int(round(early_fraction * n_tokens)))
-    early, late = np.arange(n_tokens) < n_edge, np.arange(n_tokens) >= n_tokens - n_edge
 
     def accuracy(key, where, index=None):
         return pooled_accuracy(hits[key][:, where].sum(1), scored[:, where].sum(1), index)
@@ -196,6 +213,31 @@ def position_study(
                   "excluded_classes": [causal.class_names[c] for c in excluded.tolist()]},
         _hits=hits, _scored=scored, _resamples=resamples,
     )
+
+
+def _worded(value: float, low: float, high: float, *, above: str, below: str) -> str:
+    """The signed effect with its interval, then what its sign means when the interval allows one."""
+    reading = {"above zero": above, "below zero": below}.get(verdict(low, high))
+    text = effect_phrase(value, low, high, signed=True)
+    return f"{text} ({reading})" if reading else text
+
+
+def _refuse_excluding_everything(dataset, exclude) -> None:
+    """Excluding every class leaves no token to score: refuse before the sweeps run."""
+    names = list(segmentation_info(dataset).class_names)
+    if len(excluded_classes(names, exclude)) >= len(names):
+        raise InputError(f"exclude={exclude} excludes every class {names}: "
+                         "no token would be scored; exclude fewer classes")
+
+
+def _refuse_unscored(scored: np.ndarray, early: np.ndarray, late: np.ndarray, excluded: list[str]) -> None:
+    """InputError naming the early or late tokens when no image has a scored one there: the deficit
+    would be NaN, or rest on nothing."""
+    for name, where in (("early tokens", early), ("late tokens", late)):
+        if not scored[:, where].any():
+            raise InputError(f"the {name} (raster positions {np.flatnonzero(where)[[0, -1]].tolist()}, classes "
+                             f"other than {excluded}) hold no labelled token in any of the {len(scored)} held-out "
+                             "images; raise early_fraction, exclude fewer classes or use other images")
 
 
 def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False, group=None):

@@ -4,10 +4,14 @@ Corrupt the run so recovery cannot happen (image -> image attention blocked in t
 removed at the adapter, or another scene), then patch each head's clean output (`hook_z`) into
 the corrupted run, one head at a time, and score the image tokens with the sweep's probe at a
 readout layer (true-class logit margin). A head's effect is the metric it restores, per image;
-intervals are bootstrap resamples of the images. Attribution patching estimates the same effects
-in one backward pass, and the top-k heads are patched together to check they restore most of it.
-Attention recovery maps show where those heads look, from tokens the adapter gets wrong and the
-readout gets right, over the image grid, with the anchors marked.
+intervals are bootstrap resamples of the images. The heads are chosen on one set of images and
+scored on another (by default a seeded half each of the held-out images): every head is patched
+alone on the selection images, which rank them; the top-k are then patched together on the
+scoring images, whose gap and fraction restored are the study's headline, so the choice does
+not flatter the score. Images the sweep trained its probes on are never scored. Attribution
+patching estimates the per-head effects in one backward pass. Attention recovery maps show
+where the top heads look on scoring images, from tokens the adapter gets wrong and the readout
+gets right, over the image grid, with the anchors marked.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from ..interventions.patching import Patch, Run, baseline, evaluate, head_condit
 from ..interventions.patching_metrics import probe_metric
 from ..model import HookedMLLM
 from ..probing.batches import labelled_batches, rank_batches
-from ..probing.metrics import bootstrap_indices
 from ..probing.sites import site_for
-from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
+from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes, refuse_empty
 from ..display import result_html
-from ..findings import effect_phrase, excludes_zero
+from ..errors import InputError
+from ..findings import ZERO_WIDTH, effect_phrase, excludes_zero, verdict
 from .intervals import percentile_interval
 
 Corruption = Literal["recovery_blocked", "anchors_removed", "counterfactual"]
@@ -56,19 +61,22 @@ class RecoveryMap:
 
 @dataclass
 class RecoveryHeadsResult:
-    """`table`: one row per LLM head, best first (effect = change of the metric when that head's
-    clean output is patched into the corrupted run, mean over images, with a 95% bootstrap
-    interval; best = moving it furthest towards the clean value, so a negative gap ranks the most
-    negative effects first; `fraction_restored` = effect / gap, withheld (NaN) when the gap's interval
-    includes zero). `top_k`: the best k heads patched
-    together, k = 1..top_k."""
+    """`table`: one row per LLM head, best first, measured on the selection images (effect =
+    change of the metric when that head's clean output is patched into the corrupted run, mean
+    over images, with a 95% bootstrap interval; best = moving it furthest towards the clean value,
+    so a negative gap ranks the most negative effects first; `fraction_restored` = effect / the
+    selection images' gap, withheld (NaN) unless that gap's interval lies above zero). `top_k`:
+    the best k heads patched together, k = 1..top_k, on the scoring images (effect and fraction
+    of the scoring images' gap, with intervals). `summary`: the scoring images' metric and gap
+    (`gap*`), the selection images' gap (`selection_gap*`) and the image counts; `settings`
+    lists the dataset rows that chose (`selection_indices`) and that scored (`scoring_indices`)."""
 
     table: pd.DataFrame
     top_k: pd.DataFrame
     layers: list[int]  # layers holding the top-k heads
     summary: dict[str, float]
-    exact: np.ndarray = field(repr=False)  # [layer, head, image] effect per image
-    attribution: np.ndarray | None = field(repr=False)  # [layer, head, image] estimated effect
+    exact: np.ndarray = field(repr=False)  # [layer, head, selection image] effect per image
+    attribution: np.ndarray | None = field(repr=False)  # [layer, head, selection image] estimated effect
     maps: list[RecoveryMap] = field(repr=False, default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -78,16 +86,27 @@ class RecoveryHeadsResult:
         return list(zip(self.table.layer[:k].astype(int), self.table["head"][:k].astype(int)))
 
     def findings(self) -> list[str]:
-        """The gap the corruption opens and what the top heads restore, worded from the intervals
-        (fractions are withheld when the gap is not distinguishable from zero)."""
+        """The gap the corruption opens on the scoring images and what the top heads (chosen on the
+        selection images) restore there, worded from the intervals: fractions are given only for a
+        gap whose interval lies above zero (a corruption that raises the metric leaves no gap to
+        restore; a zero-width interval, all resamples agreeing, is no interval)."""
         s, corruption = self.summary, self.settings.get("corruption", "corruption")
+        n_chose = s.get("n_selection_images")
+        chose = f"; heads chosen on {n_chose} other images" if n_chose is not None else ""
         lines = [f"{corruption}: probe margin {s['clean_metric']:.3f} clean, {s['corrupted_metric']:.3f} corrupted "
-                 f"(gap {effect_phrase(s['gap'], s['gap_low'], s['gap_high'])}, {s['n_images']} images)"]
-        if excludes_zero(s["gap_low"], s["gap_high"]):
+                 f"(gap {effect_phrase(s['gap'], s['gap_low'], s['gap_high'])}, {s.get('n_scoring_images', s['n_images'])} "
+                 f"scoring images{chose})"]
+        where = verdict(s["gap_low"], s["gap_high"])
+        if where == "above zero":
             best = self.top_k.iloc[-1]
             lines.append(f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
                          f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman "
                          f"{s['rank_correlation']:.2f}")
+        elif where == "below zero":
+            lines.append("the corruption raises the metric; there is no gap to restore, so no fraction restored is "
+                         "given")
+        elif where in (ZERO_WIDTH, "no interval"):
+            lines.append(f"fractions of the gap restored are withheld: the gap has {where}")
         else:
             lines.append("fractions of the gap restored are withheld: the gap is not distinguishable from zero, so "
                          "the corruption barely changes the readout here")
@@ -114,6 +133,25 @@ class RecoveryHeadsResult:
         return out
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What every batch of one study shares."""
+
+    sweep: Any
+    corruption: str
+    reference: str
+    readout: str
+    out_probe: Any
+    scored_group: TokenGroup | None
+    anchors: TokenGroup
+    recovered: TokenGroup
+    window: list[int]
+    mean: torch.Tensor | None
+    head_hooks: list[str]
+    batch_size: int
+    seed: int
+
+
 def find_recovery_heads(
     model: HookedMLLM,
     sweep,
@@ -127,45 +165,50 @@ def find_recovery_heads(
     hook: Literal["z", "result"] = "z",
     images: Sequence[int] | None = None,
     n_images: int | None = 64,
+    selection_images: Sequence[int] | None = None,
     top_k: int = 4,
     attribution: bool = True,
     n_maps: int = 2,
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_N_BOOT,
     batch_size: int = 16,
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
     group: Any = None,
 ) -> RecoveryHeadsResult:
-    """Rank the LLM's heads by how much of the probe margin at `readout` they restore.
+    """Rank the LLM's heads by how much of the probe margin at `readout` they restore, on some
+    images, and score the best `top_k` together on others.
 
     `sweep`: a `probe_sweep` with probes at `reference` and `readout` (default: its last LLM
     site). `corruption`: "recovery_blocked" (image -> image attention knocked out in `window`,
     default every LLM layer), "anchors_removed" (anchor tokens' adapter output replaced by the
     mean adapter output of training images) or "counterfactual" (each image swapped for another
-    of the study, same prompt). `tokens` scored by the metric: "objects" (labelled tokens not of
-    a background class; minus the anchors under "anchors_removed"), "all" labelled tokens, "recovered" (wrong at `reference`, right at
-    `readout`) or a TokenGroup. `anchors` (default: tokens the reference probe gets right in
-    the 4 most confused class pairs) are removed by "anchors_removed" and marked on the maps.
-    `images`: dataset rows (default the sweep's held-out images, the first `n_images`).
+    of the same half of the study, same prompt). `tokens` scored by the metric: "objects"
+    (labelled tokens not of a background class; minus the anchors under "anchors_removed"), "all"
+    labelled tokens, "recovered" (wrong at `reference`, right at `readout`) or a TokenGroup.
+    `anchors` (default: tokens the reference probe gets right in the 4 most confused class pairs)
+    are removed by "anchors_removed" and marked on the maps. Scored tokens (or, under
+    "anchors_removed", anchors) that no image holds are refused (InputError).
+
+    `images`: dataset rows (default the sweep's held-out images, the first `n_images`); images
+    the sweep trained its probes on are refused. They are split, seeded by `seed` and by image,
+    into a selection half, on which every head is patched alone and the top-k are chosen, and a
+    scoring half, on which the top-k are patched together and the gap is measured. With
+    `selection_images` (dataset rows, e.g. the sweep's training images, where choices belong)
+    the heads are chosen on those and every image of `images` is scored; the two must not share
+    an image.
 
     Under torch.distributed (torchrun, or `group`, a process group) each rank patches its share
     of the image batches (whole, as in one process), the per-image values are gathered in batch
     order and every rank returns the result one process would; the mean adapter output of
     "anchors_removed" is computed whole on every rank, so each corrupted run is the same.
     """
+    check_n_boot(n_boot)  # before the patching, not after it
     if corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+        raise InputError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    probed = {h for c, h in sweep.probes if c == "model"}
-    reference = model.resolve_hook_name(reference)
-    llm_sites = [s.hook for s in sweep.sites if s.stage == "llm"]
-    readout = model.resolve_hook_name(readout) if readout is not None else (llm_sites[-1] if llm_sites else None)
-    missing = [h for h in (reference, readout) if h not in probed]
-    if readout is None or missing:
-        raise ValueError(f"the sweep has no probe at {missing or 'any LLM site'}; rerun probe_sweep with "
-                         f"sites including {reference!r} and an LLM layer (probed: {sorted(probed)})")
+        raise InputError(f"top_k must be at least 1, got {top_k}")
+    reference, readout = _probed_sites(model, sweep, reference, readout)
     ref_probe, out_probe = sweep.probes[("model", reference)], sweep.probes[("model", readout)]
     recovered = TokenGroup.probe_wrong(ref_probe, reference) & TokenGroup.probe_correct(out_probe, readout)
     if anchors is None:
@@ -173,9 +216,7 @@ def find_recovery_heads(
     scored_group = _scored_tokens(tokens, sweep.class_names, recovered)
     if corruption == "anchors_removed" and tokens == "objects":  # the anchors' own tokens cannot be restored by heads
         scored_group = scored_group - anchors
-    indices = np.asarray(sweep.test_indices if images is None else images)[:n_images]
-    if len(indices) < 2:
-        raise ValueError("the study needs at least 2 images (intervals are over images)")
+    chosen_on, scored_on = _split_images(sweep, images, n_images, selection_images, seed)
     settings = sweep.settings
     window = list(range(model.cfg.n_layers)) if window is None else sorted(set(window))
     mean = None
@@ -185,91 +226,214 @@ def find_recovery_heads(
                                                                                batch_size=batch_size, prompt=settings.prompt)))
     layers, conditions = head_conditions(model, hook)
     n_heads = model.cfg.llm.n_heads
+    spec = _Spec(sweep, corruption, reference, readout, out_probe, scored_group, anchors, recovered, window, mean,
+                 [f"blocks.{l}.attn.hook_{hook}" for l in layers], batch_size, seed)
 
-    # each rank prepares and patches its own batches (whole, as in one process); the per-image
-    # values are gathered in batch order, so the tables below are made from every image
-    batches = rank_batches(model, sweep.dataset, indices, batch_size=batch_size, group=group, prompt=settings.prompt,
-                           min_valid_fraction=settings.min_valid_fraction, progress=progress,
-                           desc="recovery heads: clean and corrupted runs")
-    head_hooks = [f"blocks.{l}.attn.hook_{hook}" for l in layers]
-    prepared = {}  # this rank's batch numbers -> (clean run, corrupted run, metric, batch, clean activations, n recovered)
-    for b, batch in batches:
-        inputs, labels = batch.inputs, batch.labels["llm"]
-        clean_acts = run_and_collect(model, Run(inputs), [reference, readout, *head_hooks])  # reused as the source
-        context = GroupContext(token_labels=labels.labels, model=model, activations=clean_acts,
-                               ignore_index=sweep.ignore_index)
-        metric = probe_metric(model, out_probe, readout, inputs, labels, tokens=scored_group, context=context)
-        corrupted = _corrupt(model, corruption, inputs, window, anchors, context, mean, sweep.dataset,
-                             indices, batch, seed + b)
-        n_recovered = inputs.layout.by_image(recovered.resolve(inputs, context)).sum(1)
-        prepared[b] = (Run(inputs, name="clean"), corrupted, metric, batch, clean_acts, n_recovered)
+    # both halves are prepared (clean and corrupted runs, per-image counts gathered) before any
+    # patching, so an empty token group is refused before the expensive part
+    selection = _prepare(model, spec, chosen_on, "selection", progress, group)
+    scoring = _prepare(model, spec, scored_on, "scoring", progress, group)
+    _refuse_degenerate(spec, tokens, selection, scoring)
 
-    parts = []  # (batch number, per-image values of that batch), moved to the CPU to be gathered
-    bar = tqdm(total=distributed.share(len(indices), batch_size, group), disable=not progress,
-               desc="recovery heads: patching every head", unit="image")
-    for b, (clean, corrupted, metric, batch, acts, n_recovered) in prepared.items():
-        found = {"clean": evaluate(metric, acts, clean.inputs).cpu(), "corrupted": baseline(model, corrupted, metric).cpu()}
+    def every_head(clean, corrupted, metric, acts) -> dict[str, torch.Tensor]:
         values = patch_conditions(model, clean, corrupted, metric, conditions, chunk_size=chunk_size,
                                   source_activations=acts, progress=progress)
-        found["exact"] = values.view(len(layers), n_heads, -1).cpu()
+        found = {"exact": values.view(len(layers), n_heads, -1)}
         if attribution:
-            found["attribution"] = attribution_patching(model, clean, corrupted, metric, hook=hook).per_head().cpu()
-        found["recovered"] = n_recovered.cpu()
-        parts.append((b, found))
-        bar.update(len(batch.indices))
-    bar.close()
-    parts = distributed.gather_in_order(parts, group)
-    clean_m = torch.cat([p["clean"] for p in parts]).numpy()
-    corrupt_m = torch.cat([p["corrupted"] for p in parts]).numpy()
-    patched = torch.cat([p["exact"] for p in parts], dim=-1).numpy()
-    keep = np.isfinite(clean_m) & np.isfinite(corrupt_m)  # images with at least one scored token
-    if keep.sum() < 2:
-        raise ValueError(f"only {int(keep.sum())} image(s) have tokens to score with tokens={tokens!r}; "
-                         "use more images or a broader token set ('objects', 'all')")
-    effects = (patched - corrupt_m)[..., keep]
-    gap = (clean_m - corrupt_m)[keep]
-    attr = torch.cat([p["attribution"] for p in parts], dim=-1).numpy()[..., keep] if attribution else None
-    resamples = bootstrap_indices(int(keep.sum()), n_boot, seed)
-    table = _head_table(effects, gap, attr, resamples, layers)
+            found["attribution"] = attribution_patching(model, clean, corrupted, metric, hook=hook).per_head()
+        return found
+
+    # selection images: every head alone; they rank the heads and choose the top k
+    chose = _measure(model, selection, every_head, "recovery heads: patching every head (selection images)",
+                     progress, group)
+    selection.prepared.clear()  # its runs and activations are not needed again
+    keep = chose["keep"]
+    effects = (chose["exact"] - chose["corrupted"])[..., keep]
+    selection_gap = (chose["clean"] - chose["corrupted"])[keep]
+    attr = chose["attribution"][..., keep] if attribution else None
+    chose_resamples = bootstrap_indices(int(keep.sum()), n_boot, seed)
+    table = _head_table(effects, selection_gap, attr, chose_resamples, layers)
     top = list(zip(table.layer[:top_k].astype(int), table["head"][:top_k].astype(int)))
-
-    together = []  # cumulative: best 1, best 2, ..., best top_k heads patched at once
     nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
-    for b, (clean, corrupted, metric, _, acts, _) in prepared.items():
-        together.append((b, patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
-                                             source_activations=acts, progress=progress).cpu()))
-    together = torch.cat(distributed.gather_in_order(together, group), dim=-1).numpy()[..., keep] - corrupt_m[keep]
-    top_table = _top_k_table(together, gap, resamples, top)
 
+    def together(clean, corrupted, metric, acts) -> dict[str, torch.Tensor]:
+        return {"together": patch_conditions(model, clean, corrupted, metric, nested, chunk_size=chunk_size,
+                                             source_activations=acts, progress=progress)}
+
+    # scoring images: the chosen heads together, and the gap they are a fraction of
+    scored = _measure(model, scoring, together, "recovery heads: top heads together (scoring images)", progress, group)
+    kept = scored["keep"]
+    gap = (scored["clean"] - scored["corrupted"])[kept]
+    resamples = bootstrap_indices(int(kept.sum()), n_boot, seed)
+    top_table = _top_k_table(scored["together"][..., kept] - scored["corrupted"][kept], gap, resamples, top)
+    gaps = {"gap": _mean_interval(gap, resamples), "selection_gap": _mean_interval(selection_gap, chose_resamples)}
+    # each table's fractions are of its own images' gap
+    table = withhold_fractions(table, *gaps["selection_gap"][1:])
+    top_table = withhold_fractions(top_table, *gaps["gap"][1:])
     corr = rank_correlation(effects.mean(-1), attr.mean(-1)) if attribution else float("nan")
-    low, high = percentile_interval([gap[i].mean() for i in resamples])
-    table, top_table = (withhold_fractions(frame, low, high) for frame in (table, top_table))
-    summary = {"clean_metric": float(clean_m[keep].mean()), "corrupted_metric": float(corrupt_m[keep].mean()),
-               "gap": float(gap.mean()), "gap_low": low, "gap_high": high,
-               "gap_excludes_zero": excludes_zero(low, high),  # fractions restored are withheld otherwise
-               "rank_correlation": corr,
-               "top_k_fraction_restored": float(top_table.fraction_restored.iloc[-1]),
-               "n_images": int(keep.sum()), "n_images_without_scored_tokens": int((~keep).sum())}
-    counts = torch.cat([p["recovered"] for p in parts]).numpy()
-    maps = _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered, sweep, n_maps, group)
+    summary = _summary(chose, scored, gaps, corr, top_table)
+    maps = _recovery_maps(model, scoring.prepared, batch_size, scoring.counts["recovered"], top, anchors, recovered,
+                          sweep, n_maps, group)
     return RecoveryHeadsResult(
         table=table, top_k=top_table, layers=sorted({l for l, _ in top}), summary=summary,
         exact=effects, attribution=attr, maps=maps,
         settings={"corruption": corruption, "readout": readout, "reference": reference, "window": window,
                   "tokens": getattr(tokens, "description", tokens), "hook": hook, "top_k": top_k,
                   "metric": f"probe margin at {site_for(model, readout).label}", "n_boot": n_boot, "seed": seed,
-                  "dataset_indices": indices.tolist()},
+                  "selection": "given" if selection_images is not None else "seeded half of the images",
+                  "selection_indices": chosen_on.tolist(), "scoring_indices": scored_on.tolist(),
+                  "dataset_indices": np.concatenate([chosen_on, scored_on]).tolist()},
     )
 
 
+def _mean_interval(values: np.ndarray, resamples: np.ndarray) -> tuple[float, float, float]:
+    """The mean of per-image values and its 95% bootstrap interval."""
+    return (float(values.mean()), *percentile_interval([values[i].mean() for i in resamples]))
+
+
+def _summary(chose: dict, scored: dict, gaps: dict, rank_corr: float, top_table: pd.DataFrame) -> dict[str, float]:
+    """The headline numbers, each a plain number (the run report tabulates them): the scoring
+    images' metric and gap, the selection images' gap, and the images each half scored."""
+    keep, kept = chose["keep"], scored["keep"]
+    out = {"clean_metric": float(scored["clean"][kept].mean()),
+           "corrupted_metric": float(scored["corrupted"][kept].mean())}
+    for name, (mean, low, high) in gaps.items():
+        out |= {name: mean, f"{name}_low": low, f"{name}_high": high}
+    out["gap_excludes_zero"] = excludes_zero(out["gap_low"], out["gap_high"])  # fractions need it above zero
+    return out | {"rank_correlation": rank_corr, "top_k_fraction_restored": float(top_table.fraction_restored.iloc[-1]),
+                  "n_images": int(keep.sum() + kept.sum()), "n_selection_images": int(keep.sum()),
+                  "n_scoring_images": int(kept.sum()),
+                  "n_images_without_scored_tokens": int((~keep).sum() + (~kept).sum())}
+
+
 def withhold_fractions(frame: pd.DataFrame, gap_low: float, gap_high: float) -> pd.DataFrame:
-    """`frame` with its fraction-restored columns blanked when the gap's interval includes zero:
-    a fraction of a gap that may be zero has no meaning (its interval runs off to infinity)."""
-    if excludes_zero(gap_low, gap_high):
+    """`frame` with its fraction-restored columns blanked unless the gap's interval lies wholly
+    above zero: a fraction of a gap that may be zero has no meaning (its interval runs off to
+    infinity), a corruption that raises the metric (gap below zero) leaves nothing to restore, and
+    a zero-width interval (all resamples agree) is no interval."""
+    if verdict(gap_low, gap_high) == "above zero":
         return frame
     frame = frame.copy()
     frame[["fraction_restored", "fraction_low", "fraction_high"]] = np.nan
     return frame
+
+
+def _probed_sites(model, sweep, reference: str, readout: str | None) -> tuple[str, str]:
+    """(reference, readout) resolved, after checking the sweep has a probe at each."""
+    probed = {h for c, h in sweep.probes if c == "model"}
+    reference = model.resolve_hook_name(reference)
+    llm_sites = [s.hook for s in sweep.sites if s.stage == "llm"]
+    readout = model.resolve_hook_name(readout) if readout is not None else (llm_sites[-1] if llm_sites else None)
+    missing = [h for h in (reference, readout) if h not in probed]
+    if readout is None or missing:
+        raise InputError(f"the sweep has no probe at {missing or 'any LLM site'}; rerun probe_sweep with "
+                         f"sites including {reference!r} and an LLM layer (probed: {sorted(probed)})")
+    return reference, readout
+
+
+def _split_images(sweep, images, n_images, selection_images, seed) -> tuple[np.ndarray, np.ndarray]:
+    """(selection, scoring) dataset rows: `selection_images` and the study's images, or the study's
+    images split in two by a seeded permutation (each image whole in one half, the halves in the
+    images' order). Scoring images must be held out from the sweep's probes."""
+    study = np.asarray(sweep.test_indices if images is None else images, dtype=np.int64)[:n_images]
+    trained = np.intersect1d(study, np.asarray(sweep.train_indices))
+    if len(trained):
+        raise InputError(f"{len(trained)} of the images (dataset rows {trained[:8].tolist()}"
+                         f"{'...' if len(trained) > 8 else ''}) trained the sweep's probes; a head's effect scored on "
+                         "them measures the probes' fit to their own training images. Score held-out images (the "
+                         "default, sweep.test_indices); training images may choose the heads (selection_images=)")
+    if selection_images is None:
+        if len(study) < 4:
+            raise InputError(f"the study needs at least 4 images, 2 to choose the heads on and 2 to score them "
+                             f"(intervals are over images); got {len(study)}")
+        chosen = np.zeros(len(study), dtype=bool)
+        chosen[np.random.default_rng(seed).permutation(len(study))[: len(study) // 2]] = True
+        return study[chosen], study[~chosen]
+    selection = np.asarray(selection_images, dtype=np.int64)
+    shared = np.intersect1d(selection, study)
+    if len(shared):
+        raise InputError(f"dataset rows {shared[:8].tolist()} are both in selection_images and among the scored "
+                         "images; heads chosen on an image would be scored on it. Pass disjoint sets")
+    if len(selection) < 2 or len(study) < 2:
+        raise InputError(f"the study needs at least 2 selection and 2 scoring images (intervals are over images); "
+                         f"got {len(selection)} and {len(study)}")
+    return selection, study
+
+
+@dataclass
+class _Half:
+    """One set of the study's images: this rank's prepared batches (batch number -> clean run,
+    corrupted run, metric, batch, clean activations) and, gathered from every rank, per-image counts
+    of scored tokens, anchors and recovered tokens."""
+
+    name: str
+    indices: np.ndarray
+    batch_size: int
+    prepared: dict
+    counts: dict[str, np.ndarray]
+
+
+def _prepare(model, spec: _Spec, indices: np.ndarray, name: str, progress: bool, group) -> _Half:
+    """Clean and corrupted runs of this rank's batches of `indices` (whole, as in one process)."""
+    settings, prepared, counts = spec.sweep.settings, {}, []
+    for b, batch in rank_batches(model, spec.sweep.dataset, indices, batch_size=spec.batch_size, group=group,
+                                 prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
+                                 progress=progress, desc=f"recovery heads: clean and corrupted runs ({name} images)"):
+        inputs, labels = batch.inputs, batch.labels["llm"]
+        clean_acts = run_and_collect(model, Run(inputs), [spec.reference, spec.readout, *spec.head_hooks])
+        context = GroupContext(token_labels=labels.labels, model=model, activations=clean_acts,
+                               ignore_index=spec.sweep.ignore_index)
+        metric = probe_metric(model, spec.out_probe, spec.readout, inputs, labels, tokens=spec.scored_group,
+                              context=context)
+        # the counterfactual draws its images from this half only: the other half cannot move its result
+        corrupted = _corrupt(model, spec.corruption, inputs, spec.window, spec.anchors, context, spec.mean,
+                             spec.sweep.dataset, indices, batch, spec.seed)
+        prepared[b] = (Run(inputs, name="clean"), corrupted, metric, batch, clean_acts)
+        by_image = inputs.layout.by_image
+        counts.append((b, {"scored": metric.n_scored,
+                           "anchors": by_image(spec.anchors.resolve(inputs, context)).sum(1).cpu(),
+                           "recovered": by_image(spec.recovered.resolve(inputs, context)).sum(1).cpu()}))
+    counts = distributed.gather_in_order(counts, group)
+    return _Half(name, indices, spec.batch_size, prepared, {key: torch.cat([c[key] for c in counts]).numpy()
+                                           for key in ("scored", "anchors", "recovered")})
+
+
+def _refuse_degenerate(spec: _Spec, tokens, selection: _Half, scoring: _Half) -> None:
+    """InputError for a scored-token group (or, when it is what the corruption removes, an anchor
+    group) that no image holds, and for a half with fewer than 2 images to score: their gap would
+    be 0.000 [0.000, 0.000] or NaN, and fractions of it would read as findings."""
+    described = spec.scored_group.description if spec.scored_group is not None else "labelled image tokens"
+    name = f"scored tokens (tokens={getattr(tokens, 'description', tokens)!r})"
+    both = np.concatenate([selection.counts["scored"], scoring.counts["scored"]])
+    refuse_empty(name, described, both, "use more images or a broader token set ('objects', 'all')")
+    if spec.corruption == "anchors_removed":
+        refuse_empty("anchors", spec.anchors.description,
+                     np.concatenate([selection.counts["anchors"], scoring.counts["anchors"]]),
+                     "pass anchors= that the images hold, or another corruption")
+    for half in (selection, scoring):
+        n = int((half.counts["scored"] > 0).sum())
+        if n < 2:
+            raise InputError(f"only {n} of the {len(half.indices)} {half.name} images hold {name}; intervals need at "
+                             "least 2: use more images or a broader token set ('objects', 'all')")
+
+
+def _measure(model, half: _Half, patch, desc: str, progress: bool, group) -> dict[str, np.ndarray]:
+    """Per image of `half`, gathered in study order: the clean and corrupted metric, what
+    `patch(clean, corrupted, metric, activations)` returns (images on the last axis), and `keep`
+    (images with a scored token, the only ones a statistic is made of)."""
+    parts = []
+    bar = tqdm(total=distributed.share(len(half.indices), half.batch_size, group), disable=not progress,
+               desc=desc, unit="image")
+    for b, (clean, corrupted, metric, batch, acts) in half.prepared.items():
+        found = {"clean": evaluate(metric, acts, clean.inputs), "corrupted": baseline(model, corrupted, metric),
+                 **patch(clean, corrupted, metric, acts)}
+        parts.append((b, {key: value.cpu() for key, value in found.items()}))
+        bar.update(len(batch.indices))
+    bar.close()
+    parts = distributed.gather_in_order(parts, group)
+    out = {key: torch.cat([p[key] for p in parts], dim=-1).numpy() for key in parts[0]}
+    out["keep"] = np.isfinite(out["clean"]) & np.isfinite(out["corrupted"])
+    return out
 
 
 def _scored_tokens(tokens, class_names, recovered: TokenGroup) -> TokenGroup | None:
@@ -283,7 +447,7 @@ def _scored_tokens(tokens, class_names, recovered: TokenGroup) -> TokenGroup | N
         background = excluded_classes(class_names)
         objects = [i for i in range(len(class_names)) if i not in background]
         return TokenGroup.of_class(*objects)
-    raise ValueError(f"tokens must be 'objects', 'all', 'recovered' or a TokenGroup, got {tokens!r}")
+    raise InputError(f"tokens must be 'objects', 'all', 'recovered' or a TokenGroup, got {tokens!r}")
 
 
 def _corrupt(model, corruption, inputs, window, anchors, context, mean, dataset, indices, batch, seed) -> Run:
@@ -291,13 +455,12 @@ def _corrupt(model, corruption, inputs, window, anchors, context, mean, dataset,
         return recovery_blocked(model, inputs, window)
     if corruption == "anchors_removed":
         return anchors_removed(model, inputs, anchors, replacement="mean", mean=mean, context=context)
-    # counterfactual: other images of the study, through the same prompts
-    pool = np.setdiff1d(indices, batch.indices)
-    if len(pool) < len(batch.indices):
-        others = batch.indices[derangement(len(batch.indices), seed).numpy()]
-    else:
-        others = np.random.default_rng(seed).choice(pool, size=len(batch.indices), replace=False)
-    return counterfactual_images(model, inputs, dataset[others.tolist()]["image"])
+    # counterfactual: another image of the same half through the same prompt; the pairing is one
+    # seeded derangement of the half's images, so it does not depend on how they are batched
+    indices = np.asarray(indices)
+    partner = dict(zip(indices.tolist(), indices[derangement(len(indices), seed).numpy()].tolist()))
+    others = [partner[int(row)] for row in batch.indices]
+    return counterfactual_images(model, inputs, dataset[others]["image"])
 
 
 
@@ -327,8 +490,10 @@ def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:
     rows = []
     for k in range(1, len(top) + 1):
         e = together[k - 1]
+        effect_low, effect_high = percentile_interval([e[s].mean() for s in resamples])
         low, high = percentile_interval([e[s].mean() / gap[s].mean() for s in resamples])
         rows.append({"k": k, "heads": ", ".join(f"L{l}H{h}" for l, h in top[:k]), "effect": float(e.mean()),
+                     "effect_low": effect_low, "effect_high": effect_high,
                      "fraction_restored": float(e.mean() / gap.mean()), "fraction_low": low, "fraction_high": high})
     return pd.DataFrame(rows)
 
@@ -336,9 +501,10 @@ def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:
 @torch.no_grad()
 def _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered, sweep, n_maps, group) -> list[RecoveryMap]:
     """Clean attention of the top heads from the recovered tokens (or, in images without any,
-    from all labelled object tokens, flagged in `query_kind`) of the images with the most
-    recovered tokens. `prepared`: this rank's batches by number; each map is drawn by the rank
-    that holds its image's batch, and the maps are gathered in order."""
+    from all labelled object tokens, flagged in `query_kind`) of the images (of one set, the
+    scoring images) with the most recovered tokens. `prepared`: that set's batches on this rank,
+    by number; each map is drawn by the rank that holds its image's batch, and the maps are
+    gathered in order."""
     if n_maps < 1:
         return []
     order = np.argsort(-counts, kind="stable")[:n_maps]
@@ -351,7 +517,7 @@ def _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered,
         b, k = divmod(int(image), batch_size)  # image i of the study is in batch i // batch_size
         if b not in prepared:
             continue
-        clean, _, _, batch, _, _ = prepared[b]
+        clean, _, _, batch, _ = prepared[b]
         inputs, labels = clean.inputs, batch.labels["llm"]
         context = GroupContext(token_labels=labels.labels, model=model, ignore_index=sweep.ignore_index)
         span = inputs.layout.spans[k]

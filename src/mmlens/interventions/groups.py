@@ -3,19 +3,23 @@
 A `TokenGroup` describes tokens by role (image, text, BOS, last), by place on the image grid
 (a box of cells, neighbours of another group), by ground-truth class, by whether a linear probe
 classifies them correctly at a layer, or as a seeded random subset matched in size to another
-group; `|`, `&` and `-` combine them. Resolution goes through the inputs' `ImageTokenLayout`, so
-padding and several images per row are handled once.
+group (seeded per batch row when it must not depend on how the images are batched); `|`, `&`
+and `-` combine them. Resolution goes through the inputs' `ImageTokenLayout`, so padding and
+several images per row are handled once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..probing.linear import LinearProbe
 from ..probing.predict import predict_image_tokens
@@ -107,7 +111,8 @@ class TokenGroup:
 
         def resolve(i, c):
             if fixed.shape != i.input_ids.shape:
-                raise ValueError(f"the mask has shape {tuple(fixed.shape)} but the inputs are {tuple(i.input_ids.shape)}")
+                raise InputError(f"the mask has shape {tuple(fixed.shape)} but the inputs are "
+                                 f"{tuple(i.input_ids.shape)}; build it on the inputs it is resolved on")
             return fixed
         return TokenGroup(resolve, description)
 
@@ -123,12 +128,13 @@ class TokenGroup:
     def of_class(*class_indices: int) -> "TokenGroup":
         """Image tokens whose ground-truth label (in `GroupContext.token_labels`) is one of the classes."""
         if not class_indices:
-            raise ValueError("TokenGroup.of_class needs at least one class index")
+            raise InputError("TokenGroup.of_class needs at least one class index")
         wanted = torch.tensor([int(c) for c in class_indices])
 
         def resolve(i, c):
             if c.token_labels is None:
-                raise ValueError("TokenGroup.of_class needs GroupContext(token_labels=...) from mmlens.probing.token_labels")
+                raise InputError("TokenGroup.of_class needs GroupContext(token_labels=...) from "
+                                 "mmlens.probing.token_labels")
             return _per_token(i, lambda k: torch.isin(c.token_labels[k].cpu(), wanted))
         return TokenGroup(resolve, f"class {'|'.join(map(str, wanted.tolist()))}")
 
@@ -162,23 +168,38 @@ class TokenGroup:
         return TokenGroup(resolve, f"neighbours({group.description}, r={radius})")
 
     @staticmethod
-    def random_like(group: "TokenGroup", *, within: "TokenGroup | None" = None, seed: int = 0) -> "TokenGroup":
+    def random_like(group: "TokenGroup", *, within: "TokenGroup | None" = None,
+                    seed: int | Sequence[int] = 0) -> "TokenGroup":
         """Per row, a seeded random set of tokens from `within` (default: image tokens outside
-        `group`) of the same size as `group` in that row."""
+        `group`) of the same size as `group` in that row.
+
+        `seed`: one int, whose generator draws the rows in turn (a row's draw then depends on the
+        rows before it), or one int per batch row, each row drawn from its own seed alone, so a
+        row's tokens stay the same whatever batch it is put in (seed it from its image, not from
+        its place in the batch)."""
         pool_group = within if within is not None else TokenGroup.image() - group
+        per_row = not isinstance(seed, (int, np.integer))
+        seeds = [int(s) for s in seed] if per_row else [int(seed)]
 
         def resolve(i, c):
             target, pool = group.resolve(i, c), pool_group.resolve(i, c)
-            generator = torch.Generator().manual_seed(seed)
+            if per_row and len(seeds) != target.shape[0]:
+                raise InputError(f"random_like got {len(seeds)} per-row seeds for a batch of {target.shape[0]} rows; "
+                                 "pass one seed per batch row (or a single int)")
+            generator = torch.Generator().manual_seed(seeds[0])
             out = torch.zeros_like(target)
             for row in range(target.shape[0]):
+                if per_row:
+                    generator = torch.Generator().manual_seed(seeds[row])
                 candidates = pool[row].nonzero().flatten()
                 n = int(target[row].sum())
                 if n > len(candidates):
-                    raise ValueError(f"row {row}: cannot draw {n} random tokens from a pool of {len(candidates)}")
+                    raise InputError(f"row {row}: cannot draw {n} random tokens from a pool of {len(candidates)}; "
+                                     "widen `within` or draw fewer tokens")
                 out[row, candidates[torch.randperm(len(candidates), generator=generator)[:n]]] = True
             return out
-        return TokenGroup(resolve, f"random_like({group.description}, seed={seed})")
+        shown = f"seeds per row {seeds[:4]}{'...' if len(seeds) > 4 else ''}" if per_row else f"seed={seeds[0]}"
+        return TokenGroup(resolve, f"random_like({group.description}, {shown})")
 
 
 def probe_predictions(
@@ -187,7 +208,7 @@ def probe_predictions(
     """The probe's class for every LLM grid token of every image, read at `hook` on a clean run."""
     model = context.model
     if model is None:
-        raise ValueError("probe groups need GroupContext(model=...) to read activations")
+        raise InputError("probe groups need GroupContext(model=...) to read activations")
     name = model.resolve_hook_name(hook)
     if name not in context.activations:
         _, cache = model.run_with_cache(inputs, names_filter=name, return_cache_object=False)
@@ -195,7 +216,7 @@ def probe_predictions(
     site = site_for(model, name)
     layout = inputs.layout
     if site.grid == "vision" and not layout.vision_aligned:
-        raise ValueError(
+        raise InputError(
             f"{name} is read on the vision patches, which do not map one to one onto the LLM's image tokens "
             "in this model; probe groups need a site on the LLM grid (adapter or LLM)"
         )
@@ -204,11 +225,11 @@ def probe_predictions(
 
 def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
     if context.token_labels is None:
-        raise ValueError("probe groups need GroupContext(token_labels=...) from mmlens.probing.token_labels")
+        raise InputError("probe groups need GroupContext(token_labels=...) from mmlens.probing.token_labels")
     predicted = probe_predictions(inputs, context, probe, hook)
     labels = context.token_labels.cpu()
     if labels.shape != predicted.shape:
-        raise ValueError(f"token_labels have shape {tuple(labels.shape)} but the inputs have "
+        raise InputError(f"token_labels have shape {tuple(labels.shape)} but the inputs have "
                          f"{tuple(predicted.shape)} (images x grid tokens)")
     labelled = labels != context.ignore_index
     hits = (predicted == labels) if correct else (predicted != labels)

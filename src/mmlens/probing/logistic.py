@@ -7,7 +7,9 @@ the float16 store on disk): memory is one chunk, set by `memory_mb`, whatever th
 images, tokens or sites. The sums are accumulated in float64 and, given a process group, added
 over ranks, so every rank takes the same L-BFGS steps on the whole training set: the probe does
 not depend on how the tokens are split over chunks or processes beyond float rounding.
-Every probe gets its own L-BFGS run: stacking several probes into one run shares the line search
+Fits run to L-BFGS's convergence tolerances (not an iteration cap), so a probe is the optimum of
+its problem up to those tolerances, whatever the batch size or thread count that produced its
+features. Every probe gets its own L-BFGS run: stacking several probes into one run shares the line search
 and curvature history between them, so a probe stopped at `max_iter` would depend on which other
 sites were fitted beside it. Deterministic for fixed inputs.
 """
@@ -25,6 +27,10 @@ from .. import distributed
 from .linear import LinearProbe
 
 DEFAULT_MEMORY_MB = 1024.0
+# L-BFGS runs until its tolerances stop it: a fit cut off by the iteration cap ends wherever the
+# path happened to be, and moves with float rounding (batch size, thread count). On the embedded
+# model's sites a fit converges in 300-400 iterations; the cap only guards against a runaway.
+MAX_ITER = 2000
 
 
 class Features(Protocol):
@@ -61,7 +67,7 @@ def fit_logistic(
     n_classes: int,
     *,
     l2: float = 1e-3,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITER,
 ) -> LinearProbe:
     """Fit on (x, y); `l2` multiplies the squared weight norm added to the mean cross-entropy."""
     return fit_logistic_many([(x, y)], n_classes, l2=l2, max_iter=max_iter)[0]
@@ -72,25 +78,29 @@ def fit_logistic_many(
     n_classes: int,
     *,
     l2: float = 1e-3,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITER,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     names: list[str] | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     group: Any = None,
     device: torch.device | str | None = None,
+    inits: list[LinearProbe | None] | None = None,
 ) -> list[LinearProbe]:
     """One probe per problem ((features, labels) or a `Features` source), each fitted on its own.
     `memory_mb` bounds the features held at once; with `group`, each rank holds its own share of
     every problem's tokens and all ranks get the same probes. `device`: where the chunks are
     computed (default: where the features are; the sweep passes the model's). With `progress`, a bar counts fitted
-    probes and names the one being fitted (`names`) with its L-BFGS evaluations."""
+    probes and names the one being fitted (`names`) with its L-BFGS evaluations. `inits`: per
+    problem, a probe whose weight and bias start the fit (a warm start; the standardisation is
+    always this problem's own)."""
     sources = [p if hasattr(p, "chunks") else TensorFeatures(*p) for p in problems]
     names = names or [f"probe {i}" for i in range(len(sources))]
     # miniters=0: update(0) redraws whenever mininterval has passed, so evaluations show mid-fit
     bar = tqdm(total=len(sources), desc="fitting probes", unit="probe", disable=not progress, leave=False, miniters=0)
     probes = []
-    for source, name in zip(sources, names):
+    inits = inits or [None] * len(sources)
+    for source, name, init in zip(sources, names, inits):
 
         def report(evaluations: int, name: str = name) -> None:
             # a long fit keeps the screen moving: update(0) redraws at most every mininterval
@@ -98,7 +108,8 @@ def fit_logistic_many(
             bar.update(0)
 
         rows = chunk_rows(source.d, n_classes, memory_mb)
-        probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None, device))
+        probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None, device,
+                               init))
         bar.update(1)
     bar.close()
     return probes
@@ -126,7 +137,8 @@ def _standardisation(source: Features, rows: int, group: Any, device=None) -> tu
     return n, mean.to(device), variance.clamp(min=0).sqrt().clamp(min=1e-6).to(device), device
 
 
-def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, report=None, device=None) -> LinearProbe:
+def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, report=None, device=None,
+             init: LinearProbe | None = None) -> LinearProbe:
     n, mean, scale, device = _standardisation(source, rows, group, device)
 
     def standardised():
@@ -135,8 +147,13 @@ def _fit_one(source: Features, n_classes, l2, max_iter, dtype, rows, group, repo
 
     # everything fits the budget: standardise once instead of at every evaluation
     cached = list(standardised()) if source.n <= rows else None
-    weight = torch.zeros(source.d, n_classes, dtype=dtype, device=device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.zeros(source.d, n_classes, dtype=dtype, device=device)
+    bias = torch.zeros(n_classes, dtype=dtype, device=device)
+    if init is not None:
+        weight.copy_(init.weight)
+        bias.copy_(init.bias)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
         history_size=20, line_search_fn="strong_wolfe",

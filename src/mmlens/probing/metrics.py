@@ -15,6 +15,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..model.layout import TokenGrid
+from ..resampling import bootstrap_indices  # noqa: F401  (re-exported: the studies import it from here)
 
 
 def tokens_to_pixels(
@@ -87,8 +88,24 @@ class SegmentationScores:
 
     def bootstrap_miou(self, resamples: np.ndarray) -> np.ndarray:
         """mIoU of each resample of images (`resamples`: [n_boot, n_images] indices)."""
-        counts = np.stack(self.per_image)  # [n_images, 3, n_classes]
-        return np.array([miou_from_counts(counts[idx].sum(0)) for idx in resamples])
+        return miou_of_resamples(np.stack(self.per_image), resamples)
+
+
+def miou_of_resamples(counts: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """`miou_from_counts` of every resample of images at once: `counts` [n_images, 3, n_classes],
+    `resamples` [n_resamples, n_images] indices. Each resample's totals are its images' counts
+    weighted by how often it drew them (exact: integer sums in float64)."""
+    n_images = counts.shape[0]
+    weights = np.zeros((len(resamples), n_images))
+    rows = np.repeat(np.arange(len(resamples)), resamples.shape[1])
+    np.add.at(weights, (rows, resamples.ravel()), 1.0)
+    totals = (weights @ counts.reshape(n_images, -1).astype(np.float64)).reshape(len(resamples), *counts.shape[1:])
+    tp, fp, fn = totals[:, 0], totals[:, 1], totals[:, 2]
+    union = tp + fp + fn
+    present = union > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(present, tp / np.where(present, union, 1.0), 0.0)
+        return iou.sum(1) / present.sum(1)  # NaN where no class occurs at all
 
 
 def miou_from_counts(counts: np.ndarray) -> float:
@@ -97,7 +114,3 @@ def miou_from_counts(counts: np.ndarray) -> float:
     union = tp + fp + fn
     present = union > 0
     return float((tp[present] / union[present]).mean()) if present.any() else float("nan")
-
-
-def bootstrap_indices(n_images: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images))

@@ -59,8 +59,16 @@ class RidgeStatistics:
                 distributed.all_reduce_sum(getattr(self, name), group)
         return self
 
-    def solve(self, alpha: float = 1e-2, label_set: int = 0) -> LinearProbe:
-        """The ridge probe minimising |Z W + b - Y|^2 + alpha * n * |W|^2 on standardised Z."""
+    def minus(self, other: "RidgeStatistics") -> "RidgeStatistics":
+        """These sums less another set's (e.g. all training folds less the held-out one)."""
+        out = RidgeStatistics(self.gram.shape[0], self.n_classes, self.cross.shape[0], device=self.gram.device)
+        out.n = self.n - other.n
+        for name in ("sum_x", "gram", "cross", "class_counts"):
+            getattr(out, name).copy_(getattr(self, name) - getattr(other, name).to(self.gram.device))
+        return out
+
+    def solution(self, alpha: float = 1e-2, label_set: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, scale, weight, bias) in float64 of the ridge probe `solve` returns."""
         if self.n < 2:
             raise ValueError(f"need at least 2 training tokens to fit a probe, got {self.n}")
         n = self.n
@@ -73,4 +81,22 @@ class RidgeStatistics:
         z_cross = (self.cross[label_set] / n - torch.outer(mean, y_mean)) * inv[:, None]
         eye = torch.eye(z_gram.shape[0], dtype=torch.float64, device=z_gram.device)
         weight = torch.linalg.solve(z_gram + alpha * eye, z_cross)
-        return LinearProbe(mean.float(), scale.float(), weight.float(), y_mean.float(), kind="ridge")
+        return mean, scale, weight, y_mean
+
+    def solve(self, alpha: float = 1e-2, label_set: int = 0) -> LinearProbe:
+        """The ridge probe minimising |Z W + b - Y|^2 + alpha * n * |W|^2 on standardised Z."""
+        mean, scale, weight, bias = self.solution(alpha, label_set)
+        return LinearProbe(mean.float(), scale.float(), weight.float(), bias.float(), kind="ridge")
+
+    def squared_error(self, solution: tuple[Tensor, Tensor, Tensor, Tensor], label_set: int = 0) -> float:
+        """sum over these tokens of |Z W + b - onehot(y)|^2 for a probe fitted elsewhere, exactly
+        from the sums: Z's moments follow from sum(x) and sum(x x^T) for any mean and scale."""
+        mean, scale, weight, bias = (t.to(self.gram.device, torch.float64) for t in solution)
+        n, inv = self.n, 1.0 / scale
+        sum_z = (self.sum_x - n * mean) * inv
+        centred = self.gram - torch.outer(mean, self.sum_x) - torch.outer(self.sum_x, mean) + n * torch.outer(mean, mean)
+        z_gram = centred * torch.outer(inv, inv)
+        z_cross = (self.cross[label_set] - torch.outer(mean, self.class_counts[label_set])) * inv[:, None]
+        predicted_sq = (weight * (z_gram @ weight)).sum() + 2 * bias @ (weight.T @ sum_z) + n * (bias @ bias)
+        predicted_dot_truth = (weight * z_cross).sum() + bias @ self.class_counts[label_set]
+        return float(predicted_sq - 2 * predicted_dot_truth + n)

@@ -30,7 +30,7 @@ from .metrics import SegmentationScores
 from .sites import Site
 from .sweep import ProbeSweep, SweepSettings
 SWEEP_DESCRIPTION = "sweep.json"
-SWEEP_FORMAT = 1
+SWEEP_FORMAT = 2  # 2: penalties chosen by cross-validation, token-resolution ceilings
 
 
 def save_probe(probe: LinearProbe, path: str | os.PathLike) -> Path:
@@ -67,6 +67,10 @@ def sweep_parts(sweep: ProbeSweep) -> SweepParts:
         scores[_key(condition, hook, "per_image")] = torch.from_numpy(np.stack(score.per_image))
         scores[_key(condition, hook, "confusion")] = torch.from_numpy(np.asarray(sweep.confusion[(condition, hook)]))
         scores[_key(condition, hook, "tokens")] = torch.tensor([score.tokens_correct, score.tokens_valid])
+    for grid, score in sweep.ceilings.items():
+        scores[_key("ceiling", grid, "per_image")] = torch.from_numpy(np.stack(score.per_image))
+        scores[_key("ceiling", grid, "confusion")] = torch.from_numpy(np.asarray(score.confusion))
+        scores[_key("ceiling", grid, "tokens")] = torch.tensor([score.tokens_correct, score.tokens_valid])
     split = {
         "train_indices": torch.from_numpy(np.asarray(sweep.train_indices, dtype=np.int64)),
         "test_indices": torch.from_numpy(np.asarray(sweep.test_indices, dtype=np.int64)),
@@ -83,8 +87,10 @@ def sweep_parts(sweep: ProbeSweep) -> SweepParts:
         "grids": {name: [g.rows, g.cols, *g.image_size] if isinstance(g, TokenGrid) else "pixel_map"
                   for name, g in sweep.grids.items()},
         "probe_kinds": {_key(c, h): p.kind for (c, h), p in sweep.probes.items()},
+        "ceilings": sorted(sweep.ceilings),
     }
-    tables = {"probe_table": sweep.table, "per_class_iou": sweep.per_class_iou.reset_index()}
+    tables = {"probe_table": sweep.table, "per_class_iou": sweep.per_class_iou.reset_index(),
+              "penalty_table": sweep.penalties}
     return SweepParts({"probes": probes, "predictions": predictions, "scores": scores, "split": split}, tables, description)
 
 
@@ -96,16 +102,20 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
     ignore_index = description["ignore_index"]
     keys = [tuple(k.split("|")) for k in description["probe_kinds"]]
     probes, predictions, scores, confusion = {}, {}, {}, {}
+
+    def stored_scores(condition: str, hook: str) -> SegmentationScores:
+        correct, valid = scores_t[_key(condition, hook, "tokens")].tolist()
+        return SegmentationScores(
+            len(class_names), ignore_index, per_image=list(scores_t[_key(condition, hook, "per_image")].numpy()),
+            confusion=scores_t[_key(condition, hook, "confusion")].numpy().copy(), tokens_correct=correct,
+            tokens_valid=valid)
+
     for condition, hook in keys:
         fields = [probes_t[_key(condition, hook, p)] for p in PROBE_FIELDS]
         probes[(condition, hook)] = LinearProbe(*fields, kind=description["probe_kinds"][_key(condition, hook)]).to(device)
         predictions[(condition, hook)] = tensors["predictions"][_key(condition, hook)]
-        matrix = scores_t[_key(condition, hook, "confusion")].numpy()
-        correct, valid = scores_t[_key(condition, hook, "tokens")].tolist()
-        scores[(condition, hook)] = SegmentationScores(
-            len(class_names), ignore_index, per_image=list(scores_t[_key(condition, hook, "per_image")].numpy()),
-            confusion=matrix.copy(), tokens_correct=correct, tokens_valid=valid)
-        confusion[(condition, hook)] = matrix
+        scores[(condition, hook)] = stored_scores(condition, hook)
+        confusion[(condition, hook)] = scores_t[_key(condition, hook, "confusion")].numpy()
     per_class = parts.tables["per_class_iou"].set_index(["condition", "hook"])
     return ProbeSweep(
         table=parts.tables["probe_table"],
@@ -121,11 +131,18 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
         test_indices=split["test_indices"].numpy(),
         train_indices=split["train_indices"].numpy(),
         test_masks=split["test_masks"].numpy(),
-        settings=SweepSettings(**description["settings"]),
+        settings=_settings(description["settings"]),
         dataset=dataset,
         bootstrap=split["bootstrap"].numpy(),
         scores=scores,
+        penalties=parts.tables["penalty_table"],
+        ceilings={grid: stored_scores("ceiling", grid) for grid in description["ceilings"]},
     )
+
+
+def _settings(stored: dict) -> SweepSettings:
+    """The settings as saved (JSON has no tuples: the candidate grids come back as lists)."""
+    return SweepSettings(**{k: tuple(v) if k in ("alphas", "l2s") else v for k, v in stored.items()})
 
 
 def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
@@ -160,7 +177,7 @@ def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | s
         raise InputError(f"the sweep was fitted on a dataset of {expected} images, this one has {len(dataset)}; "
                          "load it with the same arguments (name, split, n, seed, image_size)")
     tensors = {name: load_file(str(folder / f"{name}.safetensors")) for name in ("probes", "predictions", "scores", "split")}
-    tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("probe_table", "per_class_iou")}
+    tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("probe_table", "per_class_iou", "penalty_table")}
     return sweep_from_parts(SweepParts(tensors, tables, description), dataset, device)
 
 

@@ -10,6 +10,7 @@ standardised linear probe; disk grows with the tokens kept (see `max_train_token
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ class ActivationStore:
         self._features = open(self.features_path, "wb")
         self._labels = open(self.labels_path, "wb")
 
-    def append(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"]) -> None:
+    def append(self, x: Float[Tensor, "n d"], *labels: Int[Tensor, "n"], fold: Int[Tensor, "n"] | None = None) -> None:
+        """Add tokens with one label per label set; `fold`: each token's cross-validation fold
+        (its image's), kept beside the labels so a fit can leave a fold out."""
         if len(labels) != self.n_label_sets:
             raise ValueError(f"expected {self.n_label_sets} label sets, got {len(labels)}")
         half = x.detach().to("cpu", torch.float16)
@@ -43,7 +46,8 @@ class ActivationStore:
                 "stored for the logistic probe; use the ridge probe at this site, or leave it out of the sweep"
             )
         self._features.write(half.numpy().tobytes())
-        stacked = torch.stack([y.cpu().to(torch.int32) for y in labels], dim=1)
+        fold = torch.zeros(x.shape[0], dtype=torch.int32) if fold is None else fold
+        stacked = torch.stack([y.cpu().to(torch.int32) for y in (*labels, fold)], dim=1)
         self._labels.write(stacked.numpy().tobytes())
         self.n += x.shape[0]
         self.sizes.append(x.shape[0])
@@ -55,14 +59,15 @@ class ActivationStore:
         if self.n == 0:
             return torch.zeros(0, self.d), torch.zeros(0, self.n_label_sets, dtype=torch.long)
         features = np.memmap(self.features_path, dtype=np.float16, mode="r", shape=(self.n, self.d))
-        labels = np.fromfile(self.labels_path, dtype=np.int32).reshape(self.n, self.n_label_sets)
-        return torch.from_numpy(np.asarray(features, dtype=np.float32)), torch.from_numpy(labels).long()
+        labels = np.fromfile(self.labels_path, dtype=np.int32).reshape(self.n, self.n_label_sets + 1)
+        return torch.from_numpy(np.asarray(features, dtype=np.float32)), torch.from_numpy(labels[:, :-1]).long()
 
-    def features(self, label_set: int = 0) -> "StoredFeatures":
-        """The stored tokens with one label set, read in chunks (for `fit_logistic_many`)."""
+    def features(self, label_set: int = 0, folds: Collection[int] | None = None) -> "StoredFeatures":
+        """The stored tokens with one label set, read in chunks (for `fit_logistic_many`);
+        `folds`: only tokens of these cross-validation folds."""
         self._features.flush()
         self._labels.flush()
-        return StoredFeatures(self, label_set)
+        return StoredFeatures(self, label_set, folds)
 
     def close(self) -> None:
         self._features.close()
@@ -79,14 +84,22 @@ class StoredFeatures:
     appends (batches), and an append is cut the same way whatever came before it: each batch's
     partial sums are then the same numbers on whichever rank stored it."""
 
-    def __init__(self, store: ActivationStore, label_set: int):
-        self.store, self.label_set, self.n, self.d = store, label_set, store.n, store.d
+    def __init__(self, store: ActivationStore, label_set: int, folds: Collection[int] | None = None):
+        self.store, self.label_set, self.d = store, label_set, store.d
+        self.folds = None if folds is None else np.asarray(sorted(set(folds)), dtype=np.int32)
+        self.n = store.n if folds is None else sum(len(y) for _, y in self.chunks(1 << 30, features=False))
 
-    def chunks(self, rows: int):
+    def chunks(self, rows: int, features: bool = True):
         store = self.store
         pieces = [min(rows, size - start) for size in store.sizes for start in range(0, size, rows)]
-        with open(store.features_path, "rb") as features, open(store.labels_path, "rb") as labels:
+        columns = store.n_label_sets + 1
+        with open(store.features_path, "rb") as stored, open(store.labels_path, "rb") as labels:
             for m in pieces:
-                x = np.fromfile(features, dtype=np.float16, count=m * self.d).reshape(m, self.d)
-                y = np.fromfile(labels, dtype=np.int32, count=m * store.n_label_sets).reshape(m, store.n_label_sets)
-                yield torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y[:, self.label_set].astype(np.int64))
+                if features:
+                    x = np.fromfile(stored, dtype=np.float16, count=m * self.d).reshape(m, self.d)
+                y = np.fromfile(labels, dtype=np.int32, count=m * columns).reshape(m, columns)
+                keep = slice(None) if self.folds is None else np.isin(y[:, -1], self.folds)
+                if not features:
+                    yield None, y[keep, self.label_set]
+                elif self.folds is None or keep.any():
+                    yield torch.from_numpy(x[keep].astype(np.float32)), torch.from_numpy(y[keep, self.label_set].astype(np.int64))

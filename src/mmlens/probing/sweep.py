@@ -2,14 +2,16 @@
 
 One forward pass per image serves every site: hooks gather the image tokens as they pass and
 either add them to ridge sufficient statistics or append them to a disk store (logistic).
-Probes are fitted on training images, then applied inside the hooks on held-out images, whose
-token predictions are scored at the pixel level. The split is by image and seeded; controls run
-the same sweep with shuffled training labels (selectivity) or on a randomly initialised copy.
+Each probe's penalty is chosen by k-fold cross-validation over the training images, then the
+probes are applied inside the hooks on held-out images, whose token predictions are scored at the
+pixel level beside each grid's token-resolution ceiling. The split is by image and seeded, every
+random draw is keyed to images, and the split is refused when images repeat across it. Controls
+run the same sweep with labels shuffled within each training image, with a re-drawn LLM behind
+the trained vision tower and adapter, or on a randomly initialised copy.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -17,42 +19,86 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .. import distributed
+from ..data.integrity import check_classes, check_split_independent
 from ..data.schema import segmentation_info
 from ..errors import InputError
 from ..model import HookedMLLM, TokenGrid
 from ..model.edits import Edit, edit_hooks
 from .batches import pad_stack, rank_batches
+from .controls import random_llm, randomly_initialised
 from .linear import LinearProbe
-from .logistic import DEFAULT_MEMORY_MB, fit_logistic_many
-from .metrics import SegmentationScores, bootstrap_indices
-from .ridge import RidgeStatistics
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
+from .logistic import DEFAULT_MEMORY_MB, MAX_ITER, chunk_rows, fit_logistic_many
+from .metrics import SegmentationScores
+from .penalty import (DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS, PenaltyChoice, RidgeFolds, check_grid,
+                      choose_logistic_l2, image_folds)
 from .sites import Site, default_sites, gather_image_tokens
 from .split import split_images
 from .store import ActivationStore
 
 ProbeKind = Literal["ridge", "logistic"]
-Control = Literal["random_init", "shuffled_labels"]
-CONTROLS = ("random_init", "shuffled_labels")
+Control = Literal["random_init", "random_llm", "shuffled_labels"]
+CONTROLS = ("random_init", "random_llm", "shuffled_labels")
+MODEL_CONTROLS = ("random_init", "random_llm")  # controls that are another model, run in a sweep of their own
+# the summary's probes refitted a decade either side of their penalty (conditions of the "model" run)
+SENSITIVITY = {"penalty/10": 0.1, "penalty*10": 10.0}
 
 
 @dataclass
 class SweepSettings:
-    probe: ProbeKind = "logistic"
+    probe: ProbeKind = "ridge"
     test_fraction: float = 0.25
     seed: int = 0
     batch_size: int = 16
     prompt: str = ""
-    alpha: float = 1e-2  # ridge penalty on standardised features, relative to n
-    l2: float = 1e-3  # logistic penalty
-    max_iter: int = 100
+    # penalties: a number, or "cv" for the candidate with the lowest k-fold held-out loss on the
+    # training images, chosen per site and label set (`mmlens.probing.penalty`)
+    alpha: float | str = "cv"  # ridge penalty on standardised features, relative to n
+    l2: float | str = "cv"  # logistic penalty
+    alphas: tuple[float, ...] = RIDGE_ALPHAS  # ridge candidates
+    l2s: tuple[float, ...] = LOGISTIC_L2S  # logistic candidates
+    cv_folds: int = DEFAULT_FOLDS
+    # the LLM layer whose probe the recovery reads: fixed before any test image is seen ("last", or a layer)
+    recovery_layer: int | str = "last"
+    sensitivity: bool = True  # also fit the summary's probes a decade either side of their penalty
+    max_iter: int = MAX_ITER  # a guard: logistic fits stop at their convergence tolerances
     min_valid_fraction: float = 0.5
     max_train_tokens_per_image: int | None = None  # logistic store subsample (bounds the store's disk)
     logistic_memory_mb: float = DEFAULT_MEMORY_MB  # features held at once while fitting a logistic probe
-    n_boot: int = 200
+    n_boot: int = DEFAULT_N_BOOT
     store_dir: str | None = None
     stats_device: str | None = None  # where ridge statistics live; default: the activations' device
+
+    @property
+    def penalty(self) -> float | str:
+        return self.alpha if self.probe == "ridge" else self.l2
+
+    @property
+    def candidates(self) -> tuple[float, ...]:
+        return check_grid(self.alphas if self.probe == "ridge" else self.l2s,
+                          "alphas" if self.probe == "ridge" else "l2s")
+
+    def check(self) -> None:
+        if self.probe not in ("ridge", "logistic"):
+            raise InputError(f"probe must be 'ridge' or 'logistic', got {self.probe!r}")
+        check_n_boot(self.n_boot)
+        name = "alpha" if self.probe == "ridge" else "l2"
+        penalty = self.penalty
+        if isinstance(penalty, str):
+            if penalty != "cv":
+                raise InputError(f"{name} must be a positive number or 'cv' (chosen on the training images), "
+                                 f"got {penalty!r}")
+            self.candidates  # noqa: B018  (validates the grid)
+            if self.cv_folds < 2:
+                raise InputError(f"cv_folds must be at least 2, got {self.cv_folds}")
+        elif not (isinstance(penalty, (int, float)) and np.isfinite(penalty) and penalty > 0):
+            raise InputError(f"{name} must be a positive number or 'cv', got {penalty!r}")
+        if not (self.recovery_layer == "last" or (isinstance(self.recovery_layer, (int, np.integer))
+                                                  and not isinstance(self.recovery_layer, bool))):
+            raise InputError(f"recovery_layer must be 'last' or an LLM layer number, got {self.recovery_layer!r}")
 
 
 @dataclass
@@ -77,22 +123,35 @@ class ProbeSweep:
     dataset: Any = field(repr=False, default=None)
     bootstrap: np.ndarray = field(repr=False, default=None)  # [n_boot, n_test] image resamples
     scores: dict[tuple[str, str], SegmentationScores] = field(repr=False, default_factory=dict)
+    # one row per (condition, hook, candidate penalty): its k-fold held-out loss on training images
+    penalties: pd.DataFrame = field(repr=False, default=None)
+    # per grid ("vision", "llm"): the token-resolution ceiling, each token painting its box's majority class
+    ceilings: dict[str, SegmentationScores] = field(repr=False, default_factory=dict)
 
     def probe(self, hook: str, condition: str = "model") -> LinearProbe:
         return self.probes[(condition, hook)]
 
     def summary(self, condition: str = "model") -> pd.DataFrame:
-        """Drop at the adapter, recovery in the LLM, peak layer and fraction recovered, with
-        bootstrap intervals over test images (paired: the same resamples for every site)."""
+        """Drop at the adapter, recovery at the LLM layer fixed in the settings, the fraction
+        recovered, their values a decade either side of the chosen penalties, and the recovery over a
+        re-drawn LLM's when the sweep has that control, with bootstrap intervals over test images
+        (paired: the same resamples for every site)."""
         from .summary import sweep_summary
 
         return sweep_summary(self, condition)
+
+    def layer_recoveries(self, condition: str = "model") -> pd.DataFrame:
+        """Recovery over the adapter output at every LLM site, with pointwise and simultaneous
+        (max-statistic over the layers) 95% intervals."""
+        from .summary import layer_recoveries
+
+        return layer_recoveries(self, condition)
 
     def findings(self, condition: str = "model") -> list[str]:
         """The summary in sentences, each only as strong as its interval allows."""
         from .summary import summary_findings
 
-        return summary_findings(self.summary(condition))
+        return summary_findings(self.summary(condition), self.layer_recoveries(condition))
 
     def _repr_html_(self) -> str:
         from ..display import result_html
@@ -111,7 +170,7 @@ def probe_sweep(
     model: HookedMLLM,
     dataset,
     sites: str | list[str] = "all",
-    probe: ProbeKind = "logistic",
+    probe: ProbeKind = "ridge",
     *,
     control: Control | Iterable[Control] | None = None,
     intervention: Edit | None = None,
@@ -122,65 +181,94 @@ def probe_sweep(
     """Probe every site for each image token's class and score it at the pixel level.
 
     `dataset` is a segmentation dataset in mmlens's schema (`mmlens.data.load_segmentation`).
-    `control` adds "shuffled_labels" (same features, labels permuted among each batch's training
-    tokens) and/or "random_init" (the same sweep on a randomly initialised copy of the model).
+    Penalties are chosen per site by k-fold cross-validation on the training images (settings
+    `alpha` / `l2` = "cv", the default; a number fixes them). `control` adds "shuffled_labels" (the
+    same features, each training image's token labels permuted among its own tokens),
+    "random_llm" (the trained vision tower and adapter with a re-drawn LLM: the control for "the
+    LLM recovers") and/or "random_init" (a randomly initialised copy of the whole model).
     `intervention(inputs)` returns forward hooks (a list of (name, hook) or an object with a
     `hooks` list, such as `knockout(...)` or `bidirectional_image_attention(...)`) that run in
     every forward of the sweep, training and test images alike: probes then describe the edited
     model. Other keywords are `SweepSettings` fields.
 
+    Every random draw is keyed to the seed and the dataset rows (images), never to batches or
+    processes: the numbers do not depend on `batch_size`, threads or ranks beyond float rounding.
     Under torch.distributed (torchrun, or `group`, a process group), each rank runs its share of
     the image batches; ridge statistics and logistic gradients are summed over ranks and the
     held-out scores gathered in batch order, so every rank returns the sweep one process would
     (per-image results exactly, fitted probes up to float rounding of the sums).
     """
     cfg = SweepSettings(probe=probe, **settings)
-    if cfg.probe not in ("ridge", "logistic"):
-        raise ValueError(f"probe must be 'ridge' or 'logistic', got {cfg.probe!r}")
+    cfg.check()
     controls = [control] if isinstance(control, str) else list(control or [])
     unknown = set(controls) - set(CONTROLS)
     if unknown:
-        raise ValueError(f"unknown control(s) {sorted(unknown)}; choose from {CONTROLS}")
-    if intervention is not None and "random_init" in controls:
-        raise ValueError(
-            "the random_init control cannot take the intervention: an edit is built for the trained model "
-            "(its token groups and probes). Run the random-init control without intervention= in a separate sweep"
+        raise InputError(f"unknown control(s) {sorted(unknown)}; choose from {CONTROLS}")
+    if intervention is not None and set(controls) & set(MODEL_CONTROLS):
+        raise InputError(
+            "the random_init and random_llm controls cannot take the intervention: an edit is built for the trained "
+            "model (its token groups and probes). Run those controls without intervention= in a separate sweep"
         )
     info = segmentation_info(dataset)
     n_classes = len(info.class_names)
     resolved = default_sites(model, sites)
     if not resolved:
         raise InputError("sites is empty: pass 'all', a stage ('vision', 'adapter', 'llm') or a list of hook names")
+    from .summary import recovery_site
+
+    recovery = recovery_site(resolved, cfg.recovery_layer, required=False)  # refuses a layer the sweep lacks
     train_idx, test_idx = split_images(len(dataset), cfg.test_fraction, cfg.seed)
+    check_split(dataset, train_idx, test_idx)
+    bootstrap = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
+    summary_hooks = [s.hook for s in resolved if s.hook in ("adapter.hook_in", "adapter.hook_out")]
+    summary_hooks += [recovery.hook] if recovery is not None else []
     runs = [("model", ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else []))]
-    if "random_init" in controls:
-        runs.append(("random_init", ["random_init"]))
+    runs += [(which, [which]) for which in MODEL_CONTROLS if which in controls]
     results: dict[tuple[str, str], tuple[LinearProbe, SegmentationScores, Tensor]] = {}
+    choices: dict[tuple[str, str], PenaltyChoice] = {}
     for which, conditions in runs:
-        run_model = model if which == "model" else randomly_initialised(model, cfg.seed)
+        run_model = model if which == "model" else control_model(model, which, cfg.seed)
         runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress,
-                           intervention if which == "model" else None, group)
-        found, test_masks, grids = runner.run(train_idx, test_idx)
+                           intervention if which == "model" else None, group,
+                           summary_hooks if which == "model" and cfg.sensitivity else [])
+        found, test_masks, grids, chosen, ceilings = runner.run(train_idx, test_idx)
         results.update(found)
-    return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset)
+        choices.update(chosen)
+    return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset, bootstrap,
+                     choices, ceilings)
 
 
-def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
-    """The same architecture with fresh random weights (HF's own initialisation), seeded."""
-    torch.manual_seed(seed)
-    hf = type(model.hf_model)(copy.deepcopy(model.hf_model.config)).to(model.cfg.device, model.cfg.dtype).eval()
-    return HookedMLLM.from_hf(hf, model.processor)
+def control_model(model: HookedMLLM, which: str, seed: int) -> HookedMLLM:
+    """The model a model control runs: "random_init" (all weights re-drawn) or "random_llm"."""
+    return randomly_initialised(model, seed) if which == "random_init" else random_llm(model, seed)
+
+
+def check_split(dataset, train_idx: np.ndarray, test_idx: np.ndarray) -> None:
+    """Refuse a split no honest score can come from: duplicate images across it, or one class."""
+    check_split_independent(dataset, train_idx, test_idx)
+    check_classes(dataset, train_idx)
+
+
+def _row_generator(seed: int, purpose: int, row: int) -> np.random.Generator:
+    """A generator for one image's draws: keyed to the dataset row, so batches and ranks agree."""
+    return np.random.default_rng([seed + 1, purpose, int(row)])
+
+
+_SHUFFLE, _SUBSAMPLE = 1, 2  # what a per-image generator draws for
 
 
 class _SweepRun:
-    """One model's pass: train images -> fit probes -> test images -> scores."""
+    """One model's pass: train images -> choose penalties and fit probes -> test images -> scores."""
 
     def __init__(self, model, dataset, sites, cfg, n_classes, ignore_index, conditions, progress, intervention=None,
-                 group=None):
+                 group=None, sensitivity_hooks=()):
         self.model, self.dataset, self.sites, self.cfg, self.group = model, dataset, sites, cfg, group
         self.intervention = intervention
         self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
         self.progress = progress
+        self.sensitivity_hooks = list(sensitivity_hooks)
+        self.cv = isinstance(cfg.penalty, str)
+        self.n_folds = cfg.cv_folds if self.cv else 1
 
     def _batches(self, indices: np.ndarray, desc: str, every_rank: bool = False):
         """This rank's batches (all of them in one process), each with its number in the
@@ -193,29 +281,33 @@ class _SweepRun:
         for number, batch in rank_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, group=self.group,
                                           prompt=cfg.prompt, min_valid_fraction=cfg.min_valid_fraction,
                                           progress=self.progress, desc=desc):
-            yield number, batch.inputs, batch.masks, batch.labels
+            yield number, batch
 
-    def _label_sets(self, labels, rng) -> dict[str, list[Tensor]]:
-        """Per grid: the true labels of valid tokens, and a within-batch permutation of them."""
+    def _label_sets(self, labels, rows: np.ndarray) -> dict[str, list[Tensor]]:
+        """Per grid: the true labels of valid tokens, and for the shuffled-labels control the same
+        labels permuted among each image's own valid tokens (seeded by its dataset row)."""
         out = {}
         for grid, lab in labels.items():
-            y = lab.labels[lab.valid]
-            sets = [y]
+            sets = [lab.labels[lab.valid]]
             if "shuffled_labels" in self.conditions:
-                sets.append(y[torch.from_numpy(rng.permutation(len(y)))])
+                shuffled = []
+                for image, row in enumerate(rows):
+                    y = lab.labels[image][lab.valid[image]]
+                    shuffled.append(y[torch.from_numpy(_row_generator(self.cfg.seed, _SHUFFLE, row).permutation(len(y)))])
+                sets.append(torch.cat(shuffled))
             out[grid] = sets
         return out
 
-    def _keep(self, valid: Tensor, rng) -> Tensor:
+    def _keep(self, valid: Tensor, rows: np.ndarray) -> Tensor:
         """Which valid training tokens go to the logistic store (optional per-image subsample)."""
         cap = self.cfg.max_train_tokens_per_image
         if cap is None or self.cfg.probe == "ridge":
             return torch.ones(int(valid.sum()), dtype=torch.bool)
         keep = []
-        for row in valid:
-            n = int(row.sum())
+        for mask, row in zip(valid, rows):
+            n = int(mask.sum())
             chosen = torch.zeros(n, dtype=torch.bool)
-            chosen[torch.from_numpy(rng.permutation(n)[:cap])] = True
+            chosen[torch.from_numpy(_row_generator(self.cfg.seed, _SUBSAMPLE, row).permutation(n)[:cap])] = True
             keep.append(chosen)
         return torch.cat(keep)
 
@@ -223,11 +315,13 @@ class _SweepRun:
     def run(self, train_idx, test_idx):
         cfg, model = self.cfg, self.model
         n_sets = len(self.conditions)
-        accumulators: dict[str, RidgeStatistics | ActivationStore] = {}
+        accumulators: dict[str, RidgeFolds | ActivationStore] = {}
         # several ranks on one machine share store_dir: each writes its own files
         suffix = f".rank{distributed.rank(self.group)}" if distributed.active(self.group) else ""
+        folds = image_folds(len(train_idx), self.n_folds, cfg.seed) if self.cv else np.zeros(len(train_idx), np.int64)
+        fold_of_row = dict(zip(np.asarray(train_idx).tolist(), folds.tolist()))
 
-        def train_hook(site: Site, labels, label_sets, keep):
+        def train_hook(site: Site, labels, label_sets, keep, token_folds):
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout)
                 valid = labels[site.grid].valid.to(x.device)
@@ -235,43 +329,30 @@ class _SweepRun:
                 acc = accumulators.get(site.hook)
                 if acc is None:
                     acc = accumulators[site.hook] = (
-                        RidgeStatistics(x.shape[-1], self.n_classes, n_sets, device=cfg.stats_device or x.device)
+                        RidgeFolds(x.shape[-1], self.n_classes, n_sets, self.n_folds, device=cfg.stats_device or x.device)
                         if cfg.probe == "ridge"
                         else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook + suffix)
                     )
                 if cfg.probe == "ridge":
-                    acc.update(rows, *label_sets[site.grid])
+                    acc.update(rows, token_folds[site.grid], *label_sets[site.grid])
                 else:
                     k = keep[site.grid].to(x.device)
-                    acc.append(rows[k], *(y[k.cpu()] for y in label_sets[site.grid]))
+                    acc.append(rows[k], *(y[k.cpu()] for y in label_sets[site.grid]), fold=token_folds[site.grid][k.cpu()])
             return hook
 
-        for number, inputs, _, labels in self._batches(train_idx, "probe sweep: train images", every_rank=True):
-            # one generator per batch, from its number: the same draws whichever rank runs it
-            rng = np.random.default_rng([cfg.seed + 1, number])
-            label_sets = self._label_sets(labels, rng)
-            keep = {grid: self._keep(labels[grid].valid, rng) for grid in labels}
+        for number, batch in self._batches(train_idx, "probe sweep: train images", every_rank=True):
+            inputs, labels = batch.inputs, batch.labels
+            label_sets = self._label_sets(labels, batch.indices)
+            keep = {grid: self._keep(labels[grid].valid, batch.indices) for grid in labels}
+            image_fold = torch.tensor([fold_of_row[int(r)] for r in batch.indices], dtype=torch.int32)
+            token_folds = {grid: image_fold[:, None].expand_as(lab.valid)[lab.valid] for grid, lab in labels.items()}
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
-                                 + [(s.hook, train_hook(s, labels, label_sets, keep)) for s in self.sites],
+                                 + [(s.hook, train_hook(s, labels, label_sets, keep, token_folds)) for s in self.sites],
                                  return_type=None)
 
-        probes: dict[tuple[str, str], LinearProbe] = {}
-        keys = [(condition, site.hook) for site in self.sites for condition in self.conditions]
-        if cfg.probe == "ridge":
-            for site in self.sites:
-                accumulators[site.hook].all_reduce(self.group)
-                for k, condition in enumerate(self.conditions):
-                    probes[(condition, site.hook)] = accumulators[site.hook].solve(cfg.alpha, label_set=k)
-        else:
-            problems = [accumulators[site.hook].features(k) for site in self.sites for k in range(n_sets)]
-            fitted = fit_logistic_many(problems, self.n_classes, l2=cfg.l2, max_iter=cfg.max_iter,
-                                       progress=self.progress, names=[f"{h} ({c})" for c, h in keys],
-                                       memory_mb=cfg.logistic_memory_mb, group=self.group,
-                                       device=model.cfg.device)
-            for site in self.sites:
-                accumulators[site.hook].close()
-            probes = dict(zip(keys, fitted))
+        probes, choices = self._fit(accumulators)
         probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
+        keys_at = {site.hook: [key for key in probes if key[1] == site.hook] for site in self.sites}
 
         def test_hook(site: Site, labels, masks, found):
             def hook(activation, hook):
@@ -280,18 +361,18 @@ class _SweepRun:
                 present = inputs.layout.table(site.stage).present
                 lab = labels[site.grid]
                 _finite(x, site, "held-out")
-                for condition in self.conditions:
-                    key = (condition, site.hook)
+                for key in keys_at[site.hook]:
                     pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
                     pred[~present] = -1  # padding rows of images with fewer tokens
                     found[key][0].add(pred, lab.labels, lab.valid, masks, grid)
                     found[key][1].extend(pred.to(torch.int16))
             return hook
 
-        # per test batch: its scores, predictions, masks and (for images with their own grids) the
-        # pixel maps, gathered from every rank in batch order
+        # per test batch: its scores, predictions, masks, ceilings and (for images with their own
+        # grids) the pixel maps, gathered from every rank in batch order
         parts = []
-        for number, inputs, masks, labels in self._batches(test_idx, "probe sweep: test images"):
+        for number, batch in self._batches(test_idx, "probe sweep: test images"):
+            inputs, masks, labels = batch.inputs, batch.masks, batch.labels
             found = {key: (SegmentationScores(self.n_classes, self.ignore_index), []) for key in probes}
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
                                  + [(s.hook, test_hook(s, labels, masks, found)) for s in self.sites],
@@ -301,12 +382,16 @@ class _SweepRun:
                 grids = {"vision": layout.grid_of("vision"), "llm": layout.grid_of("llm")}
             else:  # per held-out image, which prediction paints each pixel
                 grids = {grid: list(layout.pixel_map(grid)) for grid in ("vision", "llm")}
+            ceilings = {grid: _ceiling(labels[grid], layout, grid, masks, self.n_classes, self.ignore_index)
+                        for grid in ("vision", "llm")}
             kept_masks = list(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
-            parts.append((number, (found, kept_masks, grids)))
+            parts.append((number, (found, kept_masks, grids, ceilings)))
         parts = distributed.gather_in_order(parts, self.group)
         # rows past an image's tokens are -1, masks past its canvas the ignore index
         found = {key: (probes[key], _merged([p[0][key][0] for p in parts], self.n_classes, self.ignore_index),
                        pad_stack([row for p in parts for row in p[0][key][1]], -1)) for key in probes}
+        ceilings = {grid: _merged([p[3][grid] for p in parts], self.n_classes, self.ignore_index)
+                    for grid in ("vision", "llm")}
         masks = pad_stack([m for p in parts for m in p[1]], self.ignore_index)
         if all(isinstance(p[2]["llm"], list) for p in parts):
             grids = {grid: pad_stack([m for p in parts for m in p[2][grid]], -1) for grid in ("vision", "llm")}
@@ -314,7 +399,66 @@ class _SweepRun:
             raise InputError("held-out batches mix images of one fixed grid with images of their own grids")
         else:
             grids = parts[-1][2]
-        return found, masks.numpy(), grids
+        return found, masks.numpy(), grids, choices, ceilings
+
+    def _fit(self, accumulators) -> tuple[dict, dict]:
+        """Every site's probes (one per label set, plus the sensitivity refits) and the penalty
+        each one's cross-validation chose."""
+        cfg = self.cfg
+        probes, choices = {}, {}
+        problems = [(site, k, condition) for site in self.sites for k, condition in enumerate(self.conditions)]
+        bar = tqdm(total=len(problems), desc="probe sweep: choosing penalties and fitting" if self.cv else
+                   "probe sweep: fitting probes", unit="probe", disable=not self.progress, leave=False)
+        for site, k, condition in problems:
+            acc = accumulators[site.hook]
+            bar.set_postfix_str(f"{site.hook} ({condition})", refresh=False)
+            if cfg.probe == "ridge":
+                if k == 0:
+                    acc.all_reduce(self.group)
+                    total = acc.total()
+                choice = acc.choose(cfg.candidates, k) if self.cv else PenaltyChoice((cfg.alpha,), (np.nan,), cfg.alpha)
+
+                def solve(penalty, init=None, k=k, total=total):
+                    return total.solve(penalty, label_set=k)
+            else:
+                fit = self._logistic_fit(site.hook)
+                rows = chunk_rows(acc.d, self.n_classes, cfg.logistic_memory_mb)
+                choice = (choose_logistic_l2(acc, k, cfg.candidates, self.n_folds, fit, rows, self.group) if self.cv
+                          else PenaltyChoice((cfg.l2,), (np.nan,), cfg.l2))
+
+                def solve(penalty, init=None, k=k, fit=fit, acc=acc):
+                    return fit([acc.features(k)], penalty, [init])[0]
+            probes[(condition, site.hook)] = fitted = solve(choice.chosen)
+            choices[(condition, site.hook)] = choice
+            if condition == "model" and site.hook in self.sensitivity_hooks:
+                for name, factor in SENSITIVITY.items():
+                    probes[(name, site.hook)] = solve(choice.chosen * factor, fitted)
+                    choices[(name, site.hook)] = PenaltyChoice(choice.candidates, choice.losses, choice.chosen * factor)
+            bar.update(1)
+        bar.close()
+        if cfg.probe == "logistic":
+            for site in self.sites:
+                accumulators[site.hook].close()
+        return probes, choices
+
+    def _logistic_fit(self, name: str):
+        cfg = self.cfg
+
+        def fit(sources, l2, inits):
+            return fit_logistic_many(sources, self.n_classes, l2=l2, max_iter=cfg.max_iter, progress=False,
+                                     names=[name] * len(sources), memory_mb=cfg.logistic_memory_mb, group=self.group,
+                                     device=self.model.cfg.device, inits=inits)
+        return fit
+
+
+def _ceiling(labels, layout, grid: str, masks: Tensor, n_classes: int, ignore_index: int) -> SegmentationScores:
+    """The best a probe on this grid could do at pixel level: each token paints the majority
+    class of its own box (what the token grid can represent, whatever the activations hold)."""
+    oracle = labels.fractions.argmax(-1)
+    oracle[~layout.table(grid).present] = -1
+    scores = SegmentationScores(n_classes, ignore_index)
+    scores.add(oracle, labels.labels, labels.valid, masks, layout.pixels(grid))
+    return scores
 
 
 def _merged(parts: list[SegmentationScores], n_classes: int, ignore_index: int) -> SegmentationScores:
@@ -340,21 +484,30 @@ def _finite(x: Tensor, site: Site, which: str) -> Tensor:
     return x
 
 
-def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids, dataset) -> ProbeSweep:
-    resamples = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
-    rows, class_rows = [], []
+def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids, dataset, resamples, choices,
+              ceilings) -> ProbeSweep:
+    rows, class_rows, penalty_rows = [], [], []
     order = {s.hook: i for i, s in enumerate(sites)}
+    ceiling_miou = {grid: scores.miou for grid, scores in ceilings.items()}
     for (condition, hook), (probe, scores, _) in results.items():
         site = sites[order[hook]]
         boot = scores.bootstrap_miou(resamples)
+        choice = choices[(condition, hook)]
         rows.append({
             "condition": condition, "depth": order[hook], "stage": site.stage, "layer": site.layer,
             "site": site.label, "hook": hook, "n_test_tokens": scores.tokens_valid,
             "token_accuracy": scores.token_accuracy, "pixel_accuracy": scores.pixel_accuracy,
             "miou": scores.miou, "miou_low": float(np.nanpercentile(boot, 2.5)),
             "miou_high": float(np.nanpercentile(boot, 97.5)),
+            "penalty": choice.chosen, "penalty_at_grid_edge": choice.at_edge,
+            "ceiling": ceiling_miou[site.grid], "miou_of_ceiling": scores.miou / ceiling_miou[site.grid],
         })
         class_rows.append({"condition": condition, "hook": hook, **dict(zip(info.class_names, scores.class_iou()))})
+        if condition in SENSITIVITY:
+            continue
+        for candidate, loss in zip(choice.candidates, choice.losses):
+            penalty_rows.append({"condition": condition, "hook": hook, "site": site.label, "candidate": candidate,
+                                 "cv_loss": loss, "chosen": candidate == choice.chosen})
     table = pd.DataFrame(rows).sort_values(["condition", "depth"]).reset_index(drop=True)
     per_class = pd.DataFrame(class_rows).set_index(["condition", "hook"])
     return ProbeSweep(
@@ -374,4 +527,6 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids,
         dataset=dataset,
         bootstrap=resamples,
         scores={key: scores for key, (_, scores, _) in results.items()},
+        penalties=pd.DataFrame(penalty_rows, columns=["condition", "hook", "site", "candidate", "cv_loss", "chosen"]),
+        ceilings=ceilings,
     )

@@ -12,7 +12,7 @@ from .outputs import StageFigure, StageOutput, StoredOutput
 from .stages import STAGES, FunctionStage, Stage, StageContext, StudyRun, register_stage, run_study
 from . import probe_stage, experiment_stages  # noqa: E402,F401  (registers the built-in stages, in order)
 from .probe_stage import sweep_from_stored
-from .report import build_report
+from .report import build_report, combined_summary
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # packaged so `mmlens demo` works from a wheel
 
@@ -31,6 +31,7 @@ __all__ = [
     "StudyConfig",
     "StudyRun",
     "build_report",
+    "combined_summary",
     "config_from_dict",
     "load_config",
     "register_stage",

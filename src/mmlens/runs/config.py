@@ -22,6 +22,9 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from ..errors import ConfigError
+from ..probing.logistic import MAX_ITER
+from ..probing.penalty import DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS
+from ..resampling import DEFAULT_N_BOOT, MIN_N_BOOT
 
 
 
@@ -49,6 +52,30 @@ def unit_fraction(value: Any) -> str | None:
 
 def up_to_half(value: Any) -> str | None:
     return None if 0 < value <= 0.5 else f"must be in (0, 0.5], got {value!r}"
+
+
+def penalty(value: Any) -> str | None:
+    if value == "cv":
+        return None
+    return None if value > 0 else f"must be a positive number or cv, got {value!r}"
+
+
+def non_empty_positive(values: Any) -> str | None:
+    if not values:
+        return "must not be empty"
+    bad = [v for v in values if not v > 0]
+    return f"must hold positive numbers only, got {bad}" if bad else None
+
+
+def layer_or_last(value: Any) -> str | None:
+    if value == "last":
+        return None
+    return None if value >= 0 else f"must be last or a layer number (0 or more), got {value!r}"
+
+
+def enough_resamples(value: Any) -> str | None:
+    return None if value >= MIN_N_BOOT else (f"must be at least {MIN_N_BOOT} (a 95% interval's tails rest on 2.5% of "
+                                             f"the resamples; the default is {DEFAULT_N_BOOT}), got {value!r}")
 
 
 def non_empty(value: Any) -> str | None:
@@ -86,13 +113,25 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class ProbeConfig:
     sites: Union[str, list[str]] = checked("all", doc="all, vision, adapter, llm or a list of hook names")
-    kind: Literal["logistic", "ridge"] = checked("logistic")
-    controls: list[Literal["shuffled_labels", "random_init"]] = checked(
-        default_factory=lambda: ["shuffled_labels", "random_init"])
+    kind: Literal["ridge", "logistic"] = checked(
+        "ridge", doc="ridge: closed form from streamed sums, its penalty cross-validated at little cost; logistic: "
+                     "L-BFGS over a disk store, folds x l2s + 1 fits per site under cv")
+    controls: list[Literal["shuffled_labels", "random_llm", "random_init"]] = checked(
+        default_factory=lambda: ["shuffled_labels", "random_llm", "random_init"],
+        doc="random_llm: trained vision tower and adapter, re-drawn LLM (the control for recovery)")
     test_fraction: float = checked(0.25, check=open_unit)
-    alpha: float = checked(1e-2, check=non_negative, doc="ridge penalty")
-    l2: float = checked(1e-3, check=non_negative, doc="logistic penalty")
-    max_iter: int = checked(100, check=positive)
+    alpha: Union[float, Literal["cv"]] = checked("cv", check=penalty, doc="ridge penalty, or cv: chosen per site by "
+                                                 "k-fold cross-validation on the training images from alphas")
+    l2: Union[float, Literal["cv"]] = checked("cv", check=penalty, doc="logistic penalty, or cv (from l2s)")
+    alphas: list[float] = checked(default_factory=lambda: list(RIDGE_ALPHAS), check=non_empty_positive,
+                                  doc="ridge candidates for cv")
+    l2s: list[float] = checked(default_factory=lambda: list(LOGISTIC_L2S), check=non_empty_positive,
+                               doc="logistic candidates for cv")
+    cv_folds: int = checked(DEFAULT_FOLDS, check=at_least_two, doc="folds of training images for cv")
+    recovery_layer: Union[int, Literal["last"]] = checked("last", check=layer_or_last, doc="LLM layer the recovery "
+                                                          "reads, fixed before looking at test images (last: the deepest)")
+    sensitivity: bool = checked(True, doc="refit the summary's probes a decade either side of their penalty")
+    max_iter: int = checked(MAX_ITER, check=positive, doc="logistic: L-BFGS guard (fits stop at convergence)")
     min_valid_fraction: float = checked(0.5, check=unit_fraction)
     max_train_tokens_per_image: int | None = checked(None, check=positive, doc="logistic: training tokens kept per image (bounds the store's disk)")
     logistic_memory_mb: float = checked(1024.0, check=positive, doc="logistic: features held in memory at once while fitting")
@@ -147,7 +186,7 @@ class StudyConfig:
                                doc="each seed repeats the study (split, bootstrap, controls)")
     batch_size: int = checked(16, check=positive)
     prompt: str = checked("", doc="text beside the image; the chat template is applied")
-    n_boot: int = checked(200, check=positive, doc="bootstrap resamples for intervals")
+    n_boot: int = checked(DEFAULT_N_BOOT, check=enough_resamples, doc=f"bootstrap resamples for intervals (at least {MIN_N_BOOT})")
     probe: ProbeConfig = checked(default_factory=ProbeConfig)
     knockout: KnockoutConfig = checked(default_factory=KnockoutConfig)
     position: PositionConfig = checked(default_factory=PositionConfig)

@@ -36,6 +36,7 @@ def model_problems(config: StudyConfig, model: Any, n_images: int) -> list[str]:
             problems.append(f"{key}: layer(s) {missing} do not exist; {config.model}'s LLM has layers 0..{n_layers - 1}")
     if isinstance(config.probe.sites, list):
         problems += [p for i, site in enumerate(config.probe.sites) if (p := _hook_problem(model, f"probe.sites[{i}]", site))]
+    problems += _recovery_layer_problems(config, model)
     for key, enabled, hook in [("knockout.reference", config.knockout.enabled, config.knockout.reference),
                                ("recovery.reference", config.recovery.enabled, config.recovery.reference),
                                ("recovery.readout", config.recovery.enabled, config.recovery.readout)]:
@@ -46,6 +47,20 @@ def model_problems(config: StudyConfig, model: Any, n_images: int) -> list[str]:
     except InputError as error:
         problems.append(f"dataset.n: the dataset has {n_images} images; {error}")
     return problems
+
+
+def _recovery_layer_problems(config: StudyConfig, model: Any) -> list[str]:
+    """The recovery reads blocks.L.hook_resid_post: L must exist and be probed."""
+    layer, n_layers = config.probe.recovery_layer, model.cfg.n_layers
+    if layer == "last":
+        return []
+    if layer >= n_layers:
+        return [f"probe.recovery_layer: layer {layer} does not exist; {config.model}'s LLM has layers 0..{n_layers - 1}"]
+    sites = config.probe.sites
+    hook = f"blocks.{layer}.hook_resid_post"
+    probed = sites in ("all", "llm") or (isinstance(sites, list) and any(
+        _hook_problem(model, "", s) is None and model.resolve_hook_name(s) == hook for s in sites))
+    return [] if probed else [f"probe.recovery_layer: {hook} is not among probe.sites; add it or use last"]
 
 
 def _hook_problem(model: Any, key: str, name: str) -> str | None:

@@ -15,6 +15,7 @@ import torch
 
 from ..experiments import anchor_knockout, position_study
 from .outputs import StageFigure, StageOutput
+from .probe_stage import probe_settings
 from .stages import StageContext, register_stage
 
 KNOCKOUT_HOW_TO_READ = (
@@ -76,10 +77,7 @@ def position_study_stage(context: StageContext) -> StageOutput:
         study = position_study(
             context.model, context.dataset, layers=settings.layers, probe=probe.kind,
             early_fraction=settings.early_fraction, exclude=settings.exclude, n_boot=config.n_boot, seed=context.seed,
-            progress=context.progress, test_fraction=probe.test_fraction, batch_size=config.batch_size,
-            prompt=config.prompt, alpha=probe.alpha, l2=probe.l2, max_iter=probe.max_iter,
-            min_valid_fraction=probe.min_valid_fraction, max_train_tokens_per_image=probe.max_train_tokens_per_image,
-            stats_device=probe.stats_device, logistic_memory_mb=probe.logistic_memory_mb,
+            progress=context.progress, **probe_settings(config),
         )
     summary_table = study.summary
     lines = study.findings()

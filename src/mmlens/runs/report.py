@@ -20,13 +20,37 @@ FINDINGS_NOTE = ("Each line is computed from this run's own 95% bootstrap interv
                  "includes zero is called not distinguishable from zero, and a ratio over such an effect is withheld.")
 
 
+SEEDS_HOW_TO_READ = ("Each seed draws its own train/test split, folds and control tokens. The value is the mean of "
+                     "the seeds' estimates; the interval pools the seeds' bootstrap distributions, so it covers the "
+                     "spread of images within a split and the spread of estimates between splits and fits.")
+
+
+def combined_summary(folder: RunFolder | str | Path):
+    """The probe sweep's summary with every finished seed combined (`mmlens.probing.combine_seeds`),
+    or None when fewer than two seeds have finished it."""
+    from ..probing.seeds import combine_seeds
+
+    if not isinstance(folder, RunFolder):
+        folder = RunFolder.open(folder)
+    samples = {}
+    for unit in folder.done_units():
+        record = folder.record(unit)
+        if unit.startswith("probe_sweep/") and "tables/summary_samples.parquet" in record.get("files", {}):
+            samples[int(record["seed"])] = folder.table(unit, "summary_samples")
+    return combine_seeds(samples) if len(samples) > 1 else None
+
+
 def report_sections(folder: RunFolder) -> list:
+    from ..probing.seeds import combined_findings
     from ..viz.report import ReportSection
 
     units = folder.done_units()
     seeds = {folder.record(u).get("seed") for u in units}
     sections = []
     findings = [f"{unit}: {line}" for unit in units for line in folder.record(unit)["summary"]]
+    combined = combined_summary(folder)
+    if combined is not None:
+        findings = [f"probe_sweep, all seeds: {line}" for line in combined_findings(combined)] + findings
     if findings:
         sections.append(ReportSection("Findings of this run", None, "", notes=FINDINGS_NOTE + "\n\n" + "\n".join(findings)))
     for unit in units:
@@ -40,6 +64,9 @@ def report_sections(folder: RunFolder) -> list:
             figure = folder.figure(unit, name)
             title = (meta.get("title") or figure.layout.title.text or name) + suffix
             sections.append(ReportSection(title, figure, meta["how_to_read"], table=table, notes=notes))
+    if combined is not None:
+        sections.insert(1, ReportSection("Probe sweep, seeds combined", None, SEEDS_HOW_TO_READ,
+                                         table=combined.reset_index(), notes="\n".join(combined_findings(combined))))
     return sections
 
 

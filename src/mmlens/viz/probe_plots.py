@@ -23,7 +23,9 @@ CONDITION_STYLES = {
     "model": dict(color="#1f77b4", dash="solid"),
     "random_init": dict(color="#7f7f7f", dash="dash"),
     "shuffled_labels": dict(color="#bcbd22", dash="dot"),
+    "random_llm": dict(color="#d62728", dash="dashdot"),
 }
+SENSITIVITY_CONDITIONS = ("penalty/10", "penalty*10")  # refits at three sites: in the summary table, not the curve
 
 
 def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> go.Figure:
@@ -39,6 +41,8 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
             fig.add_vrect(x0=min(depths) - 0.5, x1=max(depths) + 0.5, fillcolor=STAGE_COLOURS[stage],
                           line_width=0, annotation_text=stage, annotation_position="top left")
     for condition, rows in table.groupby("condition", sort=False):
+        if condition in SENSITIVITY_CONDITIONS:
+            continue
         rows = rows.sort_values("depth")
         style = CONDITION_STYLES.get(condition, {})
         if metric == "miou":
@@ -47,6 +51,13 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
         fig.add_trace(go.Scatter(
             x=rows.depth, y=rows[metric], mode="lines+markers", name=condition, line=style,
             customdata=np.stack([rows.hook], axis=-1), hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>",
+        ))
+    if metric == "miou" and "ceiling" in table.columns:
+        model_rows = table[table.condition == "model"].sort_values("depth")
+        fig.add_trace(go.Scatter(
+            x=model_rows.depth, y=model_rows.ceiling, mode="lines", name="token-resolution ceiling",
+            line=dict(color="#2ca02c", dash="longdash", width=1),
+            hovertemplate="best mIoU any probe on this token grid could reach: %{y:.3f}<extra></extra>",
         ))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="site (pipeline order)")
     fig.update_yaxes(title=metric_label(metric))

@@ -64,11 +64,12 @@ def qa_accuracy(model: HookedMLLM, held_out: SceneBank, train: SceneBank, *, see
 
 
 def vision_probe_check(model: HookedMLLM, *, n_images: int = 300, seed: int = 0) -> pd.DataFrame:
-    """Per vision site, held-out token accuracy and mIoU of a logistic probe: the trained model,
+    """Per vision site, held-out token accuracy and mIoU of a ridge probe (penalty cross-validated on
+    the training images): the trained model,
     the same architecture with random weights, and shuffled labels (a majority-class floor)."""
     scenes = load_segmentation("scenes", split="validation", n=n_images, seed=seed,
                                image_size=model.cfg.vision.image_size)
-    sweep = probe_sweep(model, scenes, sites="vision", probe="logistic", seed=seed,
+    sweep = probe_sweep(model, scenes, sites="vision", probe="ridge", seed=seed,
                         control=["random_init", "shuffled_labels"], progress=False)
     table = sweep.table.pivot(index=["depth", "site"], columns="condition", values=["token_accuracy", "miou"])
     table.columns = [f"{metric} ({condition})" for metric, condition in table.columns]
