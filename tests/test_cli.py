@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,6 +79,11 @@ def test_help_lists_the_commands(capsys):
         assert re.search(rf"^\s+{command}\s+\S", out, flags=re.M), out
 
 
+QUOTED_STARTS = ("Segmentation improves across the adapter", "Segmentation drops at the adapter", "No drop at the adapter",
+                 "No recovery in the LLM", "The LLM recovers", "The trained LLM's gain", "Across the 4 probed LLM layers",
+                 "The drop at the adapter reads", "The recovery in the LLM depends", "The recovery in the LLM reads")
+
+
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
@@ -87,7 +93,20 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
                                    "recovery_heads/seed-0"]
     assert f"open {tmp_path / 'demo' / 'report.html'}" in out
     probe_table = folder.load("probe_sweep/seed-0").tables["probe_table"]
-    assert set(probe_table.condition) == {"model", "shuffled_labels", "random_llm", "random_init", "penalty/10", "penalty*10"}
+    assert set(probe_table.condition) == {"model", "shuffled_labels", "control_task", "random_llm", "random_init", "penalty/10",
+                                          "penalty*10"}
+    # the findings the README and docs quote are the ones a fresh demo writes, to every digit shown
+    found = folder.record("probe_sweep/seed-0")["summary"]
+    root = Path(__file__).parent.parent
+    for page in ("README.md", "docs/probing.md", "docs/statistics.md"):
+        quoted = [line[2:] for line in (root / page).read_text().splitlines()
+                  if line.startswith("- ") and line[2:].startswith(QUOTED_STARTS)]
+        assert quoted, f"{page} quotes no demo finding"
+        assert not set(quoted) - set(found), (page, sorted(set(quoted) - set(found)))
+    # docs/statistics.md: the control task's and the real task's token accuracy, last vision and last LLM layer
+    accuracy = probe_table.set_index(["condition", "site"]).token_accuracy.round(2)
+    assert [accuracy[("control_task", "V3")], accuracy[("control_task", "L3")]] == [0.82, 0.76]
+    assert [accuracy[("model", "V3")], accuracy[("model", "L3")]] == [0.91, 0.92]
 
 
 def test_version_flag(capsys):

@@ -258,3 +258,42 @@ def test_an_image_repeated_across_the_split_is_refused(shapes, scenes):
     rows[test[0]] = train[0]  # a training scene again as a test scene
     with pytest.raises(InputError, match="across the split|duplicate|copies"):
         probe_sweep(shapes, scenes.select(rows.tolist()), sites=SITES[:2], probe="ridge", progress=False)
+
+
+def test_the_twins_comparison_quoted_in_the_docs_is_what_the_script_prints():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("twins", root / "benchmarks" / "twins.py")
+    twins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twins)
+    page = (root / "docs" / "statistics.md").read_text()
+    for row in twins.table_rows("v1", 300):
+        assert row in page, row
+
+
+def test_the_control_task_labels_each_visual_type_with_one_fixed_class_and_is_scored_on_it(shapes, scenes):
+    from PIL import Image
+
+    from mmlens.probing.batches import N_VISUAL_TYPES, colour_types, labelled_batches
+
+    pixels = np.array([[[0, 0, 0], [255, 255, 255], [64, 128, 192]]], dtype=np.uint8)
+    assert colour_types(Image.fromarray(pixels)).tolist() == [[0, N_VISUAL_TYPES - 1, (1 * 4 + 2) * 4 + 3]]
+    sweep = probe_sweep(shapes, scenes, sites=["adapter.hook_out"], probe="ridge", progress=False,
+                        control="control_task", sensitivity=False)
+    classes = np.random.default_rng([sweep.settings.seed + 1, 3]).integers(0, len(sweep.class_names), N_VISUAL_TYPES)
+    correct = valid = 0
+    predictions = sweep.predictions[("control_task", "adapter.hook_out")]
+    row = 0
+    for batch in labelled_batches(shapes, scenes, sweep.test_indices, batch_size=64, visual_types=True):
+        labels = batch.labels["llm"]
+        task = torch.from_numpy(classes)[batch.types["llm"]]
+        predicted = predictions[row:row + len(batch.indices)].long()
+        correct += int(((predicted == task) & labels.valid).sum())
+        valid += int(labels.valid.sum())
+        row += len(batch.indices)
+    table = sweep.table.set_index("condition")
+    assert table.loc["control_task", "token_accuracy"] == pytest.approx(correct / valid)
+    # the model's probe reads the real classes better than a probe can learn the random one
+    assert table.loc["model", "token_accuracy"] > table.loc["control_task", "token_accuracy"]

@@ -37,7 +37,7 @@ def test_every_problem_is_listed_with_its_key_path():
         "dtype: must be one of 'float32', 'float16', 'bfloat16', got 'float33' (did you mean 'float32'?)",
         "seeds[1]: must be an integer, got 'one'",
         "probe.kind: must be one of 'ridge', 'logistic', got 'lasso'",
-        "probe.controls[0]: must be one of 'shuffled_labels', 'random_llm', 'random_init', got 'shuffled' "
+        "probe.controls[0]: must be one of 'shuffled_labels', 'control_task', 'random_llm', 'random_init', got 'shuffled' "
         "(did you mean 'shuffled_labels'?)",
         "probe.test_fraction: must be strictly between 0 and 1, got 1.5",
         "knockout.layers: item 0 must be zero or more, got -1",
@@ -79,7 +79,7 @@ def test_bad_configs_are_refused_with_a_clear_reason(data, expected):
 
 def test_defaults_fill_in_and_the_hash_ignores_key_order_and_out():
     config = config_from_dict(MINIMAL)
-    assert config.probe.controls == ["shuffled_labels", "random_llm", "random_init"] and config.seeds == [0]
+    assert config.probe.controls == ["shuffled_labels", "control_task", "random_llm", "random_init"] and config.seeds == [0]
     assert (config.probe.kind, config.probe.alpha, config.probe.recovery_layer, config.n_boot) == ("ridge", "cv", "last", 2000)
     spelled_out = config_from_dict({"dataset": {"n": 200, "name": "scenes"}, "model": "tiny-shapes-llava",
                                     "probe": {"kind": "ridge"}, "out": "elsewhere"})

@@ -298,8 +298,10 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     sites = ["vision.blocks.0.hook_resid_post", "adapter.hook_out", "blocks.0.hook_resid_post", last]
     # a fixed penalty: on random weights a cross-validated one is the largest (the probe paints the majority
     # class), which leaves the anchor studies no confused pair to work on
-    sweep = probe_sweep(model, scenes, sites=sites, probe="ridge", progress=False, alpha=1e-2)
+    sweep = probe_sweep(model, scenes, sites=sites, probe="ridge", progress=False, alpha=1e-2,
+                        control=["shuffled_labels", "control_task"])  # the label controls on every geometry
     assert np.isfinite(sweep.table.miou).all() and set(sweep.table.hook) >= set(sites)
+    assert {"shuffled_labels", "control_task"} <= set(sweep.table.condition)
 
     inputs = model.prepare([scenes[i]["image"] for i in range(2)], "")
     for stage, layers in (("llm", range(n_layers)), ("vision", range(model.cfg.vision.n_layers))):

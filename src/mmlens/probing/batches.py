@@ -4,6 +4,8 @@ Every study that scores image tokens against a segmentation (the probe sweep, th
 position studies, probe-based patching metrics) reads images the same way: decode a batch of
 dataset rows once, preprocess the images with the model's processor, bring the masks into the
 preprocessed image's pixels, and label every token of both grids (vision patches, LLM tokens).
+On request each token also gets a visual type (its box's majority colour, quantised), the input
+that the control task's random labels are a function of.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class LabelledBatch:
     masks: Int[Tensor, "n_images height width"]  # in the layout's canvas pixels, padded with ignore to the largest
     labels: dict[str, TokenLabels]  # "vision" (patch grid) and "llm" (image-token grid)
     indices: np.ndarray  # dataset rows, in pixel_values order
+    # with `visual_types`: per pixel (as `masks`) and per token of each grid, the token's visual type
+    # (its box's majority quantised colour), the input a control task assigns random labels to
+    type_masks: Int[Tensor, "n_images height width"] | None = None
+    types: dict[str, Int[Tensor, "n_images n_tokens"]] | None = None
 
 
 def labelled_batches(
@@ -45,8 +51,11 @@ def labelled_batches(
     min_valid_fraction: float = 0.5,
     progress: bool = False,
     desc: str = "images",
+    visual_types: bool = False,
 ) -> Iterator[LabelledBatch]:
-    """Yield `LabelledBatch`es over `dataset[indices]` (an mmlens segmentation dataset)."""
+    """Yield `LabelledBatch`es over `dataset[indices]` (an mmlens segmentation dataset); with
+    `visual_types`, also each pixel's and token's visual type (`VISUAL_LEVELS` colour levels per
+    channel, brought into the model's pixels like a mask)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     info = segmentation_info(dataset)
@@ -78,9 +87,32 @@ def labelled_batches(
             labels = {"vision": label(layout, "vision")}
             same = layout.vision_aligned and torch.equal(layout.table("vision").boxes, layout.table("llm").boxes)
             labels["llm"] = labels["vision"] if same else label(layout, "llm")
-        yield LabelledBatch(inputs, masks, labels, chunk)
+        type_masks = types = None
+        if visual_types:
+            type_masks = pad_stack([torch.from_numpy(model.transform_mask(colour_types(image), TYPE_IGNORE).astype(np.int64))
+                                    for image in rows["image"]], TYPE_IGNORE)
+
+            def majority_type(grid, stage="llm"):
+                return token_labels(type_masks, grid, n_classes=N_VISUAL_TYPES, ignore_index=TYPE_IGNORE, stage=stage,
+                                    min_valid_fraction=0.0).labels
+
+            types = ({"vision": majority_type(layout.patch_grid), "llm": majority_type(layout.token_grid)} if layout.uniform
+                     else {"vision": majority_type(layout, "vision"), "llm": majority_type(layout, "llm")})
+        yield LabelledBatch(inputs, masks, labels, chunk, type_masks, types)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()
+
+
+VISUAL_LEVELS = 4  # per colour channel: 64 visual types
+N_VISUAL_TYPES = VISUAL_LEVELS**3
+TYPE_IGNORE = 255
+
+
+def colour_types(image) -> np.ndarray:
+    """Each pixel's visual type: its RGB colour quantised to `VISUAL_LEVELS` levels per channel."""
+    rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.int64)[..., :3]
+    level = rgb * VISUAL_LEVELS // 256
+    return (level[..., 0] * VISUAL_LEVELS + level[..., 1]) * VISUAL_LEVELS + level[..., 2]
 
 
 def rank_batches(

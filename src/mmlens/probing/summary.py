@@ -118,9 +118,10 @@ def layer_recoveries(sweep, condition: str = "model", level: float = 0.95) -> pd
     spread = boot.std(axis=1)
     spread = np.where(spread > 0, spread, np.nan)
     tail = 100 * (1 - level) / 2
-    with np.errstate(invalid="ignore"):
-        worst = np.nanmax(np.abs(boot - point[:, None]) / spread[:, None], axis=0) if len(llm) else np.array([])
-    critical = float(np.nanpercentile(worst, 100 * level)) if len(worst) and not np.all(np.isnan(worst)) else np.nan
+    deviations = np.abs(boot - point[:, None]) / spread[:, None]  # NaN for a layer whose gain never moves
+    moving = ~np.all(np.isnan(deviations), axis=0)
+    worst = np.nanmax(deviations[:, moving], axis=0) if moving.any() else np.array([])
+    critical = float(np.percentile(worst, 100 * level)) if len(worst) else np.nan
     rows = []
     for k, site in enumerate(llm):
         rows.append({"hook": site.hook, "site": site.label, "layer": site.layer, "recovery": point[k],

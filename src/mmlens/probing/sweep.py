@@ -27,7 +27,7 @@ from ..data.schema import segmentation_info
 from ..errors import InputError
 from ..model import HookedMLLM, TokenGrid
 from ..model.edits import Edit, edit_hooks
-from .batches import pad_stack, rank_batches
+from .batches import N_VISUAL_TYPES, pad_stack, rank_batches
 from .controls import random_llm, randomly_initialised
 from .linear import LinearProbe
 from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
@@ -40,8 +40,9 @@ from .split import split_images
 from .store import ActivationStore
 
 ProbeKind = Literal["ridge", "logistic"]
-Control = Literal["random_init", "random_llm", "shuffled_labels"]
-CONTROLS = ("random_init", "random_llm", "shuffled_labels")
+Control = Literal["random_init", "random_llm", "shuffled_labels", "control_task"]
+CONTROLS = ("random_init", "random_llm", "shuffled_labels", "control_task")
+LABEL_CONTROLS = ("shuffled_labels", "control_task")  # other labels for the same features, in the model's run
 MODEL_CONTROLS = ("random_init", "random_llm")  # controls that are another model, run in a sweep of their own
 # the summary's probes refitted a decade either side of their penalty (conditions of the "model" run)
 SENSITIVITY = {"penalty/10": 0.1, "penalty*10": 10.0}
@@ -222,7 +223,7 @@ def probe_sweep(
     bootstrap = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
     summary_hooks = [s.hook for s in resolved if s.hook in ("adapter.hook_in", "adapter.hook_out")]
     summary_hooks += [recovery.hook] if recovery is not None else []
-    runs = [("model", ["model"] + (["shuffled_labels"] if "shuffled_labels" in controls else []))]
+    runs = [("model", ["model"] + [c for c in LABEL_CONTROLS if c in controls])]
     runs += [(which, [which]) for which in MODEL_CONTROLS if which in controls]
     results: dict[tuple[str, str], tuple[LinearProbe, SegmentationScores, Tensor]] = {}
     choices: dict[tuple[str, str], PenaltyChoice] = {}
@@ -254,7 +255,7 @@ def _row_generator(seed: int, purpose: int, row: int) -> np.random.Generator:
     return np.random.default_rng([seed + 1, purpose, int(row)])
 
 
-_SHUFFLE, _SUBSAMPLE = 1, 2  # what a per-image generator draws for
+_SHUFFLE, _SUBSAMPLE, _CONTROL_TASK = 1, 2, 3  # what a seeded generator draws for
 
 
 class _SweepRun:
@@ -269,6 +270,9 @@ class _SweepRun:
         self.sensitivity_hooks = list(sensitivity_hooks)
         self.cv = isinstance(cfg.penalty, str)
         self.n_folds = cfg.cv_folds if self.cv else 1
+        # the control task's fixed random class for each visual type (Hewitt and Liang, 2019)
+        self.control_labels = torch.from_numpy(
+            np.random.default_rng([cfg.seed + 1, _CONTROL_TASK]).integers(0, n_classes, N_VISUAL_TYPES))
 
     def _batches(self, indices: np.ndarray, desc: str, every_rank: bool = False):
         """This rank's batches (all of them in one process), each with its number in the
@@ -280,23 +284,38 @@ class _SweepRun:
                              f"({distributed.world_size(self.group)}); lower batch_size or use fewer processes")
         for number, batch in rank_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, group=self.group,
                                           prompt=cfg.prompt, min_valid_fraction=cfg.min_valid_fraction,
-                                          progress=self.progress, desc=desc):
+                                          progress=self.progress, desc=desc,
+                                          visual_types="control_task" in self.conditions):
             yield number, batch
 
-    def _label_sets(self, labels, rows: np.ndarray) -> dict[str, list[Tensor]]:
-        """Per grid: the true labels of valid tokens, and for the shuffled-labels control the same
-        labels permuted among each image's own valid tokens (seeded by its dataset row)."""
+    def _label_sets(self, batch) -> dict[str, list[Tensor]]:
+        """Per grid, one label set per condition for the valid tokens: the true labels; for the
+        shuffled-labels control the same labels permuted among each image's own valid tokens
+        (seeded by its dataset row); for the control task each token's visual type's fixed class."""
         out = {}
-        for grid, lab in labels.items():
+        for grid, lab in batch.labels.items():
             sets = [lab.labels[lab.valid]]
             if "shuffled_labels" in self.conditions:
                 shuffled = []
-                for image, row in enumerate(rows):
+                for image, row in enumerate(batch.indices):
                     y = lab.labels[image][lab.valid[image]]
                     shuffled.append(y[torch.from_numpy(_row_generator(self.cfg.seed, _SHUFFLE, row).permutation(len(y)))])
                 sets.append(torch.cat(shuffled))
+            if "control_task" in self.conditions:
+                sets.append(self.control_labels[batch.types[grid][lab.valid]])
             out[grid] = sets
         return out
+
+    def _scored_against(self, condition: str, batch, grid: str):
+        """(token labels, pixel masks) a condition's predictions are scored against: the truth,
+        except for the control task, scored on its own task."""
+        lab = batch.labels[grid]
+        if condition != "control_task":
+            return lab.labels, batch.masks
+        # tokens of padding have no type (the ignore index): they are not valid, whatever they index
+        tokens = torch.where(lab.valid, self.control_labels[batch.types[grid].clamp(0, N_VISUAL_TYPES - 1)], lab.labels)
+        pixels = self.control_labels[batch.type_masks.clamp(0, N_VISUAL_TYPES - 1)]
+        return tokens, torch.where(batch.masks != self.ignore_index, pixels, batch.masks.long())
 
     def _keep(self, valid: Tensor, rows: np.ndarray) -> Tensor:
         """Which valid training tokens go to the logistic store (optional per-image subsample)."""
@@ -342,7 +361,7 @@ class _SweepRun:
 
         for number, batch in self._batches(train_idx, "probe sweep: train images", every_rank=True):
             inputs, labels = batch.inputs, batch.labels
-            label_sets = self._label_sets(labels, batch.indices)
+            label_sets = self._label_sets(batch)
             keep = {grid: self._keep(labels[grid].valid, batch.indices) for grid in labels}
             image_fold = torch.tensor([fold_of_row[int(r)] for r in batch.indices], dtype=torch.int32)
             token_folds = {grid: image_fold[:, None].expand_as(lab.valid)[lab.valid] for grid, lab in labels.items()}
@@ -354,17 +373,18 @@ class _SweepRun:
         probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
         keys_at = {site.hook: [key for key in probes if key[1] == site.hook] for site in self.sites}
 
-        def test_hook(site: Site, labels, masks, found):
+        def test_hook(site: Site, batch, found):
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout)
                 grid = inputs.layout.pixels(site.stage)
                 present = inputs.layout.table(site.stage).present
-                lab = labels[site.grid]
+                valid = batch.labels[site.grid].valid
                 _finite(x, site, "held-out")
                 for key in keys_at[site.hook]:
                     pred = probes[key].predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
                     pred[~present] = -1  # padding rows of images with fewer tokens
-                    found[key][0].add(pred, lab.labels, lab.valid, masks, grid)
+                    tokens, pixels = self._scored_against(key[0], batch, site.grid)
+                    found[key][0].add(pred, tokens, valid, pixels, grid)
                     found[key][1].extend(pred.to(torch.int16))
             return hook
 
@@ -375,7 +395,7 @@ class _SweepRun:
             inputs, masks, labels = batch.inputs, batch.masks, batch.labels
             found = {key: (SegmentationScores(self.n_classes, self.ignore_index), []) for key in probes}
             model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
-                                 + [(s.hook, test_hook(s, labels, masks, found)) for s in self.sites],
+                                 + [(s.hook, test_hook(s, batch, found)) for s in self.sites],
                                  return_type=None)
             layout = inputs.layout
             if layout.uniform:

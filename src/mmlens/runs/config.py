@@ -116,9 +116,10 @@ class ProbeConfig:
     kind: Literal["ridge", "logistic"] = checked(
         "ridge", doc="ridge: closed form from streamed sums, its penalty cross-validated at little cost; logistic: "
                      "L-BFGS over a disk store, folds x l2s + 1 fits per site under cv")
-    controls: list[Literal["shuffled_labels", "random_llm", "random_init"]] = checked(
-        default_factory=lambda: ["shuffled_labels", "random_llm", "random_init"],
-        doc="random_llm: trained vision tower and adapter, re-drawn LLM (the control for recovery)")
+    controls: list[Literal["shuffled_labels", "control_task", "random_llm", "random_init"]] = checked(
+        default_factory=lambda: ["shuffled_labels", "control_task", "random_llm", "random_init"],
+        doc="random_llm: trained vision tower and adapter, re-drawn LLM (the control for recovery); control_task: "
+            "a fixed random class per visual type (selectivity)")
     test_fraction: float = checked(0.25, check=open_unit)
     alpha: Union[float, Literal["cv"]] = checked("cv", check=penalty, doc="ridge penalty, or cv: chosen per site by "
                                                  "k-fold cross-validation on the training images from alphas")

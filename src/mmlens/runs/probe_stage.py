@@ -25,9 +25,11 @@ CURVE_HOW_TO_READ = (
     "The study asks whether mIoU drops inside the adapter and recovers in the LLM, read at the LLM layer fixed "
     "before any test image was seen; the summary below says what this run's intervals support. Shaded bands are "
     "95% bootstrap intervals over test images. The controls (dashed: random-weight model; dash-dot: trained vision "
-    "tower and adapter with a re-drawn LLM, the control for recovery; dotted: training labels shuffled within each "
-    "image) show how much a probe gets without learned features, without a trained LLM or without real "
-    "labels; only the gap above them is information the model carries. The long-dashed line is the token-resolution "
+    "tower and adapter with a re-drawn LLM, the control for recovery; yellow dotted: training labels shuffled within "
+    "each image) show how much a probe gets without learned features, without a trained LLM or without real "
+    "labels; only the gap above them is information the model carries. The purple dotted control task is scored on "
+    "its own task (a fixed random class per visual type): the real curve's distance above it is the probe's "
+    "selectivity. The long-dashed line is the token-resolution "
     "ceiling: the mIoU of painting each token's box with its majority class, the most any probe on that grid can reach."
 )
 PREDICTIONS_HOW_TO_READ = (

@@ -24,6 +24,7 @@ CONDITION_STYLES = {
     "random_init": dict(color="#7f7f7f", dash="dash"),
     "shuffled_labels": dict(color="#bcbd22", dash="dot"),
     "random_llm": dict(color="#d62728", dash="dashdot"),
+    "control_task": dict(color="#9467bd", dash="dot"),
 }
 SENSITIVITY_CONDITIONS = ("penalty/10", "penalty*10")  # refits at three sites: in the summary table, not the curve
 
