@@ -98,7 +98,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     # the findings the README and docs quote are the ones a fresh demo writes, to every digit shown
     found = folder.record("probe_sweep/seed-0")["summary"]
     root = Path(__file__).parent.parent
-    for page in ("README.md", "docs/probing.md", "docs/statistics.md"):
+    for page in ("README.md", "docs/index.md", "docs/probing.md", "docs/statistics.md"):
         quoted = [line[2:] for line in (root / page).read_text().splitlines()
                   if line.startswith("- ") and line[2:].startswith(QUOTED_STARTS)]
         assert quoted, f"{page} quotes no demo finding"

@@ -297,3 +297,39 @@ def test_the_control_task_labels_each_visual_type_with_one_fixed_class_and_is_sc
     assert table.loc["control_task", "token_accuracy"] == pytest.approx(correct / valid)
     # the model's probe reads the real classes better than a probe can learn the random one
     assert table.loc["model", "token_accuracy"] > table.loc["control_task", "token_accuracy"]
+
+
+def test_the_null_head_selection_quoted_in_the_docs_is_what_the_benchmark_computes():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("null_recovery", root / "benchmarks" / "null_recovery.py")
+    null = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(null)
+    heads = null.head_selection(2000, 0)
+    page = (root / "docs" / "statistics.md").read_text()
+    same, other, error = (heads[k] for k in ("scored on the choosing images", "scored on other images",
+                                             "standard error of the latter"))
+    assert f"+{same:.3f} on the images that chose them and {other:+.3f}" in page
+    assert f"(standard error {error:.3f})" in page
+
+
+def test_knockout_pairs_are_chosen_on_training_images_not_on_the_scored_ones(shapes, sweep):
+    from mmlens.experiments import anchor_knockout, conflicting_pairs
+    from mmlens.probing.batches import labelled_batches
+    from mmlens.probing.metrics import SegmentationScores
+    from mmlens.probing.predict import predict_image_tokens
+
+    probe = sweep.probes[("model", "adapter.hook_out")]
+    scores = SegmentationScores(len(sweep.class_names), sweep.ignore_index)
+    for batch in labelled_batches(shapes, sweep.dataset, sweep.train_indices, batch_size=64):
+        predicted = predict_image_tokens(shapes, batch.inputs, {"adapter.hook_out": probe})["adapter.hook_out"]
+        labels = batch.labels["llm"]
+        scores.add(predicted, labels.labels, labels.valid, batch.masks, batch.inputs.layout.pixels("llm"))
+    by_hand = conflicting_pairs(sweep, "adapter.hook_out", 4, confusion=scores.confusion)
+    result = anchor_knockout(shapes, sweep, n_control=1)
+    pd.testing.assert_frame_equal(result.pairs, by_hand)
+    assert f"(chosen on {len(sweep.train_indices)} training images)" in result.findings()[0]
+    with pytest.raises(InputError, match="share rows"):
+        anchor_knockout(shapes, sweep, pairs_from=sweep.test_indices[:4], n_control=1)

@@ -22,7 +22,7 @@ from torch import nn
 
 from mmlens import HookedMLLM, MultimodalInputs
 from mmlens.errors import UnsupportedModelError
-from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
+from mmlens.experiments import anchor_knockout, conflicting_pairs, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.architectures import Architecture
 from mmlens.model.instrument import AttentionSpec
@@ -338,7 +338,8 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
         torch.testing.assert_close(effects[layer, head], metric(read, inputs), atol=1e-5, rtol=1e-5)
 
     # every scene (training ones too: the plumbing is the point): a random-weight probe gets few object tokens right
-    result = anchor_knockout(model, sweep, n_control=1, images=range(len(scenes)))
+    pairs = conflicting_pairs(sweep, "adapter.hook_out", 4)  # given: the scored images include the training ones
+    result = anchor_knockout(model, sweep, n_control=1, images=range(len(scenes)), pairs=pairs)
     assert result.blocked_mass == 0.0 and len(result.table)
     study = position_study(model, scenes, probe="ridge", sites=[last], exclude=[])  # background scored too: 6 images
     assert len(study.per_position) and set(study.gains.tokens) == {"early", "late"}

@@ -1,6 +1,7 @@
 """Anchor knockout: is recovery in the LLM steered by the image tokens the probe already gets right?
 
-From a probe sweep, take the class pairs the probe at a reference site confuses most. Tokens of
+From a probe sweep, take the class pairs the probe at a reference site confuses most on the
+sweep's training images (never on the held-out images the knockout then scores). Tokens of
 those classes it classifies correctly there are anchors; the others are the targets. Block the
 attention edges anchor -> every other image token (information flow from anchors, in the LLM
 layers after the reference) and read the targets out again with the sweep's own probes at every
@@ -78,8 +79,11 @@ class AnchorKnockoutResult:
             "above zero": "blocking the anchors hurts less than blocking as many other tokens",
         }.get(verdict(headline.low, headline.high),
               "no difference between blocking the anchors and blocking as many other tokens can be claimed")
+        chosen = self.settings.get("pairs_chosen_on")
+        chosen = f" (chosen on {chosen})" if chosen and chosen != "given" else ""
         return [
-            f"pairs {', '.join(f'{a}/{b}' for a, b in zip(self.pairs.name_a, self.pairs.name_b))}; "
+            f"pairs {', '.join(f'{a}/{b}' for a, b in zip(self.pairs.name_a, self.pairs.name_b))}"
+            f"{chosen}; "
             f"{self.anchors_per_image:.1f} anchors and {self.targets_per_image:.1f} targets per image",
             f"target accuracy at {headline.site}, anchors blocked minus control: {effect} ({reading})",
         ]
@@ -99,6 +103,7 @@ def anchor_knockout(
     readouts: Sequence[str] | None = None,
     n_pairs: int = 4,
     pairs: pd.DataFrame | None = None,
+    pairs_from: Sequence[int] | None = None,
     n_control: int = 3,
     images: Sequence[int] | None = None,
     batch_size: int = 16,
@@ -113,8 +118,10 @@ def anchor_knockout(
     site on the LLM token grid). `layers`: the LLM layers whose attention is edited (default:
     every layer after the reference). `readouts`: probed sites to measure at (default: the
     reference and every probed LLM `hook_resid_post` in or after the window). `pairs`: a table
-    from `conflicting_pairs` to use instead of the `n_pairs` most confused. `images`: dataset
-    rows (default: the sweep's held-out images, which its probes never saw). Anchors or targets
+    from `conflicting_pairs` to use instead of the `n_pairs` most confused. `pairs_from`: the
+    dataset rows whose confusion at the reference chooses the pairs (default: the sweep's training
+    images, up to 256 of them), so that the images the knockout scores choose nothing. `images`:
+    dataset rows scored (default: the sweep's held-out images, which its probes never saw). Anchors or targets
     that no image holds are refused (InputError): there would be nothing to measure.
 
     Under torch.distributed (torchrun, or `group`, a process group) each rank runs its share of
@@ -133,11 +140,20 @@ def anchor_knockout(
     if not window:
         raise InputError(f"no LLM layer comes after {reference!r}; pick an earlier reference or pass layers=")
     readout_names = _readouts(model, sweep, reference, window, readouts)
-    pairs = conflicting_pairs(sweep, reference, n_pairs) if pairs is None else pairs
+    indices = np.asarray(sweep.test_indices if images is None else images)
+    chosen_on = "given"
+    if pairs is None:
+        choosing = np.asarray(sweep.train_indices[:PAIRS_FROM_TRAIN] if pairs_from is None else pairs_from)
+        if np.intersect1d(choosing, indices).size:
+            raise InputError("pairs_from and the scored images share rows: the images a study scores must not choose "
+                             "its pairs; pass disjoint pairs_from= (default: the sweep's training images)")
+        confusion = reference_confusion(model, sweep, reference, choosing, batch_size, group)
+        pairs = conflicting_pairs(sweep, reference, n_pairs, confusion=confusion,
+                                  where=f"the {len(choosing)} images that choose the pairs")
+        chosen_on = f"{len(choosing)} {'training' if pairs_from is None else 'other'} images"
     classes = pair_classes(pairs)
     probes = {name: sweep.probes[("model", name)] for name in readout_names}
     anchors, targets = anchor_groups(sweep, reference, classes)
-    indices = np.asarray(sweep.test_indices if images is None else images)
     if len(indices) < 2:
         raise InputError(f"the study needs at least 2 images (its intervals are over images), got {len(indices)}")
     settings = sweep.settings
@@ -202,7 +218,7 @@ def anchor_knockout(
         blocked_mass=blocked_mass,
         control_anchor_share=overlap[0] / overlap[1] if overlap[1] else float("nan"),
         settings={"n_images": len(indices), "n_control": n_control, "n_boot": n_boot, "seed": seed,
-                  "classes": [sweep.class_names[c] for c in classes]},
+                  "classes": [sweep.class_names[c] for c in classes], "pairs_chosen_on": chosen_on},
     )
 
 
@@ -288,6 +304,23 @@ def _row_seeds(inputs, dataset_rows, seed: int, control: int) -> list[int]:
     the row's images: an image's control tokens are then the same at any batch size, on any rank."""
     rows = [[int(dataset_rows[span.image_index]) for span in row] for row in inputs.layout.images]
     return [int(np.random.SeedSequence([seed, control, *images]).generate_state(1)[0]) for images in rows]
+
+
+PAIRS_FROM_TRAIN = 256  # training images whose confusion chooses the pairs by default
+
+
+def reference_confusion(model: HookedMLLM, sweep, reference: str, rows: np.ndarray, batch_size: int,
+                        group: Any = None) -> np.ndarray:
+    """[true, predicted] pixel counts of the sweep's probe at `reference` on dataset `rows`."""
+    settings, probe = sweep.settings, sweep.probes[("model", reference)]
+    scores = SegmentationScores(len(sweep.class_names), sweep.ignore_index)
+    for _, batch in rank_batches(model, sweep.dataset, rows, batch_size=batch_size, group=group,
+                                 prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction):
+        labels = batch.labels["llm"]
+        predicted = predict_image_tokens(model, batch.inputs, {reference: probe})[reference]
+        scores.add(predicted, labels.labels, labels.valid, batch.masks, batch.inputs.layout.pixels("llm"))
+    confusion = torch.from_numpy(scores.confusion.astype(np.float64))
+    return distributed.all_reduce_sum(confusion, group).numpy()
 
 
 def _default_window(model: HookedMLLM, reference: Site) -> list[int]:

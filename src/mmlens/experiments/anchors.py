@@ -30,11 +30,15 @@ def conflicting_pairs(
     *,
     condition: str = "model",
     exclude: Iterable[int | str] | None = None,
+    confusion: np.ndarray | None = None,
+    where: str = "the held-out images",
 ) -> pd.DataFrame:
     """The `n_pairs` class pairs the probe at `hook` confuses most, most confused first.
 
     `exclude` (indices or names) defaults to classes called "background": confusing an object
     with the background is a boundary error, not a conflict between look-alike classes.
+    `confusion`: the [true, predicted] pixel counts to read (default the sweep's, on its held-out
+    images; `where` names the images they come from in errors).
     Columns: class_a, class_b, name_a, name_b, confusion_rate, pixels_a, pixels_b.
     """
     if n_pairs < 1:
@@ -45,7 +49,7 @@ def conflicting_pairs(
         raise KeyError(f"the sweep has no {condition!r} probe at {hook!r}; probed sites: {probed}")
     names = list(sweep.class_names)
     excluded = set(excluded_classes(names, exclude))
-    confusion = np.asarray(sweep.confusion[key], dtype=float)
+    confusion = np.asarray(sweep.confusion[key] if confusion is None else confusion, dtype=float)
     support = confusion.sum(1)
     rows = []
     for a in range(len(names)):
@@ -57,7 +61,7 @@ def conflicting_pairs(
                 rows.append({"class_a": a, "class_b": b, "name_a": names[a], "name_b": names[b],
                              "confusion_rate": rate, "pixels_a": int(support[a]), "pixels_b": int(support[b])})
     if not rows:
-        raise InputError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on the held-out images; "
+        raise InputError(f"the probe at {hook!r} confuses no pair of (non-excluded) classes on {where}; "
                          "pick another reference site or pass the pairs yourself")
     table = pd.DataFrame(rows).sort_values("confusion_rate", ascending=False, kind="stable")
     return table.head(n_pairs).reset_index(drop=True)
