@@ -333,3 +333,19 @@ def test_knockout_pairs_are_chosen_on_training_images_not_on_the_scored_ones(sha
     assert f"(chosen on {len(sweep.train_indices)} training images)" in result.findings()[0]
     with pytest.raises(InputError, match="share rows"):
         anchor_knockout(shapes, sweep, pairs_from=sweep.test_indices[:4], n_control=1)
+
+
+def test_head_choice_reports_its_stability_and_simultaneous_intervals(shapes, sweep):
+    from mmlens.experiments import find_recovery_heads
+
+    result = find_recovery_heads(shapes, sweep, corruption="counterfactual", n_images=None, top_k=2, n_maps=0,
+                                 attribution=False)
+    table = result.table
+    n_heads = len(table)
+    # every resample of the selection images picks exactly top_k heads
+    assert table.chosen_in.sum() == pytest.approx(2.0)
+    assert ((table.chosen_in >= 0) & (table.chosen_in <= 1)).all()
+    assert (table.effect_simultaneous_low <= table.effect).all() and (table.effect <= table.effect_simultaneous_high).all()
+    # wider than the pointwise intervals on average: one band holds for all heads at once
+    simultaneous = (table.effect_simultaneous_high - table.effect_simultaneous_low).mean()
+    assert simultaneous > (table.effect_high - table.effect_low).mean() and n_heads == 16

@@ -64,8 +64,10 @@ class RecoveryHeadsResult:
     """`table`: one row per LLM head, best first, measured on the selection images (effect =
     change of the metric when that head's clean output is patched into the corrupted run, mean
     over images, with a 95% bootstrap interval; best = moving it furthest towards the clean value,
-    so a negative gap ranks the most negative effects first; `fraction_restored` = effect / the
-    selection images' gap, withheld (NaN) unless that gap's interval lies above zero). `top_k`:
+    so a negative gap ranks the most negative effects first; `effect_simultaneous_low/high`: an
+    interval covering every head at once, for reading any head of many; `chosen_in`: how often a
+    bootstrap resample of the selection images puts the head in the top k; `fraction_restored` =
+    effect / the selection images' gap, withheld (NaN) unless that gap's interval lies above zero). `top_k`:
     the best k heads patched together, k = 1..top_k, on the scoring images (effect and fraction
     of the scoring images' gap, with intervals). `summary`: the scoring images' metric and gap
     (`gap*`), the selection images' gap (`selection_gap*`) and the image counts; `settings`
@@ -99,7 +101,12 @@ class RecoveryHeadsResult:
         where = verdict(s["gap_low"], s["gap_high"])
         if where == "above zero":
             best = self.top_k.iloc[-1]
-            lines.append(f"top heads {best.heads} restore {best.fraction_restored:.2f} of the gap "
+            stable = ""
+            if "chosen_in" in self.table:
+                k = len(best.heads.split(", "))
+                stable = (f" (each in the top {k} of at least {self.table.chosen_in[:k].min():.0%} of bootstrap "
+                          "resamples of the selection images)")
+            lines.append(f"top heads {best.heads}{stable} restore {best.fraction_restored:.2f} of the gap "
                          f"[{best.fraction_low:.2f}, {best.fraction_high:.2f}]; exact vs attribution Spearman "
                          f"{s['rank_correlation']:.2f}")
         elif where == "below zero":
@@ -252,7 +259,7 @@ def find_recovery_heads(
     selection_gap = (chose["clean"] - chose["corrupted"])[keep]
     attr = chose["attribution"][..., keep] if attribution else None
     chose_resamples = bootstrap_indices(int(keep.sum()), n_boot, seed)
-    table = _head_table(effects, selection_gap, attr, chose_resamples, layers)
+    table = _head_table(effects, selection_gap, attr, chose_resamples, layers, top_k)
     top = list(zip(table.layer[:top_k].astype(int), table["head"][:top_k].astype(int)))
     nested = [[Patch(f"blocks.{l}.attn.hook_{hook}", heads=(h,)) for l, h in top[:k]] for k in range(1, len(top) + 1)]
 
@@ -464,26 +471,49 @@ def _corrupt(model, corruption, inputs, window, anchors, context, mean, dataset,
 
 
 
-def _head_table(effects, gap, attr, resamples, layers) -> pd.DataFrame:
-    n_layers, n_heads, _ = effects.shape
-    rows = []
-    for i, layer in enumerate(layers):
-        for h in range(n_heads):
-            e = effects[i, h]
-            row = {"layer": layer, "head": h, "effect": float(e.mean())}
-            row["effect_low"], row["effect_high"] = percentile_interval([e[s].mean() for s in resamples])
-            row["fraction_restored"] = float(e.mean() / gap.mean())
-            row["fraction_low"], row["fraction_high"] = percentile_interval([e[s].mean() / gap[s].mean() for s in resamples])
-            row["attribution"] = float(attr[i, h].mean()) if attr is not None else float("nan")
-            rows.append(row)
+def _head_table(effects, gap, attr, resamples, layers, top_k: int = 1) -> pd.DataFrame:
+    """Every head's mean effect on the selection images with its pointwise interval, its
+    simultaneous interval over all heads (max-statistic), its fraction of the gap, and `chosen_in`:
+    the fraction of bootstrap resamples of those images whose best `top_k` include it (how stable
+    the choice is)."""
+    n_layers, n_heads, n_images = effects.shape
+    means = effects.reshape(n_layers * n_heads, n_images) @ _resample_weights(resamples, n_images).T  # [heads, B]
+    gaps = _resample_weights(resamples, n_images) @ gap
+    point = effects.reshape(n_layers * n_heads, n_images).mean(1)
+    spread = means.std(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deviation = np.abs(means - point[:, None]) / np.where(spread > 0, spread, np.nan)[:, None]
+        critical = np.percentile(np.nanmax(np.nan_to_num(deviation, nan=0.0), axis=0), 95)
+        fractions = means / gaps[None]
     # restoring means moving the metric from the corrupted value towards the clean one
     direction = -1.0 if gap.mean() < 0 else 1.0
+    order = np.argsort(-direction * means, axis=0, kind="stable")[:top_k]  # [top_k, B]
+    chosen_in = np.bincount(order.ravel(), minlength=len(point)) / means.shape[1]
+    rows = []
+    for index, (i, h) in enumerate(np.ndindex(n_layers, n_heads)):
+        row = {"layer": layers[i], "head": h, "effect": float(point[index])}
+        row["effect_low"], row["effect_high"] = percentile_interval(means[index])
+        row["effect_simultaneous_low"] = float(point[index] - critical * spread[index])
+        row["effect_simultaneous_high"] = float(point[index] + critical * spread[index])
+        row["fraction_restored"] = float(point[index] / gap.mean())
+        row["fraction_low"], row["fraction_high"] = percentile_interval(fractions[index])
+        row["chosen_in"] = float(chosen_in[index])
+        row["attribution"] = float(attr[i, h].mean()) if attr is not None else float("nan")
+        rows.append(row)
     table = pd.DataFrame(rows)
     table = table.iloc[np.argsort(-direction * table.effect.to_numpy(), kind="stable")].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     if attr is not None:
         table["attribution_rank"] = (direction * table.attribution).rank(ascending=False, method="min").astype(int)
     return table
+
+
+def _resample_weights(resamples: np.ndarray, n_images: int) -> np.ndarray:
+    """[n_boot, n_images]: how often each resample drew each image, over the resample's size, so
+    that weights @ values is every resample's mean at once."""
+    weights = np.zeros((len(resamples), n_images))
+    np.add.at(weights, (np.repeat(np.arange(len(resamples)), resamples.shape[1]), resamples.ravel()), 1.0)
+    return weights / resamples.shape[1]
 
 
 def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:
