@@ -349,3 +349,10 @@ def test_head_choice_reports_its_stability_and_simultaneous_intervals(shapes, sw
     # wider than the pointwise intervals on average: one band holds for all heads at once
     simultaneous = (table.effect_simultaneous_high - table.effect_simultaneous_low).mean()
     assert simultaneous > (table.effect_high - table.effect_low).mean() and n_heads == 16
+
+
+def test_logistic_numbers_do_not_depend_on_batch_size(shapes, scenes):
+    kwargs = dict(sites=SITES[:2] + SITES[3:], probe="logistic", l2=1e-2, progress=False, sensitivity=False)
+    small, large = (probe_sweep(shapes, scenes, batch_size=size, **kwargs) for size in (8, 32))
+    np.testing.assert_allclose(small.table.miou, large.table.miou, atol=1e-4)
+    assert small.findings() == large.findings()

@@ -7,9 +7,10 @@ the float16 store on disk): memory is one chunk, set by `memory_mb`, whatever th
 images, tokens or sites. The sums are accumulated in float64 and, given a process group, added
 over ranks, so every rank takes the same L-BFGS steps on the whole training set: the probe does
 not depend on how the tokens are split over chunks or processes beyond float rounding.
-Fits run to L-BFGS's convergence tolerances (not an iteration cap), so a probe is the optimum of
-its problem up to those tolerances, whatever the batch size or thread count that produced its
-features. Every probe gets its own L-BFGS run: stacking several probes into one run shares the line search
+Fits run to L-BFGS's convergence tolerances (not an iteration cap), in the `dtype` asked for (the
+sweep asks for float64: float32 steps stall at points that move with the last bits of the
+features), so a probe is the optimum of its problem up to those tolerances, whatever the batch
+size or thread count that produced its features. Every probe gets its own L-BFGS run: stacking several probes into one run shares the line search
 and curvature history between them, so a probe stopped at `max_iter` would depend on which other
 sites were fitted beside it. Deterministic for fixed inputs.
 """
@@ -55,10 +56,11 @@ class TensorFeatures:
             yield self.x[start : start + rows], self.y[start : start + rows]
 
 
-def chunk_rows(d: int, n_classes: int, memory_mb: float) -> int:
-    """Tokens per chunk so that a chunk's float32 features, standardised copy, logits and
-    probabilities fit in `memory_mb` (the float64 sums are d x n_classes, counted apart)."""
-    return max(1, int(memory_mb * 2**20 / (4 * (2 * d + 2 * n_classes) + 8)))
+def chunk_rows(d: int, n_classes: int, memory_mb: float, itemsize: int = 4) -> int:
+    """Tokens per chunk so that a chunk's features (read as float32), standardised copy, logits and
+    probabilities (`itemsize` bytes each: 8 when the fit runs in float64) fit in `memory_mb` (the
+    float64 sums are d x n_classes, counted apart)."""
+    return max(1, int(memory_mb * 2**20 / (4 * d + itemsize * (d + 2 * n_classes) + 8)))
 
 
 def fit_logistic(
@@ -107,7 +109,7 @@ def fit_logistic_many(
             bar.set_postfix_str(f"{name}, L-BFGS evaluation {evaluations}", refresh=False)
             bar.update(0)
 
-        rows = chunk_rows(source.d, n_classes, memory_mb)
+        rows = chunk_rows(source.d, n_classes, memory_mb, torch.finfo(dtype).bits // 8)
         probes.append(_fit_one(source, n_classes, l2, max_iter, dtype, rows, group, report if progress else None, device,
                                init))
         bar.update(1)

@@ -46,6 +46,9 @@ LABEL_CONTROLS = ("shuffled_labels", "control_task")  # other labels for the sam
 MODEL_CONTROLS = ("random_init", "random_llm")  # controls that are another model, run in a sweep of their own
 # the summary's probes refitted a decade either side of their penalty (conditions of the "model" run)
 SENSITIVITY = {"penalty/10": 0.1, "penalty*10": 10.0}
+# logistic probes are fitted in float64: a float32 L-BFGS stops wherever float32 steps stall, and
+# that point moved with the last-bit differences between batch sizes (mIoU in the third decimal)
+FIT_DTYPE = torch.float64
 
 
 @dataclass
@@ -442,7 +445,7 @@ class _SweepRun:
                     return total.solve(penalty, label_set=k)
             else:
                 fit = self._logistic_fit(site.hook)
-                rows = chunk_rows(acc.d, self.n_classes, cfg.logistic_memory_mb)
+                rows = chunk_rows(acc.d, self.n_classes, cfg.logistic_memory_mb, FIT_DTYPE.itemsize)
                 choice = (choose_logistic_l2(acc, k, cfg.candidates, self.n_folds, fit, rows, self.group) if self.cv
                           else PenaltyChoice((cfg.l2,), (np.nan,), cfg.l2))
 
@@ -467,7 +470,7 @@ class _SweepRun:
         def fit(sources, l2, inits):
             return fit_logistic_many(sources, self.n_classes, l2=l2, max_iter=cfg.max_iter, progress=False,
                                      names=[name] * len(sources), memory_mb=cfg.logistic_memory_mb, group=self.group,
-                                     device=self.model.cfg.device, inits=inits)
+                                     device=self.model.cfg.device, inits=inits, dtype=FIT_DTYPE)
         return fit
 
 
