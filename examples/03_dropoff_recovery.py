@@ -23,7 +23,8 @@ from mmlens.viz import plot_probe_curve, plot_probe_predictions, save_figure
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic")
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="ridge",
+                        help="ridge (default) is closed-form, its penalty cross-validated at little cost")
     parser.add_argument("--out", type=Path, default=Path("runs/03_dropoff_recovery"))
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     args = parser.parse_args()

@@ -26,8 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-shapes-llava", help="or tiny-shapes-llava-bidir, a path, a hub id")
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
-                        help="ridge is closed-form and faster; logistic is the study's probe")
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="ridge",
+                        help="ridge (default) is closed-form, its penalty cross-validated at little cost; "
+                             "logistic refits per fold")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--docs-figures", type=Path, default=None,
                         help="also write small copies named after the model, sharing one plotly.min.js in that folder (docs/figures)")

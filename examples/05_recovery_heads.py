@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="images for the probe sweep")
     parser.add_argument("--study-images", type=int, default=64, help="held-out images patched")
     parser.add_argument("--corruptions", nargs="+", default=["recovery_blocked", "anchors_removed", "counterfactual"])
-    parser.add_argument("--probe", choices=["ridge", "logistic"], default="logistic",
-                        help="ridge is closed-form and faster; logistic is the study's probe")
+    parser.add_argument("--probe", choices=["ridge", "logistic"], default="ridge",
+                        help="ridge (default) is closed-form, its penalty cross-validated at little cost; "
+                             "logistic refits per fold")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path("runs/05_recovery_heads") / Path(args.model).name
