@@ -81,7 +81,8 @@ def test_help_lists_the_commands(capsys):
 
 QUOTED_STARTS = ("Segmentation improves across the adapter", "Segmentation drops at the adapter", "No drop at the adapter",
                  "No recovery in the LLM", "The LLM recovers", "The trained LLM's gain", "Across the 4 probed LLM layers",
-                 "The drop at the adapter reads", "The recovery in the LLM depends", "The recovery in the LLM reads")
+                 "The drop at the adapter reads", "The recovery in the LLM depends", "The recovery in the LLM reads",
+                 "The penalty chosen at")
 
 
 @pytest.mark.slow

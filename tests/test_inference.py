@@ -356,3 +356,25 @@ def test_logistic_numbers_do_not_depend_on_batch_size(shapes, scenes):
     small, large = (probe_sweep(shapes, scenes, batch_size=size, **kwargs) for size in (8, 32))
     np.testing.assert_allclose(small.table.miou, large.table.miou, atol=1e-4)
     assert small.findings() == large.findings()
+
+
+def test_the_penalty_table_quoted_in_the_docs_is_what_the_script_prints():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("penalties", root / "benchmarks" / "penalties.py")
+    penalties = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(penalties)
+    page = (root / "docs" / "statistics.md").read_text()
+    for row in penalties.table_rows("tiny-shapes-llava", 300):
+        assert row in page, row
+
+
+def test_a_penalty_chosen_at_the_grid_edge_is_named_in_the_findings(shapes, scenes):
+    edge = probe_sweep(shapes, scenes, sites=SITES, probe="ridge", progress=False, alphas=(1.0, 10.0),
+                       sensitivity=False)
+    assert edge.summary().loc["penalties_at_grid_edge", "value"] == 3  # the smallest candidate, at every summary site
+    line = edge.findings()[-1]
+    assert line.startswith("The penalty chosen at A-in (1, the smallest candidate); A-out (1, the smallest candidate)")
+    assert "widen alphas" in line

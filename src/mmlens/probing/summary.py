@@ -85,6 +85,7 @@ def sweep_summary(sweep, condition: str = "model") -> pd.DataFrame:
     rows = [interval_row(name, values) for name, values in samples.items()]
     site = recovery_site(sweep.sites, sweep.settings.recovery_layer)
     rows.append({"statistic": "recovery_layer", "value": float(site.layer), "low": np.nan, "high": np.nan})
+    edges = _penalties_at_grid_edge(sweep, condition, [*ADAPTER, site.hook])
     conditions = set(sweep.table.condition)
     if condition == "model":
         for variant in SENSITIVITY_CONDITIONS:
@@ -94,8 +95,10 @@ def sweep_summary(sweep, condition: str = "model") -> pd.DataFrame:
         if "random_llm" in conditions:
             redrawn = summary_samples(sweep, "random_llm")
             rows.append(interval_row("recovery_over_random_llm", samples["recovery_in_llm"] - redrawn["recovery_in_llm"]))
+    rows.append({"statistic": "penalties_at_grid_edge", "value": float(len(edges)), "low": np.nan, "high": np.nan})
     summary = pd.DataFrame(rows).set_index("statistic")
     summary["reading"] = ""
+    summary.loc["penalties_at_grid_edge", "reading"] = "; ".join(edges)
     for name in summary.index:
         if name.startswith(EFFECTS) or name == "recovery_over_random_llm":
             summary.loc[name, "reading"] = verdict(summary.loc[name, "low"], summary.loc[name, "high"])
@@ -104,6 +107,24 @@ def sweep_summary(sweep, condition: str = "model") -> pd.DataFrame:
         summary.loc["fraction_recovered", ["value", "low", "high"]] = np.nan
         summary.loc["fraction_recovered", "reading"] = "withheld: the drop is not above zero"
     return summary
+
+
+def _penalties_at_grid_edge(sweep, condition: str, hooks: list[str]) -> list[str]:
+    """"A-out (1e-05, the smallest candidate)" for each summary site whose cross-validated penalty
+    is the grid's smallest or largest (the best may lie beyond the grid)."""
+    penalties = getattr(sweep, "penalties", None)
+    if penalties is None or not len(penalties):
+        return []
+    out = []
+    for hook in hooks:
+        rows = penalties[(penalties.condition == condition) & (penalties.hook == hook)]
+        if len(rows) < 2 or rows.cv_loss.isna().any():
+            continue
+        chosen = float(rows.loc[rows.chosen, "candidate"].iloc[0])
+        side = "smallest" if chosen == rows.candidate.min() else "largest" if chosen == rows.candidate.max() else None
+        if side:
+            out.append(f"{rows.site.iloc[0]} ({chosen:g}, the {side} candidate)")
+    return out
 
 
 def layer_recoveries(sweep, condition: str = "model", level: float = 0.95) -> pd.DataFrame:
@@ -187,6 +208,10 @@ def summary_findings(summary: pd.DataFrame, layers: pd.DataFrame | None = None) 
             else:
                 lines.append(f"The {words} depends on the probe penalty: " + "; ".join(
                     f"{'chosen penalties' if k == 'chosen' else k}: {v}" for k, v in readings.items()) + ".")
+    if "penalties_at_grid_edge" in summary.index and value["penalties_at_grid_edge"] > 0:
+        lines.append(f"The penalty chosen at {summary.loc['penalties_at_grid_edge', 'reading']} lies at the edge of "
+                     "the candidate grid, where a better one may lie beyond it: widen alphas (or l2s) before resting "
+                     "a conclusion on these numbers.")
     if "recovery_over_random_llm" in summary.index:
         gap = summary.loc["recovery_over_random_llm"]
         phrase = effect_phrase(gap["value"], gap["low"], gap["high"], signed=True)
