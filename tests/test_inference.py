@@ -4,6 +4,9 @@ statistics are refused or worded as what they are."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +24,7 @@ from mmlens.probing.split import split_images
 from mmlens.probing.summary import summary_findings
 from mmlens.resampling import bootstrap_indices
 
+ROOT = Path(__file__).parent.parent
 SITES = ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 
 
@@ -37,6 +41,14 @@ def scenes():
 @pytest.fixture(scope="module")
 def sweep(shapes, scenes):
     return probe_sweep(shapes, scenes, sites=SITES, probe="ridge", progress=False, batch_size=16)
+
+
+def benchmark(name: str):
+    """A script of benchmarks/ as a module: the docs quote what its functions print."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------ penalties chosen on training images
@@ -260,16 +272,10 @@ def test_an_image_repeated_across_the_split_is_refused(shapes, scenes):
         probe_sweep(shapes, scenes.select(rows.tolist()), sites=SITES[:2], probe="ridge", progress=False)
 
 
-def test_the_twins_comparison_quoted_in_the_docs_is_what_the_script_prints():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent
-    spec = importlib.util.spec_from_file_location("twins", root / "benchmarks" / "twins.py")
-    twins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twins)
-    page = (root / "docs" / "statistics.md").read_text()
-    for row in twins.table_rows("v1", 300):
+@pytest.mark.parametrize("script, arguments", [("twins", ("v1", 300)), ("penalties", ("tiny-shapes-llava", 300))])
+def test_the_tables_quoted_in_the_docs_are_what_the_scripts_print(script, arguments):
+    page = (ROOT / "docs" / "statistics.md").read_text()
+    for row in benchmark(script).table_rows(*arguments):
         assert row in page, row
 
 
@@ -300,15 +306,9 @@ def test_the_control_task_labels_each_visual_type_with_one_fixed_class_and_is_sc
 
 
 def test_the_null_head_selection_quoted_in_the_docs_is_what_the_benchmark_computes():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent
-    spec = importlib.util.spec_from_file_location("null_recovery", root / "benchmarks" / "null_recovery.py")
-    null = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(null)
+    null = benchmark("null_recovery")
     heads = null.head_selection(2000, 0)
-    page = (root / "docs" / "statistics.md").read_text()
+    page = (ROOT / "docs" / "statistics.md").read_text()
     same, other, error = (heads[k] for k in ("scored on the choosing images", "scored on other images",
                                              "standard error of the latter"))
     assert f"+{same:.3f} on the images that chose them and {other:+.3f}" in page
@@ -356,19 +356,6 @@ def test_logistic_numbers_do_not_depend_on_batch_size(shapes, scenes):
     small, large = (probe_sweep(shapes, scenes, batch_size=size, **kwargs) for size in (8, 32))
     np.testing.assert_allclose(small.table.miou, large.table.miou, atol=1e-4)
     assert small.findings() == large.findings()
-
-
-def test_the_penalty_table_quoted_in_the_docs_is_what_the_script_prints():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent
-    spec = importlib.util.spec_from_file_location("penalties", root / "benchmarks" / "penalties.py")
-    penalties = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(penalties)
-    page = (root / "docs" / "statistics.md").read_text()
-    for row in penalties.table_rows("tiny-shapes-llava", 300):
-        assert row in page, row
 
 
 def test_a_penalty_chosen_at_the_grid_edge_is_named_in_the_findings(shapes, scenes):

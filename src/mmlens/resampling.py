@@ -9,6 +9,8 @@ resampling seed is not one a finding can rest on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from .errors import InputError
@@ -33,4 +35,23 @@ def bootstrap_indices(n_images: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images))
 
 
-__all__ = ["DEFAULT_N_BOOT", "MIN_N_BOOT", "bootstrap_indices", "check_n_boot"]
+def resample_counts(resamples: np.ndarray, n_images: int) -> np.ndarray:
+    """[n_resamples, n_images]: how often each resample drew each image, so that
+    `resample_counts(...) @ per_image_values` is every resample's total at once (exact for integer
+    counts in float64)."""
+    counts = np.zeros((len(resamples), n_images))
+    np.add.at(counts, (np.repeat(np.arange(len(resamples)), resamples.shape[1]), resamples.ravel()), 1.0)
+    return counts
+
+
+def percentile_interval(samples: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap samples (NaN samples left out; NaN, NaN
+    when every sample is NaN)."""
+    samples = np.asarray(samples, dtype=float)
+    if np.all(np.isnan(samples)):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))
+
+
+__all__ = ["DEFAULT_N_BOOT", "MIN_N_BOOT", "bootstrap_indices", "check_n_boot", "percentile_interval", "resample_counts"]

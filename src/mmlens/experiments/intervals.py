@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..probing.metrics import miou_from_counts
+from ..resampling import percentile_interval  # noqa: F401  (re-exported: the studies import it from here)
 
 
 def pooled_accuracy(correct: np.ndarray, scored: np.ndarray, index: np.ndarray | None = None) -> float:
@@ -32,9 +33,3 @@ def pooled_miou(counts: np.ndarray, index: np.ndarray | None = None, classes: Se
     return miou_from_counts(total)
 
 
-def percentile_interval(samples: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    samples = np.asarray(samples, dtype=float)
-    if np.all(np.isnan(samples)):
-        return float("nan"), float("nan")
-    tail = 100 * (1 - level) / 2
-    return float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))

@@ -34,7 +34,7 @@ from ..interventions.patching_metrics import probe_metric
 from ..model import HookedMLLM
 from ..probing.batches import labelled_batches, rank_batches
 from ..probing.sites import site_for
-from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot, resample_counts
 from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes, refuse_empty
 from ..display import result_html
 from ..errors import InputError
@@ -477,8 +477,9 @@ def _head_table(effects, gap, attr, resamples, layers, top_k: int = 1) -> pd.Dat
     the fraction of bootstrap resamples of those images whose best `top_k` include it (how stable
     the choice is)."""
     n_layers, n_heads, n_images = effects.shape
-    means = effects.reshape(n_layers * n_heads, n_images) @ _resample_weights(resamples, n_images).T  # [heads, B]
-    gaps = _resample_weights(resamples, n_images) @ gap
+    weights = resample_counts(resamples, n_images) / resamples.shape[1]  # weights @ values: each resample's mean
+    means = effects.reshape(n_layers * n_heads, n_images) @ weights.T  # [heads, B]
+    gaps = weights @ gap
     point = effects.reshape(n_layers * n_heads, n_images).mean(1)
     spread = means.std(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -506,14 +507,6 @@ def _head_table(effects, gap, attr, resamples, layers, top_k: int = 1) -> pd.Dat
     if attr is not None:
         table["attribution_rank"] = (direction * table.attribution).rank(ascending=False, method="min").astype(int)
     return table
-
-
-def _resample_weights(resamples: np.ndarray, n_images: int) -> np.ndarray:
-    """[n_boot, n_images]: how often each resample drew each image, over the resample's size, so
-    that weights @ values is every resample's mean at once."""
-    weights = np.zeros((len(resamples), n_images))
-    np.add.at(weights, (np.repeat(np.arange(len(resamples)), resamples.shape[1]), resamples.ravel()), 1.0)
-    return weights / resamples.shape[1]
 
 
 def _top_k_table(together, gap, resamples, top) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..findings import effect_phrase, verdict
-from ..resampling import DEFAULT_N_BOOT, bootstrap_indices
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, percentile_interval
 from .summary import summary_samples
 
 COMPARED = ("adapter_in_miou", "adapter_out_miou", "drop_at_adapter", "recovery_layer_miou", "recovery_in_llm")
@@ -30,7 +30,7 @@ def compare_sweeps(a, b, *, names: tuple[str, str] = ("a", "b"), condition: str 
     rows = []
     for statistic in COMPARED:
         diff = samples[0][statistic] - samples[1][statistic]
-        low, high = (float(np.nanpercentile(diff[1:], q)) for q in (2.5, 97.5))
+        low, high = percentile_interval(diff[1:])
         rows.append({"statistic": statistic, names[0]: float(samples[0][statistic][0]),
                      names[1]: float(samples[1][statistic][0]), "difference": float(diff[0]), "low": low,
                      "high": high, "reading": verdict(low, high)})

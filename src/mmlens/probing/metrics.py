@@ -15,7 +15,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..model.layout import TokenGrid
-from ..resampling import bootstrap_indices  # noqa: F401  (re-exported: the studies import it from here)
+from ..resampling import bootstrap_indices, resample_counts  # noqa: F401  (bootstrap_indices re-exported: the studies import it from here)
 
 
 def tokens_to_pixels(
@@ -96,10 +96,8 @@ def miou_of_resamples(counts: np.ndarray, resamples: np.ndarray) -> np.ndarray:
     `resamples` [n_resamples, n_images] indices. Each resample's totals are its images' counts
     weighted by how often it drew them (exact: integer sums in float64)."""
     n_images = counts.shape[0]
-    weights = np.zeros((len(resamples), n_images))
-    rows = np.repeat(np.arange(len(resamples)), resamples.shape[1])
-    np.add.at(weights, (rows, resamples.ravel()), 1.0)
-    totals = (weights @ counts.reshape(n_images, -1).astype(np.float64)).reshape(len(resamples), *counts.shape[1:])
+    totals = resample_counts(resamples, n_images) @ counts.reshape(n_images, -1).astype(np.float64)
+    totals = totals.reshape(len(resamples), *counts.shape[1:])
     tp, fp, fn = totals[:, 0], totals[:, 1], totals[:, 2]
     union = tp + fp + fn
     present = union > 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import InputError
 from .linear import LinearProbe
 from .ridge import RidgeStatistics
@@ -93,9 +94,10 @@ class RidgeFolds:
             out.merge(stats)
         return out
 
-    def choose(self, alphas: Sequence[float], label_set: int = 0) -> PenaltyChoice:
-        """The alpha with the lowest held-out squared error per token, averaged over folds."""
-        total = self.total()
+    def choose(self, alphas: Sequence[float], label_set: int = 0, total: RidgeStatistics | None = None) -> PenaltyChoice:
+        """The alpha with the lowest held-out squared error per token, averaged over folds (`total`:
+        `self.total()`, when the caller has it already)."""
+        total = self.total() if total is None else total
         errors = np.zeros(len(alphas))
         n_held = 0
         for held in self.folds:
@@ -110,7 +112,7 @@ class RidgeFolds:
         return PenaltyChoice.from_losses(alphas, errors / n_held)
 
 
-def held_out_cross_entropy(probe: LinearProbe, source, rows: int, device=None) -> tuple[float, int]:
+def held_out_cross_entropy(probe: LinearProbe, source, rows: int) -> tuple[float, int]:
     """Summed cross-entropy of `probe` over a feature source's tokens, and their number."""
     total, n = 0.0, 0
     for x, y in source.chunks(rows):
@@ -120,17 +122,11 @@ def held_out_cross_entropy(probe: LinearProbe, source, rows: int, device=None) -
     return total, n
 
 
-__all__ = ["DEFAULT_FOLDS", "LOGISTIC_L2S", "PenaltyChoice", "RIDGE_ALPHAS", "RidgeFolds", "check_grid", "choose_logistic_l2",
-           "held_out_cross_entropy", "image_folds"]
-
-
 def choose_logistic_l2(store, label_set: int, l2s: Sequence[float], n_folds: int, fit, rows: int,
                        group=None) -> PenaltyChoice:
     """The L2 penalty with the lowest held-out cross-entropy per token over the folds of `store`.
     `fit(sources, l2, inits)` fits logistic probes (the sweep's settings bound in); per fold the
     grid is walked from the strongest penalty down, each fit warm-started from the last."""
-    from .. import distributed
-
     losses = np.zeros(len(l2s))
     order = sorted(range(len(l2s)), key=lambda a: -l2s[a])
     held_tokens = 0.0
@@ -151,3 +147,7 @@ def choose_logistic_l2(store, label_set: int, l2s: Sequence[float], n_folds: int
     if held_tokens == 0:
         raise InputError("no training tokens to cross-validate the logistic penalty on")
     return PenaltyChoice.from_losses(l2s, losses / held_tokens)
+
+
+__all__ = ["DEFAULT_FOLDS", "LOGISTIC_L2S", "PenaltyChoice", "RIDGE_ALPHAS", "RidgeFolds", "check_grid", "choose_logistic_l2",
+           "held_out_cross_entropy", "image_folds"]

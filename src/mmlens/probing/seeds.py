@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..findings import verdict, with_interval
+from ..resampling import percentile_interval
 from .summary import EFFECTS, summary_samples
 
 COMBINED = ("adapter_in_miou", "adapter_out_miou", "drop_at_adapter", "recovery_layer_miou", "recovery_in_llm")
@@ -45,7 +46,7 @@ def combine_seeds(samples: Mapping[int, pd.DataFrame] | Sequence) -> pd.DataFram
     for statistic in COMBINED:
         per_seed = {seed: table[statistic].to_numpy(dtype=float) for seed, table in sorted(samples.items())}
         pooled = np.concatenate([values[1:] for values in per_seed.values()])
-        low, high = (float(np.nanpercentile(pooled, q)) for q in (2.5, 97.5))
+        low, high = percentile_interval(pooled)
         row = {"statistic": statistic, "value": float(np.mean([v[0] for v in per_seed.values()])), "low": low,
                "high": high, "reading": verdict(low, high) if statistic in EFFECTS else ""}
         row.update({f"seed {seed}": float(values[0]) for seed, values in per_seed.items()})

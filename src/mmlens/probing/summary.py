@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..findings import effect_phrase, excludes_zero, verdict
+from ..resampling import percentile_interval
 from .metrics import miou_of_resamples
 
 EFFECTS = ("drop_at_adapter", "recovery_in_llm")  # differences: their reading says whether they exceed zero
@@ -44,6 +45,13 @@ def recovery_site(sites: Sequence, recovery_layer: int | str = "last", *, requir
     return match[0]
 
 
+def _with_point(sweep, resamples: np.ndarray | None = None) -> np.ndarray:
+    """Row 0 every test image once (the point estimate), then one row per bootstrap resample
+    (default the sweep's own)."""
+    resamples = sweep.bootstrap if resamples is None else resamples
+    return np.vstack([np.arange(len(sweep.test_indices))[None], resamples])
+
+
 def _counts(sweep, condition: str, hook: str) -> np.ndarray:
     return np.stack(sweep.scores[(condition, hook)].per_image)
 
@@ -59,8 +67,7 @@ def summary_samples(sweep, condition: str = "model", conditions: dict[str, str] 
         raise ValueError("the summary needs the sites adapter.hook_in and adapter.hook_out in the sweep")
     site = recovery_site(sweep.sites, sweep.settings.recovery_layer)
     which = {"in": condition, "out": condition, "llm": condition, **(conditions or {})}
-    resamples = sweep.bootstrap if resamples is None else resamples
-    index = np.vstack([np.arange(len(sweep.test_indices))[None], resamples])
+    index = _with_point(sweep, resamples)
     values = {}
     for name, hook in (("in", ADAPTER[0]), ("out", ADAPTER[1]), ("llm", site.hook)):
         values[name] = miou_of_resamples(_counts(sweep, which[name], hook), index)
@@ -73,11 +80,8 @@ def summary_samples(sweep, condition: str = "model", conditions: dict[str, str] 
 
 def interval_row(name: str, samples: np.ndarray) -> dict:
     """{statistic, value, low, high} from [point, *resamples]."""
-    boot = samples[1:]
-    if np.all(np.isnan(boot)):
-        return {"statistic": name, "value": float(samples[0]), "low": np.nan, "high": np.nan}
-    return {"statistic": name, "value": float(samples[0]), "low": float(np.nanpercentile(boot, 2.5)),
-            "high": float(np.nanpercentile(boot, 97.5))}
+    low, high = percentile_interval(samples[1:])
+    return {"statistic": name, "value": float(samples[0]), "low": low, "high": high}
 
 
 def sweep_summary(sweep, condition: str = "model") -> pd.DataFrame:
@@ -131,22 +135,22 @@ def layer_recoveries(sweep, condition: str = "model", level: float = 0.95) -> pd
     """Gain over the adapter output at every probed LLM site: value, pointwise interval, and a
     simultaneous interval (max-statistic bootstrap over the layers) for reading any layer of many."""
     llm = [s for s in sweep.sites if s.stage == "llm"]
-    index = np.vstack([np.arange(len(sweep.test_indices))[None], sweep.bootstrap])
+    index = _with_point(sweep)
     adapter_out = miou_of_resamples(_counts(sweep, condition, ADAPTER[1]), index)
     gains = np.array([miou_of_resamples(_counts(sweep, condition, site.hook), index) - adapter_out
                       for site in llm]).reshape(len(llm), len(index))  # [layers, 1 + n_boot]
     point, boot = gains[:, 0], gains[:, 1:]
     spread = boot.std(axis=1)
     spread = np.where(spread > 0, spread, np.nan)
-    tail = 100 * (1 - level) / 2
     deviations = np.abs(boot - point[:, None]) / spread[:, None]  # NaN for a layer whose gain never moves
     moving = ~np.all(np.isnan(deviations), axis=0)
     worst = np.nanmax(deviations[:, moving], axis=0) if moving.any() else np.array([])
     critical = float(np.percentile(worst, 100 * level)) if len(worst) else np.nan
     rows = []
     for k, site in enumerate(llm):
+        low, high = percentile_interval(boot[k], level)
         rows.append({"hook": site.hook, "site": site.label, "layer": site.layer, "recovery": point[k],
-                     "low": float(np.nanpercentile(boot[k], tail)), "high": float(np.nanpercentile(boot[k], 100 - tail)),
+                     "low": low, "high": high,
                      "simultaneous_low": point[k] - critical * spread[k],
                      "simultaneous_high": point[k] + critical * spread[k]})
     table = pd.DataFrame(rows)

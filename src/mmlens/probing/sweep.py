@@ -30,7 +30,7 @@ from ..model.edits import Edit, edit_hooks
 from .batches import N_VISUAL_TYPES, pad_stack, rank_batches
 from .controls import random_llm, randomly_initialised
 from .linear import LinearProbe
-from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot
+from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot, percentile_interval
 from .logistic import DEFAULT_MEMORY_MB, MAX_ITER, chunk_rows, fit_logistic_many
 from .metrics import SegmentationScores
 from .penalty import (DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS, PenaltyChoice, RidgeFolds, check_grid,
@@ -439,7 +439,8 @@ class _SweepRun:
                 if k == 0:
                     acc.all_reduce(self.group)
                     total = acc.total()
-                choice = acc.choose(cfg.candidates, k) if self.cv else PenaltyChoice((cfg.alpha,), (np.nan,), cfg.alpha)
+                choice = (acc.choose(cfg.candidates, k, total) if self.cv
+                          else PenaltyChoice((cfg.alpha,), (np.nan,), cfg.alpha))
 
                 def solve(penalty, init=None, k=k, total=total):
                     return total.solve(penalty, label_set=k)
@@ -514,14 +515,13 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids,
     ceiling_miou = {grid: scores.miou for grid, scores in ceilings.items()}
     for (condition, hook), (probe, scores, _) in results.items():
         site = sites[order[hook]]
-        boot = scores.bootstrap_miou(resamples)
+        low, high = percentile_interval(scores.bootstrap_miou(resamples))
         choice = choices[(condition, hook)]
         rows.append({
             "condition": condition, "depth": order[hook], "stage": site.stage, "layer": site.layer,
             "site": site.label, "hook": hook, "n_test_tokens": scores.tokens_valid,
             "token_accuracy": scores.token_accuracy, "pixel_accuracy": scores.pixel_accuracy,
-            "miou": scores.miou, "miou_low": float(np.nanpercentile(boot, 2.5)),
-            "miou_high": float(np.nanpercentile(boot, 97.5)),
+            "miou": scores.miou, "miou_low": low, "miou_high": high,
             "penalty": choice.chosen, "penalty_at_grid_edge": choice.at_edge,
             "ceiling": ceiling_miou[site.grid], "miou_of_ceiling": scores.miou / ceiling_miou[site.grid],
         })

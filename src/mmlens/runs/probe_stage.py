@@ -14,6 +14,7 @@ import torch
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.saving import SweepParts, sweep_from_parts, sweep_parts
 from ..probing.seeds import samples_table
+from ..probing.summary import summary_findings
 from .outputs import StageFigure, StageOutput, StoredOutput
 from .stages import StageContext, register_stage
 
@@ -52,10 +53,10 @@ def sweep_output(sweep: ProbeSweep) -> StageOutput:
     except ValueError:  # the sweep lacks the adapter or LLM sites the summary compares
         summary = None
     if summary is not None:
-        tables["summary"] = summary.reset_index()
-        tables["layer_recoveries"] = sweep.layer_recoveries()
-        tables["summary_samples"] = samples_table(sweep)  # what combining seeds reads (runs.combined_summary)
-        summary_lines = sweep.findings()
+        layers = sweep.layer_recoveries()
+        tables.update(summary=summary.reset_index(), layer_recoveries=layers,
+                      summary_samples=samples_table(sweep))  # what combining seeds reads (runs.combined_summary)
+        summary_lines = summary_findings(summary, layers)
     else:
         best = sweep.table[sweep.table.condition == "model"].sort_values("miou").iloc[-1]
         summary_lines = [f"best site {best.hook}: mIoU {best.miou:.3f}"]
