@@ -137,6 +137,8 @@ class ProbeConfig:
     max_train_tokens_per_image: int | None = checked(None, check=positive, doc="logistic: training tokens kept per image (bounds the store's disk)")
     logistic_memory_mb: float = checked(1024.0, check=positive, doc="logistic: features held in memory at once while fitting")
     stats_device: str | None = checked(None, doc="where ridge statistics live (cpu on small GPUs)")
+    store_dir: str | None = checked(None, doc="logistic: folder for the activation store (null: scratch/ in the run "
+                                              "folder, removed when the stage ends and on resume)")
 
 
 @dataclass(frozen=True)
@@ -192,12 +194,16 @@ class StudyConfig:
     knockout: KnockoutConfig = checked(default_factory=KnockoutConfig)
     position: PositionConfig = checked(default_factory=PositionConfig)
     recovery: RecoveryConfig = checked(default_factory=RecoveryConfig)
+    collective_timeout_s: float = checked(600.0, check=positive, doc="torchrun: seconds a rank waits in a collective "
+                                          "before the run fails (waits while rank 0 writes results are not bounded by it)")
     out: str | None = checked(None, doc="default run folder (--out wins); not part of the hash")
 
     def canonical(self) -> dict[str, Any]:
         """Every setting that changes results, defaults filled in (the run folder's identity)."""
         data = dataclasses.asdict(self)
-        data.pop("out")
+        for where in ("out", "collective_timeout_s"):  # where and how long, never what is computed
+            data.pop(where)
+        data["probe"].pop("store_dir")
         return data
 
     def canonical_json(self) -> str:
