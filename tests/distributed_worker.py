@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mmlens import HookedMLLM, distributed
 from mmlens.data import load_segmentation
+from mmlens.errors import InputError
 from mmlens.experiments import anchor_knockout, find_recovery_heads, position_study
 from mmlens.probing import probe_sweep
 
@@ -34,6 +35,9 @@ def experiments(model, scenes, sweep, group=None) -> dict:
                               batch_size=4, group=group)
     heads = find_recovery_heads(model, sweep, corruption="counterfactual", n_images=8, top_k=2, n_maps=2, n_boot=1000,
                                 batch_size=4, group=group)
+    if not distributed.is_main(group):  # the knockout's and position study's per-image results went to rank 0
+        assert knockout is None and position is None
+        return {"heads": heads.table}
     return {
         "knockout": {"tables": {"table": knockout.table, "effects": knockout.effects, "pairs": knockout.pairs},
                      "numbers": [knockout.anchors_per_image, knockout.targets_per_image, knockout.blocked_mass,
@@ -55,13 +59,22 @@ def main(out: Path) -> None:
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0)
     found = sweeps(model, scenes, group=dist.group.WORLD)
     studied = experiments(model, scenes, found["ridge"], group=dist.group.WORLD)
-    # every rank returns the whole sweep and every whole experiment: rank 1's must equal rank 0's
-    gathered = distributed.gather_in_order([(distributed.rank(), ({k: s.table for k, s in found.items()},
-                                                                  {k: e["tables"] for k, e in studied.items()}))])
+    # held-out results were sent to rank 0 batch by batch: rank 1 holds the probes (the same sums,
+    # so the same numbers) and its split, no held-out result, and refuses a summary
+    if not distributed.is_main():
+        for k, sweep in found.items():
+            assert sweep.rank_share and not sweep.predictions and not sweep.scores and sweep.table.empty, k
+            try:
+                sweep.summary()
+            except InputError as error:
+                assert "rank 1's share" in str(error)
+            else:
+                raise AssertionError("a rank's share gave a summary")
+    held = distributed.gather_in_order([(distributed.rank(), {k: (s.probes, s.confusion) for k, s in found.items()})])
     for k in found:
-        assert gathered[0][0][k].equals(gathered[1][0][k]), k
-    for k, tables in gathered[0][1].items():
-        assert all(table.equals(gathered[1][1][k][name]) for name, table in tables.items()), k
+        for key, probe in held[0][k][0].items():
+            assert torch.equal(probe.weight, held[1][k][0][key].weight), (k, key)
+            assert (held[0][k][1][key] == held[1][k][1][key]).all(), (k, key)  # rank 0 shares its confusion
     if distributed.is_main():
         with distributed.alone():  # the same experiments in one process, from the same sweep
             alone = experiments(model, scenes, found["ridge"])

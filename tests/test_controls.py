@@ -1,6 +1,7 @@
 """The control models: `random_llm` keeps the trained vision tower and adapter bit for bit and
 re-draws every LLM weight (seeded, Hugging Face's initialisation), in every family; the trained
-model is untouched; `randomly_initialised` re-draws everything as it always did.
+model is untouched; `randomly_initialised` re-draws everything as Hugging Face does; both are
+placed like the model (device map, disk offload, dtype) and cost at most the model's memory.
 
 The tiny family models come from configs with Hugging Face's init, whose norms and biases are
 constants; their weights are jittered first ("trained"), so an LLM weight left in place shows."""
@@ -8,16 +9,22 @@ constants; their weights are jittered first ("trained"), so an LLM weight left i
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
+from accelerate import dispatch_model
 from transformers import LlavaForConditionalGeneration
 
 from mmlens import HookedMLLM, MultimodalInputs
 from mmlens.data import load_segmentation
-from mmlens.errors import UnsupportedModelError
+from mmlens.errors import InputError, UnsupportedModelError
 from mmlens.model.architectures.base import StageModules
 from mmlens.probing.controls import llm_module_names, random_llm, randomly_initialised
 from mmlens.testing import tiny_llava
@@ -27,6 +34,7 @@ from mmlens.testing_families import (
 )
 
 from conftest import random_images
+from test_offload import FAMILIES as OFFLOADED, cpu_and_disk_map
 
 # Where each family's LLM lives in Hugging Face's module tree, written out independently of
 # mmlens's architecture files: what the control must re-draw, and nothing else.
@@ -150,15 +158,26 @@ def test_random_llm_sees_the_same_image_tokens(case: Case):
     assert torch.equal(trained(inputs), logits_before)  # the trained model still computes what it did
 
 
-def test_randomly_initialised_redraws_everything_as_before(case: Case):
-    """Bit for bit what the sweep's original code drew, and it leaves the caller's random state alone."""
+def test_randomly_initialised_draws_what_hugging_face_draws(case: Case):
+    """Every tensor Hugging Face sets to a constant (norms, zero biases, rotary tables, position ids)
+    is that constant; every drawn one has the spread of Hugging Face's own draw and differs from
+    the trained model's; the caller's random state is left alone."""
     trained = case.model
     state = torch.random.get_rng_state()
     control = randomly_initialised(trained, seed=5).hf_model.state_dict()
     assert torch.equal(torch.random.get_rng_state(), state)
-    torch.manual_seed(5)
-    reference = type(trained.hf_model)(copy.deepcopy(trained.hf_model.config)).state_dict()
-    assert all(torch.equal(control[k], reference[k].to(control[k].dtype)) for k in reference)
+    eager = []
+    for seed in (5, 6):  # Hugging Face's own construction, twice: what differs between them is drawn
+        torch.manual_seed(seed)
+        eager.append(type(trained.hf_model)(copy.deepcopy(trained.hf_model.config)).state_dict())
+    assert control.keys() == eager[0].keys()
+    spreads = {}
+    for key, reference in eager[0].items():
+        if torch.equal(reference, eager[1][key]):
+            assert torch.equal(control[key], reference.to(control[key].dtype)), key
+        elif reference.numel() >= 1000:
+            spreads[key] = float(control[key].float().std() / reference.float().std())
+    assert spreads and all(0.8 < ratio < 1.25 for ratio in spreads.values()), spreads
     before = trained.hf_model.state_dict()
     assert all(not torch.equal(control[k], before[k]) for k in before if before[k].ndim >= 2
                and not k.endswith("position_ids"))
@@ -196,3 +215,47 @@ def test_refuses_a_family_whose_llm_cannot_be_located(wrong, monkeypatch):
         random_llm(model, seed=0)
     with torch.no_grad():  # the model itself still runs
         assert torch.isfinite(model(model.prepare(random_images(1), ""))).all()
+
+
+# ------------------------------------------------------------------ placement and memory
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl", "mistral3"])
+@torch.no_grad()
+def test_controls_of_a_disk_offloaded_model_are_offloaded_like_it_and_draw_the_same(family, tmp_path):
+    """Both controls of a model with a vision block, the adapter and an LLM block on disk are
+    dispatched on the same device map, with their own offloaded weights in their own folder, in
+    the model's dtype, and compute exactly what the controls of the model kept whole compute."""
+    build, disk = OFFLOADED[family]
+    hf_model, processor = build()
+    hf_model = _jittered(hf_model).to(torch.bfloat16)
+    whole = HookedMLLM.from_hf(copy.deepcopy(hf_model), processor)
+    placed = cpu_and_disk_map(hf_model, disk)
+    split = HookedMLLM.from_hf(dispatch_model(hf_model, placed, offload_dir=str(tmp_path / "model")), processor)
+    inputs = whole.prepare(random_images(2), ["what is in the image ?", "how many"])
+    for control in (randomly_initialised, random_llm):
+        folder = tmp_path / control.__name__
+        reference, offloaded = control(whole, seed=3), control(split, seed=3, offload_folder=folder)
+        hf = offloaded.hf_model
+        assert hf.hf_device_map == placed
+        on_disk = [key for key, tensor in hf.named_parameters() if tensor.device.type == "meta"]
+        assert on_disk and all(key.startswith(disk) for key in on_disk)
+        assert set(json.loads((folder / "index.json").read_text())) >= set(on_disk)
+        assert {t.dtype for t in hf.parameters()} == {torch.bfloat16}
+        assert torch.equal(offloaded(inputs), reference(inputs)), control.__name__
+    with pytest.raises(InputError, match="already holds offloaded weights"):
+        random_llm(split, seed=3, offload_folder=tmp_path / "random_llm")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak resident set of Linux")
+def test_a_control_costs_at_most_the_models_own_memory(tmp_path):
+    """Building a control adds at most the model's own bytes (10% over them for the interpreter's
+    own allocations and one tensor in transit), in its dtype; with most of the LLM on disk, at most
+    the model's resident bytes plus one block. See control_memory_worker.py for the measurement."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MMLENS_MALLOC_TRIM_THRESHOLD": "0"}
+    worker = Path(__file__).with_name("control_memory_worker.py")
+    done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    model, block, slack = report["model_bytes"], report["block_bytes"], 0.1 * report["model_bytes"]
+    for control in ("random_init", "random_llm"):
+        assert report["whole"][control] <= model + slack, report
+        assert report["offloaded"][control] <= report["offloaded_resident_bytes"] + block + slack, report

@@ -367,3 +367,48 @@ def test_scene_parse_150_download_failure_suggests_path(tmp_path, monkeypatch):
     monkeypatch.setattr(scene_parse_150, "load_dataset", unreachable)
     with pytest.raises(HubUnavailableError, match=r"path=.*ADEChallengeData2016"):
         load_segmentation("ade20k", split="validation", n=2, cache_dir=str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------- unusable inputs, named up front
+
+
+@pytest.mark.parametrize("image_size", [None, 24], ids=["native", "resized"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_image_is_named_with_what_to_do(tmp_path, image_size, damage):
+    from mmlens.errors import InputError
+
+    make_ade20k(tmp_path / "ade", n=3, size=(96, 128))
+    bad = tmp_path / "ade" / "images" / "validation" / "ADE_val_00000002.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(b"not a jpeg at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"ADE_val_00000002\.jpg: not a readable image .*Remove it and its annotation "
+                                         r".*ADE_val_00000002\.png.*or replace it"):
+        _load("ade20k", tmp_path / "ade", tmp_path, split="validation", image_size=image_size)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+@pytest.mark.parametrize("name", ["scenes", "ade20k", "voc"])
+def test_no_images_asked_for_is_refused(tmp_path, name, n):
+    from mmlens.errors import InputError
+
+    root = {"scenes": None, "ade20k": tmp_path / "ade", "voc": tmp_path}[name]
+    if name == "ade20k":
+        make_ade20k(root)
+    elif name == "voc":
+        make_voc(tmp_path)
+    with pytest.raises(InputError, match=rf"n must be a positive number of images \(or None for all of them\), got {n}"):
+        load_segmentation(name, path=root, split="validation" if name != "voc" else "val", n=n,
+                          cache_dir=str(tmp_path / "cache"))
+
+
+def test_loader_input_errors_are_mmlens_errors_so_the_cli_reports_them(tmp_path):
+    from mmlens.data.scenes import load_scenes
+    from mmlens.errors import InputError
+
+    with pytest.raises(InputError, match="image_size must be at least 16 px"):
+        load_segmentation("scenes", split="validation", n=2, image_size=8)
+    with pytest.raises(InputError, match="start and seed must be non-negative"):
+        load_scenes(split="validation", n=2, seed=-1)
+    make_voc(tmp_path)
+    with pytest.raises(InputError, match="VOC split must be one of"):
+        load_segmentation("voc", path=tmp_path, split="vall", cache_dir=str(tmp_path / "cache"))

@@ -92,6 +92,13 @@ def test_device_map_mistakes_are_clear_errors(tmp_path):
         HookedMLLM.from_pretrained("tiny-shapes-llava", device="cpu", device_map="auto")
     with pytest.raises(InputError, match="offload_folder"):
         HookedMLLM.from_pretrained("tiny-shapes-llava", device_map=device_map())
+    # a misspelt or missing module is the map's mistake, named as such (not a damaged checkpoint)
+    misspelt = {("model.language_model.layer.1" if k == f"{LLM}.layers.1" else k): v for k, v in device_map().items()}
+    with pytest.raises(InputError, match=r"'model.language_model.layer.1' \(did you mean 'model.language_model.layers.1'\?\)"):
+        HookedMLLM.from_pretrained("tiny-shapes-llava", device_map=misspelt, offload_folder=tmp_path)
+    without_layer = {k: v for k, v in device_map().items() if k != f"{LLM}.layers.3"}
+    with pytest.raises(InputError, match=r"no device to 9 parameter\(s\): those of model.language_model.layers.3;"):
+        HookedMLLM.from_pretrained("tiny-shapes-llava", device_map=without_layer, offload_folder=tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="device_map: .*no CUDA device"):
             HookedMLLM.from_pretrained("tiny-shapes-llava", device_map=device_map(offloaded=0))

@@ -146,3 +146,33 @@ def test_a_killed_two_process_study_resumes_and_equals_one_process(tmp_path, one
     a = RunFolder.open(single.folder.path).load("probe_sweep/seed-0").tensors["predictions"]
     b = RunFolder.open(killed).load("probe_sweep/seed-0").tensors["predictions"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quick_collectives_time_out_and_waits_for_rank_0_do_not(tmp_path):
+    """`collective_timeout_s` bounds collectives between ranks working in step (a lost rank is
+    reported in seconds, not 12 hours); the wait while rank 0 works alone has its own long limit."""
+    torchrun(str(HERE / "distributed_waits_worker.py"), str(tmp_path), check=False)
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank1["wait_for_main"] == "passed" and rank1["wait_for_main_seconds"] > 3  # 4 s, past the 2 s limit
+    assert rank1["barrier"].startswith("failed") and rank1["barrier_seconds"] < 3.5
+
+
+def test_a_killed_rank_leaves_its_logistic_store_and_the_resumed_run_removes_it(tmp_path, one_thread):
+    config = {"model": "tiny-shapes-llava", "batch_size": 4, "n_boot": 1000, "dataset": {"name": "scenes", "n": 16},
+              "probe": {"kind": "logistic", "sites": ["adapter.hook_out"], "controls": [], "l2": 1e-3,
+                        "max_iter": 10, "sensitivity": False, "store_dir": str(tmp_path / "stores")},
+              "knockout": {"enabled": False}, "position": {"enabled": False}, "recovery": {"enabled": False}}
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    # rank 1 is SIGKILLed after its first append: its store stays; torchrun then stops rank 0,
+    # whose store goes with it (SIGTERM or the broken collective, both through Python's cleanup)
+    crash = torchrun("-m", "mmlens", "study", str(config_path), "--out", str(run), "--quiet", "--no-report",
+                     env_extra={"MMLENS_KILL_STORE_AT": "1:1"}, check=False)
+    assert crash.returncode != 0
+    left = sorted(p.relative_to(tmp_path / "stores") for p in (tmp_path / "stores").rglob("*") if p.is_file())
+    assert left and all(p.parts[0].startswith("mmlens-run-") and p.parts[1] == "rank-1" for p in left), left
+    resumed = run_study(load_config(config_path), run, progress=False, report=False, echo=lambda _: None)
+    assert [u.ran for u in resumed.units] == [True]
+    assert not [p for p in (tmp_path / "stores").rglob("*") if p.is_file()]
+    assert not (run / "scratch").exists()

@@ -105,3 +105,30 @@ def test_patching_needs_conditions(tiny_clip):
 
     with pytest.raises(InputError, match="conditions must be a non-empty list of Patches"):
         patch_conditions(tiny_clip.model, tiny_clip.inputs, tiny_clip.inputs, lambda cache, inputs: cache, [])
+
+
+@torch.no_grad()
+def test_a_misspelled_cache_key_is_a_key_error_listing_close_matches(tiny_clip):
+    model, inputs = tiny_clip.model, tiny_clip.inputs
+    _, cache = model.run_with_cache(inputs, names_filter=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
+    with pytest.raises(KeyError) as error:
+        cache["blocks.0.hook_resid_pots"]
+    assert isinstance(error.value, HookNameError)
+    assert "no hook point has that name" in str(error.value) and "'blocks.0.hook_resid_post'" in str(error.value)
+    with pytest.raises(HookNameError, match="is a hook point but this cache does not hold it"):
+        cache["blocks.0.hook_resid_pre"]
+    with pytest.raises(HookNameError, match=r"Closest cached: \['blocks.1.hook_resid_post'"):
+        cache["resid_pots", 1]
+
+
+def test_non_finite_weights_are_named_not_blamed_on_the_block_spec():
+    from mmlens.errors import ModelLoadError
+    from mmlens.testing import tiny_llava
+
+    hf_model, processor = tiny_llava(vision="clip")
+    name, weight = next((n, p) for n, p in hf_model.named_parameters() if "layers.1.mlp.down_proj" in n)
+    with torch.no_grad():
+        weight[0, :3] = float("nan")
+    with pytest.raises(ModelLoadError, match=rf"{name} \(3 of {weight.numel()} values\).*damaged") as error:
+        HookedMLLM.from_hf(hf_model, processor)
+    assert "BlockSpec" not in str(error.value)

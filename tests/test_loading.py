@@ -92,3 +92,40 @@ def test_unusable_dtype_or_device_is_refused_before_loading(kw, message):
 
     with pytest.raises(InputError, match=message):
         HookedMLLM.from_pretrained("tiny-shapes-llava", **kw)
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_at_once_without_retries(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from mmlens.errors import HubUnavailableError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    started = time.perf_counter()
+    with pytest.raises(HubUnavailableError, match=r"not-a-real/model.*127\.0\.0\.1:9 cannot be reached.*local cache"):
+        HookedMLLM.from_pretrained("not-a-real/model")
+    assert time.perf_counter() - started < 3, "Hugging Face's retries (1 + 2 + 4 + 8 + 8 s) must not run"
+
+
+def _with_token_id(builder, field: str):
+    def build():
+        hf_model, processor = builder()
+        vocab = hf_model.get_input_embeddings().num_embeddings
+        setattr(hf_model.config, field, vocab + 7)
+        return hf_model, processor, vocab
+    return build
+
+
+@pytest.mark.parametrize("family,field", [("llava", "image_token_id"), ("qwen2_vl", "vision_end_token_id"),
+                                          ("qwen2_vl", "image_token_id"), ("gemma3", "boi_token_index")])
+def test_special_token_ids_outside_the_vocabulary_are_named_at_load(family, field):
+    from mmlens.errors import ModelLoadError
+    from mmlens.testing_families import tiny_gemma3, tiny_qwen2_vl
+
+    builder = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "gemma3": tiny_gemma3}[family]
+    hf_model, processor, vocab = _with_token_id(builder, field)()
+    with pytest.raises(ModelLoadError, match=rf"config\.{field} = {vocab + 7} is not a token of the vocabulary, which has {vocab} tokens"):
+        HookedMLLM.from_hf(hf_model, processor)

@@ -82,12 +82,12 @@ def test_model_dependent_config_values_are_refused_before_any_stage(tmp_path, ca
     assert not list((tmp_path / "run").glob("stages/*/*/done.json"))  # nothing ran, nothing to redo
 
 
-def test_recovery_needs_two_images_by_the_schema():
+def test_recovery_needs_four_images_by_the_schema():
     from mmlens.errors import ConfigError
     from mmlens.runs import config_from_dict
 
-    with pytest.raises(ConfigError, match=r"recovery.n_images: must be at least 2"):
-        config_from_dict({"model": "m", "dataset": {"name": "scenes"}, "recovery": {"n_images": 1}})
+    with pytest.raises(ConfigError, match=r"recovery.n_images: must be at least 4 \(2 images choose the heads"):
+        config_from_dict({"model": "m", "dataset": {"name": "scenes"}, "recovery": {"n_images": 3}})
 
 
 def _toy_run_with_report(tmp_path):

@@ -130,12 +130,13 @@ def test_a_failing_stage_is_recorded_and_rerun_next_time(tmp_path):
     assert entry["status"] == "done" and entry["attempts"] == 2 and "error" not in entry
 
 
-def test_a_finished_stage_from_other_package_versions_is_flagged(tmp_path):
+def test_a_finished_stage_from_other_package_versions_is_flagged(tmp_path, monkeypatch):
+    import mmlens.runs.folder
+
+    # the first run records an older torch (a hand-edited done.json would be refused as damaged)
+    monkeypatch.setattr(mmlens.runs.folder, "package_versions", lambda: {**package_versions(), "torch": "1.0.0"})
     run_toy(tiny_config(), tmp_path / "run")
-    done = tmp_path / "run" / "stages" / "draws" / "seed-0" / "done.json"
-    record = json.loads(done.read_text())
-    record["versions"]["torch"] = "1.0.0"
-    done.write_text(json.dumps(record))
+    monkeypatch.undo()
     again = run_toy(tiny_config(), tmp_path / "run")
     # the version the run records is the installed distribution's (a CUDA wheel's metadata may
     # lack the "+cu130" that torch.__version__ carries)

@@ -128,7 +128,7 @@ def _run(config, out: Path, args: argparse.Namespace) -> int:
         raise ConfigError(problems, "the config, on this machine")
     # started by torchrun (WORLD_SIZE > 1): join its process group, on the GPU this rank's model
     # uses (NCCL) or the CPU (gloo); rank 0 writes the run folder
-    distributed.init_from_environment(collective_gpu(config.device, config.device_map))
+    distributed.init_from_environment(collective_gpu(config.device, config.device_map), config.collective_timeout_s)
     try:
         run = run_study(config, out, overwrite=args.overwrite, rerun=tuple(args.rerun), progress=not args.quiet,
                         report=not args.no_report)

@@ -22,6 +22,11 @@ class UnsupportedModelError(MMLensError, NotImplementedError):
     """A model family (or a configuration of one) mmlens cannot instrument; lists the supported ones."""
 
 
+class HookReturnError(MMLensError, ValueError):
+    """A hook returned something other than a tensor of the shape, dtype and device it received
+    (which PyTorch would otherwise broadcast or promote silently); names the point and the hook."""
+
+
 class LayoutMismatchError(MMLensError, ValueError):
     """Inputs, activations or masks whose image-token layout does not match what was expected."""
 
@@ -55,6 +60,7 @@ class HubUnavailableError(MMLensError, ConnectionError):
 __all__ = [
     "ConfigError",
     "HookNameError",
+    "HookReturnError",
     "HubUnavailableError",
     "InputError",
     "LayoutMismatchError",

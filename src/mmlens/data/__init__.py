@@ -12,20 +12,28 @@ from typing import Any
 
 from datasets import Dataset
 
-from .ade20k import ADE20K_CLASSES, load_ade20k
-from .cityscapes import CITYSCAPES_CLASSES, load_cityscapes
-from .scene_parse_150 import HubUnavailableError, load_scene_parse_150
-from .scenes import load_scenes, lookalike_pairs, render_scene, scene_class_names
+from ..errors import InputError
+from .ade20k import ADE20K_CLASSES, SPLIT_FOLDERS as ADE20K_SPLITS, load_ade20k
+from .build import check_count
+from .resize import MIN_IMAGE_SIZE
+from .cityscapes import CITYSCAPES_CLASSES, SPLITS as CITYSCAPES_SPLITS, load_cityscapes
+from .scene_parse_150 import SPLITS as HUB_SPLITS, HubUnavailableError, load_scene_parse_150
+from .scenes import SPLIT_STREAMS, load_scenes, lookalike_pairs, render_scene, scene_class_names
 from .schema import IGNORE_INDEX, SegmentationInfo, segmentation_info
-from .voc import VOC_CLASSES, load_voc
+from .voc import SPLIT_FILES as VOC_SPLITS, VOC_CLASSES, load_voc
 
 SUPPORTED = ("scenes", "ade20k", "scene_parse_150", "voc", "cityscapes")
 SCENES_IMAGE_SIZE = 64  # what the embedded tiny-shapes models were trained on
+# The split names each source accepts (aliases included), so a config can be checked before loading.
+DATASET_SPLITS = {"scenes": (*SPLIT_STREAMS, "val"), "ade20k": tuple(ADE20K_SPLITS), "scene_parse_150": tuple(HUB_SPLITS),
+                  "voc": tuple(VOC_SPLITS), "cityscapes": tuple(CITYSCAPES_SPLITS)}
 
 __all__ = [
     "ADE20K_CLASSES",
     "CITYSCAPES_CLASSES",
+    "DATASET_SPLITS",
     "IGNORE_INDEX",
+    "MIN_IMAGE_SIZE",
     "SUPPORTED",
     "VOC_CLASSES",
     "HubUnavailableError",
@@ -60,21 +68,24 @@ def load_segmentation(
     ``num_proc``). "train" and "validation" (alias "val") work for every source; "test" for
     scenes, VOC (given its list file) and Cityscapes.
     """
+    check_count(n)
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px (or None: native resolution), got {image_size}")
     key = name.lower()
     if key not in SUPPORTED:
-        raise ValueError(
+        raise InputError(
             f"unknown segmentation dataset {name!r}; supported: {', '.join(SUPPORTED)}"
         )
     if key == "scenes":
         if path is not None:
-            raise ValueError("'scenes' is generated, it takes no path")
+            raise InputError("'scenes' is generated, it takes no path")
         return load_scenes(split=split, n=n, seed=seed, image_size=SCENES_IMAGE_SIZE if image_size is None else image_size,
                            **kwargs)
     if key == "scene_parse_150" or (key == "ade20k" and path is None):
         if path is not None:
-            raise ValueError("'scene_parse_150' reads the hub; use name='ade20k' with path=")
+            raise InputError("'scene_parse_150' reads the hub; use name='ade20k' with path=")
         return load_scene_parse_150(split=split, n=n, image_size=image_size, **kwargs)
     if path is None:
-        raise ValueError(f"{name!r} needs path= pointing at the dataset's root folder")
+        raise InputError(f"{name!r} needs path= pointing at the dataset's root folder")
     loader = {"ade20k": load_ade20k, "voc": load_voc, "cityscapes": load_cityscapes}[key]
     return loader(path, split=split, n=n, image_size=image_size, **kwargs)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from ..errors import InputError
 from .files import FilePair, load_file_pairs, read_label_png, require_dir, select_first
 from .resize import ResizeMode
 from .schema import IGNORE_INDEX, SegmentationInfo
@@ -60,7 +61,7 @@ def read_ade20k_mask(path: Path) -> np.ndarray:
 def ade20k_pairs(root: str | Path, split: str) -> list[FilePair]:
     """Every (image, annotation) pair of a split, or an error saying what was expected."""
     if split not in SPLIT_FOLDERS:
-        raise ValueError(f"ADE20K split must be one of {sorted(SPLIT_FOLDERS)}, got {split!r}")
+        raise InputError(f"ADE20K split must be one of {sorted(SPLIT_FOLDERS)}, got {split!r}")
     root = Path(root)
     folder = SPLIT_FOLDERS[split]
     image_dir = require_dir(root / "images" / folder, f"ADE20K images/{folder}/*.jpg")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 from datasets import Dataset, Features
 from datasets.exceptions import DatasetGenerationError
 
+from ..errors import InputError
 from .schema import SegmentationInfo, attach_info
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -37,6 +38,13 @@ def file_stats(paths: Iterable[str | Path]) -> list[tuple[str, int, int]]:
         stat = Path(path).stat()
         stats.append((str(path), stat.st_size, stat.st_mtime_ns))
     return stats
+
+
+def check_count(n: Any) -> None:
+    """`n` (images to keep) is None (all) or a positive int: a dataset of no images fails later,
+    inside `datasets`, with nothing that names the cause."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InputError(f"n must be a positive number of images (or None for all of them), got {n!r}")
 
 
 def fingerprint(*parts: Any) -> str:

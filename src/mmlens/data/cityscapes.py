@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from ..errors import InputError
 from .files import FilePair, load_file_pairs, read_label_png, require_dir, select_first
 from .resize import ResizeMode
 from .schema import IGNORE_INDEX, SegmentationInfo
@@ -50,7 +51,7 @@ def read_cityscapes_mask(path: Path) -> np.ndarray:
 
 def cityscapes_pairs(root: str | Path, split: str) -> list[FilePair]:
     if split not in SPLITS:
-        raise ValueError(f"Cityscapes split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise InputError(f"Cityscapes split must be one of {sorted(SPLITS)}, got {split!r}")
     root, folder = Path(root), SPLITS[split]
     image_dir = require_dir(root / "leftImg8bit" / folder, f"Cityscapes leftImg8bit/{folder}/")
     mask_dir = require_dir(root / "gtFine" / folder, f"Cityscapes gtFine/{folder}/")

@@ -16,8 +16,9 @@ import numpy as np
 from datasets import Dataset
 from PIL import Image
 
-from .build import build_dataset, file_stats, fingerprint
-from .resize import RESIZE_MODES, ResizeMode, decoded_size, load_rgb, to_square
+from ..errors import InputError
+from .build import build_dataset, check_count, file_stats, fingerprint
+from .resize import MIN_IMAGE_SIZE, RESIZE_MODES, ResizeMode, decoded_size, load_rgb, to_square
 from .schema import SegmentationInfo, png_bytes, present_classes, segmentation_features
 
 MaskReader = Callable[[Path], np.ndarray]
@@ -32,12 +33,9 @@ class FilePair:
 
 def select_first(pairs: list[FilePair], n: int | None) -> list[FilePair]:
     """The first ``n`` pairs by id, so a subset is the same whichever order files were listed."""
+    check_count(n)
     pairs = sorted(pairs, key=lambda pair: pair.id)
-    if n is not None:
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
-        pairs = pairs[:n]
-    return pairs
+    return pairs if n is None else pairs[:n]
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -68,9 +66,9 @@ def load_file_pairs(
 ) -> Dataset:
     """Build a schema dataset from ``pairs`` (already validated, sorted and truncated)."""
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if image_size is not None and image_size <= 0:
-        raise ValueError(f"image_size must be positive or None, got {image_size}")
+        raise InputError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px (or None: native resolution), got {image_size}")
     check_masks_exist(pairs)
     # Absolute paths: lazily decoded images must still resolve after a change of directory.
     rows = [(pair.id, str(pair.image.resolve()), str(pair.mask.resolve())) for pair in pairs]
@@ -103,23 +101,11 @@ def load_file_pairs(
 def _generate(rows, read_mask, num_classes, image_size, resize):
     for sample_id, image_path, mask_path in rows:
         mask = read_mask(Path(mask_path))
-        if image_size is None:
-            width, height = decoded_size(image_path)
-            if (width, height) != (mask.shape[1], mask.shape[0]):
-                raise ValueError(
-                    f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{image_path} is {width}x{height}"
-                )
-            image = {"path": image_path, "bytes": None}
-        else:
-            rgb = load_rgb(image_path)
-            if rgb.size != (mask.shape[1], mask.shape[0]):
-                raise ValueError(
-                    f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{image_path} is {rgb.size[0]}x{rgb.size[1]}"
-                )
-            pixels, mask = to_square(rgb, mask, image_size, resize)
-            image = png_bytes(pixels)
+        try:
+            image, mask = _image_and_mask(image_path, mask_path, mask, image_size, resize)
+        except OSError as error:  # PIL's UnidentifiedImageError, "image file is truncated", unreadable files
+            raise InputError(f"{image_path}: not a readable image ({error}). Remove it and its annotation {mask_path} "
+                             "from the dataset folder, or replace it with an intact copy, then load again") from None
         yield {
             "id": sample_id,
             "image": image,
@@ -128,16 +114,37 @@ def _generate(rows, read_mask, num_classes, image_size, resize):
         }
 
 
+def _image_and_mask(image_path: str, mask_path: str, mask: np.ndarray, image_size, resize) -> tuple[dict, np.ndarray]:
+    """The image column's value and the mask, resized to `image_size` when given; `OSError` when
+    the image file cannot be decoded."""
+    if image_size is None:
+        width, height = decoded_size(image_path)
+        if (width, height) != (mask.shape[1], mask.shape[0]):
+            raise InputError(
+                f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{image_path} is {width}x{height}"
+            )
+        return {"path": image_path, "bytes": None}, mask
+    rgb = load_rgb(image_path)
+    if rgb.size != (mask.shape[1], mask.shape[0]):
+        raise InputError(
+            f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+            f"{image_path} is {rgb.size[0]}x{rgb.size[1]}"
+        )
+    pixels, mask = to_square(rgb, mask, image_size, resize)
+    return png_bytes(pixels), mask
+
+
 def read_label_png(path: Path, modes: tuple[str, ...]) -> np.ndarray:
     """Decode an annotation PNG whose pixel values are labels, rejecting colour-coded files."""
     try:
         with Image.open(path) as image:
             if image.mode not in modes:
-                raise ValueError(
+                raise InputError(
                     f"{path}: expected a label PNG of mode {' or '.join(modes)} (pixel value = "
                     f"label), got mode {image.mode}; colour-coded annotations are not label maps"
                 )
             # np.asarray on a "P" image gives palette indices, which is what VOC labels are.
             return np.asarray(image, dtype=np.uint8).copy()
     except OSError as error:  # PIL.UnidentifiedImageError included
-        raise ValueError(f"{path}: not a readable image ({error})") from error
+        raise InputError(f"{path}: not a readable image ({error})") from error

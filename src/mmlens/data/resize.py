@@ -14,16 +14,24 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import InputError
+
 ResizeMode = Literal["crop", "squash"]
 RESIZE_MODES = ("crop", "squash")
+# The smallest square side a loader makes: below it the scenes' shapes are a few pixels across and a
+# photo holds less than one patch of a vision encoder (14-16 px), so every token would see all of it.
+MIN_IMAGE_SIZE = 16
 
 # EXIF orientations 5-8 rotate by 90 degrees, which swaps the decoded width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 def decoded_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image as ``datasets`` will decode it, read from the header only."""
+    """(width, height) of an image as ``datasets`` will decode it. The pixels are decoded once
+    here, though only the header holds the size: a truncated file decodes lazily otherwise, and
+    would fail mid-study, at whichever batch first reads it."""
     with Image.open(path) as image:
+        image.load()
         width, height = image.size
         orientation = image.getexif().get(Image.ExifTags.Base.Orientation)
     if orientation in _TRANSPOSING_ORIENTATIONS:
@@ -43,10 +51,10 @@ def to_square(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resize ``image`` (RGB) and ``mask`` (HxW uint8) to ``size`` x ``size``."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+        raise InputError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
     height, width = mask.shape
     if image.size != (width, height):
-        raise ValueError(f"image is {image.size[0]}x{image.size[1]} but mask is {width}x{height}")
+        raise InputError(f"image is {image.size[0]}x{image.size[1]} but mask is {width}x{height}")
     mask_image = Image.fromarray(mask)
     if mode == "crop":
         side = min(width, height)

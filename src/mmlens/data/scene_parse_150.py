@@ -14,9 +14,9 @@ import numpy as np
 from datasets import Dataset, load_dataset
 from PIL import Image
 
-from ..errors import HubUnavailableError
+from ..errors import HubUnavailableError, InputError
 from .ade20k import ADE20K_CLASSES, ade20k_labels
-from .build import build_dataset, fingerprint
+from .build import build_dataset, check_count, fingerprint
 from .resize import RESIZE_MODES, ResizeMode, to_square
 from .schema import (
     IGNORE_INDEX,
@@ -56,11 +56,10 @@ def load_scene_parse_150(
 ) -> Dataset:
     """ADE20K via ``datasets.load_dataset``; with ``n`` set, streams only the first ``n`` rows."""
     if split not in SPLITS:
-        raise ValueError(f"scene_parse_150 split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise InputError(f"scene_parse_150 split must be one of {sorted(SPLITS)}, got {split!r}")
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if n is not None and n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+        raise InputError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    check_count(n)
     hub_split = SPLITS[split]
     # Streaming avoids downloading ~1 GB of Parquet when only a few examples are wanted.
     streaming = n is not None if streaming is None else streaming
@@ -78,7 +77,7 @@ def load_scene_parse_150(
         raise _hub_error(repo, error) from error
     missing = {"image", "annotation"} - set(source.column_names or ())
     if source.column_names is not None and missing:
-        raise ValueError(
+        raise InputError(
             f"{repo!r} has columns {source.column_names}; expected 'image', 'annotation' "
             "(and 'scene_category') as in scene_parse_150"
         )
@@ -110,11 +109,11 @@ def convert_example(
     image = example["image"].convert("RGB")
     annotation = example["annotation"]
     if annotation.mode not in ("L", "P"):
-        raise ValueError(f"expected an L-mode annotation, got mode {annotation.mode}")
+        raise InputError(f"expected an L-mode annotation, got mode {annotation.mode}")
     mask = ade20k_labels(np.asarray(annotation, dtype=np.uint8))
     if image_size is None:
         if image.size != annotation.size:
-            raise ValueError(f"image is {image.size} but annotation is {annotation.size}")
+            raise InputError(f"image is {image.size} but annotation is {annotation.size}")
         return image, mask
     return to_square(image, mask, image_size, resize)
 

@@ -17,7 +17,9 @@ from functools import lru_cache
 import numpy as np
 from datasets import Dataset, List, Value
 
-from .build import build_dataset, fingerprint
+from ..errors import InputError
+from .build import build_dataset, check_count, fingerprint
+from .resize import MIN_IMAGE_SIZE
 from .schema import (
     IGNORE_INDEX,
     SegmentationInfo,
@@ -75,7 +77,7 @@ class SceneClass:
 def scene_classes(k: int = 8) -> tuple[SceneClass, ...]:
     """The ``k`` object classes (ids 1..k); classes 2i+1 and 2i+2 share colour and texture."""
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"k (object classes) must be in 1..{MAX_K}, got {k}")
+        raise InputError(f"k (object classes) must be in 1..{MAX_K}, got {k}")
     classes = []
     for index in range(k):
         colour = list(COLOURS)[index // 2]
@@ -175,7 +177,7 @@ def shape_mask(
         reach = math.sqrt(radius * radius - half_width * half_width)
         au, av = np.abs(u), np.abs(v)
         return ((au <= reach) & (av <= half_width)) | ((av <= reach) & (au <= half_width))
-    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    raise InputError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
 def render_scene(
@@ -199,11 +201,11 @@ def render_scene(
     (visible pixels / image pixels).
     """
     if not 1 <= min_objects <= max_objects <= 127:  # 127: owner indices are int8
-        raise ValueError(
+        raise InputError(
             f"need 1 <= min_objects <= max_objects <= 127, got {min_objects}, {max_objects}"
         )
     if not 0 < size_range[0] <= size_range[1] <= 0.5:
-        raise ValueError(f"size_range must satisfy 0 < low <= high <= 0.5, got {size_range}")
+        raise InputError(f"size_range must satisfy 0 < low <= high <= 0.5, got {size_range}")
     classes = scene_classes(k)
     size = image_size
     image = _background(rng, size)
@@ -286,7 +288,7 @@ _RENDER_OPTIONS = ("min_objects", "max_objects", "size_range", "min_visibility",
 def canonical_split(split: str) -> str:
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLIT_STREAMS:
-        raise ValueError(f"scenes split must be one of {sorted(SPLIT_STREAMS)}, got {split!r}")
+        raise InputError(f"scenes split must be one of {sorted(SPLIT_STREAMS)}, got {split!r}")
     return split
 
 
@@ -314,11 +316,12 @@ def load_scenes(
 ) -> Dataset:
     """Examples ``start .. start + n - 1`` (n defaults to 1000) of a split's scene stream."""
     split = canonical_split(split)
+    check_count(n)
     n = 1000 if n is None else n
-    if n < 0 or start < 0 or seed < 0:
-        raise ValueError(f"n, start and seed must be non-negative, got {n}, {start}, {seed}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 px, got {image_size}")
+    if start < 0 or seed < 0:
+        raise InputError(f"start and seed must be non-negative, got {start}, {seed}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     scene_classes(k)  # validate k before any work
     unknown = set(render_kwargs) - set(_RENDER_OPTIONS)
     if unknown:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from ..errors import InputError
 from .files import FilePair, load_file_pairs, read_label_png, select_first
 from .resize import ResizeMode
 from .schema import IGNORE_INDEX, SegmentationInfo
@@ -47,7 +48,7 @@ def read_voc_mask(path: Path) -> np.ndarray:
     labels = read_label_png(path, ("P", "L"))
     bad = np.setdiff1d(np.unique(labels), np.r_[np.arange(len(VOC_CLASSES)), IGNORE_INDEX])
     if bad.size:
-        raise ValueError(
+        raise InputError(
             f"{path}: VOC labels must be 0..{len(VOC_CLASSES) - 1} or {IGNORE_INDEX}, "
             f"found {bad.tolist()}"
         )
@@ -70,14 +71,14 @@ def voc_root(path: str | Path) -> Path:
 def voc_pairs(path: str | Path, split: str, n: int | None = None) -> list[FilePair]:
     """The first ``n`` (all if None) listed pairs of a split, sorted by id."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"VOC split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
+        raise InputError(f"VOC split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     root = voc_root(path)
     list_file = root / "ImageSets" / "Segmentation" / f"{SPLIT_FILES[split]}.txt"
     if not list_file.is_file():
         raise FileNotFoundError(f"expected the split list {list_file}; no such file")
     ids = sorted({line.split()[0] for line in list_file.read_text().splitlines() if line.strip()})
     if not ids:
-        raise ValueError(f"{list_file} lists no image ids")
+        raise InputError(f"{list_file} lists no image ids")
     pairs = []
     # Only the selected ids must exist: a partial download still serves its first n images.
     for image_id in ids if n is None else ids[: max(n, 0)]:

@@ -111,7 +111,7 @@ def anchor_knockout(
     seed: int = 0,
     progress: bool = False,
     group: Any = None,
-) -> AnchorKnockoutResult:
+) -> AnchorKnockoutResult | None:
     """Block anchors -> other image tokens and measure the targets with the sweep's probes.
 
     `reference`: the site whose probe defines the conflicting pairs and the anchors (any probed
@@ -125,8 +125,8 @@ def anchor_knockout(
     that no image holds are refused (InputError): there would be nothing to measure.
 
     Under torch.distributed (torchrun, or `group`, a process group) each rank runs its share of
-    the image batches (whole batches, as in one process) and the per-image counts are gathered in
-    batch order: every rank returns the result one process would, intervals included.
+    the image batches (whole batches, as in one process) and the per-image counts go to rank 0 in
+    batch order: rank 0 returns the result one process would, intervals included; other ranks None.
     """
     check_n_boot(n_boot)  # before the forwards, not after them
     if seed < 0:
@@ -169,13 +169,14 @@ def anchor_knockout(
         parts.append((b, _knockout_batch(model, sweep, batch, plan, bar)))
     bar.close()
     # per image in single-process order, whichever rank ran it; every statistic below is made from these
-    parts = distributed.gather_in_order(parts, group)
+    parts = distributed.gather_to_main(parts, group)
+    if parts is None:  # a rank other than 0: its counts are with rank 0, which makes the result
+        return None
     counts = {key: np.concatenate([p["counts"][key] for p in parts]) for key in parts[0]["counts"]}
     correct = {key: np.concatenate([p["correct"][key] for p in parts]) for key in parts[0]["correct"]}
     scored = [p["scored"] for p in parts]
     n_anchors = [p["anchors"] for p in parts]
     blocked_mass = max(p["blocked_mass"] for p in parts)
-    # every rank holds every image's counts here, so all ranks refuse alike
     _refuse_empty_groups(pairs, reference, np.concatenate(n_anchors), np.concatenate(scored))
     overlap = [sum(p["overlap"][0] for p in parts), sum(p["overlap"][1] for p in parts)]
 

@@ -119,7 +119,7 @@ def position_study(
     progress: bool = False,
     group: Any = None,
     **sweep_settings: Any,
-) -> PositionStudyResult:
+) -> PositionStudyResult | None:
     """Per-token accuracy against raster position, causal vs bidirectional image attention.
 
     `layers`: LLM layers given bidirectional image attention in that condition (default all).
@@ -133,8 +133,8 @@ def position_study(
     any image, is refused (InputError) rather than reported as NaN.
 
     Under torch.distributed (torchrun, or `group`, a process group) both sweeps and the cross
-    reading share the image batches over ranks (`probe_sweep`), per-image predictions are gathered
-    in batch order, and every rank returns the result one process would.
+    reading share the image batches over ranks (`probe_sweep`), per-image predictions go to rank 0
+    in batch order, and rank 0 returns the result one process would; other ranks return None.
     """
     check_n_boot(n_boot)  # before the sweeps, not after them
     if not 0 < early_fraction <= 0.5:
@@ -155,8 +155,10 @@ def position_study(
     with model.using_image_attention("causal"):
         sweeps = {"causal": probe_sweep(model, dataset, **common),
                   "bidirectional": probe_sweep(model, dataset, intervention=bidirectional, **common)}
-        cross, labels, valid = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress,
-                                                  group)
+        cross = _cross_predictions(model, dataset, sweeps["causal"], names, bidirectional, progress, group)
+    if cross is None:  # a rank other than 0: the sweeps' held-out results and the cross reading are with rank 0
+        return None
+    cross, labels, valid = cross
     causal = sweeps["causal"]
     grid = causal.grids["llm"]
     excluded = torch.tensor(excluded_classes(causal.class_names, exclude), dtype=torch.long)
@@ -243,16 +245,18 @@ def _refuse_unscored(scored: np.ndarray, early: np.ndarray, late: np.ndarray, ex
 def _cross_predictions(model, dataset, causal: ProbeSweep, names, intervention, progress=False, group=None):
     """The causal probes read on the bidirectional run of the same held-out images, with those
     images' LLM token labels and validity (padded to the longest image); each rank reads its
-    batches and the per-image rows are gathered in batch order."""
+    batches and sends the per-image rows to rank 0 as each round finishes (None on other ranks)."""
     probes = {n: causal.probes[("model", n)] for n in names}
     settings = causal.settings
-    parts = []
+    to_main = distributed.ToMain(len(causal.test_indices), settings.batch_size, group)
     for number, batch in rank_batches(model, dataset, causal.test_indices, batch_size=settings.batch_size,
                                       group=group, prompt=settings.prompt, min_valid_fraction=settings.min_valid_fraction,
                                       progress=progress, desc="position study: causal probes on the bidirectional run"):
         predicted = predict_image_tokens(model, batch.inputs, probes, fwd_hooks=edit_hooks(intervention, batch.inputs)[0])
-        parts.append((number, (predicted, batch.labels["llm"].labels, batch.labels["llm"].valid)))
-    parts = distributed.gather_in_order(parts, group)  # rows of a batch's tensors below are its images
+        to_main.add(number, (predicted, batch.labels["llm"].labels, batch.labels["llm"].valid))
+    parts = to_main.finish().items  # rows of a batch's tensors below are its images
+    if not distributed.is_main(group):
+        return None
     out = {n: pad_stack([row for p in parts for row in p[0][n]], -1) for n in names}
     return (out, pad_stack([row for p in parts for row in p[1]], causal.ignore_index),
             pad_stack([row for p in parts for row in p[2]], False))

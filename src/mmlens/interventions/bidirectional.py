@@ -19,15 +19,12 @@ from torch import Tensor
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.attention_masks import allowed_edges
 from ..model.edits import HookSet
+from .selection import chosen_indices
 
 
 class BidirectionalImageAttention(HookSet):
     def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, layers: Iterable[int] | None = None):
-        n_layers = model.cfg.n_layers
-        self.layers = sorted(set(range(n_layers) if layers is None else layers))
-        bad = [l for l in self.layers if not 0 <= l < n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the LLM has layers 0..{n_layers - 1}")
+        self.layers = chosen_indices(layers, model.cfg.n_layers, "layers", "the LLM")
         self.model, self.inputs = model, inputs
         image = inputs.layout.image_of_position()
         same_image = (image[:, :, None] == image[:, None, :]) & (image[:, :, None] >= 0)

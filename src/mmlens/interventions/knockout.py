@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import HookSet
 from .groups import GroupContext, TokenGroup
+from .selection import chosen_indices
 
 
 class Knockout(HookSet):
@@ -33,16 +34,13 @@ class Knockout(HookSet):
         if stage not in ("llm", "vision"):
             raise ValueError(f"stage must be 'llm' or 'vision', got {stage!r}")
         n_layers = model.cfg.n_layers if stage == "llm" else model.cfg.vision.n_layers
-        self.layers = sorted(set(layers))
-        bad = [l for l in self.layers if not 0 <= l < n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the {stage} stage has layers 0..{n_layers - 1}")
+        if layers is None:
+            raise InputError("knockout needs the layers to edit: pass layers=range(model.cfg.n_layers) for all")
+        self.layers = chosen_indices(layers, n_layers, "layers", f"the {stage} stage")
         self.model, self.inputs, self.stage, self.verify = model, inputs, stage, verify
-        self.heads = None if heads is None else torch.as_tensor(sorted(set(heads)), dtype=torch.long)
         n_heads = model.cfg.n_heads if stage == "llm" else model.cfg.vision.n_heads
-        if self.heads is not None and (len(self.heads) == 0 or not all(0 <= h < n_heads for h in self.heads.tolist())):
-            raise InputError(f"heads {sorted(set(heads))} out of range: the {stage} stage has heads 0..{n_heads - 1} "
-                             "(heads=None edits every head)")
+        self.heads = None if heads is None else torch.as_tensor(
+            chosen_indices(heads, n_heads, "heads", f"the {stage} stage", " (heads=None edits every head)"), dtype=torch.long)
         q = queries.resolve(inputs, context)
         k = keys.resolve(inputs, context)
         if stage == "vision":
@@ -50,11 +48,13 @@ class Knockout(HookSet):
         edges = q[:, :, None] & k[:, None, :]
         diagonal = torch.eye(edges.shape[-1], dtype=torch.bool)
         self.blocked: Bool[Tensor, "batch query key"] = (edges & ~diagonal).to(model.cfg.device)
-        if not allow_empty and not self.blocked.any():
+        if not allow_empty and not self.n_blocked_edges:
             raise InputError(
-                f"this knockout blocks no edge: the queries select {int(q.sum())} tokens and the keys {int(k.sum())} "
-                "(a token's edge to itself is never blocked), so running it would change nothing. Check the groups, "
-                "or pass allow_empty=True where an empty group is expected (an image without anchors, say)"
+                f"this knockout blocks no edge: the queries select {int(q.sum())} tokens and the keys {int(k.sum())}, "
+                f"and of their {int(self.blocked.sum())} edges none is open in the model's own attention (a token's "
+                "edge to itself is never blocked; a causal model never reads later keys), so running it would change "
+                "nothing. Check the groups, or pass allow_empty=True where an empty group is expected (an image "
+                "without anchors, say)"
             )
         self.blocked_mass: dict[int, float] = {}
         prefix = "blocks" if stage == "llm" else "vision.blocks"
@@ -107,26 +107,32 @@ class Knockout(HookSet):
         windows of Qwen2.5-VL's windowed blocks are not drawn), and a row's CLS and registers see
         all of it. With `heads`, `head` picks one head (an unedited head shows the model's own
         mask)."""
-        if self.stage == "vision":
-            image = self.inputs.layout.image_of_patch().to(self.blocked.device)
-            query, key = image[:, :, None], image[:, None, :]
-            own = (query == key) | (query < 0) | (key < 0)
-        else:
-            own = self.model.attention_edges(self.inputs).to(self.blocked.device)
+        own = self._own_edges()
         if head is not None and self.heads is not None and head not in self.heads.tolist():
             return own
         return own & ~self.blocked
 
+    def _own_edges(self) -> Bool[Tensor, "batch query key"]:
+        """Where the unedited model lets a query read a key (see `effective_mask`)."""
+        if self.stage == "vision":
+            image = self.inputs.layout.image_of_patch().to(self.blocked.device)
+            query, key = image[:, :, None], image[:, None, :]
+            return (query == key) | (query < 0) | (key < 0)
+        return self.model.attention_edges(self.inputs).to(self.blocked.device)
+
     @property
     def n_blocked_edges(self) -> int:
-        return int(self.blocked.sum())
+        """Query -> key edges the model's own mask leaves open and this knockout closes, summed over
+        the batch (in each edited layer and head); edges the model never attends are not counted."""
+        return int((self.blocked & self._own_edges()).sum())
 
 
 def knockout(model: HookedMLLM, inputs: MultimodalInputs, *, queries: TokenGroup, keys: TokenGroup,
              layers: Iterable[int], heads: Iterable[int] | None = None,
              stage: Literal["llm", "vision"] = "llm", verify: bool = False,
              context: GroupContext | None = None, allow_empty: bool = False) -> Knockout:
-    """Block attention from `queries` to `keys` in `layers` (all heads unless `heads`). A knockout
-    that blocks no edge is an error unless `allow_empty`: it would silently change nothing."""
+    """Block attention from `queries` to `keys` in `layers` (all heads unless `heads`). Empty
+    `layers` or `heads`, or a knockout that closes no edge the model leaves open, is an error
+    unless `allow_empty` (for the groups): it would silently change nothing."""
     return Knockout(model, inputs, queries, keys, layers, heads, stage, verify, context, allow_empty)
 

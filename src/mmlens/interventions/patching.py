@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
+from .selection import chosen_indices
 from ..model.edits import Edit, edit_hooks
 from ..model.layout import same_span
 
@@ -75,6 +76,9 @@ class Patch:
             object.__setattr__(self, "heads", (self.heads,))
         elif self.heads is not None:
             object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+            if not self.heads:
+                raise InputError(f"Patch({self.hook!r}, heads=()) patches no head and would change nothing; "
+                                 "name at least one head, or heads=None for all")
 
 
 Condition = Union[Patch, Sequence[Patch]]
@@ -504,11 +508,7 @@ def head_conditions(model: HookedMLLM, hook: str = "z", layers: Sequence[int] | 
         raise ValueError(f"head patching reads hook_z or hook_result: hook must be 'z' or 'result', got {hook!r}")
     if hook == "result" and not model.cfg.use_attn_result:
         raise ValueError("hook='result' needs model.set_use_attn_result(True)")
-    n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the LLM has layers 0..{n_layers - 1}")
+    layers = chosen_indices(layers, model.cfg.n_layers, "layers", "the LLM")
     n_heads = model.cfg.llm.n_heads
     return layers, [Patch(f"blocks.{l}.attn.hook_{hook}", positions, (h,)) for l in layers for h in range(n_heads)]
 

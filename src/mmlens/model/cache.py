@@ -10,6 +10,7 @@ cached scale and multiplies by the norm's own weight, which is what TL's folded 
 
 from __future__ import annotations
 
+import difflib
 from contextlib import contextmanager
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -52,6 +53,14 @@ class MultimodalActivationCache(ActivationCache):
 
     # ------------------------------------------------------------------ keys
     def __getitem__(self, key: Any) -> Tensor:
+        try:
+            return self._lookup(key)
+        except HookNameError:
+            raise
+        except KeyError:
+            raise self._missing(key) from None
+
+    def _lookup(self, key: Any) -> Tensor:
         if isinstance(key, tuple) and key and key[-1] in _STAGE_PREFIX:
             return self.cache_dict[self._stage_key(key[:-1], key[-1])]
         if isinstance(key, str) and key not in self.cache_dict:
@@ -64,10 +73,38 @@ class MultimodalActivationCache(ActivationCache):
                 return self.cache_dict[canonical]
         return super().__getitem__(key)
 
+    def _missing(self, key: Any) -> HookNameError:
+        """A missing key as a KeyError that says whether the name is a hook point left out of this
+        cache or a misspelling, and lists the closest cached names."""
+        name = key if isinstance(key, str) else self._long_name(key)
+        base, grad = (name[: -len("_grad")], "_grad") if name.endswith("_grad") else (name, "")
+        try:
+            canonical = self.model.resolve_hook_name(base) + grad
+        except (HookNameError, AttributeError):
+            canonical = None
+        cached = list(self.cache_dict)
+        close = difflib.get_close_matches(name, cached, n=5, cutoff=0.5)
+        if canonical is not None:
+            why = (f"{canonical} is a hook point but this cache does not hold it (run_with_cache's names_filter "
+                   "left it out): include it in names_filter")
+        else:
+            why = "no hook point has that name"
+        return HookNameError(f"{key!r} is not in this cache: {why}. Closest cached: {close or 'none'} "
+                             f"({len(cached)} cached; cache.keys() lists them)")
+
+    def _long_name(self, key: Any) -> str:
+        """The hook name a tuple key stands for (as TL's `get_act_name` spells it), else the key as text."""
+        try:
+            if isinstance(key, tuple) and key and key[-1] in _STAGE_PREFIX:
+                return self._stage_key(key[:-1], key[-1])
+            return get_act_name(*key) if isinstance(key, tuple) else str(key)
+        except Exception:  # noqa: BLE001 - a key TL cannot spell either: show it as given
+            return str(key)
+
     def _stage_key(self, key: tuple, stage: str) -> str:
         if stage == "adapter":
             if len(key) != 1:
-                raise KeyError(f"adapter short keys are (name, 'adapter'), e.g. ('out', 'adapter'); got {key + (stage,)}")
+                raise HookNameError(f"adapter short keys are (name, 'adapter'), e.g. ('out', 'adapter'); got {key + (stage,)}")
             return f"adapter.hook_{key[0]}"
         if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
             key = (key[0], self.model.cfg.vision.n_layers + key[1], *key[2:])

@@ -42,6 +42,49 @@ def device_problem(device: str | torch.device | None, cuda_count: int | None = N
     return None
 
 
+def device_map_problem(model_class: type[nn.Module], config, device_map: dict[str, str | int]) -> str | None:
+    """None when a module-name -> device map names only modules (or parameters) of the model and
+    gives every parameter a place, else what is wrong. Asked of the model built on the meta device
+    (no memory) before loading, so a typo in a name is not mistaken for a damaged checkpoint."""
+    import copy
+    import difflib
+
+    with torch.device("meta"):
+        skeleton = model_class(copy.deepcopy(config))
+    names = {name for name, _ in skeleton.named_modules()} | {name for name, _ in skeleton.named_parameters()}
+    unknown = [key for key in device_map if key not in names]
+    if unknown:
+        close = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
+        hints = ", ".join(f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else "") for key, match in close.items())
+        return f"device_map names {hints}, which {type(skeleton).__name__} does not have; use its module names"
+    placed = lambda key: any(n == "" or key == n or key.startswith(f"{n}.") for n in device_map)  # noqa: E731
+    parameters = [key for key, _ in skeleton.named_parameters()]
+    homeless = [key for key in parameters if not placed(key)]
+    if homeless:
+        modules = _outermost_modules(parameters, set(homeless))
+        return (f"device_map gives no device to {len(homeless)} parameter(s): those of {', '.join(modules[:4])}"
+                f"{' and more' if len(modules) > 4 else ''}; add an entry for each of those modules")
+    return None
+
+
+def _outermost_modules(parameters: list[str], chosen: set[str]) -> list[str]:
+    """The outermost modules all of whose parameters are among `chosen` (each chosen parameter once)."""
+    counts: dict[str, list[int]] = {}
+    for key in parameters:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            count = counts.setdefault(".".join(parts[:i]), [0, 0])
+            count[0] += 1
+            count[1] += key in chosen
+    out = []
+    for key in parameters:
+        if key in chosen:
+            parts = key.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+            out.append(next((p for p in prefixes if counts[p][0] == counts[p][1]), key))
+    return list(dict.fromkeys(out))
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a dtype or its name; `ValueError` naming the supported ones."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
@@ -64,9 +107,11 @@ def bare_forward(module: nn.Module) -> Callable:
 
 def override_forward(module: nn.Module, forward: Callable) -> None:
     """Run `forward` when the module is called. Under accelerate it goes inside the hook, so the
-    inputs arrive on the module's device and offloaded weights are loaded while it runs."""
+    inputs arrive on the module's device and offloaded weights are loaded while it runs. A model
+    dispatched after this call keeps it inside too: accelerate wraps whatever `forward` it finds."""
     if not hasattr(module, _ORIGINAL):
-        setattr(module, _ORIGINAL, module.__dict__.get("_old_forward" if dispatched(module) else "forward"))
+        attribute = "_old_forward" if dispatched(module) else "forward"
+        setattr(module, _ORIGINAL, (attribute, module.__dict__.get(attribute)))
     if dispatched(module):
         module._old_forward = forward
     else:
@@ -74,16 +119,19 @@ def override_forward(module: nn.Module, forward: Callable) -> None:
 
 
 def restore_forward(module: nn.Module) -> None:
-    """Put back the forward `override_forward` replaced."""
+    """Put back the forward `override_forward` replaced, wherever accelerate has moved it since
+    (a hook added after the override holds it in `_old_forward`; a hook removed put it in `forward`)."""
     if not hasattr(module, _ORIGINAL):
         return
-    original = getattr(module, _ORIGINAL)
-    name = "_old_forward" if dispatched(module) else "forward"
-    if original is None:
-        module.__dict__.pop(name, None)
-    else:
-        setattr(module, name, original)
+    attribute, original = getattr(module, _ORIGINAL)
     delattr(module, _ORIGINAL)
+    if dispatched(module):
+        # accelerate's wrapper stays in `forward` and calls `_old_forward`: it must stay callable
+        module._old_forward = original if original is not None else type(module).forward.__get__(module)
+    elif original is None or attribute == "_old_forward" and original == type(module).forward.__get__(module):
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = original
 
 
 def weights_present(module: nn.Module):
@@ -106,5 +154,5 @@ def input_device(hf_model: nn.Module) -> torch.device:
     return weight.device
 
 
-__all__ = ["DTYPES", "bare_forward", "device_problem", "dispatched", "input_device", "override_forward",
-           "resolve_dtype", "restore_forward", "weights_present"]
+__all__ = ["DTYPES", "bare_forward", "device_map_problem", "device_problem", "dispatched", "input_device",
+           "override_forward", "resolve_dtype", "restore_forward", "weights_present"]

@@ -3,7 +3,8 @@
 Hook points are TransformerLens `HookPoint`s held in a small module tree (`vision.blocks.3.attn`,
 `adapter`, `blocks.7.mlp` ...), separate from the Hugging Face modules they observe, so names
 stay the same for every architecture. `fire` skips a point that has no hook, which keeps a
-forward without hooks as fast as the bare model.
+forward without hooks as fast as the bare model; every point checks that its hooks return what
+they received (`hook_contract`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from .hook_contract import CheckedHookPoint
 from .weights import AttentionWeights, MLPWeights, NormWeights, StackedWeights
 
 
@@ -32,7 +34,7 @@ class HookGroup(nn.Module):
         super().__init__()
         self._own_points: list[HookPoint] = []
         for name in names:
-            point = HookPoint()
+            point = CheckedHookPoint()
             setattr(self, name, point)
             self._own_points.append(point)
 

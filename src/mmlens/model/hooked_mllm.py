@@ -31,6 +31,7 @@ from .architectures.base import BASE_INPUT_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .devices import input_device
+from .hook_contract import CheckedHookPoint
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
 from .layer_runs import check_layer, growing_batch, layer_range, run_or_stop, silenced
@@ -61,6 +62,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def __init__(self, hf_model: nn.Module, processor: Any = None, *, verify: bool = True):
         super().__init__()
         self.architecture = architecture_for(hf_model)
+        self.architecture.check_special_tokens(hf_model)
         self.cfg = self.architecture.build_config(hf_model)
         if getattr(hf_model, "hf_device_map", None):  # split or offloaded: inputs go where the forward starts
             self.cfg = replace(self.cfg, device=input_device(hf_model))
@@ -72,8 +74,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         v, llm = self.cfg.vision, self.cfg.llm
         self.vision = VisionHooks(v)
         self.adapter = AdapterHooks(has_hidden=self.cfg.adapter.d_hidden is not None)
-        self.hook_embed = HookPoint()
-        self.hook_multimodal_embed = HookPoint()
+        self.hook_embed = CheckedHookPoint()
+        self.hook_multimodal_embed = CheckedHookPoint()
         self.blocks = nn.ModuleList(
             BlockHooks(rotary=llm.positional_embedding_type == "rotary", gated_mlp=llm.gated_mlp,
                        sandwich_norms=llm.use_normalization_before_and_after, qk_norm=llm.use_qk_norm)
@@ -337,6 +339,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             raise ValueError("no input_ids: pass MultimodalInputs from model.prepare(...) or input_ids=")
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(ids.shape)}")
+        self._check_context(ids.shape[1])
         if check_images:
             pixel_values = kwargs.get("pixel_values")
             family = {k: kwargs[k] for k in family_names if k in kwargs}
@@ -346,6 +349,24 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
                 raise InputError(f"pixel_values of image(s) {bad} hold NaN or inf; every activation downstream "
                                  "would be NaN. Check the images (or the code that built pixel_values)")
         return kwargs
+
+    @property
+    def context_length(self) -> int | None:
+        """The LLM's longest sequence (its text config's `max_position_embeddings`; None if it has none)."""
+        limit = getattr(self.hf_model.config.get_text_config(), "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) else None
+
+    def _check_context(self, length: int, new_tokens: int = 0) -> None:
+        """Refuse a sequence longer than the LLM's positions reach: past the limit a model runs on
+        positions it never saw in training and answers without a word of warning."""
+        limit = self.context_length
+        if limit is not None and length + new_tokens > limit:
+            asked = f"{length} tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
+            raise InputError(
+                f"the inputs are {asked} long (image tokens inserted, padded to the batch's longest row), but "
+                f"{self.cfg.architecture}'s LLM takes at most {limit} (max_position_embeddings). Shorten the "
+                "prompt, use fewer or smaller images" + (", or generate fewer tokens" if new_tokens else "")
+            )
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -568,6 +589,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
         processor = self._require_processor()
+        self._check_context(inputs.input_ids.shape[1], max_new_tokens)
         own_rule = self._with_image_attention(inputs.keywords())
         rule_mask = own_rule["attention_mask"]
         if isinstance(rule_mask, Tensor) and rule_mask.ndim == 2:  # Hugging Face's cached decoding applies the rule itself

@@ -1,7 +1,8 @@
 """Finding and loading a Hugging Face checkpoint: shipped name, local directory or hub id.
 
 Nothing here installs packages or reaches the network unless the user names a hub model; with
-`HF_HUB_OFFLINE=1` only the local cache is consulted, and a miss says how to fix it. Models
+`HF_HUB_OFFLINE=1`, or when one quick request finds the hub unreachable, only the local cache is
+consulted (no retries), and a miss says how to fix it. Models
 loadable by name are registered from above (`mmlens.zoo` registers the shipped ones), so the
 model layer never imports the zoo.
 """
@@ -17,9 +18,9 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from ..errors import InputError, ModelLoadError, UnsupportedModelError
+from ..errors import HubUnavailableError, InputError, ModelLoadError, UnsupportedModelError
 from .architectures import ARCHITECTURES
-from .devices import device_problem, resolve_dtype
+from .devices import device_map_problem, device_problem, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -95,17 +96,23 @@ def load_hf_checkpoint(
     except ValueError as error:
         raise InputError(str(error)) from None
     location, is_local = resolve_checkpoint(name_or_path)
-    local_only = is_local or _offline()
+    # One quick look at the hub instead of Hugging Face's retries (about 23 s) when it is down: a
+    # hub id then loads from the local cache, as with HF_HUB_OFFLINE, or fails at once.
+    unreachable = None if is_local or _offline() else _hub_problem()
+    local_only = is_local or _offline() or unreachable is not None
     if is_local:
         config = _local_config(Path(location))
     else:
-        config = _hub_config(name_or_path, location, local_only)
+        config = _hub_config(name_or_path, location, local_only, unreachable)
     class_name = (config.architectures or [None])[0]
     if class_name not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{name_or_path!r} is a {class_name}; supported architectures: {sorted(ARCHITECTURES)}"
         )
     model_class = getattr(transformers, class_name)
+    problem = device_map_problem(model_class, config, device_map) if isinstance(device_map, dict) else None
+    if problem:
+        raise InputError(problem)
     kwargs = {"local_files_only": local_only}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -147,17 +154,31 @@ def _local_config(location: Path):
         ) from error
 
 
-def _hub_config(name_or_path, location: str, local_only: bool):
+def _hub_problem(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one request, no retries), or None when it answers at all."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - DNS, refused, timeout, proxy: each its own kind
+        return f"{constants.ENDPOINT} cannot be reached ({type(error).__name__}: {str(error)[:120]})"
+    return None
+
+
+def _hub_config(name_or_path, location: str, local_only: bool, unreachable: str | None = None):
     try:
         return AutoConfig.from_pretrained(location, local_files_only=local_only)
     except OSError as error:
+        remedy = (f"Download it where the hub is reachable (`hf download {name_or_path}`) or pass a local "
+                  f"checkpoint directory. Shipped models: {sorted(shipped_models())}")
+        if unreachable is not None:
+            raise HubUnavailableError(
+                f"cannot load {name_or_path!r}: {unreachable} and it is not in the local cache. {remedy}"
+            ) from error
         hint = (
             "HF_HUB_OFFLINE is set and it is not in the local cache"
             if _offline()
-            else "the hub could not be reached or the id does not exist"
+            else "the id does not exist on the hub (or is private: log in with `hf auth login`)"
         )
-        raise FileNotFoundError(
-            f"cannot load {name_or_path!r}: {hint}. Download it where the hub is reachable "
-            f"(`hf download {name_or_path}`) or pass a local checkpoint directory. "
-            f"Shipped models: {sorted(shipped_models())}"
-        ) from error
+        raise FileNotFoundError(f"cannot load {name_or_path!r}: {hint}. {remedy}") from error

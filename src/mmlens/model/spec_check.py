@@ -4,7 +4,8 @@ A hooked block runs Hugging Face's own code while no hook listens and its spec's
 maths when one does, so a spec that does not match the block (a missed sandwich norm, a wrong
 rotary function or scale) leaves plain logits exact and hooked activations wrong. The check runs
 the architecture's probe batch twice, bare and with an identity hook on every hook point, records
-each block's output both times, and names the first block whose outputs differ.
+each block's output both times, and names the first block whose outputs differ. A bare run that
+is already NaN is no spec's fault: it names the parameters holding NaN or inf instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 
 # `model` below is a HookedMLLM, which calls this module while it is being built.
 
@@ -42,6 +43,29 @@ def _block_outputs(model: Any, inputs: dict[str, Tensor], blocks: list[tuple[str
     return outputs, logits
 
 
+def _non_finite_error(model: Any) -> ModelLoadError:
+    """Why the bare model gives NaN or inf on a probe batch: the parameters that hold non-finite
+    values (a damaged file), or, if none does, a dtype too narrow for its activations."""
+    cfg = model.cfg
+    damaged = []
+    for name, parameter in model.hf_model.named_parameters():
+        if parameter.is_floating_point() and parameter.device.type != "meta":  # meta: offloaded, read at run time
+            count = int((~torch.isfinite(parameter.detach())).sum())
+            if count:
+                damaged.append(f"{name} ({count} of {parameter.numel()} values)")
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        return ModelLoadError(
+            f"{cfg.architecture}: {len(damaged)} parameter(s) hold NaN or inf: {shown}. Every output would be NaN; "
+            "the checkpoint file may be damaged (an interrupted download or copy?): copy it again, or check the code "
+            "that edited those weights"
+        )
+    return ModelLoadError(
+        f"{cfg.architecture}: every weight is finite but a probe batch gives NaN or inf logits in {cfg.dtype}: its "
+        "activations overflow this dtype. Load the model in a wider dtype (bfloat16 or float32)"
+    )
+
+
 def verify_blocks(model: Any) -> float:
     """Raise `UnsupportedModelError` naming the first block whose hooked maths differs from the
     bare block on the probe batch; return the largest relative difference seen (logits included)."""
@@ -51,6 +75,8 @@ def verify_blocks(model: Any) -> float:
     blocks = architecture.blocks(model.hf_model)
     tolerance = RELATIVE_TOLERANCE.get(cfg.dtype, 3e-2)
     bare, bare_logits = _block_outputs(model, probe, blocks)
+    if not torch.isfinite(bare_logits).all():
+        raise _non_finite_error(model)
     use_result = cfg.use_attn_result
     model.set_use_attn_result(True)
     try:

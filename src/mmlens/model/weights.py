@@ -19,12 +19,27 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
+from ..errors import InputError
+
 
 def _bound(group: nn.Module, what: str) -> Any:
     source = getattr(group, "_weight_source", None)
     if source is None:
         raise AttributeError(f"{type(group).__name__} has no {what}: its Hugging Face module was not bound")
     return source
+
+
+def _present(module: Any) -> Any:
+    """The module, once it is known to hold its weights: accelerate leaves a disk- or CPU-offloaded
+    module's weights as `meta` tensors (no values) outside its forward, and a view of those would
+    fail later, far from here, or be mistaken for the weights."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_meta:
+        raise InputError(
+            f"this {type(module).__name__}'s weights are offloaded by accelerate (device_map), so the TL weight views "
+            "cannot read them (they exist only while the layer runs); read them in a hook during a forward, or "
+            "load the model without offloading this layer")
+    return module
 
 
 def ungated_linears(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear]:
@@ -61,11 +76,12 @@ class AttentionWeights(FactoredCircuits):
         self._weight_source = tuple(getattr(module, n) for n in (q, k, v, o)) + (module.head_dim,)
 
     def _linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear, int]:
-        return _bound(self, "attention weights")
+        *linears, d_head = _bound(self, "attention weights")
+        return (*map(_present, linears), d_head)
 
     @property
     def repeat_kv_heads(self) -> int:
-        q, k, *_ = self._linears()
+        q, k, *_ = _bound(self, "attention weights")  # sizes only: an offloaded layer has them too
         return q.out_features // k.out_features
 
     def _expand(self, per_kv_head: Tensor) -> Tensor:
@@ -114,7 +130,7 @@ class MLPWeights:
         linears = _bound(self, "MLP weights")
         if index >= len(linears):
             raise AttributeError("this MLP is not gated: it has W_in and W_out only")
-        return linears[index]
+        return _present(linears[index])
 
     W_in = property(lambda self: self._linear(0).weight.T, doc="[d_model, d_mlp]")
     b_in = property(lambda self: _bias(self._linear(0)), doc="[d_mlp]")
@@ -138,11 +154,12 @@ class NormWeights:
         """The factor the norm applies: the parameter itself, or `1 + weight` (a new tensor) for
         norms that store an offset weight (Gemma's RMSNorms; TL's `rmsnorm_uses_offset`)."""
         module, _, offset = _bound(self, "norm weight")
+        _present(module)
         return module.weight + offset if offset else module.weight
 
     @property
     def b(self) -> Float[Tensor, "d_model"]:
-        module = _bound(self, "norm bias")[0]
+        module = _present(_bound(self, "norm bias")[0])
         return module.bias if getattr(module, "bias", None) is not None else torch.zeros_like(module.weight)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -195,11 +212,11 @@ class Unembed:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self._module.weight.T
+        return _present(self._module).weight.T
 
     @property
     def b_U(self) -> Float[Tensor, "d_vocab"]:
-        return _bias(self._module)
+        return _bias(_present(self._module))
 
     def __call__(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         return self._module(residual)
@@ -213,7 +230,7 @@ class Embed:
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self._module.weight
+        return _present(self._module).weight
 
     def __call__(self, tokens: Tensor) -> Float[Tensor, "... d_model"]:
         return self._module(tokens)

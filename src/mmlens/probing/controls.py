@@ -1,32 +1,37 @@
 """Control models for probe sweeps: the same architecture with every weight re-drawn, and the
 trained vision tower and adapter in front of a re-drawn LLM.
 
-Both build a fresh model of the same class and config with Hugging Face's own initialisation,
-seeded; `random_llm` then copies in every parameter and buffer that is not the LLM's (state_dict
-keys outside the LLM's modules, which the architecture's stage modules locate in any family), so
-whatever the LLM would recover beyond the adapter's output shows against a random LLM that sees
-the same image tokens.
+Both are built by `redrawn_copy`: a model of the same class and config, drawn by Hugging Face's
+own initialisation (seeded per module), placed like the trained model (same devices, same device
+map, disk-offloaded parts on disk) and in its dtypes, one block at a time, so a control costs one
+more model's memory, never a float32 copy of the whole model on one device. `random_llm` copies in
+every tensor that is not the LLM's (state_dict keys outside the LLM's modules, which the
+architecture's stage modules locate in any family), so whatever the LLM would recover beyond the
+adapter's output shows against a random LLM that sees the same image tokens.
 """
 
 from __future__ import annotations
 
-import copy
+import os
 
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..model import HookedMLLM
+from ..model.redraw import redrawn_copy
 
 
-def randomly_initialised(model: HookedMLLM, seed: int) -> HookedMLLM:
-    """The same architecture with fresh random weights (HF's own initialisation), seeded."""
-    return HookedMLLM.from_hf(_fresh(model, seed), model.processor)
+def randomly_initialised(model: HookedMLLM, seed: int, *, offload_folder: str | os.PathLike | None = None) -> HookedMLLM:
+    """The same architecture with fresh random weights (HF's own initialisation), seeded, placed
+    and typed like `model`. Disk-offloaded parts go to `offload_folder` (default: a temporary
+    folder, removed with the control)."""
+    return HookedMLLM.from_hf(redrawn_copy(model.hf_model, seed, offload_folder=offload_folder), model.processor)
 
 
-def random_llm(model: HookedMLLM, seed: int) -> HookedMLLM:
+def random_llm(model: HookedMLLM, seed: int, *, offload_folder: str | os.PathLike | None = None) -> HookedMLLM:
     """The trained vision tower and adapter with a re-drawn LLM (embeddings, blocks, final norm and
-    unembedding re-initialised by Hugging Face, seeded) as a new model; `model` is untouched.
+    unembedding re-initialised by Hugging Face, seeded) as a new model placed and typed like
+    `model`; `model` is untouched.
 
     The LLM is drawn exactly as `randomly_initialised(model, seed)` draws it. Raises
     UnsupportedModelError when the LLM's modules cannot be told apart from the vision side's."""
@@ -34,16 +39,7 @@ def random_llm(model: HookedMLLM, seed: int) -> HookedMLLM:
     trained = model.hf_model
     is_llm = lambda key: any(key == name or key.startswith(name + ".") for name in llm)  # noqa: E731
     _refuse_shared_parameters(trained, is_llm)
-    hf = _fresh(model, seed)
-    kept = {key: value for key, value in trained.state_dict().items() if not is_llm(key)}
-    # copy_ into the fresh tensors keeps their (contiguous) layout: see DESIGN on float32 matmuls
-    missing, unexpected = hf.load_state_dict(kept, strict=False)
-    left = [key for key in missing if not is_llm(key)]
-    if left or unexpected:
-        raise UnsupportedModelError(
-            f"{type(trained).__name__}: the fresh copy's state does not match the trained model's "
-            f"(missing {left[:5]}, unexpected {unexpected[:5]}); random_llm needs a model that rebuilds from its config"
-        )
+    hf = redrawn_copy(trained, seed, keep=lambda key: not is_llm(key), offload_folder=offload_folder)
     return HookedMLLM.from_hf(hf, model.processor)
 
 
@@ -80,15 +76,6 @@ def llm_module_names(model: HookedMLLM) -> tuple[str, ...]:
     if llm.unembed is not None and id(llm.unembed) in names and not inside(names[id(llm.unembed)], root_name):
         out.append(names[id(llm.unembed)])
     return tuple(out)
-
-
-def _fresh(model: HookedMLLM, seed: int) -> nn.Module:
-    """A new Hugging Face model of the same class and config, initialised by Hugging Face on the CPU
-    after `torch.manual_seed(seed)`; the caller's CPU random state is restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = type(model.hf_model)(copy.deepcopy(model.hf_model.config))
-    return hf.to(model.cfg.device, model.cfg.dtype).eval()
 
 
 def _refuse_shared_parameters(hf: nn.Module, is_llm) -> None:

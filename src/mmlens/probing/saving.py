@@ -4,7 +4,9 @@ A probe is one safetensors file (its standardisation and affine map, with its ki
 file's metadata). A sweep is a folder: its tensors (probes, held-out predictions, per-image
 counts, the train/test split and bootstrap resamples) in safetensors, its tables in parquet,
 and its settings, sites and class names in JSON. The dataset is not copied: the caller passes
-it back to `load_sweep` (the same loader with the same arguments gives the same rows).
+it back to `load_sweep` (the same loader with the same arguments gives the same rows). The
+JSON description lists every file's sha256 and carries the hash of its own content, so a file
+edited, truncated or replaced after saving is refused by `load_sweep` by name.
 `LinearProbe.save` / `LinearProbe.load` are the probe's own methods; this module builds on them. Tensors
 are written contiguous, so a loaded probe computes bit for bit what the fitted one did.
 """
@@ -20,9 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from ..checksums import SEAL, bytes_sha256, file_sha256, seal_holds, sealed
 from ..errors import InputError
 from ..model.layout import TokenGrid
 from .linear import PROBE_FIELDS, LinearProbe
@@ -30,7 +34,7 @@ from .metrics import SegmentationScores
 from .sites import Site
 from .sweep import ProbeSweep, SweepSettings
 SWEEP_DESCRIPTION = "sweep.json"
-SWEEP_FORMAT = 2  # 2: penalties chosen by cross-validation, token-resolution ceilings
+SWEEP_FORMAT = 3  # 2: penalties chosen by cross-validation, token-resolution ceilings; 3: file hashes, sealed
 
 
 def save_probe(probe: LinearProbe, path: str | os.PathLike) -> Path:
@@ -150,29 +154,45 @@ def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts = sweep_parts(sweep)
-    for name, tensors in parts.tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"))
-    for name, table in parts.tables.items():
-        table.to_parquet(folder / f"{name}.parquet")
+    contents = {f"{name}.safetensors": safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+                for name, tensors in parts.tensors.items()}
+    contents.update({f"{name}.parquet": table.to_parquet(None) for name, table in parts.tables.items()})
+    for filename, data in contents.items():
+        (folder / filename).write_bytes(data)
     n_images = None if sweep.dataset is None else len(sweep.dataset)
-    document = {"format": SWEEP_FORMAT, "n_dataset_images": n_images, **parts.description}
+    document = {"format": SWEEP_FORMAT, "n_dataset_images": n_images,
+                "files": {filename: bytes_sha256(data) for filename, data in contents.items()}, **parts.description}
     # the description is written last: a folder without it is an interrupted save
-    (folder / SWEEP_DESCRIPTION).write_text(json.dumps(document, indent=1))
+    (folder / SWEEP_DESCRIPTION).write_text(json.dumps(sealed(document), indent=1))
     return folder
 
 
 def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> ProbeSweep:
-    """The sweep `save_sweep` wrote in `folder`. Pass the dataset it was fitted on (loaded with
-    the same arguments) to draw prediction maps or run experiments on it; without it the tables,
-    probes, scores and curves are all there."""
+    """The sweep `save_sweep` wrote in `folder`, every file checked against the sha256 saved
+    with it. Pass the dataset it was fitted on (loaded with the same arguments) to draw
+    prediction maps or run experiments on it; without it the tables, probes, scores and curves
+    are all there."""
     folder = Path(folder)
     description_file = folder / SWEEP_DESCRIPTION
     if not description_file.is_file():
         raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing); save one with save_sweep(sweep, folder)")
-    description = json.loads(description_file.read_text())
+    changed = (f"was changed after save_sweep wrote it (edited, truncated or replaced), so the sweep cannot be trusted; "
+               "save the sweep again with save_sweep(sweep, folder), or fit it again")
+    try:
+        description = json.loads(description_file.read_text())
+    except ValueError:
+        raise InputError(f"{description_file} {changed}") from None
+    if not isinstance(description, dict) or (SEAL in description and not seal_holds(description)):
+        raise InputError(f"{description_file} {changed}")
+    if description.get("format") != SWEEP_FORMAT or not seal_holds(description):
+        raise InputError(f"{description_file} was written by another mmlens version (format "
+                         f"{description.get('format')}, this one reads {SWEEP_FORMAT}); save the sweep again with this version")
+    for filename, digest in description["files"].items():
+        if not (folder / filename).is_file() or file_sha256(folder / filename) != digest:
+            raise InputError(f"{folder / filename} is missing or {changed}")
+    for key in ("format", "files", SEAL):
+        description.pop(key)
     expected = description.pop("n_dataset_images", None)
-    if description.pop("format", None) != SWEEP_FORMAT:
-        raise InputError(f"{description_file} was written by another mmlens version (format {SWEEP_FORMAT} expected)")
     if dataset is not None and expected is not None and len(dataset) != expected:
         raise InputError(f"the sweep was fitted on a dataset of {expected} images, this one has {len(dataset)}; "
                          "load it with the same arguments (name, split, n, seed, image_size)")

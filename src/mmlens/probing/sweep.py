@@ -12,6 +12,7 @@ the trained vision tower and adapter, or on a randomly initialised copy.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -37,7 +38,7 @@ from .penalty import (DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS, PenaltyChoice, 
                       choose_logistic_l2, image_folds)
 from .sites import Site, default_sites, gather_image_tokens
 from .split import split_images
-from .store import ActivationStore
+from .store import ActivationStore, store_folder
 
 ProbeKind = Literal["ridge", "logistic"]
 Control = Literal["random_init", "random_llm", "shuffled_labels", "control_task"]
@@ -131,15 +132,26 @@ class ProbeSweep:
     penalties: pd.DataFrame = field(repr=False, default=None)
     # per grid ("vision", "llm"): the token-resolution ceiling, each token painting its box's majority class
     ceilings: dict[str, SegmentationScores] = field(repr=False, default_factory=dict)
+    # True on ranks other than 0 of a distributed sweep: the probes, split and settings every rank
+    # fitted alike and rank 0's confusion matrices, without the per-image held-out results, which
+    # went to rank 0 as they were made
+    rank_share: bool = False
 
     def probe(self, hook: str, condition: str = "model") -> LinearProbe:
         return self.probes[(condition, hook)]
+
+    def _require_results(self) -> None:
+        if self.rank_share:
+            raise InputError(f"this is rank {distributed.rank()}'s share of a distributed sweep: its probes and split, "
+                             "not its held-out results, which were sent to rank 0; read tables and summaries on rank 0 "
+                             "(distributed.is_main())")
 
     def summary(self, condition: str = "model") -> pd.DataFrame:
         """Drop at the adapter, recovery at the LLM layer fixed in the settings, the fraction
         recovered, their values a decade either side of the chosen penalties, and the recovery over a
         re-drawn LLM's when the sweep has that control, with bootstrap intervals over test images
         (paired: the same resamples for every site)."""
+        self._require_results()
         from .summary import sweep_summary
 
         return sweep_summary(self, condition)
@@ -147,6 +159,7 @@ class ProbeSweep:
     def layer_recoveries(self, condition: str = "model") -> pd.DataFrame:
         """Recovery over the adapter output at every LLM site, with pointwise and simultaneous
         (max-statistic over the layers) 95% intervals."""
+        self._require_results()
         from .summary import layer_recoveries
 
         return layer_recoveries(self, condition)
@@ -159,6 +172,10 @@ class ProbeSweep:
 
     def _repr_html_(self) -> str:
         from ..display import result_html
+
+        if self.rank_share:
+            return result_html(f"ProbeSweep: rank {distributed.rank()}'s share ({len(self.probes)} probes)", [], {},
+                               hint="the held-out results are on rank 0")
 
         try:
             findings, summary = self.findings(), {"summary": self.summary()}
@@ -198,9 +215,11 @@ def probe_sweep(
     Every random draw is keyed to the seed and the dataset rows (images), never to batches or
     processes: the numbers do not depend on `batch_size`, threads or ranks beyond float rounding.
     Under torch.distributed (torchrun, or `group`, a process group), each rank runs its share of
-    the image batches; ridge statistics and logistic gradients are summed over ranks and the
-    held-out scores gathered in batch order, so every rank returns the sweep one process would
-    (per-image results exactly, fitted probes up to float rounding of the sums).
+    the image batches; ridge statistics and logistic gradients are summed over ranks, so every rank
+    fits the same probes, and the held-out results go to rank 0 batch by batch: rank 0 returns the
+    sweep one process would (per-image results exactly, fitted probes up to float rounding of the
+    sums), the other ranks a `rank_share` sweep: the probes, the split and the confusion matrices, no
+    per-image held-out results.
     """
     cfg = SweepSettings(probe=probe, **settings)
     cfg.check()
@@ -238,6 +257,8 @@ def probe_sweep(
         found, test_masks, grids, chosen, ceilings = runner.run(train_idx, test_idx)
         results.update(found)
         choices.update(chosen)
+    if test_masks is None:  # a rank other than 0: rank 0 holds the held-out results
+        return _rank_share(results, resolved, info, cfg, train_idx, test_idx, dataset, bootstrap)
     return _assemble(results, resolved, info, cfg, train_idx, test_idx, test_masks, grids, dataset, bootstrap,
                      choices, ceilings)
 
@@ -335,11 +356,19 @@ class _SweepRun:
 
     @torch.no_grad()
     def run(self, train_idx, test_idx):
+        """Probes fitted on the training images, then the held-out results, sent to rank 0 batch
+        by batch: (found, masks, grids, choices, ceilings) on rank 0, and on other ranks the probes
+        and choices with None for what rank 0 alone holds."""
+        # logistic stores live in this rank's folder, removed on every way out of the fit
+        with store_folder(self.cfg.store_dir, distributed.rank(self.group)) if self.cfg.probe == "logistic" \
+                else nullcontext() as folder:
+            probes, choices = self._train(train_idx, folder)
+        return self._test(test_idx, probes, choices)
+
+    def _train(self, train_idx, store_root):
         cfg, model = self.cfg, self.model
         n_sets = len(self.conditions)
         accumulators: dict[str, RidgeFolds | ActivationStore] = {}
-        # several ranks on one machine share store_dir: each writes its own files
-        suffix = f".rank{distributed.rank(self.group)}" if distributed.active(self.group) else ""
         folds = image_folds(len(train_idx), self.n_folds, cfg.seed) if self.cv else np.zeros(len(train_idx), np.int64)
         fold_of_row = dict(zip(np.asarray(train_idx).tolist(), folds.tolist()))
 
@@ -353,7 +382,7 @@ class _SweepRun:
                     acc = accumulators[site.hook] = (
                         RidgeFolds(x.shape[-1], self.n_classes, n_sets, self.n_folds, device=cfg.stats_device or x.device)
                         if cfg.probe == "ridge"
-                        else ActivationStore(x.shape[-1], n_sets, cfg.store_dir, name=site.hook + suffix)
+                        else ActivationStore(x.shape[-1], n_sets, store_root, name=site.hook)
                     )
                 if cfg.probe == "ridge":
                     acc.update(rows, token_folds[site.grid], *label_sets[site.grid])
@@ -362,18 +391,25 @@ class _SweepRun:
                     acc.append(rows[k], *(y[k.cpu()] for y in label_sets[site.grid]), fold=token_folds[site.grid][k.cpu()])
             return hook
 
-        for number, batch in self._batches(train_idx, "probe sweep: train images", every_rank=True):
-            inputs, labels = batch.inputs, batch.labels
-            label_sets = self._label_sets(batch)
-            keep = {grid: self._keep(labels[grid].valid, batch.indices) for grid in labels}
-            image_fold = torch.tensor([fold_of_row[int(r)] for r in batch.indices], dtype=torch.int32)
-            token_folds = {grid: image_fold[:, None].expand_as(lab.valid)[lab.valid] for grid, lab in labels.items()}
-            model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
-                                 + [(s.hook, train_hook(s, labels, label_sets, keep, token_folds)) for s in self.sites],
-                                 return_type=None)
+        try:
+            for number, batch in self._batches(train_idx, "probe sweep: train images", every_rank=True):
+                inputs, labels = batch.inputs, batch.labels
+                label_sets = self._label_sets(batch)
+                keep = {grid: self._keep(labels[grid].valid, batch.indices) for grid in labels}
+                image_fold = torch.tensor([fold_of_row[int(r)] for r in batch.indices], dtype=torch.int32)
+                token_folds = {grid: image_fold[:, None].expand_as(lab.valid)[lab.valid] for grid, lab in labels.items()}
+                model.run_with_hooks(inputs, fwd_hooks=edit_hooks(self.intervention, inputs)[0]
+                                     + [(s.hook, train_hook(s, labels, label_sets, keep, token_folds)) for s in self.sites],
+                                     return_type=None)
+            probes, choices = self._fit(accumulators)
+        finally:
+            for acc in accumulators.values():
+                if isinstance(acc, ActivationStore):
+                    acc.close()
+        return {key: probe.to(model.cfg.device) for key, probe in probes.items()}, choices
 
-        probes, choices = self._fit(accumulators)
-        probes = {key: probe.to(model.cfg.device) for key, probe in probes.items()}
+    def _test(self, test_idx, probes, choices):
+        model = self.model
         keys_at = {site.hook: [key for key in probes if key[1] == site.hook] for site in self.sites}
 
         def test_hook(site: Site, batch, found):
@@ -392,8 +428,8 @@ class _SweepRun:
             return hook
 
         # per test batch: its scores, predictions, masks, ceilings and (for images with their own
-        # grids) the pixel maps, gathered from every rank in batch order
-        parts = []
+        # grids) the pixel maps, sent to rank 0 as each round of batches finishes
+        to_main = distributed.ToMain(len(test_idx), self.cfg.batch_size, self.group)
         for number, batch in self._batches(test_idx, "probe sweep: test images"):
             inputs, masks, labels = batch.inputs, batch.masks, batch.labels
             found = {key: (SegmentationScores(self.n_classes, self.ignore_index), []) for key in probes}
@@ -408,11 +444,20 @@ class _SweepRun:
             ceilings = {grid: _ceiling(labels[grid], layout, grid, masks, self.n_classes, self.ignore_index)
                         for grid in ("vision", "llm")}
             kept_masks = list(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
-            parts.append((number, (found, kept_masks, grids, ceilings)))
-        parts = distributed.gather_in_order(parts, self.group)
+            to_main.add(number, (found, kept_masks, grids, ceilings))
+        parts = to_main.finish().items
+        main = distributed.is_main(self.group)
+        scores = {key: _merged([p[0][key][0] for p in parts], self.n_classes, self.ignore_index) for key in probes} \
+            if main else None
+        # the confusion matrices (classes x classes per probe) are what later stages read on every
+        # rank (conflicting pairs, anchors): small, so rank 0 shares them
+        confusion = distributed.broadcast_object({key: s.confusion for key, s in scores.items()} if main else None,
+                                                 self.group)
+        if not main:
+            return {key: (probe, confusion[key], None) for key, probe in probes.items()}, None, None, choices, None
         # rows past an image's tokens are -1, masks past its canvas the ignore index
-        found = {key: (probes[key], _merged([p[0][key][0] for p in parts], self.n_classes, self.ignore_index),
-                       pad_stack([row for p in parts for row in p[0][key][1]], -1)) for key in probes}
+        found = {key: (probes[key], scores[key], pad_stack([row for p in parts for row in p[0][key][1]], -1))
+                 for key in probes}
         ceilings = {grid: _merged([p[3][grid] for p in parts], self.n_classes, self.ignore_index)
                     for grid in ("vision", "llm")}
         masks = pad_stack([m for p in parts for m in p[1]], self.ignore_index)
@@ -460,9 +505,6 @@ class _SweepRun:
                     choices[(name, site.hook)] = PenaltyChoice(choice.candidates, choice.losses, choice.chosen * factor)
             bar.update(1)
         bar.close()
-        if cfg.probe == "logistic":
-            for site in self.sites:
-                accumulators[site.hook].close()
         return probes, choices
 
     def _logistic_fit(self, name: str):
@@ -506,6 +548,17 @@ def _finite(x: Tensor, site: Site, which: str) -> Tensor:
             "inputs hold NaN (float16 overflows easily: run in float32 or bfloat16, and check pixel_values)"
         )
     return x
+
+
+def _rank_share(results, sites, info, cfg, train_idx, test_idx, dataset, resamples) -> ProbeSweep:
+    return ProbeSweep(
+        table=pd.DataFrame(), per_class_iou=pd.DataFrame(), sites=sites,
+        confusion={key: confusion for key, (_, confusion, _) in results.items()},
+        probes={key: probe for key, (probe, _, _) in results.items()}, predictions={},
+        class_names=tuple(info.class_names), ignore_index=info.ignore_index, grids={}, test_indices=test_idx,
+        train_indices=train_idx, test_masks=np.zeros((0, 0, 0), dtype=np.uint8), settings=cfg, dataset=dataset,
+        bootstrap=resamples, rank_share=True,
+    )
 
 
 def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids, dataset, resamples, choices,

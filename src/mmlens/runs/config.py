@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,25 +22,41 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
+from ..data import DATASET_SPLITS, MIN_IMAGE_SIZE
 from ..errors import ConfigError
 from ..probing.logistic import MAX_ITER
 from ..probing.penalty import DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS
 from ..resampling import DEFAULT_N_BOOT, MIN_N_BOOT
+from .config_yaml import parse_config_yaml
+
+# Seeds are stored in int64 table columns and seed torch's generators (at most 2**64 - 1).
+MAX_SEED = 2**63 - 1
+# An index array of n_boot x images is held per interval: 10**5 x 2,000 images is 1.6 GB.
+MAX_N_BOOT = 100_000
 
 
-
-# Constraints: each returns an error message (without the key path) or None.
+# Constraints: each returns an error message (without the key path) or None. Numbers that are not
+# finite are refused by every numeric constraint: inf and nan pass comparisons such as `> 0`.
 def positive(value: Any) -> str | None:
     kind = "integer" if isinstance(value, int) else "number"
-    return None if value > 0 else f"must be a positive {kind}, got {value!r}"
+    return None if value > 0 and math.isfinite(value) else f"must be a positive {kind}, got {value!r}"
 
 
 def non_negative(value: Any) -> str | None:
-    return None if value >= 0 else f"must be zero or more, got {value!r}"
+    return None if value >= 0 and math.isfinite(value) else f"must be zero or more, got {value!r}"
+
+
+def valid_seed(value: Any) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"must be a seed in 0..2**63-1, got {value!r}"
+
+
+def image_side(value: Any) -> str | None:
+    return None if value >= MIN_IMAGE_SIZE else (f"must be at least {MIN_IMAGE_SIZE} px (smaller images hold less "
+                                                 f"than one patch of a vision encoder), got {value!r}")
 
 
 def at_least_two(value: Any) -> str | None:
-    return None if value >= 2 else f"must be at least 2 (an interval needs two images), got {value!r}"
+    return None if value >= 2 else f"must be at least 2, got {value!r}"
 
 
 def open_unit(value: Any) -> str | None:
@@ -57,13 +74,13 @@ def up_to_half(value: Any) -> str | None:
 def penalty(value: Any) -> str | None:
     if value == "cv":
         return None
-    return None if value > 0 else f"must be a positive number or cv, got {value!r}"
+    return None if value > 0 and math.isfinite(value) else f"must be a positive number or cv, got {value!r}"
 
 
 def non_empty_positive(values: Any) -> str | None:
     if not values:
         return "must not be empty"
-    bad = [v for v in values if not v > 0]
+    bad = [v for v in values if not (v > 0 and math.isfinite(v))]
     return f"must hold positive numbers only, got {bad}" if bad else None
 
 
@@ -74,12 +91,31 @@ def layer_or_last(value: Any) -> str | None:
 
 
 def enough_resamples(value: Any) -> str | None:
+    if value > MAX_N_BOOT:
+        return f"must be at most {MAX_N_BOOT} (memory grows with the resamples; the default is {DEFAULT_N_BOOT}), got {value!r}"
     return None if value >= MIN_N_BOOT else (f"must be at least {MIN_N_BOOT} (a 95% interval's tails rest on 2.5% of "
                                              f"the resamples; the default is {DEFAULT_N_BOOT}), got {value!r}")
 
 
 def non_empty(value: Any) -> str | None:
     return None if len(value) > 0 else "must not be empty"
+
+
+def at_least_four(value: Any) -> str | None:
+    return None if value >= 4 else f"must be at least 4 (2 images choose the heads, 2 score them), got {value!r}"
+
+
+def layer_list(values: Any) -> str | None:
+    if not values:
+        return "must not be empty (null: the default layers); to skip the stage set enabled: false"
+    return each(non_negative)(values)
+
+
+def all_of(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check_all(value: Any) -> str | None:
+        return next((problem for check in checks if (problem := check(value))), None)
+
+    return check_all
 
 
 def each(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -105,9 +141,9 @@ class DatasetConfig:
     path: str | None = checked(None, doc="dataset folder (not for scenes)")
     split: str = checked("validation")
     n: int | None = checked(200, check=positive, doc="number of images (null: all)")
-    image_size: int | None = checked(None, check=positive,
+    image_size: int | None = checked(None, check=image_side,
                                      doc="square side; null: native resolution (scenes: 64 px, the embedded models' size)")
-    seed: int = checked(0, doc="which synthetic scenes are drawn (scenes only)")
+    seed: int = checked(0, check=valid_seed, doc="which synthetic scenes are drawn (scenes only)")
 
 
 @dataclass(frozen=True)
@@ -145,7 +181,7 @@ class ProbeConfig:
 class KnockoutConfig:
     enabled: bool = checked(True)
     reference: str = checked("adapter.hook_out", doc="site whose probe defines conflicting pairs and anchors")
-    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers edited (null: after the reference)")
+    layers: list[int] | None = checked(None, check=layer_list, doc="LLM layers edited (null: after the reference)")
     n_pairs: int = checked(4, check=positive)
     n_control: int = checked(3, check=positive, doc="random same-class control seeds")
 
@@ -153,7 +189,7 @@ class KnockoutConfig:
 @dataclass(frozen=True)
 class PositionConfig:
     enabled: bool = checked(True)
-    layers: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers made bidirectional (null: all)")
+    layers: list[int] | None = checked(None, check=layer_list, doc="LLM layers made bidirectional (null: all)")
     early_fraction: float = checked(0.25, check=up_to_half)
     exclude: list[Union[int, str]] | None = checked(None, doc="classes not scored (null: background)")
 
@@ -165,10 +201,11 @@ class RecoveryConfig:
         "recovery_blocked", doc="how the run is broken before heads are patched back in")
     reference: str = checked("adapter.hook_out", doc="site whose probe defines anchors and recovered tokens")
     readout: str | None = checked(None, doc="probed site scored by the metric (null: the last probed LLM site)")
-    window: list[int] | None = checked(None, check=each(non_negative), doc="LLM layers blocked by recovery_blocked (null: all)")
+    window: list[int] | None = checked(None, check=layer_list, doc="LLM layers blocked by recovery_blocked (null: all)")
     tokens: Literal["objects", "all", "recovered"] = checked("objects", doc="tokens the probe margin is averaged over")
     hook: Literal["z", "result"] = checked("z", doc="per-head activation that is patched")
-    n_images: int | None = checked(64, check=at_least_two, doc="held-out images patched (null: all)")
+    n_images: int | None = checked(64, check=at_least_four, doc="held-out images patched, half choosing the heads and "
+                                                               "half scoring them (null: all)")
     top_k: int = checked(4, check=positive, doc="best heads also patched together")
     attribution: bool = checked(True, doc="also estimate every head's effect by attribution patching")
     n_maps: int = checked(2, check=non_negative, doc="attention recovery maps drawn")
@@ -185,7 +222,7 @@ class StudyConfig:
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = checked(
         None, doc="split the model over the visible GPUs (accelerate); replaces device. Under torchrun each rank "
                   "splits its copy over its own GPUs: GPUs per node / processes per node, which must divide evenly")
-    seeds: list[int] = checked(default_factory=lambda: [0], check=non_empty,
+    seeds: list[int] = checked(default_factory=lambda: [0], check=all_of(non_empty, each(valid_seed)),
                                doc="each seed repeats the study (split, bootstrap, controls)")
     batch_size: int = checked(16, check=positive)
     prompt: str = checked("", doc="text beside the image; the chat template is applied")
@@ -222,9 +259,11 @@ def load_config(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError([f"no such config file: {path}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data, repeated = parse_config_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    if repeated:
+        raise ConfigError(repeated, str(path))
     return config_from_dict(data, source=str(path))
 
 
@@ -249,6 +288,9 @@ def _cross_checks(config: StudyConfig) -> list[str]:
             problems.append("dataset.path: 'scenes' is generated and takes no path; remove it")
     elif data.path is None and data.name != "scene_parse_150":
         problems.append(f"dataset.path: {data.name!r} is read from a folder; give its path")
+    splits = DATASET_SPLITS[data.name]
+    if data.split not in splits:
+        problems.append(f"dataset.split: {data.name!r} has no split {data.split!r}; use one of {', '.join(splits)}")
     if len(set(config.seeds)) != len(config.seeds):
         problems.append(f"seeds: must not repeat, got {config.seeds}")
     if len(set(config.probe.controls)) != len(config.probe.controls):

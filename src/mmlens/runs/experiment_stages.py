@@ -3,9 +3,9 @@ position study.
 
 Each is one registered function: it calls the experiment in `mmlens.experiments` with the
 config's settings and this unit's seed, and returns its tables, figures and headline numbers.
-All three are distributed: under torchrun every rank runs its share of the image batches, the
-per-image results are gathered in batch order and every rank holds the whole result; rank 0
-writes it.
+All three are distributed: under torchrun every rank runs its share of the image batches and
+the per-image results go to rank 0 in batch order; rank 0 makes the tables and writes them, the
+other ranks return an empty output.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from ..experiments import anchor_knockout, position_study
 from .outputs import StageFigure, StageOutput
-from .probe_stage import probe_settings
+from .probe_stage import probe_settings, store_location
 from .stages import StageContext, register_stage
 
 KNOCKOUT_HOW_TO_READ = (
@@ -49,6 +49,8 @@ def anchor_knockout_stage(context: StageContext) -> StageOutput:
         result = anchor_knockout(context.model, sweep, reference=settings.reference, layers=settings.layers,
                                  n_pairs=settings.n_pairs, n_control=settings.n_control, batch_size=config.batch_size,
                                  n_boot=config.n_boot, seed=context.seed, progress=context.progress)
+    if result is None:  # a rank other than 0: rank 0 received its share
+        return StageOutput()
     effects = result.effects
     summary = result.findings()
     figure = StageFigure(result.figure("target_accuracy"), KNOCKOUT_HOW_TO_READ,
@@ -77,8 +79,10 @@ def position_study_stage(context: StageContext) -> StageOutput:
         study = position_study(
             context.model, context.dataset, layers=settings.layers, probe=probe.kind,
             early_fraction=settings.early_fraction, exclude=settings.exclude, n_boot=config.n_boot, seed=context.seed,
-            progress=context.progress, **probe_settings(config),
+            progress=context.progress, **probe_settings(config), store_dir=store_location(context),
         )
+    if study is None:  # a rank other than 0: rank 0 received its share
+        return StageOutput()
     summary_table = study.summary
     lines = study.findings()
     figures = study.figures()

@@ -1,13 +1,16 @@
 """A run folder: one study's results on disk, written so that a killed run can resume safely.
 
-Every file is written to a temporary name in its final folder, flushed, and renamed over the
-target (`os.replace`, atomic on POSIX), so a reader sees either the old file or the whole new
-one. A stage unit counts as done only when its completion record (`done.json`, listing every
-file with its sha256) is written, and that record is written last; a unit without it is wiped
-and rerun. `manifest.json` names the config (its canonical form and hash), package versions and
-the key of every planned unit (a hash of the config sections the unit reads); a unit's record
-counts only while its key matches, so results of two configs are never mixed. A process holds
-the folder's lock (`lock.py`) from opening to closing, so two processes never write one study.
+Every file is written to a temporary name in its final folder (`NAME.mmlens-tmp-PID`), flushed, and
+renamed over the target (`os.replace`, atomic on POSIX), so a reader sees either the old file or
+the whole new one. A stage unit counts as done only when its completion record (`done.json`,
+listing every file with its sha256) is written last and `manifest.json` holds that record's
+sha256; the manifest carries the hash of its own content, so a hand-edited number in any file,
+the record and the manifest included, or a truncated file is refused wherever it is read
+(report, resume, `load`), with the file named and the command that rebuilds it. `manifest.json`
+names the config (its canonical form and hash), package versions and the key of every planned
+unit (a hash of the config sections the unit reads); a unit's record counts only while its key
+matches, so results of two configs are never mixed. A process holds the folder's lock
+(`lock.py`) from opening to closing, so two processes never write one study.
 
 Testing hook: `MMLENS_KILL_AT=UNIT:K` (e.g. `anchor_knockout/seed-0:2`) makes the process send
 itself SIGKILL during the K-th file write of that unit, after the temporary file is written and
@@ -18,11 +21,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -32,17 +35,30 @@ import numpy as np
 import pandas as pd
 import plotly.io
 import plotly.utils
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from ..checksums import SEAL, bytes_sha256, file_sha256, seal_holds, sealed
 from ..errors import RunFolderError
 from .config import StudyConfig
+from .disk_errors import disk_errors
 from .lock import LOCK_NAME, RunLock
 from .outputs import StageOutput, StoredOutput
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
 DONE = "done.json"
-TEMP_MARK = ".tmp-"
-FORMAT = 2  # 2: per-unit keys
+STAGES_DIR = "stages"
+# Working files of a run (e.g. a probe sweep's on-disk activation store): removed on resume,
+# since only a killed run leaves anything there.
+SCRATCH = "scratch"
+TEMP_MARK = ".mmlens-tmp-"
+# Only names mmlens itself gives its temporaries are ever deleted: `NAME.mmlens-tmp-PID` under stages/,
+# the manifest's and config's at the root, and the report's (viz.report, viz.files) at the root.
+TEMPORARY = re.compile(rf".+{re.escape(TEMP_MARK)}\d+")
+ROOT_TEMPORARY = re.compile(rf"(?:{re.escape(MANIFEST)}|{re.escape(CONFIG_FILE)}){re.escape(TEMP_MARK)}\d+"
+                            r"|\.report\.html\.[A-Za-z0-9_]{8}\.tmp|\.plotly\.min\.js\.tmp")
+FORMAT = 3  # 2: per-unit keys; 3: the manifest sealed with its own hash, holding each done.json's sha256
 PACKAGES = ("mmlens", "torch", "transformers", "transformer-lens", "torchvision")  # torchvision: processor backend
 
 
@@ -69,6 +85,8 @@ class RunFolder:
         self.manifest = manifest
         self.lock = lock
         self._writes: dict[str, int] = {}
+        # file -> (sha256, size, mtime_ns) of a file this object wrote or checked: not hashed again while unchanged
+        self._known: dict[Path, tuple[str, int, int]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -92,29 +110,30 @@ class RunFolder:
                                  "pick a new or empty --out")
         lock = RunLock(path).acquire()  # before anything is read or deleted
         try:
-            if overwrite:
-                for entry in path.iterdir():
-                    if entry.name != LOCK_NAME:
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            if (path / MANIFEST).is_file():
-                folder = cls.open(path)
-                folder.lock = lock
-                folder._adopt(config, unit_keys, rerun, echo)
-                folder._remove_temporaries()
+            with disk_errors(path, "preparing the run folder"):
+                if overwrite:
+                    for entry in path.iterdir():
+                        if entry.name != LOCK_NAME:
+                            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if (path / MANIFEST).is_file():
+                    folder = cls.open(path)
+                    folder.lock = lock
+                    folder._adopt(config, unit_keys, rerun, echo)
+                    folder._remove_leftovers()
+                    return folder
+                manifest = {
+                    "format": FORMAT,
+                    "config_sha256": config.sha256(),
+                    "config": config.canonical(),
+                    "unit_keys": dict(unit_keys),
+                    "created": now(),
+                    "versions": package_versions(),
+                    "stages": {},
+                }
+                folder = cls(path, manifest, lock)
+                folder._atomic(path / CONFIG_FILE, config.to_yaml().encode())
+                folder._save_manifest()
                 return folder
-            manifest = {
-                "format": FORMAT,
-                "config_sha256": config.sha256(),
-                "config": config.canonical(),
-                "unit_keys": dict(unit_keys),
-                "created": now(),
-                "versions": package_versions(),
-                "stages": {},
-            }
-            folder = cls(path, manifest, lock)
-            folder._atomic(path / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
-            folder._save_manifest()
-            return folder
         except BaseException:
             lock.release()
             raise
@@ -137,6 +156,13 @@ class RunFolder:
         if manifest.get("format") != FORMAT:
             raise RunFolderError(f"{path} was written by an incompatible mmlens (format {manifest.get('format')}, "
                                  f"this version reads {FORMAT}); pick a new --out or pass --overwrite")
+        if not seal_holds(manifest):
+            raise RunFolderError(
+                f"{manifest_path} was changed after mmlens wrote it (its content no longer matches the sha256 it "
+                "carries), so its config, versions and record of finished stages cannot be trusted. Put back the "
+                "file as mmlens wrote it, or start over with --overwrite (or a new --out). To change a study, edit "
+                f"its config and rerun `mmlens study`, never the manifest.")
+        del manifest[SEAL]
         return cls(path, manifest)
 
     def close(self) -> None:
@@ -154,9 +180,10 @@ class RunFolder:
     def config_sha256(self) -> str:
         return self.manifest["config_sha256"]
 
-    def rerun_command(self, stage: str) -> str:
-        """The command that reruns one stage of this folder's study alone."""
-        return f"mmlens study {self.path / 'config.yaml'} --out {self.path} --rerun {stage}"
+    def rerun_command(self, *stages: str) -> str:
+        """The command that reruns some stages of this folder's study (and what builds on them)."""
+        flags = " ".join(f"--rerun {stage}" for stage in stages)
+        return f"mmlens study {self.path / CONFIG_FILE} --out {self.path} {flags}"
 
     def _adopt(self, config: StudyConfig, unit_keys: dict[str, str], rerun: set[str] | frozenset[str],
                echo: Callable[[str], None]) -> None:
@@ -183,30 +210,49 @@ class RunFolder:
         echo(f"config changed ({shown}); kept: {', '.join(kept) or 'nothing'}; "
              f"rerun: {', '.join(invalidated) or 'only unfinished stages'}")
         self.manifest.update(config_sha256=config.sha256(), config=config.canonical(), unit_keys=dict(unit_keys))
-        self._atomic(self.path / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
+        self._atomic(self.path / CONFIG_FILE, config.to_yaml().encode())
         self._save_manifest()
 
-    def _remove_temporaries(self) -> None:
-        """Temporary files are what a killed write leaves behind; they are never results."""
-        for tmp in self.path.rglob(f"*{TEMP_MARK}*"):
-            tmp.unlink()
+    def _remove_leftovers(self) -> None:
+        """What a killed run leaves behind: its temporary files and its scratch folder. They are
+        never results; anything else in the folder (a user's notes, say) is left alone."""
+        for entry in self.path.iterdir():
+            if entry.is_file() and ROOT_TEMPORARY.fullmatch(entry.name):
+                entry.unlink()
+        for tmp in (self.path / STAGES_DIR).rglob(f"*{TEMP_MARK}*"):
+            if tmp.is_file() and TEMPORARY.fullmatch(tmp.name):
+                tmp.unlink()
+        if (self.path / SCRATCH).is_dir():
+            shutil.rmtree(self.path / SCRATCH)
 
     # ------------------------------------------------------------------ units
     def unit_dir(self, unit: str) -> Path:
-        return self.path / "stages" / unit
+        return self.path / STAGES_DIR / unit
 
     def _read_record(self, unit: str) -> dict[str, Any] | None:
+        """The unit's completion record, checked against the sha256 the manifest holds for it;
+        None when the unit has not finished (no record, or killed before the manifest noted it)."""
+        record, problem = self._checked_record(unit)
+        if problem is not None:
+            raise RunFolderError(f"{problem}; rerun that stage alone: {self.rerun_command(unit.split('/')[0])}")
+        return record
+
+    def _checked_record(self, unit: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, None), (None, None) when unfinished, or (None, what is wrong with done.json)."""
         done = self.unit_dir(unit) / DONE
-        if not done.is_file():
-            return None
+        entry = self.manifest["stages"].get(unit, {})
+        if not done.is_file() or entry.get("status") != "done":
+            return None, None
+        damaged = f"{done} is damaged or was changed after stage {unit} finished"
+        if self._sha256(done) != entry.get("done_sha256"):
+            return None, f"{damaged} (its sha256 no longer matches the one {MANIFEST} holds)"
         try:
             record = json.loads(done.read_text())
-            if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-                raise ValueError("not a completion record")
         except ValueError as error:
-            raise RunFolderError(f"{done} is damaged ({error}); rerun that stage alone: "
-                                 f"{self.rerun_command(unit.split('/')[0])}") from None
-        return record
+            return None, f"{damaged} ({error})"
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            return None, f"{damaged} (not a completion record)"
+        return record, None
 
     def record(self, unit: str) -> dict[str, Any] | None:
         """The unit's completion record, or None when it has not finished under this config."""
@@ -222,16 +268,49 @@ class RunFolder:
         units = [u for u in self.manifest["stages"] if self.is_done(u)]
         return sorted(units, key=lambda u: self.record(u)["finished"])
 
+    def check(self, units: list[str] | None = None) -> None:
+        """Check every file of finished units (default: every unit the manifest says finished)
+        against its recorded sha256, and refuse with one message naming each damaged file and the
+        command that rebuilds them all."""
+        if units is None:
+            units = [u for u, entry in self.manifest["stages"].items()
+                     if entry.get("status") == "done" and self.manifest["unit_keys"].get(u) is not None]
+        problems, stages = [], []
+        for unit in units:
+            found = self._unit_problems(unit)
+            problems += found
+            if found and unit.split("/")[0] not in stages:
+                stages.append(unit.split("/")[0])
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            raise RunFolderError(
+                f"{len(problems)} file(s) of finished stages in {self.path} changed after they were written (edited, "
+                f"truncated or removed); they are not used:\n{lines}\nRerun those stages (everything else is kept): "
+                f"{self.rerun_command(*stages)}")
+
+    def _unit_problems(self, unit: str) -> list[str]:
+        done = self.unit_dir(unit) / DONE
+        if not done.is_file():
+            return [f"{done} is missing, though the manifest says stage {unit} finished"]
+        record, problem = self._checked_record(unit)
+        if problem is not None:
+            return [problem]
+        directory = self.unit_dir(unit)
+        return [f"{directory / relative} is missing or changed since stage {unit} finished"
+                for relative, digest in record["files"].items()
+                if not (directory / relative).is_file() or self._sha256(directory / relative) != digest]
+
     def begin(self, unit: str) -> str:
         """Clear whatever an interrupted attempt left and mark the unit as running; returns the
         start time."""
         directory = self.unit_dir(unit)
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        with disk_errors(self.path, f"starting stage {unit}"):
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
         entry = self.manifest["stages"].setdefault(unit, {"attempts": 0})
         entry.update(status="running", started=now(), attempts=entry["attempts"] + 1)
-        for stale in ("finished", "seconds", "error", "failed"):
+        for stale in ("finished", "seconds", "error", "failed", "done_sha256"):
             entry.pop(stale, None)
         self._save_manifest()
         return entry["started"]
@@ -240,35 +319,38 @@ class RunFolder:
         """Note in the manifest why a unit stopped (it reruns from scratch next time)."""
         entry = self.manifest["stages"].setdefault(unit, {"attempts": 1})
         entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000], failed=now())
-        self._save_manifest()
+        try:
+            self._save_manifest()
+        except RunFolderError:
+            pass  # a full or read-only disk: the unit is not marked done either, which is what a resume needs
 
     def save(self, unit: str, output: StageOutput, *, started: str, seconds: float, extra: dict | None = None) -> dict:
-        """Write a unit's output, then its completion record (last), then update the manifest."""
+        """Write a unit's output, then its completion record (last), then the manifest, which holds
+        the record's sha256: from then on the unit is done."""
         files: dict[str, str] = {}
         for name, table in output.tables.items():
-            files[f"tables/{name}.parquet"] = self._write(unit, f"tables/{name}.parquet",
-                                                         lambda tmp, t=table: t.to_parquet(tmp))
+            files[f"tables/{name}.parquet"] = self._write(unit, f"tables/{name}.parquet", table.to_parquet(None))
         for name, tensors in output.tensors.items():
             contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             files[f"tensors/{name}.safetensors"] = self._write(unit, f"tensors/{name}.safetensors",
-                                                              lambda tmp, t=contiguous: save_file(t, str(tmp)))
+                                                              safetensors_bytes(contiguous))
         for name, value in output.data.items():
             text = json.dumps(value, indent=1, sort_keys=True)
-            files[f"data/{name}.json"] = self._write(unit, f"data/{name}.json", lambda tmp, s=text: tmp.write_text(s))
+            files[f"data/{name}.json"] = self._write(unit, f"data/{name}.json", text.encode())
         figures = {}
         for name, entry in output.figure_entries().items():
-            text = plotly.io.to_json(entry.figure)
-            files[f"figures/{name}.json"] = self._write(unit, f"figures/{name}.json", lambda tmp, s=text: tmp.write_text(s))
+            files[f"figures/{name}.json"] = self._write(unit, f"figures/{name}.json",
+                                                        plotly.io.to_json(entry.figure).encode())
             figures[name] = {"how_to_read": entry.how_to_read, "title": entry.title, "table": entry.table,
                              "notes": entry.notes}
         record = {"unit": unit, "key": self.manifest["unit_keys"][unit], "config_sha256": self.config_sha256,
                   "started": started, "finished": now(),
                   "seconds": round(seconds, 3), "files": files, "figures": figures, "summary": list(output.summary),
                   "versions": package_versions(), **(extra or {})}
-        text = json.dumps(record, indent=1)
-        self._write(unit, DONE, lambda tmp: tmp.write_text(text))
+        done_sha256 = self._write(unit, DONE, json.dumps(record, indent=1).encode())
         entry = self.manifest["stages"].setdefault(unit, {"attempts": 1})
-        entry.update(status="done", started=started, finished=record["finished"], seconds=record["seconds"])
+        entry.update(status="done", started=started, finished=record["finished"], seconds=record["seconds"],
+                     done_sha256=done_sha256)
         entry.pop("error", None)
         entry.pop("failed", None)
         self._save_manifest()
@@ -304,9 +386,10 @@ class RunFolder:
         record = self._finished(unit) if record is None else record
         file = self.unit_dir(unit) / relative
         digest = record["files"].get(relative)
-        if digest is None or not file.is_file() or _sha256(file) != digest:
-            state = "not part of" if digest is None else "missing or changed since"
-            raise RunFolderError(f"{file} is {state} stage {unit}'s results; rerun that stage alone: "
+        if digest is None or not file.is_file() or self._sha256(file) != digest:
+            state = f"not part of stage {unit}'s results" if digest is None else \
+                f"missing or changed since stage {unit} finished"
+            raise RunFolderError(f"{file} is {state}; rerun that stage alone: "
                                  f"{self.rerun_command(unit.split('/')[0])}")
         return file
 
@@ -321,31 +404,52 @@ class RunFolder:
         return plotly.io.from_json(json.dumps(_decode_arrays(json.loads(text)), cls=plotly.utils.PlotlyJSONEncoder))
 
     # ------------------------------------------------------------------ writing
-    def _write(self, unit: str, relative: str, write: Callable[[Path], Any]) -> str:
+    def _sha256(self, file: Path) -> str:
+        """The file's sha256; a file this object wrote or hashed is hashed again only once changed."""
+        stat = file.stat()
+        known = self._known.get(file)
+        if known is not None and known[1:] == (stat.st_size, stat.st_mtime_ns):
+            return known[0]
+        digest = file_sha256(file)
+        self._known[file] = (digest, stat.st_size, stat.st_mtime_ns)
+        return digest
+
+    def _write(self, unit: str, relative: str, data: bytes) -> str:
         """Atomically write one file of `unit`; return its sha256."""
         self._writes[unit] = self._writes.get(unit, 0) + 1
         target = self.unit_dir(unit) / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return self._atomic(target, write, kill_point=(unit, self._writes[unit]))
+        with disk_errors(self.path, f"writing stage {unit}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        return self._atomic(target, data, kill_point=(unit, self._writes[unit]))
 
-    def _atomic(self, target: Path, write: Callable[[Path], Any], kill_point: tuple[str, int] | None = None) -> str:
+    def _atomic(self, target: Path, data: bytes, kill_point: tuple[str, int] | None = None) -> str:
         tmp = target.with_name(f"{target.name}{TEMP_MARK}{os.getpid()}")
+        digest = bytes_sha256(data)
         try:
-            write(tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            digest = _sha256(tmp)
-            if kill_point is not None and _kill_requested(*kill_point):
-                os.kill(os.getpid(), signal.SIGKILL)
-            os.replace(tmp, target)
+            with disk_errors(self.path, f"writing {target.relative_to(self.path)}"):
+                _write_file(tmp, data)
+                if kill_point is not None and _kill_requested(*kill_point):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                os.replace(tmp, target)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # a folder turned read-only: the next resume removes it
+        stat = target.stat()
+        self._known[target] = (digest, stat.st_size, stat.st_mtime_ns)
         return digest
 
     def _save_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=1)
-        self._atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
+        self._atomic(self.path / MANIFEST, json.dumps(sealed(self.manifest), indent=1).encode())
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Put `data` on disk at `path`, flushed: the one place a run folder's bytes are written."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _kill_requested(unit: str, write_number: int) -> bool:
@@ -354,14 +458,6 @@ def _kill_requested(unit: str, write_number: int) -> bool:
         return False
     name, _, number = wanted.rpartition(":")
     return name == unit and number.isdigit() and int(number) == write_number
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _decode_arrays(value: Any) -> Any:

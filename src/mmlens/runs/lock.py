@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RunFolderError
+from .disk_errors import disk_errors
 
 LOCK_NAME = ".mmlens.lock"
 
@@ -39,8 +40,9 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with disk_errors(self.folder, "taking the folder's lock"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,8 +53,13 @@ class RunLock:
                     "or stop it (a stopped or killed process releases the folder by itself), or pick another --out"
                 ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            with disk_errors(self.folder, "taking the folder's lock"):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing drops the flock too
+            raise
         self._fd = fd
         return self
 

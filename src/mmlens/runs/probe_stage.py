@@ -5,12 +5,21 @@ its table. Everything a `ProbeSweep` holds is saved exactly (`mmlens.probing.sav
 safetensors, tables in parquet, settings and site list in JSON) except the dataset, which is
 regenerated from the config: the same loader with the same settings gives the same rows. A
 resumed run therefore feeds the later stages the very probes the first run fitted, bit for bit.
+
+Logistic stores live in the run folder's `scratch/` (or, with `probe.store_dir`, in a folder
+named after the run inside it), one `rank-R` folder per rank, removed when the sweep ends by any
+way Python can see; what a killed rank leaves is removed when the run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import torch
 
+from .. import distributed
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.saving import SweepParts, sweep_from_parts, sweep_parts
 from ..probing.seeds import samples_table
@@ -89,8 +98,33 @@ def probe_sweep_stage(context: StageContext) -> StageOutput:
         sweep = probe_sweep(context.model, context.dataset, sites=probe.sites, probe=probe.kind, control=probe.controls,
                             progress=context.progress, seed=context.seed, n_boot=config.n_boot,
                             recovery_layer=probe.recovery_layer, sensitivity=probe.sensitivity,
-                            **probe_settings(config))
+                            **probe_settings(config), store_dir=store_location(context))
+    if sweep.rank_share:  # rank 0 received the held-out results and writes the stage
+        return StageOutput(result=sweep)
     return sweep_output(sweep)
+
+
+SCRATCH = "scratch"  # the run folder's scratch space, which a resumed run empties
+
+
+def store_root(store_dir: str | None, run_path: str | Path) -> Path:
+    """Where a run's logistic stores go: `RUN/scratch`, or inside a user's `store_dir` a folder
+    named after the run folder (its resolved path), so a resume finds what the run left there."""
+    if store_dir is None:
+        return Path(run_path) / SCRATCH
+    run = hashlib.sha256(str(Path(run_path).resolve()).encode()).hexdigest()[:16]
+    return Path(store_dir) / f"mmlens-run-{run}"
+
+
+def store_location(context: StageContext) -> str | None:
+    """This run's store root, the same on every rank (rank 0 owns the run folder and says where),
+    emptied of what a killed earlier attempt left on rank 0's machine; each rank also empties its
+    own `rank-R` folder before using it (`probing.store.store_folder`), wherever it runs."""
+    root = None
+    if context.session.folder is not None:
+        root = store_root(context.config.probe.store_dir, context.session.folder.path)
+        shutil.rmtree(root, ignore_errors=True)
+    return distributed.broadcast_object(None if root is None else str(root))
 
 
 def probe_settings(config) -> dict:
@@ -105,4 +139,5 @@ def probe_settings(config) -> dict:
     )
 
 
-__all__ = ["probe_settings", "probe_sweep_stage", "sweep_from_stored", "sweep_output"]
+__all__ = ["SCRATCH", "probe_settings", "probe_sweep_stage", "store_location", "store_root", "sweep_from_stored",
+           "sweep_output"]

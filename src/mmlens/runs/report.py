@@ -3,14 +3,17 @@
 First the run's findings (every stage's headline lines, worded from its own intervals), then one
 section per saved figure, in run order, with its how-to-read paragraph, the table the stage
 named for it and the stage's headline numbers; the run's config, hash, versions and timings go
-in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant; every file is checked
-against the sha256 its stage recorded before it is rendered.
+in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant. Before anything is
+rendered every file of every finished stage (tables, tensors, figures, data, each `done.json`)
+is checked against its recorded sha256 and the manifest against its own, so an edited number
+never reaches the page: the report is refused with the files named.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .disk_errors import disk_errors
 from .folder import RunFolder
 
 REPORT_NAME = "report.html"
@@ -44,6 +47,7 @@ def report_sections(folder: RunFolder) -> list:
     from ..probing.seeds import combined_findings
     from ..viz.report import ReportSection
 
+    folder.check()
     units = folder.done_units()
     seeds = {folder.record(u).get("seed") for u in units}
     sections = []
@@ -95,6 +99,7 @@ def build_report(folder: RunFolder, path: str | Path | None = None) -> tuple[Pat
     title = f"mmlens study: {folder.manifest['config']['model']} on {folder.manifest['config']['dataset']['name']}"
     # plotly.js beside the report: the run folder travels whole (tables, probes), and the page
     # is 4.8 MB lighter than with the library inlined
-    written = write_report(path or folder.path / REPORT_NAME, sections, title=title, metadata=report_metadata(folder),
-                           plotly_js="beside")
+    target = Path(path) if path is not None else folder.path / REPORT_NAME
+    with disk_errors(target.parent, f"writing the report {target.name} (the results themselves are kept)"):
+        written = write_report(target, sections, title=title, metadata=report_metadata(folder), plotly_js="beside")
     return written, None

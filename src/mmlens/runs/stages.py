@@ -8,6 +8,11 @@ result from disk with the stage's `restore`. Global random generators are reseed
 unit, so a unit computes the same numbers whether it runs after its dependencies in one process
 or alone in a resumed one.
 
+A finished unit is skipped only while its files are the ones it wrote (`RunFolder.check`): a
+resume with an edited, truncated or removed result stops before the first unit, names each file
+and gives the `--rerun` command that rebuilds it. Refusing, rather than quietly recomputing,
+tells the researcher something outside mmlens touched their results, and costs one command.
+
 A unit is reused only while its key holds: the hash of the config sections its stage reads
 (`config_sections`, plus the sections every stage reads), its seed and its dependencies' keys.
 Fixing one section of a config therefore reruns the stages that read it and keeps the rest.
@@ -294,12 +299,16 @@ def run_study(
             session = Session(config, folder, progress, stages=stages)
             todo = [unit_name(s.name, seed) for s, seed in plan
                     if unit_name(s.name, seed) in reruns or folder.record(unit_name(s.name, seed)) is None]
+            # a finished unit is skipped only while every file it wrote is as it wrote it; a changed
+            # one is refused (named, with the --rerun that rebuilds it), never silently recomputed
+            folder.check([unit_name(s.name, seed) for s, seed in plan if unit_name(s.name, seed) not in todo])
             if todo:
-                problems = model_problems(config, session.model, len(session.dataset))
+                problems = model_problems(config, session.model, session.dataset)
                 if problems:
                     raise ConfigError(problems, f"the config, checked against {config.model} and its dataset")
         except BaseException as error:
             failure = error
+    distributed.wait_for_main()  # rank 0 may take long here: opening the folder, loading and checking the model
     todo, stopped = distributed.broadcast_object((todo, None if failure is None else str(failure)), None)
     if failure is not None:
         if folder is not None:
@@ -333,9 +342,11 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
         shared = getattr(stage, "distributed", False)
         if folder is None:  # a rank other than 0: its share of the distributed units, nothing else
             if unit in todo and shared:
+                session.model  # noqa: B018  (loaded before the wait: the stage's collectives are then quick)
+                distributed.wait_for_main()  # while rank 0 writes earlier units or runs its own
                 _share_dependencies(session, stage, seed)
                 _reseed(seed)
-                # every rank returns the whole result (gathered per image): kept for the stages built on it
+                # this rank's share of the result (rank 0 receives the whole): what the stages built on it need
                 session.results[unit] = stage.run(StageContext(stage, seed, session)).result
             continue
         if unit not in todo:
@@ -347,6 +358,7 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
         started, clock = folder.begin(unit), time.perf_counter()
         try:
             if shared:
+                distributed.wait_for_main()
                 _share_dependencies(session, stage, seed)
             _reseed(seed)
             with nullcontext() if shared else distributed.alone():

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from ...errors import InputError
+from ...errors import InputError, ModelLoadError
 from ..attention_masks import additive_mask, allowed_edges
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..layout import ImageTokenLayout, compute_layout
@@ -62,6 +62,23 @@ class Architecture(ABC):
     # Whether the processor takes images as one list per row (it treats a row's images together,
     # e.g. LLaVA-OneVision tiles only a row's single image) rather than one flat list.
     images_per_row: bool = False
+    # Config fields holding the ids of the special tokens this family puts in or finds in
+    # input_ids; each must index the token embedding (checked at load, `check_special_tokens`).
+    special_token_fields: tuple[str, ...] = ("image_token_id",)
+
+    def check_special_tokens(self, hf_model: nn.Module) -> None:
+        """Refuse a config whose special token ids fall outside the vocabulary: the first forward
+        would fail with a bare IndexError inside the embedding, far from the config that caused it."""
+        config = hf_model.config
+        vocab = getattr(hf_model.get_input_embeddings(), "num_embeddings", None) or config.get_text_config().vocab_size
+        for field in self.special_token_fields:
+            value = getattr(config, field, None)
+            if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+                raise ModelLoadError(
+                    f"{type(hf_model).__name__}: config.{field} = {value!r} is not a token of the vocabulary, which "
+                    f"has {vocab} tokens (ids 0..{vocab - 1}). Fix {field} in the checkpoint's config.json (or the "
+                    "config the model was built from) to the id the tokenizer gives that token"
+                )
 
     def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Keywords the LLM needs, beyond `attention_mask` and `llm_input_names`, when a run starts

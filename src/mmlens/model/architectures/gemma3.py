@@ -59,6 +59,7 @@ class Gemma3(Llava):
     extra_input_names = (TYPES,)
     llm_input_names = (TYPES,)
     attention_modes = ("bidirectional", "causal")
+    special_token_fields = ("image_token_id", "boi_token_index", "eoi_token_index")
 
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         cfg = super().build_config(hf_model)

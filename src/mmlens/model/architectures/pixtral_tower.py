@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ..devices import bare_forward
 from ..hook_tree import AdapterHooks, NormHooks, fire, is_hooked
 from ..instrument import AttentionSpec, BlockSpec, _override_forward
 from ..norms import instrument_norm
@@ -64,7 +65,7 @@ def instrument_projector(projector: nn.Module, ln_post: NormHooks, adapter: Adap
     (`adapter.hook_in`), merging linear, MLP (`hook_hidden`, `hook_out`), with a leading dim of one."""
     instrument_norm(projector.norm, ln_post, norm)
     merger = projector.patch_merger
-    original = projector.forward
+    original = bare_forward(projector)
 
     def forward(image_features: Tensor, image_sizes: Int[Tensor, "n_images 2"]) -> Tensor:
         if not (ln_post.any_hooked() or adapter.any_hooked()):

@@ -65,6 +65,7 @@ QWEN_BRIDGE_ALIASES = (
 class Qwen2VL(Architecture):
     hf_class_names = ("Qwen2VLForConditionalGeneration",)
     extra_input_names = (GRID, TYPES)
+    special_token_fields = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
     llm_block = LLM_BLOCK
     vision_norm: NormKind = "LN"
     vision_gated = False  # fc1 -> act -> fc2

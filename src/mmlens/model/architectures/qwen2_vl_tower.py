@@ -23,6 +23,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ..devices import bare_forward, weights_present
 from ..hook_tree import AdapterHooks, AttentionHooks, BlockHooks, NormHooks, fire, is_hooked
 from ..instrument import _argument_names, _override_forward, instrument_mlp
 from ..norms import NormKind, instrument_norm
@@ -72,7 +73,7 @@ def instrument_packed_attention(
     """Hugging Face's code while nothing listens; else the eager maths over the whole packed
     sequence with the block-diagonal mask, firing TL's attention points. `rotary=False` is a spec
     that forgets the 2-D rotary embedding (which loading refuses)."""
-    original = attn.forward
+    original = bare_forward(attn)
     rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision") if rotary else None
     d_head, n_heads = attn.head_dim, attn.num_heads
     hooks._weight_source = (FusedPart(attn.qkv, 0), FusedPart(attn.qkv, 1), FusedPart(attn.qkv, 2), attn.proj, d_head)
@@ -96,9 +97,10 @@ def instrument_packed_attention(
         pattern = fire(hooks.hook_pattern, pattern)
         z = fire(hooks.hook_z, torch.matmul(pattern, v).transpose(1, 2).contiguous())  # [1, n, heads, d_head]
         if use_result() and is_hooked(hooks.hook_result):
-            w_o = einops.rearrange(attn.proj.weight, "m (h d) -> h d m", d=d_head)
-            result = hooks.hook_result(einops.einsum(z, w_o, "b s h d, h d m -> b s h m"))
-            return result.sum(dim=-2)[0] + attn.proj.bias
+            with weights_present(attn.proj):  # an offloaded proj holds meta tensors outside its forward
+                w_o = einops.rearrange(attn.proj.weight, "m (h d) -> h d m", d=d_head)
+                result = hooks.hook_result(einops.einsum(z, w_o, "b s h d, h d m -> b s h m"))
+                return result.sum(dim=-2)[0] + attn.proj.bias
         return attn.proj(z.reshape(length, -1))
 
     _override_forward(attn, forward)
@@ -115,7 +117,7 @@ def instrument_packed_block(
     instrument_norm(layer.norm2, hooks.ln2, norm)
     instrument_packed_attention(layer.attn, hooks.attn, use_result, rotary)
     instrument_mlp(layer.mlp, hooks.mlp, gated_mlp)
-    original = layer.forward
+    original = bare_forward(layer)
     names = _argument_names(layer)
     points = _points(hooks)
 
@@ -162,7 +164,7 @@ def instrument_merger(
     two orders agree); the output goes back to the tower's order, which Hugging Face then undoes."""
     ln_q, linear_1, act, linear_2 = merger_parts(merger)
     instrument_norm(ln_q, ln_post, norm)
-    original = merger.forward
+    original = bare_forward(merger)
     points = list(adapter._own_points) + _points(ln_post)  # not Qwen3-VL's deepstack points under it
 
     def forward(x: Tensor) -> Tensor:
