@@ -69,7 +69,8 @@ def test_text_loss_ignores_image_and_padding_targets(tiny_clip):
     model, inputs = tiny_clip.model, tiny_clip.inputs
     logits, loss = model(inputs, return_type="both")
     targets = inputs.input_ids[:, 1:]
-    keep = (targets != model.cfg.image_token_id) & inputs.attention_mask[:, 1:].bool()
+    mask = inputs.attention_mask.bool()  # TL's rule: the prediction and its target both real
+    keep = (targets != model.cfg.image_token_id) & mask[:, 1:] & mask[:, :-1]
     manual = torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep])
     torch.testing.assert_close(loss, manual)
 

@@ -56,9 +56,8 @@ def test_merged_embedding_is_llm_input(tiny_clip):
     torch.testing.assert_close(merged, cache["blocks.0.hook_resid_pre"])
     image = tiny_clip.inputs.layout.image_token_mask()
     torch.testing.assert_close(merged[image], cache["adapter.hook_out"].flatten(0, 1))
-    # hook_embed keeps TransformerLens's meaning: token embeddings, i.e. the placeholder at images
-    placeholder = cache["hook_embed"][image]
-    assert torch.allclose(placeholder, placeholder[:1].expand_as(placeholder))
+    # hook_embed is TransformerLens's "what the embedding adds to the residual": the merged input
+    assert torch.equal(cache["hook_embed"], merged)
 
 
 @torch.no_grad()

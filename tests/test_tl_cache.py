@@ -28,7 +28,9 @@ def test_decompose_resid_sums_to_the_residual_at_image_positions(cached):
     embed = cache.decompose_resid(0)[0]
     fed = inputs.input_ids == model.cfg.image_token_id  # grid tokens and, when the LLM sees it, CLS
     torch.testing.assert_close(embed[fed], cache["adapter.hook_out"].flatten(0, 1))
-    assert not torch.allclose(cache["hook_embed"][image], embed[image])
+    # hook_embed is what the embedding step adds to the residual, so TL's own ActivationCache reads the same
+    assert torch.equal(cache["hook_embed"], cache["hook_multimodal_embed"])
+    torch.testing.assert_close(cache["hook_embed"], cache["blocks.0.hook_resid_pre"], atol=0, rtol=0)
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ def test_loss_per_token_and_its_mean(tiny_clip):
     model, inputs = tiny_clip.model, tiny_clip.inputs
     per_token = model(inputs, return_type="loss", loss_per_token=True)
     assert per_token.shape == (len(inputs), inputs.input_ids.shape[1] - 1)
-    text = (inputs.input_ids[:, 1:] != model.cfg.image_token_id) & inputs.attention_mask[:, 1:].bool()
+    mask = inputs.attention_mask.bool()  # TL's rule: the prediction and its target both real
+    text = (inputs.input_ids[:, 1:] != model.cfg.image_token_id) & mask[:, 1:] & mask[:, :-1]
     assert (per_token[~text] == 0).all() and (per_token[text] > 0).all()
     torch.testing.assert_close(per_token.sum() / text.sum(), model(inputs, return_type="loss"))
     residual = model(inputs, stop_at_layer=1)

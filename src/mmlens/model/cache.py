@@ -11,21 +11,28 @@ cached scale and multiplies by the norm's own weight, which is what TL's folded 
 from __future__ import annotations
 
 import difflib
-from contextlib import contextmanager
 from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
+import einops
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities import Slice, get_act_name
 
 from ..errors import HookNameError, InputError
+from .decompose import full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
 from .layout import ImageTokenLayout
 from .weights import StackedWeights
 
 Stage = Literal["llm", "vision"]
+
+
+def _as_slice(pos_slice: Any) -> Slice:
+    """TL's position slice: an int picks one position and drops the dimension."""
+    return pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
 _STAGE_PREFIX = {"vision": "vision.", "adapter": "adapter."}
 
 
@@ -49,7 +56,6 @@ class MultimodalActivationCache(ActivationCache):
     def __init__(self, cache_dict: dict[str, Tensor], model: Any, has_batch_dim: bool = True):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self._stage_of: MultimodalActivationCache | None = None  # set on a stage view: its parent
-        self._fold_norm_weight = True
 
     # ------------------------------------------------------------------ keys
     def __getitem__(self, key: Any) -> Tensor:
@@ -121,6 +127,8 @@ class MultimodalActivationCache(ActivationCache):
             model, first = self.model, ("hook_multimodal_embed", "blocks.0.hook_resid_pre")
         elif stage == "vision":
             entries = {k[len("vision.") :]: v for k, v in self.cache_dict.items() if k.startswith("vision.")}
+            # the tower's final norm is TL's `ln_final` (what apply_ln_to_stack reads at the last layer)
+            entries.update({"ln_final." + k[len("ln_post."):]: v for k, v in entries.items() if k.startswith("ln_post.")})
             model, first = VisionStage(self.model), ("blocks.0.hook_resid_pre",)
         else:
             raise InputError(f"stage must be 'llm' or 'vision', got {stage!r}")
@@ -144,22 +152,73 @@ class MultimodalActivationCache(ActivationCache):
             return self._view(stage, needs_embed=False).accumulated_resid(*args, **kwargs)
         return super().accumulated_resid(*args, **kwargs)
 
-    def decompose_resid(self, *args: Any, stage: Stage = "llm", **kwargs: Any):
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all", apply_ln: bool = False,
+                        pos_slice: Any = None, incl_embeds: bool = True, return_labels: bool = False, stage: Stage = "llm"):
         """TL's `decompose_resid` whose `embed` term is the stage's real input (at image
-        tokens: the projected image features, not the `<image>` placeholder's embedding)."""
+        tokens: the projected image features) and, on Qwen3-VL, with the deepstack terms
+        (`{i}_deepstack`, after block i's MLP), so it sums to the residual everywhere."""
         if self._stage_of is None:
-            return self._view(stage).decompose_resid(*args, **kwargs)
-        return super().decompose_resid(*args, **kwargs)
+            return self._view(stage, needs_embed=incl_embeds).decompose_resid(
+                layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+        layer, pos_slice = self._layer(layer), _as_slice(pos_slice)
+        parts, labels = residual_parts(self, layer, mlp_input, mode, incl_embeds)
+        stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
 
-    def stack_head_results(self, *args: Any, stage: Stage = "llm", **kwargs: Any):
+    def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice: Any = None, apply_ln: bool = False, stage: Stage = "llm"):
+        """Each head's share of the residual (`z W_O` per head through whatever the block applies to
+        its attention output: layer scale, post-norm), so heads plus the `bias` term sum to `attn_out`."""
         if self._stage_of is None:
-            return self._view(stage, needs_embed=False).stack_head_results(*args, **kwargs)
-        return super().stack_head_results(*args, **kwargs)
+            return self._view(stage, needs_embed=False).stack_head_results(layer, return_labels, incl_remainder, pos_slice, apply_ln)
+        layer, pos_slice = self._layer(layer), _as_slice(pos_slice)
+        stack, labels = stack_heads(self, layer, pos_slice)
+        if incl_remainder:
+            total = self[f"blocks.{layer}.hook_resid_pre"] if layer < self.model.cfg.n_layers else self[("resid_post", layer - 1)]
+            stack = torch.cat([stack, (pos_slice.apply(total, dim=-2) - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _ensure_head_results(self) -> bool:
+        """TL's `compute_head_results`: `z W_O` per head into `hook_result` where not cached (what the
+        forward's `hook_result` holds: before `b_O` and before any layer scale or post-norm)."""
+        all_cached, n_heads = True, self.model.cfg.n_heads
+        for layer in range(self.model.cfg.n_layers):
+            name = f"blocks.{layer}.attn.hook_result"
+            cached = self.cache_dict.get(name)
+            if isinstance(cached, Tensor) and cached.ndim == 3 + self.has_batch_dim and cached.shape[-2] == n_heads:
+                continue
+            all_cached = False
+            z, w_o = self[("z", layer, "attn")], self.model.blocks[layer].attn.W_O
+            dtype = torch.promote_types(z.dtype, w_o.dtype)
+            self.cache_dict[name] = torch.einsum("...hd,hdm->...hm", z.to(dtype), w_o.to(dtype))
+        return all_cached
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None, stage: Stage = "llm"):
         if self._stage_of is None:
             return self._view(stage, needs_embed=False).stack_activation(activation_name, layer, sublayer_type)
         return super().stack_activation(activation_name, layer, sublayer_type)
+
+    def get_neuron_results(self, layer: int, neuron_slice: Any = None, pos_slice: Any = None,
+                           project_output_onto: Tensor | None = None, stage: Stage = "llm") -> Tensor:
+        """Each neuron's share of the residual, through the block's layer scale or post-norm."""
+        if self._stage_of is None:
+            return self._view(stage, needs_embed=False).get_neuron_results(layer, neuron_slice, pos_slice, project_output_onto)
+        return neuron_results(self, layer, Slice.unwrap(neuron_slice), _as_slice(pos_slice), project_output_onto)
+
+    def _stack_neuron_results_apply_ln_projected(self, layer: int, pos_slice: Slice, neuron_slice: Slice,
+                                                 project_2d: Tensor, mlp_input: bool = False) -> Tensor:
+        into, scale = ln_projection(self, layer, mlp_input, pos_slice, project_2d)
+        per_layer = [neuron_results(self, l, neuron_slice, pos_slice, into) for l in range(layer)]
+        if not per_layer:
+            embed = pos_slice.apply(self["hook_embed"], dim=-2)
+            return embed.new_zeros((0, *embed.shape[:-1], project_2d.shape[-1]))
+        stacked = einops.rearrange(torch.cat(per_layer, dim=-2), "... component k -> component ... k")
+        return stacked / scale
 
     def stack_neuron_results(self, *args: Any, stage: Stage = "llm", **kwargs: Any):
         if self._stage_of is None:
@@ -177,23 +236,24 @@ class MultimodalActivationCache(ActivationCache):
         project_output_onto: Tensor | None = None,
         stage: Stage = "llm",
     ):
-        """TL's full decomposition (heads, neurons, embed, biases), summing to the residual at
-        every position, image tokens included."""
+        """TL's full decomposition (heads, neurons, embed, deepstack terms, biases), through layer
+        scales and post-norms, summing to the residual at every position, image tokens included.
+        Behind a post-norm the `bias` term differs by position."""
         if self._stage_of is None:
             return self._view(stage).get_full_resid_decomposition(
                 layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, project_output_onto
             )
-        args = (layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels)
-        if not (apply_ln and project_output_onto is not None):
-            return super().get_full_resid_decomposition(*args, project_output_onto)
-        # TL folds the projection into an analytic cached-scale norm that ignores the norm's
-        # weight; fold the weight into the projection instead and keep it out of the stack.
-        weight = self._norm(layer, mlp_input).w
-        projection = project_output_onto * (weight if project_output_onto.ndim == 1 else weight[:, None])
-        with self._norm_weight_unfolded():
-            return super().get_full_resid_decomposition(*args, projection)
+        project = None if project_output_onto is None else project_output_onto.reshape(project_output_onto.shape[0], -1)
+        stack, labels = full_decomposition(self, self._layer(layer), mlp_input, expand_neurons, apply_ln,
+                                           _as_slice(pos_slice), project)
+        if project_output_onto is not None and project_output_onto.ndim == 1:
+            stack = stack.squeeze(-1)
+        return (stack, labels) if return_labels else stack
 
     # ------------------------------------------------------------------ norms
+    def _layer(self, layer: int | None) -> int:
+        return self.model.cfg.n_layers if layer is None or layer == -1 else layer
+
     def _norm(self, layer: int | None, mlp_input: bool) -> Any:
         n_layers = self.model.cfg.n_layers
         if layer is None or layer == -1 or layer == n_layers:
@@ -201,13 +261,14 @@ class MultimodalActivationCache(ActivationCache):
         block = self.model.blocks[layer]
         return block.ln2 if mlp_input else block.ln1
 
-    @contextmanager
-    def _norm_weight_unfolded(self) -> Iterator[None]:
-        self._fold_norm_weight = False
-        try:
-            yield
-        finally:
-            self._fold_norm_weight = True
+    def _applied_norm_weight(self, layer: int | None, mlp_input: bool) -> Tensor | None:
+        """The weight `apply_ln_to_stack` multiplies in: the norm's own, except the LLM's final
+        norm's, which `tokens_to_residual_directions` carries (TL's `fold_ln` convention)."""
+        final = self._layer(layer) == self.model.cfg.n_layers
+        norm = self._norm(layer, mlp_input)
+        if norm is None or (final and not isinstance(self.model, VisionStage)):
+            return None
+        return norm.w
 
     def apply_ln_to_stack(
         self,
@@ -220,9 +281,12 @@ class MultimodalActivationCache(ActivationCache):
         recompute_ln: bool = False,
         stage: Stage = "llm",
     ) -> Float[Tensor, "num_components *batch_and_pos_dims_out d_model"]:
-        """TL's cached-scale norm of a stack, times the norm's weight (TL folds that weight into
-        `W_U` / `W_Q` ...; here weights are the model's own, so it is applied here). With the
-        recomputed final norm (logit lens) the model's own norm runs, weight included."""
+        """TL's cached-scale norm of a stack. Into a block's norm it is multiplied by the norm's
+        weight (TL folds that weight into `W_Q` / `W_in`; here weights are the model's own); into
+        the LLM's final norm it is not, as in TL: that weight is in `tokens_to_residual_directions`,
+        so `apply_ln_to_stack(stack) . tokens_to_residual_directions(t)` is each component's logit
+        share here and with TL's own `ActivationCache`. With the recomputed final norm (logit lens)
+        the model's own norm runs, weight included, for `@ model.W_U`."""
         if self._stage_of is None and stage != "llm":
             return self.stage(stage).apply_ln_to_stack(
                 residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
@@ -230,11 +294,11 @@ class MultimodalActivationCache(ActivationCache):
         stack = super().apply_ln_to_stack(
             residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
         )
-        n_layers = self.model.cfg.n_layers
-        final = layer is None or layer == -1 or layer == n_layers
-        if (recompute_ln and final) or not self._fold_norm_weight:
+        final = self._layer(layer) == self.model.cfg.n_layers
+        weight = self._applied_norm_weight(layer, mlp_input)
+        if (recompute_ln and final) or weight is None:
             return stack
-        return stack * self._norm(layer, mlp_input).w
+        return stack * weight
 
     # ------------------------------------------------------------------ logits
     def logit_lens(

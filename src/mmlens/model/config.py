@@ -8,6 +8,7 @@ the LLM's dimensions under the classic TransformerLens names (`n_layers`, `d_mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -87,6 +88,13 @@ class MLLMConfig:
     attn_only: bool = False
     layers_block_type: None = None
     use_attn_result: bool = False
+    # TransformerLens's meanings, for the LLM: its context length (`max_position_embeddings`; None
+    # if the config has none), its MLP activation (Hugging Face's name), whether `to_tokens`
+    # prepends BOS by default, and whether the tokenizer adds BOS by itself (None: no tokenizer).
+    n_ctx: int | None = None
+    act_fn: str | None = None
+    default_prepend_bos: bool = True
+    tokenizer_prepends_bos: bool | None = None
 
     # Classic TransformerLens names refer to the LLM, as in HookedTransformer.
     @property
@@ -124,6 +132,20 @@ class MLLMConfig:
     @property
     def n_image_tokens(self) -> int:
         return self.adapter.n_image_tokens
+
+    @staticmethod
+    def tl_fields(text_config: Any, tokenizer: Any) -> dict[str, Any]:
+        """`n_ctx`, `act_fn`, `default_prepend_bos`, `tokenizer_prepends_bos` read from the LLM's
+        Hugging Face config and the tokenizer (None where there is none)."""
+        n_ctx = getattr(text_config, "max_position_embeddings", None)
+        act_fn = getattr(text_config, "hidden_act", None) or getattr(text_config, "hidden_activation", None)
+        fields: dict[str, Any] = {"n_ctx": n_ctx if isinstance(n_ctx, int) else None,
+                                  "act_fn": act_fn if isinstance(act_fn, str) else None}
+        if tokenizer is not None:
+            bos = tokenizer.bos_token_id
+            fields["default_prepend_bos"] = bos is not None
+            fields["tokenizer_prepends_bos"] = bos is not None and tokenizer("")["input_ids"][:1] == [bos]
+        return fields
 
     def summary(self) -> str:
         v, a, l = self.vision, self.adapter, self.llm

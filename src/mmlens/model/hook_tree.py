@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from .hook_contract import CheckedHookPoint
-from .weights import AttentionWeights, MLPWeights, NormWeights, StackedWeights
+from .weights import AttentionWeights, BlockOutputs, MLPWeights, NormWeights, StackedWeights
 
 
 def is_hooked(point: HookPoint) -> bool:
@@ -68,7 +68,7 @@ class NormHooks(NormWeights, HookGroup):
         super().__init__("hook_scale", "hook_normalized")
 
 
-class BlockHooks(HookGroup):
+class BlockHooks(BlockOutputs, HookGroup):
     """Residual-stream points of one block plus its attention, MLP and norm points."""
 
     def __init__(self, rotary: bool, gated_mlp: bool, sandwich_norms: bool = False, qk_norm: bool = False):

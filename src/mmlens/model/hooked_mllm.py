@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,6 +32,7 @@ from .architectures.base import BASE_INPUT_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .devices import input_device
+from .generation import Generation
 from .hook_contract import CheckedHookPoint
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
@@ -48,7 +50,7 @@ ReturnType = Literal["logits", "loss", "both"] | None
 ImageLike = Image.Image | np.ndarray | Tensor
 
 
-class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
+class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModule):
     """A multimodal LLM with TransformerLens hooks on every stage.
 
     Build one with `from_pretrained` (shipped name, local folder or hub id) or `from_hf` (an
@@ -64,6 +66,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         self.architecture = architecture_for(hf_model)
         self.architecture.check_special_tokens(hf_model)
         self.cfg = self.architecture.build_config(hf_model)
+        tokenizer = getattr(processor, "tokenizer", None)
+        self.cfg = replace(self.cfg, **MLLMConfig.tl_fields(hf_model.config.get_text_config(), tokenizer))
         if getattr(hf_model, "hf_device_map", None):  # split or offloaded: inputs go where the forward starts
             self.cfg = replace(self.cfg, device=input_device(hf_model))
         self.hf_model = hf_model
@@ -156,6 +160,66 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute per-head outputs at `attn.hook_result` (memory: batch x pos x heads x d_model)."""
         self.cfg = replace(self.cfg, use_attn_result=use_attn_result)
+
+    def tl_named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The weights under TransformerLens's names (`embed.W_E`, `blocks.{l}.attn.W_Q`,
+        `blocks.{l}.ln1.w`, `blocks.{l}.mlp.W_in`, `ln_final.w`, `unembed.W_U` ...), then the
+        tower's under `vision.`: views of the Hugging Face parameters (see `weights`), so a
+        gradient or an in-place edit reaches the model. Grouped kv heads are `_W_K`/`_W_V` (TL's
+        parameter names; `W_K` repeats them per query head); a norm's `w` is the factor it applies
+        (`1 + weight` for Gemma's RMSNorms, a new tensor); `b` only for LayerNorms."""
+        yield "embed.W_E", self.W_E
+        for prefix, stage in (("", self), ("vision.", self.vision)):
+            if prefix:
+                yield from _norm_parameters("vision.ln_pre", getattr(stage, "ln_pre", None))
+            for layer, block in enumerate(stage.blocks):
+                name = f"{prefix}blocks.{layer}"
+                for norm in ("ln1", "ln2", "ln1_post", "ln2_post"):
+                    yield from _norm_parameters(f"{name}.{norm}", getattr(block, norm, None))
+                attn, grouped = block.attn, block.attn.repeat_kv_heads > 1
+                kv = ("_W_K", "_W_V", "_b_K", "_b_V") if grouped else ("W_K", "W_V", "b_K", "b_V")
+                for weight in ("W_Q", kv[0], kv[1], "W_O", "b_Q", kv[2], kv[3], "b_O"):
+                    yield f"{name}.attn.{weight}", getattr(attn, weight)
+                for norm in ("q_ln", "k_ln"):
+                    yield from _norm_parameters(f"{name}.attn.{norm}", getattr(attn, norm, None))
+                gated = (self.cfg.llm if stage is self else self.cfg.vision).gated_mlp
+                for weight in ("W_in", *(("W_gate",) if gated else ()), "b_in", "W_out", "b_out"):
+                    yield f"{name}.mlp.{weight}", getattr(block.mlp, weight)
+            if prefix:
+                yield from _norm_parameters("vision.ln_post", getattr(stage, "ln_post", None))
+        yield from _norm_parameters("ln_final", self.ln_final)
+        yield "unembed.W_U", self.W_U
+        yield "unembed.b_U", self.b_U
+
+    def enable_compatibility_mode(
+        self,
+        disable_warnings: bool = False,
+        no_processing: bool = False,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """Accepted for TransformerLens 4's demos, which call it first; it changes nothing.
+
+        In TL 4 it turns a `TransformerBridge` into a `HookedTransformer` look-alike: TL's hook
+        names (this model has them already) and processed weights. Here weights stay the
+        checkpoint's own: no `fold_ln`, centring or value-bias folding, so `W_*` are not TL's
+        processed matrices; the cache applies each norm's weight and scale where folded weights
+        would (`apply_ln_to_stack`, `accumulated_resid(apply_ln=True)`), so direct logit
+        attribution gives TL's `fold_ln` numbers. A warning says which steps asked for are not
+        applied (none with `no_processing=True`; silenced with `disable_warnings=True`).
+        """
+        asked = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights, "center_unembed": center_unembed,
+                 "fold_value_biases": fold_value_biases, "refactor_factored_attn_matrices": refactor_factored_attn_matrices}
+        skipped = [] if no_processing else [step for step, wanted in asked.items() if wanted]
+        if skipped and not disable_warnings:
+            warnings.warn(
+                f"enable_compatibility_mode: hook names are already TransformerLens's; weight processing "
+                f"({', '.join(skipped)}) is not applied: W_* are the checkpoint's own. Decompositions and direct "
+                "logit attribution through the cache apply the norms as folded weights would. Pass "
+                "no_processing=True to state that, or disable_warnings=True to silence this", stacklevel=2)
 
     # ----------------------------------------------------------------- hook names
     def hook_names(self, stage: Literal["vision", "adapter", "llm"] | None = None) -> list[str]:
@@ -342,6 +406,12 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         self._check_context(ids.shape[1])
         if check_images:
             pixel_values = kwargs.get("pixel_values")
+            if pixel_values is None and bool((ids == self.cfg.image_token_id).any()):
+                raise InputError(
+                    f"these input_ids hold {int((ids == self.cfg.image_token_id).sum())} image tokens but no images. "
+                    "Pass the MultimodalInputs from model.prepare(...) instead of its ids (TransformerLens's "
+                    "patching.get_act_patch_* take it in place of the tokens), or model.with_images(inputs) as "
+                    "the model for helpers that pass ids only")
             family = {k: kwargs[k] for k in family_names if k in kwargs}
             self.architecture.check_inputs(self.cfg, ids, pixel_values, **family)
             if pixel_values is not None and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
@@ -352,9 +422,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
 
     @property
     def context_length(self) -> int | None:
-        """The LLM's longest sequence (its text config's `max_position_embeddings`; None if it has none)."""
-        limit = getattr(self.hf_model.config.get_text_config(), "max_position_embeddings", None)
-        return int(limit) if isinstance(limit, int) else None
+        """The LLM's longest sequence (`cfg.n_ctx`: its text config's `max_position_embeddings`; None if it has none)."""
+        return self.cfg.n_ctx
 
     def _check_context(self, length: int, new_tokens: int = 0) -> None:
         """Refuse a sequence longer than the LLM's positions reach: past the limit a model runs on
@@ -393,7 +462,8 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         residual entering LLM block `l`; `start_at_layer=l` takes that residual as `inputs`
         and runs the rest (`tokens=` the ids or `MultimodalInputs` it came from: they give the
         padding mask, the image-attention mask and the loss targets). `loss_per_token=True`
-        gives `[batch, seq - 1]` losses, zero where the target is an image token or padding.
+        gives `[batch, seq - 1]` losses (`loss_fn`: zero at image targets and where the prediction
+        or its target is padding).
 
         `llm_inputs_embeds`: the LLM's input (`hook_multimodal_embed`, i.e. text embeddings with
         the adapter's output at the image tokens) from an earlier run of the same inputs; only
@@ -435,7 +505,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             run_kwargs = {"inputs_embeds": llm_inputs_embeds, **{k: run_kwargs[k] for k in keep if k in run_kwargs},
                           **self.architecture.llm_keywords(self.hf_model, kwargs)}
             if start:  # the residual at a later layer is not the LLM's input embedding
-                embeds_points = (self.hook_multimodal_embed,)
+                embeds_points = (self.hook_embed, self.hook_multimodal_embed)
         layers = self._stages["llm"].layers
         with layer_range(layers, start, stop), silenced(*embeds_points):
             out, residual = run_or_stop(lambda: self.architecture.forward(self.hf_model, **run_kwargs))
@@ -446,7 +516,7 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             return logits
         if return_type is None:
             return None
-        loss = self.text_loss(logits, kwargs["input_ids"], kwargs.get("attention_mask"), per_token=loss_per_token)
+        loss = self.loss_fn(logits, kwargs["input_ids"], kwargs.get("attention_mask"), per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
     def _text_inputs(self, text: str | list[str], prepend_bos: bool | None, padding_side: str | None) -> dict[str, Tensor]:
@@ -526,19 +596,32 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
         """True where a query may read a key under the current attention mode (padding respected)."""
         return self.architecture.attention_edges(self.image_attention, inputs.layout, inputs.attention_mask, dict(inputs.extra))
 
-    def text_loss(
+    def loss_fn(
         self,
         logits: Float[Tensor, "batch seq d_vocab"],
-        input_ids: Int[Tensor, "batch seq"],
+        tokens: Int[Tensor, "batch seq"] | MultimodalInputs,
         attention_mask: Int[Tensor, "batch seq"] | None = None,
         per_token: bool = False,
     ) -> Float[Tensor, ""] | Float[Tensor, "batch seq_minus_1"]:
-        """Mean next-token cross-entropy over targets that are text (not image, not padding);
-        `per_token`: each position's loss `[batch, seq - 1]`, zero where the target is not text."""
-        targets = input_ids[:, 1:]
+        """TL's `loss_fn`: the mean next-token cross-entropy, over positions whose target is text.
+
+        As in TL, a prediction counts where both it and its target are real (attention mask 1:
+        `tokens`' own when it is a `MultimodalInputs`); and an image token is never a target (the
+        model is not trained to predict the image placeholder). `per_token`: each position's loss
+        `[batch, seq - 1]`, zero where it does not count.
+        """
+        if isinstance(tokens, MultimodalInputs):
+            attention_mask = tokens.attention_mask if attention_mask is None else attention_mask
+            tokens = tokens.input_ids
+        tokens = torch.as_tensor(tokens, device=logits.device)
+        if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
+            raise InputError(f"loss_fn takes logits [batch, pos, d_vocab] and tokens [batch, pos] of the same batch and "
+                             f"length; got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+        targets = tokens[:, 1:]
         keep = targets != self.cfg.image_token_id
         if attention_mask is not None:
-            keep &= attention_mask[:, 1:].bool()
+            mask = torch.as_tensor(attention_mask, device=logits.device).bool()
+            keep &= mask[:, 1:] & mask[:, :-1]
         losses = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
         )
@@ -585,37 +668,16 @@ class HookedMLLM(TokenHelpers, LanguageModelWeights, HookedRootModule):
             return None
         return first
 
-    @torch.no_grad()
-    def generate(self, inputs: MultimodalInputs, max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
-        """Greedy answers (text after the prompt) for each row; hooks active in `hooks()` apply."""
-        processor = self._require_processor()
-        self._check_context(inputs.input_ids.shape[1], max_new_tokens)
-        own_rule = self._with_image_attention(inputs.keywords())
-        rule_mask = own_rule["attention_mask"]
-        if isinstance(rule_mask, Tensor) and rule_mask.ndim == 2:  # Hugging Face's cached decoding applies the rule itself
-            kwargs.setdefault("do_sample", False)
-            out = self.hf_model.generate(**self.architecture.hf_keywords(own_rule), max_new_tokens=max_new_tokens, **kwargs)
-            new_tokens = out[:, inputs.input_ids.shape[1] :]
-        else:  # Hugging Face's cached decoding cannot carry the 4D image mask: decode greedily in full
-            ids, mask = inputs.input_ids, inputs.attention_mask
-            eos = processor.tokenizer.eos_token_id
-            done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-            extra = dict(inputs.extra)
-            for _ in range(max_new_tokens):
-                next_token = self({"input_ids": ids, "pixel_values": inputs.pixel_values, "attention_mask": mask,
-                                   **extra, **inputs.layout_inputs})[:, -1].argmax(-1)
-                next_token = torch.where(done, torch.full_like(next_token, eos), next_token)
-                ids = torch.cat([ids, next_token[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                extra = self.architecture.extend_by_one_token(extra)
-                done |= next_token == eos
-                if done.all():
-                    break
-            new_tokens = ids[:, inputs.input_ids.shape[1] :]
-        return processor.batch_decode(new_tokens, skip_special_tokens=True)
-
     def __repr__(self) -> str:
         return f"HookedMLLM({self.cfg.summary()}, {len(self.hook_dict)} hook points)"
+
+
+def _norm_parameters(name: str, norm: Any) -> Iterator[tuple[str, Tensor]]:
+    if norm is None or getattr(norm, "_weight_source", None) is None:
+        return
+    yield f"{name}.w", norm.w
+    if norm.kind == "LN":
+        yield f"{name}.b", norm.b
 
 
 def _images_per_prompt(images: Any) -> list[list[Any]]:

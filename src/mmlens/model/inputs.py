@@ -36,6 +36,12 @@ class MultimodalInputs:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def shape(self) -> torch.Size:
+        """`[batch, seq]` of the ids: what TransformerLens's `patching.get_act_patch_*` read off
+        the tokens they are given, so a batch with its images can stand in for the ids there."""
+        return self.input_ids.shape
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MultimodalInputs":
         """Move the tensors; `dtype` applies to `pixel_values` only."""
         return replace(

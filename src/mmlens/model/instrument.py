@@ -249,6 +249,7 @@ def instrument_block(
         instrument_norm(post2, hooks.ln2_post, norm)
     instrument_attention(attn, hooks.attn, spec.attention, use_result, norm)
     instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
+    hooks.bind_outputs(layer, spec.layer_scale)  # what the cache decomposes through
     original = bare_forward(layer)
     names = _argument_names(layer)
 
@@ -275,7 +276,7 @@ def hook_module_output(module: nn.Module, point) -> torch.utils.hooks.RemovableH
 def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root: Any,
                               use_result: Callable[[], bool]) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook a Hugging Face decoder stack (`embed_tokens`, `layers`, `norm`) into `root`'s LLM
-    points: its blocks, token embedding, final norm, and `hook_multimodal_embed` on the merged
+    points: its blocks, final norm, and `hook_embed` then `hook_multimodal_embed` on the merged
     input it receives (text embeddings with the image tokens in place)."""
     norm = root.cfg.llm.normalization_type
     for layer, hooks in zip(layers, root.blocks):
@@ -284,8 +285,10 @@ def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root:
 
     def merged_embedding(_module, args, kwargs):
         if kwargs.get("inputs_embeds") is not None:
-            kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, kwargs["inputs_embeds"])
+            # hook_embed is what the embedding step adds to the residual (TL's meaning, which TL's
+            # own ActivationCache decomposes from): text embeddings with the image features in place
+            merged = fire(root.hook_embed, kwargs["inputs_embeds"])
+            kwargs["inputs_embeds"] = fire(root.hook_multimodal_embed, merged)
         return args, kwargs
 
-    return [hook_module_output(lm.embed_tokens, root.hook_embed),
-            lm.register_forward_pre_hook(merged_embedding, with_kwargs=True)]
+    return [lm.register_forward_pre_hook(merged_embedding, with_kwargs=True)]

@@ -1,11 +1,13 @@
 """Norm layers with TransformerLens's `hook_scale` and `hook_normalized`, whatever the family.
 
 The Hugging Face norm runs as is; when a hook listens, its scale (`sqrt(mean(x^2) + eps)` for
-RMSNorm, `sqrt(var(x) + eps)` for LayerNorm) is computed beside it and fired at `hook_scale`. An
-edited scale rescales HF's own output (`(out - b) * s / s' + b`), so the norm's formula (a plain
-weight, Gemma's `1 + weight` ...) never has to be restated and an untouched scale leaves the
-output bit-identical. `hook_normalized` is HF's output, weight applied (TL fires it before the
-weight; docs/tl_compat.md says so). A norm's `w` is the factor it applies (`1 + weight` for Gemma's).
+RMSNorm, `sqrt(var(x) + eps)` for LayerNorm) is computed beside it and fired at `hook_scale`, and
+HF's own output is rescaled by the scale `s'` the point gives back (`(out - b) * s / s' + b`): an
+edit there moves the output, a backward hook there receives the loss's gradient, the norm's formula
+(a plain weight, Gemma's `1 + weight` ...) never has to be restated, and an untouched scale (a
+ratio of exactly 1) leaves the output bit-identical. `hook_normalized` is HF's output, weight
+applied (TL fires it before the weight; docs/tl_compat.md says so). A norm's `w` is the factor it
+applies (`1 + weight` for Gemma's).
 """
 
 from __future__ import annotations
@@ -51,15 +53,22 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
             return out
         if is_hooked(hooks.hook_scale):
             scale = norm_scale(x, kind, eps).to(x.dtype)
-            edited = hooks.hook_scale(scale)
-            if edited is not scale and not torch.equal(edited, scale):
-                ratio = (scale.float() / edited.float()).to(out.dtype)
-                out = out * ratio if bias is None else (out - bias) * ratio + bias
+            # the output always divides by the fired scale, edited or not, so its gradient (and a
+            # backward hook there) is the loss's; a clone of its own keeps `scale`'s path apart
+            used = hooks.hook_scale(scale.clone())
+            out = rescaled(out, (scale.float() / used.float()).to(out.dtype), bias)
         return fire(hooks.hook_normalized, out)
 
     override_forward(module, forward)
     setattr(module, _INSTRUMENTED, True)
     hooks.bind_norm(module, kind, weight_offset(original, module, kind))
+
+
+def rescaled(out: Tensor, ratio: Tensor, bias: Tensor | None) -> Tensor:
+    """A norm's output `w * x / s + b` as if divided by `s' = s / ratio` instead of `s`. An unedited
+    scale gives a ratio of exactly 1: both terms are then exact (`out * 1`, `b * 0`), so the
+    output stays bit-identical, an overflowed `inf` included."""
+    return out * ratio if bias is None else out * ratio + bias * (1 - ratio)
 
 
 @torch.no_grad()

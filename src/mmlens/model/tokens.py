@@ -8,6 +8,7 @@ not to, padding on the tokenizer's side). In `to_str_tokens`, each image token i
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor
 
 from ..errors import InputError, LayoutMismatchError
 from .inputs import MultimodalInputs
+
+# How `to_str_tokens` names an image token: `<img0 r1c2>`, `<img0 tiles r0c1>`, `<img1 cls>`.
+IMAGE_TOKEN_NAME = re.compile(r"<img\d+ [^<>]+>")
 
 
 class TokenHelpers:
@@ -49,7 +53,7 @@ class TokenHelpers:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError(f"to_tokens takes a string or a non-empty list of strings, got {type(input).__name__}")
         if prepend_bos is None:
-            prepend_bos = tokenizer.bos_token_id is not None
+            prepend_bos = self.cfg.default_prepend_bos
         if prepend_bos and tokenizer.bos_token_id is None:
             raise InputError("prepend_bos=True but this tokenizer has no BOS token")
         side = padding_side or tokenizer.padding_side
@@ -75,6 +79,52 @@ class TokenHelpers:
             pieces = self.tokenizer.convert_ids_to_tokens(ids.tolist())
             raise InputError(f"{string!r} is {ids.numel()} tokens ({pieces}), not one")
         return int(ids.item())
+
+    def get_token_position(
+        self,
+        single_token: str | int | Tensor,
+        input: str | Tensor | MultimodalInputs,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
+        """The position of `single_token` in one sequence (TL's `get_token_position`).
+
+        `input` is a string (tokenised by `to_tokens`), ids `[pos]` or `[1, pos]`, or a one-row
+        `MultimodalInputs`. `single_token` is an id or a one-token string; an image token is
+        addressed by its `to_str_tokens` name (`"<img0 r1c2>"`: image 0, grid row 1, column 2),
+        and the placeholder itself (`"<image>"`, `cfg.image_token_id`) finds the image tokens.
+        `mode` picks the first or last match; a token that does not occur is an error.
+        """
+        if mode not in ("first", "last"):
+            raise InputError(f"mode must be 'first' or 'last', got {mode!r}")
+        layout = None
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side, move_to_device=False)
+        elif prepend_bos is not None or padding_side is not None:
+            raise InputError("prepend_bos and padding_side apply to text; these tokens are already tokenised")
+        elif isinstance(input, MultimodalInputs):
+            tokens, layout = input.input_ids, input.layout
+        else:
+            tokens = torch.as_tensor(input)
+        tokens = tokens.cpu()
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise InputError(f"get_token_position searches one sequence: ids [pos] or [1, pos] (or one-row inputs), "
+                             f"got shape {tuple(tokens.shape)}; index the row first (inputs.input_ids[i])")
+        if isinstance(single_token, str) and IMAGE_TOKEN_NAME.fullmatch(single_token):
+            names = self._str_rows(tokens[None], layout)[0]
+            matches = [i for i, name in enumerate(names) if name == single_token]
+        else:
+            if isinstance(single_token, str):
+                single_token = self.to_single_token(single_token)
+            single_token = int(torch.as_tensor(single_token).item())
+            matches = (tokens == single_token).nonzero().flatten().tolist()
+        if not matches:
+            hint = " (image tokens are named from the layout: pass the MultimodalInputs, not its ids)" if layout is None else ""
+            raise InputError(f"token {single_token!r} does not occur in these inputs; model.to_str_tokens shows them{hint}")
+        return matches[0] if mode == "first" else matches[-1]
 
     def to_string(self, tokens: int | Tensor | list) -> str | list[str]:
         """Decode ids: one string for a 0-d/1-d input, a list of strings for `[batch, pos]`."""

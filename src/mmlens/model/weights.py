@@ -6,7 +6,8 @@ rearranged view of the HF `nn.Linear` it comes from (no copy: gradients flow, in
 edit the model), with TL's conventions: absent biases are zeros, grouped-query keys and values
 are repeated per query head (`_W_K` keeps the kv heads), `QK`/`OV` are `FactoredMatrix`es.
 Weights are not folded: norms keep their own weight `w`, and the cache applies it where TL's
-folded weights would (see `MultimodalActivationCache.apply_ln_to_stack`).
+folded weights would (see `MultimodalActivationCache.apply_ln_to_stack`), except the final
+norm's, which `tokens_to_residual_directions` folds in as TL's `fold_ln` does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModelError
+
+# What TransformerLens's own `ActivationCache` reads to scale a head's or a neuron's result into the
+# residual stream (a scalar); a block that normalises or scales its outputs per channel makes that
+# impossible, so reading it refuses instead of letting TL's class return unnormalised results.
+_TL_CANNOT_DECOMPOSE = (
+    "this block {why}, which depends on the position (or channel) and cannot be TL's scalar "
+    "`{attr}`: TransformerLens's own ActivationCache would stack un-normalised results here. Use the cache "
+    "`model.run_with_cache` returns, whose stack_head_results / stack_neuron_results / "
+    "get_full_resid_decomposition decompose through it exactly")
 
 
 def _bound(group: nn.Module, what: str) -> Any:
@@ -68,7 +78,19 @@ class FactoredCircuits:
         return FactoredMatrix(self.W_V, self.W_O)
 
 
-class AttentionWeights(FactoredCircuits):
+class AttentionContribution:
+    """`_result_contribution_scale`, the scalar TL's `ActivationCache` multiplies head results by."""
+
+    _output_transform: str | None = None  # what the block does to the attention output, when anything
+
+    @property
+    def _result_contribution_scale(self) -> float:
+        if self._output_transform:
+            raise UnsupportedModelError(_TL_CANNOT_DECOMPOSE.format(why=self._output_transform, attr="_result_contribution_scale"))
+        return 1.0
+
+
+class AttentionWeights(AttentionContribution, FactoredCircuits):
     """`W_Q/W_K/W_V` `[n_heads, d_model, d_head]`, `W_O` `[n_heads, d_head, d_model]`, biases, `QK`, `OV`."""
 
     def bind_attention(self, module: nn.Module, q: str, k: str, v: str, o: str) -> None:
@@ -166,6 +188,53 @@ class NormWeights:
         return _bound(self, "forward")[0](x)
 
 
+class BlockOutputs:
+    """What a block does to its attention and MLP outputs before adding them to the residual: a
+    per-channel layer scale (`layer_scale(0)`, `layer_scale(1)`; InternViT, DINOv2) and sandwich
+    norms (`ln1_post`, `ln2_post`; Gemma 3). Both are linear given the norms' cached scales, so the
+    cache decomposes through them (`mmlens.model.decompose`)."""
+
+    def bind_outputs(self, layer: nn.Module, layer_scale: tuple[str, str] | None) -> None:
+        """Called once the block is instrumented: `layer_scale` names the HF layer's scales, if any."""
+        if layer_scale is not None:
+            self._layer_scale_source = (layer, layer_scale)  # a tuple: the HF layer stays out of the hook tree
+        self._mark_transformed()
+
+    def layer_scale(self, sublayer: int) -> Float[Tensor, "d_model"] | None:
+        """The per-channel factor on the attention (0) or MLP (1) output, or None."""
+        source = getattr(self, "_layer_scale_source", None)
+        if source is None:
+            return None
+        layer, names = source
+        scale = getattr(layer, names[sublayer])
+        if isinstance(scale, nn.Module):  # DINOv2's LayerScale module: x * lambda1
+            return scale(torch.ones_like(next(scale.parameters())))
+        return scale
+
+    def post_norm(self, sublayer: int) -> Any:
+        """The norm on the attention (0) or MLP (1) output (TL's `ln1_post` / `ln2_post`), or None."""
+        return getattr(self, ("ln1_post", "ln2_post")[sublayer], None)
+
+    def _mark_transformed(self) -> None:
+        what = []
+        if getattr(self, "_layer_scale_source", None) is not None:
+            what.append("scales its outputs per channel (layer scale)")
+        if self.post_norm(0) is not None:
+            what.append("normalises its attention and MLP outputs (post-norms)")
+        self.attn._output_transform = " and ".join(what) or None
+
+    @property
+    def output_transformed(self) -> bool:
+        return self.post_norm(0) is not None or getattr(self, "_layer_scale_source", None) is not None
+
+    @property
+    def residual_contribution_scale(self) -> float:
+        if self.output_transformed:
+            raise UnsupportedModelError(_TL_CANNOT_DECOMPOSE.format(why=self.attn._output_transform,
+                                                                    attr="residual_contribution_scale"))
+        return 1.0
+
+
 def _stack(blocks: Any, part: str, name: str) -> Tensor:
     return torch.stack([getattr(getattr(block, part), name) for block in blocks])
 
@@ -190,7 +259,15 @@ class StackedWeights(FactoredCircuits):
     b_out = property(lambda self: _stack(self.blocks, "mlp", "b_out"))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
-        """Sum of attention-out and MLP-out biases of the layers before `layer` (as TL)."""
+        """Sum of attention-out and MLP-out biases of the layers before `layer` (as TL). Refused
+        where a block normalises or scales its outputs: the bias's share then depends on the
+        position (`cache.get_full_resid_decomposition` gives it as its `bias` term)."""
+        for block in self.blocks[: layer + 1]:
+            if getattr(block, "output_transformed", False):
+                raise UnsupportedModelError(
+                    f"accumulated_bias: a block here {block.attn._output_transform}, so the biases' share of the "
+                    "residual depends on the position; the `bias` term of cache.get_full_resid_decomposition() "
+                    "(from model.run_with_cache) gives it exactly")
         first = self.blocks[0].attn.b_O
         total = torch.zeros_like(first)
         for block in self.blocks[:layer]:
@@ -255,13 +332,19 @@ class LanguageModelWeights(StackedWeights):
         return self.unembed.b_U
 
     def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Float[Tensor, "... d_model"]:
-        """Columns of `W_U` for `tokens` (a string must be one token), with d_model last, as TL."""
+        """The residual directions of `tokens` (a string must be one token), d_model last: columns of
+        `W_U` times the final norm's weight, as TL gives them with `fold_ln` (its recommended
+        setting). Dotted with `cache.apply_ln_to_stack(stack)` (the cached-scale final norm without
+        its weight, as in TL) they give each component's share of the logits, for our cache and
+        for TL's own `ActivationCache` alike."""
         if isinstance(tokens, Tensor) and tokens.numel() > 1:
-            return einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
-        if isinstance(tokens, str):
-            token = self.to_single_token(tokens)
-        elif isinstance(tokens, Tensor):
-            token = int(tokens.item())
+            columns = einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
         else:
-            token = int(tokens)
-        return self.W_U[:, token]
+            if isinstance(tokens, str):
+                token = self.to_single_token(tokens)
+            elif isinstance(tokens, Tensor):
+                token = int(tokens.item())
+            else:
+                token = int(tokens)
+            columns = self.W_U[:, token]
+        return columns * self.ln_final.w
