@@ -45,7 +45,6 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
     """Fire `hooks.hook_scale` and `hooks.hook_normalized` around a Hugging Face norm module."""
     original = bare_forward(module)
     eps = norm_epsilon(module)
-    bias = getattr(module, "bias", None)
 
     def forward(x: Tensor) -> Tensor:
         out = original(x)
@@ -56,7 +55,9 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
             # the output always divides by the fired scale, edited or not, so its gradient (and a
             # backward hook there) is the loss's; a clone of its own keeps `scale`'s path apart
             used = hooks.hook_scale(scale.clone())
-            out = rescaled(out, (scale.float() / used.float()).to(out.dtype), bias)
+            # the bias read now, not when instrumented: accelerate swaps an offloaded module's
+            # parameters in for the call and out again after it
+            out = rescaled(out, (scale.float() / used.float()).to(out.dtype), getattr(module, "bias", None))
         return fire(hooks.hook_normalized, out)
 
     override_forward(module, forward)

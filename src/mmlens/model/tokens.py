@@ -140,7 +140,9 @@ class TokenHelpers:
     def to_str_tokens(
         self, input: str | list[str] | Tensor | MultimodalInputs, prepend_bos: bool | None = None
     ) -> list[str] | list[list[str]]:
-        """Token strings per position; a batch (or a list of texts) gives one list per row.
+        """Token strings per position, as TransformerLens gives them (one list for a text, a token, or
+        ids of shape `[pos]` or `[1, pos]`); a batch of several rows, a list of texts or image inputs
+        give one list per row (TL refuses a batch).
 
         Image tokens read `<img{i} r{row}c{col}>`: image `i` in `pixel_values` order and its
         grid cell (`<img{i} tiles r{row}c{col}>` in an image of several segments, named by kind); an
@@ -154,6 +156,8 @@ class TokenHelpers:
         if isinstance(input, MultimodalInputs):
             return self._str_rows(input.input_ids, input.layout)
         ids = torch.as_tensor(input)
+        if ids.ndim == 0 or (ids.ndim == 2 and len(ids) == 1):  # TL squeezes a single token or row
+            ids = ids.reshape(-1)
         if ids.ndim == 1:
             return self._str_rows(ids[None])[0]
         if ids.ndim != 2:
