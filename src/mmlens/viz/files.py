@@ -15,6 +15,8 @@ import plotly
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from ..errors import InputError
+
 PLOTLY_JS = "plotly.min.js"
 FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -35,8 +37,15 @@ def write_plotly_js(folder: str | os.PathLike) -> Path:
 
 def save_figure(figure: go.Figure, path: str | os.PathLike) -> Path:
     """Write `figure` as a full HTML page at `path` that loads `plotly.min.js` from its own folder
-    (written there if needed). Opens offline; no CDN, no MathJax."""
+    (written there if needed). Opens offline; no CDN, no MathJax. Any other suffix is refused:
+    an HTML page under a `.png` name would open as a broken image."""
     path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise InputError(
+            f"save_figure writes interactive HTML pages, and {path.name!r} does not end in .html; name it "
+            f"{path.with_suffix('.html').name!r}, or for a static image call figure.write_image({str(path)!r}) "
+            "(plotly's export, which needs the kaleido package and a Chrome or Chromium)"
+        )
     write_plotly_js(path.parent)
     page = figure.to_html(include_plotlyjs=False, include_mathjax=False, full_html=True, config=FIGURE_CONFIG)
     page = page.replace("</head>", f'<script src="{PLOTLY_JS}"></script>\n</head>', 1)
