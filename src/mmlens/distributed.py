@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -100,34 +100,37 @@ class ToMain:
 
     def _send(self, items: list[tuple[int, Any]]) -> None:
         self.sent += 1
-        if not active(self.group):
-            self._items += items
-            return
-        received: list[Any] | None = [None] * world_size(self.group) if is_main(self.group) else None
-        dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.gather_object(items, received, dst=dst, group=self.group)
+        received = _pairs_to_main(items, self.group)
         if received is not None:
-            self._items += [pair for part in received for pair in part]
+            self._items += received
 
     @property
     def items(self) -> list[Any]:
         if self.sent < self.rounds:
             raise RuntimeError("ToMain.items before finish(): some ranks have rounds left to send")
-        return [item for _, item in sorted(self._items, key=lambda pair: pair[0])]
+        return _in_order(self._items)
 
 
 def gather_to_main(items: Sequence[tuple[int, T]], group: Any = None) -> list[T] | None:
     """Every rank's (order key, item) pairs, merged and sorted by key, on rank 0; None elsewhere
     (for small results: per-batch ones go to rank 0 as they are made, with `ToMain`)."""
-    items = list(items)
+    received = _pairs_to_main(list(items), group)
+    return None if received is None else _in_order(received)
+
+
+def _pairs_to_main(pairs: list[tuple[int, Any]], group: Any = None) -> list[tuple[int, Any]] | None:
+    """Every rank's pairs, concatenated on rank 0 (this rank's own in one process); None elsewhere."""
     if not active(group):
-        return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+        return pairs
     received: list[Any] | None = [None] * world_size(group) if is_main(group) else None
     dst = dist.get_global_rank(group, 0) if group is not None else 0
-    dist.gather_object(items, received, dst=dst, group=group)
-    if received is None:
-        return None
-    return [item for _, item in sorted((pair for part in received for pair in part), key=lambda pair: pair[0])]
+    dist.gather_object(pairs, received, dst=dst, group=group)
+    return None if received is None else [pair for part in received for pair in part]
+
+
+def _in_order(pairs: Iterable[tuple[int, T]]) -> list[T]:
+    """The items of (order key, item) pairs, sorted by key."""
+    return [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
 
 
 def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T], group: Any = None) -> list[T]:
@@ -157,7 +160,7 @@ def gather_in_order(items: Sequence[tuple[int, T]], group: Any = None) -> list[T
         everyone: list[Any] = [None] * world_size(group)
         dist.all_gather_object(everyone, items, group=group)
         items = [pair for part in everyone for pair in part]
-    return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+    return _in_order(items)
 
 
 def broadcast_object(value: T, group: Any = None) -> T:
