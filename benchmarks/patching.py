@@ -32,6 +32,7 @@ from mmlens.data import load_segmentation  # noqa: E402
 from mmlens.experiments import find_recovery_heads  # noqa: E402
 from mmlens.interventions import Run, attribution_patching, baseline, head_sweep, probe_metric, recovery_blocked  # noqa: E402
 from mmlens.interventions.patching import run_and_collect  # noqa: E402
+from mmlens.interventions.shared_forward import rows_joining  # noqa: E402
 from mmlens.probing import probe_sweep  # noqa: E402
 from mmlens.probing.batches import labelled_batches  # noqa: E402
 
@@ -101,7 +102,7 @@ def exact_sweep_work(model, corrupted, repeats: int) -> None:
 
     def block(layer: int, skip_attention: bool):
         joining = {"attending": {layer: 0}, "joining_z": {layer: target[f"blocks.{layer}.attn.hook_z"]}} if skip_attention else {}
-        with model.llm_rows_joining({layer: rows}, rows, **joining):
+        with rows_joining(model, {layer: rows}, rows, **joining):
             model.run_with_hooks(inputs, fwd_hooks=hooks, llm_inputs_embeds=target[f"blocks.{layer}.hook_resid_pre"],
                                  start_at_layer=layer, stop_at_layer=layer + 1)
 

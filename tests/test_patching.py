@@ -21,6 +21,7 @@ from mmlens.interventions.patching import (
     run_and_collect,
 )
 from mmlens.interventions.patching_metrics import CacheMetric, logit_difference
+from mmlens.interventions.shared_forward import rows_joining
 
 from conftest import random_images
 
@@ -352,7 +353,7 @@ def test_rows_joining_at_their_layer_equal_runs_started_there(tiny_clip):
     rows = len(inputs)
     other = model.prepare(random_images(rows, seed=7), ["what is in the image ?", "how many", "the colour of the left shape is ?"])
     seen: list[int] = []
-    with model.llm_rows_joining({0: rows, 1: 2 * rows}, {1: model(other, stop_at_layer=1)}):
+    with rows_joining(model, {0: rows, 1: 2 * rows}, {1: model(other, stop_at_layer=1)}):
         logits = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=model(inputs, stop_at_layer=0).repeat(2, 1, 1),
                                       start_at_layer=0, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: seen.append(len(x)))])
     assert seen == [rows], "block 0 must compute only the copy that joined there"
@@ -361,10 +362,10 @@ def test_rows_joining_at_their_layer_equal_runs_started_there(tiny_clip):
     torch.testing.assert_close(logits[rows:], expected, atol=1e-5, rtol=0)
     assert (logits[rows:] - logits[:rows]).abs().max() > 1e-3, "the joined residual must matter"
     with pytest.raises(InputError, match="not leave"):
-        with model.llm_rows_joining({0: 2 * rows, 1: rows}, rows):
+        with rows_joining(model, {0: 2 * rows, 1: rows}, rows):
             pass
     with pytest.raises(InputError, match="not all in this stack"):
-        with model.llm_rows_joining({0: rows, model.cfg.n_layers: 2 * rows}, rows):
+        with rows_joining(model, {0: rows, model.cfg.n_layers: 2 * rows}, rows):
             pass
 
 
@@ -381,7 +382,7 @@ def test_rows_joining_after_an_attention_take_the_given_z(tiny_clip):
     seen: dict[str, int] = {}
     record = [(f"blocks.1.{name}", lambda x, hook: seen.setdefault(hook.name, len(x)) and None)
               for name in ("attn.hook_q", "attn.hook_pattern", "attn.hook_z", "hook_resid_mid")]
-    with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}, joining_z={1: z_other}):
+    with rows_joining(model, {1: 2 * rows}, rows, attending={1: rows}, joining_z={1: z_other}):
         logits = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=residual, start_at_layer=1,
                                       fwd_hooks=record)
     assert seen == {"blocks.1.attn.hook_q": rows, "blocks.1.attn.hook_pattern": rows, "blocks.1.attn.hook_z": 2 * rows,
@@ -390,12 +391,12 @@ def test_rows_joining_after_an_attention_take_the_given_z(tiny_clip):
     expected = model.run_with_hooks(inputs, fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: z_other)])
     torch.testing.assert_close(logits[rows:], expected, atol=1e-5, rtol=0)
     assert (logits[rows:] - logits[:rows]).abs().max() > 1e-3, "the joined z must matter"
-    with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}, joining_z=rows):
+    with rows_joining(model, {1: 2 * rows}, rows, attending={1: rows}, joining_z=rows):
         copied = model.run_with_hooks(repeat_inputs(inputs, 2), llm_inputs_embeds=residual, start_at_layer=1)
     torch.testing.assert_close(copied[rows:], copied[:rows], atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="joining_z gives no z"):
-        with model.llm_rows_joining({1: 2 * rows}, rows, attending={1: rows}):
+        with rows_joining(model, {1: 2 * rows}, rows, attending={1: rows}):
             pass
     with pytest.raises(InputError, match="attention must compute"):  # rows block 0 computed must attend
-        with model.llm_rows_joining({0: rows, 1: 2 * rows}, rows, attending={1: 0}, joining_z={1: z_other}):
+        with rows_joining(model, {0: rows, 1: 2 * rows}, rows, attending={1: 0}, joining_z={1: z_other}):
             pass

@@ -27,6 +27,7 @@ from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_ima
 from mmlens.model.architectures import Architecture
 from mmlens.model.instrument import AttentionSpec
 from mmlens.model.layout import IMAGE_BLOCK_KINDS
+from mmlens.model.preprocess import MaskGeometry
 from mmlens.probing import probe_sweep
 
 from conftest import random_images
@@ -41,6 +42,7 @@ __all__ = [
     "test_knockout_equals_hf_with_its_mask",
     "test_layout_contract",
     "test_llm_keywords_reach_every_run_from_merged_embeddings",
+    "test_mask_geometry_is_a_mask_geometry",
     "test_wrong_spec_is_refused",
 ]
 Builder = Callable[[str], tuple[nn.Module, Any]]  # attention implementation -> (HF model, processor)
@@ -152,6 +154,19 @@ def test_cache_equals_hf_hidden_states(eager: Family) -> None:
     layout = inputs.layout
     present = layout.table("llm").present
     assert torch.equal(layout.gather("adapter", adapter)[present], layout.gather("llm", merged)[present])
+
+
+def test_mask_geometry_is_a_mask_geometry(eager: Family) -> None:
+    """The family's mask geometry for its own processor keeps the `MaskGeometry` protocol, and a
+    mask of an image's size goes through it to a 2-D label array."""
+    geometry = eager.model.geometry
+    assert isinstance(geometry, MaskGeometry), f"{type(geometry).__name__} is not a MaskGeometry"
+    image = random_images(1)[0]
+    height, width = geometry.image_size(image)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[: height // 2] = 1
+    labels = geometry.transform_mask(mask)
+    assert labels.ndim == 2 and set(np.unique(labels)) <= {0, 1, 255} and (labels == 1).any()
 
 
 def test_layout_contract(eager: Family) -> None:

@@ -19,7 +19,7 @@ from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.model.architectures import architecture_for
-from mmlens.model.architectures.mistral3_layout import mistral3_layout
+from mmlens.model.architectures.mistral3.layout import mistral3_layout
 from mmlens.model.instrument import AttentionSpec
 from mmlens.testing_families import tiny_mistral3
 

@@ -16,7 +16,7 @@ from mmlens import HookedMLLM
 from mmlens.errors import UnsupportedModelError
 from mmlens.data import load_segmentation
 from mmlens.model.architectures import architecture_for
-from mmlens.model.architectures.qwen2_vl_tower import block_diagonal
+from mmlens.model.architectures.qwen2_vl.tower import block_diagonal
 from mmlens.testing_families import tiny_qwen2_vl
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 

@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..findings import effect_phrase, verdict
 from ..interventions import GroupContext, TokenGroup, knockout
 from ..model import HookedMLLM
+from ..model.hook_names import parse_hook_name
 from ..probing.batches import rank_batches
 from ..probing.metrics import SegmentationScores
 from ..probing.predict import predict_image_tokens
@@ -329,8 +330,7 @@ def _default_window(model: HookedMLLM, reference: Site) -> list[int]:
     n = model.cfg.n_layers
     if reference.stage != "llm":
         return list(range(n))
-    start = reference.layer if reference.hook.endswith("hook_resid_pre") else reference.layer + 1
-    return list(range(start, n))
+    return list(range(parse_hook_name(reference.hook).first_block_after, n))
 
 
 def _readouts(model, sweep, reference: str, window: list[int], readouts) -> list[str]:

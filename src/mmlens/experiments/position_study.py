@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..findings import effect_phrase, verdict
 from ..interventions import bidirectional_image_attention
 from ..model.edits import edit_hooks
-from ..model import HookedMLLM, TokenGrid
+from ..model import HookedMLLM
 from ..probing import ProbeSweep, probe_sweep
 from ..probing.batches import pad_stack, rank_batches
 from ..probing.predict import predict_image_tokens
@@ -204,8 +204,8 @@ def position_study(
                 low, high = percentile_interval(diff)
                 gains.append({"condition": condition, "hook": name, "site": site.label, "tokens": part,
                               "gain_over_causal": accuracy(key, where) - accuracy(base, where), "low": low, "high": high})
-    # images with their own segments: positions are the rows of `layout.gather`, in sequence order
-    shape = grid.shape if isinstance(grid, TokenGrid) else (1, n_tokens)
+    # the heatmap's rows x cols; images with their own segments make one row of `layout.gather` rows
+    shape = grid.raster(n_tokens)
     per_position = _per_position(hits, scored, names, model, shape[1])
     return PositionStudyResult(
         per_position=per_position, summary=pd.DataFrame(rows), gains=pd.DataFrame(gains), grid=shape,

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.attention_masks import allowed_edges
 from ..model.edits import HookSet
+from ..model.hook_names import block_hook, parse_hook_name
 from .selection import chosen_indices
 
 
@@ -33,20 +34,19 @@ class BidirectionalImageAttention(HookSet):
         self._stash: dict[str, Tensor] = {}
         self.hooks = []
         for l in self.layers:
-            prefix = f"blocks.{l}.attn"
-            self.hooks += [(f"{prefix}.hook_rot_q", self._keep), (f"{prefix}.hook_rot_k", self._keep),
-                           (f"{prefix}.hook_attn_scores", self._open)]
+            self.hooks += [(block_hook(l, "attn.hook_rot_q"), self._keep), (block_hook(l, "attn.hook_rot_k"), self._keep),
+                           (block_hook(l, "attn.hook_attn_scores"), self._open)]
 
     def effective_mask(self) -> Bool[Tensor, "batch query key"]:
         """True where a query may read a key in the edited layers (padding respected)."""
         return allowed_edges(self.inputs.layout.image_of_position(), self.inputs.attention_mask, True)
 
     def _keep(self, x: Tensor, hook) -> None:
-        self._stash[hook.name.rsplit(".", 1)[-1]] = x
+        self._stash[parse_hook_name(hook.name).point] = x
 
     def _open(self, scores: Tensor, hook) -> Tensor:
         q, k = self._stash.pop("hook_rot_q"), self._stash.pop("hook_rot_k")  # [b, s, heads, d]
-        layer = int(hook.name.split(".")[1])
+        layer = parse_hook_name(hook.name).layer
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scales[layer]
         return torch.where(self.opened[:, None], raw, scores)

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import HookSet
+from ..model.hook_names import block_hook, parse_hook_name
 from .groups import GroupContext, TokenGroup
 from .selection import chosen_indices
 
@@ -57,10 +58,9 @@ class Knockout(HookSet):
                 "without anchors, say)"
             )
         self.blocked_mass: dict[int, float] = {}
-        prefix = "blocks" if stage == "llm" else "vision.blocks"
-        self.hooks = [(f"{prefix}.{l}.attn.hook_attn_scores", self._block) for l in self.layers]
+        self.hooks = [(block_hook(l, "attn.hook_attn_scores", stage), self._block) for l in self.layers]
         if verify:
-            self.hooks += [(f"{prefix}.{l}.attn.hook_pattern", self._measure) for l in self.layers]
+            self.hooks += [(block_hook(l, "attn.hook_pattern", stage), self._measure) for l in self.layers]
 
     def _edges(self, scores: Tensor) -> Tensor:
         if scores.shape[0] != self.blocked.shape[0]:
@@ -96,7 +96,7 @@ class Knockout(HookSet):
         if torch.isnan(pattern).any():
             raise RuntimeError(f"{hook.name}: NaN attention after the knockout")
         left = pattern.detach().masked_fill(~self._edges(pattern), 0)  # cheaper than masked_select on big batches
-        layer = int(hook.name.split(".")[-3])
+        layer = parse_hook_name(hook.name).layer
         mass = float(left.abs().amax())
         self.blocked_mass[layer] = max(mass, self.blocked_mass.get(layer, 0.0))  # every forward of a generation
 

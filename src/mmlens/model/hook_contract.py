@@ -18,6 +18,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from ..errors import HookReturnError
+from .hook_names import parse_hook_name
 
 
 def hook_function_name(hook: Callable) -> str:
@@ -82,9 +83,8 @@ class CheckedHookPoint(HookPoint):
         """The index of the block this point sits in, within its stage: 3 for `blocks.3.attn.hook_z`
         and for `vision.blocks.3.attn.hook_z` (TL's `HookPoint.layer` reads `blocks.{l}` only, so
         a name filter matching both stages would fail on the tower's names)."""
-        parts = (self.name or "").split(".")
-        for part, index in zip(parts, parts[1:]):
-            if part == "blocks" and index.isdigit():
-                return int(index)
+        layer = parse_hook_name(self.name).layer if self.name else None
+        if layer is not None:
+            return layer
         raise ValueError(f"hook point {self.name!r} is in no block, so it has no layer; "
                          "hook.layer() applies to names under blocks.{l} or vision.blocks.{l}")

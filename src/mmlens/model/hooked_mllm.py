@@ -36,11 +36,10 @@ from .generation import Generation
 from .hook_contract import CheckedHookPoint
 from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
 from .inputs import MultimodalInputs
-from .layer_runs import check_layer, growing_batch, layer_range, run_or_stop, silenced
+from .layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
-from .anyres import AnyresGeometry
-from .preprocess import ImageGeometry
+from .preprocess import MaskGeometry
 from .spec_check import verify_blocks
 from .tl_view import WithImages
 from .tokens import TokenHelpers
@@ -343,7 +342,7 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         )
 
     @property
-    def geometry(self) -> ImageGeometry | AnyresGeometry:
+    def geometry(self) -> MaskGeometry:
         """The processor's resize / pad / crop (or anyres tiling), to bring label masks into the
         pixels the layout's boxes live in."""
         if getattr(self, "_geometry", None) is None:
@@ -522,22 +521,6 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
     def _text_inputs(self, text: str | list[str], prepend_bos: bool | None, padding_side: str | None) -> dict[str, Tensor]:
         ids, mask = self.text_batch(text, prepend_bos, padding_side)
         return {"input_ids": ids.to(self.cfg.device), "attention_mask": mask.to(self.cfg.device)}
-
-    def llm_rows_joining(self, active: Mapping[int, int], joining: Mapping[int, Tensor] | int, *,
-                         attending: Mapping[int, int] | None = None,
-                         joining_z: Mapping[int, Tensor] | int | None = None):
-        """A context in which LLM block `l` computes only the first `active[l]` rows of a batch;
-        the rows joining at `l` enter with `joining[l]` (a residual entering block `l`, repeated
-        to fill them) or, for an int `n`, with copies of the first `n` rows as they enter block
-        `l`. Copies of one input that differ only from some block on (patching one layer each)
-        thus start where they differ, in one forward started at the lowest key
-        (`start_at_layer`); hooks in block `l` see its `active[l]` rows. With `attending[l]`
-        below `active[l]`, block `l`'s attention computes only that many rows (its q, k, v,
-        scores and pattern hooks see them) and the others join at `attn.hook_z` with
-        `joining_z[l]` (that block's z as it reaches `hook_z`, before that point's hooks,
-        repeated) or copies of the first `joining_z` rows' z: copies that differ from a head's
-        output on skip the attention that computes it."""
-        return growing_batch(self._stages["llm"].layers, active, joining, attending=attending, joining_z=joining_z)
 
     def run_vision(
         self,

@@ -12,7 +12,8 @@ not grid cells (row newlines, CLS, registers, image start/end) are recorded by k
 
 `gather(stage, activation)` is the one way to read a stage's activation at the image tokens; rows
 come out image by image, zero-padded to the longest image, with `table(stage)` telling which rows
-are present and their cells and pixel boxes. Nothing above `model/` indexes image tokens by hand.
+are present and their cells and pixel boxes, and `pixels(stage)` with the `PixelMap` that paints
+those rows onto pixels. Nothing above `model/` indexes image tokens by hand.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import LayoutMismatchError
+from .pixel_map import GridCells, ImagePixelMaps, PixelMap, TokenGrid
 
 Stage = Literal["vision", "adapter", "llm"]
 Index = tuple[Tensor, ...]  # one index tensor per leading dim of an activation
@@ -34,103 +36,6 @@ Index = tuple[Tensor, ...]  # one index tensor per leading dim of an activation
 # of "the image"); other kinds (text-like start/end markers, tile separators) stay outside it.
 IMAGE_BLOCK_KINDS = frozenset({"cls", "register", "newline"})
 _EMPTY = torch.zeros(0, dtype=torch.long)
-
-
-def _edges(n: int, length: int, start: int = 0) -> Int[Tensor, "n_plus_1"]:
-    """`n` equal cells over `length` pixels from `start`, floor-rounded like `TokenGrid`."""
-    return start + torch.div(torch.arange(n + 1) * length, n, rounding_mode="floor")
-
-
-@dataclass(frozen=True)
-class TokenGrid:
-    """A rows x cols grid of tokens tiling an image of `image_size` = (height, width) pixels."""
-
-    rows: int
-    cols: int
-    image_size: tuple[int, int]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows, self.cols
-
-    def __len__(self) -> int:
-        return self.rows * self.cols
-
-    @cached_property
-    def cells(self) -> Int[Tensor, "n_tokens 2"]:
-        """(row, col) of every token, in raster order."""
-        r, c = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
-        return torch.stack([r.flatten(), c.flatten()], dim=1)
-
-    @cached_property
-    def boxes(self) -> Int[Tensor, "n_tokens 4"]:
-        """Pixel box (y0, x0, y1, x1) of every token, end-exclusive, in the preprocessed image."""
-        return self.cells_grid.boxes
-
-    @cached_property
-    def cells_grid(self) -> "GridCells":
-        """The same grid as pixel edges over the image."""
-        height, width = self.image_size
-        return GridCells(_edges(self.rows, height), _edges(self.cols, width))
-
-    def cell_index_map(self) -> Int[Tensor, "height width"]:
-        """For every pixel, the index of the token whose box contains it."""
-        height, width = self.image_size
-        rows = torch.div(torch.arange(height) * self.rows, height, rounding_mode="floor")
-        cols = torch.div(torch.arange(width) * self.cols, width, rounding_mode="floor")
-        return rows[:, None] * self.cols + cols[None, :]
-
-
-@dataclass(frozen=True, eq=False)
-class GridCells:
-    """A rows x cols grid laid over a canvas by its pixel edges (end-exclusive, non-decreasing);
-    cell (r, c) covers y_edges[r]:y_edges[r+1], x_edges[c]:x_edges[c+1]."""
-
-    y_edges: Int[Tensor, "rows_plus_1"]
-    x_edges: Int[Tensor, "cols_plus_1"]
-
-    @property
-    def rows(self) -> int:
-        return len(self.y_edges) - 1
-
-    @property
-    def cols(self) -> int:
-        return len(self.x_edges) - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows, self.cols
-
-    def __len__(self) -> int:
-        return self.rows * self.cols
-
-    @staticmethod
-    def uniform(rows: int, cols: int, height: int, width: int, top: int = 0, left: int = 0) -> "GridCells":
-        """`rows` x `cols` equal cells over a `height` x `width` box at (top, left)."""
-        return GridCells(_edges(rows, height, top), _edges(cols, width, left))
-
-    @cached_property
-    def cells(self) -> Int[Tensor, "n 2"]:
-        r, c = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
-        return torch.stack([r.flatten(), c.flatten()], dim=1)
-
-    @cached_property
-    def boxes(self) -> Int[Tensor, "n 4"]:
-        r, c = self.cells[:, 0], self.cells[:, 1]
-        y, x = self.y_edges, self.x_edges
-        return torch.stack([y[r], x[c], y[r + 1], x[c + 1]], dim=1)
-
-    def index_map(self, height: int, width: int) -> Int[Tensor, "height width"]:
-        """For every pixel of a `height` x `width` canvas, the cell containing it, or -1."""
-        rows = torch.searchsorted(self.y_edges, torch.arange(height), right=True) - 1
-        cols = torch.searchsorted(self.x_edges, torch.arange(width), right=True) - 1
-        inside = (rows >= 0) & (rows < self.rows)
-        inside_x = (cols >= 0) & (cols < self.cols)
-        index = rows[:, None] * self.cols + cols[None, :]
-        return torch.where(inside[:, None] & inside_x[None, :], index, torch.full_like(index, -1))
-
-    def same_as(self, other: "GridCells") -> bool:
-        return torch.equal(self.y_edges, other.y_edges) and torch.equal(self.x_edges, other.x_edges)
 
 
 @dataclass(frozen=True, eq=False)
@@ -447,33 +352,24 @@ class ImageTokenLayout:
         """For every canvas pixel of every image (canvases padded to the largest), the row of
         `gather(stage, ...)` whose box covers it, or -1. Where segments overlap (a base image and its
         tiles) the later, finer segment wins."""
+        return self._segment_maps(stage).painted
+
+    def _segment_maps(self, stage: Stage) -> ImagePixelMaps:
         stage = self._check_stage(stage)
         if stage not in self._pixel_maps:
-            self._pixel_maps[stage] = self._paint(stage)
+            size = tuple(max((s.canvas[d] for s in self.spans), default=0) for d in (0, 1))
+            self._pixel_maps[stage] = ImagePixelMaps(size, [[self._grid(stage, seg) for seg in span.segments]
+                                                            for span in self.spans])
         return self._pixel_maps[stage]
 
     @cached_property
-    def _pixel_maps(self) -> dict[str, Tensor]:
+    def _pixel_maps(self) -> dict[str, ImagePixelMaps]:
         return {}
 
-    def _paint(self, stage: Stage) -> Int[Tensor, "n_images height width"]:
-        canvas = self.table(stage).canvas
-        height = int(canvas[:, 0].max()) if len(canvas) else 0
-        width = int(canvas[:, 1].max()) if len(canvas) else 0
-        out = torch.full((self.n_images, height, width), -1, dtype=torch.long)
-        for k, span in enumerate(self.spans):
-            start = 0
-            for seg in span.segments:
-                grid = seg.patches if stage == "vision" else seg.tokens
-                index = grid.index_map(height, width)
-                out[k] = torch.where(index >= 0, index + start, out[k])
-                start += len(grid)
-        return out
-
-    def pixels(self, stage: Stage) -> "TokenGrid | Int[Tensor, 'n_images height width']":
-        """What paints `gather(stage, ...)` rows onto canvas pixels: the shared grid of a fixed-grid
-        family (as before), otherwise `pixel_map(stage)`."""
-        return self.grid_of(stage) if self.uniform else self.pixel_map(stage)
+    def pixels(self, stage: Stage) -> PixelMap:
+        """What paints `gather(stage, ...)` rows onto canvas pixels and what each row's box holds:
+        the grid every image of a fixed-grid family shares, otherwise the images' own maps."""
+        return self.grid_of(stage) if self.uniform else self._segment_maps(stage)
 
     # ------------------------------------------------------------- selections across stages
     def scatter_adapter(self, selected: Bool[Tensor, "batch seq"], n_adapter: int | None = None) -> Bool[Tensor, "..."]:

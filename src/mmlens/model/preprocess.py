@@ -11,21 +11,36 @@ output pixel that does not come from the source image (padding, crop overhang) i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import torch
 from jaxtyping import Float, Shaped
 from PIL import Image
 
-__all__ = ["ImageGeometry", "ImageInput", "MaskInput"]
+__all__ = ["ImageGeometry", "ImageInput", "MaskGeometry", "MaskInput"]
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]
 """A PIL image, a uint8 numpy array (H, W, 3) or a uint8 torch tensor (3, H, W)."""
 MaskInput = Union[np.ndarray, torch.Tensor, Image.Image]
 """An integer / bool (H, W) numpy array or torch tensor, or a single-band PIL image (L, P, I, 1)."""
+
+
+@runtime_checkable
+class MaskGeometry(Protocol):
+    """What `Architecture.mask_geometry` returns and `HookedMLLM.geometry` is: how label masks follow
+    a processor's pixels onto the layout's canvas (`ImageGeometry` for the stock resize / pad / crop;
+    a family with its own resize or tiling has its own class)."""
+
+    def image_size(self, image: ImageInput) -> tuple[int, int]:
+        """(height, width) of an accepted image input, validating its type."""
+        ...
+
+    def transform_mask(self, mask: MaskInput, ignore_index: int = 255) -> Shaped[np.ndarray, "H W"]:
+        """The mask on the layout's canvas; pixels from no source pixel are `ignore_index`."""
+        ...
 
 _ACCEPTED_IMAGES = (
     "a PIL.Image.Image, a uint8 numpy array of shape (H, W, 3) or a uint8 torch tensor of shape (3, H, W)"
@@ -128,17 +143,14 @@ def _center_crop(array: np.ndarray, crop: tuple[int, int], fill: Any, backend: s
     return out
 
 
-# Processors whose overrides only add a step that is off by default: with every listed option
-# off, the listed methods run the stock resize / rescale / normalize (Gemma 3's pan-and-scan crops;
-# its `_preprocess` never crops or pads, so the stock crop and pad must be off too).
-_OFF_MAKES_STOCK = {
-    "Gemma3ImageProcessorPil": (("do_pan_and_scan", "do_center_crop", "do_pad"), ("preprocess", "_preprocess")),
-}
+# What a family passes as `stock_when_off`: per image processor class name, the options that, all
+# off, make the listed overridden methods run the stock pipeline.
+StockWhenOff = Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]
 
 
-def _stock_when_off(image_processor: Any) -> tuple[str, ...]:
+def _stock_when_off(image_processor: Any, stock_when_off: StockWhenOff) -> tuple[str, ...]:
     """The overridden methods of `image_processor` that run the stock pipeline as it is set."""
-    options, methods = _OFF_MAKES_STOCK.get(type(image_processor).__name__, ((), ()))
+    options, methods = stock_when_off.get(type(image_processor).__name__, ((), ()))
     return () if any(getattr(image_processor, o, None) for o in options) else methods
 
 
@@ -251,13 +263,16 @@ class ImageGeometry:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_processor(cls, image_processor: Any) -> ImageGeometry:
+    def from_processor(cls, image_processor: Any, stock_when_off: StockWhenOff | None = None) -> ImageGeometry:
         """Read the geometry of a PIL-backend image processor (or a processor holding one).
 
         Supported: any `PilBackend` subclass that keeps the stock pipeline (CLIP, SigLIP, ViT-style
         processors) and `LlavaImageProcessorPil` (whose `do_pad` pads to square before resizing),
         with `size` either `{"shortest_edge"}` or `{"height", "width"}` and `crop_size`
         `{"height", "width"}`. Anything else raises `ValueError` naming the processor class.
+        `stock_when_off` names processors whose overrides only add a step that is off by default
+        (a family's `mask_geometry` passes its own, e.g. Gemma 3's pan-and-scan): with every
+        listed option off, the listed methods count as stock.
         """
         from transformers.image_processing_backends import PilBackend, TorchvisionBackend
         from transformers.image_processing_utils import BaseImageProcessor
@@ -285,7 +300,7 @@ class ImageGeometry:
         reference = llava if is_llava else stock
         methods = _MIRRORED_METHODS + (("pad_to_square",) if is_llava else ())
         overridden = [name for name in methods if getattr(proc_type, name, None) is not getattr(reference, name, None)
-                      and name not in _stock_when_off(image_processor)]
+                      and name not in _stock_when_off(image_processor, stock_when_off or {})]
         if overridden:
             raise ValueError(
                 f"{cls_name} overrides {', '.join(m + '()' for m in overridden)} of "

@@ -75,29 +75,24 @@ def labelled_batches(
         inputs = model.prepare(rows["image"], prompt)
         layout = inputs.layout
 
-        def label(grid, stage="llm"):
-            return token_labels(masks, grid, n_classes=n_classes, ignore_index=ignore, stage=stage,
+        def label(pixels):
+            return token_labels(masks, pixels, n_classes=n_classes, ignore_index=ignore,
                                 min_valid_fraction=min_valid_fraction)
 
-        if layout.uniform:
-            labels = {"vision": label(layout.patch_grid)}
-            # LLaVA's LLM grid is the patch grid: label it once then
-            labels["llm"] = labels["vision"] if layout.token_grid == layout.patch_grid else label(layout.token_grid)
-        else:  # images with their own segments: label each gather row from its box
-            labels = {"vision": label(layout, "vision")}
-            same = layout.vision_aligned and torch.equal(layout.table("vision").boxes, layout.table("llm").boxes)
-            labels["llm"] = labels["vision"] if same else label(layout, "llm")
+        vision, llm = layout.pixels("vision"), layout.pixels("llm")
+        labels = {"vision": label(vision)}
+        # LLaVA's LLM tokens are its patches: label them once then
+        labels["llm"] = labels["vision"] if llm == vision else label(llm)
         type_masks = types = None
         if visual_types:
             type_masks = pad_stack([torch.from_numpy(model.transform_mask(colour_types(image), TYPE_IGNORE).astype(np.int64))
                                     for image in rows["image"]], TYPE_IGNORE)
 
-            def majority_type(grid, stage="llm"):
-                return token_labels(type_masks, grid, n_classes=N_VISUAL_TYPES, ignore_index=TYPE_IGNORE, stage=stage,
+            def majority_type(pixels):
+                return token_labels(type_masks, pixels, n_classes=N_VISUAL_TYPES, ignore_index=TYPE_IGNORE,
                                     min_valid_fraction=0.0).labels
 
-            types = ({"vision": majority_type(layout.patch_grid), "llm": majority_type(layout.token_grid)} if layout.uniform
-                     else {"vision": majority_type(layout, "vision"), "llm": majority_type(layout, "llm")})
+            types = {"vision": majority_type(vision), "llm": majority_type(llm)}
         yield LabelledBatch(inputs, masks, labels, chunk, type_masks, types)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()

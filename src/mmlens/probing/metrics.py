@@ -1,7 +1,7 @@
 """Segmentation metrics at the pixel level, so stages with different token grids compare.
 
-A token's predicted class fills its pixel box (through the layout's cell map); pixels labelled
-ignore are left out. Per image the true positives, false positives and false negatives of every
+A token's predicted class fills the pixels it paints (through the layout's `PixelMap`); pixels
+labelled ignore are left out. Per image the true positives, false positives and false negatives of every
 class are kept, so mIoU intervals come from a bootstrap over images and totals add up.
 """
 
@@ -14,20 +14,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..model.layout import TokenGrid
+from ..model.pixel_map import PixelMap, as_pixel_map
 from ..resampling import bootstrap_indices, resample_counts  # noqa: F401  (bootstrap_indices re-exported: the studies import it from here)
 
 
 def tokens_to_pixels(
-    predictions: Int[Tensor, "n_images n_tokens"], grid: TokenGrid | Int[Tensor, "n_images h w"]
+    predictions: Int[Tensor, "n_images n_tokens"], grid: PixelMap | Int[Tensor, "n_images h w"]
 ) -> Int[Tensor, "n_images h w"]:
-    """Paint every token's prediction over its pixel box: `grid` is the grid all images share, or
-    per image the token painting each pixel (`ImageTokenLayout.pixel_map`; -1 paints -1)."""
-    if isinstance(grid, TokenGrid):
-        return predictions[:, grid.cell_index_map().to(predictions.device)]
-    index = grid.to(predictions.device).long()
-    painted = predictions.gather(1, index.clamp(min=0).flatten(1)).view(index.shape)
-    return torch.where(index >= 0, painted, torch.full_like(painted, -1))
+    """Paint every token's prediction over its pixels: `grid` is the layout's `PixelMap`
+    (`ImageTokenLayout.pixels(stage)`) or per image the token painting each pixel
+    (`ImageTokenLayout.pixel_map`); -1 where no token paints."""
+    return as_pixel_map(grid).paint(predictions)
 
 
 @dataclass
@@ -51,7 +48,7 @@ class SegmentationScores:
         token_labels: Int[Tensor, "n_images n_tokens"],
         token_valid: Tensor,
         masks: Int[Tensor, "n_images h w"],
-        grid: TokenGrid | Int[Tensor, "n_images h w"],
+        grid: PixelMap | Int[Tensor, "n_images h w"],
     ) -> None:
         predictions = predictions.cpu().long()
         self.tokens_correct += int(((predictions == token_labels) & token_valid).sum())

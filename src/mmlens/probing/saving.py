@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..checksums import SEAL, bytes_sha256, file_sha256, seal_holds, sealed
 from ..errors import InputError
-from ..model.layout import TokenGrid
+from ..model.pixel_map import load_pixel_map
 from .linear import PROBE_FIELDS, LinearProbe
 from .metrics import SegmentationScores
 from .sites import Site
@@ -80,16 +80,18 @@ def sweep_parts(sweep: ProbeSweep) -> SweepParts:
         "test_indices": torch.from_numpy(np.asarray(sweep.test_indices, dtype=np.int64)),
         "test_masks": torch.from_numpy(np.ascontiguousarray(sweep.test_masks)),
         "bootstrap": torch.from_numpy(np.asarray(sweep.bootstrap, dtype=np.int64)),
-        **{f"pixel_map_{name}": g.contiguous() for name, g in sweep.grids.items() if not isinstance(g, TokenGrid)},
     }
+    grids = {}
+    for name, pixels in sweep.grids.items():
+        grids[name], tensors = pixels.saved_form(name)
+        split.update(tensors)
     description = {
         "settings": dataclasses.asdict(sweep.settings),
         "sites": [dataclasses.asdict(s) for s in sweep.sites],
         "class_names": list(sweep.class_names),
         "ignore_index": sweep.ignore_index,
         # a shared grid as its shape; per-image pixel maps (images with their own segments) as tensors
-        "grids": {name: [g.rows, g.cols, *g.image_size] if isinstance(g, TokenGrid) else "pixel_map"
-                  for name, g in sweep.grids.items()},
+        "grids": grids,
         "probe_kinds": {_key(c, h): p.kind for (c, h), p in sweep.probes.items()},
         "ceilings": sorted(sweep.ceilings),
     }
@@ -130,8 +132,7 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
         sites=[Site(**s) for s in description["sites"]],
         class_names=class_names,
         ignore_index=ignore_index,
-        grids={name: split[f"pixel_map_{name}"] if shape == "pixel_map" else TokenGrid(shape[0], shape[1], tuple(shape[2:]))
-               for name, shape in description["grids"].items()},
+        grids={name: load_pixel_map(name, entry, split) for name, entry in description["grids"].items()},
         test_indices=split["test_indices"].numpy(),
         train_indices=split["train_indices"].numpy(),
         test_masks=split["test_masks"].numpy(),

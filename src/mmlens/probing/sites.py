@@ -7,7 +7,6 @@ on the LLM token grid. Rows always come out image by image in `pixel_values` ord
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,8 +14,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..model import HookedMLLM, ImageTokenLayout
+from ..model.hook_names import Stage, parse_hook_name
 
-Stage = Literal["vision", "adapter", "llm"]
 STAGES: tuple[Stage, ...] = ("vision", "adapter", "llm")
 
 
@@ -34,16 +33,14 @@ class Site:
 
 def site_for(model: HookedMLLM, hook: str) -> Site:
     hook = model.resolve_hook_name(hook)
-    if hook.startswith("vision."):
-        match = re.match(r"vision\.blocks\.(\d+)\.", hook)
-        layer = int(match.group(1)) if match else -1
-        return Site(hook, "vision", layer, f"V{layer}" if match else "V-emb")
-    if hook.startswith("adapter."):
-        part = hook.split(".hook_")[-1]
+    parsed = parse_hook_name(hook)
+    layer = -1 if parsed.layer is None else parsed.layer
+    if parsed.stage == "vision":
+        return Site(hook, "vision", layer, "V-emb" if parsed.layer is None else f"V{layer}")
+    if parsed.stage == "adapter":
+        part = parsed.point.removeprefix("hook_")
         return Site(hook, "adapter", {"in": -1, "hidden": 0, "out": 1}.get(part, 0), f"A-{part}")
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    layer = int(match.group(1)) if match else -1
-    return Site(hook, "llm", layer, f"L{layer}" if match else hook)
+    return Site(hook, "llm", layer, hook if parsed.layer is None else f"L{layer}")
 
 
 def default_sites(model: HookedMLLM, sites: str | list[str] = "all") -> list[Site]:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..findings import effect_phrase, excludes_zero, verdict
+from ..model.hook_names import parse_hook_name
 from ..resampling import percentile_interval
 from .metrics import miou_of_resamples
 
@@ -37,7 +38,7 @@ def recovery_site(sites: Sequence, recovery_layer: int | str = "last", *, requir
         return None
     if recovery_layer == "last":
         return llm[-1]
-    match = [s for s in llm if s.layer == recovery_layer and s.hook.endswith("hook_resid_post")]
+    match = [s for s in llm if s.layer == recovery_layer and parse_hook_name(s.hook).site == "hook_resid_post"]
     if not match:
         raise InputError(f"recovery_layer={recovery_layer!r} is not among the sweep's LLM sites (layers "
                          f"{sorted({s.layer for s in llm})}); add blocks.{recovery_layer}.hook_resid_post to the sites "

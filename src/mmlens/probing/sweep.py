@@ -26,7 +26,7 @@ from .. import distributed
 from ..data.integrity import check_classes, check_split_independent
 from ..data.schema import segmentation_info
 from ..errors import InputError
-from ..model import HookedMLLM, TokenGrid
+from ..model import HookedMLLM, PixelMap
 from ..model.edits import Edit, edit_hooks
 from .batches import N_VISUAL_TYPES, pad_stack, rank_batches
 from .controls import random_llm, randomly_initialised
@@ -118,9 +118,9 @@ class ProbeSweep:
     sites: list[Site]
     class_names: tuple[str, ...]
     ignore_index: int
-    # "vision" (patches) and "llm" (image tokens): the grid every image shares, or for images with their
-    # own segments, per held-out image the prediction painting each pixel ([n_test, h, w], -1: none)
-    grids: dict[str, TokenGrid | Tensor]
+    # "vision" (patches) and "llm" (image tokens): which prediction paints each pixel of the held-out
+    # images (the grid every image shares, or per image its own map)
+    grids: dict[str, PixelMap]
     test_indices: np.ndarray  # dataset rows of the held-out images
     train_indices: np.ndarray
     test_masks: np.ndarray  # [n_test, h, w] in the layout's canvas pixels (padded with ignore to the largest)
@@ -427,8 +427,8 @@ class _SweepRun:
                     found[key][1].extend(pred.to(torch.int16))
             return hook
 
-        # per test batch: its scores, predictions, masks, ceilings and (for images with their own
-        # grids) the pixel maps, sent to rank 0 as each round of batches finishes
+        # per test batch: its scores, predictions, masks, ceilings and pixel maps, sent to rank 0 as
+        # each round of batches finishes
         to_main = distributed.ToMain(len(test_idx), self.cfg.batch_size, self.group)
         for number, batch in self._batches(test_idx, "probe sweep: test images"):
             inputs, masks, labels = batch.inputs, batch.masks, batch.labels
@@ -437,10 +437,7 @@ class _SweepRun:
                                  + [(s.hook, test_hook(s, batch, found)) for s in self.sites],
                                  return_type=None)
             layout = inputs.layout
-            if layout.uniform:
-                grids = {"vision": layout.grid_of("vision"), "llm": layout.grid_of("llm")}
-            else:  # per held-out image, which prediction paints each pixel
-                grids = {grid: list(layout.pixel_map(grid)) for grid in ("vision", "llm")}
+            grids = {grid: layout.pixels(grid) for grid in ("vision", "llm")}
             ceilings = {grid: _ceiling(labels[grid], layout, grid, masks, self.n_classes, self.ignore_index)
                         for grid in ("vision", "llm")}
             kept_masks = list(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
@@ -461,12 +458,7 @@ class _SweepRun:
         ceilings = {grid: _merged([p[3][grid] for p in parts], self.n_classes, self.ignore_index)
                     for grid in ("vision", "llm")}
         masks = pad_stack([m for p in parts for m in p[1]], self.ignore_index)
-        if all(isinstance(p[2]["llm"], list) for p in parts):
-            grids = {grid: pad_stack([m for p in parts for m in p[2][grid]], -1) for grid in ("vision", "llm")}
-        elif any(isinstance(p[2]["llm"], list) for p in parts):
-            raise InputError("held-out batches mix images of one fixed grid with images of their own grids")
-        else:
-            grids = parts[-1][2]
+        grids = {grid: PixelMap.concat([p[2][grid] for p in parts]) for grid in ("vision", "llm")}
         return found, masks.numpy(), grids, choices, ceilings
 
     def _fit(self, accumulators) -> tuple[dict, dict]:

@@ -1,9 +1,9 @@
 """Labels for image tokens from pixel masks: each token takes the classes of its pixel box.
 
-A token's box comes from the layout (`TokenGrid.cell_index_map`), so the same function serves
-vision patches and LLM tokens. The hard label is the majority class among the box's valid
-pixels; a token whose valid fraction is below `min_valid_fraction` is marked invalid. The class
-fractions are kept as soft labels. It lives in probing, the first layer that has both the data
+A token's box comes from the layout's `PixelMap` (`layout.pixels(stage)`), so the same function
+serves vision patches and LLM tokens, one grid for all images or each image's own segments. The
+hard label is the majority class among the box's valid pixels; a token whose valid fraction is
+below `min_valid_fraction` is marked invalid. The class fractions are kept as soft labels. It lives in probing, the first layer that has both the data
 (masks) and the model (the layout).
 """
 
@@ -18,7 +18,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..data.schema import IGNORE_INDEX
-from ..model.layout import ImageTokenLayout, TokenGrid
+from ..model.layout import ImageTokenLayout
+from ..model.pixel_map import PixelMap
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TokenLabels:
 
 def token_labels(
     masks: Int[Tensor, "n_images height width"] | np.ndarray,
-    layout: ImageTokenLayout | TokenGrid,
+    layout: ImageTokenLayout | PixelMap,
     *,
     n_classes: int,
     stage: Literal["llm", "vision"] = "llm",
@@ -51,24 +52,10 @@ def token_labels(
         masks = masks[None]
     if masks.ndim != 3:
         raise ValueError(f"masks must be [n, height, width] or [height, width], got {tuple(masks.shape)}")
-    if isinstance(layout, TokenGrid) or layout.uniform:
-        grid = layout if isinstance(layout, TokenGrid) else (
-            layout.token_grid if stage == "llm" else layout.patch_grid
-        )
-        if tuple(masks.shape[1:]) != grid.image_size:
-            raise ValueError(
-                f"masks are {tuple(masks.shape[1:])} pixels but the token grid tiles a "
-                f"{grid.image_size} image; transform masks with model.transform_mask first"
-            )
-        n_tokens = len(grid)
-        cell = grid.cell_index_map().flatten()
-        box_pixels = torch.bincount(cell, minlength=n_tokens).float()
-        cell, flat = cell[None].expand(masks.shape[0], -1), masks.flatten(1)
-    else:
-        cell = _segment_cells(masks, layout, stage)
-        n_tokens = layout.n_rows(stage)
-        flat = masks.flatten(1).repeat(1, cell.shape[1] // masks[0].numel())  # once per segment
-        box_pixels = torch.zeros(masks.shape[0], n_tokens).scatter_add_(1, cell.clamp(min=0), (cell >= 0).float())
+    pixels = layout.pixels(stage) if isinstance(layout, ImageTokenLayout) else layout
+    cell, box_pixels, layers = pixels.box_pixels(masks)
+    n_tokens = box_pixels.shape[-1]
+    cell, flat = cell.expand(masks.shape[0], -1), masks.flatten(1).repeat(1, layers)  # once per segment
     _check_classes(masks, n_classes, ignore_index)
     n_images = masks.shape[0]
     valid_pixels = (flat != ignore_index) & (cell >= 0)
@@ -93,29 +80,3 @@ def _check_classes(masks: Tensor, n_classes: int, ignore_index: int) -> None:
             f"mask labels {bad} are outside 0..{n_classes - 1} and not the ignore index "
             f"{ignore_index}; check n_classes or the dataset's label mapping"
         )
-
-
-def _segment_cells(masks: Tensor, layout: ImageTokenLayout, stage: str) -> Int[Tensor, "n_images pixels"]:
-    """Per image, the `gather` row whose box holds each pixel (-1: none). A token's box belongs to
-    it alone even where segments overlap (a base image under its tiles), so each segment is
-    labelled on its own: pixels are repeated once per segment."""
-    canvas = layout.table(stage).canvas
-    height, width = masks.shape[1:]
-    if len(canvas) != masks.shape[0]:
-        raise ValueError(f"{masks.shape[0]} masks for {len(canvas)} images")
-    if len(canvas) and (int(canvas[:, 0].max()), int(canvas[:, 1].max())) != (height, width):
-        raise ValueError(
-            f"masks are {(height, width)} pixels but the images' canvases are up to "
-            f"{(int(canvas[:, 0].max()), int(canvas[:, 1].max()))}; transform masks with model.transform_mask "
-            "and pad them with the ignore index to the largest"
-        )
-    n_segments = max(len(s.segments) for s in layout.spans)
-    out = torch.full((masks.shape[0], n_segments, height * width), -1, dtype=torch.long)
-    for k, span in enumerate(layout.spans):
-        start = 0
-        for s, seg in enumerate(span.segments):
-            grid = seg.patches if stage == "vision" else seg.tokens
-            index = grid.index_map(height, width).flatten()
-            out[k, s] = torch.where(index >= 0, index + start, index)
-            start += len(grid)
-    return out.flatten(1)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import HookNameError, InputError
 from ..model.devices import device_problem
+from ..model.hook_names import parse_hook_name
 from ..placement import placement_problem
 from ..probing.sites import default_sites, site_for
 from ..probing.split import split_sizes
@@ -103,8 +104,7 @@ def _knockout_window_problems(config: StudyConfig, model: Any) -> list[str]:
     site = site_for(model, knockout.reference)
     if site.stage != "llm":
         return []
-    first = site.layer if site.hook.endswith("hook_resid_pre") else site.layer + 1
-    if first < model.cfg.n_layers:
+    if parse_hook_name(site.hook).first_block_after < model.cfg.n_layers:
         return []
     return [f"knockout.reference: no LLM layer comes after {knockout.reference!r} (the LLM has layers "
             f"0..{model.cfg.n_layers - 1}), so there is nothing to knock out; pick an earlier reference or set "

@@ -14,8 +14,6 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from ..model.layout import TokenGrid
-from ..probing.metrics import tokens_to_pixels
 from .style import interval_band, metric_label
 
 STAGE_COLOURS = {"vision": "rgba(99, 110, 250, 0.08)", "adapter": "rgba(239, 85, 59, 0.10)", "llm": "rgba(0, 204, 150, 0.08)"}
@@ -102,9 +100,8 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
     heatmap(truth, 2)
     for col, hook in enumerate(hooks, start=3):
         tokens = sweep.predictions[(condition, hook)][example : example + 1].long()
-        grid = sweep.grids[sites[hook].grid]
-        grid = grid if isinstance(grid, TokenGrid) else grid[example : example + 1]  # per-image pixel maps
-        pixels = tokens_to_pixels(tokens, grid)[0].numpy().astype(float)
+        painter = sweep.grids[sites[hook].grid].images(slice(example, example + 1))
+        pixels = painter.paint(tokens)[0].numpy().astype(float)
         pixels[pixels < 0] = np.nan  # no token covers it
         heatmap(pixels, col)
     # The legend names the colours: one square marker per class that appears in any panel

@@ -1,7 +1,8 @@
 """What an architecture file provides: everything mmlens knows about one model family.
 
-A model family (LLaVA, PaliGemma ...) is one subclass of `Architecture` in its own small file,
-registered by its Hugging Face class name. It reads the family's config, says where its modules
+A model family (LLaVA, PaliGemma ...) is one subclass of `Architecture` in its own folder
+(`architectures/<family>/family.py`), registered by its Hugging Face class name in
+`architectures/__init__.py`. It reads the family's config, says where its modules
 are and how their blocks compute (`BlockSpec`), which keywords its forward takes, and how images
 become LLM tokens (the layout). `HookedMLLM` and everything above it only talk to this interface,
 so no code outside `architectures/` knows a family.
@@ -23,8 +24,7 @@ from ...errors import InputError, ModelLoadError
 from ..attention_masks import additive_mask, allowed_edges
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..layout import ImageTokenLayout, compute_layout
-from ..anyres import AnyresGeometry, geometry_for
-from ..preprocess import ImageGeometry
+from ..preprocess import ImageGeometry, MaskGeometry
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
 BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
@@ -238,10 +238,11 @@ class Architecture(ABC):
         pass `span=` (the image's `ImageSpan`) for families that need the layout to find it."""
         return pixel_values[image_index]
 
-    def mask_geometry(self, processor: Any) -> ImageGeometry | AnyresGeometry:
-        """The processor's pixel geometry (resize, pad, crop, or anyres tiling), which label masks
-        follow onto the canvas."""
-        return geometry_for(processor)
+    def mask_geometry(self, processor: Any) -> MaskGeometry:
+        """The processor's pixel geometry, which label masks follow onto the canvas: the stock
+        resize / pad / crop here; a family whose processor resizes or tiles its own way returns
+        its own `MaskGeometry`."""
+        return ImageGeometry.from_processor(processor)
 
     def check_inputs(self, cfg: MLLMConfig, input_ids: Tensor, pixel_values: Tensor | None, **inputs: Tensor) -> None:
         """Refuse images and placeholders that do not match (fixed grid: a constant per image);

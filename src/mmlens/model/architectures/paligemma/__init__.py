@@ -1,0 +1,5 @@
+"""PaliGemma: LLaVA with a linear projector, a Gemma LLM and prefix-LM attention."""
+
+from .family import PaliGemma
+
+__all__ = ["PaliGemma"]

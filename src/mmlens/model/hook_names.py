@@ -1,0 +1,138 @@
+"""The grammar of hook names: the one place that takes a name apart and puts it back together.
+
+A hook name is a stage prefix (`vision.`, `adapter.`, none for the LLM), then, for a point inside
+a block, `blocks.{layer}.`, then the site in that block or stage (`hook_resid_pre`,
+`attn.hook_z`, `ln1.hook_scale`, `ln_final.hook_normalized`). `HookName` holds the three parts and
+answers what code elsewhere needs to know about a point (which block, whether it has a head
+dimension, where it sits relative to the attention's `hook_z`), so nothing else cuts names apart.
+Names are parsed as written: resolve aliases first (`HookedMLLM.resolve_hook_name`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import HookNameError
+
+Stage = Literal["vision", "adapter", "llm"]
+STAGE_PREFIXES: dict[Stage, str] = {"vision": "vision.", "adapter": "adapter.", "llm": ""}
+BLOCKS = "blocks"
+
+# sites with a head dimension at position 2 ([batch, pos, head, ...])
+PER_HEAD_SITES = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
+                  "attn.hook_rot_k")
+# points shaped [batch, head, query, key]
+QUERY_KEY_POINTS = frozenset({"hook_attn_scores", "hook_pattern"})
+# block sites from the attention's hook_z on: a forward that changes nothing earlier in the block can
+# start there. Listed, not derived, so a site kind added later counts as earlier until placed here.
+AT_OR_AFTER_Z = ("attn.hook_z", "attn.hook_result", "hook_attn_out", "ln1_post.", "hook_resid_mid", "ln2.", "mlp.",
+                 "hook_mlp_out", "ln2_post.", "hook_resid_post")
+# sites inside the attention, before its hook_z
+BEFORE_Z_IN_ATTENTION = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_", "attn.hook_attn_scores",
+                         "attn.hook_pattern", "attn.q_ln.", "attn.k_ln.")
+
+_LAYER = re.compile(r"0|[1-9][0-9]*")
+
+
+@dataclass(frozen=True)
+class HookName:
+    """A hook name taken apart: `stage`, the block's `layer` within its stage (None outside the
+    blocks) and the `site` (the rest of the name). `name` (also `str()`) builds it back."""
+
+    stage: Stage
+    layer: int | None
+    site: str
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_PREFIXES:
+            raise HookNameError(f"stage must be 'vision', 'adapter' or 'llm', got {self.stage!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise HookNameError(f"layer must be a block index >= 0 or None, got {self.layer!r}")
+        if not isinstance(self.site, str) or not self.site or "" in self.site.split("."):
+            raise HookNameError(f"site must be a dotted name such as 'attn.hook_z', got {self.site!r}")
+
+    @property
+    def name(self) -> str:
+        block = f"{BLOCKS}.{self.layer}." if self.layer is not None else ""
+        return f"{STAGE_PREFIXES[self.stage]}{block}{self.site}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def point(self) -> str:
+        """The hook point's own name, the last part: `hook_z` for `blocks.3.attn.hook_z`."""
+        return self.site.rsplit(".", 1)[-1]
+
+    @property
+    def per_image(self) -> bool:
+        """Whether activations here have one row per image (vision tower, adapter), not per batch row."""
+        return self.stage in ("vision", "adapter")
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the activation is [batch, pos, head, ...]."""
+        return self.site in PER_HEAD_SITES
+
+    @property
+    def query_by_key(self) -> bool:
+        """Whether the activation is an attention map, [batch, head, query, key]."""
+        return self.point in QUERY_KEY_POINTS
+
+    @property
+    def in_llm_layers(self) -> bool:
+        """Whether the point is in an LLM block or the final norm: what a forward started at an
+        LLM layer (`start_at_layer`) computes."""
+        return self.stage == "llm" and (self.layer is not None or self.site.startswith("ln_final."))
+
+    @property
+    def first_block_after(self) -> int | None:
+        """The first block of the stage that runs after this point's value exists: its own block
+        for `hook_resid_pre` (the block reads it), the next one for any other point in a block.
+        None outside the blocks."""
+        if self.layer is None:
+            return None
+        return self.layer if self.site == "hook_resid_pre" else self.layer + 1
+
+    @property
+    def at_or_after_z(self) -> bool:
+        """Whether the point is in a block, at its attention's `hook_z` or later in the block."""
+        return self.layer is not None and self.site.startswith(AT_OR_AFTER_Z)
+
+    @property
+    def before_z_in_attention(self) -> bool:
+        """Whether the point is inside a block's attention, before `hook_z` (q, k, v, scores, pattern)."""
+        return self.layer is not None and self.site.startswith(BEFORE_Z_IN_ATTENTION)
+
+
+def parse_hook_name(name: str) -> HookName:
+    """`name` taken apart; a HookNameError for a name the grammar does not produce (an empty
+    part, or `blocks.` without a layer number and a site)."""
+    if not isinstance(name, str) or not name:
+        raise HookNameError(f"a hook name is a non-empty string, got {name!r}")
+    stage: Stage = "llm"
+    rest = name
+    for candidate in ("vision", "adapter"):
+        if name.startswith(STAGE_PREFIXES[candidate]):
+            stage, rest = candidate, name[len(STAGE_PREFIXES[candidate]):]
+    parts = rest.split(".")
+    if parts[0] != BLOCKS:
+        return _parsed(name, stage, None, rest)
+    if len(parts) < 3 or not _LAYER.fullmatch(parts[1]):
+        raise HookNameError(f"hook name {name!r}: '{BLOCKS}' is followed by a layer number and a site, as in "
+                            f"{STAGE_PREFIXES[stage]}{BLOCKS}.3.hook_resid_pre")
+    return _parsed(name, stage, int(parts[1]), ".".join(parts[2:]))
+
+
+def _parsed(name: str, stage: Stage, layer: int | None, site: str) -> HookName:
+    try:
+        return HookName(stage, layer, site)
+    except HookNameError as error:
+        raise HookNameError(f"hook name {name!r} is malformed: {error}") from None
+
+
+def block_hook(layer: int, site: str, stage: Stage = "llm") -> str:
+    """The name of `site` in block `layer` of `stage`: `block_hook(3, "attn.hook_z")` is `blocks.3.attn.hook_z`."""
+    return HookName(stage, layer, site).name

@@ -1,0 +1,39 @@
+"""The registry is the one list of families, and each registered family is whole: its folder, its
+tiny builder, its test file; no two classes of the architectures package share a name."""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import mmlens
+from mmlens.model.architectures import ARCHITECTURES, FAMILIES, family_folder
+
+SRC = Path(mmlens.__file__).parent
+ARCHITECTURES_DIR = SRC / "model" / "architectures"
+TESTS = Path(__file__).parent
+
+
+def test_every_registered_family_has_its_folder_builder_and_test_file():
+    for family in FAMILIES:
+        folder = family_folder(family)
+        assert (ARCHITECTURES_DIR / folder / "family.py").is_file(), f"{family.__name__}: architectures/{folder}/family.py"
+        assert (SRC / "testing" / "families" / f"{folder}.py").is_file(), f"{family.__name__}: testing/families/{folder}.py"
+        assert (TESTS / f"test_{folder}.py").is_file(), f"{family.__name__}: tests/architectures/test_{folder}.py"
+    assert set(ARCHITECTURES.values()) == set(FAMILIES)
+
+
+def test_every_family_folder_is_registered():
+    folders = {p.name for p in ARCHITECTURES_DIR.iterdir() if (p / "family.py").is_file()}
+    assert folders == {family_folder(f) for f in FAMILIES}, "a family folder without an entry in FAMILIES"
+
+
+def test_class_names_are_unique_across_the_architectures_package():
+    names = Counter(
+        node.name
+        for path in ARCHITECTURES_DIR.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ClassDef)
+    )
+    assert not [name for name, n in names.items() if n > 1], f"classes defined twice: {[n for n, c in names.items() if c > 1]}"
