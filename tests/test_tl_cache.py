@@ -47,10 +47,11 @@ def test_accumulated_resid_with_final_norm_gives_the_logits(cached):
     model, _, logits, cache = cached
     stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
     assert labels[-1] == "final_post" and len(labels) == model.cfg.n_layers + 1
-    assert torch.equal(model.unembed(stack[-1]), logits)
+    torch.testing.assert_close(model.unembed(stack[-1]), logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(stack[-1] @ model.W_U + model.b_U, logits, atol=1e-5, rtol=0)
     lens, lens_labels = cache.logit_lens()
-    assert lens_labels == labels and torch.equal(lens[-1], logits)
+    assert lens_labels == labels
+    torch.testing.assert_close(lens[-1], logits, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -114,9 +114,13 @@ def test_tl_named_parameters_are_the_models_weights(demo):
                         (f"blocks.{last}.attn.W_Q", model.blocks[last].attn.W_Q),
                         (f"blocks.{last}.attn.W_O", model.blocks[last].attn.W_O),
                         (f"blocks.{last}.mlp.W_out", model.blocks[last].mlp.W_out),
-                        (f"blocks.{last}.ln1.w", model.blocks[last].ln1.w), ("ln_final.w", model.ln_final.w),
+                        (f"blocks.{last}.ln1.w", model.blocks[last].ln1.w),
                         ("vision.blocks.0.attn.W_V", model.vision.blocks[0].attn.W_V)):
         assert torch.equal(named[name], value), name
+    # as after TL's fold_ln, the final norm's weight lives in W_U only
+    assert not any(name.startswith("ln_final.") for name in named)
+    head = model.hf_model.get_output_embeddings().weight
+    assert torch.equal(named["unembed.W_U"], head.T * model.ln_final.w[:, None])
     grouped = model.cfg.n_key_value_heads < model.cfg.n_heads
     key = f"blocks.0.attn.{'_W_K' if grouped else 'W_K'}"
     assert named[key].shape[0] == model.cfg.n_key_value_heads

@@ -100,7 +100,8 @@ def test_final_norm_is_callable_and_unembed_gives_the_logits(cached):
     model, logits, cache = cached
     normed = model.ln_final(cache["resid_post", -1])
     assert torch.equal(normed, cache["ln_final.hook_normalized"])
-    assert torch.equal(model.unembed(normed), logits)
+    # the final norm before its weight (TL's fold_ln): the folded W_U and unembed take it to the logits
+    torch.testing.assert_close(model.unembed(normed), logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(normed @ model.W_U + model.b_U, logits, atol=1e-5, rtol=0)
     assert torch.equal(model.blocks[1].ln2(cache["resid_mid", 1]), cache["blocks.1.ln2.hook_normalized"])
 

@@ -244,6 +244,8 @@ def embedding_weights(run: RowRun) -> None:
     text = ids != run.model.cfg.image_token_id
     close(run.model.embed(ids)[text], run.cache["hook_embed"][text])  # what enters the residual at text tokens
     close(run.model.unembed(run.model.ln_final(residual_at_end(run))), run.logits[:, -1])
+    head = run.model.hf_model.get_output_embeddings().weight  # TL's fold_ln: the final norm's weight in W_U
+    close(W_U, head.T * run.model.ln_final.w[:, None])
     assert W_U.shape == (run.model.cfg.d_model, run.model.cfg.d_vocab) and b_U.shape == (run.model.cfg.d_vocab,)
 
 
@@ -256,7 +258,7 @@ def factored(run: RowRun) -> None:
 
 def directions(run: RowRun) -> None:
     model = run.model
-    close(run.result, model.W_U[:, [run.right, run.wrong]].T * model.ln_final.w)
+    close(run.result, model.W_U[:, [run.right, run.wrong]].T)  # columns of the folded W_U, as in TL
 
 
 def named_parameters(run: RowRun) -> None:

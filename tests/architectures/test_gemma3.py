@@ -119,12 +119,15 @@ def test_vision_knockout_equals_hf_with_its_mask(eager):
 @torch.no_grad()
 def test_norm_weights_are_gemmas_one_plus_weight(eager):
     """`w` is the factor Gemma's RMSNorms apply (1 + weight), so the cache's cached-scale norm of the
-    last residual times the final norm's `w` (TL's fold_ln leaves it to the unembedding) is the final norm's output."""
+    last residual (`ln_final.hook_normalized`: before the weight, which TL's fold_ln leaves to the
+    unembedding) times the final norm's `w` is Hugging Face's final norm output."""
     model, inputs = eager.model, eager.inputs
     _, cache = model.run_with_cache(inputs)
     last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
-    normed = cache.apply_ln_to_stack(last[None], layer=None)[0] * model.ln_final.w
+    normed = cache.apply_ln_to_stack(last[None], layer=None)[0]
     torch.testing.assert_close(normed, cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
+    hf_norm = eager.model.hf_model.model.language_model.norm
+    torch.testing.assert_close(normed * model.ln_final.w, hf_norm(last), atol=1e-5, rtol=1e-5)
     block = model.blocks[0]
     for norm, module in ((block.ln1_post, eager.model.hf_model.model.language_model.layers[0].post_attention_layernorm),
                          (block.attn.q_ln, eager.model.hf_model.model.language_model.layers[0].self_attn.q_norm)):

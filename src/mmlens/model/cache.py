@@ -4,8 +4,9 @@ TL's decompositions assume the residual stream starts at `hook_embed`; in a mult
 LLM's input is `hook_multimodal_embed` (the adapter's output at image tokens), so every
 decomposition here uses it as the embedding term and sums exactly to the residual everywhere.
 `stage="vision"` runs the same TL helpers on the vision tower (its first block's input as the
-embedding). Norms are not folded into weights, so applying a norm to a stack divides by the
-cached scale and multiplies by the norm's own weight, which is what TL's folded weights give.
+embedding). Applying a norm to a stack gives what that norm's `hook_normalized` would hold: a
+block's norm divides by the cached scale and multiplies by the norm's own weight (block weights are
+not folded), the LLM's final norm only divides, as in TL, since `model.W_U` carries its weight.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class MultimodalActivationCache(ActivationCache):
 
     def _applied_norm_weight(self, layer: int | None, mlp_input: bool) -> Tensor | None:
         """The weight `apply_ln_to_stack` multiplies in: the norm's own, except the LLM's final
-        norm's, which `tokens_to_residual_directions` carries (TL's `fold_ln` convention)."""
+        norm's, which the folded `model.W_U` carries (TL's `fold_ln`)."""
         final = self._layer(layer) == self.model.cfg.n_layers
         norm = self._norm(layer, mlp_input)
         if norm is None or (final and not isinstance(self.model, VisionStage)):
@@ -281,12 +282,13 @@ class MultimodalActivationCache(ActivationCache):
         recompute_ln: bool = False,
         stage: Stage = "llm",
     ) -> Float[Tensor, "num_components *batch_and_pos_dims_out d_model"]:
-        """TL's cached-scale norm of a stack. Into a block's norm it is multiplied by the norm's
-        weight (TL folds that weight into `W_Q` / `W_in`; here weights are the model's own); into
-        the LLM's final norm it is not, as in TL: that weight is in `tokens_to_residual_directions`,
-        so `apply_ln_to_stack(stack) . tokens_to_residual_directions(t)` is each component's logit
-        share here and with TL's own `ActivationCache`. With the recomputed final norm (logit lens)
-        the model's own norm runs, weight included, for `@ model.W_U`."""
+        """TL's cached-scale norm of a stack: what the norm's `hook_normalized` would hold. Into a
+        block's norm it is multiplied by the norm's weight (TL folds that weight into `W_Q` / `W_in`;
+        here those weights are the model's own); into the LLM's final norm it is not, as in TL: the
+        folded `model.W_U` and `tokens_to_residual_directions` carry it, so `apply_ln_to_stack(stack)
+        @ model.W_U` and `. tokens_to_residual_directions(t)` are each component's logit share here
+        and with TL's own `ActivationCache`. `recompute_ln` (the logit lens) normalises each
+        component by its own statistics, the final norm's weight left out all the same."""
         if self._stage_of is None and stage != "llm":
             return self.stage(stage).apply_ln_to_stack(
                 residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
@@ -304,8 +306,9 @@ class MultimodalActivationCache(ActivationCache):
     def logit_lens(
         self, layer: int | None = None, pos_slice: Any = None, incl_mid: bool = False
     ) -> tuple[Float[Tensor, "layers *batch_and_pos_dims d_vocab"], list[str]]:
-        """Logits read from every accumulated residual through the final norm and `unembed`;
-        the last entry equals the model's logits. Returns (logits, labels)."""
+        """Logits read from every accumulated residual through the final norm (recomputed per entry,
+        without its weight) and `unembed` (folded `W_U`, `b_U`); the last entry equals the model's
+        logits to float rounding. Returns (logits, labels)."""
         stack, labels = self.accumulated_resid(layer, incl_mid=incl_mid, apply_ln=True, pos_slice=pos_slice, return_labels=True)
         return self.model.unembed(stack), labels
 

@@ -34,11 +34,12 @@ from .config import MLLMConfig
 from .devices import input_device
 from .generation import Generation
 from .hook_contract import CheckedHookPoint
-from .hook_tree import AdapterHooks, BlockHooks, NormHooks, VisionHooks
+from .hook_tree import AdapterHooks, BlockHooks, VisionHooks
 from .inputs import MultimodalInputs
 from .layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
+from .norms import FinalNormHooks
 from .preprocess import MaskGeometry
 from .spec_check import verify_blocks
 from .tl_view import WithImages
@@ -84,10 +85,10 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
                        sandwich_norms=llm.use_normalization_before_and_after, qk_norm=llm.use_qk_norm)
             for _ in range(llm.n_layers)
         )
-        self.ln_final = NormHooks()
+        self.ln_final = FinalNormHooks()  # fires before its weight, which W_U carries (TL's fold_ln)
         self._handles = self.architecture.instrument(hf_model, self)
         self._stages = self.architecture.stage_modules(hf_model)
-        self.unembed = Unembed(self._stages["llm"].unembed)
+        self.unembed = Unembed(self._stages["llm"].unembed, self.ln_final)
         self.embed = Embed(self._stages["llm"].embed)
         self.setup()
         if self.cfg.device.type == "cpu":
@@ -162,11 +163,12 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
 
     def tl_named_parameters(self) -> Iterator[tuple[str, Tensor]]:
         """The weights under TransformerLens's names (`embed.W_E`, `blocks.{l}.attn.W_Q`,
-        `blocks.{l}.ln1.w`, `blocks.{l}.mlp.W_in`, `ln_final.w`, `unembed.W_U` ...), then the
-        tower's under `vision.`: views of the Hugging Face parameters (see `weights`), so a
-        gradient or an in-place edit reaches the model. Grouped kv heads are `_W_K`/`_W_V` (TL's
-        parameter names; `W_K` repeats them per query head); a norm's `w` is the factor it applies
-        (`1 + weight` for Gemma's RMSNorms, a new tensor); `b` only for LayerNorms."""
+        `blocks.{l}.ln1.w`, `blocks.{l}.mlp.W_in`, `unembed.W_U` ...), then the tower's under
+        `vision.`: views of the Hugging Face parameters (see `weights`), so a gradient or an in-place
+        edit reaches the model. Grouped kv heads are `_W_K`/`_W_V` (TL's parameter names; `W_K`
+        repeats them per query head); a norm's `w` is the factor it applies (`1 + weight` for Gemma's
+        RMSNorms, a new tensor); `b` only for LayerNorms. As after TL's `fold_ln`, the final norm has
+        no `w` / `b`: `unembed.W_U` / `unembed.b_U` carry them (new tensors, gradients still flow)."""
         yield "embed.W_E", self.W_E
         for prefix, stage in (("", self), ("vision.", self.vision)):
             if prefix:
@@ -186,7 +188,6 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
                     yield f"{name}.mlp.{weight}", getattr(block.mlp, weight)
             if prefix:
                 yield from _norm_parameters("vision.ln_post", getattr(stage, "ln_post", None))
-        yield from _norm_parameters("ln_final", self.ln_final)
         yield "unembed.W_U", self.W_U
         yield "unembed.b_U", self.b_U
 
@@ -203,12 +204,16 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         """Accepted for TransformerLens 4's demos, which call it first; it changes nothing.
 
         In TL 4 it turns a `TransformerBridge` into a `HookedTransformer` look-alike: TL's hook
-        names (this model has them already) and processed weights. Here weights stay the
-        checkpoint's own: no `fold_ln`, centring or value-bias folding, so `W_*` are not TL's
-        processed matrices; the cache applies each norm's weight and scale where folded weights
-        would (`apply_ln_to_stack`, `accumulated_resid(apply_ln=True)`), so direct logit
-        attribution gives TL's `fold_ln` numbers. A warning says which steps asked for are not
-        applied (none with `no_processing=True`; silenced with `disable_warnings=True`).
+        names (this model has them already) and processed weights. Here one fold is always in
+        place, whatever the arguments: the LLM's final norm is folded as TL's `fold_ln` folds it
+        (`W_U = w[:, None] * lm_head.weight.T`, `b_U = lm_head.bias + b @ lm_head.weight.T` where the
+        norm has a bias `b`, Gemma's `w` being `1 + weight`), so `ln_final.hook_normalized`,
+        `apply_ln_to_stack(stack, -1)` and `accumulated_resid(apply_ln=True)` are the residual
+        normalised without that weight, and `@ model.W_U + model.b_U` gives the logits. Nothing else
+        is folded: block norms keep their weights (`blocks.{l}.ln1.hook_normalized` is weighted, so
+        `@ W_Q` gives `hook_q`), no centring (`center_writing_weights`, `center_unembed`), no
+        value-bias folding. A warning says which steps asked for are not applied (none with
+        `no_processing=True`; silenced with `disable_warnings=True`).
         """
         asked = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights, "center_unembed": center_unembed,
                  "fold_value_biases": fold_value_biases, "refactor_factored_attn_matrices": refactor_factored_attn_matrices}
@@ -216,8 +221,9 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         if skipped and not disable_warnings:
             warnings.warn(
                 f"enable_compatibility_mode: hook names are already TransformerLens's; weight processing "
-                f"({', '.join(skipped)}) is not applied: W_* are the checkpoint's own. Decompositions and direct "
-                "logit attribution through the cache apply the norms as folded weights would. Pass "
+                f"({', '.join(skipped)}) is not applied beyond the final norm's weight, which W_U and b_U always carry "
+                "(TL's fold_ln there); block weights are the checkpoint's own. Decompositions and direct logit "
+                "attribution through the cache apply the norms as folded weights would. Pass "
                 "no_processing=True to state that, or disable_warnings=True to silence this", stacklevel=2)
 
     # ----------------------------------------------------------------- hook names

@@ -5,24 +5,37 @@ RMSNorm, `sqrt(var(x) + eps)` for LayerNorm) is computed beside it and fired at 
 HF's own output is rescaled by the scale `s'` the point gives back (`(out - b) * s / s' + b`): an
 edit there moves the output, a backward hook there receives the loss's gradient, the norm's formula
 (a plain weight, Gemma's `1 + weight` ...) never has to be restated, and an untouched scale (a
-ratio of exactly 1) leaves the output bit-identical. `hook_normalized` is HF's output, weight
-applied (TL fires it before the weight; docs/tl_compat.md says so). A norm's `w` is the factor it
-applies (`1 + weight` for Gemma's).
+ratio of exactly 1) leaves the output bit-identical. A norm's `w` is the factor it applies
+(`1 + weight` for Gemma's). `hook_normalized` holds what the weights exposed as reading it read:
+a block's norm's output, weight applied (`W_Q`, `W_in` are unfolded), and for the LLM's final norm
+(`FinalNormHooks`) the normalised residual before the weight, which `W_U` carries (TL's `fold_ln`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from .devices import bare_forward, override_forward
-from .hook_tree import fire, is_hooked
+from .hook_tree import NormHooks, fire, is_hooked
 
 NormKind = Literal["LN", "RMS"]
 _INSTRUMENTED = "_mmlens_instrumented"
+
+
+class FinalNormHooks(NormHooks):
+    """The LLM's final norm as TL's `fold_ln` leaves it: `hook_normalized`, and calling it, give the
+    normalised residual without the weight `w` (and bias `b`), which `model.W_U` / `model.b_U` carry."""
+
+    _normalize: Callable[[Tensor], Tensor] | None = None
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if self._normalize is None:
+            raise AttributeError("this final norm has no Hugging Face module bound to it")
+        return self._normalize(x)
 
 
 def norm_epsilon(module: nn.Module) -> float:
@@ -35,34 +48,79 @@ def norm_epsilon(module: nn.Module) -> float:
 
 def norm_scale(x: Float[Tensor, "... d"], kind: NormKind, eps: float) -> Float[Tensor, "... 1"]:
     """The divisor a norm applies at each position, computed in float32 as HF norms do."""
+    return (_centred(x, kind).pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _centred(x: Tensor, kind: NormKind) -> Tensor:
     x = x.float()
-    if kind == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return x - x.mean(-1, keepdim=True) if kind == "LN" else x
 
 
 def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None:
     """Fire `hooks.hook_scale` and `hooks.hook_normalized` around a Hugging Face norm module."""
     original = bare_forward(module)
     eps = norm_epsilon(module)
+    offset = weight_offset(original, module, kind)
+
+    def fired_scale(x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(scale, the scale `hook_scale` gave back), or None when nothing listens there."""
+        if not is_hooked(hooks.hook_scale):
+            return None
+        scale = norm_scale(x, kind, eps).to(x.dtype)
+        # the output always divides by the fired scale, edited or not, so its gradient (and a
+        # backward hook there) is the loss's; a clone of its own keeps `scale`'s path apart
+        return scale, hooks.hook_scale(scale.clone())
+
+    def scaled_output(x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """HF's output divided by the fired scale, and that scale (None: not fired)."""
+        out = original(x)
+        scales = fired_scale(x)
+        if scales is None:
+            return out, None
+        scale, used = scales
+        # the bias read now, not when instrumented: accelerate swaps an offloaded module's
+        # parameters in for the call and out again after it
+        return rescaled(out, (scale.float() / used.float()).to(out.dtype), getattr(module, "bias", None)), used
+
+    def normalized(x: Tensor, used: Tensor | None) -> Tensor:
+        """The normalised input before the weight, divided by the fired scale when there is one."""
+        divisor = norm_scale(x, kind, eps) if used is None else used.float()
+        return (_centred(x, kind) / divisor).to(x.dtype)
 
     def forward(x: Tensor) -> Tensor:
-        out = original(x)
         if not hooks.any_hooked():
-            return out
-        if is_hooked(hooks.hook_scale):
-            scale = norm_scale(x, kind, eps).to(x.dtype)
-            # the output always divides by the fired scale, edited or not, so its gradient (and a
-            # backward hook there) is the loss's; a clone of its own keeps `scale`'s path apart
-            used = hooks.hook_scale(scale.clone())
-            # the bias read now, not when instrumented: accelerate swaps an offloaded module's
-            # parameters in for the call and out again after it
-            out = rescaled(out, (scale.float() / used.float()).to(out.dtype), getattr(module, "bias", None))
+            return original(x)
+        out, _ = scaled_output(x)
         return fire(hooks.hook_normalized, out)
 
-    override_forward(module, forward)
+    def forward_before_weight(x: Tensor) -> Tensor:
+        if not hooks.any_hooked():
+            return original(x)
+        out, used = scaled_output(x)
+        if not is_hooked(hooks.hook_normalized):
+            return out
+        before = normalized(x, used)
+        # HF's output plus the weighted edit: exactly `out` when nothing is edited (a difference of
+        # exactly 0), and the two paths through `before` cancel in the backward pass, so the input's
+        # gradient stays HF's while a backward hook here receives `w` times the output's gradient
+        edited = hooks.hook_normalized(before.clone())
+        return out + ((edited - before).float() * factor()).to(out.dtype)
+
+    def factor() -> Tensor | float:
+        """The weight `w` in float32 as HF's norms apply it (`1 + weight` for Gemma's)."""
+        weight = getattr(module, "weight", None)
+        return 1.0 if weight is None else weight.float() + offset
+
+    def call_before_weight(x: Tensor) -> Tensor:
+        scales = fired_scale(x)
+        return fire(hooks.hook_normalized, normalized(x, None if scales is None else scales[1]))
+
+    before_weight = isinstance(hooks, FinalNormHooks)
+    override_forward(module, forward_before_weight if before_weight else forward)
     setattr(module, _INSTRUMENTED, True)
-    hooks.bind_norm(module, kind, weight_offset(original, module, kind))
+    hooks.bind_norm(module, kind, offset)
+    if before_weight:
+        hooks._normalize = call_before_weight
 
 
 def rescaled(out: Tensor, ratio: Tensor, bias: Tensor | None) -> Tensor:

@@ -5,9 +5,11 @@ TL keeps attention weights per head (`W_Q[l]` is `[n_heads, d_model, d_head]`), 
 rearranged view of the HF `nn.Linear` it comes from (no copy: gradients flow, in-place writes
 edit the model), with TL's conventions: absent biases are zeros, grouped-query keys and values
 are repeated per query head (`_W_K` keeps the kv heads), `QK`/`OV` are `FactoredMatrix`es.
-Weights are not folded: norms keep their own weight `w`, and the cache applies it where TL's
-folded weights would (see `MultimodalActivationCache.apply_ln_to_stack`), except the final
-norm's, which `tokens_to_residual_directions` folds in as TL's `fold_ln` does.
+Block weights are not folded: a block's norm keeps its weight `w`, its `hook_normalized` holds the
+weighted output, and `apply_ln_to_stack` applies that weight too. The final norm follows TL's
+`fold_ln`: `W_U` is `w[:, None] * lm_head.weight.T` and `b_U` adds `b @ W_U` (LayerNorm), new tensors
+computed from the parameters on each read, so they take the unweighted normalised residual
+(`ln_final.hook_normalized`) to the logits.
 """
 
 from __future__ import annotations
@@ -184,6 +186,10 @@ class NormWeights:
         module = _present(_bound(self, "norm bias")[0])
         return module.bias if getattr(module, "bias", None) is not None else torch.zeros_like(module.weight)
 
+    @property
+    def has_bias(self) -> bool:
+        return getattr(_bound(self, "norm bias")[0], "bias", None) is not None
+
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return _bound(self, "forward")[0](x)
 
@@ -282,21 +288,35 @@ class StackedWeights(FactoredCircuits):
 
 
 class Unembed:
-    """`model.unembed(x)`: the LLM's unembedding, residual (after the final norm) -> logits."""
+    """`model.unembed(x)`: the LLM's unembedding with the final norm's weight folded in (TL's `fold_ln`),
+    taking the normalised residual before that weight (`ln_final.hook_normalized`) to the logits."""
 
-    def __init__(self, module: nn.Linear):
+    def __init__(self, module: nn.Linear, final_norm: NormWeights):
         self._module = module
+        self._final_norm = final_norm
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return _present(self._module).weight.T
+        """`lm_head`'s weight times the final norm's `w` per row (a new tensor, as TL's folded `W_U`)."""
+        return _present(self._module).weight.T * self._final_norm.w[:, None]
 
     @property
     def b_U(self) -> Float[Tensor, "d_vocab"]:
-        return _bias(_present(self._module))
+        """`lm_head`'s bias (zeros without one), plus the final norm's bias through `lm_head` (LayerNorm)."""
+        bias = _bias(_present(self._module))
+        if self._final_norm.has_bias:
+            bias = bias + self._final_norm.b @ self._module.weight.T
+        return bias
+
+    def directions(self, tokens: Tensor | int) -> Float[Tensor, "... d_model"]:
+        """Columns `W_U[:, tokens]`, d_model last, without folding the whole matrix."""
+        return _present(self._module).weight[tokens] * self._final_norm.w
 
     def __call__(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        return self._module(residual)
+        # `residual @ W_U + b_U`, computed as `lm_head(w * residual + b)`: the same sum, through the
+        # model's own head, without a d_model x d_vocab copy
+        norm = self._final_norm
+        return self._module(residual * norm.w + norm.b if norm.has_bias else residual * norm.w)
 
 
 class Embed:
@@ -333,18 +353,16 @@ class LanguageModelWeights(StackedWeights):
 
     def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Float[Tensor, "... d_model"]:
         """The residual directions of `tokens` (a string must be one token), d_model last: columns of
-        `W_U` times the final norm's weight, as TL gives them with `fold_ln` (its recommended
-        setting). Dotted with `cache.apply_ln_to_stack(stack)` (the cached-scale final norm without
-        its weight, as in TL) they give each component's share of the logits, for our cache and
-        for TL's own `ActivationCache` alike."""
+        the folded `W_U` (`lm_head`'s times the final norm's weight), as in TL. Dotted with
+        `cache.apply_ln_to_stack(stack)` or `cache.accumulated_resid(apply_ln=True)` (the final norm
+        without its weight, as in TL) they give each component's share of the logits, for our cache
+        and for TL's own `ActivationCache` alike."""
         if isinstance(tokens, Tensor) and tokens.numel() > 1:
-            columns = einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
+            return self.unembed.directions(tokens)
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor):
+            token = int(tokens.item())
         else:
-            if isinstance(tokens, str):
-                token = self.to_single_token(tokens)
-            elif isinstance(tokens, Tensor):
-                token = int(tokens.item())
-            else:
-                token = int(tokens)
-            columns = self.W_U[:, token]
-        return columns * self.ln_final.w
+            token = int(tokens)
+        return self.unembed.directions(token)
