@@ -14,15 +14,9 @@ from mmlens.model import HookedMLLM
 SRC = Path(mmlens.__file__).parent
 DOCS = [*sorted((SRC.parents[1] / "docs").rglob("*.md")), SRC.parents[1] / "README.md"]
 
-# Modules allowed to take hook names apart: the grammar itself, and two architecture files that
-# still parse names their own way until the lead converts them to `mmlens.model.hook_names`
-# (paths relative to src/mmlens, without ".py"; a folder's modules match its prefix). Remove an
-# entry once its module uses the grammar.
-NAME_PARSERS = (
-    "model/hook_names",
-    "model/architectures/qwen3_vl",  # canonical_name: re.fullmatch(r"blocks\.(\d+)\.hook_out", name)
-    "model/architectures/base",  # canonical_name: bridge alias patterns matched against names
-)
+# Modules allowed to take hook names apart: the grammar itself (paths relative to src/mmlens,
+# without ".py"; a folder's modules match its prefix).
+NAME_PARSERS = ("model/hook_names",)
 # a variable or attribute holding a hook name, as the package spells them
 NAME_HOLDERS = re.compile(r"(?:hook_)?name|n|hook")
 DOT_SPLITS = ("split", "rsplit", "partition", "rpartition")

@@ -13,6 +13,7 @@ from conftest import random_images
 from transformer_lens import ActivationCache
 
 from mmlens import HookedMLLM
+from mmlens.errors import HookNameError
 from mmlens.testing import tiny_llava
 from mmlens.testing_families import tiny_gemma3, tiny_qwen2_vl
 
@@ -134,3 +135,11 @@ def test_the_gradient_at_the_final_norm_carries_the_weight(run):
     expected = torch.zeros_like(grad)
     expected[:, -1] = model.tokens_to_residual_directions(RIGHT).detach()  # d logit / d normalized: a folded W_U column
     close(grad, expected)
+
+
+def test_the_bridge_final_norm_output_is_refused_not_mapped_to_another_quantity(run):
+    """The bridge's `ln_final.hook_out` is after the weight, ours before it: refused with the remedy."""
+    model = run[0]
+    with pytest.raises(HookNameError, match=r"ln_final\.hook_normalized \(times model\.ln_final\.w"):
+        model.resolve_hook_name("ln_final.hook_out")
+    assert model.resolve_hook_name("blocks.0.ln1.hook_out") == "blocks.0.ln1.hook_normalized"  # weighted, as the bridge's

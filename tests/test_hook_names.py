@@ -9,7 +9,7 @@ import torch
 
 from mmlens import HookedMLLM
 from mmlens.errors import HookNameError
-from mmlens.model.hook_names import HookName, block_hook, parse_hook_name
+from mmlens.model.hook_names import HookName, NameTemplate, block_hook, parse_hook_name
 from mmlens.testing_families import tiny_qwen3_vl
 
 
@@ -129,3 +129,19 @@ def test_first_block_after_is_the_first_attention_an_edit_reaches(tiny_clip, sit
     moved = [layer for layer, n in enumerate(inputs_to_attention) if not torch.equal(clean[n], edited[n])]
     assert moved and moved[0] == parse_hook_name(name).first_block_after
     assert parse_hook_name("adapter.hook_out").first_block_after is None
+
+
+def test_a_name_template_reads_and_writes_its_placeholders():
+    template = NameTemplate("vision_encoder.encoder_layers.{layer}.attn.hook_{point}")
+    assert template.placeholders == {"layer", "point"}
+    assert template.match("vision_encoder.encoder_layers.12.attn.hook_attn_scores") == {"layer": "12", "point": "attn_scores"}
+    assert template.fill(layer=3, point="z") == "vision_encoder.encoder_layers.3.attn.hook_z"
+    # dots are dots, a layer is written as the grammar writes it, a point is one word, the match is whole
+    for other in ["vision_encoder.encoder_layersX3.attn.hook_z", "vision_encoder.encoder_layers.03.attn.hook_z",
+                  "vision_encoder.encoder_layers.x.attn.hook_z", "vision_encoder.encoder_layers.3.attn.hook_q.hook_z",
+                  "vision_encoder.encoder_layers.3.attn.hook_z.extra"]:
+        assert template.match(other) is None, other
+    assert NameTemplate("ln_final.hook_out").match("ln_final.hook_out") == {}
+    for bad in ["blocks.{head}.hook_z", "blocks.{layer}.{layer}", "blocks.{layer:02d}.hook_z"]:
+        with pytest.raises(HookNameError, match="placeholders"):
+            NameTemplate(bad)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mmlens import HookedMLLM, MultimodalInputs
-from mmlens.errors import UnsupportedModelError
+from mmlens.errors import HookNameError, UnsupportedModelError
 from mmlens.experiments import anchor_knockout, conflicting_pairs, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.architectures import Architecture
@@ -35,6 +35,7 @@ from conftest import random_images
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?"]
 __all__ = [
     "test_bidirectional_edit_equals_the_bidirectional_mode",
+    "test_bridge_aliases_resolve_to_real_hook_points",
     "test_cache_equals_hf_hidden_states",
     "test_family_keywords_travel_everywhere",
     "test_hooks_off_equal_hf_bit_for_bit",
@@ -303,6 +304,28 @@ def test_bidirectional_edit_equals_the_bidirectional_mode(eager: Family) -> None
     valid = inputs.attention_mask.bool()
     torch.testing.assert_close(edited[valid], native[valid], atol=1e-5, rtol=0)
     assert (edited - causal)[valid].abs().max() > 1e-4
+
+
+def test_bridge_aliases_resolve_to_real_hook_points(eager: Family, request: pytest.FixtureRequest) -> None:
+    """Every entry of the family's TransformerBridge alias table names hook points this model has,
+    and each of the bridge's names for such a point resolves to it. Bridge names the family refuses
+    on purpose are listed in its test module's `WITHHELD_BRIDGE_NAMES` and must be refused."""
+    model = eager.model
+    withheld = set(getattr(request.module, "WITHHELD_BRIDGE_NAMES", ()))
+    refused = set()
+    for alias in model.architecture.bridge_aliases:
+        targets = [name for name in model.hook_names() if alias.ours.match(name) is not None]
+        assert targets, f"{model.cfg.architecture}: the alias for {alias.ours.text} names no hook point of the model"
+        for target in targets:
+            for template in alias.bridge:
+                bridge = template.fill(**alias.ours.match(target))
+                if bridge in withheld:
+                    with pytest.raises(HookNameError):
+                        model.resolve_hook_name(bridge)
+                    refused.add(bridge)
+                else:
+                    assert model.resolve_hook_name(bridge) == target, bridge
+    assert refused == withheld
 
 
 def every_analysis_runs(model: HookedMLLM, scenes) -> Any:

@@ -249,7 +249,6 @@ BRIDGE_NAMES = {
     "blocks.1.hook_out": "blocks.1.hook_resid_post",
     "blocks.0.attn.hook_out": "blocks.0.hook_attn_out",
     "blocks.0.mlp.gate.hook_out": "blocks.0.mlp.hook_pre",
-    "ln_final.hook_out": "ln_final.hook_normalized",
 }
 
 

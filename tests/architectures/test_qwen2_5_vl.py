@@ -28,7 +28,6 @@ BRIDGE_NAMES = {
     "embed.hook_out": "hook_embed",
     "blocks.1.hook_out": "blocks.1.hook_resid_post",
     "blocks.0.attn.hook_out": "blocks.0.hook_attn_out",
-    "ln_final.hook_out": "ln_final.hook_normalized",
 }
 
 

@@ -1,5 +1,6 @@
 """The registry is the one list of families, and each registered family is whole: its folder, its
-tiny builder, its test file; no two classes of the architectures package share a name."""
+tiny builder, its test file, its tables of module paths and bridge aliases; no two classes of the
+architectures package share a name."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import mmlens
 from mmlens.model.architectures import ARCHITECTURES, FAMILIES, family_folder
+from mmlens.model.architectures.bridge_aliases import BridgeAlias
+from mmlens.model.architectures.module_paths import ModulePaths
 
 SRC = Path(mmlens.__file__).parent
 ARCHITECTURES_DIR = SRC / "model" / "architectures"
@@ -22,6 +25,12 @@ def test_every_registered_family_has_its_folder_builder_and_test_file():
         assert (SRC / "testing" / "families" / f"{folder}.py").is_file(), f"{family.__name__}: testing/families/{folder}.py"
         assert (TESTS / f"test_{folder}.py").is_file(), f"{family.__name__}: tests/architectures/test_{folder}.py"
     assert set(ARCHITECTURES.values()) == set(FAMILIES)
+
+
+def test_every_family_declares_its_tables():
+    for family in FAMILIES:
+        assert isinstance(getattr(family, "module_paths", None), ModulePaths), f"{family.__name__}: no module_paths table"
+        assert all(isinstance(entry, BridgeAlias) for entry in family.bridge_aliases), family.__name__
 
 
 def test_every_family_folder_is_registered():

@@ -5,13 +5,16 @@ a block, `blocks.{layer}.`, then the site in that block or stage (`hook_resid_pr
 `attn.hook_z`, `ln1.hook_scale`, `ln_final.hook_normalized`). `HookName` holds the three parts and
 answers what code elsewhere needs to know about a point (which block, whether it has a head
 dimension, where it sits relative to the attention's `hook_z`), so nothing else cuts names apart.
-Names are parsed as written: resolve aliases first (`HookedMLLM.resolve_hook_name`).
+Names are parsed as written: resolve aliases first (`HookedMLLM.resolve_hook_name`). A
+`NameTemplate` writes a whole set of names at once (`blocks.{layer}.hook_out`), which is how alias
+tables are declared; this module is also the one place that turns a template into a matcher.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from string import Formatter
 from typing import Literal
 
 from ..errors import HookNameError
@@ -136,3 +139,45 @@ def _parsed(name: str, stage: Stage, layer: int | None, site: str) -> HookName:
 def block_hook(layer: int, site: str, stage: Stage = "llm") -> str:
     """The name of `site` in block `layer` of `stage`: `block_hook(3, "attn.hook_z")` is `blocks.3.attn.hook_z`."""
     return HookName(stage, layer, site).name
+
+
+# What each placeholder of a `NameTemplate` stands for: a block (or other) number as the grammar
+# writes layers, and one word of a hook point's name (letters, digits, underscores).
+TEMPLATE_FIELDS = {"layer": _LAYER.pattern, "point": r"\w+"}
+
+
+@dataclass(frozen=True)
+class NameTemplate:
+    """A set of hook names written as one, with placeholders in braces: `{layer}` for a number
+    (`blocks.{layer}.hook_out` is `blocks.0.hook_out`, `blocks.1.hook_out`, ...) and `{point}` for
+    one word (`attn.hook_{point}` is `attn.hook_z`, `attn.hook_pattern`, ...). `match` reads the
+    placeholders' values out of a name, `fill` writes them in."""
+
+    text: str
+    _matcher: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pattern, seen = [], set()
+        for literal, placeholder, spec, conversion in Formatter().parse(self.text):
+            pattern.append(re.escape(literal))
+            if placeholder is None:
+                continue
+            if placeholder not in TEMPLATE_FIELDS or spec or conversion or placeholder in seen:
+                raise HookNameError(f"name template {self.text!r}: placeholders are {sorted(TEMPLATE_FIELDS)} in "
+                                    f"braces, each at most once; got {{{placeholder}}}")
+            seen.add(placeholder)
+            pattern.append(f"(?P<{placeholder}>{TEMPLATE_FIELDS[placeholder]})")
+        object.__setattr__(self, "_matcher", re.compile("".join(pattern)))
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        return frozenset(self._matcher.groupindex)
+
+    def match(self, name: str) -> dict[str, str] | None:
+        """The placeholders' values if `name` is one of the template's names, else None."""
+        found = self._matcher.fullmatch(name)
+        return None if found is None else found.groupdict()
+
+    def fill(self, **values: object) -> str:
+        """The name with each placeholder replaced by its value: `fill(layer=3)`."""
+        return self.text.format(**values)

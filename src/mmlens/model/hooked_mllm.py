@@ -29,6 +29,7 @@ from ..errors import HookNameError, InputError, LayoutMismatchError
 from .allocator import tune_allocator
 from .architectures import architecture_for
 from .architectures.base import BASE_INPUT_NAMES
+from .architectures.bridge_aliases import WITHHELD_BRIDGE_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .devices import input_device
@@ -245,6 +246,8 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         canonical = self.architecture.canonical_name(name)
         if canonical in self.hook_dict:
             return canonical
+        if name in WITHHELD_BRIDGE_NAMES:
+            raise HookNameError(f"{name!r} is not an alias here: {WITHHELD_BRIDGE_NAMES[name]}")
         close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
         raise HookNameError(
             f"unknown hook name {name!r}. Closest: {close or 'none'}. "

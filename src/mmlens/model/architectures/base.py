@@ -3,14 +3,13 @@
 A model family (LLaVA, PaliGemma ...) is one subclass of `Architecture` in its own folder
 (`architectures/<family>/family.py`), registered by its Hugging Face class name in
 `architectures/__init__.py`. It reads the family's config, says where its modules
-are and how their blocks compute (`BlockSpec`), which keywords its forward takes, and how images
+are (one `ModulePaths` table) and how their blocks compute (`BlockSpec`), which keywords its forward takes, and how images
 become LLM tokens (the layout). `HookedMLLM` and everything above it only talk to this interface,
 so no code outside `architectures/` knows a family.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from ..attention_masks import additive_mask, allowed_edges
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ..layout import ImageTokenLayout, compute_layout
 from ..preprocess import ImageGeometry, MaskGeometry
+from .bridge_aliases import BridgeAlias
+from .module_paths import ModulePaths
 
 # The keywords every family's forward takes; `extra_input_names` adds the family's own.
 BASE_INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
@@ -46,8 +47,10 @@ class Architecture(ABC):
     """Adapter between one Hugging Face model family and mmlens's hook tree."""
 
     hf_class_names: tuple[str, ...] = ()
-    # (pattern, replacement) pairs mapping TransformerBridge hook names to ours.
-    bridge_aliases: tuple[tuple[str, str], ...] = ()
+    # Where the family keeps its modules; `paths` gives the table for one checkpoint.
+    module_paths: ModulePaths
+    # TransformerBridge's hook names for ours, composed of the named parts in `bridge_aliases.py`.
+    bridge_aliases: tuple[BridgeAlias, ...] = ()
     # Keywords of the family's forward beyond BASE_INPUT_NAMES (e.g. PaliGemma's token_type_ids),
     # carried by MultimodalInputs through every forward, cache, repeat and generation.
     extra_input_names: tuple[str, ...] = ()
@@ -128,13 +131,44 @@ class Architecture(ABC):
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         """Install hooks on `hf_model` that fire `root`'s hook points; return removable handles."""
 
-    @abstractmethod
+    # ------------------------------------------------------------- modules
+    def paths(self, hf_model: nn.Module) -> ModulePaths:
+        """The family's `module_paths`; a family whose paths differ between checkpoints (LLaVA's
+        towers) fills them in for `hf_model` here."""
+        return self.module_paths
+
+    def vision_tower(self, hf_model: nn.Module) -> nn.Module:
+        """The vision stack's module, called on pixel values."""
+        return hf_model.get_submodule(self.paths(hf_model).vision_tower)
+
     def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
         """The vision encoder's blocks, in order (`vision.blocks.{i}`)."""
+        return self.vision_tower(hf_model).get_submodule(self.paths(hf_model).vision_layers)
 
-    @abstractmethod
+    def projector(self, hf_model: nn.Module) -> nn.Module:
+        """The adapter between the vision tower and the LLM."""
+        return hf_model.get_submodule(self.paths(hf_model).projector)
+
+    def language_model(self, hf_model: nn.Module) -> nn.Module:
+        """The LLM's decoder: token embedding, blocks and final norm."""
+        return hf_model.get_submodule(self.paths(hf_model).llm)
+
     def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
         """The LLM's decoder blocks, in order (`blocks.{l}`)."""
+        return self.language_model(hf_model).get_submodule(self.paths(hf_model).llm_layers)
+
+    def llm_attention(self, hf_model: nn.Module, layer: int) -> nn.Module:
+        return self.llm_layers(hf_model)[layer].get_submodule(self.paths(hf_model).llm_attention)
+
+    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
+        """`{"vision": ..., "llm": ...}`: the modules behind the weight surface and start/stop at a layer."""
+        paths = self.paths(hf_model)
+        return {
+            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=self.vision_tower(hf_model)),
+            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)),
+                                embed=self.language_model(hf_model).get_submodule(paths.embed),
+                                unembed=hf_model.get_submodule(paths.unembed)),
+        }
 
     def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
         """Run the Hugging Face model on its keywords (`input_ids`, `pixel_values`, ...; the
@@ -188,9 +222,6 @@ class Architecture(ABC):
         (a 4D additive mask; a family whose layers differ, such as sliding-window ones, returns
         what its forward takes per layer type)."""
         return additive_mask(edges, dtype)
-
-    def llm_attention(self, hf_model: nn.Module, layer: int) -> nn.Module:
-        return self.llm_layers(hf_model)[layer].self_attn
 
     def llm_attention_scale(self, hf_model: nn.Module, layer: int) -> float:
         """The factor raw query-key products are multiplied by in LLM layer `layer`."""
@@ -276,13 +307,11 @@ class Architecture(ABC):
         mask = torch.ones_like(ids)
         return {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
 
-    @abstractmethod
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        """`{"vision": ..., "llm": ...}`: the modules behind the weight surface and start/stop at a layer."""
-
     # ------------------------------------------------------------- names
     def canonical_name(self, name: str) -> str:
-        for pattern, replacement in self.bridge_aliases:
-            if re.fullmatch(pattern, name):
-                return re.sub(pattern, replacement, name)
+        """Our name for a TransformerBridge name (the first of `bridge_aliases` that has it), else `name`."""
+        for alias in self.bridge_aliases:
+            renamed = alias.rename(name)
+            if renamed is not None:
+                return renamed
         return name

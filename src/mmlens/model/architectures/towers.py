@@ -39,19 +39,16 @@ def _dinov2_block(vision_config: Any) -> BlockSpec:
 @dataclass(frozen=True)
 class Tower:
     has_cls: bool
-    layers: str  # attribute of `tower.encoder` holding the blocks
+    layers: str  # path from the tower to its blocks
     post_norm: str  # the norm after the last block (what `last_hidden_state` passes through)
     block: Callable[[Any], BlockSpec]  # vision config -> spec of every block
     pre_norm: str | None = None  # a norm between embeddings and the first block (CLIP)
     registers: str | None = None  # the vision config's number of register tokens (after the CLS token)
 
-    def block_list(self, tower: Any):
-        return getattr(tower.encoder, self.layers)
-
 
 TOWERS = {
-    "clip_vision_model": Tower(True, "layers", "post_layernorm", lambda _c: CLIP_BLOCK, pre_norm="pre_layrnorm"),
-    "siglip_vision_model": Tower(False, "layers", "post_layernorm", lambda _c: CLIP_BLOCK),
-    "dinov2": Tower(True, "layer", "layernorm", _dinov2_block),
-    "dinov2_with_registers": Tower(True, "layer", "layernorm", _dinov2_block, registers="num_register_tokens"),
+    "clip_vision_model": Tower(True, "encoder.layers", "post_layernorm", lambda _c: CLIP_BLOCK, pre_norm="pre_layrnorm"),
+    "siglip_vision_model": Tower(False, "encoder.layers", "post_layernorm", lambda _c: CLIP_BLOCK),
+    "dinov2": Tower(True, "encoder.layer", "layernorm", _dinov2_block),
+    "dinov2_with_registers": Tower(True, "encoder.layer", "layernorm", _dinov2_block, registers="num_register_tokens"),
 }

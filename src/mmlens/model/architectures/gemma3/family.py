@@ -27,7 +27,10 @@ from ...hook_tree import fire
 from ...instrument import AttentionSpec, BlockSpec, _override_forward
 from ...layout import ImageTokenLayout
 from ...preprocess import ImageGeometry
-from ..llava.family import _L, Llava
+from ..bridge_aliases import (
+    CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_INPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES, alias,
+)
+from ..llava.family import Llava
 
 TYPES = "token_type_ids"  # 1 at image tokens: Hugging Face's cue for the both-ways image blocks
 
@@ -42,12 +45,10 @@ GEMMA3_BLOCK = BlockSpec(
     post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
 )
 
-# The bridge's attn/mlp `hook_out` are the branch outputs before the sandwich norm, which no
-# hook point of ours carries, so LLaVA's aliases for them would name the wrong tensor here.
-_PRE_SANDWICH = {_L + r"attn\.hook_out", _L + r"mlp\.hook_out"}
-_GEMMA3_ALIASES = (
-    (_L + r"(ln1_post|ln2_post)\.hook_out", r"blocks.\1.\2.hook_normalized"),
-    (_L + r"attn\.(q|k)_norm\.hook_out", r"blocks.\1.attn.\2_ln.hook_normalized"),
+# the norms after the attention and MLP branches (the sandwich)
+SANDWICH_NORM_ALIASES = (
+    alias("blocks.{layer}.ln1_post.hook_normalized", "blocks.{layer}.ln1_post.hook_out"),
+    alias("blocks.{layer}.ln2_post.hook_normalized", "blocks.{layer}.ln2_post.hook_out"),
 )
 
 
@@ -64,7 +65,10 @@ class Gemma3(Llava):
     vision_towers = ("siglip_vision_model",)
     llms = ("gemma3_text",)
     llm_block = GEMMA3_BLOCK
-    bridge_aliases = _GEMMA3_ALIASES + tuple(a for a in Llava.bridge_aliases if a[0] not in _PRE_SANDWICH)
+    # without LLM_BRANCH_OUTPUT_ALIASES: the bridge's attn/mlp `hook_out` are the branch outputs
+    # before the sandwich norm, which no hook point of ours carries
+    bridge_aliases = (*SANDWICH_NORM_ALIASES, *LLM_QK_NORM_ALIASES, *CLIP_TOWER_ALIASES, *PROJECTOR_INPUT_ALIASES,
+                      *PROJECTOR_OUTPUT_ALIASES, *LLM_ALIASES)
     extra_input_names = (TYPES,)
     llm_input_names = (TYPES,)
     attention_modes = ("bidirectional", "causal")
@@ -94,7 +98,7 @@ class Gemma3(Llava):
         return ImageGeometry.from_processor(processor, stock_when_off=STOCK_WHEN_PAN_AND_SCAN_OFF)
 
     def adapter_config(self, hf_model: nn.Module, vision: VisionConfig) -> AdapterConfig:
-        projector = hf_model.model.multi_modal_projector
+        projector = self.projector(hf_model)
         side, per_side = projector.tokens_per_side, projector.patches_per_image
         if side * side != hf_model.config.mm_tokens_per_image or per_side % side:
             raise UnsupportedModelError(

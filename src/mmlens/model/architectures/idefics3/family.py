@@ -30,8 +30,12 @@ from ...instrument import _override_forward, hook_module_output, instrument_bloc
 from ...layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
 from ...norms import instrument_norm
 from .geometry import SplitGeometry
-from ..base import Architecture, StageModules
+from ..base import Architecture
+from ..bridge_aliases import (
+    CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_INPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES,
+)
 from ..llava import LLM_BLOCK, Llava
+from ..module_paths import ModulePaths
 from ..pixel_shuffle import shuffle_map
 from ..towers import CLIP_BLOCK
 
@@ -55,9 +59,12 @@ class Idefics3(Architecture):
     extra_input_names = ("pixel_attention_mask",)
     images_per_row = True  # the processor's documented input: one list of images per prompt
     llm_block = LLM_BLOCK
+    module_paths = ModulePaths(vision_tower="model.vision_model", vision_layers="encoder.layers",
+                               projector="model.connector", llm="model.text_model")
     # TransformerLens 4.3's Idefics3 adapter names its parts as its LLaVA one does (vision_encoder: a
     # SigLIP bridge without a pre-layernorm, vision_projector: the connector, then the Llama LLM)
-    bridge_aliases = tuple(a for a in Llava.bridge_aliases if "pre_layernorm" not in a[0])
+    bridge_aliases = (*CLIP_TOWER_ALIASES, *PROJECTOR_INPUT_ALIASES, *PROJECTOR_OUTPUT_ALIASES, *LLM_ALIASES,
+                      *LLM_BRANCH_OUTPUT_ALIASES)
     vision_block = CLIP_BLOCK  # pre-norm SigLIP blocks: layer_norm1/2, self_attn (out_proj, scale), mlp
     llm_config = staticmethod(Llava.llm_config)
     # filled by `use_processor`: the ids of the separators around the image tokens
@@ -69,16 +76,6 @@ class Idefics3(Architecture):
         if text_type != "llama":
             raise UnsupportedModelError(f"{type(hf_model).__name__} with a {text_type!r} LLM is not supported; "
                                         "supported: 'llama'")
-
-    @staticmethod
-    def vision_tower(hf_model: nn.Module) -> nn.Module:
-        return hf_model.model.vision_model
-
-    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return self.vision_tower(hf_model).encoder.layers
-
-    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.text_model.layers
 
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         self.check_supported(hf_model)
@@ -93,7 +90,7 @@ class Idefics3(Architecture):
         side = vc.image_size // vc.patch_size
         if side % self.scale:
             raise UnsupportedModelError(f"{side} patches per tile side do not fold by the scale factor {self.scale}")
-        proj = hf_model.model.connector.modality_projection.proj
+        proj = self.projector(hf_model).modality_projection.proj
         tokens = side // self.scale
         adapter = AdapterConfig(
             kind=f"pixel_shuffle{self.scale}_linear", d_in=vc.hidden_size,
@@ -129,7 +126,7 @@ class Idefics3(Architecture):
             instrument_block(layer, hooks, self.vision_block, use_result, vision_norm)
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
         instrument_norm(tower.post_layernorm, root.vision.ln_post, vision_norm)
-        connector, adapter = hf_model.model.connector, root.adapter
+        connector, adapter = self.projector(hf_model), root.adapter
 
         def connect(image_hidden_states: Tensor) -> Tensor:
             x = fire(adapter.hook_in, image_hidden_states)
@@ -137,15 +134,8 @@ class Idefics3(Architecture):
             return fire(adapter.hook_out, connector.modality_projection(shuffled))
 
         _override_forward(connector, connect)
-        lm = hf_model.model.text_model
+        lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
-
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        lm = hf_model.model.text_model
-        return {
-            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=self.vision_tower(hf_model)),
-            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens, unembed=hf_model.lm_head),
-        }
 
     # ------------------------------------------------------------- images -> tokens
     def _ids(self) -> dict[str, Any]:

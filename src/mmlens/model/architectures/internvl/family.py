@@ -30,9 +30,10 @@ from ...instrument import (
 )
 from ...layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
 from ...norms import instrument_norm
-from ..base import Architecture, StageModules
+from ..base import Architecture
 from .geometry import TileGeometry, Tiling, edges_on_original
 from ..llava import LLM_BLOCK, Llava
+from ..module_paths import ModulePaths
 from ..pixel_shuffle import shuffle_map
 
 SIZES = "image_sizes"  # layout-only: each image's original (height, width)
@@ -53,6 +54,8 @@ class InternVL(Architecture):
     layout_input_names = (SIZES,)
     llms = ("qwen2", "llama")
     llm_block = LLM_BLOCK
+    module_paths = ModulePaths(vision_tower="model.vision_tower", vision_layers="encoder.layer",
+                               projector="model.multi_modal_projector", llm="model.language_model")
     llm_config = staticmethod(Llava.llm_config)
     tiling: Tiling | None = None  # the processor's, read by `use_processor`
     markers: dict[str, int] | None = None  # ids of <img> and </img>
@@ -87,16 +90,6 @@ class InternVL(Architecture):
         if tuple(vc.image_size)[0] != tuple(vc.image_size)[1] or tuple(vc.patch_size)[0] != tuple(vc.patch_size)[1]:
             raise UnsupportedModelError(f"InternViT with non-square tiles or patches ({vc.image_size}, {vc.patch_size})")
 
-    @staticmethod
-    def vision_tower(hf_model: nn.Module) -> nn.Module:
-        return hf_model.model.vision_tower
-
-    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return self.vision_tower(hf_model).encoder.layer
-
-    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.language_model.layers
-
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         self.check_supported(hf_model)
         config = hf_model.config
@@ -112,7 +105,7 @@ class InternVL(Architecture):
         if side % self.scale:
             raise UnsupportedModelError(f"{side} patches per tile side do not fold by the pixel shuffle's {self.scale}")
         tokens = side // self.scale
-        projector = hf_model.model.multi_modal_projector
+        projector = self.projector(hf_model)
         n_states = vision.n_layers + 1  # embeddings, then one per block
         adapter = AdapterConfig(
             kind=f"pixel_shuffle{self.scale}_ln_mlp2x_{config.projector_hidden_act}", d_in=vc.hidden_size,
@@ -146,16 +139,16 @@ class InternVL(Architecture):
         handles = [hook_module_output(tower.embeddings, root.vision.hook_embed)]
         if root.cfg.vision.has_ln_post:  # use_mean_pooling=False: a LayerNorm after the last block
             instrument_norm(tower.layernorm, root.vision.ln_post, "LN")
-        handles.append(self._instrument_adapter(hf_model.model, root.adapter))
-        lm = hf_model.model.language_model
+        handles.append(self._instrument_adapter(hf_model.model, self.projector(hf_model), root.adapter))
+        lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     @staticmethod
-    def _instrument_adapter(model: nn.Module, adapter: Any) -> _Unpatch:
+    def _instrument_adapter(model: nn.Module, projector: nn.Module, adapter: Any) -> _Unpatch:
         """`adapter.hook_in`: the patches without CLS ([frames, patches, d]) as the pixel shuffle
         reads them; `hook_hidden`: the shuffled features ([frames, tokens, r*r*d]); `hook_out`: the
         projector's output, what the LLM receives."""
-        shuffle, projector = model.pixel_shuffle, model.multi_modal_projector
+        shuffle = model.pixel_shuffle
         original = bare_forward(projector)
 
         def pixel_shuffle(features: Tensor, scale_factor: float = 0.5) -> Tensor:
@@ -170,13 +163,6 @@ class InternVL(Architecture):
         model.pixel_shuffle = pixel_shuffle  # an instance attribute shadows the method; _Unpatch removes it
         _override_forward(projector, project)
         return _Unpatch(model, "pixel_shuffle")
-
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        lm = hf_model.model.language_model
-        return {
-            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=self.vision_tower(hf_model)),
-            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens, unembed=hf_model.lm_head),
-        }
 
     # ------------------------------------------------------------- images -> tokens
     def layout_inputs(self, images: list[list[Any]]) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ placeholder embeddings one for one, so the LLM's image-token grid is the vision 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +21,12 @@ from ...instrument import (
     AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model,
 )
 from ...norms import instrument_norm
-from ..base import Architecture, StageModules
+from ..base import Architecture
+from ..bridge_aliases import (
+    CLIP_PRE_NORM_ALIASES, CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_INPUT_ALIASES,
+    PROJECTOR_OUTPUT_ALIASES,
+)
+from ..module_paths import ModulePaths
 from ..towers import TOWERS, Tower
 
 LLMS = ("llama", "mistral", "qwen2")
@@ -34,40 +40,18 @@ LLM_BLOCK = BlockSpec(
     attention=AttentionSpec(),
 )
 
-_V = r"vision_encoder\.encoder_layers\.(\d+)\."
-_L = r"blocks\.(\d+)\."
-
 
 class Llava(Architecture):
     hf_class_names = ("LlavaForConditionalGeneration",)
     vision_towers: tuple[str, ...] = tuple(TOWERS)
     llms = LLMS
     llm_block = LLM_BLOCK
-    bridge_aliases = (
-        (r"vision_encoder\.(embeddings\.hook_out|hook_vision_embed)", "vision.hook_embed"),
-        (r"vision_encoder\.pre_layernorm\.hook_(out|normalized)", "vision.ln_pre.hook_normalized"),
-        (r"vision_encoder\.post_layernorm\.hook_(out|normalized)", "vision.ln_post.hook_normalized"),
-        (_V + r"hook_(in|resid_pre)", r"vision.blocks.\1.hook_resid_pre"),
-        (_V + r"hook_(out|resid_post)", r"vision.blocks.\1.hook_resid_post"),
-        (_V + r"(ln1|ln2)\.hook_(out|normalized)", r"vision.blocks.\1.\2.hook_normalized"),
-        (_V + r"(attn\.hook_out|hook_attn_out)", r"vision.blocks.\1.hook_attn_out"),
-        (_V + r"(mlp\.hook_out|hook_mlp_out)", r"vision.blocks.\1.hook_mlp_out"),
-        (_V + r"mlp\.in\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
-        (_V + r"mlp\.out\.hook_in", r"vision.blocks.\1.mlp.hook_post"),
-        (_V + r"(attn\.hook_\w+|mlp\.hook_\w+)", r"vision.blocks.\1.\2"),
-        (r"vision_projector\.(hook_in|hook_vision_proj_in)", "adapter.hook_in"),
-        (r"vision_projector\.(hook_out|hook_vision_proj_out|hook_projected)", "adapter.hook_out"),
-        (r"embed\.hook_out", "hook_embed"),
-        (_L + r"hook_in", r"blocks.\1.hook_resid_pre"),
-        (_L + r"hook_out", r"blocks.\1.hook_resid_post"),
-        (_L + r"(ln1|ln2)\.hook_out", r"blocks.\1.\2.hook_normalized"),
-        (_L + r"attn\.hook_out", r"blocks.\1.hook_attn_out"),
-        (_L + r"mlp\.hook_out", r"blocks.\1.hook_mlp_out"),
-        (_L + r"mlp\.gate\.hook_out", r"blocks.\1.mlp.hook_pre"),
-        (_L + r"mlp\.in\.hook_out", r"blocks.\1.mlp.hook_pre_linear"),
-        (_L + r"mlp\.out\.hook_in", r"blocks.\1.mlp.hook_post"),
-        (r"ln_final\.hook_out", "ln_final.hook_normalized"),
-    )
+    # `vision_layers` is CLIP's and SigLIP's; `paths` puts in that of the checkpoint's tower
+    module_paths = ModulePaths(vision_tower="model.vision_tower", vision_layers="encoder.layers",
+                               projector="model.multi_modal_projector", llm="model.language_model")
+    # towers without CLIP's pre-norm; `build_config` adds CLIP_PRE_NORM_ALIASES for one that has it
+    bridge_aliases = (*CLIP_TOWER_ALIASES, *PROJECTOR_INPUT_ALIASES, *PROJECTOR_OUTPUT_ALIASES, *LLM_ALIASES,
+                      *LLM_BRANCH_OUTPUT_ALIASES)
 
     def check_supported(self, hf_model: nn.Module) -> None:
         config = hf_model.config
@@ -79,13 +63,15 @@ class Llava(Architecture):
                 f"supported; supported towers: {sorted(self.vision_towers)}, LLMs: {list(self.llms)}"
             )
 
-    @staticmethod
-    def vision_tower(hf_model: nn.Module) -> nn.Module:
-        tower = hf_model.model.vision_tower
-        return getattr(tower, "vision_model", tower)
+    def paths(self, hf_model: nn.Module) -> ModulePaths:
+        """Where the tower keeps its blocks depends on which tower the checkpoint has (DINOv2 calls
+        them `encoder.layer`)."""
+        return replace(self.module_paths, vision_layers=self.tower_kind(hf_model).layers)
 
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         self.check_supported(hf_model)
+        if self.tower_kind(hf_model).pre_norm is not None:
+            self.bridge_aliases = (*CLIP_PRE_NORM_ALIASES, *type(self).bridge_aliases)
         config = hf_model.config
         vision = self.vision_config(hf_model)
         return self.assemble_config(hf_model, vision, self.adapter_config(hf_model, vision), self.llm_config(config.text_config))
@@ -120,7 +106,7 @@ class Llava(Architecture):
         strategy = config.vision_feature_select_strategy
         # "default" drops the first vision token (CLS); registers after it reach the LLM
         prefix = int(vision.has_cls and strategy == "full") + vision.n_registers
-        projector = hf_model.model.multi_modal_projector
+        projector = self.projector(hf_model)
         return AdapterConfig(
             kind=f"mlp2x_{config.projector_hidden_act}",
             d_in=projector.linear_1.in_features,
@@ -153,12 +139,6 @@ class Llava(Architecture):
     def llm_prefix_tokens(self, cfg: MLLMConfig) -> int:
         return int(self.llm_sees_cls(cfg)) + cfg.vision.n_registers
 
-    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return self.tower_kind(hf_model).block_list(self.vision_tower(hf_model))
-
-    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.language_model.layers
-
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         tower, kind = self.vision_tower(hf_model), self.tower_kind(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
@@ -170,8 +150,8 @@ class Llava(Architecture):
         if kind.pre_norm is not None:
             instrument_norm(getattr(tower, kind.pre_norm), root.vision.ln_pre, vision_norm)
         instrument_norm(getattr(tower, kind.post_norm), root.vision.ln_post, vision_norm)
-        self._instrument_projector(hf_model.model.multi_modal_projector, root.adapter)
-        lm = hf_model.model.language_model
+        self._instrument_projector(self.projector(hf_model), root.adapter)
+        lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     @staticmethod
@@ -182,11 +162,3 @@ class Llava(Architecture):
             return fire(hooks.hook_out, projector.linear_2(hidden))
 
         _override_forward(projector, forward)
-
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        lm = hf_model.model.language_model
-        return {
-            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=self.vision_tower(hf_model)),
-            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens,
-                                unembed=hf_model.lm_head),
-        }

@@ -23,28 +23,27 @@ from ...config import AdapterConfig, MLLMConfig, VisionConfig
 from ...instrument import instrument_block, instrument_language_model
 from ...layout import ImageTokenLayout
 from ...norms import instrument_norm
-from ..base import Architecture, StageModules
+from ..base import Architecture
+from ..bridge_aliases import LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES
 from ..llava import LLM_BLOCK, Llava
+from ..module_paths import ModulePaths
 from .layout import mistral3_layout
 from .geometry import PixtralGeometry
 from .tower import PIXTRAL_BLOCK, hook_packed_embeddings, instrument_projector
 
 SIZES = "image_sizes"
 
-# TransformerBridge (TL 4.3) wraps Mistral 3 as LLaVA with the Pixtral tower opaque: of the vision
-# side it names only the tower's output and the projector's output (ours carry a leading dim of
-# one); its `vision_projector.hook_in` and `vision_encoder.hook_out` are block outputs, resolved in
-# `canonical_name` since their block depends on the model. The LLM's names are LLaVA's.
-MISTRAL3_BRIDGE_ALIASES = (
-    (r"vision_projector\.(hook_out|hook_vision_proj_out|hook_projected)", "adapter.hook_out"),
-    *(alias for alias in Llava.bridge_aliases if not alias[0].startswith("vision")),
-)
-
 
 class Mistral3(Architecture):
     hf_class_names = ("Mistral3ForConditionalGeneration",)
     extra_input_names = (SIZES,)
-    bridge_aliases = MISTRAL3_BRIDGE_ALIASES
+    module_paths = ModulePaths(vision_tower="model.vision_tower", vision_layers="transformer.layers",
+                               projector="model.multi_modal_projector", llm="model.language_model")
+    # TransformerBridge (TL 4.3) wraps Mistral 3 as LLaVA with the Pixtral tower opaque: of the vision
+    # side it names only the tower's output and the projector's output (ours carry a leading dim of
+    # one); its `vision_projector.hook_in` and `vision_encoder.hook_out` are block outputs, resolved in
+    # `canonical_name` since their block depends on the model. The LLM's names are LLaVA's.
+    bridge_aliases = (*PROJECTOR_OUTPUT_ALIASES, *LLM_ALIASES, *LLM_BRANCH_OUTPUT_ALIASES)
     llm_block = LLM_BLOCK
     vision_block = PIXTRAL_BLOCK
     # [IMG_BREAK] / [IMG_END] ids, read from the processor when there is one (else not checked)
@@ -54,19 +53,19 @@ class Mistral3(Architecture):
     # ------------------------------------------------------------- config and modules
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         config = hf_model.config
-        vc, tower = config.vision_config, hf_model.model.vision_tower
+        vc = config.vision_config
         if not isinstance(config.vision_feature_layer, int):
             raise UnsupportedModelError(
                 f"vision_feature_layer={config.vision_feature_layer}: Mistral 3's projector norms features of one "
                 "layer's width; several concatenated layers are not a model Hugging Face can run either"
             )
-        mlp = tower.transformer.layers[0].feed_forward
+        mlp = self.vision_layers(hf_model)[0].feed_forward
         vision = VisionConfig.from_encoder(
             vc, d_mlp=mlp.up_proj.out_features, normalization_type="RMS",
             positional_embedding_type="rotary", patch_size=vc.patch_size,  # image_size 0: every image its own size
             has_ln_pre=True, gated_mlp=True,
         )
-        projector, merge = hf_model.model.multi_modal_projector, config.spatial_merge_size
+        projector, merge = self.projector(hf_model), config.spatial_merge_size
         adapter = AdapterConfig(
             kind=f"patch_merger_{merge}x{merge}",
             d_in=projector.patch_merger.merging_layer.in_features,
@@ -83,31 +82,18 @@ class Mistral3(Architecture):
         self.break_token_id = getattr(processor, "image_break_token_id", None)
         self.end_token_id = getattr(processor, "image_end_token_id", None)
 
-    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.vision_tower.transformer.layers
-
-    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.language_model.layers
-
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        lm = hf_model.model.language_model
-        return {
-            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=hf_model.model.vision_tower),
-            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens, unembed=hf_model.lm_head),
-        }
-
     # ------------------------------------------------------------- hooks
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         self._hf_model = hf_model  # its config: layouts, input checks, the probe batch, bridge names
-        tower = hf_model.model.vision_tower
+        tower = self.vision_tower(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
         norm = root.cfg.vision.normalization_type
         for layer, hooks in zip(self.vision_layers(hf_model), root.vision.blocks):
             instrument_block(layer, hooks, self.vision_block, use_result, norm)
         handles = [hook_packed_embeddings(tower.ln_pre, root.vision.hook_embed)]
         instrument_norm(tower.ln_pre, root.vision.ln_pre, norm)
-        instrument_projector(hf_model.model.multi_modal_projector, root.vision.ln_post, root.adapter, norm)
-        lm = hf_model.model.language_model
+        instrument_projector(self.projector(hf_model), root.vision.ln_post, root.adapter, norm)
+        lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     def canonical_name(self, name: str) -> str:

@@ -39,7 +39,7 @@ class PaliGemma(Llava):
         return "prefix"
 
     def adapter_config(self, hf_model: nn.Module, vision: VisionConfig) -> AdapterConfig:
-        linear = hf_model.model.multi_modal_projector.linear
+        linear = self.projector(hf_model).linear
         return AdapterConfig(
             kind="linear",
             d_in=linear.in_features,

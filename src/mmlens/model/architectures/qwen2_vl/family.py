@@ -27,8 +27,10 @@ from ...instrument import instrument_language_model
 from ...layout import ImageTokenLayout
 from ...norms import NormKind
 from ...weights import ungated_linears
-from ..base import Architecture, StageModules
+from ..base import Architecture
+from ..bridge_aliases import LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, alias
 from ..llava import LLM_BLOCK, Llava
+from ..module_paths import ModulePaths
 from .geometry import SmartResizeGeometry
 from .layout import qwen_layout, unpatchify
 from .tower import hook_first_block_input, instrument_merger, instrument_packed_block, merger_parts
@@ -36,29 +38,22 @@ from .tower import hook_first_block_input, instrument_merger, instrument_packed_
 GRID = "image_grid_thw"
 TYPES = "mm_token_type_ids"
 
-_V = r"vision_encoder\.blocks\.(\d+)\."
-# TransformerBridge's names for Qwen2.5-VL (TL 4.3 wraps it; it does not wrap Qwen2-VL). Bridge
-# points whose tensor is not ours are left out rather than aliased to something else:
-# `patch_embed.hook_out` and `vision_projector.hook_out` hold the tower's order before and after
-# the window reordering (ours: the blocks' order, and the LLM's order), the fused `attn.qkv` has
-# no single point here (see `hook_q/k/v`). Ours carry a leading batch dimension of one.
+BRIDGE_VISION_BLOCK = _V = "vision_encoder.blocks.{layer}."  # the bridge's Qwen vision block
 # the bridge's names around a Qwen vision block (residuals, norms, attention and MLP outputs),
 # shared by every Qwen tower
 QWEN_VISION_BLOCK_ALIASES = (
-    (_V + r"hook_(in|resid_pre)", r"vision.blocks.\1.hook_resid_pre"),
-    (_V + r"hook_(out|resid_post)", r"vision.blocks.\1.hook_resid_post"),
-    (_V + r"norm([12])\.hook_out", r"vision.blocks.\1.ln\2.hook_normalized"),
-    (_V + r"(attn\.hook_in|hook_attn_in)", r"vision.blocks.\1.ln1.hook_normalized"),
-    (_V + r"(mlp\.hook_in|hook_mlp_in)", r"vision.blocks.\1.ln2.hook_normalized"),
-    (_V + r"(attn\.hook_out|hook_attn_out)", r"vision.blocks.\1.hook_attn_out"),
-    (_V + r"(mlp\.hook_out|hook_mlp_out)", r"vision.blocks.\1.hook_mlp_out"),
+    alias("vision.blocks.{layer}.hook_resid_pre", _V + "hook_in", _V + "hook_resid_pre"),
+    alias("vision.blocks.{layer}.hook_resid_post", _V + "hook_out", _V + "hook_resid_post"),
+    alias("vision.blocks.{layer}.ln1.hook_normalized", _V + "norm1.hook_out", _V + "attn.hook_in", _V + "hook_attn_in"),
+    alias("vision.blocks.{layer}.ln2.hook_normalized", _V + "norm2.hook_out", _V + "mlp.hook_in", _V + "hook_mlp_in"),
+    alias("vision.blocks.{layer}.hook_attn_out", _V + "attn.hook_out", _V + "hook_attn_out"),
+    alias("vision.blocks.{layer}.hook_mlp_out", _V + "mlp.hook_out", _V + "hook_mlp_out"),
 )
-QWEN_BRIDGE_ALIASES = (
-    *QWEN_VISION_BLOCK_ALIASES,
-    (_V + r"mlp\.gate\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
-    (_V + r"mlp\.in\.hook_out", r"vision.blocks.\1.mlp.hook_pre_linear"),
-    (_V + r"mlp\.out\.hook_in", r"vision.blocks.\1.mlp.hook_post"),
-    *(alias for alias in Llava.bridge_aliases if not alias[0].startswith("vision")),  # the LLM's: same layout
+# Qwen2.5-VL's gated vision MLP
+QWEN2_5_VISION_MLP_ALIASES = (
+    alias("vision.blocks.{layer}.mlp.hook_pre", _V + "mlp.gate.hook_out"),
+    alias("vision.blocks.{layer}.mlp.hook_pre_linear", _V + "mlp.in.hook_out"),
+    alias("vision.blocks.{layer}.mlp.hook_post", _V + "mlp.out.hook_in"),
 )
 
 
@@ -67,6 +62,8 @@ class Qwen2VL(Architecture):
     extra_input_names = (GRID, TYPES)
     special_token_fields = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
     llm_block = LLM_BLOCK
+    module_paths = ModulePaths(vision_tower="model.visual", vision_layers="blocks", projector="model.visual.merger",
+                               llm="model.language_model")
     vision_norm: NormKind = "LN"
     vision_gated = False  # fc1 -> act -> fc2
     vision_rotary = True  # the tower's 2-D rotary embedding (a spec without it is refused at load)
@@ -80,7 +77,7 @@ class Qwen2VL(Architecture):
         return vision_config.embed_dim
 
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
-        config, visual = hf_model.config, hf_model.model.visual
+        config, visual = hf_model.config, self.vision_tower(hf_model)
         vc = config.vision_config
         width = self.vision_width(vc)
         mlp = visual.blocks[0].mlp
@@ -97,7 +94,7 @@ class Qwen2VL(Architecture):
             gated_mlp=self.vision_gated,
         )
         merge = vc.spatial_merge_size
-        merger = visual.merger
+        merger = self.projector(hf_model)
         _, linear_1, _, linear_2 = merger_parts(merger)
         adapter = AdapterConfig(
             kind=f"patch_merger_{merge}x{merge}",
@@ -111,23 +108,10 @@ class Qwen2VL(Architecture):
         )
         return self.assemble_config(hf_model, vision, adapter, self.llm_config(config.text_config))
 
-    def vision_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.visual.blocks
-
-    def llm_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        return hf_model.model.language_model.layers
-
-    def stage_modules(self, hf_model: nn.Module) -> dict[str, StageModules]:
-        lm = hf_model.model.language_model
-        return {
-            "vision": StageModules(layers=tuple(self.vision_layers(hf_model)), tower=hf_model.model.visual),
-            "llm": StageModules(layers=tuple(self.llm_layers(hf_model)), embed=lm.embed_tokens, unembed=hf_model.lm_head),
-        }
-
     # ------------------------------------------------------------- hooks
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         self._hf_model = hf_model  # its config (layouts, input checks, probe batch) and get_rope_index
-        visual = hf_model.model.visual
+        visual = self.vision_tower(hf_model)
         use_result = lambda: root.cfg.use_attn_result  # noqa: E731 - read at call time
         vision_norm = root.cfg.vision.normalization_type
         for layer, hooks in zip(visual.blocks, root.vision.blocks):
@@ -139,10 +123,10 @@ class Qwen2VL(Architecture):
             grids["thw"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
         handles.append(visual.register_forward_pre_hook(remember_grid, with_kwargs=True))
-        instrument_merger(visual.merger, root.vision.ln_post, root.adapter, vision_norm,
+        instrument_merger(self.projector(hf_model), root.vision.ln_post, root.adapter, vision_norm,
                           lambda: self.merged_order(visual, grids["thw"]))
 
-        lm = hf_model.model.language_model
+        lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
 
     def merged_order(self, visual: nn.Module, grid_thw: Int[Tensor, "n_images 3"]) -> Int[Tensor, "n_tokens"] | None:
@@ -156,7 +140,7 @@ class Qwen2VL(Architecture):
     # ------------------------------------------------------------- images -> tokens
     def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
         config = self._hf_model.config
-        visual = self._hf_model.model.visual
+        visual = self.vision_tower(self._hf_model)
         grid = inputs.get(GRID)
         return qwen_layout(
             input_ids.cpu(), None if grid is None else grid.cpu(),
@@ -254,7 +238,13 @@ class Qwen2VL(Architecture):
 
 class Qwen2_5_VL(Qwen2VL):
     hf_class_names = ("Qwen2_5_VLForConditionalGeneration",)
-    bridge_aliases = QWEN_BRIDGE_ALIASES
+    # TransformerBridge's names (TL 4.3 wraps Qwen2.5-VL; it does not wrap Qwen2-VL). Bridge points
+    # whose tensor is not ours are left out rather than aliased to something else:
+    # `patch_embed.hook_out` and `vision_projector.hook_out` hold the tower's order before and after
+    # the window reordering (ours: the blocks' order, and the LLM's order), `vision_projector.hook_in`
+    # the residual before the merger's norm (ours: the normalised 2x2 groups), and the fused
+    # `attn.qkv` has no single point here (see `hook_q/k/v`). Ours carry a leading batch dimension of one.
+    bridge_aliases = (*QWEN_VISION_BLOCK_ALIASES, *QWEN2_5_VISION_MLP_ALIASES, *LLM_ALIASES, *LLM_BRANCH_OUTPUT_ALIASES)
     vision_norm: NormKind = "RMS"
     vision_gated = True  # SwiGLU: gate_proj, up_proj, down_proj
     windowed = True

@@ -15,43 +15,42 @@ frequencies interleave (Hugging Face's rotary embedding builds them; positions c
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ....errors import UnsupportedModelError
+from ....errors import HookNameError, UnsupportedModelError
 from ...config import StageConfig
+from ...hook_names import parse_hook_name
 from ...instrument import AttentionSpec
+from ..bridge_aliases import (
+    LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_OUTPUT_ALIASES, alias,
+)
 from ..llava import LLM_BLOCK, Llava
-from ..qwen2_vl.family import GRID, QWEN_VISION_BLOCK_ALIASES, Qwen2VL
+from ..qwen2_vl.family import BRIDGE_VISION_BLOCK as _V, GRID, QWEN_VISION_BLOCK_ALIASES, Qwen2VL
 from .deepstack import DEEPSTACK, DeepstackTerms, image_features, instrument_deepstack
 
 QWEN3_BLOCK = replace(LLM_BLOCK, attention=AttentionSpec(q_norm="q_norm", k_norm="k_norm"))
 
-_V = r"vision_encoder\.blocks\.(\d+)\."
-_L = r"blocks\.(\d+)\."
-# TransformerBridge's names for Qwen3-VL (TL 4.3 wraps it). Its tower keeps the LLM's token order
-# (no windows), so the bridge's merger outputs are ours; left out: `patch_embed.hook_out` and
-# `pos_embed.hook_out` (ours is their sum), `vision_projector.hook_in` (the bridge's is the packed
-# residual before the merger's norm, ours the normalised 2x2 groups) and, for the deepstack layers
-# only, `blocks.{i}.hook_out` (see `Qwen3VL.canonical_name`).
-QWEN3_BRIDGE_ALIASES = (
-    *QWEN_VISION_BLOCK_ALIASES,
-    (_V + r"mlp\.linear_fc1\.hook_out", r"vision.blocks.\1.mlp.hook_pre"),
-    (_V + r"mlp\.linear_fc2\.hook_in", r"vision.blocks.\1.mlp.hook_post"),
-    (r"vision_encoder\.deepstack_mergers\.(\d+)\.hook_out", r"adapter.deepstack.\1.hook_out"),
-    (r"vision_projector\.(hook_out|hook_vision_proj_out|hook_projected)", "adapter.hook_out"),
-    (_L + r"attn\.(q|k)_norm\.hook_out", r"blocks.\1.attn.\2_ln.hook_normalized"),
-    *(alias for alias in Llava.bridge_aliases if not alias[0].startswith("vision")),  # the LLM's: same layout
+# Qwen3-VL's vision MLP (linear_fc1 -> act -> linear_fc2) and its deepstack mergers
+QWEN3_VISION_MLP_ALIASES = (
+    alias("vision.blocks.{layer}.mlp.hook_pre", _V + "mlp.linear_fc1.hook_out"),
+    alias("vision.blocks.{layer}.mlp.hook_post", _V + "mlp.linear_fc2.hook_in"),
 )
+DEEPSTACK_ALIASES = (alias("adapter.deepstack.{layer}.hook_out", "vision_encoder.deepstack_mergers.{layer}.hook_out"),)
 
 
 class Qwen3VL(Qwen2VL):
     hf_class_names = ("Qwen3VLForConditionalGeneration",)
-    bridge_aliases = QWEN3_BRIDGE_ALIASES
+    # TransformerBridge's names (TL 4.3 wraps Qwen3-VL). Its tower keeps the LLM's token order (no
+    # windows), so the bridge's merger outputs are ours; left out: `patch_embed.hook_out` and
+    # `pos_embed.hook_out` (ours is their sum), `vision_projector.hook_in` (the bridge's is the packed
+    # residual before the merger's norm, ours the normalised 2x2 groups) and, for the deepstack layers
+    # only, `blocks.{i}.hook_out` (see `canonical_name`).
+    bridge_aliases = (*QWEN_VISION_BLOCK_ALIASES, *QWEN3_VISION_MLP_ALIASES, *DEEPSTACK_ALIASES,
+                      *PROJECTOR_OUTPUT_ALIASES, *LLM_QK_NORM_ALIASES, *LLM_ALIASES, *LLM_BRANCH_OUTPUT_ALIASES)
     llm_block = QWEN3_BLOCK
 
     @staticmethod
@@ -68,7 +67,7 @@ class Qwen3VL(Qwen2VL):
     # ------------------------------------------------------------- hooks
     def instrument(self, hf_model: nn.Module, root: Any) -> list[Any]:
         handles = super().instrument(hf_model, root)
-        lm = hf_model.model.language_model
+        lm = self.language_model(hf_model)
         n_levels = self.deepstack_levels()
         if n_levels > len(lm.layers):  # Hugging Face would silently drop the levels past its last layer
             raise UnsupportedModelError(f"{type(hf_model).__name__}: {n_levels} deepstack levels "
@@ -84,10 +83,13 @@ class Qwen3VL(Qwen2VL):
         """The bridge's `blocks.{i}.hook_out` of a deepstack layer is the layer's output before
         Hugging Face adds the term; ours (`hook_resid_post`) is after, so that name is not an alias
         there (use `blocks.{i+1}.hook_in`, which the bridge and we agree on)."""
-        hit = re.fullmatch(r"blocks\.(\d+)\.hook_out", name)
-        if hit and int(hit.group(1)) < self.deepstack_levels():
-            return name
-        return super().canonical_name(name)
+        try:
+            parsed = parse_hook_name(name)
+        except HookNameError:  # outside the grammar, so not a block's name
+            parsed = None
+        deepstack_output = (parsed is not None and parsed.stage == "llm" and parsed.site == "hook_out"
+                            and parsed.layer is not None and parsed.layer < self.deepstack_levels())
+        return name if deepstack_output else super().canonical_name(name)
 
     # ------------------------------------------------------------- runs from merged embeddings
     def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Any]:
@@ -99,6 +101,6 @@ class Qwen3VL(Qwen2VL):
         pixels, grid = inputs.get("pixel_values"), inputs.get(GRID)
         if pixels is None or grid is None:
             return keywords
-        features = image_features(hf_model, pixels.to(hf_model.model.visual.dtype), grid, self._tower_points)
+        features = image_features(hf_model, pixels.to(self.vision_tower(hf_model).dtype), grid, self._tower_points)
         mask = inputs["input_ids"] == hf_model.config.image_token_id
         return {**keywords, DEEPSTACK: DeepstackTerms(mask, features)}
