@@ -126,7 +126,7 @@ def main() -> None:
     print(f"config: {n_params / 1e6:.2f}M params, attention {args.attn}, batch {len(inputs)}, "
           f"seq {inputs.input_ids.shape[1]}, {model.cfg.n_image_tokens} image tokens, "
           f"torch threads {torch.get_num_threads()}")
-    from mmlens.model.allocator import tune_allocator
+    from mmlens.model.runtime.allocator import tune_allocator
 
     print(f"glibc trim threshold raised (applies to every variant in this process): {tune_allocator()}")
     print(f"HF forward: {times['hf'] * 1e3:.2f} ms (median of {args.repeats})")

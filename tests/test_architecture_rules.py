@@ -138,7 +138,7 @@ def test_no_module_outside_architectures_names_a_family():
     allowed = {  # (module or folder, family folder or "*"): why that module must name the family
         ("zoo/", "llava"): "the embedded models are LLaVAs: the zoo builds, trains and names them",
         ("testing/__init__.py", "llava"): "`mmlens.testing.tiny_llava` is the documented tiny model, the zoo's recipe",
-        ("model/preprocess.py", "llava"): "ImageGeometry replays transformers' LLaVA image processor (pad to "
+        ("model/images/preprocess.py", "llava"): "ImageGeometry replays transformers' LLaVA image processor (pad to "
                                           "square), which the public `ImageGeometry.from_processor` takes directly",
         ("testing_families.py", "*"): "the documented old path of the tiny builders and image-only processors, "
                                       "a shim re-exporting them from their families' modules",

@@ -9,7 +9,7 @@ import torch
 
 from mmlens import HookedMLLM
 from mmlens.errors import LayoutMismatchError
-from mmlens.model.layout import GridCells, ImageSpan, ImageTokenLayout, Segment
+from mmlens.model.images.layout import GridCells, ImageSpan, ImageTokenLayout, Segment
 from mmlens.testing import tiny_llava
 
 from conftest import build_tiny, random_images

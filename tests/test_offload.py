@@ -19,7 +19,7 @@ from torch import nn
 
 from mmlens import HookedMLLM
 from mmlens.errors import InputError
-from mmlens.model.instrument import restore
+from mmlens.model.runtime.instrument import restore
 from mmlens.model.loading import load_hf_checkpoint
 from mmlens.testing import tiny_llava
 from mmlens.testing_families import (

@@ -16,7 +16,7 @@ from mmlens.checksums import bytes_sha256, sealed
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, LayoutMismatchError
 from mmlens.model import ImagePixelMaps, PixelMap, TokenGrid
-from mmlens.model.layout import GridCells, ImageSpan, ImageTokenLayout, Segment
+from mmlens.model.images.layout import GridCells, ImageSpan, ImageTokenLayout, Segment
 from mmlens.probing import load_sweep, probe_sweep, save_sweep, token_labels, tokens_to_pixels
 from mmlens.viz import plot_probe_predictions
 

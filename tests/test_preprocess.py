@@ -12,7 +12,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from mmlens.model.preprocess import ImageGeometry
+from mmlens.model.images.preprocess import ImageGeometry
 from mmlens.testing import build_word_tokenizer
 
 # Non-square crops with odd margins so that a height/width swap or an off-by-one offset shows.
@@ -376,7 +376,7 @@ def test_from_processor_rejects_non_processors():
 def test_crop_offsets_follow_each_backend_on_an_odd_overhang():
     """transformers pads a too-small image before cropping: ceil(overhang / 2) first with the PIL
     backend, floor(overhang / 2) with torchvision (tvF.pad then int((h - crop) / 2))."""
-    from mmlens.model.preprocess import _crop_offsets
+    from mmlens.model.images.preprocess import _crop_offsets
 
     assert _crop_offsets(24, 24, (29, 30), "pil") == (-3, -3)
     assert _crop_offsets(24, 24, (29, 30), "torchvision") == (-2, -3)

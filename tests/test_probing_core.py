@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlens.model.layout import TokenGrid
+from mmlens.model.images.layout import TokenGrid
 from mmlens.probing import ActivationStore, RidgeStatistics, SegmentationScores, fit_logistic, miou_from_counts
 from mmlens.probing.logistic import fit_logistic_many
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmlens.probing import token_labels
-from mmlens.model.layout import TokenGrid
+from mmlens.model.images.layout import TokenGrid
 
 from conftest import build_tiny
 

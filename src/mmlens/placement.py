@@ -20,7 +20,7 @@ import torch
 
 from . import distributed
 from .errors import InputError
-from .model.devices import device_problem
+from .model.runtime.devices import device_problem
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
 

@@ -25,9 +25,9 @@ from mmlens.errors import HookNameError, UnsupportedModelError
 from mmlens.experiments import anchor_knockout, conflicting_pairs, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.architectures import Architecture
-from mmlens.model.instrument import AttentionSpec
-from mmlens.model.layout import IMAGE_BLOCK_KINDS
-from mmlens.model.preprocess import MaskGeometry
+from mmlens.model.runtime.instrument import AttentionSpec
+from mmlens.model.images.layout import IMAGE_BLOCK_KINDS
+from mmlens.model.images.preprocess import MaskGeometry
 from mmlens.probing import probe_sweep
 
 from conftest import random_images

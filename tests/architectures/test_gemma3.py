@@ -13,8 +13,8 @@ from mmlens.data import load_segmentation
 from mmlens.errors import HookNameError, UnsupportedModelError
 from mmlens.interventions import TokenGroup, knockout
 from mmlens.model.architectures.llava import LLM_BLOCK
-from mmlens.model.attention_masks import additive_mask
-from mmlens.model.preprocess import ImageGeometry
+from mmlens.model.runtime.attention_masks import additive_mask
+from mmlens.model.images.preprocess import ImageGeometry
 from mmlens.testing_families import tiny_gemma3
 
 import family_tier as tier

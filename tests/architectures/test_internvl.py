@@ -17,7 +17,7 @@ from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, UnsupportedModelError
 from mmlens.model.architectures.internvl import InternVL
-from mmlens.model.attention_masks import additive_mask
+from mmlens.model.runtime.attention_masks import additive_mask
 from mmlens.testing_families import tiny_internvl
 
 import family_tier as tier

@@ -20,7 +20,7 @@ from mmlens.data import load_segmentation
 from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.mistral3.layout import mistral3_layout
-from mmlens.model.instrument import AttentionSpec
+from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.testing_families import tiny_mistral3
 
 import family_tier as tier

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmlens.data import load_segmentation
-from mmlens.model.attention_masks import additive_mask
+from mmlens.model.runtime.attention_masks import additive_mask
 from mmlens.testing_families import tiny_paligemma
 
 import family_tier as tier

@@ -16,7 +16,7 @@ from PIL import ImageOps
 from mmlens import HookedMLLM
 from mmlens.errors import UnsupportedModelError
 from mmlens.model.architectures.qwen3_vl import QWEN3_BLOCK, Qwen3VL
-from mmlens.model.instrument import AttentionSpec
+from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.testing_families import tiny_qwen3_vl
 
 import family_tier as tier

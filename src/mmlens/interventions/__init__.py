@@ -1,11 +1,11 @@
 """Interventions on attention and activations: token groups, knockouts, explicit masks."""
 
+from ..model.runtime.attention_masks import allowed_edges, image_attention_mask, image_index_per_position
+from .attribution import Attribution, attribution_patching, rank_correlation
 from .bidirectional import BidirectionalImageAttention, bidirectional_image_attention
-from ..model.attention_masks import allowed_edges, image_attention_mask, image_index_per_position
+from .corruptions import anchors_removed, counterfactual_images, mean_adapter_output, recovery_blocked
 from .groups import GroupContext, TokenGroup
 from .knockout import Knockout, knockout
-from .attribution import Attribution, attribution_patching, rank_correlation
-from .corruptions import anchors_removed, counterfactual_images, mean_adapter_output, recovery_blocked
 from .patching import (Patch, Run, baseline, check_same_layout, head_sweep, layer_position_sweep, patch_conditions,
                        repeat_inputs)
 from .patching_metrics import CacheMetric, ProbeMetric, logit_difference, probe_metric

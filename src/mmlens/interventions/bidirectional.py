@@ -17,9 +17,9 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..model import HookedMLLM, MultimodalInputs
-from ..model.attention_masks import allowed_edges
 from ..model.edits import HookSet
 from ..model.hook_names import block_hook, parse_hook_name
+from ..model.runtime.attention_masks import allowed_edges
 from .selection import chosen_indices
 
 

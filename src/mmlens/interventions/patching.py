@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.hook_names import PER_HEAD_SITES, block_hook, parse_hook_name
-from ..model.layout import same_span
+from ..model.images.layout import same_span
 from .groups import GroupContext, TokenGroup
 from .run import Run, as_run, run_and_collect
 from .selection import chosen_indices

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import edit_hooks
 from ..model.hook_names import HookName, block_hook, parse_hook_name
-from ..model.layer_runs import growing_batch
+from ..model.runtime.layer_runs import growing_batch
 from .run import Run, run_and_collect, verify_edit
 
 

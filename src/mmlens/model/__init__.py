@@ -4,9 +4,9 @@ from .cache import MultimodalActivationCache
 from .config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from .hook_names import HookName, block_hook, parse_hook_name
 from .hooked_mllm import HookedMLLM, HookNameError
+from .images.layout import ImageSpan, ImageTokenLayout
+from .images.pixel_map import ImagePixelMaps, PixelMap, TokenGrid
 from .inputs import MultimodalInputs
-from .layout import ImageSpan, ImageTokenLayout
-from .pixel_map import ImagePixelMaps, PixelMap, TokenGrid
 
 __all__ = [
     "AdapterConfig",

@@ -25,7 +25,7 @@ from transformer_lens.utilities import Slice, get_act_name
 
 from ..errors import HookNameError, InputError
 from .decompose import full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
-from .layout import ImageTokenLayout
+from .images.layout import ImageTokenLayout
 from .weights import StackedWeights
 
 Stage = Literal["llm", "vision"]

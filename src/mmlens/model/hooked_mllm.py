@@ -26,23 +26,23 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..errors import HookNameError, InputError, LayoutMismatchError
-from .allocator import tune_allocator
 from .architectures import architecture_for
 from .architectures.base import BASE_INPUT_NAMES
 from .architectures.bridge_aliases import WITHHELD_BRIDGE_NAMES
 from .cache import MultimodalActivationCache
 from .config import MLLMConfig
-from .devices import input_device
 from .generation import Generation
 from .hook_contract import CheckedHookPoint
 from .hook_tree import AdapterHooks, BlockHooks, VisionHooks
+from .images.layout import ImageTokenLayout
+from .images.preprocess import MaskGeometry
 from .inputs import MultimodalInputs
-from .layer_runs import check_layer, layer_range, run_or_stop, silenced
-from .layout import ImageTokenLayout
 from .loading import load_hf_checkpoint
-from .norms import FinalNormHooks
-from .preprocess import MaskGeometry
-from .spec_check import verify_blocks
+from .runtime.allocator import tune_allocator
+from .runtime.devices import input_device
+from .runtime.layer_runs import check_layer, layer_range, run_or_stop, silenced
+from .runtime.norms import FinalNormHooks
+from .runtime.spec_check import verify_blocks
 from .tl_view import WithImages
 from .tokens import TokenHelpers
 from .weights import Embed, LanguageModelWeights, Unembed

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .layout import ImageTokenLayout
+from .images.layout import ImageTokenLayout
 
 
 @dataclass(frozen=True)

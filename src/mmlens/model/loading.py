@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from ..errors import HubUnavailableError, InputError, ModelLoadError, UnsupportedModelError
 from .architectures import ARCHITECTURES
-from .devices import device_map_problem, device_problem, resolve_dtype
+from .runtime.devices import device_map_problem, device_problem, resolve_dtype
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

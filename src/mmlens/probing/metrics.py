@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..model.pixel_map import PixelMap, as_pixel_map
+from ..model.images.pixel_map import PixelMap, as_pixel_map
 from ..resampling import bootstrap_indices, resample_counts  # noqa: F401  (bootstrap_indices re-exported: the studies import it from here)
 
 

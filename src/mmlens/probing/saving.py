@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..checksums import SEAL, bytes_sha256, file_sha256, seal_holds, sealed
 from ..errors import InputError
-from ..model.pixel_map import load_pixel_map
+from ..model.images.pixel_map import load_pixel_map
 from .linear import PROBE_FIELDS, LinearProbe
 from .metrics import SegmentationScores
 from .sites import Site

@@ -18,8 +18,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..data.schema import IGNORE_INDEX
-from ..model.layout import ImageTokenLayout
-from ..model.pixel_map import PixelMap
+from ..model.images.layout import ImageTokenLayout
+from ..model.images.pixel_map import PixelMap
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HookNameError, InputError
-from ..model.devices import device_problem
 from ..model.hook_names import parse_hook_name
+from ..model.runtime.devices import device_problem
 from ..placement import placement_problem
 from ..probing.sites import default_sites, site_for
 from ..probing.split import split_sizes

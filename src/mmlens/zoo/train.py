@@ -30,8 +30,8 @@ from jaxtyping import Float
 from safetensors.torch import load_file
 from torch import nn
 
-from ..model.attention_masks import image_attention_mask
 from ..model.loading import resolve_checkpoint
+from ..model.runtime.attention_masks import image_attention_mask
 from .build import build_llava
 from .scene_bank import SceneBank
 from .scene_language import describe, grounded_questions, questions, vocabulary

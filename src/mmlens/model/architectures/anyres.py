@@ -24,7 +24,7 @@ from transformers.image_processing_utils import get_patch_output_size, select_be
 from transformers.image_utils import PILImageResampling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches, unpad_image
 
-from ..preprocess import ImageGeometry, MaskInput
+from ..images.preprocess import ImageGeometry, MaskInput
 
 
 @dataclass(frozen=True)

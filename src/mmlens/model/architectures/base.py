@@ -20,10 +20,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from ...errors import InputError, ModelLoadError
-from ..attention_masks import additive_mask, allowed_edges
 from ..config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
-from ..layout import ImageTokenLayout, compute_layout
-from ..preprocess import ImageGeometry, MaskGeometry
+from ..images.layout import ImageTokenLayout, compute_layout
+from ..images.preprocess import ImageGeometry, MaskGeometry
+from ..runtime.attention_masks import additive_mask, allowed_edges
 from .bridge_aliases import BridgeAlias
 from .module_paths import ModulePaths
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..instrument import AttentionSpec, BlockSpec
+from ..runtime.instrument import AttentionSpec, BlockSpec
 
 CLIP_BLOCK = BlockSpec(
     ln1="layer_norm1",

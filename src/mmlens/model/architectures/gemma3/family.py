@@ -21,12 +21,12 @@ from jaxtyping import Bool, Int
 from torch import Tensor, nn
 
 from ....errors import LayoutMismatchError, UnsupportedModelError
-from ...attention_masks import additive_mask
 from ...config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ...hook_tree import fire
-from ...instrument import AttentionSpec, BlockSpec, _override_forward
-from ...layout import ImageTokenLayout
-from ...preprocess import ImageGeometry
+from ...images.layout import ImageTokenLayout
+from ...images.preprocess import ImageGeometry
+from ...runtime.attention_masks import additive_mask
+from ...runtime.instrument import AttentionSpec, BlockSpec, _override_forward
 from ..bridge_aliases import (
     CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_INPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES, alias,
 )

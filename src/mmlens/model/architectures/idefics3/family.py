@@ -26,11 +26,11 @@ from torch import Tensor, nn
 from ....errors import InputError, LayoutMismatchError, UnsupportedModelError
 from ...config import AdapterConfig, MLLMConfig, VisionConfig
 from ...hook_tree import fire
-from ...instrument import _override_forward, hook_module_output, instrument_block, instrument_language_model
-from ...layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
-from ...norms import instrument_norm
-from .geometry import SplitGeometry
+from ...images.layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
+from ...runtime.instrument import _override_forward, hook_module_output, instrument_block, instrument_language_model
+from ...runtime.norms import instrument_norm
 from ..base import Architecture
+from .geometry import SplitGeometry
 from ..bridge_aliases import (
     CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_INPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES,
 )

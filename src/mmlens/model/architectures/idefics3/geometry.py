@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Shaped
 from transformers.image_utils import PILImageResampling, SizeDict
 
-from ...preprocess import ImageGeometry, MaskInput
+from ...images.preprocess import ImageGeometry, MaskInput
 
 
 class SplitGeometry:

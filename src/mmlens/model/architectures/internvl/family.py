@@ -23,18 +23,18 @@ from torch import Tensor, nn
 
 from ....errors import InputError, LayoutMismatchError, UnsupportedModelError
 from ...config import AdapterConfig, MLLMConfig, VisionConfig
-from ...devices import bare_forward
 from ...hook_tree import fire
-from ...instrument import (
+from ...runtime.devices import bare_forward
+from ...runtime.instrument import (
     AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model,
 )
-from ...layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
-from ...norms import instrument_norm
+from ...images.layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
+from ...runtime.norms import instrument_norm
 from ..base import Architecture
-from .geometry import TileGeometry, Tiling, edges_on_original
 from ..llava import LLM_BLOCK, Llava
 from ..module_paths import ModulePaths
 from ..pixel_shuffle import shuffle_map
+from .geometry import TileGeometry, Tiling, edges_on_original
 
 SIZES = "image_sizes"  # layout-only: each image's original (height, width)
 

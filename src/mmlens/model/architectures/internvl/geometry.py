@@ -20,7 +20,7 @@ from jaxtyping import Int, Shaped
 from torch import Tensor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from ...preprocess import ImageGeometry, MaskInput
+from ...images.preprocess import ImageGeometry, MaskInput
 
 
 @dataclass(frozen=True)

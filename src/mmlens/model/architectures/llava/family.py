@@ -17,10 +17,10 @@ from torch import nn
 from ....errors import UnsupportedModelError
 from ...config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
 from ...hook_tree import fire
-from ...instrument import (
+from ...runtime.instrument import (
     AttentionSpec, BlockSpec, _override_forward, hook_module_output, instrument_block, instrument_language_model,
 )
-from ...norms import instrument_norm
+from ...runtime.norms import instrument_norm
 from ..base import Architecture
 from ..bridge_aliases import (
     CLIP_PRE_NORM_ALIASES, CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_INPUT_ALIASES,

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ....errors import InputError, LayoutMismatchError, UnsupportedModelError
 from ...config import MLLMConfig
-from ...layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
-from ...preprocess import MaskGeometry
+from ...images.layout import GridCells, ImageSpan, ImageTokenLayout, Segment, image_runs
+from ...images.preprocess import MaskGeometry
 from ..anyres import AnyresTiling, anyres_tiling, edges_back, geometry_for, patch_px
 from ..llava import Llava
 

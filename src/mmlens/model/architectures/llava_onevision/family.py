@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ....errors import InputError, UnsupportedModelError
 from ...config import MLLMConfig
-from ...layout import ImageSpan
+from ...images.layout import ImageSpan
 from ..anyres import edges_back
 from ..llava_next import LlavaNext
 

@@ -20,15 +20,15 @@ from torch import Tensor, nn
 
 from ....errors import InputError, UnsupportedModelError
 from ...config import AdapterConfig, MLLMConfig, VisionConfig
-from ...instrument import instrument_block, instrument_language_model
-from ...layout import ImageTokenLayout
-from ...norms import instrument_norm
+from ...images.layout import ImageTokenLayout
+from ...runtime.instrument import instrument_block, instrument_language_model
+from ...runtime.norms import instrument_norm
 from ..base import Architecture
 from ..bridge_aliases import LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES
 from ..llava import LLM_BLOCK, Llava
 from ..module_paths import ModulePaths
-from .layout import mistral3_layout
 from .geometry import PixtralGeometry
+from .layout import mistral3_layout
 from .tower import PIXTRAL_BLOCK, hook_packed_embeddings, instrument_projector
 
 SIZES = "image_sizes"

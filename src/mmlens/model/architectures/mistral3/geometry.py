@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers.models.pixtral.image_processing_pil_pixtral import get_resize_output_image_size
 
-from ...preprocess import ImageGeometry
+from ...images.preprocess import ImageGeometry
 from .processor import Mistral3Processor
 
 

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ....errors import LayoutMismatchError
-from ...layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
+from ...images.layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
 
 ROW_BREAK, END = "row_break", "end"
 

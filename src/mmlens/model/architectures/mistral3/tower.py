@@ -20,10 +20,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ...devices import bare_forward
 from ...hook_tree import AdapterHooks, NormHooks, fire, is_hooked
-from ...instrument import AttentionSpec, BlockSpec, _override_forward
-from ...norms import instrument_norm
+from ...runtime.devices import bare_forward
+from ...runtime.instrument import AttentionSpec, BlockSpec, _override_forward
+from ...runtime.norms import instrument_norm
 
 PIXTRAL_BLOCK = BlockSpec(
     ln1="attention_norm",

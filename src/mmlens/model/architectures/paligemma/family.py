@@ -17,11 +17,11 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor, nn
 
-from ...attention_masks import allowed_edges
 from ...config import AdapterConfig, MLLMConfig, VisionConfig
 from ...hook_tree import fire
-from ...instrument import _override_forward
-from ...layout import ImageTokenLayout
+from ...images.layout import ImageTokenLayout
+from ...runtime.attention_masks import allowed_edges
+from ...runtime.instrument import _override_forward
 from ..llava import Llava
 
 PREFIX = "token_type_ids"

@@ -23,9 +23,9 @@ from transformers.vision_utils import get_vision_window_index
 
 from ....errors import InputError
 from ...config import AdapterConfig, MLLMConfig, VisionConfig
-from ...instrument import instrument_language_model
-from ...layout import ImageTokenLayout
-from ...norms import NormKind
+from ...images.layout import ImageTokenLayout
+from ...runtime.instrument import instrument_language_model
+from ...runtime.norms import NormKind
 from ...weights import ungated_linears
 from ..base import Architecture
 from ..bridge_aliases import LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, alias

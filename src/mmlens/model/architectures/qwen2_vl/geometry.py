@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ...preprocess import ImageGeometry
+from ...images.preprocess import ImageGeometry
 
 
 @dataclass(frozen=True)

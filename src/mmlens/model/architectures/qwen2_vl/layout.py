@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ....errors import LayoutMismatchError
-from ...layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
+from ...images.layout import GridCells, ImageSpan, PackedLayout, Segment, image_runs
 
 
 def patch_order(h: int, w: int, merge: int) -> Int[Tensor, "h_times_w"]:

@@ -23,10 +23,10 @@ from jaxtyping import Bool, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ...devices import bare_forward, weights_present
 from ...hook_tree import AdapterHooks, AttentionHooks, BlockHooks, NormHooks, fire, is_hooked
-from ...instrument import _argument_names, _override_forward, instrument_mlp
-from ...norms import NormKind, instrument_norm
+from ...runtime.devices import bare_forward, weights_present
+from ...runtime.instrument import _argument_names, _override_forward, instrument_mlp
+from ...runtime.norms import NormKind, instrument_norm
 
 
 class FusedPart:

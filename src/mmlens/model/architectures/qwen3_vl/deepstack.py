@@ -22,10 +22,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from ...devices import bare_forward
 from ...hook_tree import HookGroup, fire, is_hooked
-from ...instrument import _override_forward
-from ...layer_runs import silenced
+from ...runtime.devices import bare_forward
+from ...runtime.instrument import _override_forward
+from ...runtime.layer_runs import silenced
 
 # The keyword that carries the terms into the LLM on runs that start from the merged embeddings
 # (no pixels reach Hugging Face's forward there); the LLM's pre-hook takes it out again.

@@ -24,7 +24,7 @@ from transformer_lens.hook_points import HookPoint
 from ....errors import HookNameError, UnsupportedModelError
 from ...config import StageConfig
 from ...hook_names import parse_hook_name
-from ...instrument import AttentionSpec
+from ...runtime.instrument import AttentionSpec
 from ..bridge_aliases import (
     LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_OUTPUT_ALIASES, alias,
 )

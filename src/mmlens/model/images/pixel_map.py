@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import InputError, LayoutMismatchError
+from ...errors import InputError, LayoutMismatchError
 
 PAINTED = "pixel_map"  # how a saved sweep names a per-image map in its description (format 3)
 

@@ -18,11 +18,11 @@ import einops
 import torch
 from torch import Tensor, nn
 
-from .hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
-from .layer_runs import Z_JOIN, first_rows
+from ..hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
+from ..weights import ungated_linears
 from .devices import bare_forward, override_forward, restore_forward, weights_present
+from .layer_runs import Z_JOIN, first_rows
 from .norms import NormKind, instrument_norm
-from .weights import ungated_linears
 
 _INSTRUMENTED = "_mmlens_instrumented"
 

@@ -20,7 +20,7 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ...errors import InputError
 
 # Set on each attention mmlens instruments (None when idle): while a growing batch has rows join a
 # block at hook_z, (the rows the attention computes, a function giving z for every row from theirs)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from ...errors import ModelLoadError, UnsupportedModelError
 
 # `model` below is a HookedMLLM, which calls this module while it is being built.
 

@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..hook_tree import NormHooks, fire, is_hooked
 from .devices import bare_forward, override_forward
-from .hook_tree import NormHooks, fire, is_hooked
 
 NormKind = Literal["LN", "RMS"]
 _INSTRUMENTED = "_mmlens_instrumented"
