@@ -181,3 +181,16 @@ def test_no_module_outside_architectures_names_a_family():
             found += [f"{module}:{line} names {family!r} in {text!r}" for family in sorted(named)
                       if not any(module.startswith(where) and fam in (family, "*") for where, fam in allowed)]
     assert not found, "family names outside model/architectures/:\n" + "\n".join(found)
+
+
+def test_the_map_of_the_house_names_every_room_that_exists():
+    """docs/architecture.md's tree names every subpackage of mmlens and every path it names exists."""
+    page = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    tree = page.split("```text", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"([a-z_]+(?:/|\.py))", tree))
+    folders = {p.name + "/" for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    folders |= {p.name + "/" for p in (SRC / "model").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders <= named, f"rooms missing from docs/architecture.md: {sorted(folders - named)}"
+    for entry in named - {"mmlens/", "src/", "<family>/"}:
+        hits = list(SRC.rglob(entry.rstrip("/")))
+        assert hits, f"docs/architecture.md names {entry}, which is not in src/mmlens"

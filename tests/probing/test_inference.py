@@ -24,7 +24,7 @@ from mmlens.probing.split import split_images
 from mmlens.probing.summary import summary_findings
 from mmlens.resampling import bootstrap_indices
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 SITES = ["adapter.hook_in", "adapter.hook_out", "blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 
 

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "tl_compat.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "tl_compat.md"
 FAMILIES = ("LLaVA", "Gemma 3", "Qwen2.5-VL", "InternVL")
-# how tests/test_backward_hooks.py names these families (its list of points off the loss's path)
+# how tests/model/test_backward_hooks.py names these families (its list of points off the loss's path)
 BACKWARD_HOOKS_NAME = {"LLaVA": "llava", "Gemma 3": "gemma3", "Qwen2.5-VL": "qwen2.5-vl", "InternVL": "internvl3"}
 STATUSES = ("works", "differs", "refused")
 LLAVA_MODEL_LINE = 'model = HookedMLLM.from_pretrained("tiny-shapes-llava")'
@@ -347,7 +347,7 @@ def stacked(run: RowRun) -> None:
 def neuron_stack(run: RowRun) -> None:
     cfg = run.model.cfg
     assert run.result.shape == (cfg.n_layers * cfg.d_mlp, 2, cfg.d_model)
-    if run.family != "Gemma 3":  # Gemma 3's neurons sum through its post-MLP norm (tests/test_decompositions.py)
+    if run.family != "Gemma 3":  # Gemma 3's neurons sum through its post-MLP norm (tests/model/test_decompositions.py)
         last = cfg.n_layers - 1
         close(run.result[-cfg.d_mlp:].sum(0) + run.model.blocks[last].mlp.b_out, run.cache["mlp_out", last][:, -1])
 

@@ -20,7 +20,7 @@ from mmlens.model.images.layout import GridCells, ImageSpan, ImageTokenLayout, S
 from mmlens.probing import load_sweep, probe_sweep, save_sweep, token_labels, tokens_to_pixels
 from mmlens.viz import plot_probe_predictions
 
-SOURCE = Path(__file__).parents[1] / "src" / "mmlens"
+SOURCE = Path(__file__).parents[2] / "src" / "mmlens"
 ABOVE_MODEL = ("probing", "viz", "experiments", "runs", "interventions")
 # the layout's kind flag, the accessors that exist for one kind only, and type tests on the shared grid
 ASKS_THE_KIND = re.compile(r"\.uniform\b|isinstance\(.*TokenGrid|layout\.(token_grid|patch_grid|grid_of|grid)\b")

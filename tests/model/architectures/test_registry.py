@@ -23,7 +23,7 @@ def test_every_registered_family_has_its_folder_builder_and_test_file():
         folder = family_folder(family)
         assert (ARCHITECTURES_DIR / folder / "family.py").is_file(), f"{family.__name__}: architectures/{folder}/family.py"
         assert (SRC / "testing" / "families" / f"{folder}.py").is_file(), f"{family.__name__}: testing/families/{folder}.py"
-        assert (TESTS / f"test_{folder}.py").is_file(), f"{family.__name__}: tests/architectures/test_{folder}.py"
+        assert (TESTS / f"test_{folder}.py").is_file(), f"{family.__name__}: tests/model/architectures/test_{folder}.py"
     assert set(ARCHITECTURES.values()) == set(FAMILIES)
 
 

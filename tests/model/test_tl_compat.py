@@ -1,5 +1,5 @@
 """Every cell of docs/tl_compat.md: each of the 63 demo calls runs as written on each family's
-setting; a "works" or "differs" cell returns what tests/tl_compat_settings.py's check for its row
+setting; a "works" or "differs" cell returns what tests/model/tl_compat_settings.py's check for its row
 expects, a "refused" cell raises the error and phrase its notes quote; the page's counts are the
 table's."""
 
@@ -19,7 +19,7 @@ from tl_compat_settings import (
 )
 
 TABLE = rows()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def counts_sentence(table: list[Row]) -> str:

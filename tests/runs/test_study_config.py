@@ -10,7 +10,7 @@ import yaml
 from mmlens.runs import DEMO_CONFIG, ConfigError, StudyConfig, config_from_dict, load_config
 from mmlens.runs.config import schema_lines
 
-EXAMPLES = Path(__file__).parent.parent / "examples" / "configs"
+EXAMPLES = Path(__file__).parents[2] / "examples" / "configs"
 MINIMAL = {"model": "tiny-shapes-llava", "dataset": {"name": "scenes"}}
 
 
@@ -112,7 +112,7 @@ def test_schema_lines_document_every_setting():
 
 
 def test_docs_list_every_setting():
-    documented = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    documented = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     missing = [line.split(":")[0] for line in schema_lines() if f"| `{line.split(':')[0]}` |" not in documented]
     assert not missing, f"docs/cli.md lacks {missing}"
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mmlens.model import allocator
+from mmlens.model.runtime import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
