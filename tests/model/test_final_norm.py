@@ -143,3 +143,34 @@ def test_the_bridge_final_norm_output_is_refused_not_mapped_to_another_quantity(
     with pytest.raises(HookNameError, match=r"ln_final\.hook_normalized \(times model\.ln_final\.w"):
         model.resolve_hook_name("ln_final.hook_out")
     assert model.resolve_hook_name("blocks.0.ln1.hook_out") == "blocks.0.ln1.hook_normalized"  # weighted, as the bridge's
+
+
+def test_a_layernorm_final_norm_folds_its_bias_into_b_u():
+    """No family of the tier ends its LLM with a LayerNorm, so the bias's share of the fold
+    (`b_U + b @ lm_head.weight.T`) runs here on a real `nn.LayerNorm` and head, hooked as the model's."""
+    from mmlens.model.runtime.norms import FinalNormHooks, instrument_norm
+    from mmlens.model.weights import Unembed
+
+    torch.manual_seed(0)
+    norm, head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 11)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    hooks = FinalNormHooks()
+    instrument_norm(norm, hooks, "LN")
+    unembed, x = Unembed(head, hooks), torch.randn(3, 5, 16)
+    with torch.no_grad():
+        reference = head(norm(x))
+        seen = []
+        hooks.hook_normalized.add_hook(lambda value, hook: seen.append(value))
+        close(head(norm(x)), reference)  # an unedited hook changes nothing
+        normalized = seen[0]
+        close(normalized @ unembed.W_U + unembed.b_U, reference)
+        close(unembed(normalized), reference)
+        close(unembed.b_U, head.bias + norm.bias @ head.weight.T)
+        hooks.hook_normalized.remove_hooks()
+        delta = torch.zeros_like(x)
+        delta[1, 2] = torch.randn(16)
+        hooks.hook_normalized.add_hook(lambda value, hook: value + delta)
+        edited = head(norm(x))
+        hooks.hook_normalized.remove_hooks()
+    close(edited, reference + (delta * norm.weight) @ head.weight.T)

@@ -127,8 +127,15 @@ def test_first_block_after_is_the_first_attention_an_edit_reaches(tiny_clip, sit
     with model.hooks(fwd_hooks=[(name, lambda x, hook: x + 1.0)]):
         _, edited = model.run_with_cache(inputs, names_filter=inputs_to_attention)
     moved = [layer for layer, n in enumerate(inputs_to_attention) if not torch.equal(clean[n], edited[n])]
-    assert moved and moved[0] == parse_hook_name(name).first_block_after
-    assert parse_hook_name("adapter.hook_out").first_block_after is None
+    assert moved and moved[0] == parse_hook_name(name).first_block_after(model.cfg.n_layers)
+
+
+def test_points_outside_the_blocks_come_before_the_first_block_or_after_the_last():
+    assert parse_hook_name("hook_multimodal_embed").first_block_after(4) == 0
+    assert parse_hook_name("vision.hook_embed").first_block_after(4) == 0
+    assert parse_hook_name("ln_final.hook_normalized").first_block_after(4) == 4
+    assert parse_hook_name("vision.ln_post.hook_scale").first_block_after(4) == 4
+    assert parse_hook_name("blocks.0.attn.q_ln.hook_normalized").per_head
 
 
 def test_a_name_template_reads_and_writes_its_placeholders():
@@ -145,3 +152,9 @@ def test_a_name_template_reads_and_writes_its_placeholders():
     for bad in ["blocks.{head}.hook_z", "blocks.{layer}.{layer}", "blocks.{layer:02d}.hook_z"]:
         with pytest.raises(HookNameError, match="placeholders"):
             NameTemplate(bad)
+
+
+def test_a_name_within_its_stage_is_tls_name_for_a_single_stack():
+    assert parse_hook_name("vision.blocks.3.attn.hook_z").name_in_stage == "blocks.3.attn.hook_z"
+    assert parse_hook_name("adapter.hook_out").name_in_stage == "hook_out"
+    assert parse_hook_name("blocks.1.hook_resid_post").name_in_stage == "blocks.1.hook_resid_post"

@@ -180,3 +180,21 @@ def test_weight_views_of_an_offloaded_layer_are_refused_and_the_others_still_rea
     assert split.blocks[1].attn.repeat_kv_heads == whole.blocks[1].attn.repeat_kv_heads
     for read in (lambda m: m.blocks[0].attn.W_Q, lambda m: m.blocks[0].mlp.W_in, lambda m: m.W_U, lambda m: m.W_E):
         assert torch.equal(read(split), read(whole))
+
+
+@torch.no_grad()
+def test_an_offloaded_final_norm_still_folds_into_the_unembedding(tmp_path):
+    """The final norm and the head are the last modules, offloaded first by `device_map="auto"`:
+    the folded `W_U`, `unembed` and the logit lens read the norm's weight while accelerate holds it."""
+    build, _ = FAMILIES["gemma3"]  # a `1 + weight` norm: a weight left at meta or zeros would show
+    hf_model, processor = build()
+    whole = HookedMLLM.from_hf(copy.deepcopy(_jittered(hf_model)), processor)
+    split = HookedMLLM.from_hf(_offloaded(hf_model, ("model.language_model.norm",), tmp_path), processor)
+    inputs = split.prepare(random_images(2), ["what is here?", "and here?"])
+    logits, cache = split.run_with_cache(inputs)
+    torch.testing.assert_close(logits, whole(inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.W_U, whole.W_U, atol=0, rtol=0)
+    lens, _ = cache.logit_lens()
+    torch.testing.assert_close(lens[-1], logits, atol=1e-5, rtol=1e-5)
+    residual = cache["ln_final.hook_normalized"]
+    torch.testing.assert_close(split.unembed(residual), logits, atol=1e-5, rtol=1e-5)

@@ -330,7 +330,7 @@ def _default_window(model: HookedMLLM, reference: Site) -> list[int]:
     n = model.cfg.n_layers
     if reference.stage != "llm":
         return list(range(n))
-    return list(range(parse_hook_name(reference.hook).first_block_after, n))
+    return list(range(parse_hook_name(reference.hook).first_block_after(n), n))
 
 
 def _readouts(model, sweep, reference: str, window: list[int], readouts) -> list[str]:

@@ -25,6 +25,7 @@ from transformer_lens.utilities import Slice, get_act_name
 
 from ..errors import HookNameError, InputError
 from .decompose import full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
+from .hook_names import parse_hook_name
 from .images.layout import ImageTokenLayout
 from .weights import StackedWeights
 
@@ -124,12 +125,14 @@ class MultimodalActivationCache(ActivationCache):
         if self._stage_of is not None:
             return self
         if stage == "llm":
-            entries = {k: v for k, v in self.cache_dict.items() if not k.startswith(("vision.", "adapter."))}
+            entries = {k: v for k, v in self.cache_dict.items() if parse_hook_name(k).stage == "llm"}
             model, first = self.model, ("hook_multimodal_embed", "blocks.0.hook_resid_pre")
         elif stage == "vision":
-            entries = {k[len("vision.") :]: v for k, v in self.cache_dict.items() if k.startswith("vision.")}
+            parsed = [(parse_hook_name(k), v) for k, v in self.cache_dict.items()]
+            entries = {name.name_in_stage: v for name, v in parsed if name.stage == "vision"}
             # the tower's final norm is TL's `ln_final` (what apply_ln_to_stack reads at the last layer)
-            entries.update({"ln_final." + k[len("ln_post."):]: v for k, v in entries.items() if k.startswith("ln_post.")})
+            entries.update({f"ln_final.{name.point}": v for name, v in parsed
+                            if name.stage == "vision" and name.site.startswith("ln_post.")})
             model, first = VisionStage(self.model), ("blocks.0.hook_resid_pre",)
         else:
             raise InputError(f"stage must be 'llm' or 'vision', got {stage!r}")

@@ -12,6 +12,7 @@ tables are declared; this module is also the one place that turns a template int
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from string import Formatter
@@ -23,9 +24,15 @@ Stage = Literal["vision", "adapter", "llm"]
 STAGE_PREFIXES: dict[Stage, str] = {"vision": "vision.", "adapter": "adapter.", "llm": ""}
 BLOCKS = "blocks"
 
+# each head's `z W_O`, fired only after `set_use_attn_result(True)`
+RESULT_SITE = "attn.hook_result"
 # sites with a head dimension at position 2 ([batch, pos, head, ...])
 PER_HEAD_SITES = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
                   "attn.hook_rot_k")
+# the per-head q/k norms' points ([batch, pos, head, d_head] and [batch, pos, head, 1])
+PER_HEAD_NORMS = ("attn.q_ln.", "attn.k_ln.")
+# a stage's norm after its last block (the LLM's `ln_final`, a tower's `ln_post`)
+FINAL_NORMS = ("ln_final.", "ln_post.")
 # points shaped [batch, head, query, key]
 QUERY_KEY_POINTS = frozenset({"hook_attn_scores", "hook_pattern"})
 # block sites from the attention's hook_z on: a forward that changes nothing earlier in the block can
@@ -65,6 +72,12 @@ class HookName:
         return self.name
 
     @property
+    def name_in_stage(self) -> str:
+        """The name without its stage prefix, as TL names points of a single stack
+        (`vision.blocks.3.hook_z` -> `blocks.3.hook_z`)."""
+        return HookName("llm", self.layer, self.site).name
+
+    @property
     def point(self) -> str:
         """The hook point's own name, the last part: `hook_z` for `blocks.3.attn.hook_z`."""
         return self.site.rsplit(".", 1)[-1]
@@ -77,7 +90,7 @@ class HookName:
     @property
     def per_head(self) -> bool:
         """Whether the activation is [batch, pos, head, ...]."""
-        return self.site in PER_HEAD_SITES
+        return self.site in PER_HEAD_SITES or self.site.startswith(PER_HEAD_NORMS)
 
     @property
     def query_by_key(self) -> bool:
@@ -90,13 +103,13 @@ class HookName:
         LLM layer (`start_at_layer`) computes."""
         return self.stage == "llm" and (self.layer is not None or self.site.startswith("ln_final."))
 
-    @property
-    def first_block_after(self) -> int | None:
-        """The first block of the stage that runs after this point's value exists: its own block
-        for `hook_resid_pre` (the block reads it), the next one for any other point in a block.
-        None outside the blocks."""
+    def first_block_after(self, n_layers: int) -> int:
+        """The first of the stage's `n_layers` blocks that runs after this point's value exists: its
+        own block for `hook_resid_pre` (the block reads it), the next one for any other point in a
+        block, 0 for the stage's input (`hook_embed`, `hook_multimodal_embed` ...), `n_layers` (none)
+        for its final norm."""
         if self.layer is None:
-            return None
+            return n_layers if self.site.startswith(FINAL_NORMS) else 0
         return self.layer if self.site == "hook_resid_pre" else self.layer + 1
 
     @property
@@ -110,6 +123,7 @@ class HookName:
         return self.layer is not None and self.site.startswith(BEFORE_Z_IN_ATTENTION)
 
 
+@functools.lru_cache(maxsize=4096)  # names are parsed for every hook of every run; strings are immutable
 def parse_hook_name(name: str) -> HookName:
     """`name` taken apart; a HookNameError for a name the grammar does not produce (an empty
     part, or `blocks.` without a layer number and a site)."""

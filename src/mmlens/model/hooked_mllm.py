@@ -33,6 +33,7 @@ from .cache import MultimodalActivationCache
 from .config import MLLMConfig
 from .generation import Generation
 from .hook_contract import CheckedHookPoint
+from .hook_names import RESULT_SITE, parse_hook_name
 from .hook_tree import AdapterHooks, BlockHooks, VisionHooks
 from .images.layout import ImageTokenLayout
 from .images.preprocess import MaskGeometry
@@ -234,10 +235,7 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
             return names
         if stage not in ("vision", "adapter", "llm"):
             raise ValueError(f"stage must be 'vision', 'adapter' or 'llm', got {stage!r}")
-        prefix = {"vision": "vision.", "adapter": "adapter."}.get(stage)
-        if prefix:
-            return [n for n in names if n.startswith(prefix)]
-        return [n for n in names if not n.startswith(("vision.", "adapter."))]
+        return [n for n in names if parse_hook_name(n).stage == stage]
 
     def resolve_hook_name(self, name: str) -> str:
         """The canonical name of a hook point, accepting TransformerBridge aliases."""
@@ -256,7 +254,7 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
 
     def _checked_name(self, name: str) -> str:
         canonical = self.resolve_hook_name(name)
-        if canonical.endswith("attn.hook_result") and not self.cfg.use_attn_result:
+        if parse_hook_name(canonical).site == RESULT_SITE and not self.cfg.use_attn_result:
             raise ValueError(
                 f"{canonical} only fires after model.set_use_attn_result(True) "
                 "(it materialises one d_model vector per head and position)"
@@ -277,7 +275,7 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
             raise TypeError(f"names_filter must be a name, a list of names or a predicate, got {type(names_filter).__name__}")
         if self.cfg.use_attn_result:
             return names_filter
-        return lambda name: not name.endswith("attn.hook_result") and names_filter(name)
+        return lambda name: parse_hook_name(name).site != RESULT_SITE and names_filter(name)
 
     # Route every way TransformerLens adds a hook by name through the alias/typo check.
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]):

@@ -8,8 +8,8 @@ are repeated per query head (`_W_K` keeps the kv heads), `QK`/`OV` are `Factored
 Block weights are not folded: a block's norm keeps its weight `w`, its `hook_normalized` holds the
 weighted output, and `apply_ln_to_stack` applies that weight too. The final norm follows TL's
 `fold_ln`: `W_U` is `w[:, None] * lm_head.weight.T` and `b_U` adds `b @ W_U` (LayerNorm), new tensors
-computed from the parameters on each read, so they take the unweighted normalised residual
-(`ln_final.hook_normalized`) to the logits.
+computed from the parameters on each read (so, unlike the views, a write into them edits nothing),
+which take the unweighted normalised residual (`ln_final.hook_normalized`) to the logits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from accelerate.utils import align_module_device
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from ..errors import InputError, UnsupportedModelError
@@ -289,34 +290,48 @@ class StackedWeights(FactoredCircuits):
 
 class Unembed:
     """`model.unembed(x)`: the LLM's unembedding with the final norm's weight folded in (TL's `fold_ln`),
-    taking the normalised residual before that weight (`ln_final.hook_normalized`) to the logits."""
+    taking the normalised residual before that weight (`ln_final.hook_normalized`) to the logits.
+    `W_U` and `b_U` are new tensors computed on each read: gradients reach the parameters, but a
+    write into them does not edit the model (write into `lm_head` or the norm's weight instead)."""
 
     def __init__(self, module: nn.Linear, final_norm: NormWeights):
         self._module = module
         self._final_norm = final_norm
 
+    def _norm_factors(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The final norm's `w` and its bias (None without one) on `device`. An offloaded norm
+        (device_map: the last modules are offloaded first) is read while accelerate holds its
+        weights, which are otherwise `meta`; a norm on another device than the head is moved."""
+        norm = self._final_norm
+        with align_module_device(_bound(norm, "norm weight")[0]):
+            return norm.w.to(device), (norm.b.to(device) if norm.has_bias else None)
+
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         """`lm_head`'s weight times the final norm's `w` per row (a new tensor, as TL's folded `W_U`)."""
-        return _present(self._module).weight.T * self._final_norm.w[:, None]
+        weight = _present(self._module).weight
+        w, _ = self._norm_factors(weight.device)
+        return weight.T * w[:, None]
 
     @property
     def b_U(self) -> Float[Tensor, "d_vocab"]:
         """`lm_head`'s bias (zeros without one), plus the final norm's bias through `lm_head` (LayerNorm)."""
-        bias = _bias(_present(self._module))
-        if self._final_norm.has_bias:
-            bias = bias + self._final_norm.b @ self._module.weight.T
-        return bias
+        head = _present(self._module)
+        _, b = self._norm_factors(head.weight.device)
+        return _bias(head) if b is None else _bias(head) + b @ head.weight.T
 
     def directions(self, tokens: Tensor | int) -> Float[Tensor, "... d_model"]:
         """Columns `W_U[:, tokens]`, d_model last, without folding the whole matrix."""
-        return _present(self._module).weight[tokens] * self._final_norm.w
+        weight = _present(self._module).weight
+        w, _ = self._norm_factors(weight.device)
+        return weight[tokens] * w
 
     def __call__(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         # `residual @ W_U + b_U`, computed as `lm_head(w * residual + b)`: the same sum, through the
-        # model's own head, without a d_model x d_vocab copy
-        norm = self._final_norm
-        return self._module(residual * norm.w + norm.b if norm.has_bias else residual * norm.w)
+        # model's own head (accelerate's hook on it, if any, loads its weights and moves the input),
+        # without a d_model x d_vocab copy
+        w, b = self._norm_factors(residual.device)
+        return self._module(residual * w if b is None else residual * w + b)
 
 
 class Embed:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from ..data import DATASET_SPLITS, MIN_IMAGE_SIZE
-from ..errors import ConfigError
+from ..errors import ConfigError, HookNameError
+from ..model.hook_names import parse_hook_name
 from ..probing.logistic import MAX_ITER
 from ..probing.penalty import DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS
 from ..resampling import DEFAULT_N_BOOT, MIN_N_BOOT
@@ -303,6 +304,14 @@ def _cross_checks(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _names_an_llm_block(name: str) -> bool:
+    try:
+        parsed = parse_hook_name(name)
+    except HookNameError:  # a malformed name is reported by the name checks
+        return False
+    return parsed.stage == "llm" and parsed.layer is not None
+
+
 def _needs_probe_at(config: StudyConfig, section: str, reference: str) -> list[str]:
     """Stages that reuse the sweep's probes need a probe at their reference and in the LLM."""
     if not getattr(config, section).enabled:
@@ -311,7 +320,7 @@ def _needs_probe_at(config: StudyConfig, section: str, reference: str) -> list[s
     if isinstance(sites, str) and sites in ("vision", "adapter"):
         return [f"{section}.enabled: this stage reads the sweep's LLM probes, but probe.sites is {sites!r}; "
                 f"use 'all', or set {section}.enabled: false"]
-    if sites == "llm" and not reference.startswith("blocks."):
+    if sites == "llm" and not _names_an_llm_block(reference):
         return [f"{section}.reference: {reference!r} is not probed when probe.sites is 'llm' (LLM layers only); "
                 f"use probe.sites: all, list it in probe.sites, or pick an LLM reference (blocks.L.hook_resid_post)"]
     if isinstance(sites, list) and reference not in sites:

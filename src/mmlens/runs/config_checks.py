@@ -104,7 +104,7 @@ def _knockout_window_problems(config: StudyConfig, model: Any) -> list[str]:
     site = site_for(model, knockout.reference)
     if site.stage != "llm":
         return []
-    if parse_hook_name(site.hook).first_block_after < model.cfg.n_layers:
+    if parse_hook_name(site.hook).first_block_after(model.cfg.n_layers) < model.cfg.n_layers:
         return []
     return [f"knockout.reference: no LLM layer comes after {knockout.reference!r} (the LLM has layers "
             f"0..{model.cfg.n_layers - 1}), so there is nothing to knock out; pick an earlier reference or set "

@@ -42,6 +42,7 @@ class MaskGeometry(Protocol):
         """The mask on the layout's canvas; pixels from no source pixel are `ignore_index`."""
         ...
 
+
 _ACCEPTED_IMAGES = (
     "a PIL.Image.Image, a uint8 numpy array of shape (H, W, 3) or a uint8 torch tensor of shape (3, H, W)"
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
+from accelerate.utils import align_module_device
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -133,9 +134,13 @@ def rescaled(out: Tensor, ratio: Tensor, bias: Tensor | None) -> Tensor:
 @torch.no_grad()
 def weight_offset(forward, module: nn.Module, kind: NormKind) -> float:
     """1.0 for an RMSNorm that scales by `1 + weight` (Gemma's), else 0.0 (TL's
-    `rmsnorm_uses_offset`), read from what `forward` computes on a vector of ones."""
-    weight = getattr(module, "weight", None)
-    if kind != "RMS" or not isinstance(weight, Tensor) or weight.ndim != 1 or weight.is_meta:
+    `rmsnorm_uses_offset`), read from what `forward` computes on a vector of ones. An offloaded
+    norm (device_map) is read while accelerate holds its weight, which is `meta` otherwise."""
+    if kind != "RMS":
         return 0.0
-    out = forward(torch.ones_like(weight)).float() * (1 + norm_epsilon(module)) ** 0.5
+    with align_module_device(module):
+        weight = getattr(module, "weight", None)  # held here: the forward's own hook offloads it again
+        if not isinstance(weight, Tensor) or weight.ndim != 1 or weight.is_meta:
+            return 0.0
+        out = forward(torch.ones_like(weight)).float() * (1 + norm_epsilon(module)) ** 0.5
     return 1.0 if (out - weight.float() - 1).abs().max() < (out - weight.float()).abs().max() else 0.0

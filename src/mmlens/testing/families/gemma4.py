@@ -1,0 +1,100 @@
+"""A tiny Gemma 4 (its own vision encoder, position-wise k x k pooling, a Gemma 4 LLM) and its images-only Gemma 4 processor."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig, PreTrainedTokenizerFast,
+)
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+from ...model.architectures.gemma4.processor import Gemma4ImageProcessor
+from ...zoo.build import build_word_tokenizer
+from .common import instantiate, text_kwargs
+
+# Gemma4ImageProcessorPil accepts only these budgets of soft tokens per image (its `max_soft_tokens`)
+SMALLEST_SOFT_TOKEN_BUDGET = 70
+
+
+def gemma4_tokenizer():
+    """The word tokenizer with Gemma 4's image tokens (`<|image|>`, one per LLM image token, between
+    `<start_of_image>` and `<end_of_image>`) and the audio markers its processor insists on."""
+    words = build_word_tokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<|image|>",
+                              "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<|audio|>"},
+    )
+
+
+def tiny_gemma4(
+    *,
+    patch_size: int = 4,
+    pooling_kernel_size: int = 2,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    llm_layers: int = 3,
+    llm_d_model: int = 64,
+    llm_heads: int = 4,
+    sliding_window: int = 12,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A tiny Gemma 4: each image resized, keeping its aspect ratio, to the largest multiple of
+    `patch_size * pooling_kernel_size` within 70 soft tokens' worth of patches, its patches pooled
+    k x k by position into soft tokens (a grid per image, its size from the image's shape); a dense
+    Gemma 4 LLM (sandwich norms, q/k/v norms, sliding-window layers around a full one with its own
+    head size and partial rotary) without per-layer inputs, KV sharing or experts.
+
+    Hugging Face initialises every norm weight to one and the layer scalars to one; both are drawn
+    at random here, so a hooked block that skipped any of them would show."""
+    tokenizer = gemma4_tokenizer()
+    image_processor = Gemma4ImageProcessorPil(
+        patch_size=patch_size, pooling_kernel_size=pooling_kernel_size, max_soft_tokens=SMALLEST_SOFT_TOKEN_BUDGET,
+    )
+    processor = Gemma4ImageProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     image_seq_length=SMALLEST_SOFT_TOKEN_BUDGET)
+    vision = Gemma4VisionConfig(
+        hidden_size=vision_d_model, intermediate_size=4 * vision_d_model, num_hidden_layers=vision_layers,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=vision_d_model // 4, patch_size=patch_size,
+        pooling_kernel_size=pooling_kernel_size, position_embedding_size=64,
+    )
+    layer_types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(llm_layers)]
+    layer_types[-1] = "full_attention"
+    text = Gemma4TextConfig(
+        **text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2),
+        head_dim=llm_d_model // llm_heads,
+        global_head_dim=2 * llm_d_model // llm_heads,  # full-attention layers' own head size, as released
+        sliding_window=sliding_window,
+        layer_types=layer_types,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=len(tokenizer),
+    )
+    config = Gemma4Config(
+        vision_config=vision,
+        text_config=text,
+        audio_config=None,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.eoi_token_id,
+        image_token_id=tokenizer.image_token_id,
+        audio_token_id=tokenizer.audio_token_id,
+        boa_token_id=tokenizer.boa_token_id,
+        eoa_token_index=tokenizer.eoa_token_id,
+        tie_word_embeddings=False,
+    )
+    model = instantiate(Gemma4ForConditionalGeneration, config, attn_implementation, seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("position_embedding_table"):
+                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
+    return model, processor
+
+
+__all__ = ["gemma4_tokenizer", "tiny_gemma4"]
