@@ -95,7 +95,7 @@ def test_sites_at_or_after_z_fire_after_z_and_the_rest_before(tiny_clip, stage):
 
 
 def test_names_outside_the_grammar_are_clear_errors():
-    for bad in ["", "blocks.x.hook_z", "blocks.3", "vision.blocks.03.hook_z", "blocks.3..hook_z", "adapter."]:
+    for bad in ["", "blocks.x.hook_z", "blocks.3", "vision.blocks.03.hook_z", "blocks.3..hook_z", "adapter.", ["blocks.0.hook_z"], None]:
         with pytest.raises(HookNameError):
             parse_hook_name(bad)
     with pytest.raises(HookNameError, match="stage"):

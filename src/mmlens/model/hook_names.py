@@ -123,12 +123,16 @@ class HookName:
         return self.layer is not None and self.site.startswith(BEFORE_Z_IN_ATTENTION)
 
 
-@functools.lru_cache(maxsize=4096)  # names are parsed for every hook of every run; strings are immutable
 def parse_hook_name(name: str) -> HookName:
     """`name` taken apart; a HookNameError for a name the grammar does not produce (an empty
     part, or `blocks.` without a layer number and a site)."""
     if not isinstance(name, str) or not name:
         raise HookNameError(f"a hook name is a non-empty string, got {name!r}")
+    return _parse(name)
+
+
+@functools.lru_cache(maxsize=4096)  # names are parsed for every hook of every run; strings are immutable
+def _parse(name: str) -> HookName:
     stage: Stage = "llm"
     rest = name
     for candidate in ("vision", "adapter"):
