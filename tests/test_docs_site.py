@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from mmlens.testing_browser import dump_dom, rendered_figures
+from mmlens.testing.browser import dump_dom, rendered_figures
 from test_report import require_chromium
 
 ROOT = Path(__file__).resolve().parents[1]

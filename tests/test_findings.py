@@ -105,7 +105,7 @@ def test_run_report_loads_plotly_from_beside_it(null_run):
 
 
 def test_run_report_renders_offline_in_chromium(null_run, tmp_path):
-    from mmlens.testing_browser import drawn_fraction, dump_dom, rendered_figures, screenshot
+    from mmlens.testing.browser import drawn_fraction, dump_dom, rendered_figures, screenshot
     from test_report import require_chromium
 
     require_chromium()

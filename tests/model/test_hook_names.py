@@ -158,3 +158,10 @@ def test_a_name_within_its_stage_is_tls_name_for_a_single_stack():
     assert parse_hook_name("vision.blocks.3.attn.hook_z").name_in_stage == "blocks.3.attn.hook_z"
     assert parse_hook_name("adapter.hook_out").name_in_stage == "hook_out"
     assert parse_hook_name("blocks.1.hook_resid_post").name_in_stage == "blocks.1.hook_resid_post"
+
+
+def test_in_an_llm_block_means_an_llm_point_with_a_layer():
+    assert parse_hook_name("blocks.2.attn.hook_z").in_llm_block
+    assert not parse_hook_name("vision.blocks.2.attn.hook_z").in_llm_block
+    assert not parse_hook_name("ln_final.hook_normalized").in_llm_block
+    assert parse_hook_name("ln_final.hook_normalized").in_llm_layers

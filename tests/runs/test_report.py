@@ -18,7 +18,7 @@ import pytest
 from mmlens.data import load_segmentation
 from mmlens.interventions import bidirectional_image_attention
 from mmlens.probing import probe_sweep
-from mmlens.testing_browser import BrowserError, drawn_fraction, dump_dom, find_chromium, rendered_figures, screenshot
+from mmlens.testing.browser import BrowserError, drawn_fraction, dump_dom, find_chromium, rendered_figures, screenshot
 from mmlens.viz import plot_attention_mask, plot_probe_curve, plot_probe_predictions
 from mmlens.viz.report import ReportSection, render_report, write_report
 

@@ -255,7 +255,7 @@ def _only_llm_hooks(model: HookedMLLM, hooks: Sequence[tuple[Any, Callable]]) ->
 
 def _llm_layer(name: HookName, n_layers: int) -> int:
     """The LLM block a hook sits in (n_layers for the final norm, and for points outside the blocks)."""
-    return name.layer if name.stage == "llm" and name.layer is not None else n_layers
+    return name.layer if name.in_llm_block else n_layers
 
 
 def _join_point(model: HookedMLLM, patched: Sequence[str], wanted: Sequence[str], whole: set[int]) -> int:
@@ -279,6 +279,6 @@ def _blocks_edited_across_attention(model: HookedMLLM, edited: Sequence[str]) ->
     inside: dict[int, set[bool]] = {}
     for name in edited:
         parsed = parse_hook_name(model.resolve_hook_name(name))
-        if parsed.stage == "llm" and parsed.layer is not None:
+        if parsed.in_llm_block:
             inside.setdefault(parsed.layer, set()).add(parsed.before_z_in_attention)
     return {layer for layer, kinds in inside.items() if len(kinds) == 2}

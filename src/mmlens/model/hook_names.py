@@ -98,10 +98,15 @@ class HookName:
         return self.point in QUERY_KEY_POINTS
 
     @property
+    def in_llm_block(self) -> bool:
+        """Whether the point is inside one of the LLM's blocks."""
+        return self.stage == "llm" and self.layer is not None
+
+    @property
     def in_llm_layers(self) -> bool:
         """Whether the point is in an LLM block or the final norm: what a forward started at an
         LLM layer (`start_at_layer`) computes."""
-        return self.stage == "llm" and (self.layer is not None or self.site.startswith("ln_final."))
+        return self.in_llm_block or (self.stage == "llm" and self.site.startswith("ln_final."))
 
     def first_block_after(self, n_layers: int) -> int:
         """The first of the stage's `n_layers` blocks that runs after this point's value exists: its

@@ -309,7 +309,7 @@ def _names_an_llm_block(name: str) -> bool:
         parsed = parse_hook_name(name)
     except HookNameError:  # a malformed name is reported by the name checks
         return False
-    return parsed.stage == "llm" and parsed.layer is not None
+    return parsed.in_llm_block
 
 
 def _needs_probe_at(config: StudyConfig, section: str, reference: str) -> list[str]:

@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, PreTrainedTokenizerFast,
-    SiglipVisionConfig,
+    Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from ...zoo.build import build_word_tokenizer
-from .common import instantiate, text_kwargs
+from .common import instantiate, text_kwargs, word_tokenizer
 
 
 def gemma3_tokenizer():
     """The word tokenizer with Gemma 3's image tokens: `<start_of_image>` (the placeholder a prompt
     holds), `<image_soft_token>` (one per LLM image token) and `<end_of_image>`."""
-    words = build_word_tokenizer()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=words.backend_tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
-    )
+    return word_tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
 
 
 def tiny_gemma3(

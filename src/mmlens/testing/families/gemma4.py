@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import (
-    Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig, PreTrainedTokenizerFast,
-)
+from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 from ...model.architectures.gemma4.processor import Gemma4ImageProcessor
-from ...zoo.build import build_word_tokenizer
-from .common import instantiate, text_kwargs
+from .common import instantiate, text_kwargs, word_tokenizer
 
 # Gemma4ImageProcessorPil accepts only these budgets of soft tokens per image (its `max_soft_tokens`)
 SMALLEST_SOFT_TOKEN_BUDGET = 70
@@ -19,17 +16,8 @@ SMALLEST_SOFT_TOKEN_BUDGET = 70
 def gemma4_tokenizer():
     """The word tokenizer with Gemma 4's image tokens (`<|image|>`, one per LLM image token, between
     `<start_of_image>` and `<end_of_image>`) and the audio markers its processor insists on."""
-    words = build_word_tokenizer()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=words.backend_tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<|image|>",
-                              "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>", "audio_token": "<|audio|>"},
-    )
+    return word_tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<|image|>",
+                          boa_token="<start_of_audio>", eoa_token="<end_of_audio>", audio_token="<|audio|>")
 
 
 def tiny_gemma4(

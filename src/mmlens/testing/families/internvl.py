@@ -6,25 +6,18 @@ from typing import Literal
 
 import torch
 from transformers import (
-    InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig, PreTrainedTokenizerFast,
-    Qwen2Config,
+    InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig, Qwen2Config,
 )
 
 from ...model.architectures.internvl import ImageOnlyInternVLProcessor
-from ...zoo.build import build_word_tokenizer
-from .common import instantiate, text_kwargs
+from .common import instantiate, text_kwargs, word_tokenizer
 
 
 def internvl_tokenizer():
     """The word tokenizer with InternVL's image tokens: `<IMG_CONTEXT>` (the placeholder, one per
     LLM image token), `<img>` and `</img>` around each image, and `<video>` (unused here)."""
-    words = build_word_tokenizer()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left",
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
-    )
+    return word_tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                          video_token="<video>")
 
 
 def tiny_internvl(

@@ -87,8 +87,8 @@ class Qwen3VL(Qwen2VL):
             parsed = parse_hook_name(name)
         except HookNameError:  # outside the grammar, so not a block's name
             parsed = None
-        deepstack_output = (parsed is not None and parsed.stage == "llm" and parsed.site == "hook_out"
-                            and parsed.layer is not None and parsed.layer < self.deepstack_levels())
+        deepstack_output = (parsed is not None and parsed.in_llm_block and parsed.site == "hook_out"
+                            and parsed.layer < self.deepstack_levels())
         return name if deepstack_output else super().canonical_name(name)
 
     # ------------------------------------------------------------- runs from merged embeddings
