@@ -27,6 +27,14 @@ from mmlens.testing_families import (  # noqa: E402
     tiny_gemma3, tiny_idefics3, tiny_internvl, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_mistral3,
     tiny_paligemma, tiny_qwen2_vl, tiny_qwen3_vl,
 )
+from mmlens.testing.families.gemma4 import tiny_gemma4  # noqa: E402
+from mmlens.testing.families.glm4v import tiny_glm4v  # noqa: E402
+from mmlens.testing.families.lighton_ocr import tiny_lighton_ocr  # noqa: E402
+from mmlens.testing.families.llava import tiny_llava_pixtral  # noqa: E402
+from mmlens.testing.families.qwen3_5 import tiny_qwen3_5  # noqa: E402
+from mmlens.testing.families.qwen3_5_moe import tiny_qwen3_5_moe  # noqa: E402
+from mmlens.testing.families.qwen3_vl_moe import tiny_qwen3_vl_moe  # noqa: E402
+from mmlens.testing.families.vipllava import tiny_vipllava  # noqa: E402
 
 SIZE = dict(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256)
 TILED = dict(tile=64, patch_size=8, pinpoints=((64, 128), (128, 64), (128, 128)), vision_layers=4, vision_d_model=128,
@@ -57,6 +65,41 @@ FAMILIES = {
     # [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask
     "mistral3": lambda attn: tiny_mistral3(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128, llm_layers=4,
                                            llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # LLaVA's widths; three tower layers (the 2nd-to-last, 3rd-to-last and the first block's input) concatenated
+    "vipllava": lambda attn: tiny_vipllava(**SIZE, feature_layers=(-2, -3, 1), vision_heads=4, llm_heads=8, llm_d_mlp=688,
+                                           attn_implementation=attn),
+    # Pixtral-12B in LLaVA format: a 64x64 image is 8x8 patches of 8 px, one LLM token each (no merger), in 8 rows
+    # closed by [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask
+    "llava-pixtral": lambda attn: tiny_llava_pixtral(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128,
+                                                     llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # Mistral 3's widths and geometry (8x8 patches -> 4x4 merged tokens per 64x64 image), a Qwen3 LLM, each image one
+    # contiguous run of [IMG] (no row breaks)
+    "lighton-ocr": lambda attn: tiny_lighton_ocr(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128,
+                                                 llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # Qwen3-VL's widths with MoE MLPs: 8 experts of width 128, top 2, in LLM layers 1-3 (layer 0 dense)
+    "qwen3-vl-moe": lambda attn: tiny_qwen3_vl_moe(n_experts=8, top_k=2, d_expert=128, dense_layers=(0,), patch_size=8,
+                                                   vision_layers=4, vision_d_model=128, deepstack_layers=(1, 2), llm_layers=4,
+                                                   llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn),
+    # Qwen3-VL's tower without deepstack; the checkpoints' pattern of three linear-attention layers then one full one,
+    # linear heads as wide as d_model (4 key heads, 8 value heads of 32)
+    "qwen3.5": lambda attn: tiny_qwen3_5(patch_size=8, vision_layers=4, vision_d_model=128,
+                                         layer_types=("linear_attention",) * 3 + ("full_attention",), llm_d_model=256,
+                                         llm_heads=8, linear_key_heads=4, linear_value_heads=8, linear_head_dim=32,
+                                         max_side=64, attn_implementation=attn),
+    # Qwen3.5's sizes with every MLP a mixture of experts: 8 experts of width 128, top 2, and a shared expert of 256
+    "qwen3.5-moe": lambda attn: tiny_qwen3_5_moe(n_experts=8, top_k=2, d_expert=128, d_shared_expert=256, patch_size=8,
+                                                 vision_layers=4, vision_d_model=128,
+                                                 layer_types=("linear_attention",) * 3 + ("full_attention",),
+                                                 llm_d_model=256, llm_heads=8, linear_key_heads=4, linear_value_heads=8,
+                                                 linear_head_dim=32, max_side=64, attn_implementation=attn),
+    # Qwen2-VL's widths; a 64x64 image is 8x8 patches of 8 px, folded 2x2 by the convolution into 4x4 tokens,
+    # the 4 images one packed sequence; the LLM has sandwich norms and a fused gate/up MLP
+    "glm4v": lambda attn: tiny_glm4v(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
+                                     llm_heads=8, max_side=64, attn_implementation=attn),
+    # Gemma 4's own tower; 8-px patches pooled 2x2: a 64x64 image (aspect kept, within 70 soft tokens) is 16x16 patches,
+    # 8x8 = 64 LLM tokens
+    "gemma4": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
+                                       llm_heads=8, attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

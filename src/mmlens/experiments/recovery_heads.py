@@ -170,6 +170,7 @@ def find_recovery_heads(
     tokens: Literal["objects", "all", "recovered"] | TokenGroup = "objects",
     anchors: TokenGroup | None = None,
     hook: Literal["z", "result"] = "z",
+    layers: Sequence[int] | None = None,
     images: Sequence[int] | None = None,
     n_images: int | None = 64,
     selection_images: Sequence[int] | None = None,
@@ -195,7 +196,10 @@ def find_recovery_heads(
     labelled tokens, "recovered" (wrong at `reference`, right at `readout`) or a TokenGroup.
     `anchors` (default: tokens the reference probe gets right in the 4 most confused class pairs)
     are removed by "anchors_removed" and marked on the maps. Scored tokens (or, under
-    "anchors_removed", anchors) that no image holds are refused (InputError).
+    "anchors_removed", anchors) that no image holds are refused (InputError). `layers`: the LLM
+    layers whose heads are patched and ranked (default every layer; a hybrid model's linear-attention
+    layers have no heads and are refused by name, so pass its full-attention layers, and the same as
+    `window` under "recovery_blocked").
 
     `images`: dataset rows (default the sweep's held-out images, the first `n_images`); images
     the sweep trained its probes on are refused. They are split, seeded by `seed` and by image,
@@ -231,7 +235,7 @@ def find_recovery_heads(
         train = np.asarray(sweep.train_indices)[:64]
         mean = mean_adapter_output(model, (b.inputs for b in labelled_batches(model, sweep.dataset, train,
                                                                                batch_size=batch_size, prompt=settings.prompt)))
-    layers, conditions = head_conditions(model, hook)
+    layers, conditions = head_conditions(model, hook, layers)
     n_heads = model.cfg.llm.n_heads
     spec = _Spec(sweep, corruption, reference, readout, out_probe, scored_group, anchors, recovered, window, mean,
                  [f"blocks.{l}.attn.hook_{hook}" for l in layers], batch_size, seed)
@@ -247,7 +251,8 @@ def find_recovery_heads(
                                   source_activations=acts, progress=progress)
         found = {"exact": values.view(len(layers), n_heads, -1)}
         if attribution:
-            found["attribution"] = attribution_patching(model, clean, corrupted, metric, hook=hook).per_head()
+            found["attribution"] = attribution_patching(model, clean, corrupted, metric, hook=hook,
+                                                        layers=layers).per_head()
         return found
 
     # selection images: every head alone; they rank the heads and choose the top k
@@ -285,6 +290,7 @@ def find_recovery_heads(
         table=table, top_k=top_table, layers=sorted({l for l, _ in top}), summary=summary,
         exact=effects, attribution=attr, maps=maps,
         settings={"corruption": corruption, "readout": readout, "reference": reference, "window": window,
+                  "head_layers": layers,
                   "tokens": getattr(tokens, "description", tokens), "hook": hook, "top_k": top_k,
                   "metric": f"probe margin at {site_for(model, readout).label}", "n_boot": n_boot, "seed": seed,
                   "selection": "given" if selection_images is not None else "seeded half of the images",

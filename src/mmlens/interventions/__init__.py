@@ -4,6 +4,7 @@ from ..model.runtime.attention_masks import allowed_edges, image_attention_mask,
 from .attribution import Attribution, attribution_patching, rank_correlation
 from .bidirectional import BidirectionalImageAttention, bidirectional_image_attention
 from .corruptions import anchors_removed, counterfactual_images, mean_adapter_output, recovery_blocked
+from .experts import ExpertAblation, ablate_experts, expert_conditions, expert_sweep
 from .groups import GroupContext, TokenGroup
 from .knockout import Knockout, knockout
 from .patching import (Patch, Run, baseline, check_same_layout, head_sweep, layer_position_sweep, patch_conditions,
@@ -13,6 +14,7 @@ from .patching_metrics import CacheMetric, ProbeMetric, logit_difference, probe_
 __all__ = [
     "Attribution",
     "CacheMetric",
+    "ExpertAblation",
     "Patch",
     "ProbeMetric",
     "Run",
@@ -20,7 +22,10 @@ __all__ = [
     "attribution_patching",
     "baseline",
     "check_same_layout",
+    "ablate_experts",
     "counterfactual_images",
+    "expert_conditions",
+    "expert_sweep",
     "head_sweep",
     "layer_position_sweep",
     "logit_difference",

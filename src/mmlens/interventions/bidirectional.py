@@ -20,12 +20,14 @@ from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import HookSet
 from ..model.hook_names import block_hook, parse_hook_name
 from ..model.runtime.attention_masks import allowed_edges
-from .selection import chosen_indices
+from .selection import attention_layers
 
 
 class BidirectionalImageAttention(HookSet):
     def __init__(self, model: HookedMLLM, inputs: MultimodalInputs, layers: Iterable[int] | None = None):
-        self.layers = chosen_indices(layers, model.cfg.n_layers, "layers", "the LLM")
+        if layers is None:  # the layers the family's own "bidirectional" opens (Gemma 4: its sliding ones)
+            layers = model.architecture.image_attention_layers(model.cfg)
+        self.layers = attention_layers(layers, model.cfg.llm, "a bidirectional image-attention edit")
         self.model, self.inputs = model, inputs
         image = inputs.layout.image_of_position()
         same_image = (image[:, :, None] == image[:, None, :]) & (image[:, :, None] >= 0)
@@ -54,5 +56,6 @@ class BidirectionalImageAttention(HookSet):
 
 def bidirectional_image_attention(model: HookedMLLM, inputs: MultimodalInputs,
                                   layers: Iterable[int] | None = None) -> BidirectionalImageAttention:
-    """Image tokens of the same image see each other in `layers` (all LLM layers by default)."""
+    """Image tokens of the same image see each other in `layers` (by default those where the family's
+    "bidirectional" mode opens images: every LLM layer, or Gemma 4's sliding-window layers)."""
     return BidirectionalImageAttention(model, inputs, layers)

@@ -21,6 +21,7 @@ from ..model import HookedMLLM, MultimodalInputs
 from .groups import GroupContext, TokenGroup
 from .knockout import knockout
 from .patching import Run, check_same_layout
+from .selection import attention_layers
 
 ADAPTER_OUT = "adapter.hook_out"
 
@@ -37,6 +38,7 @@ def recovery_blocked(model: HookedMLLM, inputs: MultimodalInputs, layers: Iterab
     bad = [l for l in window if not 0 <= l < n_layers]
     if not window or bad:
         raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {window}")
+    attention_layers(layers, model.cfg.llm, "recovery_blocked (an image -> image knockout)")  # refused here, not per run
     image = TokenGroup.image()
 
     def edit(batch: MultimodalInputs):

@@ -20,7 +20,7 @@ from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import HookSet
 from ..model.hook_names import block_hook, parse_hook_name
 from .groups import GroupContext, TokenGroup
-from .selection import chosen_indices
+from .selection import attention_layers, chosen_indices
 
 
 class Knockout(HookSet):
@@ -37,7 +37,8 @@ class Knockout(HookSet):
         n_layers = model.cfg.n_layers if stage == "llm" else model.cfg.vision.n_layers
         if layers is None:
             raise InputError("knockout needs the layers to edit: pass layers=range(model.cfg.n_layers) for all")
-        self.layers = chosen_indices(layers, n_layers, "layers", f"the {stage} stage")
+        self.layers = (attention_layers(layers, model.cfg.llm, "a knockout") if stage == "llm"
+                       else chosen_indices(layers, n_layers, "layers", f"the {stage} stage"))
         self.model, self.inputs, self.stage, self.verify = model, inputs, stage, verify
         n_heads = model.cfg.n_heads if stage == "llm" else model.cfg.vision.n_heads
         self.heads = None if heads is None else torch.as_tensor(

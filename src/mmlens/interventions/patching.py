@@ -27,7 +27,7 @@ from ..model.hook_names import PER_HEAD_SITES, block_hook, parse_hook_name
 from ..model.images.layout import same_span
 from .groups import GroupContext, TokenGroup
 from .run import Run, as_run, run_and_collect
-from .selection import chosen_indices
+from .selection import attention_layers
 from .shared_forward import SharedForward
 
 # inputs (possibly repeated, see `repeat_inputs`) -> forward hooks: a list of (name, hook) or an
@@ -271,7 +271,7 @@ def head_conditions(model: HookedMLLM, hook: str = "z", layers: Sequence[int] | 
         raise ValueError(f"head patching reads hook_z or hook_result: hook must be 'z' or 'result', got {hook!r}")
     if hook == "result" and not model.cfg.use_attn_result:
         raise ValueError("hook='result' needs model.set_use_attn_result(True)")
-    layers = chosen_indices(layers, model.cfg.n_layers, "layers", "the LLM")
+    layers = attention_layers(layers, model.cfg.llm, "head patching")
     n_heads = model.cfg.llm.n_heads
     return layers, [Patch(block_hook(l, f"attn.hook_{hook}"), positions, (h,)) for l in layers for h in range(n_heads)]
 

@@ -98,7 +98,9 @@ class SharedForward:
         starts = [0] * n
         every = {name for hooks in self.patched for name in hooks} | set(self.read)
         if all(parse_hook_name(name).in_llm_layers for name in every):
-            whole = _blocks_edited_across_attention(self.model, self.copies.edit_names())
+            # a linear-attention block has no hook_z to join at: copies join it whole
+            whole = (_blocks_edited_across_attention(self.model, self.copies.edit_names())
+                     | set(self.model.cfg.llm.linear_attention_layers))
             starts = [_join_point(self.model, hooks, self.read, whole) for hooks in self.patched]
             groups = [sorted(group, key=starts.__getitem__) for group in groups]
             llm_input = source_activations.get("hook_multimodal_embed") if self.shared_input else None

@@ -24,7 +24,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import Slice, get_act_name
 
 from ..errors import HookNameError, InputError
-from .decompose import full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
+from .decompose import carried, full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
 from .hook_names import parse_hook_name
 from .images.layout import ImageTokenLayout
 from .weights import StackedWeights
@@ -209,25 +209,32 @@ class MultimodalActivationCache(ActivationCache):
 
     def get_neuron_results(self, layer: int, neuron_slice: Any = None, pos_slice: Any = None,
                            project_output_onto: Tensor | None = None, stage: Stage = "llm") -> Tensor:
-        """Each neuron's share of the residual, through the block's layer scale or post-norm."""
+        """Each neuron's share of the residual, through the block's layer scale or post-norm (and,
+        inside `stack_neuron_results`, through the output scalars of the blocks up to its layer)."""
         if self._stage_of is None:
             return self._view(stage, needs_embed=False).get_neuron_results(layer, neuron_slice, pos_slice, project_output_onto)
-        return neuron_results(self, layer, Slice.unwrap(neuron_slice), _as_slice(pos_slice), project_output_onto)
+        shares = neuron_results(self, layer, Slice.unwrap(neuron_slice), _as_slice(pos_slice), project_output_onto)
+        into = getattr(self, "_neurons_into", None)
+        return shares if into is None else carried(shares, self, layer, into)
 
     def _stack_neuron_results_apply_ln_projected(self, layer: int, pos_slice: Slice, neuron_slice: Slice,
                                                  project_2d: Tensor, mlp_input: bool = False) -> Tensor:
         into, scale = ln_projection(self, layer, mlp_input, pos_slice, project_2d)
-        per_layer = [neuron_results(self, l, neuron_slice, pos_slice, into) for l in range(layer)]
+        per_layer = [carried(neuron_results(self, l, neuron_slice, pos_slice, into), self, l, layer) for l in range(layer)]
         if not per_layer:
             embed = pos_slice.apply(self["hook_embed"], dim=-2)
             return embed.new_zeros((0, *embed.shape[:-1], project_2d.shape[-1]))
         stacked = einops.rearrange(torch.cat(per_layer, dim=-2), "... component k -> component ... k")
         return stacked / scale
 
-    def stack_neuron_results(self, *args: Any, stage: Stage = "llm", **kwargs: Any):
+    def stack_neuron_results(self, layer: int, *args: Any, stage: Stage = "llm", **kwargs: Any):
         if self._stage_of is None:
-            return self._view(stage).stack_neuron_results(*args, **kwargs)
-        return super().stack_neuron_results(*args, **kwargs)
+            return self._view(stage).stack_neuron_results(layer, *args, **kwargs)
+        self._neurons_into = self._layer(layer)  # TL's loop reads each layer's share as it enters this one
+        try:
+            return super().stack_neuron_results(layer, *args, **kwargs)
+        finally:
+            self._neurons_into = None
 
     def get_full_resid_decomposition(
         self,

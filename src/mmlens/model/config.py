@@ -12,6 +12,21 @@ from typing import Any
 
 import torch
 
+LINEAR_ATTENTION = "linear_attention"  # Hugging Face's layer type of a gated-delta-rule block
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts blocks of a stack: which layers route (the others keep a dense MLP),
+    among how many experts, how many each token takes, each expert's width, and whether a shared
+    expert runs beside them on every token."""
+
+    layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    d_expert: int
+    shared_expert: bool = False
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -29,6 +44,16 @@ class StageConfig:
     # TL's names: sandwich norms on the attention and MLP outputs (Gemma 2/3), per-head q/k RMSNorms
     use_normalization_before_and_after: bool = False
     use_qk_norm: bool = False
+    # each block's token mixer as Hugging Face's `layer_types` names it ("full_attention", or
+    # LINEAR_ATTENTION: Qwen3.5's gated delta rule, which has no attention pattern); empty: all attend
+    layer_types: tuple[str, ...] = ()
+    # the blocks whose MLP is a sparse mixture of experts (None: every MLP is dense)
+    moe: MoEConfig | None = None
+
+    @property
+    def linear_attention_layers(self) -> tuple[int, ...]:
+        """The blocks whose token mixer is a linear attention (no pattern, no heads to knock out)."""
+        return tuple(layer for layer, kind in enumerate(self.layer_types) if kind == LINEAR_ATTENTION)
 
 
 @dataclass(frozen=True)

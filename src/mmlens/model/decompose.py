@@ -7,7 +7,9 @@ cached `hook_scale` s, `post(x) = w * centre(x) / s + b` is affine in x, so a he
 share is its own result through the same linear map, and the constants (`b`, and the biases through
 the map) make up the `bias` term: the components then sum to `attn_out` / `mlp_out` to float
 rounding. Qwen3-VL's deepstack terms, added to the image tokens after the first LLM blocks, are
-components of their own (`{i}_deepstack`).
+components of their own (`{i}_deepstack`). A block that scales its whole output, residual included
+(Gemma 4's `layer_scalar` s: `resid_post = s * (resid_mid + mlp_out)`), scales every term added
+before it: a term enters block `layer` times the product of the scalars of the blocks it passed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from torch import Tensor
 from transformer_lens.utilities import Slice
 
-from ..errors import HookNameError
+from ..errors import HookNameError, UnsupportedModelError
+from .weights import MoEWeights
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,16 @@ def output_map(cache: Any, layer: int, sublayer: int) -> OutputMap:
     return OutputMap(layer_scale, norm.w, norm.kind == "LN", shift, cache.cache_dict[name])
 
 
+def carried(term: Tensor, cache: Any, first: int, layer: int) -> Tensor:
+    """`term`, added to the residual inside block `first`, as it enters block `layer`: times the
+    output scalars of blocks `first` .. `layer - 1` (none, for most families)."""
+    for block in cache.model.blocks[max(first, 0):layer]:
+        scalar = block.output_scalar() if hasattr(block, "output_scalar") else None
+        if scalar is not None:
+            term = term * scalar
+    return term
+
+
 def head_results(cache: Any, layer: int, pos_slice: Slice) -> Tensor:
     """Each head's share of the residual at block `layer`: `z W_O` per head (`hook_result` where
     cached, as the forward computed it) through the block's output map, `[*batch, pos, head, d_model]`."""
@@ -91,6 +104,12 @@ def neuron_results(cache: Any, layer: int, neuron_slice: Slice, pos_slice: Slice
                    project: Tensor | None = None) -> Tensor:
     """Each neuron's share of the residual at block `layer`, `[..., neuron, d_model]`, or projected
     onto `project` (`[d_model]` or `[d_model, k]`) before the expansion, as TL's `get_neuron_results`."""
+    if isinstance(cache.model.blocks[layer].mlp, MoEWeights):
+        raise UnsupportedModelError(
+            f"block {layer}'s MLP is a mixture of experts: each expert has its own neurons, on the tokens it serves "
+            f"(blocks.{layer}.mlp.experts.{{e}}.hook_post), so there is no single neuron basis to expand it into; use "
+            f"expand_neurons=False (its mlp_out as one component), or the experts' blocks.{layer}.mlp.experts.{{e}}.hook_out, "
+            "which sum to that mlp_out exactly")
     acts = neuron_slice.apply(pos_slice.apply(cache[f"blocks.{layer}.mlp.hook_post"], dim=-2), dim=-1)
     mapping = output_map(cache, layer, 1)
     w_out = mapping.fixed(neuron_slice.apply(cache.model.blocks[layer].mlp.W_out, dim=0))
@@ -109,9 +128,10 @@ def bias_share(cache: Any, layer: int, mlp_input: bool, include_mlp_biases: bool
     blocks = cache.model.blocks
     total = torch.zeros_like(blocks[0].attn.b_O)
     for l in range(layer + (1 if mlp_input else 0)):
-        total = total + output_map(cache, l, 0).constant(blocks[l].attn.b_O, pos_slice)
+        share = output_map(cache, l, 0).constant(blocks[l].attn.b_O, pos_slice)
         if l < layer and include_mlp_biases:  # else they are inside the whole MLP outputs
-            total = total + output_map(cache, l, 1).constant(blocks[l].mlp.b_out, pos_slice)
+            share = share + output_map(cache, l, 1).constant(blocks[l].mlp.b_out, pos_slice)
+        total = total + carried(share, cache, l, layer)
     return total
 
 
@@ -141,7 +161,7 @@ def deepstack_terms(cache: Any, layer: int) -> list[tuple[str, Tensor]]:
             raise HookNameError(f"{name} has {term.shape[0]} tokens but the layout has {int(image.sum())} image tokens")
         placed = torch.zeros_like(residual)
         placed[image] = term.to(residual.dtype)
-        terms.append((f"{level}_deepstack", placed))
+        terms.append((f"{level}_deepstack", carried(placed, cache, level + 1, layer)))
     return terms
 
 
@@ -150,15 +170,15 @@ def residual_parts(cache: Any, layer: int, mlp_input: bool, mode: str, incl_embe
     deepstack terms after the MLP of the block that adds them (mode "all" only)."""
     parts, labels = [], []
     if incl_embeds and cache.has_embed:
-        parts.append(cache["hook_embed"])
+        parts.append(carried(cache["hook_embed"], cache, 0, layer))
         labels.append("embed")
     terms = dict(deepstack_terms(cache, layer)) if mode == "all" else {}
     for l in range(layer):
         if mode != "mlp":
-            parts.append(cache[f"blocks.{l}.hook_attn_out"])
+            parts.append(carried(cache[f"blocks.{l}.hook_attn_out"], cache, l, layer))
             labels.append(f"{l}_attn_out")
         if mode != "attn" and not cache.model.cfg.attn_only:
-            parts.append(cache[f"blocks.{l}.hook_mlp_out"])
+            parts.append(carried(cache[f"blocks.{l}.hook_mlp_out"], cache, l, layer))
             labels.append(f"{l}_mlp_out")
         if f"{l}_deepstack" in terms:
             parts.append(terms[f"{l}_deepstack"])
@@ -169,10 +189,12 @@ def residual_parts(cache: Any, layer: int, mlp_input: bool, mode: str, incl_embe
     return parts, labels
 
 
-def stack_heads(cache: Any, layer: int, pos_slice: Slice) -> tuple[Tensor, list[str]]:
-    """Every head's share before block `layer`, `[layer * n_heads, *batch, pos, d_model]`."""
+def stack_heads(cache: Any, layer: int, pos_slice: Slice, into: int | None = None) -> tuple[Tensor, list[str]]:
+    """Every head's share of the blocks before `layer`, `[layer * n_heads, *batch, pos, d_model]`, as
+    it enters block `into` (default `layer`; the heads' own block for an MLP input)."""
     n_heads = cache.model.cfg.n_heads
-    per_layer = [head_results(cache, l, pos_slice) for l in range(layer)]
+    into = layer if into is None else into
+    per_layer = [carried(head_results(cache, l, pos_slice), cache, l, into) for l in range(layer)]
     labels = [f"L{l}H{h}" for l in range(layer) for h in range(n_heads)]
     if not per_layer:
         empty = pos_slice.apply(cache["hook_embed"], dim=-2)
@@ -204,12 +226,13 @@ def full_decomposition(cache: Any, layer: int, mlp_input: bool, expand_neurons: 
             return stack
         return stack @ into if folded is None else (stack @ into) / folded[1]
 
-    heads, labels = stack_heads(cache, layer + (1 if mlp_input else 0), pos_slice)
+    heads, labels = stack_heads(cache, layer + (1 if mlp_input else 0), pos_slice, into=layer)
     parts = [out(heads)]
     if not cache.model.cfg.attn_only and layer > 0:
         if expand_neurons:
             everything = Slice(None)
-            per_layer = [neuron_results(cache, l, everything, pos_slice, into) for l in range(layer)]
+            per_layer = [carried(neuron_results(cache, l, everything, pos_slice, into), cache, l, layer)
+                         for l in range(layer)]
             neurons = einops.rearrange(torch.cat(per_layer, dim=-2), "... component d -> component ... d")
             parts.append(neurons if folded is None else neurons / folded[1])
             labels += [f"L{l}N{n}" for l in range(layer) for n in range(cache.model.cfg.d_mlp)]
@@ -217,7 +240,7 @@ def full_decomposition(cache: Any, layer: int, mlp_input: bool, expand_neurons: 
             mlp, mlp_labels = residual_parts(cache, layer, mlp_input, "mlp", incl_embeds=False)
             parts.append(out(torch.stack([pos_slice.apply(m, dim=-2) for m in mlp])))
             labels += mlp_labels
-    whole = [("embed", cache["hook_embed"])] if cache.has_embed else []
+    whole = [("embed", carried(cache["hook_embed"], cache, 0, layer))] if cache.has_embed else []
     for label, term in whole + deepstack_terms(cache, layer):
         parts.append(out(pos_slice.apply(term, dim=-2)[None]))
         labels.append(label)

@@ -24,11 +24,18 @@ Stage = Literal["vision", "adapter", "llm"]
 STAGE_PREFIXES: dict[Stage, str] = {"vision": "vision.", "adapter": "adapter.", "llm": ""}
 BLOCKS = "blocks"
 
+# a linear-attention (gated delta rule) block's mixer points, [batch, pos, head, d_head]; its write
+# strength and decay (`hook_beta_logit`, `hook_beta`, `hook_log_decay`) are [batch, pos, head], with
+# nothing after the head, so they take no `heads=` (patch them by position)
+LINEAR_ATTENTION_PREFIX = "linear_attn."
+LINEAR_ATTENTION_PER_HEAD_SITES = tuple(LINEAR_ATTENTION_PREFIX + p for p in (
+    "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v", "hook_recurrence_out",
+    "hook_gate_input"))
 # each head's `z W_O`, fired only after `set_use_attn_result(True)`
 RESULT_SITE = "attn.hook_result"
 # sites with a head dimension at position 2 ([batch, pos, head, ...])
 PER_HEAD_SITES = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-                  "attn.hook_rot_k")
+                  "attn.hook_rot_k", "attn.hook_q_gate", *LINEAR_ATTENTION_PER_HEAD_SITES)
 # the per-head q/k norms' points ([batch, pos, head, d_head] and [batch, pos, head, 1])
 PER_HEAD_NORMS = ("attn.q_ln.", "attn.k_ln.")
 # a stage's norm after its last block (the LLM's `ln_final`, a tower's `ln_post`)
@@ -39,9 +46,13 @@ QUERY_KEY_POINTS = frozenset({"hook_attn_scores", "hook_pattern"})
 # start there. Listed, not derived, so a site kind added later counts as earlier until placed here.
 AT_OR_AFTER_Z = ("attn.hook_z", "attn.hook_result", "hook_attn_out", "ln1_post.", "hook_resid_mid", "ln2.", "mlp.",
                  "hook_mlp_out", "ln2_post.", "hook_resid_post")
-# sites inside the attention, before its hook_z
+# sites inside the attention, before its hook_z (`attn.hook_q` covers the output gate's `attn.hook_q_gate`); a
+# linear attention's are all inside its mixer, which has no hook_z: rows join such a block whole
 BEFORE_Z_IN_ATTENTION = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_", "attn.hook_attn_scores",
-                         "attn.hook_pattern", "attn.q_ln.", "attn.k_ln.")
+                         "attn.hook_pattern", "attn.q_ln.", "attn.k_ln.", LINEAR_ATTENTION_PREFIX)
+
+# one expert's points in a mixture-of-experts block: `mlp.experts.{expert}.hook_out`
+EXPERTS_SITE = "mlp.experts."
 
 _LAYER = re.compile(r"0|[1-9][0-9]*")
 
@@ -91,6 +102,17 @@ class HookName:
     def per_head(self) -> bool:
         """Whether the activation is [batch, pos, head, ...]."""
         return self.site in PER_HEAD_SITES or self.site.startswith(PER_HEAD_NORMS)
+
+    @property
+    def expert(self) -> int | None:
+        """The expert a point of a mixture-of-experts block belongs to (3 for
+        `blocks.1.mlp.experts.3.hook_pre`), None elsewhere. Such points have no head dimension: an
+        expert's `hook_pre` / `hook_post` are [tokens it serves, d_expert], its `hook_out` [batch,
+        pos, d_model]."""
+        if not self.site.startswith(EXPERTS_SITE):
+            return None
+        number = self.site[len(EXPERTS_SITE):].split(".", 1)[0]
+        return int(number) if _LAYER.fullmatch(number) else None
 
     @property
     def query_by_key(self) -> bool:

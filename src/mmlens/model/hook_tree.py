@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from .hook_contract import CheckedHookPoint
-from .weights import AttentionWeights, BlockOutputs, MLPWeights, NormWeights, StackedWeights
+from .config import MoEConfig, StageConfig
+from .weights import (
+    AttentionWeights, BlockOutputs, ExpertWeights, MLPWeights, MoEWeights, NormWeights, StackedWeights,
+)
 
 
 def is_hooked(point: HookPoint) -> bool:
@@ -55,10 +58,75 @@ class AttentionHooks(AttentionWeights, HookGroup):
         # a hooked q/k norm takes the step-by-step path, so its points see [batch, pos, head, d_head]
         return super().any_hooked() or any(n.any_hooked() for n in self._qk_norms)
 
+    def add_output_gate(self) -> None:
+        """`hook_q_gate` ([batch, pos, head, d_head], before its sigmoid): the gate q_proj emits beside
+        each head's query, by whose sigmoid the attention output is multiplied before `hook_z`
+        (Qwen3.5; TL's bridge names the point alike and reads its `hook_z` after the gate too)."""
+        if not hasattr(self, "hook_q_gate"):
+            self.hook_q_gate = CheckedHookPoint()
+            self._own_points.append(self.hook_q_gate)
+
+
+class LinearAttentionHooks(HookGroup):
+    """The points of a gated-delta-rule token mixer (Qwen3.5), TransformerLens's names: q, k, v
+    before and after the short causal convolution ([batch, pos, head, d_head]; q and k with the key
+    heads), the write strength's logit and sigmoid and the log decay ([batch, pos, value head]), the
+    recurrence's output and the gate of its norm ([batch, pos, value head, d_head])."""
+
+    def __init__(self):
+        super().__init__("hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v",
+                         "hook_beta_logit", "hook_beta", "hook_log_decay", "hook_recurrence_out", "hook_gate_input")
+
 
 class MLPHooks(MLPWeights, HookGroup):
     def __init__(self, gated: bool):
         super().__init__("hook_pre", "hook_post", *(["hook_pre_linear"] if gated else []))
+
+
+class ExpertHooks(ExpertWeights, HookGroup):
+    """One routed expert: TL's gated-MLP points on the tokens it serves (`hook_pre` the gate
+    projection, `hook_pre_linear` the up projection, `hook_post` their product, each [tokens it
+    serves, d_expert], tokens in (batch, position) order) and `hook_out` [batch, pos, d_model]: its
+    weighted contribution, zero at tokens that did not choose it."""
+
+    def __init__(self):
+        super().__init__("hook_pre", "hook_pre_linear", "hook_post", "hook_out")
+
+
+class SharedExpertHooks(MLPWeights, HookGroup):
+    """The expert every token goes through beside the routed ones (Qwen3.5-MoE, Llama 4): a gated
+    MLP's points, `hook_gate` (its sigmoid gate, [batch, pos, 1]) where it has one, and `hook_out`
+    (what it adds to the block's output, [batch, pos, d_model])."""
+
+    def __init__(self, gated_output: bool):
+        super().__init__("hook_pre", "hook_pre_linear", "hook_post", *(["hook_gate"] if gated_output else []), "hook_out")
+
+
+class MoEHooks(MoEWeights, HookGroup):
+    """A mixture-of-experts block: `hook_router_logits` [batch, pos, n_experts], then the chosen
+    experts `hook_expert_indices` and their weights `hook_expert_weights` (both [batch, pos, top_k],
+    TL's names; the indices fire first, so a hook on the weights can read them), each expert's
+    points (`experts.{e}`) and the shared expert's (`shared_expert`) where the block has one."""
+
+    def __init__(self, moe: MoEConfig, shared_gate: bool = False):
+        super().__init__("hook_router_logits", "hook_expert_indices", "hook_expert_weights")
+        self.experts = nn.ModuleList(ExpertHooks() for _ in range(moe.n_experts))
+        self._groups: list[HookGroup] = list(self.experts)
+        if moe.shared_expert:
+            self.shared_expert = SharedExpertHooks(shared_gate)
+            self._groups.append(self.shared_expert)
+
+    def any_hooked(self) -> bool:
+        return super().any_hooked() or any(group.any_hooked() for group in self._groups)
+
+
+def use_moe_hooks(blocks: nn.ModuleList, stage: StageConfig, shared_gate: bool = False) -> None:
+    """Give the blocks the stage's config marks as mixture-of-experts `MoEHooks` in place of a
+    dense MLP's points (before the model's hook dictionary is built)."""
+    if stage.moe is None:
+        return
+    for layer in stage.moe.layers:
+        blocks[layer].mlp = MoEHooks(stage.moe, shared_gate)
 
 
 class NormHooks(NormWeights, HookGroup):
@@ -86,6 +154,18 @@ class BlockHooks(BlockOutputs, HookGroup):
     def residual_hooked(self) -> bool:
         """Whether the block-level path (not attention, MLP or norm internals) has to be taken apart."""
         return self.any_hooked()
+
+    def mix_with_linear_attention(self) -> None:
+        """Make this block's token mixer a linear attention: `linear_attn.hook_*` points instead of
+        `attn` (a recurrence has no attention pattern, no `hook_z`, no heads to knock out)."""
+        del self.attn
+        self.linear_attn = LinearAttentionHooks()
+
+    def __getattr__(self, name: str):
+        if name == "attn" and "linear_attn" in self._modules:  # say why, to whatever reads every block's attn
+            raise AttributeError("this block mixes tokens with linear attention (a gated delta rule): it has no `attn` "
+                                 "(no pattern, heads or W_Q/W_K/W_V/W_O); its points are `linear_attn.hook_*`")
+        return super().__getattr__(name)
 
 
 class VisionHooks(StackedWeights, HookGroup):

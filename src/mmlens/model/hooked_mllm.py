@@ -34,7 +34,7 @@ from .config import MLLMConfig
 from .generation import Generation
 from .hook_contract import CheckedHookPoint
 from .hook_names import RESULT_SITE, parse_hook_name
-from .hook_tree import AdapterHooks, BlockHooks, VisionHooks
+from .hook_tree import AdapterHooks, BlockHooks, MoEHooks, VisionHooks, use_moe_hooks
 from .images.layout import ImageTokenLayout
 from .images.preprocess import MaskGeometry
 from .inputs import MultimodalInputs
@@ -87,6 +87,10 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
                        sandwich_norms=llm.use_normalization_before_and_after, qk_norm=llm.use_qk_norm)
             for _ in range(llm.n_layers)
         )
+        # the blocks the config marks as mixture-of-experts get expert points in place of a dense
+        # MLP's, whatever the family, before it hooks its modules onto them
+        moe_spec = getattr(getattr(self.architecture, "llm_block", None), "moe", None)
+        use_moe_hooks(self.blocks, llm, shared_gate=moe_spec is not None and moe_spec.shared_expert_gate is not None)
         self.ln_final = FinalNormHooks()  # fires before its weight, which W_U carries (TL's fold_ln)
         self._handles = self.architecture.instrument(hf_model, self)
         self._stages = self.architecture.stage_modules(hf_model)
@@ -186,8 +190,7 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
                 for norm in ("q_ln", "k_ln"):
                     yield from _norm_parameters(f"{name}.attn.{norm}", getattr(attn, norm, None))
                 gated = (self.cfg.llm if stage is self else self.cfg.vision).gated_mlp
-                for weight in ("W_in", *(("W_gate",) if gated else ()), "b_in", "W_out", "b_out"):
-                    yield f"{name}.mlp.{weight}", getattr(block.mlp, weight)
+                yield from _mlp_parameters(f"{name}.mlp", block.mlp, gated)
             if prefix:
                 yield from _norm_parameters("vision.ln_post", getattr(stage, "ln_post", None))
         yield "unembed.W_U", self.W_U
@@ -660,6 +663,21 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
 
     def __repr__(self) -> str:
         return f"HookedMLLM({self.cfg.summary()}, {len(self.hook_dict)} hook points)"
+
+
+def _mlp_parameters(name: str, mlp: Any, gated: bool) -> Iterator[tuple[str, Tensor]]:
+    """A dense MLP's weights, or a mixture of experts' under TL's MoE names: the router `W_gate`,
+    then each expert's `experts.{e}.W_in` / `W_gate` / `W_out` (and a shared expert's weights)."""
+    if not isinstance(mlp, MoEHooks):
+        for weight in ("W_in", *(("W_gate",) if gated else ()), "b_in", "W_out", "b_out"):
+            yield f"{name}.{weight}", getattr(mlp, weight)
+        return
+    yield f"{name}.W_gate", mlp.W_gate
+    for e, expert in enumerate(mlp.experts):
+        for weight in ("W_in", "W_gate", "W_out"):
+            yield f"{name}.experts.{e}.{weight}", getattr(expert, weight)
+    if hasattr(mlp, "shared_expert"):
+        yield from _mlp_parameters(f"{name}.shared_expert", mlp.shared_expert, gated=True)
 
 
 def _norm_parameters(name: str, norm: Any) -> Iterator[tuple[str, Tensor]]:

@@ -63,6 +63,45 @@ def ungated_linears(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     return mlp.linear_fc1, mlp.linear_fc2
 
 
+class FusedSlice:
+    """Part `index` of `parts` equal row blocks of a fused linear (a packed tower's `qkv`: q, k, v;
+    GLM-4V's `gate_up_proj`: gate, then up) as a view with `weight`, `bias` and `out_features`, which
+    the weight surface reads like a linear's: in-place edits of the view edit the model."""
+
+    def __init__(self, fused: nn.Linear, index: int, parts: int):
+        self._fused, self._index, self._parts = fused, index, parts
+
+    @property
+    def out_features(self) -> int:
+        return self._fused.out_features // self._parts
+
+    def _rows(self, tensor: Tensor) -> Tensor:
+        n = self.out_features
+        return tensor[self._index * n : (self._index + 1) * n]
+
+    @property
+    def weight(self) -> Tensor:
+        return self._rows(self._fused.weight)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self._fused.bias is None else self._rows(self._fused.bias)
+
+
+def wrapped_linear(module: nn.Module) -> nn.Module:
+    """The `nn.Linear` a wrapper keeps at `.linear` (Gemma 4's clippable linears), else the module."""
+    inner = getattr(module, "linear", None)
+    return inner if isinstance(inner, nn.Linear) and not hasattr(module, "weight") else module
+
+
+def gated_linears(mlp: nn.Module) -> tuple[Any, nn.Linear, Any]:
+    """A gated MLP's (up, down, gate) linears: `up_proj`, `down_proj`, `gate_proj` (each unwrapped
+    from a clipping wrapper), or for one fused `gate_up_proj` (GLM-4V) its halves as `FusedSlice` views."""
+    if hasattr(mlp, "gate_up_proj"):
+        return FusedSlice(mlp.gate_up_proj, 1, 2), mlp.down_proj, FusedSlice(mlp.gate_up_proj, 0, 2)
+    return wrapped_linear(mlp.up_proj), wrapped_linear(mlp.down_proj), wrapped_linear(mlp.gate_proj)
+
+
 def _bias(linear: nn.Linear) -> Tensor:
     if linear.bias is not None:
         return linear.bias
@@ -147,7 +186,7 @@ class MLPWeights:
 
     def bind_mlp(self, module: nn.Module, gated: bool) -> None:
         if gated:
-            self._weight_source = tuple(getattr(module, n) for n in ("up_proj", "down_proj", "gate_proj"))
+            self._weight_source = gated_linears(module)
         else:
             self._weight_source = ungated_linears(module)
 
@@ -162,6 +201,61 @@ class MLPWeights:
     W_out = property(lambda self: self._linear(1).weight.T, doc="[d_mlp, d_model]")
     b_out = property(lambda self: _bias(self._linear(1)), doc="[d_model]")
     W_gate = property(lambda self: self._linear(2).weight.T, doc="[d_model, d_mlp], gated MLPs only")
+
+
+class ExpertWeights:
+    """One expert of a mixture-of-experts block as TL's MoE names its `GatedMLP`: `W_in` (up) and
+    `W_gate` `[d_model, d_expert]`, `W_out` `[d_expert, d_model]`, zero biases; views of the fused
+    3-D parameters (`gate_up_proj` [experts, 2 d_expert, d_model] holding gate then up, and
+    `down_proj`; `transposed` for the [experts, d_model, 2 d_expert] layout)."""
+
+    def bind_expert(self, experts: nn.Module, index: int, transposed: bool) -> None:
+        self._weight_source = (experts, index, transposed)
+
+    def _part(self, name: str) -> Tensor:
+        experts, index, transposed = _bound(self, "expert weights")
+        weight = getattr(experts, name)[index]
+        return weight if transposed else weight.T
+
+    def _gate_up(self, half: int) -> Tensor:
+        both = self._part("gate_up_proj")
+        width = both.shape[-1] // 2
+        return both[:, half * width:(half + 1) * width]
+
+    W_gate = property(lambda self: self._gate_up(0), doc="[d_model, d_expert]")
+    W_in = property(lambda self: self._gate_up(1), doc="[d_model, d_expert]")
+    W_out = property(lambda self: self._part("down_proj"), doc="[d_expert, d_model]")
+    b_in = property(lambda self: self.W_in.new_zeros(self.W_in.shape[-1]), doc="[d_expert], zeros")
+    b_out = property(lambda self: self.W_out.new_zeros(self.W_out.shape[-1]), doc="[d_model], zeros")
+
+
+_NO_DENSE_MLP = ("this block's mlp is a mixture of experts: it has no single `{attr}` (a dense tensor here would be "
+                 "wrong); TL's MoE convention applies: `mlp.experts[e].W_in` / `W_gate` / `W_out` for each expert, "
+                 "`mlp.W_gate` for the router [d_model, n_experts]")
+
+
+class MoEWeights:
+    """TL's MoE surface on a mixture-of-experts block: `W_gate` is the router `[d_model, n_experts]`
+    (as TransformerLens's own `MoE` component), `experts[e]` carry the per-expert weights, `b_out`
+    is zeros (the experts have no biases). `W_in` / `W_out` / `b_in` are refused by name."""
+
+    def bind_moe(self, router: nn.Module) -> None:
+        self._weight_source = router
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model n_experts"]:
+        return _present(_bound(self, "router weights")).weight.T
+
+    @property
+    def b_out(self) -> Float[Tensor, "d_model"]:
+        return self.experts[0].b_out
+
+    def _refused(self, attr: str):
+        raise UnsupportedModelError(_NO_DENSE_MLP.format(attr=attr))
+
+    W_in = property(lambda self: self._refused("W_in"))
+    W_out = property(lambda self: self._refused("W_out"))
+    b_in = property(lambda self: self._refused("b_in"))
 
 
 class NormWeights:
@@ -201,11 +295,20 @@ class BlockOutputs:
     norms (`ln1_post`, `ln2_post`; Gemma 3). Both are linear given the norms' cached scales, so the
     cache decomposes through them (`mmlens.model.decompose`)."""
 
-    def bind_outputs(self, layer: nn.Module, layer_scale: tuple[str, str] | None) -> None:
-        """Called once the block is instrumented: `layer_scale` names the HF layer's scales, if any."""
+    def bind_outputs(self, layer: nn.Module, layer_scale: tuple[str, str] | None, output_scalar: str | None = None) -> None:
+        """Called once the block is instrumented: `layer_scale` names the HF layer's scales, if any,
+        `output_scalar` its factor on the whole block output (Gemma 4's `layer_scalar`)."""
         if layer_scale is not None:
             self._layer_scale_source = (layer, layer_scale)  # a tuple: the HF layer stays out of the hook tree
+        if output_scalar is not None:
+            self._output_scalar_source = (layer, output_scalar)
         self._mark_transformed()
+
+    def output_scalar(self) -> Tensor | None:
+        """The factor on the block's whole output, residual included (`hook_resid_post = s * (resid_mid +
+        mlp_out)`), or None: everything added to the residual before it is scaled by it too."""
+        source = getattr(self, "_output_scalar_source", None)
+        return None if source is None else getattr(*source)
 
     def layer_scale(self, sublayer: int) -> Float[Tensor, "d_model"] | None:
         """The per-channel factor on the attention (0) or MLP (1) output, or None."""
@@ -228,11 +331,14 @@ class BlockOutputs:
             what.append("scales its outputs per channel (layer scale)")
         if self.post_norm(0) is not None:
             what.append("normalises its attention and MLP outputs (post-norms)")
+        if getattr(self, "_output_scalar_source", None) is not None:
+            what.append("scales its whole output, the residual included, so every earlier term (block scalar)")
         self.attn._output_transform = " and ".join(what) or None
 
     @property
     def output_transformed(self) -> bool:
-        return self.post_norm(0) is not None or getattr(self, "_layer_scale_source", None) is not None
+        return self.post_norm(0) is not None or any(
+            getattr(self, source, None) is not None for source in ("_layer_scale_source", "_output_scalar_source"))
 
     @property
     def residual_contribution_scale(self) -> float:
@@ -243,7 +349,15 @@ class BlockOutputs:
 
 
 def _stack(blocks: Any, part: str, name: str) -> Tensor:
-    return torch.stack([getattr(getattr(block, part), name) for block in blocks])
+    per_layer = [getattr(getattr(block, part), name) for block in blocks]
+    shapes = [tuple(weight.shape) for weight in per_layer]
+    if len(set(shapes)) > 1:
+        sizes = ", ".join(f"{shape} at layers {[l for l, s in enumerate(shapes) if s == shape]}" for shape in dict.fromkeys(shapes))
+        raise UnsupportedModelError(
+            f"the stacked `{name}` needs every layer's {part}.{name} in one [n_layers, ...] tensor, but this stack's layers "
+            f"have their own sizes ({sizes}; e.g. a head size per layer type): read each "
+            f"layer's own, `blocks[l].{part}.{name}` (model.blocks[l] in the LLM, model.vision.blocks[l] in the tower)")
+    return torch.stack(per_layer)
 
 
 class StackedWeights(FactoredCircuits):

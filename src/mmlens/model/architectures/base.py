@@ -197,6 +197,11 @@ class Architecture(ABC):
             raise InputError(f"config.mmlens_image_attention must be one of {self.attention_modes}, got {mode!r}")
         return mode
 
+    def image_attention_layers(self, cfg: MLLMConfig) -> tuple[int, ...] | None:
+        """The LLM layers where "bidirectional" lets an image's tokens see each other (None: every
+        layer), which the bidirectional-attention edit opens by default."""
+        return None
+
     def attention_edges(
         self, mode: str, layout: ImageTokenLayout, attention_mask: Int[Tensor, "batch seq"] | None,
         extra: dict[str, Tensor],

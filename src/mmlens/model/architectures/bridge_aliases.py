@@ -106,3 +106,35 @@ LLM_QK_NORM_ALIASES = (
     alias(_L + "attn.q_ln.hook_normalized", _L + "attn.q_norm.hook_out"),
     alias(_L + "attn.k_ln.hook_normalized", _L + "attn.k_norm.hook_out"),
 )
+# A linear-attention block's mixer as the bridge wraps it (`GatedDeltaNetBridge`, Qwen3.5): its inner
+# points have our names already; these are its other names for them (TL's SSM vocabulary) and its
+# output, which is the block's attention output here
+LINEAR_ATTENTION_ALIASES = (
+    alias(_L + "hook_attn_out", _L + "linear_attn.hook_out", _L + "linear_attn.hook_linear_attn_out",
+          _L + "linear_attn.hook_ssm_out"),
+    alias(_L + "linear_attn.hook_q", _L + "linear_attn.hook_ssm_C"),
+    alias(_L + "linear_attn.hook_k", _L + "linear_attn.hook_ssm_B"),
+    alias(_L + "linear_attn.hook_log_decay", _L + "linear_attn.hook_ssm_decay"),
+    alias(_L + "linear_attn.hook_beta", _L + "linear_attn.hook_ssm_write"),
+)
+# A mixture-of-experts stack as the bridge wraps it (MoEBridge). On sparse layers `mlp.gate` is the
+# router: its hook_out is the router logits (the bridge's [batch * pos, n_experts], ours [batch,
+# pos, n_experts], the same numbers) and it carries TL's hook_expert_weights / hook_expert_indices
+# (ours sit on the block, as in TL's own MoE). Dense layers of the same stack keep their projections
+# under dense_gate / dense_in / dense_out, so the plain LLM MLP names (LLM_ALIASES) do not apply.
+MOE_ALIASES = (
+    alias(_L + "mlp.hook_router_logits", _L + "mlp.gate.hook_out"),
+    alias(_L + "mlp.hook_expert_weights", _L + "mlp.gate.hook_expert_weights"),
+    alias(_L + "mlp.hook_expert_indices", _L + "mlp.gate.hook_expert_indices"),
+    alias(_L + "mlp.hook_pre", _L + "mlp.dense_gate.hook_out"),
+    alias(_L + "mlp.hook_pre_linear", _L + "mlp.dense_in.hook_out"),
+    alias(_L + "mlp.hook_post", _L + "mlp.dense_out.hook_in"),
+)
+# The shared expert beside the routed ones, a GatedMLPBridge (Qwen3.5-MoE): its projections' names.
+# The bridge's `shared_expert.hook_out` (before the sigmoid gate) and `shared_expert_gate.hook_out`
+# (the gate's logit) are other quantities than our `shared_expert.hook_out` / `hook_gate`: not aliased
+SHARED_EXPERT_ALIASES = (
+    alias(_L + "mlp.shared_expert.hook_pre", _L + "mlp.shared_expert.gate.hook_out"),
+    alias(_L + "mlp.shared_expert.hook_pre_linear", _L + "mlp.shared_expert.in.hook_out"),
+    alias(_L + "mlp.shared_expert.hook_post", _L + "mlp.shared_expert.out.hook_in"),
+)

@@ -12,17 +12,23 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import einops
 import torch
 from torch import Tensor, nn
 
-from ..hook_tree import AttentionHooks, BlockHooks, MLPHooks, fire, is_hooked
-from ..weights import ungated_linears
+from ...errors import UnsupportedModelError
+from ..hook_tree import AttentionHooks, BlockHooks, MLPHooks, MoEHooks, fire, is_hooked
+from ..weights import FusedSlice, ungated_linears
 from .devices import bare_forward, override_forward, restore_forward, weights_present
 from .layer_runs import Z_JOIN, first_rows
+from .linear_attention import LinearAttentionSpec, call_linear_attention, linear_attention_forward
 from .norms import NormKind, instrument_norm
+
+if TYPE_CHECKING:
+    from .moe import MoESpec
 
 _INSTRUMENTED = "_mmlens_instrumented"
 
@@ -51,6 +57,19 @@ class AttentionSpec:
     # the dim `apply_rotary_pos_emb` unsqueezes cos/sin at: 1 for [batch, seq, d_head] tables, 0
     # for a packed sequence's [seq, d_head] table (Pixtral)
     rotary_unsqueeze_dim: int = 1
+    # a rotary applied to q and to k one at a time, before the head transpose (`[batch, seq, head,
+    # d_head]`), given the attention's keywords (Gemma 4's one-tensor `apply_rotary_pos_emb(x, cos,
+    # sin, unsqueeze_dim=2)`, its tower's 2-D `apply_multidimensional_rope`); None: the module's own
+    # `apply_rotary_pos_emb(q, k, cos, sin)` after the transpose
+    rotate: Callable[[Tensor, dict[str, Any]], Tensor] | None = None
+    # an RMSNorm over each head's values, after `hook_v` (Gemma 4's unweighted v norm). A module whose
+    # `v` projection is None takes the key projection, before `k_norm`, as its values (Gemma 4's
+    # `attention_k_eq_v` full-attention layers); `hook_v` then fires on that copy
+    v_norm: str | None = None
+    # q_proj emits each head's query and a gate side by side ([head, 2 * d_head]); the attention
+    # output is multiplied by sigmoid(gate) before o_proj (Qwen3.5). `hook_q_gate` fires on the gate
+    # and `hook_z` after the product, as TL's bridge has it (its hook_z is o_proj's input)
+    output_gate: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,15 @@ class BlockSpec:
     # sandwich norms on the attention and MLP outputs before they join the residual (Gemma 2/3):
     # x + post_ln1(attn(ln1(x))), then + post_ln2(mlp(ln2(.))); TL's `ln1_post` / `ln2_post`
     post_norms: tuple[str, str] | None = None
+    # a buffer the block's whole output (the residual after the MLP) is multiplied by, which
+    # `hook_resid_post` then holds (Gemma 4's `layer_scalar`)
+    output_scalar: str | None = None
+    # where the blocks of linear-attention layers (`StageConfig.linear_attention_layers`) keep the
+    # gated-delta-rule mixer that replaces `attn` there (Qwen3.5); the rest of the spec is theirs too
+    linear_attention: LinearAttentionSpec | None = None
+    # how the blocks the config marks as mixture-of-experts (`StageConfig.moe`) route and run their
+    # experts (`runtime/moe.py`); their MLP hooks are `MoEHooks`
+    moe: MoESpec | None = None
 
 
 def _override_forward(module: nn.Module, forward: Callable) -> None:
@@ -90,6 +118,25 @@ def _argument_names(module: nn.Module) -> list[str]:
     """Names of the positional parameters of the class forward after the first input."""
     params = list(inspect.signature(type(module).forward).parameters.values())[2:]
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    """`module`'s attribute `name` (None where it is None), or the child a dotted path names."""
+    return module.get_submodule(name) if "." in name else getattr(module, name)
+
+
+class GatedQueryRows(FusedSlice):
+    """A gated q_proj's query rows as the weight surface reads a linear: each head's d_head query
+    rows, without the gate rows interleaved after them. No view can skip interleaved rows, so `W_Q`
+    / `b_Q` are copies: they read right and pass gradients, but editing them in place does not reach
+    the model (edit `q_proj.weight`)."""
+
+    def __init__(self, q_proj: nn.Linear, d_head: int):
+        super().__init__(q_proj, 0, 2)
+        self._d_head = d_head
+
+    def _rows(self, tensor: Tensor) -> Tensor:
+        return tensor.unflatten(0, (-1, 2, self._d_head))[:, 0].flatten(0, 1)
 
 
 def apply_attention_mask(
@@ -124,29 +171,44 @@ def instrument_attention(
     rotary_fn = (
         getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary else None
     )
-    q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
+    # dotted names reach into wrappers (Gemma 4's tower keeps each nn.Linear in `q_proj.linear`)
+    q_proj, k_proj, v_proj, o_proj = (_submodule(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
     d_head = attn.head_dim
     scaling = getattr(attn, spec.scaling)
     softcap = getattr(attn, spec.softcap) if spec.softcap else None
     identity = lambda x: x  # noqa: E731
-    q_norm, k_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, spec.k_norm))
+    q_norm, k_norm, v_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, spec.k_norm, spec.v_norm))
     if spec.q_norm:  # per-head RMSNorms act on the last dim, so [b, s, h, d] gives HF's numbers
         instrument_norm(q_norm, hooks.q_ln, spec.qk_norm_kind or norm_kind)
         instrument_norm(k_norm, hooks.k_ln, spec.qk_norm_kind or norm_kind)
     if spec.qk_norm_over == "width":  # normalise the whole projection, then split it into heads
         q_norm, k_norm = (lambda x, n=n: n(x.flatten(-2)).unflatten(-1, (-1, d_head)) for n in (q_norm, k_norm))
-    hooks.bind_attention(attn, spec.q, spec.k, spec.v, spec.o)
+    # the weight views read the linears themselves (W_V is W_K where the keys are the values)
+    queries = GatedQueryRows(q_proj, d_head) if spec.output_gate else q_proj
+    linears = SimpleNamespace(q=queries, k=k_proj, v=k_proj if v_proj is None else v_proj, o=o_proj, head_dim=d_head)
+    hooks.bind_attention(linears, "q", "k", "v", "o")
     unsqueeze = {} if spec.rotary_unsqueeze_dim == 1 else {"unsqueeze_dim": spec.rotary_unsqueeze_dim}
+    if spec.output_gate:
+        hooks.add_output_gate()
 
     def attend(hidden_states: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """z (before `hook_z` fires) and the pattern."""
         attention_mask = kwargs.get("attention_mask")
         batch, seq, _ = hidden_states.shape
-        q = q_norm(fire(hooks.hook_q, q_proj(hidden_states).view(batch, seq, -1, d_head)))
-        k = k_norm(fire(hooks.hook_k, k_proj(hidden_states).view(batch, seq, -1, d_head)))
-        v = fire(hooks.hook_v, v_proj(hidden_states).view(batch, seq, -1, d_head))
+        queries, gate = q_proj(hidden_states), None
+        if spec.output_gate:
+            queries, gate = queries.view(batch, seq, -1, 2 * d_head).chunk(2, dim=-1)
+            gate = fire(hooks.hook_q_gate, gate)
+        q = q_norm(fire(hooks.hook_q, queries.view(batch, seq, -1, d_head)))
+        keys = k_proj(hidden_states).view(batch, seq, -1, d_head)
+        values = keys.clone() if v_proj is None else v_proj(hidden_states).view(batch, seq, -1, d_head)
+        k = k_norm(fire(hooks.hook_k, keys))
+        v = v_norm(fire(hooks.hook_v, values))
+        if rotary_fn is not None and spec.rotate is not None:  # per tensor, before the transpose
+            q = fire(hooks.hook_rot_q, spec.rotate(q, kwargs))
+            k = fire(hooks.hook_rot_k, spec.rotate(k, kwargs))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if rotary_fn is not None:
+        if rotary_fn is not None and spec.rotate is None:
             cos, sin = kwargs["position_embeddings"]
             q, k = rotary_fn(q, k, cos, sin, **unsqueeze)
             q = fire(hooks.hook_rot_q, q.transpose(1, 2)).transpose(1, 2)
@@ -165,7 +227,8 @@ def instrument_attention(
         if attn.training:
             pattern = nn.functional.dropout(pattern, p=getattr(attn, "attention_dropout", 0.0))
         pattern = fire(hooks.hook_pattern, pattern)
-        return torch.matmul(pattern, v).transpose(1, 2).contiguous(), pattern
+        z = torch.matmul(pattern, v).transpose(1, 2).contiguous()
+        return (z if gate is None else z * torch.sigmoid(gate)), pattern
 
     def project(z: Tensor) -> Tensor:
         """The attention output from z, through `hook_z` (and `hook_result`)."""
@@ -199,17 +262,27 @@ def instrument_attention(
     _override_forward(attn, forward)
 
 
+def _gate_and_up(mlp: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A gated MLP's gate and up projections of `x`: its `gate_proj` and `up_proj`, or the two halves
+    of one fused `gate_up_proj` (GLM-4V: gate first), computed fused and split as Hugging Face does."""
+    if hasattr(mlp, "gate_up_proj"):
+        return mlp.gate_up_proj(x).chunk(2, dim=-1)
+    return mlp.gate_proj(x), mlp.up_proj(x)
+
+
 def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
     original = bare_forward(mlp)
     hooks.bind_mlp(mlp, gated)
     if gated:
+        act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # GLM-4V's fused MLP: activation_fn
 
         def forward(x: Tensor) -> Tensor:
             if not hooks.any_hooked():
                 return original(x)
-            pre = fire(hooks.hook_pre, mlp.gate_proj(x))
-            pre_linear = fire(hooks.hook_pre_linear, mlp.up_proj(x))
-            return mlp.down_proj(fire(hooks.hook_post, mlp.act_fn(pre) * pre_linear))
+            gate, up = _gate_and_up(mlp, x)
+            pre = fire(hooks.hook_pre, gate)
+            pre_linear = fire(hooks.hook_pre_linear, up)
+            return mlp.down_proj(fire(hooks.hook_post, act(pre) * pre_linear))
 
     else:
         # CLIP / SigLIP: fc1, activation_fn, fc2; Qwen2-VL's tower: act; Qwen3-VL's: linear_fc1, act_fn, linear_fc2
@@ -234,22 +307,44 @@ def _scaling(layer: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
 
 
 def instrument_block(
-    layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool], norm: NormKind
+    layer: nn.Module, hooks: BlockHooks, spec: BlockSpec, use_result: Callable[[], bool], norm: NormKind,
+    linear_attention: bool = False,
 ) -> None:
     """Hook a pre-norm block (with sandwich norms if its spec says so), its norms (which fire
-    their own points), attention and MLP."""
-    ln1, attn, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.attn, spec.ln2, spec.mlp))
+    their own points), attention (or, with `linear_attention`, its gated delta net) and MLP."""
+    ln1, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
     scale1, scale2 = (_scaling(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
     post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
+    # read at call time, like a layer scale: an offloaded layer's buffers are in place only while it runs
+    rescale = (lambda x: x * getattr(layer, spec.output_scalar)) if spec.output_scalar else identity
     instrument_norm(ln1, hooks.ln1, norm)
     instrument_norm(ln2, hooks.ln2, norm)
     if spec.post_norms:
         instrument_norm(post1, hooks.ln1_post, norm)
         instrument_norm(post2, hooks.ln2_post, norm)
-    instrument_attention(attn, hooks.attn, spec.attention, use_result, norm)
-    instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
-    hooks.bind_outputs(layer, spec.layer_scale)  # what the cache decomposes through
+    if linear_attention:
+        if spec.linear_attention is None:
+            raise UnsupportedModelError(f"{type(layer).__name__} mixes tokens with linear attention but its block "
+                                        "spec has no linear_attention part saying where that mixer keeps its weights")
+        mixer = getattr(layer, spec.linear_attention.module)
+        _override_forward(mixer, linear_attention_forward(mixer, hooks.linear_attn, spec.linear_attention))
+        mix = lambda x, kwargs: call_linear_attention(mixer, x, kwargs)  # noqa: E731
+    else:
+        attn = getattr(layer, spec.attn)
+        instrument_attention(attn, hooks.attn, spec.attention, use_result, norm)
+        mix = lambda x, kwargs: attn(hidden_states=x, **kwargs)[0]  # noqa: E731
+    if isinstance(hooks.mlp, MoEHooks) or (spec.moe is not None and hasattr(mlp, spec.moe.experts)):
+        from .moe import instrument_moe  # moe.py builds on this module (its shared expert is an MLP here)
+
+        instrument_moe(mlp, hooks.mlp, spec.moe)  # refuses a block whose config and module disagree
+    else:
+        instrument_mlp(mlp, hooks.mlp, spec.gated_mlp)
+    # an MoE block that returns (output, router logits) gives its output flat, [tokens, d_model] (Llama 4)
+    routes_with_logits = isinstance(hooks.mlp, MoEHooks) and spec.moe is not None and spec.moe.returns_router_logits
+    feed_forward = (lambda x: mlp(x)[0].view_as(x)) if routes_with_logits else mlp
+    if not linear_attention:  # a linear-attention block has no heads for the cache to decompose into
+        hooks.bind_outputs(layer, spec.layer_scale, spec.output_scalar)  # what the cache decomposes through
     original = bare_forward(layer)
     names = _argument_names(layer)
 
@@ -259,11 +354,11 @@ def instrument_block(
         kwargs.update(zip(names, args))
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
         normed = ln1(resid_pre)  # the instrumented norm fires its own hook_scale / hook_normalized
-        attn_out = fire(hooks.hook_attn_out, post1(scale1(attn(hidden_states=normed, **kwargs)[0])))
+        attn_out = fire(hooks.hook_attn_out, post1(scale1(mix(normed, kwargs))))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
         normed = ln2(resid_mid)
-        mlp_out = fire(hooks.hook_mlp_out, post2(scale2(mlp(normed))))
-        return fire(hooks.hook_resid_post, resid_mid + mlp_out)
+        mlp_out = fire(hooks.hook_mlp_out, post2(scale2(feed_forward(normed))))
+        return fire(hooks.hook_resid_post, rescale(resid_mid + mlp_out))
 
     _override_forward(layer, forward)
 
@@ -277,10 +372,14 @@ def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root:
                               use_result: Callable[[], bool]) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook a Hugging Face decoder stack (`embed_tokens`, `layers`, `norm`) into `root`'s LLM
     points: its blocks, final norm, and `hook_embed` then `hook_multimodal_embed` on the merged
-    input it receives (text embeddings with the image tokens in place)."""
+    input it receives (text embeddings with the image tokens in place). Blocks of linear-attention
+    layers (Qwen3.5) get `linear_attn` points instead of `attn`."""
     norm = root.cfg.llm.normalization_type
-    for layer, hooks in zip(layers, root.blocks):
-        instrument_block(layer, hooks, spec, use_result, norm)
+    linear = set(root.cfg.llm.linear_attention_layers)
+    for index, (layer, hooks) in enumerate(zip(layers, root.blocks)):
+        if index in linear:
+            hooks.mix_with_linear_attention()
+        instrument_block(layer, hooks, spec, use_result, norm, linear_attention=index in linear)
     instrument_norm(lm.norm, root.ln_final, norm)
 
     def merged_embedding(_module, args, kwargs):

@@ -29,12 +29,18 @@ def _first_tensor(output) -> Tensor:
 
 
 @torch.no_grad()
-def _block_outputs(model: Any, inputs: dict[str, Tensor], blocks: list[tuple[str, nn.Module]]) -> tuple[dict[str, Tensor], Tensor]:
+def _block_outputs(model: Any, inputs: dict[str, Tensor], blocks: list[tuple[str, nn.Module]],
+                   running: list[str] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Each block's output and the logits; `running` keeps the name of a block whose forward raised."""
     outputs: dict[str, Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, _first_tensor(out).detach().clone()))
-        for name, module in blocks
-    ]
+    running = [] if running is None else running
+
+    def finished(name: str, out: Any) -> None:
+        running.remove(name)
+        outputs[name] = _first_tensor(out).detach().clone()
+
+    handles = [module.register_forward_pre_hook(lambda _m, _a, name=name: running.append(name)) for name, module in blocks]
+    handles += [module.register_forward_hook(lambda _m, _a, out, name=name: finished(name, out)) for name, module in blocks]
     try:
         logits = model(inputs)
     finally:
@@ -77,14 +83,15 @@ def verify_blocks(model: Any) -> float:
     bare, bare_logits = _block_outputs(model, probe, blocks)
     if not torch.isfinite(bare_logits).all():
         raise _non_finite_error(model)
-    use_result = cfg.use_attn_result
+    use_result, running = cfg.use_attn_result, []
     model.set_use_attn_result(True)
     try:
         with model.hooks(fwd_hooks=[(lambda _name: True, lambda x, hook: x)]):
-            hooked, hooked_logits = _block_outputs(model, probe, blocks)
+            hooked, hooked_logits = _block_outputs(model, probe, blocks, running)
     except RuntimeError as error:  # the spec's maths does not even run on this block's tensors
+        where = f"{running[-1]} ({type(dict(blocks)[running[-1]]).__name__})" if running else "a module outside the blocks"
         raise UnsupportedModelError(
-            f"{cfg.architecture}: with hooks active the forward fails ({error}); a block does not match its "
+            f"{cfg.architecture}: with hooks active the forward fails in {where} ({error}); it does not match its "
             "block spec (rotary tables, head layout). Fix the spec, or pass verify=False to inspect the model anyway."
         ) from error
     finally:

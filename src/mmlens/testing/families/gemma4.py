@@ -15,9 +15,11 @@ SMALLEST_SOFT_TOKEN_BUDGET = 70
 
 def gemma4_tokenizer():
     """The word tokenizer with Gemma 4's image tokens (`<|image|>`, one per LLM image token, between
-    `<start_of_image>` and `<end_of_image>`) and the audio markers its processor insists on."""
+    `<start_of_image>` and `<end_of_image>`), the audio markers its processor insists on and the
+    video token, whose embedding Hugging Face looks up when the LLM starts from embeddings."""
     return word_tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<|image|>",
-                          boa_token="<start_of_audio>", eoa_token="<end_of_audio>", audio_token="<|audio|>")
+                          boa_token="<start_of_audio>", eoa_token="<end_of_audio>", audio_token="<|audio|>",
+                          video_token="<|video|>")
 
 
 def tiny_gemma4(
@@ -29,7 +31,9 @@ def tiny_gemma4(
     llm_layers: int = 3,
     llm_d_model: int = 64,
     llm_heads: int = 4,
-    sliding_window: int = 12,
+    sliding_window: int = SMALLEST_SOFT_TOKEN_BUDGET,
+    attention_k_eq_v: bool = False,
+    bidirectional_attention: str | None = None,
     seed: int = 0,
     attn_implementation: str = "eager",
 ):
@@ -38,6 +42,8 @@ def tiny_gemma4(
     k x k by position into soft tokens (a grid per image, its size from the image's shape); a dense
     Gemma 4 LLM (sandwich norms, q/k/v norms, sliding-window layers around a full one with its own
     head size and partial rotary) without per-layer inputs, KV sharing or experts.
+    `bidirectional_attention="vision"` makes its images attend both ways in the sliding layers
+    (Hugging Face's `use_bidirectional_attention`, as the larger released checkpoints).
 
     Hugging Face initialises every norm weight to one and the layer scalars to one; both are drawn
     at random here, so a hooked block that skipped any of them would show."""
@@ -61,6 +67,8 @@ def tiny_gemma4(
         sliding_window=sliding_window,
         layer_types=layer_types,
         hidden_size_per_layer_input=0,
+        attention_k_eq_v=attention_k_eq_v,
+        use_bidirectional_attention=bidirectional_attention,
         vocab_size_per_layer_input=len(tokenizer),
     )
     config = Gemma4Config(
@@ -71,6 +79,7 @@ def tiny_gemma4(
         eoi_token_id=tokenizer.eoi_token_id,
         image_token_id=tokenizer.image_token_id,
         audio_token_id=tokenizer.audio_token_id,
+        video_token_id=tokenizer.video_token_id,
         boa_token_id=tokenizer.boa_token_id,
         eoa_token_index=tokenizer.eoa_token_id,
         tie_word_embeddings=False,
@@ -79,7 +88,7 @@ def tiny_gemma4(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("position_embedding_table"):
-                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
+                param.normal_(1.0 if "norm" in name else 0.0, 0.2)
         for layer in model.model.language_model.layers:
             layer.layer_scalar.uniform_(0.5, 1.5)
     return model, processor

@@ -7,17 +7,20 @@ from typing import Literal
 import torch
 from transformers import (
     Dinov2Config, Dinov2WithRegistersConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig, Qwen2Config,
+    Qwen3Config,
 )
 
-from ...zoo.build import build_llava
+from ...model.architectures.mistral3 import Mistral3Processor
+from ...zoo.build import build_llava, build_word_tokenizer
 from .common import instantiate, text_kwargs
+from .mistral3 import MISTRAL3_TOKENS
 
 
-TEXT_CONFIGS = {"mistral": MistralConfig, "qwen2": Qwen2Config}
+TEXT_CONFIGS = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 
-def tiny_llava_with(llm: Literal["mistral", "qwen2"], *, seed: int = 0, attn_implementation: str = "eager"):
-    """A tiny LLaVA (CLIP tower) whose LLM is Mistral or Qwen2 (q/k/v biases) instead of Llama."""
+def tiny_llava_with(llm: Literal["mistral", "qwen2", "qwen3"], *, seed: int = 0, attn_implementation: str = "eager"):
+    """A tiny LLaVA (CLIP tower) whose LLM is Mistral, Qwen2 (q/k/v biases) or Qwen3 (q/k norms) instead of Llama."""
     reference, processor = build_llava(seed=seed, llm_kv_heads=2, attn_implementation=attn_implementation)
     text = TEXT_CONFIGS[llm](**text_kwargs(processor.tokenizer, 64, 2, 4, 2))
     config = LlavaConfig(
@@ -64,4 +67,35 @@ def tiny_llava_dinov2(
     return model, processor
 
 
-__all__ = ["tiny_llava_with", "tiny_llava_dinov2"]
+def tiny_llava_pixtral(
+    *, patch_size: int = 8, longest_edge: int = 40, vision_layers: int = 2, vision_d_model: int = 32,
+    llm_layers: int = 2, llm_d_model: int = 64, llm_heads: int = 4, seed: int = 0, attn_implementation: str = "eager",
+):
+    """A tiny Pixtral-12B in LLaVA format: LlavaForConditionalGeneration with a Pixtral tower (2-D
+    rotary, images packed at their own size), LLaVA's MLP projector (one token per patch) and a
+    Mistral LLM, with Hugging Face's Pixtral prompts (`Mistral3Processor`, merge size 1). The test
+    images (40x50, 32x32, 61x37) become 32x40, 32x32 and 40x24 pixels: 4x5, 4x4 and 5x3 tokens. The
+    tower's query and key weights are drawn large, so its attention is peaked and positions matter."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL3_TOKENS)})
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": longest_edge}, patch_size=patch_size)
+    processor = Mistral3Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                  spatial_merge_size=1)
+    text = MistralConfig(**text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2), head_dim=llm_d_model // llm_heads)
+    vision = dict(model_type="pixtral", hidden_size=vision_d_model, intermediate_size=2 * vision_d_model,
+                  num_hidden_layers=vision_layers, num_attention_heads=4, head_dim=vision_d_model // 4,
+                  image_size=longest_edge, patch_size=patch_size, hidden_act="silu")
+    config = LlavaConfig(vision_config=vision, text_config=text.to_dict(), image_token_id=processor.image_token_id,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                         tie_word_embeddings=False)
+    model = instantiate(LlavaForConditionalGeneration, config, attn_implementation, seed)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.transformer.layers:
+            for proj in (layer.attention.q_proj, layer.attention.k_proj):
+                proj.weight.normal_(0, 0.5)
+    return model, processor
+
+
+__all__ = ["tiny_llava_pixtral", "tiny_llava_with", "tiny_llava_dinov2"]

@@ -1,7 +1,9 @@
 """Gemma 4: its own vision encoder (variable resolution, 2-D rotary, sandwich norms), soft tokens
-pooled k x k by patch position, a Gemma 4 LLM. Only the images-only processor lives here so far;
-the family itself is not registered yet (see docs/models.md, "Gemma 4")."""
+pooled k x k by patch position, a Gemma 4 LLM (`family.py`); the image geometry (`geometry.py`),
+the layout (`layout.py`), the tower's hooks (`tower.py`) and an images-only processor (`processor.py`)."""
 
+from .family import GEMMA4_BLOCK, Gemma4
+from .geometry import Gemma4Geometry
 from .processor import Gemma4ImageProcessor
 
-__all__ = ["Gemma4ImageProcessor"]
+__all__ = ["GEMMA4_BLOCK", "Gemma4", "Gemma4Geometry", "Gemma4ImageProcessor"]

@@ -1,5 +1,6 @@
 """LLaVA (LlavaForConditionalGeneration): CLIP, SigLIP or DINOv2 tower -> MLP projector -> Llama,
-Mistral or Qwen2 LLM.
+Mistral or Qwen2 LLM; a Pixtral tower (`pixtral.py`) or a Qwen3 LLM (`qwen3.py`) makes a variant
+that `Llava.for_checkpoint` picks when the model loads.
 
 The projector reads the hidden state `vision_feature_layer` of the tower (-2 for LLaVA-1.5),
 without its CLS token under the "default" strategy, and its outputs replace the `<image>`
@@ -30,6 +31,9 @@ from ..module_paths import ModulePaths
 from ..towers import TOWERS, Tower
 
 LLMS = ("llama", "mistral", "qwen2")
+# parts of a LlavaForConditionalGeneration that need a variant of the family (`for_checkpoint`)
+VARIANT_TOWERS = ("pixtral",)
+VARIANT_LLMS = ("qwen3",)
 
 LLM_BLOCK = BlockSpec(
     ln1="input_layernorm",
@@ -53,15 +57,37 @@ class Llava(Architecture):
     bridge_aliases = (*CLIP_TOWER_ALIASES, *PROJECTOR_INPUT_ALIASES, *PROJECTOR_OUTPUT_ALIASES, *LLM_ALIASES,
                       *LLM_BRANCH_OUTPUT_ALIASES)
 
+    @classmethod
+    def for_checkpoint(cls, hf_model: nn.Module) -> Architecture:
+        """The family's variant for this checkpoint: a Pixtral tower packs images at their own
+        resolution, a geometry of its own (`pixtral.py`); a Qwen3 LLM has q/k norms (`qwen3.py`)."""
+        if cls is not Llava:
+            return cls()
+        if hf_model.config.vision_config.model_type in VARIANT_TOWERS:
+            from .pixtral import LlavaPixtral  # builds on Mistral 3's tower, whose family imports this module
+
+            return LlavaPixtral()
+        if hf_model.config.text_config.model_type in VARIANT_LLMS:
+            from .qwen3 import LlavaQwen3  # a subclass of Llava: its module imports this one
+
+            return LlavaQwen3()
+        return cls()
+
     def check_supported(self, hf_model: nn.Module) -> None:
+        """Refuse a config that pairs a known class with a tower or LLM this family does not hook,
+        naming the config field, its model_type and what is supported."""
         config = hf_model.config
-        vision_type = config.vision_config.model_type
-        text_type = config.text_config.model_type
-        if vision_type not in self.vision_towers or text_type not in self.llms:
-            raise UnsupportedModelError(
-                f"{type(hf_model).__name__} with a {vision_type!r} vision tower and a {text_type!r} LLM is not "
-                f"supported; supported towers: {sorted(self.vision_towers)}, LLMs: {list(self.llms)}"
-            )
+        towers, llms = sorted(self.vision_towers), list(self.llms)
+        if type(self) is Llava:  # the variants `for_checkpoint` picks are LLaVA's too
+            towers, llms = towers + list(VARIANT_TOWERS), llms + list(VARIANT_LLMS)
+        for field, kind, supported in (("vision_config", "vision tower", towers), ("text_config", "LLM", llms)):
+            model_type = getattr(config, field).model_type
+            if model_type not in supported:
+                raise UnsupportedModelError(
+                    f"{type(hf_model).__name__}: config.{field}.model_type = {model_type!r} is a {kind} mmlens does "
+                    f"not hook in this family; supported: {supported}. Use a checkpoint with one of those, or add "
+                    "the part to mmlens/model/architectures (a tower: one entry in towers.py)"
+                )
 
     def paths(self, hf_model: nn.Module) -> ModulePaths:
         """Where the tower keeps its blocks depends on which tower the checkpoint has (DINOv2 calls

@@ -49,34 +49,46 @@ class Mistral3(Architecture):
     # [IMG_BREAK] / [IMG_END] ids, read from the processor when there is one (else not checked)
     break_token_id: int | None = None
     end_token_id: int | None = None
+    # whether each row of an image's tokens is closed by [IMG_BREAK] / [IMG_END] (LightOnOCR's are not)
+    row_breaks = True
 
     # ------------------------------------------------------------- config and modules
     def build_config(self, hf_model: nn.Module) -> MLLMConfig:
         config = hf_model.config
         vc = config.vision_config
-        if not isinstance(config.vision_feature_layer, int):
+        if not isinstance(self.feature_layer(config), int):
             raise UnsupportedModelError(
-                f"vision_feature_layer={config.vision_feature_layer}: Mistral 3's projector norms features of one "
+                f"vision_feature_layer={self.feature_layer(config)}: Mistral 3's projector norms features of one "
                 "layer's width; several concatenated layers are not a model Hugging Face can run either"
             )
-        mlp = self.vision_layers(hf_model)[0].feed_forward
-        vision = VisionConfig.from_encoder(
-            vc, d_mlp=mlp.up_proj.out_features, normalization_type="RMS",
-            positional_embedding_type="rotary", patch_size=vc.patch_size,  # image_size 0: every image its own size
-            has_ln_pre=True, gated_mlp=True,
-        )
+        vision = self.vision_config(hf_model)
         projector, merge = self.projector(hf_model), config.spatial_merge_size
         adapter = AdapterConfig(
             kind=f"patch_merger_{merge}x{merge}",
             d_in=projector.patch_merger.merging_layer.in_features,
             d_hidden=projector.linear_1.out_features,
             d_out=projector.linear_2.out_features,
-            feature_layers=(config.vision_feature_layer % (vc.num_hidden_layers + 1),),
+            feature_layers=(self.feature_layer(config) % (vc.num_hidden_layers + 1),),
             select_strategy="full",
             n_image_tokens=0,  # variable: (h / merge) x (w / merge) per image
             token_grid=(0, 0),
         )
         return self.assemble_config(hf_model, vision, adapter, Llava.llm_config(config.text_config))
+
+    @staticmethod
+    def feature_layer(config: Any) -> Any:
+        """The tower's hidden state the projector reads (LightOnOCR's config has none: the last)."""
+        return config.vision_feature_layer
+
+    def vision_config(self, hf_model: nn.Module) -> VisionConfig:
+        """The Pixtral tower's: RMSNorm, 2-D rotary, SwiGLU, `ln_pre`; every image its own size."""
+        vc = hf_model.config.vision_config
+        mlp = self.vision_layers(hf_model)[0].feed_forward
+        return VisionConfig.from_encoder(
+            vc, d_mlp=mlp.up_proj.out_features, normalization_type="RMS",
+            positional_embedding_type="rotary", patch_size=vc.patch_size,  # image_size 0: every image its own size
+            has_ln_pre=True, gated_mlp=True,
+        )
 
     def use_processor(self, processor: Any) -> None:
         self.break_token_id = getattr(processor, "image_break_token_id", None)
@@ -92,27 +104,35 @@ class Mistral3(Architecture):
             instrument_block(layer, hooks, self.vision_block, use_result, norm)
         handles = [hook_packed_embeddings(tower.ln_pre, root.vision.hook_embed)]
         instrument_norm(tower.ln_pre, root.vision.ln_pre, norm)
-        instrument_projector(self.projector(hf_model), root.vision.ln_post, root.adapter, norm)
+        self.instrument_adapter(hf_model, root)
         lm = self.language_model(hf_model)
         return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
+
+    def instrument_adapter(self, hf_model: nn.Module, root: Any) -> None:
+        """The projector: its RMSNorm (`vision.ln_post`), the 2x2 merger and the MLP."""
+        instrument_projector(self.projector(hf_model), root.vision.ln_post, root.adapter, root.cfg.vision.normalization_type)
 
     def canonical_name(self, name: str) -> str:
         config = self._hf_model.config
         last = config.vision_config.num_hidden_layers - 1
-        feature = config.vision_feature_layer % (last + 2) - 1  # the block whose output the projector reads
+        feature = self.feature_layer(config) % (last + 2) - 1  # the block whose output the projector reads
         blocks = {"vision_encoder.hook_out": last, "vision_projector.hook_in": feature}
         if name in blocks and blocks[name] >= 0:
             return f"vision.blocks.{blocks[name]}.hook_resid_post"
         return super().canonical_name(name)
 
     # ------------------------------------------------------------- images -> tokens
+    def merge_size(self) -> int:
+        """Patches per LLM token along each side (a LLaVA checkpoint with this tower has no merger: 1)."""
+        return self._hf_model.config.spatial_merge_size
+
     def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:
         config = self._hf_model.config
         sizes = inputs.get(SIZES)
         return mistral3_layout(
             input_ids.cpu(), None if sizes is None else sizes.cpu(), image_token_id=config.image_token_id,
-            patch_size=config.vision_config.patch_size, merge=config.spatial_merge_size,
-            break_token_id=self.break_token_id, end_token_id=self.end_token_id,
+            patch_size=config.vision_config.patch_size, merge=self.merge_size(),
+            break_token_id=self.break_token_id, end_token_id=self.end_token_id, row_breaks=self.row_breaks,
         )
 
     def image_pixels(self, pixel_values: Tensor, image_index: int, **inputs: Tensor) -> Tensor:
@@ -136,7 +156,7 @@ class Mistral3(Architecture):
             )
         if (sizes[:, 0] > pixel_values.shape[2]).any() or (sizes[:, 1] > pixel_values.shape[3]).any():
             raise InputError(f"image_sizes {sizes.tolist()} exceed the padded pixel_values {tuple(pixel_values.shape)}")
-        factor = self._hf_model.config.vision_config.patch_size * self._hf_model.config.spatial_merge_size
+        factor = self._hf_model.config.vision_config.patch_size * self.merge_size()
         expected = int(((sizes // factor)).prod(-1).sum())
         if n_tokens != expected:
             raise InputError(
@@ -148,7 +168,7 @@ class Mistral3(Architecture):
         """Two rows, one image each, of different sizes (token grids 2x3 and 3x2), each row of image
         tokens closed by a break and the last by an end token, text around; equal lengths."""
         config = self._hf_model.config
-        factor = config.vision_config.patch_size * config.spatial_merge_size
+        factor = config.vision_config.patch_size * self.merge_size()
         grids = [(2, 3), (3, 2)]
         specials = {config.image_token_id, self.break_token_id, self.end_token_id}
         text = [t for t in range(min(cfg.d_vocab, 32)) if t not in specials][:6]
@@ -156,7 +176,8 @@ class Mistral3(Architecture):
         ending = text[-2] if self.end_token_id is None else self.end_token_id
         rows = []
         for k, (th, tw) in enumerate(grids):
-            image = [tok for r in range(th) for tok in [config.image_token_id] * tw + [ending if r == th - 1 else breaking]]
+            closing = [[ending if r == th - 1 else breaking] if self.row_breaks else [] for r in range(th)]
+            image = [tok for r in range(th) for tok in [config.image_token_id] * tw + closing[r]]
             rows.append(text[:k] + image + text[k:])
         length = max(map(len, rows))
         ids = torch.tensor([row + text[: length - len(row)] for row in rows])

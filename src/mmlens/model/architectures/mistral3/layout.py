@@ -42,10 +42,12 @@ def mistral3_layout(
     merge: int,
     break_token_id: int | None = None,
     end_token_id: int | None = None,
+    row_breaks: bool = True,
 ) -> PackedLayout:
     """The layout of a batch. The ids of `[IMG_BREAK]` / `[IMG_END]`, when given (from the
     processor), are checked at the token after each row; without them any single token there is
-    taken as the row's break."""
+    taken as the row's break. Without `row_breaks` (LightOnOCR's prompts) an image's tokens are one
+    contiguous run, row after row."""
     runs = image_runs(input_ids, image_token_id)
     sizes = [] if image_sizes is None else [(int(h) // patch_size, int(w) // patch_size) for h, w in image_sizes.tolist()]
     counts = [(h // merge) * (w // merge) for h, w in sizes]
@@ -65,16 +67,12 @@ def mistral3_layout(
             if len(block) < n:
                 raise LayoutMismatchError(f"batch row {b}: image {image} needs {n} image tokens, the row has {len(block)} left")
             grid = block.view(th, tw)
-            if (grid[:, -1] - grid[:, 0] != tw - 1).any() or (grid[1:, 0] - grid[:-1, -1] != 2).any():
-                raise LayoutMismatchError(
-                    f"batch row {b}: the {n} tokens of image {image} are not {th} rows of {tw} with one break after each"
-                )
-            after = grid[:, -1] + 1  # the break after each row, the end after the last
-            if after[-1] >= input_ids.shape[1]:
-                raise LayoutMismatchError(f"batch row {b}: image {image} has no [IMG_END] after its last row")
-            for kind, positions, token in ((ROW_BREAK, after[:-1], break_token_id), (END, after[-1:], end_token_id)):
-                if token is not None and (input_ids[b, positions] != token).any():
-                    raise LayoutMismatchError(f"batch row {b}: image {image}'s rows are not followed by its {kind} token")
+            if not row_breaks:
+                if (block.diff() != 1).any():
+                    raise LayoutMismatchError(f"batch row {b}: the {n} tokens of image {image} are not one contiguous run")
+                special = {}
+            else:
+                special = _row_breaks(input_ids[b], grid, f"batch row {b}: image {image}", break_token_id, end_token_id)
             height, width = h * patch_size, w * patch_size
             segment = Segment(
                 "grid", GridCells.uniform(th, tw, th * merge * patch_size, tw * merge * patch_size), block.clone(),
@@ -83,9 +81,27 @@ def mistral3_layout(
                 (torch.zeros(h * w, dtype=torch.long), torch.arange(patch_offset, patch_offset + h * w)),
                 patch_to_token=merged_token(h, w, merge),
             )
-            spans.append(ImageSpan(b, image, (segment,), (height, width), {ROW_BREAK: after[:-1].clone(), END: after[-1:].clone()}))
+            spans.append(ImageSpan(b, image, (segment,), (height, width), special))
             image, taken = image + 1, taken + n
             patch_offset, token_offset = patch_offset + h * w, token_offset + n
         rows.append(tuple(spans))
     return PackedLayout(images=tuple(rows), seq_len=input_ids.shape[1],
                         vision_shape=(1, patch_offset), adapter_shape=(1, token_offset))
+
+
+def _row_breaks(
+    ids: Int[Tensor, "seq"], grid: Int[Tensor, "rows cols"], where: str, break_token_id: int | None,
+    end_token_id: int | None,
+) -> dict[str, Tensor]:
+    """The positions of an image's `[IMG_BREAK]`s and its `[IMG_END]`, checked: one token after each
+    row of `grid` (positions), those of the processor's ids when given."""
+    rows, cols = grid.shape
+    if (grid[:, -1] - grid[:, 0] != cols - 1).any() or (grid[1:, 0] - grid[:-1, -1] != 2).any():
+        raise LayoutMismatchError(f"{where}: its {grid.numel()} tokens are not {rows} rows of {cols} with one break after each")
+    after = grid[:, -1] + 1  # the break after each row, the end after the last
+    if after[-1] >= ids.shape[0]:
+        raise LayoutMismatchError(f"{where} has no [IMG_END] after its last row")
+    for kind, positions, token in ((ROW_BREAK, after[:-1], break_token_id), (END, after[-1:], end_token_id)):
+        if token is not None and (ids[positions] != token).any():
+            raise LayoutMismatchError(f"{where}: its rows are not followed by its {kind} token")
+    return {ROW_BREAK: after[:-1].clone(), END: after[-1:].clone()}

@@ -27,30 +27,7 @@ from ...hook_tree import AdapterHooks, AttentionHooks, BlockHooks, NormHooks, fi
 from ...runtime.devices import bare_forward, weights_present
 from ...runtime.instrument import _argument_names, _override_forward, instrument_mlp
 from ...runtime.norms import NormKind, instrument_norm
-
-
-class FusedPart:
-    """One of q, k, v of a fused `qkv` linear, as a view with `weight`, `bias` and `out_features`
-    (what the TL weight surface reads): in-place edits of the view edit the model."""
-
-    def __init__(self, qkv: nn.Linear, index: int):
-        self._qkv, self._index = qkv, index
-
-    @property
-    def out_features(self) -> int:
-        return self._qkv.out_features // 3
-
-    def _rows(self, tensor: Tensor) -> Tensor:
-        n = self.out_features
-        return tensor[self._index * n : (self._index + 1) * n]
-
-    @property
-    def weight(self) -> Tensor:
-        return self._rows(self._qkv.weight)
-
-    @property
-    def bias(self) -> Tensor | None:
-        return None if self._qkv.bias is None else self._rows(self._qkv.bias)
+from ...weights import FusedSlice
 
 
 def block_diagonal(cu_seqlens: Int[Tensor, "n_blocks_plus_1"], length: int) -> Bool[Tensor, "length length"]:
@@ -76,7 +53,7 @@ def instrument_packed_attention(
     original = bare_forward(attn)
     rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision") if rotary else None
     d_head, n_heads = attn.head_dim, attn.num_heads
-    hooks._weight_source = (FusedPart(attn.qkv, 0), FusedPart(attn.qkv, 1), FusedPart(attn.qkv, 2), attn.proj, d_head)
+    hooks._weight_source = (*(FusedSlice(attn.qkv, i, 3) for i in range(3)), attn.proj, d_head)  # views of q, k, v
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not hooks.any_hooked():
@@ -100,7 +77,8 @@ def instrument_packed_attention(
             with weights_present(attn.proj):  # an offloaded proj holds meta tensors outside its forward
                 w_o = einops.rearrange(attn.proj.weight, "m (h d) -> h d m", d=d_head)
                 result = hooks.hook_result(einops.einsum(z, w_o, "b s h d, h d m -> b s h m"))
-                return result.sum(dim=-2)[0] + attn.proj.bias
+                out = result.sum(dim=-2)[0]
+                return out if attn.proj.bias is None else out + attn.proj.bias  # GLM-4V's proj has none
         return attn.proj(z.reshape(length, -1))
 
     _override_forward(attn, forward)

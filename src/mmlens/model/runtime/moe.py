@@ -1,0 +1,186 @@
+"""Mixture-of-experts blocks hooked in place, over transformers 5's router and fused-experts modules.
+
+A sparse MoE block sends each token to `top_k` of `n_experts` gated MLPs: a router scores the
+experts, the best `top_k` are kept with their weights, and the block's output is the weighted sum
+of the chosen experts' outputs (plus a shared expert on every token, in some families). With no
+hook listening, Hugging Face's own forward runs, whatever its `_experts_implementation` (eager,
+grouped_mm, batched_mm). With one listening, the block is recomputed as HF's eager code computes
+it, firing the router's logits, the chosen experts and their weights, each expert's gated-MLP
+points on the tokens it serves, and each expert's weighted contribution as a [batch, pos, d_model]
+tensor (`experts.{e}.hook_out`, zero at tokens that did not choose it). The block's output is those
+contributions summed in expert order, which is what HF's eager loop adds up, so the experts'
+`hook_out` sum to the MoE output exactly. `MoESpec` says, field by field, how a family's block
+differs from Qwen3's (router scoring, where the weight multiplies, the experts' layout, a shared
+expert and its gate); what a spec cannot say is refused at load, naming the part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ...errors import HookReturnError, UnsupportedModelError
+from ..hook_tree import MoEHooks, fire, is_hooked
+from .devices import bare_forward
+from .instrument import _override_forward, instrument_mlp
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How a Hugging Face MoE block computes, as fields. The defaults are Qwen3-MoE's (and
+    Qwen3-VL-MoE's): softmax over the router logits, top-k of the probabilities, renormalised to
+    sum to 1, each weight multiplying its expert's output, no shared expert."""
+
+    router: str = "gate"  # the router module: a `weight` [n_experts, d_model] (and a bias, if any)
+    experts: str = "experts"  # fused `gate_up_proj` / `down_proj` parameters, one slice per expert
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    # top-k of the scores (Qwen3: of the softmax probabilities) or of the logits, scored after (Llama 4)
+    top_k_of: Literal["scores", "logits"] = "scores"
+    renormalize: bool = True  # the kept weights divided by their sum
+    # the weight multiplies the expert's output (Qwen3) or its input (Llama 4's routed_in)
+    weights_on: Literal["output", "input"] = "output"
+    # gate_up_proj [E, d_model, 2 d_expert] rather than [E, 2 d_expert, d_model]; None reads the
+    # experts module's `is_transposed` (transformers' @use_experts_implementation sets it)
+    transposed: bool | None = None
+    shared_expert: str | None = None  # a gated MLP on every token, added to the routed sum
+    shared_expert_gate: str | None = None  # a Linear(d_model, 1) whose sigmoid scales the shared expert
+    returns_router_logits: bool = False  # the block returns (output, router logits) (Llama 4)
+
+
+# what transformers' @use_experts_implementation may say about an experts module that the hooked
+# recomputation does not do, with the value it assumes
+_EXPERT_FLAGS = {"has_bias": False, "has_gate": True, "is_concatenated": True, "has_post_expert_norm": False,
+                 "_is_expert_parallel": False}
+
+
+def _refuse_unexpressed(module: nn.Module, router: nn.Module, experts: nn.Module, spec: MoESpec) -> None:
+    where = type(module).__name__
+    for flag, assumed in _EXPERT_FLAGS.items():
+        value = getattr(experts, flag, assumed)
+        if value != assumed:
+            raise UnsupportedModelError(
+                f"{where}: its experts module has {flag}={value}, which the hooked MoE recomputation does not "
+                f"express (it assumes {flag}={assumed}); load without hooks on this family, or extend MoESpec")
+    for name in ("gate_up_proj", "down_proj"):
+        if getattr(experts, name, None) is None or getattr(experts, name).dim() != 3:
+            raise UnsupportedModelError(f"{where}: its experts module {spec.experts!r} has no fused 3-D {name} "
+                                        "[n_experts, ...]; MoESpec expects transformers' fused experts")
+    extra = sorted(n for n, _ in router.named_parameters() if n not in ("weight", "bias"))
+    if extra or getattr(router, "weight", None) is None:
+        raise UnsupportedModelError(
+            f"{where}: its router {spec.router!r} has parameters {extra or 'but no weight'} beyond a linear scoring "
+            "(a score correction bias or grouped routing); MoESpec cannot express that routing")
+
+
+def _check_indices(indices: Tensor, n_experts: int, name: str) -> None:
+    """An edited routing must give every token distinct experts that exist (the hook contract has
+    already kept the shape and the integer dtype)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts):
+        raise HookReturnError(
+            f"{name}: an expert index outside 0..{n_experts - 1} (got {int(indices.min())}..{int(indices.max())}); "
+            "a token routed there would have no expert. Route to existing experts, or ablate an expert by zeroing "
+            "its weight (hook_expert_weights) or its output (experts.{e}.hook_out)")
+    ordered = indices.sort(dim=-1).values
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise HookReturnError(
+            f"{name}: a token chooses the same expert twice; top-k routing picks distinct experts. To change how "
+            "much an expert counts, edit hook_expert_weights")
+
+
+def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> None:
+    """Hook a sparse MoE block: HF's forward while nothing listens, the eager maths with hook
+    points otherwise (see the module docstring)."""
+    where = type(module).__name__
+    if spec is None or not hasattr(module, spec.experts) or not hasattr(module, spec.router):
+        raise UnsupportedModelError(
+            f"{where}: the model's config makes this block a mixture of experts, but the family's block spec "
+            f"{'has no MoE spec' if spec is None else f'names router {spec.router!r} and experts {spec.experts!r}, which it lacks'}")
+    if not isinstance(hooks, MoEHooks):
+        raise UnsupportedModelError(f"{where}: the block is a mixture of experts but the model's config "
+                                    "(StageConfig.moe) marks its layer dense; the config's MoE layers must match")
+    router, experts = getattr(module, spec.router), getattr(module, spec.experts)
+    _refuse_unexpressed(module, router, experts, spec)
+    shared = getattr(module, spec.shared_expert) if spec.shared_expert else None
+    shared_gate = getattr(module, spec.shared_expert_gate) if spec.shared_expert_gate else None
+    if (shared is None) != (getattr(hooks, "shared_expert", None) is None):
+        raise UnsupportedModelError(f"{where}: the config and the MoE spec disagree on whether the block has a "
+                                    "shared expert")
+    if shared is not None:
+        instrument_mlp(shared, hooks.shared_expert, gated=True)
+    transposed = bool(getattr(experts, "is_transposed", False)) if spec.transposed is None else spec.transposed
+    n_experts = experts.gate_up_proj.shape[0]
+    if n_experts != len(hooks.experts):
+        raise UnsupportedModelError(f"{where}: {n_experts} experts in the module but {len(hooks.experts)} in the config")
+    hooks.bind_moe(router)
+    for index, group in enumerate(hooks.experts):
+        group.bind_expert(experts, index, transposed)
+    project = (lambda x, w: x @ w) if transposed else F.linear
+    top_k = getattr(router, "top_k", None) or getattr(module, "top_k")
+    original = bare_forward(module)
+
+    def score(values: Tensor) -> Tensor:
+        if spec.scoring == "softmax":
+            return F.softmax(values, dtype=torch.float, dim=-1)
+        return torch.sigmoid(values.float())
+
+    def route(x: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
+        """Router logits [tokens, E], chosen experts and their weights [tokens, k], through the points."""
+        logits = F.linear(x, router.weight, getattr(router, "bias", None))
+        logits = fire(hooks.hook_router_logits, logits.view(*shape, -1)).reshape(x.shape[0], -1)
+        if spec.top_k_of == "scores":
+            weights, indices = torch.topk(score(logits), top_k, dim=-1)
+        else:
+            top, indices = torch.topk(logits, top_k, dim=-1)
+            weights = score(top)
+        if spec.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(logits.dtype)
+        if is_hooked(hooks.hook_expert_indices):
+            indices = fire(hooks.hook_expert_indices, indices.view(*shape, -1))
+            _check_indices(indices, n_experts, hooks.hook_expert_indices.name)
+            indices = indices.reshape(x.shape[0], -1)
+        weights = fire(hooks.hook_expert_weights, weights.view(*shape, -1)).reshape(x.shape[0], -1)
+        return logits, indices, weights
+
+    def expert_rows(e: int, rows: Tensor, weight: Tensor) -> Tensor:
+        """Expert `e` on the rows it serves, weighted: HF's eager expert step, with the points."""
+        group = hooks.experts[e]
+        if spec.weights_on == "input":
+            rows = rows * weight
+        gate, up = project(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = fire(group.hook_pre, gate), fire(group.hook_pre_linear, up)
+        out = project(fire(group.hook_post, experts.act_fn(gate) * up), experts.down_proj[e])
+        return out * weight if spec.weights_on == "output" else out
+
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
+        if not hooks.any_hooked():
+            return original(hidden_states, *args, **kwargs)
+        shape, width = hidden_states.shape[:-1], hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, width)
+        logits, indices, weights = route(x, shape)
+        total = torch.zeros_like(x)
+        for e, group in enumerate(hooks.experts):
+            tokens, slots = torch.where(indices == e)  # in (batch, position) order
+            if not tokens.numel() and not group.any_hooked():
+                continue  # HF's loop skips an expert no token chose
+            out = expert_rows(e, x[tokens], weights[tokens, slots, None]).to(total.dtype)
+            if is_hooked(group.hook_out):
+                # one token appears once per expert, so the scatter onto zeros is exact and adding it
+                # equals HF's index_add_ of the same rows, in the same expert order
+                placed = torch.zeros_like(x).index_add_(0, tokens, out)
+                total = total + fire(group.hook_out, placed.view(*shape, width)).reshape(-1, width)
+            else:
+                total.index_add_(0, tokens, out)
+        if shared is not None:
+            extra = shared(x.view(*shape, width))
+            if shared_gate is not None:
+                extra = fire(hooks.shared_expert.hook_gate, torch.sigmoid(shared_gate(x.view(*shape, width)))) * extra
+            total = total + fire(hooks.shared_expert.hook_out, extra).reshape(-1, width)
+        out = total.view(*shape, width)
+        return (out, logits) if spec.returns_router_logits else out
+
+    _override_forward(module, forward)
