@@ -27,9 +27,14 @@ from mmlens.testing_families import (  # noqa: E402
     tiny_gemma3, tiny_idefics3, tiny_internvl, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_mistral3,
     tiny_paligemma, tiny_qwen2_vl, tiny_qwen3_vl,
 )
+from mmlens.testing.families.blip2 import tiny_blip2  # noqa: E402
+from mmlens.testing.families.deepseek_vl import tiny_deepseek_vl  # noqa: E402
 from mmlens.testing.families.gemma4 import tiny_gemma4  # noqa: E402
-from mmlens.testing.families.glm4v import tiny_glm4v  # noqa: E402
+from mmlens.testing.families.glm4v import tiny_glm4v, tiny_glm4v_moe  # noqa: E402
+from mmlens.testing.families.janus import tiny_janus  # noqa: E402
 from mmlens.testing.families.lighton_ocr import tiny_lighton_ocr  # noqa: E402
+from mmlens.testing.families.llama4 import tiny_llama4  # noqa: E402
+from mmlens.testing.families.mllama import tiny_mllama  # noqa: E402
 from mmlens.testing.families.llava import tiny_llava_pixtral  # noqa: E402
 from mmlens.testing.families.qwen3_5 import tiny_qwen3_5  # noqa: E402
 from mmlens.testing.families.qwen3_5_moe import tiny_qwen3_5_moe  # noqa: E402
@@ -68,6 +73,13 @@ FAMILIES = {
     # LLaVA's widths; three tower layers (the 2nd-to-last, 3rd-to-last and the first block's input) concatenated
     "vipllava": lambda attn: tiny_vipllava(**SIZE, feature_layers=(-2, -3, 1), vision_heads=4, llm_heads=8, llm_d_mlp=688,
                                            attn_implementation=attn),
+    # LLaVA's widths and geometry: a 64x64 image is 8x8 patches of 8 px, one LLM token each, between
+    # <begin_of_image> / <end_of_image>
+    "janus": lambda attn: tiny_janus(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4,
+                                     llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # Janus's widths and geometry with a SigLIP tower: a 64x64 image is 8x8 patches of 8 px, one LLM token each
+    "deepseek-vl": lambda attn: tiny_deepseek_vl(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128,
+                                                 llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
     # Pixtral-12B in LLaVA format: a 64x64 image is 8x8 patches of 8 px, one LLM token each (no merger), in 8 rows
     # closed by [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask
     "llava-pixtral": lambda attn: tiny_llava_pixtral(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128,
@@ -96,6 +108,23 @@ FAMILIES = {
     # the 4 images one packed sequence; the LLM has sandwich norms and a fused gate/up MLP
     "glm4v": lambda attn: tiny_glm4v(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
                                      llm_heads=8, max_side=64, attn_implementation=attn),
+    # 32-px tiles, 4-px patches: a 64-px image is 2 x 2 tiles + the global image, 5 x 16 = 80 image tokens (as
+    # InternVL's); MoE on layers 1 and 3 (4 experts, top 2, a shared expert), chunks of 64 in layers 0-2, layer 3 NoPE
+    "llama4": lambda attn: tiny_llama4(tile=32, patch_size=4, max_tiles=4, vision_layers=4, vision_d_model=128,
+                                       llm_layers=4, llm_d_model=256, llm_heads=8, chunk_size=64, attn_implementation=attn),
+    # GLM-4V's widths before a GLM-4.5 MoE LLM: layer 0 dense, layers 1-3 route to 2 of 8 experts of width 128
+    # (2 groups, 1 kept), plus a shared expert
+    "glm4.5v": lambda attn: tiny_glm4v_moe(n_experts=8, n_group=2, topk_group=1, top_k=2, d_expert=128, dense_layers=1,
+                                           patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4,
+                                           llm_d_model=256, llm_heads=8, max_side=64, attn_implementation=attn),
+    # 32-px tiles of 4x4 patches of 8 px (+ CLS), up to 4 tiles per image; 4 local + 2 gated global tower blocks;
+    # LLM layers 1 and 3 cross-attend to the images' 4 x 17 keys, layers 0 and 2 self-attend (the text only)
+    "mllama": lambda attn: tiny_mllama(tile=32, patch_size=8, max_tiles=4, vision_layers=4, global_layers=2,
+                                       vision_d_model=128, llm_layers=4, cross_attention_layers=(1, 3), llm_d_model=256,
+                                       llm_heads=8, attn_implementation=attn),
+    # 32 learned queries, as the released BLIP-2; Q-Former 4 blocks, cross-attention at 0 and 2; an OPT LLM
+    "blip2": lambda attn: tiny_blip2(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,
+                                     attn_implementation=attn),
     # Gemma 4's own tower; 8-px patches pooled 2x2: a 64x64 image (aspect kept, within 70 soft tokens) is 16x16 patches,
     # 8x8 = 64 LLM tokens
     "gemma4": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
@@ -110,7 +139,10 @@ ROWS = (
 
 
 def residual_names(name: str) -> bool:
-    return "hook_resid" in name or name.startswith("adapter.") or name == "hook_multimodal_embed"
+    # the adapter's own points (`adapter.hook_in` ...), not the inside of an adapter with blocks (a Q-Former),
+    # whose residual streams `hook_resid` already names
+    adapter_point = name.startswith("adapter.") and ".blocks." not in name
+    return "hook_resid" in name or adapter_point or name == "hook_multimodal_embed"
 
 
 def bridge_residual_names(name: str) -> bool:

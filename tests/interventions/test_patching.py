@@ -253,7 +253,7 @@ def test_anchor_corruption_replaces_only_anchor_tokens(tiny_clip):
 @torch.no_grad()
 def test_recovery_blocked_is_verified(tiny_clip):
     model, inputs = tiny_clip.model, tiny_clip.inputs
-    run = recovery_blocked(model, inputs, layers=[0, 1])
+    run = recovery_blocked(model, inputs, layers=(layer for layer in (0, 1)))  # any iterable, a generator too
     made = run.edit(inputs)
     model.run_with_hooks(inputs, fwd_hooks=made.hooks, return_type=None)
     assert made.blocked_mass == {0: 0.0, 1: 0.0}

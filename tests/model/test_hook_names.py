@@ -110,6 +110,9 @@ def test_what_a_name_says():
     assert z.per_head and z.at_or_after_z and not z.before_z_in_attention and z.in_llm_layers
     assert final.in_llm_layers and final.layer is None and not final.at_or_after_z
     assert not embed.in_llm_layers and not parse_hook_name("vision.blocks.0.hook_resid_pre").in_llm_layers
+    # a cross-attention block's per-head points and per-head q/k norms carry a head dimension too (Mllama)
+    for site in ("cross_attn.hook_z", "cross_attn.q_ln.hook_normalized", "cross_attn.k_ln.hook_scale"):
+        assert parse_hook_name(f"blocks.1.{site}").per_head, site
     assert parse_hook_name("adapter.hook_out").per_image and not z.per_image
     assert parse_hook_name("blocks.0.attn.q_ln.hook_scale").before_z_in_attention
 

@@ -34,9 +34,12 @@ class BidirectionalImageAttention(HookSet):
         self.opened: Bool[Tensor, "batch query key"] = (same_image & ~torch.ones_like(same_image).tril()).to(model.cfg.device)
         self.scales = {l: model.architecture.llm_attention_scale(model.hf_model, l) for l in self.layers}
         self._stash: dict[str, Tensor] = {}
+        # the queries and keys as scored: rotated, or as projected where positions are learned (OPT)
+        rotary = model.cfg.llm.positional_embedding_type == "rotary"
+        self._q, self._k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
         self.hooks = []
         for l in self.layers:
-            self.hooks += [(block_hook(l, "attn.hook_rot_q"), self._keep), (block_hook(l, "attn.hook_rot_k"), self._keep),
+            self.hooks += [(block_hook(l, f"attn.{self._q}"), self._keep), (block_hook(l, f"attn.{self._k}"), self._keep),
                            (block_hook(l, "attn.hook_attn_scores"), self._open)]
 
     def effective_mask(self) -> Bool[Tensor, "batch query key"]:
@@ -47,7 +50,7 @@ class BidirectionalImageAttention(HookSet):
         self._stash[parse_hook_name(hook.name).point] = x
 
     def _open(self, scores: Tensor, hook) -> Tensor:
-        q, k = self._stash.pop("hook_rot_q"), self._stash.pop("hook_rot_k")  # [b, s, heads, d]
+        q, k = self._stash.pop(self._q), self._stash.pop(self._k)  # [b, s, heads, d]
         layer = parse_hook_name(hook.name).layer
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scales[layer]

@@ -38,7 +38,7 @@ def recovery_blocked(model: HookedMLLM, inputs: MultimodalInputs, layers: Iterab
     bad = [l for l in window if not 0 <= l < n_layers]
     if not window or bad:
         raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {window}")
-    attention_layers(layers, model.cfg.llm, "recovery_blocked (an image -> image knockout)")  # refused here, not per run
+    attention_layers(None if layers is None else window, model.cfg.llm, "recovery_blocked (an image -> image knockout)")  # refused here, not per run
     image = TokenGroup.image()
 
     def edit(batch: MultimodalInputs):

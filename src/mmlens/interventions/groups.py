@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
+from ..model.images.layout import CrossAttendedLayout
 from ..probing.linear import LinearProbe
 from ..probing.predict import predict_image_tokens
 from ..probing.sites import site_for
@@ -238,7 +239,11 @@ def _probe_hits(inputs, context, probe, hook, correct: bool) -> Tensor:
 
 def _image_id(inputs: MultimodalInputs) -> int:
     spans = inputs.layout.spans
-    return int(inputs.input_ids[spans[0].row, spans[0].positions[0]]) if spans else -1
+    if not spans or isinstance(inputs.layout, CrossAttendedLayout):  # images read by cross-attention: all text
+        return -1
+    # learned queries (a Q-Former's) stand for their image without grid tokens: read the id at the block
+    positions = spans[0].positions if len(spans[0].positions) else spans[0].block_positions
+    return int(inputs.input_ids[spans[0].row, positions[0]])
 
 
 def _cells(inputs: MultimodalInputs, k: int) -> Int[Tensor, "n 2"]:

@@ -272,8 +272,10 @@ def head_conditions(model: HookedMLLM, hook: str = "z", layers: Sequence[int] | 
     if hook == "result" and not model.cfg.use_attn_result:
         raise ValueError("hook='result' needs model.set_use_attn_result(True)")
     layers = attention_layers(layers, model.cfg.llm, "head patching")
-    n_heads = model.cfg.llm.n_heads
-    return layers, [Patch(block_hook(l, f"attn.hook_{hook}"), positions, (h,)) for l in layers for h in range(n_heads)]
+    n_heads, cross = model.cfg.llm.n_heads, set(model.cfg.llm.cross_attention_layers)
+    # a cross-attention block's heads read the images (Mllama): its `cross_attn` points
+    site = lambda l: f"{'cross_attn' if l in cross else 'attn'}.hook_{hook}"  # noqa: E731
+    return layers, [Patch(block_hook(l, site(l)), positions, (h,)) for l in layers for h in range(n_heads)]
 
 
 def head_sweep(

@@ -222,7 +222,7 @@ def _llm_residuals(model: HookedMLLM, copies: _TargetCopies, llm_input: Tensor |
     target's edit acts there; from `llm_input` (its `hook_multimodal_embed`, when known) only the
     LLM runs, under the edit's LLM hooks, and not at all when block 0's input is all that is
     asked for."""
-    if llm_input is not None and up_to == 0 and not z_layers:
+    if llm_input is not None and up_to == 0 and not z_layers and not _adds_before_block_0(model):
         return [llm_input], {}
     stop = max(up_to, max(z_layers, default=-1) + 1)
     names = [block_hook(l, "hook_resid_pre") for l in range(stop)]
@@ -235,6 +235,12 @@ def _llm_residuals(model: HookedMLLM, copies: _TargetCopies, llm_input: Tensor |
                                 extra_hooks=copies.edit_hooks({1}), llm_inputs_embeds=llm_input, stop_at_layer=stop)
         copies.verify()
     return [*(found[name] for name in names), found["residual"]], {l: found[name] for l, name in z_names.items()}
+
+
+def _adds_before_block_0(model: HookedMLLM) -> bool:
+    """Whether the LLM adds to its input embedding before block 0 (OPT's learned positions), so the
+    residual entering block 0 is not `hook_multimodal_embed`."""
+    return model.cfg.llm.positional_embedding_type == "learned"
 
 
 def _same_llm_input(model: HookedMLLM, source: Run, copies: _TargetCopies) -> bool:

@@ -127,6 +127,8 @@ class MultimodalActivationCache(ActivationCache):
         if stage == "llm":
             entries = {k: v for k, v in self.cache_dict.items() if parse_hook_name(k).stage == "llm"}
             model, first = self.model, ("hook_multimodal_embed", "blocks.0.hook_resid_pre")
+            if model.cfg.llm.positional_embedding_type == "learned":  # positions join inside the decoder (OPT)
+                first = ("blocks.0.hook_resid_pre",)
         elif stage == "vision":
             parsed = [(parse_hook_name(k), v) for k, v in self.cache_dict.items()]
             entries = {name.name_in_stage: v for name, v in parsed if name.stage == "vision"}

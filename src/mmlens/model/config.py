@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 LINEAR_ATTENTION = "linear_attention"  # Hugging Face's layer type of a gated-delta-rule block
+# a block whose attention reads the images' features as keys and values, not the sequence (Mllama)
+CROSS_ATTENTION = "cross_attention"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class StageConfig:
     def linear_attention_layers(self) -> tuple[int, ...]:
         """The blocks whose token mixer is a linear attention (no pattern, no heads to knock out)."""
         return tuple(layer for layer, kind in enumerate(self.layer_types) if kind == LINEAR_ATTENTION)
+
+    @property
+    def cross_attention_layers(self) -> tuple[int, ...]:
+        """The blocks whose attention reads image features, not the sequence (no self-attention pattern)."""
+        return tuple(layer for layer, kind in enumerate(self.layer_types) if kind == CROSS_ATTENTION)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,11 @@ def neuron_results(cache: Any, layer: int, neuron_slice: Slice, pos_slice: Slice
             f"(blocks.{layer}.mlp.experts.{{e}}.hook_post), so there is no single neuron basis to expand it into; use "
             f"expand_neurons=False (its mlp_out as one component), or the experts' blocks.{layer}.mlp.experts.{{e}}.hook_out, "
             "which sum to that mlp_out exactly")
+    if "cross_attn" in cache.model.blocks[layer]._modules:
+        raise UnsupportedModelError(
+            f"block {layer} is a cross-attention block: its MLP's output is scaled by tanh of a learned gate and dropped "
+            f"at text tokens that read no image tile (blocks.{layer}.hook_mlp_gate), which a neuron expansion through "
+            "W_out does not carry; use expand_neurons=False (its mlp_out as one component)")
     acts = neuron_slice.apply(pos_slice.apply(cache[f"blocks.{layer}.mlp.hook_post"], dim=-2), dim=-1)
     mapping = output_map(cache, layer, 1)
     w_out = mapping.fixed(neuron_slice.apply(cache.model.blocks[layer].mlp.W_out, dim=0))

@@ -35,9 +35,10 @@ LINEAR_ATTENTION_PER_HEAD_SITES = tuple(LINEAR_ATTENTION_PREFIX + p for p in (
 RESULT_SITE = "attn.hook_result"
 # sites with a head dimension at position 2 ([batch, pos, head, ...])
 PER_HEAD_SITES = ("attn.hook_z", "attn.hook_result", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-                  "attn.hook_rot_k", "attn.hook_q_gate", *LINEAR_ATTENTION_PER_HEAD_SITES)
+                  "attn.hook_rot_k", "attn.hook_q_gate", *LINEAR_ATTENTION_PER_HEAD_SITES,
+                  *("cross_attn." + p for p in ("hook_z", "hook_result", "hook_q", "hook_k", "hook_v")))
 # the per-head q/k norms' points ([batch, pos, head, d_head] and [batch, pos, head, 1])
-PER_HEAD_NORMS = ("attn.q_ln.", "attn.k_ln.")
+PER_HEAD_NORMS = ("attn.q_ln.", "attn.k_ln.", "cross_attn.q_ln.", "cross_attn.k_ln.")
 # a stage's norm after its last block (the LLM's `ln_final`, a tower's `ln_post`)
 FINAL_NORMS = ("ln_final.", "ln_post.")
 # points shaped [batch, head, query, key]

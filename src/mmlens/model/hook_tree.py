@@ -95,11 +95,14 @@ class ExpertHooks(ExpertWeights, HookGroup):
 
 class SharedExpertHooks(MLPWeights, HookGroup):
     """The expert every token goes through beside the routed ones (Qwen3.5-MoE, Llama 4): a gated
-    MLP's points, `hook_gate` (its sigmoid gate, [batch, pos, 1]) where it has one, and `hook_out`
-    (what it adds to the block's output, [batch, pos, d_model])."""
+    MLP's points and `hook_out`, its output [batch, pos, d_model] (before any gate, as TL's bridge
+    reads `shared_expert.hook_out`). Where a sigmoid gate scales it (Qwen3.5-MoE): `hook_gate_logit`
+    (the gate's linear output, TL's `shared_expert_gate.hook_out`) and `hook_gate` (its sigmoid),
+    both [batch, pos, 1], and `hook_gated_out`, what the block adds. Ungated, it adds `hook_out`."""
 
     def __init__(self, gated_output: bool):
-        super().__init__("hook_pre", "hook_pre_linear", "hook_post", *(["hook_gate"] if gated_output else []), "hook_out")
+        gate_points = ["hook_gate_logit", "hook_gate", "hook_gated_out"] if gated_output else []
+        super().__init__("hook_pre", "hook_pre_linear", "hook_post", "hook_out", *gate_points)
 
 
 class MoEHooks(MoEWeights, HookGroup):
@@ -161,7 +164,22 @@ class BlockHooks(BlockOutputs, HookGroup):
         del self.attn
         self.linear_attn = LinearAttentionHooks()
 
+    def mix_with_cross_attention(self, qk_norm: bool) -> None:
+        """Make this block a tanh-gated cross-attention block (Mllama): `cross_attn.hook_*` points instead
+        of `attn` (queries from the text, keys and values from the images' features), and
+        `hook_attn_gate` / `hook_mlp_gate` ([batch, pos, 1]): the factor each branch's output is
+        multiplied by before it joins the residual (the MLP's is 0 at text tokens that see no image)."""
+        del self.attn
+        self.cross_attn = AttentionHooks(rotary=False, qk_norm=qk_norm)
+        for name in ("hook_attn_gate", "hook_mlp_gate"):
+            setattr(self, name, CheckedHookPoint())
+            self._own_points.append(getattr(self, name))
+
     def __getattr__(self, name: str):
+        if name == "attn" and "cross_attn" in self._modules:
+            raise AttributeError("this block is a cross-attention block: its queries are text tokens and its keys and "
+                                 "values the images' features, so it has no self-attention `attn`; its points are "
+                                 "`cross_attn.hook_*`, its weights `cross_attn.W_Q` ...")
         if name == "attn" and "linear_attn" in self._modules:  # say why, to whatever reads every block's attn
             raise AttributeError("this block mixes tokens with linear attention (a gated delta rule): it has no `attn` "
                                  "(no pattern, heads or W_Q/W_K/W_V/W_O); its points are `linear_attn.hook_*`")

@@ -168,9 +168,9 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         self.cfg = replace(self.cfg, use_attn_result=use_attn_result)
 
     def tl_named_parameters(self) -> Iterator[tuple[str, Tensor]]:
-        """The weights under TransformerLens's names (`embed.W_E`, `blocks.{l}.attn.W_Q`,
-        `blocks.{l}.ln1.w`, `blocks.{l}.mlp.W_in`, `unembed.W_U` ...), then the tower's under
-        `vision.`: views of the Hugging Face parameters (see `weights`), so a gradient or an in-place
+        """The weights under TransformerLens's names (`embed.W_E`, `blocks.{l}.attn.W_Q` (`cross_attn`
+        in a cross-attention block), `blocks.{l}.ln1.w`, `blocks.{l}.mlp.W_in`, `unembed.W_U` ...), then
+        the tower's under `vision.`: views of the Hugging Face parameters (see `weights`), so a gradient or an in-place
         edit reaches the model. Grouped kv heads are `_W_K`/`_W_V` (TL's parameter names; `W_K`
         repeats them per query head); a norm's `w` is the factor it applies (`1 + weight` for Gemma's
         RMSNorms, a new tensor); `b` only for LayerNorms. As after TL's `fold_ln`, the final norm has
@@ -183,12 +183,12 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
                 name = f"{prefix}blocks.{layer}"
                 for norm in ("ln1", "ln2", "ln1_post", "ln2_post"):
                     yield from _norm_parameters(f"{name}.{norm}", getattr(block, norm, None))
-                attn, grouped = block.attn, block.attn.repeat_kv_heads > 1
-                kv = ("_W_K", "_W_V", "_b_K", "_b_V") if grouped else ("W_K", "W_V", "b_K", "b_V")
-                for weight in ("W_Q", kv[0], kv[1], "W_O", "b_Q", kv[2], kv[3], "b_O"):
-                    yield f"{name}.attn.{weight}", getattr(attn, weight)
-                for norm in ("q_ln", "k_ln"):
-                    yield from _norm_parameters(f"{name}.attn.{norm}", getattr(attn, norm, None))
+                # a cross-attention block (Mllama) lists its weights under `cross_attn`; a linear-attention
+                # block (Qwen3.5) has no attention weights in TL's vocabulary: its gated delta net's
+                # parameters are the Hugging Face module's own
+                for mixer in ("attn", "cross_attn"):
+                    if mixer in block._modules:
+                        yield from _attention_parameters(f"{name}.{mixer}", block._modules[mixer])
                 gated = (self.cfg.llm if stage is self else self.cfg.vision).gated_mlp
                 yield from _mlp_parameters(f"{name}.mlp", block.mlp, gated)
             if prefix:
@@ -516,7 +516,9 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
             if start:  # the residual at a later layer is not the LLM's input embedding
                 embeds_points = (self.hook_embed, self.hook_multimodal_embed)
         layers = self._stages["llm"].layers
-        with layer_range(layers, start, stop), silenced(*embeds_points):
+        # block `start` takes the residual as given: a decoder may add to its input before block 0 (OPT's positions)
+        given = llm_inputs_embeds if start is not None else None
+        with layer_range(layers, start, stop, given), silenced(*embeds_points):
             out, residual = run_or_stop(lambda: self.architecture.forward(self.hf_model, **run_kwargs))
         if residual is not None:
             return residual
@@ -663,6 +665,16 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
 
     def __repr__(self) -> str:
         return f"HookedMLLM({self.cfg.summary()}, {len(self.hook_dict)} hook points)"
+
+
+def _attention_parameters(name: str, attn: Any) -> Iterator[tuple[str, Tensor]]:
+    """One attention's weights under TL's names (`_W_K` / `_W_V` where kv heads are grouped)."""
+    grouped = attn.repeat_kv_heads > 1
+    kv = ("_W_K", "_W_V", "_b_K", "_b_V") if grouped else ("W_K", "W_V", "b_K", "b_V")
+    for weight in ("W_Q", kv[0], kv[1], "W_O", "b_Q", kv[2], kv[3], "b_O"):
+        yield f"{name}.{weight}", getattr(attn, weight)
+    for norm in ("q_ln", "k_ln"):
+        yield from _norm_parameters(f"{name}.{norm}", getattr(attn, norm, None))
 
 
 def _mlp_parameters(name: str, mlp: Any, gated: bool) -> Iterator[tuple[str, Tensor]]:

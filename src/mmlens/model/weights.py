@@ -295,11 +295,13 @@ class BlockOutputs:
     norms (`ln1_post`, `ln2_post`; Gemma 3). Both are linear given the norms' cached scales, so the
     cache decomposes through them (`mmlens.model.decompose`)."""
 
-    def bind_outputs(self, layer: nn.Module, layer_scale: tuple[str, str] | None, output_scalar: str | None = None) -> None:
+    def bind_outputs(self, layer: nn.Module, layer_scale: tuple[str, str] | None, output_scalar: str | None = None,
+                     layer_scale_tanh: bool = False) -> None:
         """Called once the block is instrumented: `layer_scale` names the HF layer's scales, if any,
         `output_scalar` its factor on the whole block output (Gemma 4's `layer_scalar`)."""
         if layer_scale is not None:
             self._layer_scale_source = (layer, layer_scale)  # a tuple: the HF layer stays out of the hook tree
+            self._layer_scale_tanh = layer_scale_tanh
         if output_scalar is not None:
             self._output_scalar_source = (layer, output_scalar)
         self._mark_transformed()
@@ -319,7 +321,7 @@ class BlockOutputs:
         scale = getattr(layer, names[sublayer])
         if isinstance(scale, nn.Module):  # DINOv2's LayerScale module: x * lambda1
             return scale(torch.ones_like(next(scale.parameters())))
-        return scale
+        return scale.tanh() if getattr(self, "_layer_scale_tanh", False) else scale
 
     def post_norm(self, sublayer: int) -> Any:
         """The norm on the attention (0) or MLP (1) output (TL's `ln1_post` / `ln2_post`), or None."""

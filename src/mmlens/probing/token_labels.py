@@ -61,7 +61,8 @@ def token_labels(
     valid_pixels = (flat != ignore_index) & (cell >= 0)
     index = cell.clamp(min=0) * n_classes + flat.clamp(0, n_classes - 1)
     counts = torch.zeros(n_images, n_tokens * n_classes)
-    counts.scatter_add_(1, index, valid_pixels.float())
+    if n_tokens:  # images without grid tokens (learned queries) have no token to label
+        counts.scatter_add_(1, index, valid_pixels.float())
     counts = counts.view(n_images, n_tokens, n_classes)
     n_valid = counts.sum(-1)
     valid_fraction = n_valid / box_pixels.clamp(min=1)  # an absent row has no pixels

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Glm46VConfig, Glm46VForConditionalGeneration
 from transformers.image_utils import SizeDict
 
 from mmlens import HookedMLLM
 from mmlens.errors import UnsupportedModelError
 from mmlens.model.architectures.glm4v import GLM4V_BLOCK, Glm4v
-from mmlens.testing.families.glm4v import glm_processor, tiny_glm4v
+from mmlens.testing.families.glm4v import tiny_glm4v
 
 import family_tier as tier
 import test_qwen2_vl as qwen2
@@ -202,22 +201,6 @@ def test_a_spec_without_the_sandwich_norms_is_refused(builder, monkeypatch):
     hf_model, processor = builder()
     monkeypatch.setattr(Glm4v, "llm_block", replace(GLM4V_BLOCK, post_norms=None))
     with pytest.raises(UnsupportedModelError, match=r"blocks\.0 \(Glm4vTextDecoderLayer\) does not match"):
-        HookedMLLM.from_hf(hf_model, processor)
-
-
-def test_glm46v_with_a_mixture_of_experts_llm_is_refused_by_name():
-    """GLM-4.6V's class also holds GLM-4.5V's MoE LLM, whose blocks this family does not specify:
-    loading names it and says what is supported."""
-    tokenizer, processor, ids = glm_processor(4, 48)
-    text = dict(model_type="glm4v_moe_text", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
-                                 "partial_rotary_factor": 0.5})
-    vision = dict(model_type="glm4v_vision", depth=1, hidden_size=32, num_heads=4, patch_size=4, out_hidden_size=64,
-                  intermediate_size=64, image_size=24)
-    hf_model = Glm46VForConditionalGeneration(Glm46VConfig(text_config=text, vision_config=vision, **ids)).eval()
-    with pytest.raises(UnsupportedModelError, match="'glm4v_moe_text' LLM is not supported.*dense 'glm4v_text'"):
         HookedMLLM.from_hf(hf_model, processor)
 
 

@@ -72,7 +72,8 @@ def test_every_layer_routes_beside_a_gated_shared_expert(eager):
         mlp = f"blocks.{layer}.mlp."
         assert mlp + "hook_pre" not in names
         assert {mlp + p for p in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights")} <= names
-        assert {f"{mlp}shared_expert.{p}" for p in ("hook_pre", "hook_pre_linear", "hook_post", "hook_gate", "hook_out")} <= names
+        shared_points = ("hook_pre", "hook_pre_linear", "hook_post", "hook_out", "hook_gate_logit", "hook_gate", "hook_gated_out")
+        assert {f"{mlp}shared_expert.{p}" for p in shared_points} <= names
         assert {f"{mlp}experts.{e}.hook_out" for e in range(N_EXPERTS)} <= names
 
 
@@ -80,9 +81,10 @@ def test_every_layer_routes_beside_a_gated_shared_expert(eager):
 @torch.no_grad()
 def test_moe_points_hold_hf_values(eager, layer):
     """On the block's own input: the routing points are HF's router's outputs bit for bit; the
-    shared expert's points are its projections, `hook_gate` the sigmoid of `shared_expert_gate`,
-    its `hook_out` the gated output; the experts' and the shared expert's `hook_out` sum to the
-    MoE output, which is HF's block's."""
+    shared expert's points are its projections, its `hook_out` its output before the gate (TL's
+    meaning), `hook_gate_logit` `shared_expert_gate`'s output, `hook_gate` its sigmoid and
+    `hook_gated_out` their product; the experts' `hook_out` and the shared `hook_gated_out` sum to
+    the MoE output bit for bit, which is HF's block's."""
     model, inputs = eager.model, eager.inputs
     mlp = f"blocks.{layer}.mlp."
     _, cache = model.run_with_cache(inputs, names_filter=lambda name: name.startswith(mlp) or name in (
@@ -95,11 +97,14 @@ def test_moe_points_hold_hf_values(eager, layer):
     shared = mlp + "shared_expert."
     assert torch.equal(cache[shared + "hook_pre"], block.shared_expert.gate_proj(x))
     assert torch.equal(cache[shared + "hook_pre_linear"], block.shared_expert.up_proj(x))
+    assert torch.equal(cache[shared + "hook_gate_logit"], block.shared_expert_gate(x))
     assert torch.equal(cache[shared + "hook_gate"], torch.sigmoid(block.shared_expert_gate(x)))
-    assert cache[shared + "hook_gate"].shape == (*x.shape[:2], 1)
-    torch.testing.assert_close(cache[shared + "hook_out"], cache[shared + "hook_gate"] * block.shared_expert(x), atol=1e-7, rtol=0)
+    assert cache[shared + "hook_gate"].shape == cache[shared + "hook_gate_logit"].shape == (*x.shape[:2], 1)
+    torch.testing.assert_close(cache[shared + "hook_out"], block.shared_expert(x), atol=1e-7, rtol=0)
+    assert torch.equal(cache[shared + "hook_gated_out"], cache[shared + "hook_gate"] * cache[shared + "hook_out"])
+    assert (cache[shared + "hook_gated_out"] - cache[shared + "hook_out"]).abs().max() > 1e-4, "the gate scales"
     routed = sum(cache[f"{mlp}experts.{e}.hook_out"] for e in range(N_EXPERTS))
-    assert torch.equal(routed + cache[shared + "hook_out"], cache[f"blocks.{layer}.hook_mlp_out"])
+    assert torch.equal(routed + cache[shared + "hook_gated_out"], cache[f"blocks.{layer}.hook_mlp_out"])
     torch.testing.assert_close(block(x), cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-7, rtol=0)
 
 
@@ -129,9 +134,10 @@ def test_patching_one_expert_equals_a_hand_hook_on_hf(eager, corrupt):
 
 @torch.no_grad()
 def test_the_shared_expert_and_its_gate_edited_equal_hand_hooks_on_hf(eager, corrupt):
-    """Closing the shared expert's gate (hook_gate to 0) equals HF with its gate logit at -inf;
-    patching the shared expert's hook_out from the clean run equals HF's mirrored run with the
-    shared expert's and its gate's outputs swapped for the clean ones."""
+    """Closing the shared expert's gate (hook_gate to 0, or hook_gate_logit to -inf) equals HF with
+    its gate logit at -inf; patching the shared expert's hook_gated_out from the clean run equals
+    HF's mirrored run with the shared expert's and its gate's outputs swapped for the clean ones,
+    and patching its ungated hook_out equals swapping the shared expert's output alone."""
     model, clean = eager.model, eager.inputs
     valid = clean.attention_mask.bool()
     closed = model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{FULL_LAYER}.mlp.shared_expert.hook_gate",
@@ -139,15 +145,19 @@ def test_the_shared_expert_and_its_gate_edited_equal_hand_hooks_on_hf(eager, cor
     gate = _hf_block(eager, FULL_LAYER).shared_expert_gate
     theirs = _hf_logits(eager, clean, [(gate, lambda module, args, out: torch.full_like(out, -torch.inf))])
     assert (closed - theirs)[valid].abs().max() < 1e-6 and (closed - model(clean))[valid].abs().max() > 1e-4
+    shut = model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{FULL_LAYER}.mlp.shared_expert.hook_gate_logit",
+                                                   lambda x, hook: torch.full_like(x, -torch.inf))])
+    assert torch.equal(shut, closed)
 
-    name = f"blocks.{LINEAR_LAYER}.mlp.shared_expert.hook_out"
-    _, cache = model.run_with_cache(clean, names_filter=name)
-    patched = model.run_with_hooks(corrupt, fwd_hooks=[(name, lambda x, hook: cache[name])])
     block, kept = _hf_block(eager, LINEAR_LAYER), {}
-    parts = (block.shared_expert, block.shared_expert_gate)
-    _hf_logits(eager, clean, [(m, lambda module, args, out: kept.__setitem__(module, out)) for m in parts])
-    theirs = _hf_logits(eager, corrupt, [(m, lambda module, args, out: kept[module]) for m in parts])
-    assert (patched - theirs)[valid].abs().max() < 1e-6 and (patched - model(corrupt))[valid].abs().max() > 1e-4
+    _hf_logits(eager, clean, [(m, lambda module, args, out: kept.__setitem__(module, out))
+                              for m in (block.shared_expert, block.shared_expert_gate)])
+    for point, parts in (("hook_gated_out", (block.shared_expert, block.shared_expert_gate)), ("hook_out", (block.shared_expert,))):
+        name = f"blocks.{LINEAR_LAYER}.mlp.shared_expert.{point}"
+        _, cache = model.run_with_cache(clean, names_filter=name)
+        patched = model.run_with_hooks(corrupt, fwd_hooks=[(name, lambda x, hook: cache[name])])
+        theirs = _hf_logits(eager, corrupt, [(m, lambda module, args, out: kept[module]) for m in parts])
+        assert (patched - theirs)[valid].abs().max() < 1e-6 and (patched - model(corrupt))[valid].abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
@@ -231,12 +241,13 @@ BRIDGE_NAMES = {
     "blocks.3.mlp.shared_expert.gate.hook_out": "blocks.3.mlp.shared_expert.hook_pre",
     "blocks.3.mlp.shared_expert.in.hook_out": "blocks.3.mlp.shared_expert.hook_pre_linear",
     "blocks.1.mlp.shared_expert.out.hook_in": "blocks.1.mlp.shared_expert.hook_post",
+    "blocks.2.mlp.shared_expert_gate.hook_out": "blocks.2.mlp.shared_expert.hook_gate_logit",
     "blocks.2.mlp.hook_out": "blocks.2.hook_mlp_out",
 }
 WITHHELD_BRIDGE_NAMES = qwen3_5.WITHHELD_BRIDGE_NAMES  # a mixer's names outside the blocks of its kind
-# no dense MLP anywhere; the routed experts' sum and the gate's logit (before its sigmoid) have no point of ours
+# no dense MLP anywhere; the routed experts' sum has no point of ours
 UNKNOWN_BRIDGE_NAMES = (*WITHHELD_BRIDGE_NAMES, "blocks.0.mlp.dense_gate.hook_out", "blocks.1.mlp.in.hook_out",
-                        "blocks.2.mlp.experts.hook_out", "blocks.1.mlp.shared_expert_gate.hook_out")
+                        "blocks.2.mlp.experts.hook_out")
 
 
 def test_bridge_hook_names_are_aliases(eager):

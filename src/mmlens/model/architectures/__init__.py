@@ -12,15 +12,20 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from .base import Architecture
+from .blip2 import Blip2, InstructBlip
+from .deepseek_vl import DeepseekVL
 from .gemma3 import Gemma3
 from .gemma4 import Gemma4
-from .glm4v import Glm4v
+from .glm4v import Glm4v, Glm4vMoe
 from .idefics3 import Idefics3
 from .internvl import InternVL
+from .janus import Janus
 from .lighton_ocr import LightOnOcr
+from .llama4 import Llama4
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_onevision import LlavaOnevision
+from .mllama import Mllama
 from .mistral3 import Mistral3
 from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2_5_VL, Qwen2VL
@@ -49,6 +54,13 @@ FAMILIES: tuple[type[Architecture], ...] = (
     VipLlava,
     LightOnOcr,
     Glm4v,
+    Glm4vMoe,
+    Llama4,
+    Janus,
+    DeepseekVL,
+    Mllama,
+    Blip2,
+    InstructBlip,
 )
 
 ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES for name in arch.hf_class_names}
@@ -56,27 +68,24 @@ ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES 
 # Classes researchers ask for that no family covers yet, with what each needs beyond what mmlens
 # has, so the refusal says what is missing rather than only that the class is unknown.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "AyaVisionForConditionalGeneration": "its Cohere2 LLM runs attention and MLP in parallel from one norm, with "
-    "rotary only on the sliding-window layers; the block spec has no parallel block yet",
-    "Cohere2VisionForConditionalGeneration": "the same parallel Cohere2 blocks as Aya Vision",
+    "AyaVisionForConditionalGeneration": "its Cohere2 LLM runs attention and MLP in parallel from one LayerNorm "
+    "(x + attn(ln(x)) + mlp(ln(x))), with rotary only on the sliding-window layers; the block spec has neither yet, "
+    "and its tiles, each after its own TILE_i marker tokens, need a tiled layout whose frames are not contiguous",
+    "Cohere2VisionForConditionalGeneration": "the same parallel Cohere2 blocks as Aya Vision (and its own tiling "
+    "and projector, without Aya's LayerNorm)",
     "FastVlmForConditionalGeneration": "its vision tower is a timm model (timm_wrapper), not transformer blocks "
     "mmlens can hook",
-    "MllamaForConditionalGeneration": "its image tokens are keys and values of cross-attention layers, not tokens "
-    "of the LLM's sequence; the cross-attended layout kind is not built yet",
-    "InstructBlipForConditionalGeneration": "a Q-Former adapter (learned queries with no pixel grid) and OPT / "
-    "Flan-T5 LLMs; the learned-query layout kind is not built yet",
-    "Blip2ForConditionalGeneration": "the same Q-Former adapter as InstructBLIP",
-    "JanusForConditionalGeneration": "discrete image tokens from a VQ tokenizer beside a SigLIP path; the code-grid "
-    "layout kind is not built yet",
-    "Emu3ForConditionalGeneration": "discrete image tokens from a VQ tokenizer; the code-grid layout kind is not "
-    "built yet",
-    "Glm4vMoeForConditionalGeneration": "a sigmoid router with grouped top-k and a score-correction bias, shared "
-    "experts and dense first layers; mmlens's MoE spec refuses such routers until they are expressed",
+    "Emu3ForConditionalGeneration": "its images reach the LLM as discrete VQ codes (an argmin, nothing "
+    "differentiable from pixels to the LLM), h x (w + 1) token ids per image with an end-of-row token after each row; "
+    "it needs the VQ encoder's convolutional stages as a hooked vision stage and the code-grid layout kind",
     "Gemma4UnifiedForConditionalGeneration": "it has no vision encoder (a patch embedder feeds the LLM directly), so "
     "there is no tower stage to hook; Gemma 4 itself is supported",
-    "DeepseekVLForConditionalGeneration": "not built yet (SigLIP tower and an MLP aligner: a fixed grid)",
-    "DeepseekVLHybridForConditionalGeneration": "not built yet (a SigLIP and a SAM high-resolution tower side by "
-    "side)",
+    "DeepseekVLHybridForConditionalGeneration": "beside its SigLIP tower it runs a second, high-resolution tower on "
+    "its own `high_res_pixel_values` (1024 px): SAM's ViT (fused qkv, windowed attention with decomposed relative "
+    "positions), whose last block and one global-attention block each pass a convolutional neck, a bilinear resize "
+    "and strided convolutions before a learned alpha mixes them and the aligner concatenates them with SigLIP's; "
+    "the hook tree has one vision stage and one pixel input, so it needs a second hooked vision stage with a SAM "
+    "block spec, a two-resolution image geometry and per-tower aligner hooks; DeepSeek-VL itself is supported",
 }
 
 

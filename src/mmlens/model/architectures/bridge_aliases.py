@@ -101,6 +101,13 @@ LLM_BRANCH_OUTPUT_ALIASES = (
     alias(_L + "hook_attn_out", _L + "attn.hook_out"),
     alias(_L + "hook_mlp_out", _L + "mlp.hook_out"),
 )
+# An ungated MLP whose fc1 / fc2 the bridge wraps without a container (OPT): `mlp.in`, `mlp.out`,
+# whose output is the MLP's (the bridge's `hook_mlp_out` there)
+LLM_UNGATED_MLP_ALIASES = (
+    alias(_L + "mlp.hook_pre", _L + "mlp.in.hook_out"),
+    alias(_L + "mlp.hook_post", _L + "mlp.out.hook_in"),
+    alias(_L + "hook_mlp_out", _L + "mlp.out.hook_out"),
+)
 # RMSNorms on each head's queries and keys (Gemma 3, Qwen3)
 LLM_QK_NORM_ALIASES = (
     alias(_L + "attn.q_ln.hook_normalized", _L + "attn.q_norm.hook_out"),
@@ -131,10 +138,13 @@ MOE_ALIASES = (
     alias(_L + "mlp.hook_post", _L + "mlp.dense_out.hook_in"),
 )
 # The shared expert beside the routed ones, a GatedMLPBridge (Qwen3.5-MoE): its projections' names.
-# The bridge's `shared_expert.hook_out` (before the sigmoid gate) and `shared_expert_gate.hook_out`
-# (the gate's logit) are other quantities than our `shared_expert.hook_out` / `hook_gate`: not aliased
+# Its `shared_expert.hook_out` is ours by the same text: the expert's output before any gate.
 SHARED_EXPERT_ALIASES = (
     alias(_L + "mlp.shared_expert.hook_pre", _L + "mlp.shared_expert.gate.hook_out"),
     alias(_L + "mlp.shared_expert.hook_pre_linear", _L + "mlp.shared_expert.in.hook_out"),
     alias(_L + "mlp.shared_expert.hook_post", _L + "mlp.shared_expert.out.hook_in"),
+)
+# The shared expert's sigmoid gate, a LinearBridge beside it (Qwen3.5-MoE): its output is the logit
+SHARED_EXPERT_GATE_ALIASES = (
+    alias(_L + "mlp.shared_expert.hook_gate_logit", _L + "mlp.shared_expert_gate.hook_out"),
 )

@@ -34,7 +34,9 @@ Stage = Literal["vision", "adapter", "llm"]
 Index = tuple[Tensor, ...]  # one index tensor per leading dim of an activation
 # Special-token kinds that belong to their image's attention block (bidirectional edits, knockouts
 # of "the image"); other kinds (text-like start/end markers, tile separators) stay outside it.
-IMAGE_BLOCK_KINDS = frozenset({"cls", "register", "newline"})
+# (`LEARNED_QUERY_KIND`: a Q-Former's queries, which stand for their image in the LLM's sequence)
+IMAGE_BLOCK_KINDS = frozenset({"cls", "register", "newline", "query"})
+LEARNED_QUERY_KIND = "query"
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
 
@@ -470,6 +472,65 @@ class PackedLayout(ImageTokenLayout):
 
         rows = tuple(tuple(shift(s, r) for s in row) for r in range(k) for row in self.images)
         return replace(self, images=rows, vision_shape=(1, v * k), adapter_shape=(1, a * k))
+
+
+class CrossAttendedLayout(ImageTokenLayout):
+    """The layout of a family whose LLM reads images through cross-attention (Mllama): the images
+    are keys and values of the cross-attention layers, never tokens of the LLM's sequence.
+
+    Its `llm` stage is therefore the cross-attention keys: `seq_len` is the number of keys per batch
+    row (every image slot's tiles, each a CLS then its patches, in `cross_attention_states` order) and
+    a segment's `positions` are key indices, so `gather("llm", cache["blocks.{l}.cross_attn.hook_k"])`
+    reads the keys at each image's cells (each tile one segment; the CLS keys are `special["cls"]`),
+    each key's heads concatenated (`[n_images, n, heads * d_head]`: the vector a probe reads).
+    Selections of image tokens in the text sequence (`image_token_mask`, `image_of_position`: what
+    knockouts, the bidirectional edit and probes at LLM image positions are built on) are refused:
+    there are none. Text tokens read the images by cross-attention instead."""
+
+    @staticmethod
+    def _no_image_tokens(what: str) -> LayoutMismatchError:
+        return LayoutMismatchError(
+            f"{what}: this model's LLM holds no image tokens (its images are the keys and values of its "
+            "cross-attention layers), so there are no image positions in the text sequence. Read the images at "
+            "the cross-attention keys (`gather('llm', cache['blocks.{l}.cross_attn.hook_k'])`), the tower or the "
+            "adapter, and edit what text reads from them with the cross-attention knockout or gates")
+
+    def gather(self, stage: Stage, activation: Tensor) -> Float[Tensor, "n_images n_tokens ..."]:
+        if stage == "llm" and activation.ndim > 1 and activation.shape[1] != self.seq_len:
+            raise self._no_image_tokens(f"an LLM activation of shape {tuple(activation.shape)} (text positions) "
+                                        f"where the cross-attention keys ({self.seq_len} per row) were expected")
+        gathered = super().gather(stage, activation)
+        return gathered.flatten(2) if stage == "llm" and gathered.ndim > 3 else gathered
+
+    def image_of_position(self) -> Int[Tensor, "batch seq"]:
+        raise self._no_image_tokens("image_of_position")
+
+    def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
+        raise self._no_image_tokens("image_token_mask")
+
+    def by_image(self, values: Tensor) -> Tensor:
+        raise self._no_image_tokens("by_image")
+
+
+class LearnedQueryLayout(ImageTokenLayout):
+    """The layout of a family whose adapter hands the LLM learned queries (BLIP-2's Q-Former): a
+    fixed number of tokens per image, each reading the whole image through cross-attention, so no
+    token has a pixel box. Each image's queries are its special tokens of `LEARNED_QUERY_KIND` (its
+    attention block: knockouts and the bidirectional edit select them), and its one segment holds its
+    vision patches alone (no tokens; patches feed none), so the tower reads as in any family.
+
+    Reading the adapter or LLM stage at pixel boxes (`gather`, probes at those sites) is refused:
+    there are none. What each query reads of the image is its cross-attention pattern over the
+    patches (`adapter.blocks.{i}.cross_attn.hook_pattern`), data-dependent, not a box."""
+
+    def gather(self, stage: Stage, activation: Tensor) -> Float[Tensor, "n_images n_tokens ..."]:
+        if self._check_stage(stage) != "vision":
+            raise LayoutMismatchError(
+                f"gather({stage!r}): these images reach the LLM as learned queries (a Q-Former's), which have no "
+                "pixel grid, so no adapter or LLM token has a pixel box to probe. Read the vision stage (vision.* "
+                f"sites), or the queries at layout.special_positions({LEARNED_QUERY_KIND!r}); which patches each "
+                "query reads is its cross-attention pattern (adapter.blocks.{i}.cross_attn.hook_pattern)")
+        return super().gather(stage, activation)
 
 
 def same_span(a: ImageSpan, b: ImageSpan) -> bool:

@@ -264,6 +264,8 @@ class ImagePixelMaps(PixelMap):
 
     def paint(self, values: Int[Tensor, "n_images n_tokens"]) -> Int[Tensor, "n_images height width"]:
         index = self.painted.to(values.device).long()
+        if not values.shape[1]:  # images without grid tokens (learned queries): no token paints a pixel
+            return torch.full(index.shape, -1, dtype=values.dtype, device=values.device)
         painted = values.gather(1, index.clamp(min=0).flatten(1)).view(index.shape)
         return torch.where(index >= 0, painted, torch.full_like(painted, -1))
 
@@ -279,7 +281,9 @@ class ImagePixelMaps(PixelMap):
         layers = self._layers()
         n_tokens = max((sum(len(grid) for grid in grids) for grids in self._segments), default=0)
         cells = layers.flatten(1)
-        sizes = torch.zeros(self.n_images, n_tokens).scatter_add_(1, cells.clamp(min=0), (cells >= 0).float())
+        sizes = torch.zeros(self.n_images, n_tokens)
+        if n_tokens:  # images without grid tokens (learned queries) have no boxes to count
+            sizes.scatter_add_(1, cells.clamp(min=0), (cells >= 0).float())
         return BoxPixels(cells, sizes, layers.shape[1])
 
     def images(self, index: slice) -> "ImagePixelMaps":

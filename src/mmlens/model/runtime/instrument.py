@@ -57,11 +57,13 @@ class AttentionSpec:
     # the dim `apply_rotary_pos_emb` unsqueezes cos/sin at: 1 for [batch, seq, d_head] tables, 0
     # for a packed sequence's [seq, d_head] table (Pixtral)
     rotary_unsqueeze_dim: int = 1
-    # a rotary applied to q and to k one at a time, before the head transpose (`[batch, seq, head,
-    # d_head]`), given the attention's keywords (Gemma 4's one-tensor `apply_rotary_pos_emb(x, cos,
-    # sin, unsqueeze_dim=2)`, its tower's 2-D `apply_multidimensional_rope`); None: the module's own
-    # `apply_rotary_pos_emb(q, k, cos, sin)` after the transpose
-    rotate: Callable[[Tensor, dict[str, Any]], Tensor] | None = None
+    # what the attention does to q and k (`[batch, seq, head, d_head]`, after their norms) before the
+    # scores, given the module and its keywords, in place of the module's own `apply_rotary_pos_emb(q, k,
+    # cos, sin)` after the head transpose: Gemma 4's one-tensor rotary, Llama 4's complex rotary then L2
+    # norm, or its NoPE layers' query temperature; `hook_rot_q` / `hook_rot_k` fire on its output
+    position_step: Callable[[nn.Module, Tensor, Tensor, dict[str, Any]], tuple[Tensor, Tensor]] | None = None
+    # Hugging Face's eager softmax in float32 then cast back (most families) or in the scores' dtype (Llama 4)
+    softmax_in_float32: bool = True
     # an RMSNorm over each head's values, after `hook_v` (Gemma 4's unweighted v norm). A module whose
     # `v` projection is None takes the key projection, before `k_norm`, as its values (Gemma 4's
     # `attention_k_eq_v` full-attention layers); `hook_v` then fires on that copy
@@ -70,6 +72,12 @@ class AttentionSpec:
     # output is multiplied by sigmoid(gate) before o_proj (Qwen3.5). `hook_q_gate` fires on the gate
     # and `hook_z` after the product, as TL's bridge has it (its hook_z is o_proj's input)
     output_gate: bool = False
+    # the forward keyword whose tensor ([batch, keys, d]) the keys and values are computed from, for a
+    # cross-attention (Mllama's `cross_attention_states`: the images' features); None: the hidden states
+    key_source: str | None = None
+    # one linear holding q, k and v as three row blocks in that order (BLIP's tower: `qkv`); `q`, `k`
+    # and `v` are then ignored
+    fused_qkv: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class BlockSpec:
     # modules (DINOv2) or per-channel parameters (InternViT's lambda_1/2) scaling the attention and
     # MLP outputs before they join the residual
     layer_scale: tuple[str, str] | None = None
+    # the layer scales are gates whose tanh is the factor (Mllama's global tower encoder: tanh(gate_attn))
+    layer_scale_tanh: bool = False
     # sandwich norms on the attention and MLP outputs before they join the residual (Gemma 2/3):
     # x + post_ln1(attn(ln1(x))), then + post_ln2(mlp(ln2(.))); TL's `ln1_post` / `ln2_post`
     post_norms: tuple[str, str] | None = None
@@ -139,6 +149,14 @@ class GatedQueryRows(FusedSlice):
         return tensor.unflatten(0, (-1, 2, self._d_head))[:, 0].flatten(0, 1)
 
 
+class FusedPart(FusedSlice):
+    """One row block of a fused linear, callable as a linear of its own (the same rows of the same
+    product, up to float summation order)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def apply_attention_mask(
     scores: Tensor, attention_mask: Tensor | None, is_causal: bool
 ) -> Tensor:
@@ -168,11 +186,16 @@ def instrument_attention(
 ) -> None:
     original = bare_forward(attn)
     names = _argument_names(attn)
+    step = spec.position_step if spec.rotary else None
     rotary_fn = (
-        getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary else None
+        getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary and step is None else None
     )
     # dotted names reach into wrappers (Gemma 4's tower keeps each nn.Linear in `q_proj.linear`)
-    q_proj, k_proj, v_proj, o_proj = (_submodule(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
+    if spec.fused_qkv:
+        q_proj, k_proj, v_proj = (FusedPart(_submodule(attn, spec.fused_qkv), i, 3) for i in range(3))
+    else:
+        q_proj, k_proj, v_proj = (_submodule(attn, n) for n in (spec.q, spec.k, spec.v))
+    o_proj = _submodule(attn, spec.o)
     d_head = attn.head_dim
     scaling = getattr(attn, spec.scaling)
     softcap = getattr(attn, spec.softcap) if spec.softcap else None
@@ -200,15 +223,21 @@ def instrument_attention(
             queries, gate = queries.view(batch, seq, -1, 2 * d_head).chunk(2, dim=-1)
             gate = fire(hooks.hook_q_gate, gate)
         q = q_norm(fire(hooks.hook_q, queries.view(batch, seq, -1, d_head)))
-        keys = k_proj(hidden_states).view(batch, seq, -1, d_head)
-        values = keys.clone() if v_proj is None else v_proj(hidden_states).view(batch, seq, -1, d_head)
+        source = hidden_states if spec.key_source is None else kwargs.get(spec.key_source)
+        if source is None:  # Mllama after the first generated token: Hugging Face reads the keys from its cache
+            raise UnsupportedModelError(
+                f"a hooked {type(attn).__name__} without its keys' source ({spec.key_source}): Hugging Face reads "
+                "them from its key cache after the first generated token, which the hooked maths does not. Hook a "
+                "forward (or only the first step of generation), or generate without hooks")
+        keys = k_proj(source).view(batch, source.shape[1], -1, d_head)
+        values = keys.clone() if v_proj is None else v_proj(source).view(batch, source.shape[1], -1, d_head)
         k = k_norm(fire(hooks.hook_k, keys))
         v = v_norm(fire(hooks.hook_v, values))
-        if rotary_fn is not None and spec.rotate is not None:  # per tensor, before the transpose
-            q = fire(hooks.hook_rot_q, spec.rotate(q, kwargs))
-            k = fire(hooks.hook_rot_k, spec.rotate(k, kwargs))
+        if step is not None:  # before the transpose
+            q, k = step(attn, q, k, kwargs)
+            q, k = fire(hooks.hook_rot_q, q), fire(hooks.hook_rot_k, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if rotary_fn is not None and spec.rotate is None:
+        if rotary_fn is not None:
             cos, sin = kwargs["position_embeddings"]
             q, k = rotary_fn(q, k, cos, sin, **unsqueeze)
             q = fire(hooks.hook_rot_q, q.transpose(1, 2)).transpose(1, 2)
@@ -222,8 +251,11 @@ def instrument_attention(
         scores = torch.matmul(q, k.transpose(2, 3)) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = fire(hooks.hook_attn_scores, apply_attention_mask(scores, attention_mask, attn.is_causal))
-        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = fire(hooks.hook_attn_scores, apply_attention_mask(scores, attention_mask, getattr(attn, "is_causal", False)))
+        if spec.softmax_in_float32:
+            pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            pattern = nn.functional.softmax(scores, dim=-1)
         if attn.training:
             pattern = nn.functional.dropout(pattern, p=getattr(attn, "attention_dropout", 0.0))
         pattern = fire(hooks.hook_pattern, pattern)
@@ -298,11 +330,13 @@ def instrument_mlp(mlp: nn.Module, hooks: MLPHooks, gated: bool) -> None:
     _override_forward(mlp, forward)
 
 
-def _scaling(layer: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
+def _scaling(layer: nn.Module, name: str, tanh: bool = False) -> Callable[[Tensor], Tensor]:
     """A layer scale as a function: the module itself, or `weight * x` for a parameter (in that
     order, as InternViT's `self.lambda_1 * attention_output`; read at call time, since an offloaded
     layer's parameters are put in place only while it runs)."""
     scale = getattr(layer, name)
+    if tanh:
+        return lambda x: getattr(layer, name).tanh() * x
     return scale if isinstance(scale, nn.Module) else (lambda x: getattr(layer, name) * x)
 
 
@@ -314,7 +348,8 @@ def instrument_block(
     their own points), attention (or, with `linear_attention`, its gated delta net) and MLP."""
     ln1, ln2, mlp = (getattr(layer, n) for n in (spec.ln1, spec.ln2, spec.mlp))
     identity = lambda x: x  # noqa: E731
-    scale1, scale2 = (_scaling(layer, n) for n in spec.layer_scale) if spec.layer_scale else (identity, identity)
+    scale1, scale2 = (_scaling(layer, n, spec.layer_scale_tanh) for n in spec.layer_scale) if spec.layer_scale \
+        else (identity, identity)
     post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
     # read at call time, like a layer scale: an offloaded layer's buffers are in place only while it runs
     rescale = (lambda x: x * getattr(layer, spec.output_scalar)) if spec.output_scalar else identity
@@ -344,7 +379,7 @@ def instrument_block(
     routes_with_logits = isinstance(hooks.mlp, MoEHooks) and spec.moe is not None and spec.moe.returns_router_logits
     feed_forward = (lambda x: mlp(x)[0].view_as(x)) if routes_with_logits else mlp
     if not linear_attention:  # a linear-attention block has no heads for the cache to decompose into
-        hooks.bind_outputs(layer, spec.layer_scale, spec.output_scalar)  # what the cache decomposes through
+        hooks.bind_outputs(layer, spec.layer_scale, spec.output_scalar, spec.layer_scale_tanh)  # what the cache decomposes through
     original = bare_forward(layer)
     names = _argument_names(layer)
 
@@ -369,7 +404,9 @@ def hook_module_output(module: nn.Module, point) -> torch.utils.hooks.RemovableH
 
 
 def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root: Any,
-                              use_result: Callable[[], bool]) -> list[torch.utils.hooks.RemovableHandle]:
+                              use_result: Callable[[], bool], final_norm: str = "norm",
+                              instrument_layer: Callable[..., None] | None = None,
+                              ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook a Hugging Face decoder stack (`embed_tokens`, `layers`, `norm`) into `root`'s LLM
     points: its blocks, final norm, and `hook_embed` then `hook_multimodal_embed` on the merged
     input it receives (text embeddings with the image tokens in place). Blocks of linear-attention
@@ -379,8 +416,9 @@ def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root:
     for index, (layer, hooks) in enumerate(zip(layers, root.blocks)):
         if index in linear:
             hooks.mix_with_linear_attention()
-        instrument_block(layer, hooks, spec, use_result, norm, linear_attention=index in linear)
-    instrument_norm(lm.norm, root.ln_final, norm)
+        # a block of another shape than `instrument_block`'s (OPT's MLP linears on the block) brings its own
+        (instrument_layer or instrument_block)(layer, hooks, spec, use_result, norm, linear_attention=index in linear)
+    instrument_norm(getattr(lm, final_norm), root.ln_final, norm)
 
     def merged_embedding(_module, args, kwargs):
         if kwargs.get("inputs_embeds") is not None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...errors import UnsupportedModelError
+from ...errors import InputError, UnsupportedModelError
 from ..hook_tree import LinearAttentionHooks, fire
 from .devices import bare_forward
 
@@ -59,6 +59,10 @@ def _kernels(module: nn.Module) -> dict[str, Callable]:
 
 def call_linear_attention(module: nn.Module, hidden_states: Tensor, layer_kwargs: dict[str, Any]) -> Tensor:
     """Call the mixer as Hugging Face's decoder layer does, from that layer's keywords."""
+    packed = sorted(k for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx") if layer_kwargs.get(k) is not None)
+    if packed:
+        raise InputError(f"a hooked linear-attention block given packed sequences ({', '.join(packed)}): mmlens runs "
+                         "padded batches; pass an attention mask instead of packing the rows")
     return module(hidden_states=hidden_states, cache_params=layer_kwargs.get("past_key_values"),
                   attention_mask=layer_kwargs.get("attention_mask"))
 

@@ -8,8 +8,9 @@ grouped_mm, batched_mm). With one listening, the block is recomputed as HF's eag
 it, firing the router's logits, the chosen experts and their weights, each expert's gated-MLP
 points on the tokens it serves, and each expert's weighted contribution as a [batch, pos, d_model]
 tensor (`experts.{e}.hook_out`, zero at tokens that did not choose it). The block's output is those
-contributions summed in expert order, which is what HF's eager loop adds up, so the experts'
-`hook_out` sum to the MoE output exactly. `MoESpec` says, field by field, how a family's block
+contributions summed in expert order, which is what HF's eager loop adds up, plus the shared
+expert's (`shared_expert.hook_gated_out` where a gate scales it, else its `hook_out`), so these
+sum to the MoE output exactly. `MoESpec` says, field by field, how a family's block
 differs from Qwen3's (router scoring, where the weight multiplies, the experts' layout, a shared
 expert and its gate); what a spec cannot say is refused at load, naming the part.
 """
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...errors import HookReturnError, UnsupportedModelError
-from ..hook_tree import MoEHooks, fire, is_hooked
+from ..hook_tree import MoEHooks, SharedExpertHooks, fire, is_hooked
 from .devices import bare_forward
 from .instrument import _override_forward, instrument_mlp
 
@@ -49,12 +50,22 @@ class MoESpec:
     shared_expert: str | None = None  # a gated MLP on every token, added to the routed sum
     shared_expert_gate: str | None = None  # a Linear(d_model, 1) whose sigmoid scales the shared expert
     returns_router_logits: bool = False  # the block returns (output, router logits) (Llama 4)
+    # DeepSeek-V3's routing (GLM-4.5V): a router buffer added to the scores to choose the experts but
+    # not to weigh them (`e_score_correction_bias`), and the router attributes holding the number of
+    # expert groups and how many of them, ranked by their two best scores, the choice may use
+    choice_bias: str | None = None
+    groups: tuple[str, str] | None = None
+    routed_scale: str | None = None  # a router attribute multiplying the kept weights last (routed_scaling_factor)
+    renormalize_epsilon: float = 0.0  # added to the kept weights' sum before dividing (GLM-4.5V: 1e-20)
+    router_in_float32: bool = False  # the router's linear runs in float32 whatever the model's dtype
 
 
 # what transformers' @use_experts_implementation may say about an experts module that the hooked
 # recomputation does not do, with the value it assumes
 _EXPERT_FLAGS = {"has_bias": False, "has_gate": True, "is_concatenated": True, "has_post_expert_norm": False,
                  "_is_expert_parallel": False}
+# router settings a spec must name where they are not neutral (DeepSeek-V3-style routers carry them)
+_ROUTER_SETTINGS = {"num_group": 1, "n_group": 1, "routed_scaling_factor": 1.0}
 
 
 def _refuse_unexpressed(module: nn.Module, router: nn.Module, experts: nn.Module, spec: MoESpec) -> None:
@@ -70,10 +81,35 @@ def _refuse_unexpressed(module: nn.Module, router: nn.Module, experts: nn.Module
             raise UnsupportedModelError(f"{where}: its experts module {spec.experts!r} has no fused 3-D {name} "
                                         "[n_experts, ...]; MoESpec expects transformers' fused experts")
     extra = sorted(n for n, _ in router.named_parameters() if n not in ("weight", "bias"))
+    extra += sorted(n for n, _ in router.named_buffers() if n != spec.choice_bias)
     if extra or getattr(router, "weight", None) is None:
         raise UnsupportedModelError(
-            f"{where}: its router {spec.router!r} has parameters {extra or 'but no weight'} beyond a linear scoring "
-            "(a score correction bias or grouped routing); MoESpec cannot express that routing")
+            f"{where}: its router {spec.router!r} has parameters or buffers {extra or 'but no weight'} beyond a linear "
+            "scoring (a score correction bias?) that its MoESpec does not name; name it as the spec's choice_bias")
+    renormalizes = getattr(router, "norm_topk_prob", spec.renormalize)
+    if renormalizes != spec.renormalize:
+        raise UnsupportedModelError(
+            f"{where}: its router has norm_topk_prob={renormalizes} but its MoESpec says renormalize={spec.renormalize}; "
+            "the hooked routing would weight the experts differently")
+    named = {*(spec.groups or ()), spec.routed_scale}
+    for attribute, neutral in _ROUTER_SETTINGS.items():
+        value = getattr(router, attribute, neutral)
+        if attribute not in named and value != neutral:
+            raise UnsupportedModelError(
+                f"{where}: its router has {attribute}={value}, which its MoESpec does not name (grouped routing or a "
+                "routed scaling factor); name it in the spec's groups or routed_scale")
+
+
+def _grouped_top_k(choice: Tensor, n_group: int, topk_group: int, top_k: int) -> Tensor:
+    """The experts DeepSeek-V3's router chooses from `choice` [tokens, E], its scores plus the
+    correction bias: the `topk_group` groups whose two best choice scores sum highest, then the best
+    `top_k` experts within them (unsorted, as Hugging Face's router returns them)."""
+    tokens, n_experts = choice.shape
+    group_scores = choice.view(tokens, n_group, n_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    kept = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    in_kept_group = torch.zeros_like(group_scores).scatter_(1, kept, 1).bool()
+    allowed = in_kept_group.unsqueeze(-1).expand(-1, n_group, n_experts // n_group).reshape(tokens, n_experts)
+    return torch.topk(choice.masked_fill(~allowed, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
 
 
 def _check_indices(indices: Tensor, n_experts: int, name: str) -> None:
@@ -89,6 +125,16 @@ def _check_indices(indices: Tensor, n_experts: int, name: str) -> None:
         raise HookReturnError(
             f"{name}: a token chooses the same expert twice; top-k routing picks distinct experts. To change how "
             "much an expert counts, edit hook_expert_weights")
+
+
+def _shared_contribution(x: Tensor, shared: nn.Module, gate: nn.Module | None, hooks: SharedExpertHooks) -> Tensor:
+    """What the shared expert adds to the block, [tokens, d_model]: its output (`hook_out`), scaled
+    where it has one by the sigmoid of its gate (`hook_gate_logit`, `hook_gate`, `hook_gated_out`)."""
+    out = fire(hooks.hook_out, shared(x))
+    if gate is not None:
+        scale = fire(hooks.hook_gate, torch.sigmoid(fire(hooks.hook_gate_logit, gate(x))))
+        out = fire(hooks.hook_gated_out, scale * out)
+    return out.reshape(-1, x.shape[-1])
 
 
 def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> None:
@@ -129,15 +175,27 @@ def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> 
 
     def route(x: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
         """Router logits [tokens, E], chosen experts and their weights [tokens, k], through the points."""
-        logits = F.linear(x, router.weight, getattr(router, "bias", None))
+        if spec.router_in_float32:
+            bias = getattr(router, "bias", None)
+            logits = F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+        else:
+            logits = F.linear(x, router.weight, getattr(router, "bias", None))
         logits = fire(hooks.hook_router_logits, logits.view(*shape, -1)).reshape(x.shape[0], -1)
-        if spec.top_k_of == "scores":
+        if spec.choice_bias is not None:
+            scores = score(logits)
+            n_group, topk_group = (getattr(router, name) for name in spec.groups) if spec.groups else (1, 1)
+            indices = _grouped_top_k(scores + getattr(router, spec.choice_bias), n_group, topk_group, top_k)
+            weights = scores.gather(1, indices)
+        elif spec.top_k_of == "scores":
             weights, indices = torch.topk(score(logits), top_k, dim=-1)
         else:
             top, indices = torch.topk(logits, top_k, dim=-1)
             weights = score(top)
         if spec.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total + spec.renormalize_epsilon if spec.renormalize_epsilon else total)
+        if spec.routed_scale is not None:
+            weights = weights * getattr(router, spec.routed_scale)
         weights = weights.to(logits.dtype)
         if is_hooked(hooks.hook_expert_indices):
             indices = fire(hooks.hook_expert_indices, indices.view(*shape, -1))
@@ -176,10 +234,7 @@ def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> 
             else:
                 total.index_add_(0, tokens, out)
         if shared is not None:
-            extra = shared(x.view(*shape, width))
-            if shared_gate is not None:
-                extra = fire(hooks.shared_expert.hook_gate, torch.sigmoid(shared_gate(x.view(*shape, width)))) * extra
-            total = total + fire(hooks.shared_expert.hook_out, extra).reshape(-1, width)
+            total = total + _shared_contribution(x.view(*shape, width), shared, shared_gate, hooks.shared_expert)
         out = total.view(*shape, width)
         return (out, logits) if spec.returns_router_logits else out
 

@@ -1,11 +1,15 @@
-"""A tiny GLM-4V (or GLM-4.6V with GLM-4V's dense LLM) and its image-only processor, over the word
-tokenizer with GLM's image and video tokens."""
+"""A tiny GLM-4V (or GLM-4.6V with GLM-4V's dense LLM), a tiny GLM-4.5V (its mixture-of-experts LLM)
+and their image-only processor, over the word tokenizer with GLM's image and video tokens."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration
+import torch
+from transformers import (
+    Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, Glm46VConfig,
+    Glm46VForConditionalGeneration,
+)
 from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
 from ...model.architectures.glm4v import GlmImageProcessor
@@ -76,4 +80,51 @@ def tiny_glm4v(
     return instantiate(model_class, config, attn_implementation, seed), processor
 
 
-__all__ = ["GLM_TEMPLATE", "GLM_TOKENS", "glm_processor", "tiny_glm4v"]
+def tiny_glm4v_moe(
+    version: Literal["4.5v", "4.6v"] = "4.5v",
+    *,
+    n_experts: int = 8,
+    n_group: int = 2,
+    topk_group: int = 1,
+    top_k: int = 2,
+    d_expert: int = 32,
+    dense_layers: int = 1,
+    routed_scaling_factor: float = 2.5,
+    experts_implementation: str = "eager",
+    seed: int = 0,
+    attn_implementation: str = "eager",
+    **sizes,
+):
+    """A tiny GLM-4.5V (`"4.5v"`), or GLM-4.6V's class holding the same model (`"4.6v"`): `tiny_glm4v`'s
+    tower and merger (`sizes` are its keywords) before a GLM-4.5
+    MoE LLM whose first `dense_layers` keep a dense MLP and whose others route each token, by a
+    sigmoid router, to `top_k` of `n_experts` experts within the best `topk_group` of `n_group`
+    groups, beside an ungated shared expert. The router's weights and its score-correction bias
+    are drawn at random (Hugging Face starts the bias at zero and the weights near it), large
+    enough that a spec ignoring the bias, the groups or `routed_scaling_factor` would choose or
+    weigh other experts."""
+    dense, processor = tiny_glm4v("4v", seed=seed, attn_implementation=attn_implementation, **sizes)
+    config = dense.config.to_dict()
+    text = {k: v for k, v in config["text_config"].items() if k not in ("model_type", "architectures")}
+    text.update(n_routed_experts=n_experts, n_group=n_group, topk_group=topk_group, num_experts_per_tok=top_k,
+                moe_intermediate_size=d_expert, n_shared_experts=1, first_k_dense_replace=dense_layers,
+                routed_scaling_factor=routed_scaling_factor, norm_topk_prob=True)
+    vision = {k: v for k, v in config["vision_config"].items() if k not in ("model_type", "architectures")}
+    ids = {k: config[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                                  "video_start_token_id", "video_end_token_id")}
+    if version == "4.6v":  # GLM-4.6V's class builds its sub-models from their model types
+        config = Glm46VConfig(text_config={**text, "model_type": "glm4v_moe_text"},
+                              vision_config={**vision, "model_type": "glm4v_moe_vision"}, **ids)
+        model_class = Glm46VForConditionalGeneration
+    else:
+        config, model_class = Glm4vMoeConfig(text_config=text, vision_config=vision, **ids), Glm4vMoeForConditionalGeneration
+    config._experts_implementation = experts_implementation
+    model = instantiate(model_class, config, attn_implementation, seed)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers[dense_layers:]:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    return model, processor
+
+
+__all__ = ["GLM_TEMPLATE", "GLM_TOKENS", "glm_processor", "tiny_glm4v", "tiny_glm4v_moe"]

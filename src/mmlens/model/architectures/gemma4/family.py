@@ -48,16 +48,16 @@ POSITIONS = "image_position_ids"  # each patch's (x, y) in its image; (-1, -1) f
 TYPES = "mm_token_type_ids"  # 1 at image tokens: Hugging Face's cue for the both-ways image blocks
 
 
-def rotate_by_position(x: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """The LLM's rotary on one of q, k `[batch, seq, head, d_head]` (Hugging Face's one-tensor call)."""
+def rotate_by_position(_attn: nn.Module, q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The LLM's rotary on q and k `[batch, seq, head, d_head]`, each by Hugging Face's one-tensor call."""
     cos, sin = kwargs["position_embeddings"]
-    return apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
+    return apply_rotary_pos_emb(q, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(k, cos, sin, unsqueeze_dim=2)
 
 
 GEMMA4_BLOCK = replace(
     GEMMA3_BLOCK,
     attention=AttentionSpec(q_norm="q_norm", k_norm="k_norm", v_norm="v_norm",
-                            rotate=rotate_by_position),
+                            position_step=rotate_by_position),
     output_scalar="layer_scalar",
 )
 

@@ -24,10 +24,11 @@ from ...runtime.devices import bare_forward
 from ...runtime.instrument import AttentionSpec, BlockSpec, _override_forward
 
 
-def rotate_by_patch_position(x: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """The tower's 2-D rotary on one of q, k: half of each head turned by x, half by y."""
+def rotate_by_patch_position(_attn: nn.Module, q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The tower's 2-D rotary on q and k: half of each head turned by x, half by y."""
     cos, sin = kwargs["position_embeddings"]
-    return apply_multidimensional_rope(x, cos, sin, kwargs["position_ids"])
+    positions = kwargs["position_ids"]
+    return apply_multidimensional_rope(q, cos, sin, positions), apply_multidimensional_rope(k, cos, sin, positions)
 
 
 GEMMA4_VISION_BLOCK = BlockSpec(
@@ -37,7 +38,7 @@ GEMMA4_VISION_BLOCK = BlockSpec(
     mlp="mlp",
     gated_mlp=True,
     attention=AttentionSpec(q="q_proj.linear", k="k_proj.linear", v="v_proj.linear", o="o_proj.linear",
-                            q_norm="q_norm", k_norm="k_norm", v_norm="v_norm", rotate=rotate_by_patch_position),
+                            q_norm="q_norm", k_norm="k_norm", v_norm="v_norm", position_step=rotate_by_patch_position),
     post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
 )
 

@@ -62,17 +62,24 @@ class Glm4v(Qwen2VL):
     vision_norm: NormKind = "RMS"
     vision_gated = True
 
+    @classmethod
+    def for_checkpoint(cls, hf_model: nn.Module) -> "Glm4v":
+        """GLM-4.6V's class holds GLM-4V's dense LLM or GLM-4.5V's mixture of experts (`Glm4vMoe`)."""
+        from .moe import MOE_LLM, Glm4vMoe  # moe.py builds on this module
+
+        return Glm4vMoe() if hf_model.config.text_config.model_type == MOE_LLM else cls()
+
     def check_supported(self, hf_model: nn.Module) -> None:
-        """GLM-4V's tower and dense LLM only: GLM-4.6V's class also holds GLM-4.5V's mixture-of-experts
-        LLM (`glm4v_moe_text`), whose blocks are not specified here."""
+        """GLM-4V's tower and dense LLM only (GLM-4.6V's class with GLM-4.5V's mixture-of-experts LLM
+        is `Glm4vMoe`'s, picked by `for_checkpoint`)."""
         config = hf_model.config
         vision, text = config.vision_config.model_type, config.text_config.model_type
         if vision != VISION_TOWER or text != DENSE_LLM:
             raise UnsupportedModelError(
                 f"{type(hf_model).__name__} with a {vision!r} vision tower and a {text!r} LLM is not supported: "
-                f"mmlens hooks GLM-4V's {VISION_TOWER!r} tower and its dense {DENSE_LLM!r} LLM. A mixture-of-experts "
-                "LLM (GLM-4.5V / GLM-4.6V, 'glm4v_moe_text') needs mixture-of-experts hook points, which this "
-                "family does not have yet; use a checkpoint with the dense LLM (GLM-4.1V)"
+                f"mmlens hooks GLM-4V's {VISION_TOWER!r} tower and its dense {DENSE_LLM!r} LLM here, and GLM-4.5V's "
+                "mixture-of-experts 'glm4v_moe_text' LLM in Glm4vMoeForConditionalGeneration and "
+                "Glm46VForConditionalGeneration"
             )
 
     @staticmethod

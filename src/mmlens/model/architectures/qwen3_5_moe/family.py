@@ -6,7 +6,8 @@ hybrid of gated-delta-rule and gated full-attention layers). Each layer's `Qwen3
 routes like Qwen3-MoE (softmax over the router logits, the best `num_experts_per_tok`
 renormalised, fused experts) and adds a gated MLP run on every token, scaled by the sigmoid of
 `shared_expert_gate`; `runtime/moe.py` hooks the router, each expert and the shared expert
-(`blocks.{l}.mlp.shared_expert.hook_*`, its gate `hook_gate`). `d_mlp` is one expert's width, as in
+(`blocks.{l}.mlp.shared_expert.hook_*`: `hook_out` before its gate, as TL reads it, then
+`hook_gate_logit`, `hook_gate` and `hook_gated_out`, what the block adds). `d_mlp` is one expert's width, as in
 TransformerLens's MoE configs.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from ...config import MoEConfig, StageConfig
 from ...runtime.moe import MoESpec
-from ..bridge_aliases import MOE_ALIASES, SHARED_EXPERT_ALIASES
+from ..bridge_aliases import MOE_ALIASES, SHARED_EXPERT_ALIASES, SHARED_EXPERT_GATE_ALIASES
 from ..qwen3_5 import QWEN3_5_BLOCK, Qwen3_5
 
 QWEN3_5_MOE_BLOCK = replace(
@@ -29,7 +30,8 @@ _DENSE_MLP_POINTS = {f"blocks.{{layer}}.mlp.{point}" for point in ("hook_pre", "
 
 class Qwen3_5Moe(Qwen3_5):
     hf_class_names = ("Qwen3_5MoeForConditionalGeneration",)
-    bridge_aliases = tuple(a for a in (*MOE_ALIASES, *SHARED_EXPERT_ALIASES, *Qwen3_5.bridge_aliases)
+    bridge_aliases = tuple(a for a in (*MOE_ALIASES, *SHARED_EXPERT_ALIASES, *SHARED_EXPERT_GATE_ALIASES,
+                                                *Qwen3_5.bridge_aliases)
                            if a.ours.text not in _DENSE_MLP_POINTS)
     llm_block = QWEN3_5_MOE_BLOCK
 

@@ -1,0 +1,3 @@
+from .family import Mllama
+
+__all__ = ["Mllama"]
