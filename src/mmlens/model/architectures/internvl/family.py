@@ -39,6 +39,19 @@ from .geometry import TileGeometry, Tiling, edges_on_original
 SIZES = "image_sizes"  # layout-only: each image's original (height, width)
 
 
+def original_sizes(inputs: dict[str, Tensor], needed: bool, why: str) -> list[tuple[int, int]]:
+    """Each image's original (height, width) from the layout-only `image_sizes`, which tiling
+    families need to place an image's tiles; [] when absent and not `needed`, else refused saying
+    `why` the layout needs them and how to pass them."""
+    given = inputs.get(SIZES)
+    if given is None:
+        if needed:
+            raise InputError(f"{why}. Build inputs with model.prepare(images, prompts), or pass image_sizes with the "
+                             "processor's outputs")
+        return []
+    return [(int(h), int(w)) for h, w in torch.as_tensor(given).tolist()]
+
+
 class _Unpatch:
     """Handle that takes an instance-level method override off again."""
 
@@ -176,17 +189,10 @@ class InternVL(Architecture):
 
     @staticmethod
     def _sizes(inputs: dict[str, Tensor], needed: bool) -> list[tuple[int, int]]:
-        given = inputs.get(SIZES)
-        if given is None:
-            if needed:
-                raise InputError(
-                    "InternVL's layout needs each image's original size (image_sizes, [n_images, 2] as (height, width)): "
-                    "the processor returns neither it nor the tile grid, and the image tokens alone do not fix the "
-                    "grid (6 tiles are 2 x 3 or 3 x 2). Build inputs with model.prepare(images, prompts), or pass "
-                    "image_sizes with the processor's outputs"
-                )
-            return []
-        return [(int(h), int(w)) for h, w in torch.as_tensor(given).tolist()]
+        return original_sizes(
+            inputs, needed, "InternVL's layout needs each image's original size (image_sizes, [n_images, 2] as (height, "
+            "width)): the processor returns neither it nor the tile grid, and the image tokens alone do not fix the "
+            "grid (6 tiles are 2 x 3 or 3 x 2)")
 
     def _images(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], sizes: list[tuple[int, int]]) -> list[list[tuple]]:
         """Per batch row, its images as (image, first position, size, grid, first frame): the

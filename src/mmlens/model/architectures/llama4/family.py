@@ -35,7 +35,7 @@ from ..base import Architecture
 from ..bridge_aliases import (
     LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, MOE_ALIASES, PROJECTOR_OUTPUT_ALIASES, SHARED_EXPERT_ALIASES, alias,
 )
-from ..internvl.family import SIZES, InternVL
+from ..internvl.family import SIZES, InternVL, original_sizes
 from ..llava import Llava
 from ..module_paths import ModulePaths
 from .attention import text_position_step
@@ -162,15 +162,9 @@ class Llama4(Architecture):
     # ------------------------------------------------------------- images -> tokens
     @staticmethod
     def _sizes(inputs: dict[str, Tensor], needed: bool) -> list[tuple[int, int]]:
-        given = inputs.get(SIZES)
-        if given is None:
-            if needed:
-                raise InputError(
-                    "Llama 4's layout needs each image's original size (image_sizes, [n_images, 2] as (height, width)) "
-                    "to place its tiles: the tokens give the tile grid but not how far the image fills it. Build "
-                    "inputs with model.prepare(images, prompts), or pass image_sizes with the processor's outputs")
-            return []
-        return [(int(h), int(w)) for h, w in torch.as_tensor(given).tolist()]
+        return original_sizes(
+            inputs, needed, "Llama 4's layout needs each image's original size (image_sizes, [n_images, 2] as (height, "
+            "width)) to place its tiles: the tokens give the tile grid but not how far the image fills it")
 
     # each image's original (height, width), in `pixel_values` order, as InternVL's layout takes them
     layout_inputs = InternVL.layout_inputs
