@@ -3,7 +3,7 @@
 Each family lives in its own folder here (`<family>/family.py`: its `Architecture` subclass, beside
 its tower, layout, geometry or processor as it needs) and is registered by its Hugging Face class
 name(s) through one entry in `FAMILIES`. Code shared by several families is named for its technique
-(`towers.py`, `anyres.py`, `pixel_shuffle.py`); nothing outside this package knows a family.
+(`towers.py`, `anyres.py`, `pixel_shuffle.py`, `type_ids.py`); nothing outside this package knows a family.
 """
 
 from __future__ import annotations

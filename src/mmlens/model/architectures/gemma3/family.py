@@ -31,6 +31,7 @@ from ..bridge_aliases import (
     CLIP_TOWER_ALIASES, LLM_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_INPUT_ALIASES, PROJECTOR_OUTPUT_ALIASES, alias,
 )
 from ..llava.family import Llava
+from ..type_ids import type_ids_extended, type_ids_rule
 
 TYPES = "token_type_ids"  # 1 at image tokens: Hugging Face's cue for the both-ways image blocks
 
@@ -172,11 +173,7 @@ class Gemma3(Llava):
     ) -> dict[str, Tensor]:
         """Hugging Face applies both rules itself: the image blocks from `token_type_ids`
         (derived from the ids when a caller leaves them out), plain causal without them."""
-        if mode == "causal":
-            return {k: v for k, v in kwargs.items() if k != TYPES}
-        if kwargs.get(TYPES) is None:
-            kwargs = {**kwargs, TYPES: (kwargs["input_ids"] == self.image_token_id).long()}
-        return kwargs
+        return type_ids_rule(mode, kwargs, TYPES, self.image_token_id)
 
     def hf_attention_mask(self, edges: Bool[Tensor, "batch seq seq"], dtype: torch.dtype = torch.float32) -> Any:
         """One 4D mask per layer type, as Gemma 3's forward takes them: sliding layers also drop
@@ -189,10 +186,7 @@ class Gemma3(Llava):
         return masks
 
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
-        if extra.get(TYPES) is None:
-            return extra
-        types = extra[TYPES]
-        return {**extra, TYPES: torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)}  # generated = text
+        return type_ids_extended(extra, TYPES)
 
     def processor_images(self, images: list[list[Any]]) -> list[Any]:
         return images  # Gemma3Processor counts `<start_of_image>` per prompt against each row's images

@@ -40,6 +40,7 @@ from ..bridge_aliases import LLM_ALIASES, LLM_QK_NORM_ALIASES, PROJECTOR_OUTPUT_
 from ..gemma3 import GEMMA3_BLOCK, Gemma3
 from ..gemma3.family import SANDWICH_NORM_ALIASES
 from ..module_paths import ModulePaths
+from ..type_ids import type_ids_extended, type_ids_rule
 from .geometry import Gemma4Geometry
 from .layout import gemma4_layout, patch_grids
 from .tower import GEMMA4_VISION_BLOCK, hook_patch_embeddings, instrument_embedder, refuse_clipping
@@ -178,11 +179,7 @@ class Gemma4(Architecture):
         checkpoints get "bidirectional" as 4D masks per layer type."""
         if not self.hf_applies_bidirectional:
             return super().attention_kwargs(mode, kwargs, layout, dtype)
-        if mode == "causal":
-            return {k: v for k, v in kwargs.items() if k != TYPES}
-        if kwargs.get(TYPES) is None:
-            kwargs = {**kwargs, TYPES: (kwargs["input_ids"] == self.image_token_id).long()}
-        return kwargs
+        return type_ids_rule(mode, kwargs, TYPES, self.image_token_id)
 
     def hf_attention_mask(self, edges: Bool[Tensor, "batch seq seq"], dtype: torch.dtype = torch.float32) -> Any:
         """One 4D mask per layer type: Gemma 3's (sliding layers also drop keys `sliding_window` or more
@@ -198,8 +195,7 @@ class Gemma4(Architecture):
         return tuple(layer for layer, kind in enumerate(types) if kind == "sliding_attention")
 
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
-        types = extra.get(TYPES)
-        return extra if types is None else {**extra, TYPES: nn.functional.pad(types, (0, 1))}  # generated = text
+        return type_ids_extended(extra, TYPES)
 
     # ------------------------------------------------------------- images -> tokens
     def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> ImageTokenLayout:

@@ -23,6 +23,7 @@ from ...images.layout import ImageTokenLayout
 from ...runtime.attention_masks import allowed_edges
 from ...runtime.instrument import _override_forward
 from ..llava import Llava
+from ..type_ids import type_ids_extended
 
 PREFIX = "token_type_ids"
 
@@ -79,10 +80,7 @@ class PaliGemma(Llava):
         return super().attention_kwargs(mode, without_prefix, layout, dtype)
 
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
-        if extra.get(PREFIX) is None:
-            return extra
-        types = extra[PREFIX]
-        return {**extra, PREFIX: torch.cat([types, torch.ones_like(types[:, :1])], dim=1)}  # generated = suffix
+        return type_ids_extended(extra, PREFIX, generated=1)  # generated tokens are the suffix
 
     def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
         inputs = super().probe_inputs(cfg, seed)

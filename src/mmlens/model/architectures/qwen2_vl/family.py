@@ -31,6 +31,7 @@ from ..base import Architecture
 from ..bridge_aliases import LLM_ALIASES, LLM_BRANCH_OUTPUT_ALIASES, alias
 from ..llava import LLM_BLOCK, Llava
 from ..module_paths import ModulePaths
+from ..type_ids import type_ids_extended
 from .geometry import SmartResizeGeometry
 from .layout import qwen_layout, unpatchify
 from .tower import hook_first_block_input, instrument_merger, instrument_packed_block, merger_parts
@@ -209,10 +210,7 @@ class Qwen2VL(Architecture):
         return edited if positions is None else {**edited, "position_ids": positions}
 
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
-        if extra.get(TYPES) is None:
-            return extra
-        types = extra[TYPES]
-        return {**extra, TYPES: torch.cat([types, torch.zeros_like(types[:, :1])], dim=1)}  # generated = text
+        return type_ids_extended(extra, TYPES)
 
     def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
         """Two rows, one image each, of different grids (larger than Qwen2.5-VL's windows), with
