@@ -26,6 +26,30 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The suite again beside sae-lens, which caps transformer-lens below 4: .venv-sae resolves the low
+# end of mmlens's ranges (TL 3.9) where .venv resolves the high end. Torch comes first and stays
+# pinned by a constraints file, so neither sae-lens nor mmlens pulls a CUDA build.
+SAE_VENV ?= .venv-sae
+SAE_BIN := $(SAE_VENV)/bin
+SAE_STAMP := $(SAE_VENV)/.mmlens-installed
+SAE_CONSTRAINTS := $(SAE_VENV)/constraints.txt
+
+.PHONY: test-sae
+
+$(SAE_BIN)/python:
+	$(PYTHON) -m venv $(SAE_VENV)
+	$(SAE_BIN)/python -m pip install --quiet --upgrade pip
+
+$(SAE_STAMP): $(SAE_BIN)/python pyproject.toml
+	echo "$(TORCH_SPEC)" > $(SAE_CONSTRAINTS)
+	$(SAE_BIN)/python -c "import torch" 2>/dev/null || $(SAE_BIN)/python -m pip install --quiet -c $(SAE_CONSTRAINTS) "$(TORCH_SPEC)"
+	$(SAE_BIN)/python -m pip install --quiet -c $(SAE_CONSTRAINTS) -e ".[dev,sae]"
+	touch $(SAE_STAMP)
+
+test-sae: $(SAE_STAMP)
+	$(SAE_BIN)/python -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('sae-lens', 'transformer-lens', 'transformers', 'torch')), sep=' | ')"
+	$(SAE_BIN)/python -m pytest -q -p no:cacheprovider tests
+
 # The documentation site (API pages from docstrings); --strict turns every warning into an error.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site

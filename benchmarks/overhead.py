@@ -27,8 +27,11 @@ from mmlens.testing_families import (  # noqa: E402
     tiny_gemma3, tiny_idefics3, tiny_internvl, tiny_llava_dinov2, tiny_llava_next, tiny_llava_onevision, tiny_mistral3,
     tiny_paligemma, tiny_qwen2_vl, tiny_qwen3_vl,
 )
-from mmlens.testing.families.blip2 import tiny_blip2  # noqa: E402
+from mmlens.testing.families.aya_vision import tiny_aya_vision, tiny_cohere2_vision  # noqa: E402
+from mmlens.testing.families.blip2 import tiny_blip2, tiny_blip2_t5  # noqa: E402
 from mmlens.testing.families.deepseek_vl import tiny_deepseek_vl  # noqa: E402
+from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid  # noqa: E402
+from mmlens.testing.families.emu3 import tiny_emu3  # noqa: E402
 from mmlens.testing.families.gemma4 import tiny_gemma4  # noqa: E402
 from mmlens.testing.families.glm4v import tiny_glm4v, tiny_glm4v_moe  # noqa: E402
 from mmlens.testing.families.janus import tiny_janus  # noqa: E402
@@ -80,6 +83,12 @@ FAMILIES = {
     # Janus's widths and geometry with a SigLIP tower: a 64x64 image is 8x8 patches of 8 px, one LLM token each
     "deepseek-vl": lambda attn: tiny_deepseek_vl(image_size=64, patch_size=8, vision_layers=4, vision_d_model=128,
                                                  llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # DeepSeek-VL's widths and geometry plus SAM's tower (4 x 128) on a 128-px copy of each image: 16x16 patches in
+    # windows of 4 (block 1 global), necked, resized and downsampled onto SigLIP's 8x8 grid, one LLM token per cell
+    "deepseek-vl-hybrid": lambda attn: tiny_deepseek_vl_hybrid(image_size=64, high_res_size=128, patch_size=8,
+                                                               window_size=4, vision_layers=4, vision_d_model=128,
+                                                               high_res_layers=4, high_res_d_model=128, llm_layers=4,
+                                                               llm_d_model=256, llm_heads=8, attn_implementation=attn),
     # Pixtral-12B in LLaVA format: a 64x64 image is 8x8 patches of 8 px, one LLM token each (no merger), in 8 rows
     # closed by [IMG_BREAK] / [IMG_END], the 4 images one packed sequence with a block-diagonal mask
     "llava-pixtral": lambda attn: tiny_llava_pixtral(patch_size=8, longest_edge=64, vision_layers=4, vision_d_model=128,
@@ -129,6 +138,31 @@ FAMILIES = {
     # 8x8 = 64 LLM tokens
     "gemma4": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
                                        llm_heads=8, attn_implementation=attn),
+    # Gemma 4 E2B-style: per-layer inputs (64 wide), the last 2 of 6 blocks reusing keys and values with double-wide MLPs
+    "gemma4-e2b": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=6, llm_d_model=256,
+                                           llm_heads=8, per_layer_input=64, kv_shared_layers=2, double_wide_mlp=True,
+                                           attn_implementation=attn),
+    # Gemma 4 26B-A4B-style: 8 experts (2 per token) beside every block's dense MLP, keys as values in the full layers
+    "gemma4-moe": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,
+                                           llm_heads=8, experts=8, attention_k_eq_v=True, attn_implementation=attn),
+    # 32-px tiles, 4-px patches: a 64-px image is 2 x 2 tiles + the thumbnail, 5 x 16 = 80 image tokens (as InternVL's),
+    # each tile's run after its TILE_i marker text; the LLM's parallel Cohere2 blocks alternate sliding-window
+    # (16 tokens, rotary) and full attention (no positions)
+    "aya-vision": lambda attn: tiny_aya_vision(tile=32, patch_size=4, max_tiles=4, vision_layers=4, vision_d_model=128,
+                                               llm_layers=4, llm_d_model=256, llm_heads=8, sliding_window=16,
+                                               attn_implementation=attn),
+    # Aya Vision's widths and geometry (Cohere2-Vision's own canvas rule gives the same 2 x 2 tiles on a 64-px image),
+    # each run followed by <|IMG_LINE_BREAK|>; no LayerNorm in the projector
+    "cohere2-vision": lambda attn: tiny_cohere2_vision(tile=32, patch_size=4, max_tiles=4, vision_layers=4,
+                                                       vision_d_model=128, llm_layers=4, llm_d_model=256, llm_heads=8,
+                                                       sliding_window=16, attn_implementation=attn),
+    # a VQ encoder of four levels (32 channels) at 8 px per code: a 64x64 image is 8x8 codes, 8x9 LLM tokens with
+    # the end-of-row tokens, between <|image token|> / <|extra_201|>; the LLM at LLaVA's benchmark widths
+    "emu3": lambda attn: tiny_emu3(max_side=64, llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # "blip2"'s tower and Q-Former before a Flan-T5 LLM: SIZE's 4 encoder + 4 decoder layers of width 256, 8 heads
+    # (gated-GELU MLP); the logits are the decoder's start token's (one decoder token per row)
+    "blip2-t5": lambda attn: tiny_blip2_t5(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,
+                                           attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

@@ -11,6 +11,7 @@ from .model import (
     MultimodalActivationCache,
     MultimodalInputs,
 )
+from .sae import SAE, load_sae
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "MLLMConfig",
     "MultimodalActivationCache",
     "MultimodalInputs",
+    "SAE",
+    "load_sae",
     "__version__",
 ]

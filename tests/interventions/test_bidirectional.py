@@ -23,6 +23,7 @@ def test_all_layers_equal_hf_with_bidirectional_4d_mask(tiny):
     allowed = edit.effective_mask()
     real_rows = inputs.attention_mask.bool()  # padded query rows are fully masked (uniform), as in HF
     assert (pattern.sum(1).bool() <= allowed)[real_rows].all(), "attention only where the effective mask allows"
+    assert edit._stash == {}, "no query or key outlives the run that computed it"
 
 
 @torch.no_grad()

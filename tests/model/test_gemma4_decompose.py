@@ -84,3 +84,33 @@ def test_stacked_llm_attention_weights_are_refused_naming_the_per_layer_route(ca
         with pytest.raises(UnsupportedModelError, match=rf"stacked `{name}`.*own sizes.*model\.blocks\[l\]"):
             getattr(model, name)
     assert model.W_in.shape[0] == model.cfg.n_layers, "what is the same size in every layer still stacks"
+
+
+@pytest.fixture(scope="module")
+def per_layer_cached():
+    """An E2B-style model: per-layer inputs in every block, the last two reusing keys, double-wide MLPs."""
+    model = HookedMLLM.from_hf(*tiny_gemma4(llm_layers=5, per_layer_input=8, kv_shared_layers=2, double_wide_mlp=True))
+    inputs = model.prepare(random_images(2), PROMPTS)
+    _, cache = model.run_with_cache(inputs)
+    return model, cache
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer, mlp_input, target", [(5, False, "blocks.4.hook_resid_post"),
+                                                      (4, True, "blocks.4.hook_resid_mid")])
+def test_per_layer_inputs_are_components_carried_through_the_scalars(per_layer_cached, layer, mlp_input, target):
+    """What each block's per-layer input adds after its MLP is a component of its own (`{l}_per_layer`,
+    its `hook_per_layer_out` times the scalars of the blocks it passed, its own included); with it the
+    decompositions sum to the cached residual, neurons of the double-wide MLPs included."""
+    model, cache = per_layer_cached
+    parts, labels = cache.decompose_resid(layer, mlp_input=mlp_input, return_labels=True)
+    torch.testing.assert_close(parts.sum(0), cache[target], **TOLERANCE)
+    assert [l for l in labels if l.endswith("_per_layer")] == [f"{l}_per_layer" for l in range(layer)]
+    s = [block.layer_scalar for block in model.hf_model.model.language_model.layers]
+    carried = cache["blocks.2.hook_per_layer_out"] * torch.stack(s[2:layer]).prod()
+    torch.testing.assert_close(parts[labels.index("2_per_layer")], carried)
+    for expand in (False, True):
+        full, full_labels = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, expand_neurons=expand,
+                                                               return_labels=True)
+        assert len(full_labels) == full.shape[0] and "3_per_layer" in full_labels
+        torch.testing.assert_close(full.sum(0), cache[target], **TOLERANCE)

@@ -19,7 +19,7 @@ from mmlens.errors import InputError
 from mmlens.findings import ZERO_WIDTH, effect_phrase, verdict
 from mmlens.probing import compare_sweeps, combine_seeds, comparison_findings, probe_sweep
 from mmlens.probing.metrics import miou_from_counts
-from mmlens.probing.penalty import RidgeFolds, image_folds
+from mmlens.probing.penalty import RidgeFolds
 from mmlens.probing.split import split_images
 from mmlens.probing.summary import summary_findings
 from mmlens.resampling import bootstrap_indices

@@ -3,7 +3,7 @@
 from ..model.runtime.attention_masks import allowed_edges, image_attention_mask, image_index_per_position
 from .attribution import Attribution, attribution_patching, rank_correlation
 from .bidirectional import BidirectionalImageAttention, bidirectional_image_attention
-from .cross_attention import CrossAttentionKnockout, cross_attention_knockout
+from .cross_attention import CrossAttentionKnockout, cross_attention_knockout, encoder_cross_attention_knockout
 from .corruptions import anchors_removed, counterfactual_images, mean_adapter_output, recovery_blocked
 from .experts import ExpertAblation, ablate_experts, expert_conditions, expert_sweep
 from .groups import GroupContext, TokenGroup
@@ -17,6 +17,7 @@ __all__ = [
     "CacheMetric",
     "CrossAttentionKnockout",
     "cross_attention_knockout",
+    "encoder_cross_attention_knockout",
     "ExpertAblation",
     "Patch",
     "ProbeMetric",

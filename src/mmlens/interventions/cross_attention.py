@@ -69,4 +69,36 @@ def cross_attention_knockout(
     return CrossAttentionKnockout(edited, chosen, mass)
 
 
-__all__ = ["CrossAttentionKnockout", "cross_attention_knockout"]
+def encoder_cross_attention_knockout(
+    model: HookedMLLM, inputs: MultimodalInputs, keys: TokenGroup | Tensor | None = None, *, verify: bool = True,
+    context: GroupContext | None = None,
+) -> CrossAttentionKnockout:
+    """Cut an encoder-decoder LLM's decoder (BLIP-2 with Flan-T5) off from the encoder positions `keys` (a
+    TokenGroup or a [batch, seq] mask over the encoder's input; default every image's tokens) in every
+    cross-attention layer: its cross-attention mask is edited, so the run is the Hugging Face decoder given
+    that mask. Every decoder token is cut off (`queries` holds the keys cut, over the encoder's sequence);
+    `verify` measures the attention left on them in each `decoder.blocks.{l}.cross_attn.hook_pattern`."""
+    block = getattr(model.architecture, "encoder_keys_blocked", None)
+    if block is None:
+        raise UnsupportedModelError(
+            f"{model.cfg.architecture} has no decoder reading an encoder: its images are tokens of the LLM's sequence "
+            "(knock out text -> image attention with mmlens.interventions.knockout) or keys of its cross-attention "
+            "layers (cross_attention_knockout)")
+    if keys is None:
+        chosen = (inputs.layout.image_of_position() >= 0).cpu()
+    else:
+        chosen = keys.resolve(inputs, context) if isinstance(keys, TokenGroup) else keys.bool().cpu()
+    edited = replace(inputs, extra=block(dict(inputs.extra), inputs.attention_mask, chosen))
+    mass: dict[int, float] = {}
+    if verify:
+        names = {}
+        while (name := f"decoder.blocks.{len(names)}.cross_attn.hook_pattern") in model.hook_dict:
+            names[len(names)] = name
+        _, cache = model.run_with_cache(edited, names_filter=list(names.values()))
+        for layer, name in names.items():
+            pattern = cache[name].cpu()  # [batch, head, decoder position, encoder position]
+            mass[layer] = float(pattern[chosen[:, None, None, :].expand_as(pattern)].sum())
+    return CrossAttentionKnockout(edited, chosen, mass)
+
+
+__all__ = ["CrossAttentionKnockout", "cross_attention_knockout", "encoder_cross_attention_knockout"]

@@ -23,10 +23,11 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import Slice, get_act_name
 
-from ..errors import HookNameError, InputError
+from ..errors import HookNameError, InputError, UnsupportedModelError
 from .decompose import carried, full_decomposition, ln_projection, neuron_results, residual_parts, stack_heads
 from .hook_names import parse_hook_name
 from .images.layout import ImageTokenLayout
+from .tl_versions import REMOVE_BATCH_DIM_TAKES_A_SIZE, drop_batch_dim
 from .weights import StackedWeights
 
 Stage = Literal["llm", "vision"]
@@ -156,6 +157,12 @@ class MultimodalActivationCache(ActivationCache):
     def accumulated_resid(self, *args: Any, stage: Stage = "llm", **kwargs: Any):
         if self._stage_of is None:
             return self._view(stage, needs_embed=False).accumulated_resid(*args, **kwargs)
+        if kwargs.get("incl_mid", len(args) > 1 and args[1]) and not self._reads_resid_mid(True):
+            raise HookNameError("incl_mid=True: this stack's blocks run attention and MLP in parallel (parallel_attn_mlp, "
+                                "x + attn(ln1(x)) + mlp(ln1(x))), so no residual lies between them (no hook_resid_mid, as "
+                                "in TL's parallel blocks); use incl_mid=False")
+        if "mlp_input" in kwargs:  # what a parallel block's MLP reads is the layer's resid_pre, already the last entry
+            kwargs["mlp_input"] = self._reads_resid_mid(kwargs["mlp_input"])
         return super().accumulated_resid(*args, **kwargs)
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all", apply_ln: bool = False,
@@ -166,7 +173,7 @@ class MultimodalActivationCache(ActivationCache):
         if self._stage_of is None:
             return self._view(stage, needs_embed=incl_embeds).decompose_resid(
                 layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
-        layer, pos_slice = self._layer(layer), _as_slice(pos_slice)
+        layer, pos_slice, mlp_input = self._layer(layer), _as_slice(pos_slice), self._reads_resid_mid(mlp_input)
         parts, labels = residual_parts(self, layer, mlp_input, mode, incl_embeds)
         stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
         if apply_ln:
@@ -221,7 +228,7 @@ class MultimodalActivationCache(ActivationCache):
 
     def _stack_neuron_results_apply_ln_projected(self, layer: int, pos_slice: Slice, neuron_slice: Slice,
                                                  project_2d: Tensor, mlp_input: bool = False) -> Tensor:
-        into, scale = ln_projection(self, layer, mlp_input, pos_slice, project_2d)
+        into, scale = ln_projection(self, layer, self._reads_resid_mid(mlp_input), pos_slice, project_2d)
         per_layer = [carried(neuron_results(self, l, neuron_slice, pos_slice, into), self, l, layer) for l in range(layer)]
         if not per_layer:
             embed = pos_slice.apply(self["hook_embed"], dim=-2)
@@ -257,7 +264,7 @@ class MultimodalActivationCache(ActivationCache):
                 layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, project_output_onto
             )
         project = None if project_output_onto is None else project_output_onto.reshape(project_output_onto.shape[0], -1)
-        stack, labels = full_decomposition(self, self._layer(layer), mlp_input, expand_neurons, apply_ln,
+        stack, labels = full_decomposition(self, self._layer(layer), self._reads_resid_mid(mlp_input), expand_neurons, apply_ln,
                                            _as_slice(pos_slice), project)
         if project_output_onto is not None and project_output_onto.ndim == 1:
             stack = stack.squeeze(-1)
@@ -266,6 +273,18 @@ class MultimodalActivationCache(ActivationCache):
     # ------------------------------------------------------------------ norms
     def _layer(self, layer: int | None) -> int:
         return self.model.cfg.n_layers if layer is None or layer == -1 else layer
+
+    def _reads_resid_mid(self, mlp_input: bool) -> bool:
+        """`mlp_input` where the MLP reads the residual after the attention; a parallel block's MLP
+        (`parallel_attn_mlp`: x + attn(ln1(x)) + mlp(ln1(x))) reads the attention's own input and norm."""
+        return mlp_input and not getattr(self.model.cfg, "parallel_attn_mlp", False)
+
+    def _uses_ln_centering(self, layer: int | None) -> bool:
+        """Whether the norm entering `layer` centres its input (LayerNorm, not RMSNorm; a final
+        RMSNorm after LayerNorm blocks does not). TL 4's rule, kept here because TL 3.9 lacks it."""
+        cfg = self.model.cfg
+        final = self._layer(layer) == cfg.n_layers
+        return cfg.normalization_type in ("LN", "LNPre") and not (final and getattr(cfg, "final_rms", False))
 
     def _norm(self, layer: int | None, mlp_input: bool) -> Any:
         n_layers = self.model.cfg.n_layers
@@ -305,6 +324,13 @@ class MultimodalActivationCache(ActivationCache):
             return self.stage(stage).apply_ln_to_stack(
                 residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
             )
+        if stage == "llm" and self._layer(layer) == self.model.cfg.n_layers and \
+                getattr(self.model.architecture, "unembeds_a_decoder", False):
+            raise UnsupportedModelError(
+                f"{self.model.cfg.architecture}: the LLM stage's blocks are an encoder, and the final norm and "
+                "unembedding read its decoder's residual (decoder.blocks.*), not theirs, so a logit lens or a "
+                "final-norm stack of the encoder's residual has no meaning; read decoder points by name")
+        mlp_input = self._reads_resid_mid(mlp_input)
         stack = super().apply_ln_to_stack(
             residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
         )
@@ -328,5 +354,13 @@ class MultimodalActivationCache(ActivationCache):
         """Drop the batch dimension of a one-row cache (asserts the batch is one row, as TL)."""
         if self.has_batch_dim and batch_size is None and self.layout is not None:
             batch_size = self.layout.batch_size
-        super().remove_batch_dim(batch_size)
+        if REMOVE_BATCH_DIM_TAKES_A_SIZE:
+            super().remove_batch_dim(batch_size)
+        elif batch_size is None or not self.has_batch_dim:
+            super().remove_batch_dim()
+        else:  # TL 3.9 would infer the batch from the entries' leading dims; the layout knows it
+            assert batch_size == 1, f"Cannot remove batch dimension from cache with batch size {batch_size}"
+            for key, value in self.cache_dict.items():
+                self.cache_dict[key] = drop_batch_dim(value)
+            self.has_batch_dim = False
         return self

@@ -51,6 +51,9 @@ class StageConfig:
     layer_types: tuple[str, ...] = ()
     # the blocks whose MLP is a sparse mixture of experts (None: every MLP is dense)
     moe: MoEConfig | None = None
+    # TL's name: attention and MLP read the same normalised input and add to the residual together,
+    # x + attn(ln1(x)) + mlp(ln1(x)) (Cohere2), so a block has no resid_mid and its MLP reads resid_pre
+    parallel_attn_mlp: bool = False
 
     @property
     def linear_attention_layers(self) -> tuple[int, ...]:
@@ -160,6 +163,10 @@ class MLLMConfig:
     @property
     def positional_embedding_type(self) -> str:
         return self.llm.positional_embedding_type
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        return self.llm.parallel_attn_mlp
 
     @property
     def n_image_tokens(self) -> int:

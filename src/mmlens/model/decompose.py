@@ -7,7 +7,8 @@ cached `hook_scale` s, `post(x) = w * centre(x) / s + b` is affine in x, so a he
 share is its own result through the same linear map, and the constants (`b`, and the biases through
 the map) make up the `bias` term: the components then sum to `attn_out` / `mlp_out` to float
 rounding. Qwen3-VL's deepstack terms, added to the image tokens after the first LLM blocks, are
-components of their own (`{i}_deepstack`). A block that scales its whole output, residual included
+components of their own (`{i}_deepstack`), as is what Gemma 4's per-layer inputs add after each
+block's MLP (`{l}_per_layer`, its `hook_per_layer_out`). A block that scales its whole output, residual included
 (Gemma 4's `layer_scalar` s: `resid_post = s * (resid_mid + mlp_out)`), scales every term added
 before it: a term enters block `layer` times the product of the scalars of the blocks it passed.
 """
@@ -170,6 +171,14 @@ def deepstack_terms(cache: Any, layer: int) -> list[tuple[str, Tensor]]:
     return terms
 
 
+def per_layer_terms(cache: Any, layer: int) -> list[tuple[str, Tensor]]:
+    """What Gemma 4's per-layer inputs add after the MLP of each block before `layer`
+    (`blocks.{l}.hook_per_layer_out`), as it enters block `layer`, labelled `{l}_per_layer`; none
+    for blocks without them."""
+    return [(f"{l}_per_layer", carried(cache[f"blocks.{l}.hook_per_layer_out"], cache, l, layer))
+            for l in range(layer) if hasattr(cache.model.blocks[l], "hook_per_layer_out")]
+
+
 def residual_parts(cache: Any, layer: int, mlp_input: bool, mode: str, incl_embeds: bool) -> tuple[list[Tensor], list[str]]:
     """TL's `decompose_resid` components (embed, then each block's attn_out and mlp_out) with the
     deepstack terms after the MLP of the block that adds them (mode "all" only)."""
@@ -177,7 +186,7 @@ def residual_parts(cache: Any, layer: int, mlp_input: bool, mode: str, incl_embe
     if incl_embeds and cache.has_embed:
         parts.append(carried(cache["hook_embed"], cache, 0, layer))
         labels.append("embed")
-    terms = dict(deepstack_terms(cache, layer)) if mode == "all" else {}
+    terms = dict(deepstack_terms(cache, layer) + per_layer_terms(cache, layer)) if mode == "all" else {}
     for l in range(layer):
         if mode != "mlp":
             parts.append(carried(cache[f"blocks.{l}.hook_attn_out"], cache, l, layer))
@@ -185,9 +194,10 @@ def residual_parts(cache: Any, layer: int, mlp_input: bool, mode: str, incl_embe
         if mode != "attn" and not cache.model.cfg.attn_only:
             parts.append(carried(cache[f"blocks.{l}.hook_mlp_out"], cache, l, layer))
             labels.append(f"{l}_mlp_out")
-        if f"{l}_deepstack" in terms:
-            parts.append(terms[f"{l}_deepstack"])
-            labels.append(f"{l}_deepstack")
+        for label in (f"{l}_per_layer", f"{l}_deepstack"):
+            if label in terms:
+                parts.append(terms[label])
+                labels.append(label)
     if mlp_input and mode != "mlp":
         parts.append(cache[f"blocks.{layer}.hook_attn_out"])
         labels.append(f"{layer}_attn_out")
@@ -240,13 +250,14 @@ def full_decomposition(cache: Any, layer: int, mlp_input: bool, expand_neurons: 
                          for l in range(layer)]
             neurons = einops.rearrange(torch.cat(per_layer, dim=-2), "... component d -> component ... d")
             parts.append(neurons if folded is None else neurons / folded[1])
-            labels += [f"L{l}N{n}" for l in range(layer) for n in range(cache.model.cfg.d_mlp)]
+            # a block's own width: Gemma 4's KV-sharing blocks may have a double-wide MLP
+            labels += [f"L{l}N{n}" for l in range(layer) for n in range(cache.model.blocks[l].mlp.W_out.shape[0])]
         else:
             mlp, mlp_labels = residual_parts(cache, layer, mlp_input, "mlp", incl_embeds=False)
             parts.append(out(torch.stack([pos_slice.apply(m, dim=-2) for m in mlp])))
             labels += mlp_labels
     whole = [("embed", carried(cache["hook_embed"], cache, 0, layer))] if cache.has_embed else []
-    for label, term in whole + deepstack_terms(cache, layer):
+    for label, term in whole + deepstack_terms(cache, layer) + per_layer_terms(cache, layer):
         parts.append(out(pos_slice.apply(term, dim=-2)[None]))
         labels.append(label)
     bias = bias_share(cache, layer, mlp_input, expand_neurons, pos_slice)

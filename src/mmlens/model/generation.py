@@ -104,7 +104,9 @@ class Generation:
                                         no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=stop,
                                         pad_token_id=_pad_id(tokenizer, stop), **sampling)
             out = self.hf_model.generate(**self.architecture.hf_keywords(own_rule), generation_config=settings)
-            new_tokens = out[:, prompt.shape[1]:]
+            # an encoder-decoder returns its decoder's ids, not the prompt continued: the family says which are new
+            answer = getattr(self.architecture, "generated_tokens", None)
+            new_tokens = out[:, prompt.shape[1]:] if answer is None else answer(out, own_rule)
         else:
             new_tokens = self._generate_step_by_step(keywords, max_new_tokens, stop, do_sample, temperature, top_k, top_p)
         if stop is not None:  # a finished row continues with EOS, as in TL (Hugging Face pads it)

@@ -79,6 +79,14 @@ class CheckedHookPoint(HookPoint):
             hook = ShapeKeepingHook(hook, backward=dir == "bwd")
         return super().add_hook(hook, dir, *args, **kwargs)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TL reassigns these plain lists at every hook removal; nn.Module.__setattr__'s parameter
+        # and submodule checks on them were a visible share of a small model's hooked forward
+        if name in ("fwd_hooks", "bwd_hooks"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def layer(self) -> int:
         """The index of the block this point sits in, within its stage: 3 for `blocks.3.attn.hook_z`
         and for `vision.blocks.3.attn.hook_z` (TL's `HookPoint.layer` reads `blocks.{l}` only, so

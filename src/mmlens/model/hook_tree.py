@@ -9,7 +9,9 @@ they received (`hook_contract`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from transformer_lens.hook_points import HookPoint
 
 from .hook_contract import CheckedHookPoint
@@ -23,11 +25,52 @@ def is_hooked(point: HookPoint) -> bool:
     return bool(point._forward_hooks or point._backward_hooks)
 
 
+# torch's own check for global module hooks; a torch without it always takes the module call
+_has_global_hooks = getattr(torch_module, "_has_any_global_hook", None)
+
+
+def _needs_module_call(point: HookPoint) -> bool:
+    """Whether firing `point` needs nn.Module.__call__'s whole machinery: backward or pre-hooks,
+    global hooks, or a trace or compile that must see the call."""
+    return bool(
+        point._backward_hooks or point._forward_pre_hooks or point._backward_pre_hooks
+        or _has_global_hooks is None or _has_global_hooks()
+        or torch._C._get_tracing_state() or torch.compiler.is_compiling()
+    )
+
+
 def fire(point: HookPoint, x: Tensor) -> Tensor:
-    """Pass `x` through `point` only when something listens there."""
-    if point._forward_hooks or point._backward_hooks:
+    """Pass `x` through `point` only when something listens there. Forward hooks alone (caching,
+    patching) are called here exactly as nn.Module.__call__ calls them on this identity module,
+    without the rest of its machinery, which cost about a tenth of a small model's forward when
+    every point caches; anything else takes the module call."""
+    hooks = point._forward_hooks
+    if not (hooks or point._backward_hooks):
+        return x
+    if _needs_module_call(point):
         return point(x)
+    args, with_kwargs = (x,), point._forward_hooks_with_kwargs
+    for hook_id, hook in tuple(hooks.items()):
+        returned = hook(point, args, {}, x) if hook_id in with_kwargs else hook(point, args, x)
+        if returned is not None:
+            x = returned
     return x
+
+
+def version_of(x: Tensor) -> int | None:
+    """`x`'s version counter, which every in-place edit moves (None for an inference tensor: it has none)."""
+    return None if x.is_inference() else x._version
+
+
+def untouched(received: Tensor, returned: Tensor, version: int | None) -> bool:
+    """Whether the hooks at a point left `received` as it was, so a hooked forward may go on from
+    its own copy of the value: they gave back the same tensor, did not edit it in place since its
+    version was `version_of(received)`, and no gradient is to flow into it (where autograd records
+    and it requires grad, the rest of the forward must be computed from the tensor the hooks saw).
+    An edit through `.data` or numpy moves no version: callers compare values as well."""
+    if returned is not received or version is None or received._version != version:
+        return False
+    return not (torch.is_grad_enabled() and received.requires_grad)
 
 
 class HookGroup(nn.Module):
@@ -43,6 +86,12 @@ class HookGroup(nn.Module):
 
     def any_hooked(self) -> bool:
         return any(p._forward_hooks or p._backward_hooks for p in self._own_points)
+
+    def add_points(self, *names: str) -> None:
+        """More `hook_*` points on this group (a family's own sites, e.g. Gemma 4's per-layer input)."""
+        for name in names:
+            setattr(self, name, CheckedHookPoint())
+            self._own_points.append(getattr(self, name))
 
 
 class AttentionHooks(AttentionWeights, HookGroup):
@@ -65,6 +114,18 @@ class AttentionHooks(AttentionWeights, HookGroup):
         if not hasattr(self, "hook_q_gate"):
             self.hook_q_gate = CheckedHookPoint()
             self._own_points.append(self.hook_q_gate)
+
+    def drop_key_value_points(self) -> None:
+        """No `hook_k`, `hook_v`, `hook_rot_k` or `k_ln` points: the attention reuses an earlier layer's
+        keys and values (Gemma 4's KV sharing), whose points are that layer's; asking for them here is an
+        unknown name."""
+        for name in ("hook_k", "hook_v", "hook_rot_k"):
+            if hasattr(self, name):
+                self._own_points.remove(getattr(self, name))
+                delattr(self, name)
+        if hasattr(self, "k_ln"):
+            self._qk_norms = tuple(n for n in self._qk_norms if n is not self.k_ln)
+            del self.k_ln
 
 
 class LinearAttentionHooks(HookGroup):
@@ -157,6 +218,14 @@ class BlockHooks(BlockOutputs, HookGroup):
     def residual_hooked(self) -> bool:
         """Whether the block-level path (not attention, MLP or norm internals) has to be taken apart."""
         return self.any_hooked()
+
+    def run_attention_and_mlp_in_parallel(self) -> None:
+        """Make this a parallel block, `x + attn(ln1(x)) + mlp(ln1(x))` (Cohere2): as in TL's
+        `parallel_attn_mlp` blocks there is no `hook_resid_mid` (no residual lies between the
+        branches) and no `ln2` (the MLP reads `ln1`'s output), so asking for them is an unknown name."""
+        self._own_points.remove(self.hook_resid_mid)
+        del self.hook_resid_mid
+        del self.ln2
 
     def mix_with_linear_attention(self) -> None:
         """Make this block's token mixer a linear attention: `linear_attn.hook_*` points instead of

@@ -44,6 +44,7 @@ from .runtime.devices import input_device
 from .runtime.layer_runs import check_layer, layer_range, run_or_stop, silenced
 from .runtime.norms import FinalNormHooks
 from .runtime.spec_check import verify_blocks
+from .tl_versions import CACHING_HOOKS_DROP_BATCH_DIM_SAFELY, drop_batch_dim
 from .tl_view import WithImages
 from .tokens import TokenHelpers
 from .weights import Embed, LanguageModelWeights, Unembed
@@ -283,6 +284,16 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
     # Route every way TransformerLens adds a hook by name through the alias/typo check.
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]):
         super()._enable_hook_with_name(self._checked_name(name), hook, dir)
+
+    def remove_all_hook_fns(
+        self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        # TL resets every point after each hooked run; a model has hundreds and few listen, and
+        # nn.Module.__setattr__ on each empty one cost about 3% of a small forward
+        for point in self.hook_dict.values():
+            if point.fwd_hooks or point.bwd_hooks:
+                point.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     def add_hook(self, name: Any, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd", **kwargs: Any):
         if isinstance(name, str):
@@ -630,13 +641,18 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
     ) -> tuple[Any, MultimodalActivationCache | dict[str, Tensor]]:
         """Run and cache activations of every stage (or those `names_filter` selects)."""
         ids = self._batch_ids(model_args, kwargs)
-        if kwargs.get("remove_batch_dim"):
+        remove_batch_dim = bool(kwargs.get("remove_batch_dim"))
+        if remove_batch_dim:
             batch = 1 if isinstance(ids, str) else len(ids) if ids is not None else 1
             assert batch == 1, f"Cannot remove batch dimension from cache with batch size {batch}"
+            # TL 3.9's caching hook slices positions by an entry's rank before it drops the batch
+            kwargs["remove_batch_dim"] = CACHING_HOOKS_DROP_BATCH_DIM_SAFELY
         out, cache = super().run_with_cache(*model_args, names_filter=self._name_filter(names_filter), **kwargs)
+        if remove_batch_dim and not CACHING_HOOKS_DROP_BATCH_DIM_SAFELY:
+            cache = {name: drop_batch_dim(value) for name, value in cache.items()}
         if not return_cache_object:
             return out, cache
-        cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        cache_object = MultimodalActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         if isinstance(ids, MultimodalInputs):
             cache_object.layout = ids.layout
         elif isinstance(ids, Tensor):
@@ -645,6 +661,36 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
             except (LayoutMismatchError, InputError):
                 cache_object.layout = None
         return out, cache_object
+
+    # ----------------------------------------------------------------- SAEs (SAELens's names; mmlens.sae does
+    # the work, imported when called because it builds on this package)
+    def add_sae(self, sae: Any, use_error_term: bool | None = None) -> None:
+        from ..sae import add_sae
+        add_sae(self, sae, use_error_term)
+
+    def reset_saes(self, act_names: str | Sequence[str] | None = None, prev_saes: Sequence[Any] | None = None) -> None:
+        from ..sae import reset_saes
+        reset_saes(self, act_names, prev_saes)
+
+    def saes(self, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None):
+        from ..sae import spliced
+        return spliced(self, saes, reset_saes_end, use_error_term)
+
+    def run_with_saes(self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True,
+                      use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
+        from ..sae import run_with_saes
+        return run_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                             use_error_term=use_error_term, **model_kwargs)
+
+    def run_with_cache_with_saes(self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None, **kwargs: Any) -> Any:
+        from ..sae import run_with_cache_with_saes
+        return run_with_cache_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end,
+                                        use_error_term=use_error_term, **kwargs)
+
+    def run_with_hooks_with_saes(self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True, **kwargs: Any) -> Any:
+        from ..sae import run_with_hooks_with_saes
+        return run_with_hooks_with_saes(self, *model_args, saes=saes, reset_saes_end=reset_saes_end, **kwargs)
 
     def with_images(self, inputs: MultimodalInputs) -> WithImages:
         """A view whose forwards on token ids carry `inputs`' images, for TransformerLens's own

@@ -108,6 +108,17 @@ def _bias(linear: nn.Linear) -> Tensor:
     return torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
+def _own_keys(k_proj: nn.Linear | None) -> nn.Linear:
+    """The attention's key projection; an attention reusing an earlier layer's keys and values (KV
+    sharing) has none, and its weight views say so instead of falling through as a missing attribute."""
+    if k_proj is None:
+        raise UnsupportedModelError(
+            "this attention reuses an earlier layer's keys and values (KV sharing), so it has no key or value "
+            "weights of its own (W_K, W_V, QK, OV); read the storing layer's: "
+            "model.architecture.key_value_layer(model.cfg, layer)")
+    return k_proj
+
+
 class FactoredCircuits:
     """`QK` (`W_Q W_K^T`) and `OV` (`W_V W_O`) as TL's `FactoredMatrix`, per head (and layer)."""
 
@@ -146,7 +157,7 @@ class AttentionWeights(AttentionContribution, FactoredCircuits):
     @property
     def repeat_kv_heads(self) -> int:
         q, k, *_ = _bound(self, "attention weights")  # sizes only: an offloaded layer has them too
-        return q.out_features // k.out_features
+        return q.out_features // _own_keys(k).out_features
 
     def _expand(self, per_kv_head: Tensor) -> Tensor:
         n_rep = self.repeat_kv_heads
@@ -154,10 +165,12 @@ class AttentionWeights(AttentionContribution, FactoredCircuits):
 
     def _per_head(self, index: int) -> Tensor:
         linear, d_head = self._linears()[index], self._linears()[-1]
+        linear = _own_keys(linear) if index in (1, 2) else linear
         return einops.rearrange(linear.weight, "(h d) m -> h m d", d=d_head)
 
     def _per_head_bias(self, index: int) -> Tensor:
         linear, d_head = self._linears()[index], self._linears()[-1]
+        linear = _own_keys(linear) if index in (1, 2) else linear
         return _bias(linear).view(-1, d_head)
 
     W_Q = property(lambda self: self._per_head(0), doc="[n_heads, d_model, d_head]")

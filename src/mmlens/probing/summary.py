@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..findings import effect_phrase, excludes_zero, verdict
+from ..findings import effect_phrase, verdict
 from ..model.hook_names import parse_hook_name
 from ..resampling import percentile_interval
 from .metrics import miou_of_resamples

@@ -29,6 +29,7 @@ from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.model.images.layout import IMAGE_BLOCK_KINDS
 from mmlens.model.images.preprocess import MaskGeometry
 from mmlens.probing import probe_sweep
+from mmlens.sae import SAE, SAEConfig
 
 from conftest import random_images
 
@@ -44,6 +45,7 @@ __all__ = [
     "test_layout_contract",
     "test_llm_keywords_reach_every_run_from_merged_embeddings",
     "test_mask_geometry_is_a_mask_geometry",
+    "test_sae_with_error_term_keeps_logits",
     "test_wrong_spec_is_refused",
 ]
 Builder = Callable[[str], tuple[nn.Module, Any]]  # attention implementation -> (HF model, processor)
@@ -386,3 +388,21 @@ def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
     picture = heads.maps[0].image  # the image as the model saw it
     assert picture.ndim == 3 and picture.shape[-1] == 3 and min(picture.shape[:2]) >= min(heads.maps[0].grid)
     return heads
+
+
+@torch.no_grad()
+def test_sae_with_error_term_keeps_logits(eager: Family) -> None:
+    """Random SAEs spliced at an LLM residual point and a vision block (mmlens.sae) with the error
+    term: the logits are unchanged and the features are cached under the points' names."""
+    model, inputs = eager.model, eager.inputs
+    vision = [name for name in model.hook_names("vision") if name.endswith("hook_resid_post")][:1]
+    widths = {"blocks.0.hook_resid_post": model.cfg.d_model, **{name: model.cfg.vision.d_model for name in vision}}
+    torch.manual_seed(0)
+    saes = [SAE(SAEConfig("standard", width, 2 * width, metadata={"hook_name": name})) for name, width in widths.items()]
+    clean = model(inputs)
+    features = [f"{name}.hook_sae_acts_post" for name in widths]
+    spliced, cache = model.run_with_cache_with_saes(inputs, saes=saes, use_error_term=True, names_filter=features)
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(spliced[valid], clean[valid], atol=1e-5, rtol=0)
+    assert set(cache.keys()) == set(features) and all(cache[name].abs().sum() > 0 for name in features)
+    assert model.acts_to_saes == {}

@@ -15,18 +15,21 @@ import pytest
 import torch
 from transformers import (
     Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, InstructBlipConfig, InstructBlipForConditionalGeneration,
-    T5Config,
+    LlamaConfig, T5Config,
 )
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.interventions import CacheMetric, Run, TokenGroup, head_sweep, knockout
+from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.blip2 import Blip2PromptProcessor
+from mmlens.model.architectures.blip2.t5 import Blip2T5, InstructBlipT5
 from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.model.images.layout import LEARNED_QUERY_KIND, LearnedQueryLayout
 from mmlens.probing import probe_sweep
 from mmlens.testing.families.blip2 import tiny_blip2, tiny_instructblip
+from mmlens.testing.families.common import text_kwargs
 
 import family_tier as tier
 from conftest import random_images
@@ -113,18 +116,24 @@ def test_learned_query_layout(eager):
     assert isinstance(layout.repeat(2), LearnedQueryLayout)
 
 
-@torch.no_grad()
-def test_knockout_of_the_queries_equals_hf_with_its_mask(eager):
-    """Text reading the last three queries of its image, blocked in every LLM layer, equals Hugging
-    Face run with the same 4D mask (and OPT's positions, which it reads off the 2-D mask)."""
-    model, inputs, reference = eager.model, eager.inputs, eager.reference
+def text_cut_off_from_the_last_queries(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits with text reading the last three queries of its image blocked in every LLM layer
+    (verified: no attention left on them), and the attention edges that leaves."""
     late = queries_of(inputs) & (torch.arange(inputs.input_ids.shape[1]) >= 3)
     ko = knockout(model, inputs, queries=TokenGroup.text(), keys=TokenGroup.from_mask(late, "the last 3 queries"),
                   layers=range(model.cfg.n_layers), verify=True)
     with ko:
         ours = model(inputs)
     assert ko.n_blocked_edges > 0 and all(mass == 0.0 for mass in ko.blocked_mass.values())
-    allowed = model.attention_edges(inputs) & ~ko.blocked.cpu()
+    return ours, model.attention_edges(inputs) & ~ko.blocked.cpu()
+
+
+@torch.no_grad()
+def test_knockout_of_the_queries_equals_hf_with_its_mask(eager):
+    """Text reading the last three queries of its image, blocked in every LLM layer, equals Hugging
+    Face run with the same 4D mask (and OPT's positions, which it reads off the 2-D mask)."""
+    model, inputs, reference = eager.model, eager.inputs, eager.reference
+    ours, allowed = text_cut_off_from_the_last_queries(model, inputs)
     plain = {k: v for k, v in inputs.hf_kwargs().items() if k != "attention_mask"}
     positions = model.architecture.llm_keywords(model.hf_model, inputs.hf_kwargs())  # OPT's, read off the 2-D mask
     theirs = reference(**plain, attention_mask=model.architecture.hf_attention_mask(allowed), **positions).logits
@@ -188,15 +197,14 @@ def test_wrong_spec_is_refused(builder, monkeypatch):
 
 
 def test_unsupported_llms_are_refused_by_name():
-    """A Flan-T5 LLM (encoder-decoder; BLIP-2's and InstructBLIP's) and a post-norm OPT (OPT-350m)
-    are refused, naming what."""
+    """A post-norm OPT (OPT-350m) is refused, naming what; a Flan-T5 LLM (BLIP-2's and InstructBLIP's)
+    goes to the encoder-decoder variant (test_blip2_t5.py), an LLM of neither kind is refused."""
     hf_model, processor = tiny_blip2()
     config = hf_model.config
     t5 = Blip2Config(vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
                      text_config=T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).to_dict(),
                      num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_id)
-    with pytest.raises(UnsupportedModelError, match=r"model_type = 't5'.*encoder-decoder LLM stage"):
-        HookedMLLM.from_hf(Blip2ForConditionalGeneration(t5), processor)
+    assert type(architecture_for(Blip2ForConditionalGeneration(t5))) is Blip2T5
     post_norm = Blip2Config(vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
                             text_config={**config.text_config.to_dict(), "do_layer_norm_before": False},
                             num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_id)
@@ -206,8 +214,14 @@ def test_unsupported_llms_are_refused_by_name():
     flan = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
                               qformer_config=instruct.config.qformer_config.to_dict(), text_config=t5.text_config.to_dict(),
                               num_query_tokens=6, image_token_index=instruct.config.image_token_id)
-    with pytest.raises(UnsupportedModelError, match=r"model_type = 't5'.*encoder-decoder LLM stage"):
-        HookedMLLM.from_hf(InstructBlipForConditionalGeneration(flan), instruct_processor)
+    assert type(architecture_for(InstructBlipForConditionalGeneration(flan))) is InstructBlipT5
+    mistral = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
+                                 qformer_config=instruct.config.qformer_config.to_dict(),
+                                 text_config={"model_type": "mistral", **LlamaConfig(**text_kwargs(
+                                     instruct_processor.tokenizer, 64, 1, 4, 2)).to_dict(), "model_type": "mistral"},
+                                 num_query_tokens=6, image_token_index=instruct.config.image_token_id)
+    with pytest.raises(UnsupportedModelError, match=r"model_type = 'mistral'.*supported: \['llama', 't5'\]"):
+        HookedMLLM.from_hf(InstructBlipForConditionalGeneration(mistral), instruct_processor)
 
 
 def test_probes_read_the_tower_and_refuse_the_queries(eager):

@@ -159,8 +159,7 @@ def test_keys_are_the_values_where_v_proj_is_absent():
     torch.testing.assert_close(model.blocks[full[0]].attn.W_V, model.blocks[full[0]].attn.W_K)
 
 
-@pytest.mark.parametrize("field, value", [("hidden_size_per_layer_input", 8), ("num_kv_shared_layers", 1),
-                                          ("enable_moe_block", True), ("use_bidirectional_attention", "all")])
+@pytest.mark.parametrize("field, value", [("use_bidirectional_attention", "all")])  # E2B/E4B, 26B-A4B: own files
 def test_unsupported_checkpoints_are_refused_by_their_config_field(gemma4_parts, field, value):
     hf_model, processor = tiny_gemma4()
     setattr(hf_model.config.text_config, field, value)

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 from transformers import (
-    AyaVisionConfig, AyaVisionForConditionalGeneration, Cohere2Config, GemmaConfig, LightOnOcrForConditionalGeneration,
+    AyaVisionConfig, AyaVisionForConditionalGeneration, GemmaConfig, LightOnOcrForConditionalGeneration, LlamaConfig,
     LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig,
     Siglip2VisionConfig, SiglipVisionConfig,
 )
@@ -125,12 +125,14 @@ def test_lighton_ocr_with_an_llm_other_than_qwen3_is_refused_naming_it():
         HookedMLLM.from_hf(mistral, processor)
 
 
-def test_aya_vision_is_refused_naming_its_class():
+def test_aya_vision_with_an_llm_other_than_cohere2_is_refused_naming_it():
+    """Aya Vision is supported with its Cohere2 LLM (parallel blocks); a Llama LLM in its config is
+    refused naming the part, not hooked with the wrong block."""
     tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                image_size=32, patch_size=8)
-    llm = Cohere2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)
+    llm = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)
     config = AyaVisionConfig(vision_config=tower, text_config=llm, image_token_id=5, downsample_factor=2)
     hf_model = instantiate(AyaVisionForConditionalGeneration, config, "eager", 0)
-    with pytest.raises(UnsupportedModelError, match="AyaVisionForConditionalGeneration is not a supported architecture"):
+    with pytest.raises(UnsupportedModelError, match=r"config\.text_config\.model_type = 'llama'.*\['cohere2'\]"):
         HookedMLLM.from_hf(hf_model)

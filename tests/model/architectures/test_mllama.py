@@ -196,8 +196,8 @@ def test_cross_attention_head_sweep_equals_a_hand_loop(eager):
 
 
 def test_analyses_of_image_tokens_are_refused_by_name(eager):
-    """What needs image tokens in the LLM's sequence says so, and where to look instead; so do a run from
-    the LLM's input without the images and hooked generation past the first token."""
+    """What needs image tokens in the LLM's sequence says so, and where to look instead; so does a run
+    from the LLM's input without the images."""
     model, inputs = eager.model, eager.inputs
     with pytest.raises(LayoutMismatchError, match="no image tokens"):
         knockout(model, inputs, queries=TokenGroup.text(), keys=TokenGroup.image(), layers=[0])
@@ -206,15 +206,32 @@ def test_analyses_of_image_tokens_are_refused_by_name(eager):
             model(inputs)
     with pytest.raises(InputError, match="needs the images"):
         model.architecture.llm_keywords(model.hf_model, {"input_ids": inputs.input_ids})
-    # past the first generated token Hugging Face reads the keys from its cache, which hooked maths cannot
-    for point in ("blocks.1.hook_resid_post", "blocks.1.cross_attn.hook_pattern"):  # the block, or its attention alone
-        with model.hooks(fwd_hooks=[(point, lambda x, hook: x)]):
-            with pytest.raises(UnsupportedModelError, match="key cache"):
-                model.generate(inputs, max_new_tokens=2)
     # a cross-attention block's MLP is gated and dropped at text rows without tiles: no neuron expansion
     _, cache = model.run_with_cache(inputs)
     with pytest.raises(UnsupportedModelError, match="cross-attention block"):
         cache.get_neuron_results(1)
+
+
+def test_hooked_generation_reads_the_cached_image_keys(eager):
+    """Past the first generated token Hugging Face reads the cross-attention keys from its cache (the
+    images' features are gone); the hooked maths reads the same cache, so generating with hooks that
+    only read equals generating without, and a cross-attention point fires at every step."""
+    model, inputs = eager.model, eager.inputs
+    # an EOS id no row generates keeps Hugging Face's cached decoding for all four steps
+    cached = dict(max_new_tokens=4, return_type="tokens", eos_token_id=model.cfg.d_vocab - 1)
+    plain = model.generate(inputs, **cached)
+    assert plain.shape[1] == inputs.input_ids.shape[1] + 4 and (plain[:, -4:] != model.cfg.d_vocab - 1).all()
+    assert torch.equal(model.generate(inputs, max_new_tokens=4, return_type="tokens", stop_at_eos=False), plain), \
+        "a full forward per token (the cross-attention mask extended per token) decodes the same"
+    for point in ("blocks.1.hook_resid_post", "blocks.1.cross_attn.hook_pattern"):  # the block, or its attention alone
+        seen = []
+        with model.hooks(fwd_hooks=[(point, lambda x, hook: seen.append(tuple(x.shape)))]):
+            assert torch.equal(model.generate(inputs, **cached), plain)
+        assert len(seen) == 4 and seen[-1][-2 if "pattern" in point else 1] == 1  # the later steps: one query row
+    keys = []  # computed once, at the first step, then read from the cache
+    with model.hooks(fwd_hooks=[("blocks.1.cross_attn.hook_k", lambda x, hook: keys.append(x))]):
+        model.generate(inputs, **cached)
+    assert len(keys) == 1
 
 
 def test_cross_attention_knockout_is_refused_without_cross_attention():

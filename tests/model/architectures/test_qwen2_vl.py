@@ -113,6 +113,48 @@ def test_vision_attention_stays_in_its_image_and_window(eager):
         assert (pattern[:, ~rule] == 0).all() and (pattern[:, rule] > 0).all()
 
 
+@pytest.mark.parametrize("site", ["hook_attn_scores", "hook_pattern"])
+def test_tower_attention_edits_count_in_place_or_returned(eager, site):
+    """The tower attends image by image and builds the packed matrices only for listeners: an edit
+    made in place (the hook returns None) must count exactly like the same edit returned, and both
+    must change the output, or a knockout written in TransformerLens's in-place style would be lost."""
+    model, inputs = eager.model, eager.inputs
+    name = f"vision.blocks.1.attn.{site}"
+
+    def edit(x):  # head 0 of every query reads the last patch of the packed sequence only
+        x[:, 0] = x[:, 0].min() if site == "hook_attn_scores" else 0.0
+        x[:, 0, :, -1] = x.max() if site == "hook_attn_scores" else 1.0
+
+    def in_place(x, hook):
+        edit(x)
+
+    def through_data(x, hook):  # no version counter sees this one
+        edit(x.data)
+
+    def returned(x, hook):
+        x = x.clone()
+        edit(x)
+        return x
+
+    with torch.no_grad():
+        base = model(inputs)
+        a, b, c = (model.run_with_hooks(inputs, fwd_hooks=[(name, hook)]) for hook in (in_place, through_data, returned))
+    assert torch.equal(a, c) and torch.equal(b, c)
+    assert (a - base).abs().max() > 1e-4
+
+    # a hook that only reads still receives the loss's gradient: the rest of the forward is computed from
+    # the matrix it saw, not from the per-image blocks
+    seen = {}
+
+    def keep(x, hook):
+        x.retain_grad()
+        seen["x"] = x
+
+    model.run_with_hooks(inputs, fwd_hooks=[(name, keep)]).sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert seen["x"].grad is not None and seen["x"].grad.abs().sum() > 0
+
+
 def test_each_image_has_its_own_grid_and_mrope_cells(eager):
     """Grids follow image_grid_thw (two sizes in the batch), start/end tokens sit outside them, and
     the M-RoPE rows and columns of an image's tokens are its grid cells."""
@@ -249,6 +291,7 @@ def test_every_analysis_runs(eager):
 
 
 QWEN_TESTS = (
+    test_tower_attention_edits_count_in_place_or_returned,
     test_layout_contract,
     test_masks_follow_the_resize_onto_each_canvas,
     test_a_tower_spec_without_its_rotary_is_refused,

@@ -11,9 +11,12 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import UnsupportedModelError
+from .aya_vision import AyaVision, Cohere2Vision
 from .base import Architecture
 from .blip2 import Blip2, InstructBlip
 from .deepseek_vl import DeepseekVL
+from .deepseek_vl_hybrid import DeepseekVLHybrid
+from .emu3 import Emu3
 from .gemma3 import Gemma3
 from .gemma4 import Gemma4
 from .glm4v import Glm4v, Glm4vMoe
@@ -57,10 +60,14 @@ FAMILIES: tuple[type[Architecture], ...] = (
     Glm4vMoe,
     Llama4,
     Janus,
+    Emu3,
     DeepseekVL,
+    DeepseekVLHybrid,
     Mllama,
     Blip2,
     InstructBlip,
+    AyaVision,
+    Cohere2Vision,
 )
 
 ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES for name in arch.hf_class_names}
@@ -68,24 +75,11 @@ ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES 
 # Classes researchers ask for that no family covers yet, with what each needs beyond what mmlens
 # has, so the refusal says what is missing rather than only that the class is unknown.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "AyaVisionForConditionalGeneration": "its Cohere2 LLM runs attention and MLP in parallel from one LayerNorm "
-    "(x + attn(ln(x)) + mlp(ln(x))), with rotary only on the sliding-window layers; the block spec has neither yet, "
-    "and its tiles, each after its own TILE_i marker tokens, need a tiled layout whose frames are not contiguous",
-    "Cohere2VisionForConditionalGeneration": "the same parallel Cohere2 blocks as Aya Vision (and its own tiling "
-    "and projector, without Aya's LayerNorm)",
-    "FastVlmForConditionalGeneration": "its vision tower is a timm model (timm_wrapper), not transformer blocks "
-    "mmlens can hook",
-    "Emu3ForConditionalGeneration": "its images reach the LLM as discrete VQ codes (an argmin, nothing "
-    "differentiable from pixels to the LLM), h x (w + 1) token ids per image with an end-of-row token after each row; "
-    "it needs the VQ encoder's convolutional stages as a hooked vision stage and the code-grid layout kind",
+    "FastVlmForConditionalGeneration": "its vision tower is a timm model (timm_wrapper: FastViTHD's convolutional "
+    "RepMixer stages, then attention stages), which needs a hooked convolutional stage spec; timm itself imports "
+    "torchvision, which mmlens's test environment leaves out, so the family could not be checked against Hugging Face",
     "Gemma4UnifiedForConditionalGeneration": "it has no vision encoder (a patch embedder feeds the LLM directly), so "
     "there is no tower stage to hook; Gemma 4 itself is supported",
-    "DeepseekVLHybridForConditionalGeneration": "beside its SigLIP tower it runs a second, high-resolution tower on "
-    "its own `high_res_pixel_values` (1024 px): SAM's ViT (fused qkv, windowed attention with decomposed relative "
-    "positions), whose last block and one global-attention block each pass a convolutional neck, a bilinear resize "
-    "and strided convolutions before a learned alpha mixes them and the aligner concatenates them with SigLIP's; "
-    "the hook tree has one vision stage and one pixel input, so it needs a second hooked vision stage with a SAM "
-    "block spec, a two-resolution image geometry and per-tower aligner hooks; DeepSeek-VL itself is supported",
 }
 
 

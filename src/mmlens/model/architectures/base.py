@@ -202,6 +202,11 @@ class Architecture(ABC):
         layer), which the bidirectional-attention edit opens by default."""
         return None
 
+    def key_value_layer(self, cfg: MLLMConfig, layer: int) -> int:
+        """The LLM block whose keys and values block `layer` attends with (whose `attn.hook_k` / `hook_rot_k`
+        hold them): itself, except where a family shares them between blocks (Gemma 4's KV sharing)."""
+        return layer
+
     def attention_edges(
         self, mode: str, layout: ImageTokenLayout, attention_mask: Int[Tensor, "batch seq"] | None,
         extra: dict[str, Tensor],

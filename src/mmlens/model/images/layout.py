@@ -618,3 +618,91 @@ def compute_layout(
         adapter_shape=(image_index, per_image),
         grids=(tokens, patches),
     )
+
+
+# The special kind of a code grid's end-of-row tokens: placeholders of their image's attention block,
+# as row newlines are (Emu3 writes its end-of-row token after each row of codes)
+END_OF_ROW_KIND = "newline"
+
+
+@dataclass(frozen=True, eq=False)
+class CodeGridLayout(ImageTokenLayout):
+    """The layout of a family whose images reach the LLM as discrete codes (a VQ tokenizer's, Emu3):
+    each image an h x w grid of code tokens, each covering a `code_size` x `code_size` pixel box (the
+    tokenizer's spatial downsampling), written row by row with an end-of-row token after each row
+    (special kind `END_OF_ROW_KIND`, a placeholder of the image's block, in no grid) and markers around
+    (`start`, `end`: text, outside the block). The vision stage is the tokenizer's encoder at code
+    resolution, `[n_images, rows * cols, ...]` over the batch's padded code grid (the images' own cells
+    are the patches; the padding's belong to no image); the adapter's output is one flat sequence of
+    every image's code tokens, end-of-row tokens included. Which code each token is comes from an
+    argmin, so nothing differentiable joins pixels to the LLM: gradients stop at the codes."""
+
+    code_size: int = 1
+
+
+def contiguous_images(input_ids: Int[Tensor, "batch seq"], image_token_id: int, counts: list[int],
+                      source: str) -> list[list[tuple[int, Int[Tensor, "n"]]]]:
+    """Per batch row, its images as (index in `pixel_values` order, placeholder positions): image `i`
+    is the next `counts[i]` placeholders of its row, which must be one contiguous run. `source` says
+    what gave the counts, for the error when they do not match the placeholders."""
+    runs = image_runs(input_ids, image_token_id)
+    if sum(len(r) for r in runs) != sum(counts):
+        raise LayoutMismatchError(f"input_ids hold {sum(len(r) for r in runs)} image placeholders but {source} need "
+                                  f"{sum(counts)}; were the prompts expanded by this model's processor?")
+    rows, image = [], 0
+    for b, where in enumerate(runs):
+        blocks, taken = [], 0
+        while taken < len(where):
+            block = where[taken : taken + counts[image]]
+            if len(block) < counts[image] or int(block[-1] - block[0]) != counts[image] - 1:
+                raise LayoutMismatchError(f"batch row {b}: the {counts[image]} placeholders of image {image} are not "
+                                          "one contiguous run of the row")
+            blocks.append((image, block))
+            image, taken = image + 1, taken + counts[image]
+        rows.append(blocks)
+    return rows
+
+
+def code_grid_layout(
+    input_ids: Int[Tensor, "batch seq"],
+    code_grids: list[tuple[int, int]],
+    *,
+    image_token_id: int,
+    padded_grid: tuple[int, int],
+    code_size: int,
+    markers: Mapping[str, int | None] | None = None,
+) -> CodeGridLayout:
+    """The layout of a batch whose image `i` (`pixel_values` order) is `code_grids[i]` = (rows, cols)
+    codes, its `rows * (cols + 1)` placeholders contiguous in its batch row. `markers` (`{"start": id,
+    "end": id}`) are checked at the token before and after each image when given and recorded as specials."""
+    padded_cols = padded_grid[1]
+    counts = [rows * (cols + 1) for rows, cols in code_grids]
+    spans_by_row: list[tuple[ImageSpan, ...]] = []
+    adapter_offset = 0
+    for b, blocks in enumerate(contiguous_images(input_ids, image_token_id, counts, f"the images' code grids {code_grids}")):
+        spans = []
+        for image, block in blocks:
+            (rows, cols), n = code_grids[image], counts[image]
+            cells = GridCells.uniform(rows, cols, rows * code_size, cols * code_size)
+            grid = torch.arange(n).view(rows, cols + 1)
+            r, c = cells.cells.unbind(1)
+            segment = Segment(
+                "grid", cells, block.view(rows, cols + 1)[:, :cols].flatten().clone(),
+                (adapter_offset + grid[:, :cols].flatten(),),
+                cells, (torch.full((rows * cols,), image), r * padded_cols + c), torch.arange(rows * cols),
+            )
+            special = {END_OF_ROW_KIND: block.view(rows, cols + 1)[:, cols].clone()}
+            for kind, position in (("start", int(block[0]) - 1), ("end", int(block[-1]) + 1)):
+                token = (markers or {}).get(kind)
+                if token is None:
+                    continue
+                if not 0 <= position < input_ids.shape[1] or int(input_ids[b, position]) != token:
+                    raise LayoutMismatchError(f"batch row {b}: image {image} has no {kind} marker (token {token}) next "
+                                              "to its placeholders; were the prompts expanded by this model's processor?")
+                special[kind] = torch.tensor([position])
+            spans.append(ImageSpan(b, image, (segment,), (rows * code_size, cols * code_size), special))
+            adapter_offset += n
+        spans_by_row.append(tuple(spans))
+    return CodeGridLayout(images=tuple(spans_by_row), seq_len=input_ids.shape[1],
+                          vision_shape=(len(code_grids), padded_grid[0] * padded_cols),
+                          adapter_shape=(adapter_offset,), code_size=code_size)

@@ -78,6 +78,11 @@ class AttentionSpec:
     # one linear holding q, k and v as three row blocks in that order (BLIP's tower: `qkv`); `q`, `k`
     # and `v` are then ignored
     fused_qkv: str | None = None
+    # KV sharing (Gemma 4): the keyword holding the keys and values shared between layers, by layer type.
+    # A module with `store_full_length_kv` stores its own there (after rotary and cache); one with
+    # `is_kv_shared_layer` has no k/v projections, attends with what an earlier layer stored and has no
+    # k/v hook points (`position_step` then rotates q alone, given k=None)
+    shared_kv: str = "shared_kv_states"
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class BlockSpec:
     # how the blocks the config marks as mixture-of-experts (`StageConfig.moe`) route and run their
     # experts (`runtime/moe.py`); their MLP hooks are `MoEHooks`
     moe: MoESpec | None = None
+    # attention and MLP both read `ln1(x)` and add to the same residual, x + attn(ln1(x)) + mlp(ln1(x))
+    # (Cohere2; TL's `parallel_attn_mlp`): `ln2` is not used, and the block has no `hook_resid_mid`
+    # and no `ln2` points (`BlockHooks.run_attention_and_mlp_in_parallel`)
+    parallel_attention_mlp: bool = False
 
 
 def _override_forward(module: nn.Module, forward: Callable) -> None:
@@ -190,9 +199,19 @@ def instrument_attention(
     rotary_fn = (
         getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb") if spec.rotary and step is None else None
     )
+    # KV sharing (`AttentionSpec.shared_kv`): this layer attends with an earlier layer's keys and values
+    reuses, stores = (bool(getattr(attn, flag, False)) for flag in ("is_kv_shared_layer", "store_full_length_kv"))
+    if reuses:
+        if step is None and spec.rotary:  # the stored keys are rotated; the queries must be too, by a position step
+            raise UnsupportedModelError(
+                f"{type(attn).__name__} reuses an earlier layer's keys and values and rotates by apply_rotary_pos_emb; "
+                "the hooked reuse rotates the queries through AttentionSpec.position_step only: give the spec one")
+        hooks.drop_key_value_points()
     # dotted names reach into wrappers (Gemma 4's tower keeps each nn.Linear in `q_proj.linear`)
     if spec.fused_qkv:
         q_proj, k_proj, v_proj = (FusedPart(_submodule(attn, spec.fused_qkv), i, 3) for i in range(3))
+    elif reuses:
+        q_proj, k_proj, v_proj = _submodule(attn, spec.q), None, None
     else:
         q_proj, k_proj, v_proj = (_submodule(attn, n) for n in (spec.q, spec.k, spec.v))
     o_proj = _submodule(attn, spec.o)
@@ -200,10 +219,12 @@ def instrument_attention(
     scaling = getattr(attn, spec.scaling)
     softcap = getattr(attn, spec.softcap) if spec.softcap else None
     identity = lambda x: x  # noqa: E731
-    q_norm, k_norm, v_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, spec.k_norm, spec.v_norm))
+    kv_norms = (None, None) if reuses else (spec.k_norm, spec.v_norm)
+    q_norm, k_norm, v_norm = (getattr(attn, n) if n else identity for n in (spec.q_norm, *kv_norms))
     if spec.q_norm:  # per-head RMSNorms act on the last dim, so [b, s, h, d] gives HF's numbers
         instrument_norm(q_norm, hooks.q_ln, spec.qk_norm_kind or norm_kind)
-        instrument_norm(k_norm, hooks.k_ln, spec.qk_norm_kind or norm_kind)
+        if not reuses:
+            instrument_norm(k_norm, hooks.k_ln, spec.qk_norm_kind or norm_kind)
     if spec.qk_norm_over == "width":  # normalise the whole projection, then split it into heads
         q_norm, k_norm = (lambda x, n=n: n(x.flatten(-2)).unflatten(-1, (-1, d_head)) for n in (q_norm, k_norm))
     # the weight views read the linears themselves (W_V is W_K where the keys are the values)
@@ -214,21 +235,13 @@ def instrument_attention(
     if spec.output_gate:
         hooks.add_output_gate()
 
-    def attend(hidden_states: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """z (before `hook_z` fires) and the pattern."""
-        attention_mask = kwargs.get("attention_mask")
-        batch, seq, _ = hidden_states.shape
-        queries, gate = q_proj(hidden_states), None
-        if spec.output_gate:
-            queries, gate = queries.view(batch, seq, -1, 2 * d_head).chunk(2, dim=-1)
-            gate = fire(hooks.hook_q_gate, gate)
-        q = q_norm(fire(hooks.hook_q, queries.view(batch, seq, -1, d_head)))
+    def own_keys_and_values(hidden_states: Tensor, q: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v `[batch, head, seq, d_head]` after their norms, rotary and the key cache (k/v stored
+        for the layers that reuse them)."""
+        batch = hidden_states.shape[0]
         source = hidden_states if spec.key_source is None else kwargs.get(spec.key_source)
-        if source is None:  # Mllama after the first generated token: Hugging Face reads the keys from its cache
-            raise UnsupportedModelError(
-                f"a hooked {type(attn).__name__} without its keys' source ({spec.key_source}): Hugging Face reads "
-                "them from its key cache after the first generated token, which the hooked maths does not. Hook a "
-                "forward (or only the first step of generation), or generate without hooks")
+        if source is None:
+            return q.transpose(1, 2), *cached_cross_keys(attn, kwargs.get("past_key_values"), spec)
         keys = k_proj(source).view(batch, source.shape[1], -1, d_head)
         values = keys.clone() if v_proj is None else v_proj(source).view(batch, source.shape[1], -1, d_head)
         k = k_norm(fire(hooks.hook_k, keys))
@@ -245,6 +258,24 @@ def instrument_attention(
         cache = kwargs.get("past_key_values")
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
+        if stores:
+            kwargs[spec.shared_kv][attn.layer_type] = k, v
+        return q, k, v
+
+    def attend(hidden_states: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """z (before `hook_z` fires) and the pattern."""
+        attention_mask = kwargs.get("attention_mask")
+        batch, seq, _ = hidden_states.shape
+        queries, gate = q_proj(hidden_states), None
+        if spec.output_gate:
+            queries, gate = queries.view(batch, seq, -1, 2 * d_head).chunk(2, dim=-1)
+            gate = fire(hooks.hook_q_gate, gate)
+        q = q_norm(fire(hooks.hook_q, queries.view(batch, seq, -1, d_head)))
+        if reuses:  # stored normed, rotated, transposed and cached: only q is this layer's own
+            q = fire(hooks.hook_rot_q, q if step is None else step(attn, q, None, kwargs)[0]).transpose(1, 2)
+            k, v = kwargs[spec.shared_kv][attn.layer_type]
+        else:
+            q, k, v = own_keys_and_values(hidden_states, q, kwargs)
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1:  # grouped-query attention: query head h reads kv head h // n_rep
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -292,6 +323,23 @@ def instrument_attention(
 
     setattr(attn, Z_JOIN, None)
     _override_forward(attn, forward)
+
+
+def cached_cross_keys(attn: nn.Module, cache: Any, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """The keys and values a cross-attention layer computed from its source at the first step of
+    generation (normed, `[batch, kv_head, n_keys, d_head]`), which Hugging Face reads from its cache
+    at every later step: `hook_k` / `hook_v` fired then, and what their hooks left is what is cached."""
+    layers = getattr(cache, "layers", ())
+    layer = layers[attn.layer_idx] if attn.layer_idx < len(layers) else None
+    if layer is None or not getattr(layer, "is_initialized", False) or layer.keys.numel() == 0:
+        raise UnsupportedModelError(
+            f"a hooked {type(attn).__name__} got neither its keys' source ({spec.key_source}) nor keys cached for "
+            f"layer {attn.layer_idx} by an earlier step; pass {spec.key_source} (the images' features) or a cache "
+            "filled by a forward that had them")
+    if spec.rotary or spec.position_step is not None:
+        raise UnsupportedModelError(f"{type(attn).__name__}: cached cross-attention keys with a position step on the "
+                                    "queries are not expressed; the hooked maths supports unrotated cross-attention")
+    return layer.keys, layer.values
 
 
 def _gate_and_up(mlp: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -353,8 +401,11 @@ def instrument_block(
     post1, post2 = (getattr(layer, n) for n in spec.post_norms) if spec.post_norms else (identity, identity)
     # read at call time, like a layer scale: an offloaded layer's buffers are in place only while it runs
     rescale = (lambda x: x * getattr(layer, spec.output_scalar)) if spec.output_scalar else identity
+    if spec.parallel_attention_mlp:
+        hooks.run_attention_and_mlp_in_parallel()
     instrument_norm(ln1, hooks.ln1, norm)
-    instrument_norm(ln2, hooks.ln2, norm)
+    if not spec.parallel_attention_mlp:
+        instrument_norm(ln2, hooks.ln2, norm)
     if spec.post_norms:
         instrument_norm(post1, hooks.ln1_post, norm)
         instrument_norm(post2, hooks.ln2_post, norm)
@@ -390,6 +441,9 @@ def instrument_block(
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
         normed = ln1(resid_pre)  # the instrumented norm fires its own hook_scale / hook_normalized
         attn_out = fire(hooks.hook_attn_out, post1(scale1(mix(normed, kwargs))))
+        if spec.parallel_attention_mlp:  # both branches read the same normalised input, summed as HF does
+            mlp_out = fire(hooks.hook_mlp_out, post2(scale2(feed_forward(normed))))
+            return fire(hooks.hook_resid_post, rescale(resid_pre + attn_out + mlp_out))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + attn_out)
         normed = ln2(resid_mid)
         mlp_out = fire(hooks.hook_mlp_out, post2(scale2(feed_forward(normed))))
@@ -403,14 +457,15 @@ def hook_module_output(module: nn.Module, point) -> torch.utils.hooks.RemovableH
     return module.register_forward_hook(lambda _m, _i, out: fire(point, out))
 
 
-def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root: Any,
-                              use_result: Callable[[], bool], final_norm: str = "norm",
+def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec | None, root: Any,
+                              use_result: Callable[[], bool], final_norm: str | None = "norm",
                               instrument_layer: Callable[..., None] | None = None,
                               ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook a Hugging Face decoder stack (`embed_tokens`, `layers`, `norm`) into `root`'s LLM
     points: its blocks, final norm, and `hook_embed` then `hook_multimodal_embed` on the merged
     input it receives (text embeddings with the image tokens in place). Blocks of linear-attention
-    layers (Qwen3.5) get `linear_attn` points instead of `attn`."""
+    layers (Qwen3.5) get `linear_attn` points instead of `attn`. `final_norm=None`: the stack's last
+    norm is not the one before the unembedding (an encoder's), and the family hooks it itself."""
     norm = root.cfg.llm.normalization_type
     linear = set(root.cfg.llm.linear_attention_layers)
     for index, (layer, hooks) in enumerate(zip(layers, root.blocks)):
@@ -418,7 +473,8 @@ def instrument_language_model(lm: nn.Module, layers: Any, spec: BlockSpec, root:
             hooks.mix_with_linear_attention()
         # a block of another shape than `instrument_block`'s (OPT's MLP linears on the block) brings its own
         (instrument_layer or instrument_block)(layer, hooks, spec, use_result, norm, linear_attention=index in linear)
-    instrument_norm(getattr(lm, final_norm), root.ln_final, norm)
+    if final_norm is not None:
+        instrument_norm(getattr(lm, final_norm), root.ln_final, norm)
 
     def merged_embedding(_module, args, kwargs):
         if kwargs.get("inputs_embeds") is not None:

@@ -25,6 +25,9 @@ from ...errors import InputError
 # Set on each attention mmlens instruments (None when idle): while a growing batch has rows join a
 # block at hook_z, (the rows the attention computes, a function giving z for every row from theirs)
 Z_JOIN = "_mmlens_z_join"
+# Set by a family on a block that must return more than its input when a run skips it (a T5 block: its
+# input and the relative position bias the blocks after it read): the forward a skipped block runs
+SKIPPED_BLOCK = "_mmlens_skipped_block"
 
 
 class StoppedAtLayer(Exception):
@@ -89,7 +92,7 @@ def _passing_through(layers: Sequence[nn.Module]) -> Iterator[None]:
     saved = [layer.__dict__.get("forward") for layer in layers]
     try:
         for layer in layers:
-            layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+            layer.forward = getattr(layer, SKIPPED_BLOCK, None) or (lambda hidden_states, *args, **kwargs: hidden_states)
         yield
     finally:
         for layer, forward in zip(layers, saved):
@@ -156,7 +159,7 @@ def first_rows(value: Any, rows: int, n: int) -> Any:
 
 
 def _attention_of(layer: nn.Module) -> nn.Module:
-    found = [m for m in layer.children() if hasattr(m, Z_JOIN)]
+    found = [m for m in layer.modules() if hasattr(m, Z_JOIN)]  # T5 keeps it a level down (`layer.0.SelfAttention`)
     if len(found) != 1:
         raise InputError(f"rows can join a {type(layer).__name__} at hook_z only when mmlens instruments its attention")
     return found[0]

@@ -137,6 +137,34 @@ def _shared_contribution(x: Tensor, shared: nn.Module, gate: nn.Module | None, h
     return out.reshape(-1, x.shape[-1])
 
 
+def routed_sum(x: Tensor, shape: torch.Size, indices: Tensor, weights: Tensor, hooks: MoEHooks, experts: nn.Module,
+               transposed: bool, weights_on: Literal["output", "input"] = "output") -> Tensor:
+    """The chosen experts' weighted outputs summed, [tokens, d_model], in HF's eager order: each expert
+    (fused `experts` slices) on the rows of `x` [tokens, d_model] that chose it (`indices`, `weights`
+    [tokens, top_k]), through its points; `shape` is x's [batch, pos] for the [batch, pos, ...] points."""
+    project = (lambda rows, w: rows @ w) if transposed else F.linear
+    total, width = torch.zeros_like(x), x.shape[-1]
+    for e, group in enumerate(hooks.experts):
+        tokens, slots = torch.where(indices == e)  # in (batch, position) order
+        if not tokens.numel() and not group.any_hooked():
+            continue  # HF's loop skips an expert no token chose
+        rows, weight = x[tokens], weights[tokens, slots, None]
+        if weights_on == "input":
+            rows = rows * weight
+        gate, up = project(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = fire(group.hook_pre, gate), fire(group.hook_pre_linear, up)
+        out = project(fire(group.hook_post, experts.act_fn(gate) * up), experts.down_proj[e])
+        out = (out * weight if weights_on == "output" else out).to(total.dtype)
+        if is_hooked(group.hook_out):
+            # one token appears once per expert, so the scatter onto zeros is exact and adding it
+            # equals HF's index_add_ of the same rows, in the same expert order
+            placed = torch.zeros_like(x).index_add_(0, tokens, out)
+            total = total + fire(group.hook_out, placed.view(*shape, width)).reshape(-1, width)
+        else:
+            total.index_add_(0, tokens, out)
+    return total
+
+
 def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> None:
     """Hook a sparse MoE block: HF's forward while nothing listens, the eager maths with hook
     points otherwise (see the module docstring)."""
@@ -164,7 +192,6 @@ def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> 
     hooks.bind_moe(router)
     for index, group in enumerate(hooks.experts):
         group.bind_expert(experts, index, transposed)
-    project = (lambda x, w: x @ w) if transposed else F.linear
     top_k = getattr(router, "top_k", None) or getattr(module, "top_k")
     original = bare_forward(module)
 
@@ -204,35 +231,13 @@ def instrument_moe(module: nn.Module, hooks: MoEHooks, spec: MoESpec | None) -> 
         weights = fire(hooks.hook_expert_weights, weights.view(*shape, -1)).reshape(x.shape[0], -1)
         return logits, indices, weights
 
-    def expert_rows(e: int, rows: Tensor, weight: Tensor) -> Tensor:
-        """Expert `e` on the rows it serves, weighted: HF's eager expert step, with the points."""
-        group = hooks.experts[e]
-        if spec.weights_on == "input":
-            rows = rows * weight
-        gate, up = project(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        gate, up = fire(group.hook_pre, gate), fire(group.hook_pre_linear, up)
-        out = project(fire(group.hook_post, experts.act_fn(gate) * up), experts.down_proj[e])
-        return out * weight if spec.weights_on == "output" else out
-
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any):
         if not hooks.any_hooked():
             return original(hidden_states, *args, **kwargs)
         shape, width = hidden_states.shape[:-1], hidden_states.shape[-1]
         x = hidden_states.reshape(-1, width)
         logits, indices, weights = route(x, shape)
-        total = torch.zeros_like(x)
-        for e, group in enumerate(hooks.experts):
-            tokens, slots = torch.where(indices == e)  # in (batch, position) order
-            if not tokens.numel() and not group.any_hooked():
-                continue  # HF's loop skips an expert no token chose
-            out = expert_rows(e, x[tokens], weights[tokens, slots, None]).to(total.dtype)
-            if is_hooked(group.hook_out):
-                # one token appears once per expert, so the scatter onto zeros is exact and adding it
-                # equals HF's index_add_ of the same rows, in the same expert order
-                placed = torch.zeros_like(x).index_add_(0, tokens, out)
-                total = total + fire(group.hook_out, placed.view(*shape, width)).reshape(-1, width)
-            else:
-                total.index_add_(0, tokens, out)
+        total = routed_sum(x, shape, indices, weights, hooks, experts, transposed, spec.weights_on)
         if shared is not None:
             total = total + _shared_contribution(x.view(*shape, width), shared, shared_gate, hooks.shared_expert)
         out = total.view(*shape, width)

@@ -20,7 +20,7 @@ from accelerate.utils import align_module_device
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..hook_tree import NormHooks, fire, is_hooked
+from ..hook_tree import NormHooks, fire, is_hooked, untouched, version_of
 from .devices import bare_forward, override_forward
 
 NormKind = Literal["LN", "RMS"]
@@ -63,14 +63,18 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
     eps = norm_epsilon(module)
     offset = weight_offset(original, module, kind)
 
-    def fired_scale(x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(scale, the scale `hook_scale` gave back), or None when nothing listens there."""
+    def fired_scale(x: Tensor) -> tuple[Tensor, Tensor, bool] | None:
+        """(scale, the scale `hook_scale` gave back, whether its hooks only read it), or None when
+        nothing listens there."""
         if not is_hooked(hooks.hook_scale):
             return None
         scale = norm_scale(x, kind, eps).to(x.dtype)
-        # the output always divides by the fired scale, edited or not, so its gradient (and a
-        # backward hook there) is the loss's; a clone of its own keeps `scale`'s path apart
-        return scale, hooks.hook_scale(scale.clone())
+        # a clone of its own keeps `scale`'s path apart from what the hooks do to theirs, and lets an
+        # edit no version counter sees (through `.data`) show as a changed value
+        sent = scale.clone()
+        version = version_of(sent)
+        used = hooks.hook_scale(sent)
+        return scale, used, untouched(sent, used, version) and torch.equal(sent, scale)
 
     def scaled_output(x: Tensor) -> tuple[Tensor, Tensor | None]:
         """HF's output divided by the fired scale, and that scale (None: not fired)."""
@@ -78,7 +82,11 @@ def instrument_norm(module: nn.Module, hooks: nn.Module, kind: NormKind) -> None
         scales = fired_scale(x)
         if scales is None:
             return out, None
-        scale, used = scales
+        scale, used, only_read = scales
+        # the division by an unedited scale (a ratio of exactly 1) changes no bit; it is kept where
+        # a gradient flows, so that the gradient reaching the point (and a backward hook there) is the loss's
+        if only_read and not (torch.is_grad_enabled() and (x.requires_grad or used.requires_grad)):
+            return out, used
         # the bias read now, not when instrumented: accelerate swaps an offloaded module's
         # parameters in for the call and out again after it
         return rescaled(out, (scale.float() / used.float()).to(out.dtype), getattr(module, "bias", None)), used

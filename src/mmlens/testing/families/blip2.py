@@ -1,6 +1,7 @@
 """A tiny BLIP-2 (Blip2ForConditionalGeneration: BLIP's ViT tower, a Q-Former with cross-attention
 every other block, an OPT LLM) and a tiny InstructBLIP (the Q-Former also reads the instruction; a
-Llama LLM), each with the prompt processor mmlens uses for it."""
+Llama LLM), each with the prompt processor mmlens uses for it; and both with a Flan-T5 LLM (an
+encoder-decoder: gated-GELU MLPs, relative position buckets, untied head) in place of theirs."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import torch
 from torch import nn
 from transformers import (
     Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, InstructBlipConfig,
-    InstructBlipForConditionalGeneration, LlamaConfig, OPTConfig,
+    InstructBlipForConditionalGeneration, LlamaConfig, OPTConfig, T5Config,
 )
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from ...model.architectures.blip2 import Blip2PromptProcessor, InstructBlipPromptProcessor
 from .common import instantiate, text_kwargs, word_tokenizer
 
-__all__ = ["tiny_blip2", "tiny_instructblip"]
+__all__ = ["tiny_blip2", "tiny_blip2_t5", "tiny_instructblip", "tiny_instructblip_t5"]
 
 
 def tiny_blip2(*, n_queries: int = 6, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2,
@@ -66,13 +68,63 @@ def tiny_instructblip(*, n_queries: int = 6, image_size: int = 32, patch_size: i
     return _with_random_queries_and_norms(model), processor
 
 
+def tiny_blip2_t5(*, tied: bool = False, llm_layers: int = 2, llm_d_model: int = 64, seed: int = 0,
+                  attn_implementation: str = "eager", **blip2_sizes: int):
+    """`(hf_model, processor)`: `tiny_blip2`'s tower and Q-Former (`blip2_sizes` as it takes them) with a
+    Flan-T5 LLM of `llm_layers` encoder and decoder layers (`flan_t5_config`); `tied=True` gives T5 v1.0's
+    tied head, whose decoder output is scaled by d_model**-0.5 before it."""
+    blip2, processor = tiny_blip2(seed=seed, **blip2_sizes)
+    heads = blip2.config.qformer_config.num_attention_heads
+    config = Blip2Config(vision_config=blip2.config.vision_config.to_dict(),
+                         qformer_config=blip2.config.qformer_config.to_dict(),
+                         text_config=flan_t5_config(processor.tokenizer, tied, llm_layers, llm_d_model, heads).to_dict(),
+                         num_query_tokens=blip2.config.num_query_tokens, image_token_index=blip2.config.image_token_id)
+    model = instantiate(Blip2ForConditionalGeneration, config, attn_implementation, seed)
+    return _with_moderate_logits(_with_random_queries_and_norms(model)), processor
+
+
+def tiny_instructblip_t5(*, seed: int = 0, attn_implementation: str = "eager"):
+    """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former with the
+    Flan-T5 LLM of `tiny_blip2_t5`."""
+    instruct, processor = tiny_instructblip(seed=seed)
+    config = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
+                                qformer_config=instruct.config.qformer_config.to_dict(),
+                                text_config=flan_t5_config(processor.tokenizer, False).to_dict(),
+                                num_query_tokens=instruct.config.num_query_tokens,
+                                image_token_index=instruct.config.image_token_id)
+    model = instantiate(InstructBlipForConditionalGeneration, config, attn_implementation, seed)
+    return _with_moderate_logits(_with_random_queries_and_norms(model)), processor
+
+
+def flan_t5_config(tokenizer, tied: bool, layers: int = 2, d_model: int = 64, heads: int = 4) -> T5Config:
+    """A tiny Flan-T5 (T5 v1.1: gated-GELU MLP, untied head) over `tokenizer`: `layers` encoder and as
+    many decoder layers of width `d_model` (MLP 2x), `heads` heads, and 8 relative position buckets
+    reaching 20 tokens, so the short test prompts already use the logarithmic buckets."""
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                    num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                    relative_attention_num_buckets=8,
+                    relative_attention_max_distance=20, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                    tie_word_embeddings=tied)
+
+
+def _with_moderate_logits(model: nn.Module) -> nn.Module:
+    """T5's untied head scaled by d_model**-0.5: Hugging Face draws it with unit variance, which puts the
+    tiny model's logits in the tens, where float32 rounding alone exceeds the tests' 1e-5."""
+    head = model.language_model.lm_head
+    with torch.no_grad():
+        head.weight.mul_(head.in_features ** -0.5)
+    return model
+
+
 def _with_random_queries_and_norms(model: nn.Module) -> nn.Module:
-    """The learned queries and every LayerNorm drawn at random (Hugging Face starts them at zero and
+    """The learned queries and every LayerNorm (and T5's RMS norm) drawn at random (Hugging Face starts them at zero and
     (1, 0), which would leave every query the same and hide a misplaced norm)."""
     with torch.no_grad():
         model.query_tokens.normal_(0, 1)
         for norm in model.modules():
-            if isinstance(norm, nn.LayerNorm):
+            if isinstance(norm, (nn.LayerNorm, T5LayerNorm)):
                 norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
+            if isinstance(norm, nn.LayerNorm):
                 norm.bias.copy_(0.1 * torch.randn_like(norm.bias))
     return model

@@ -1,6 +1,5 @@
 """A tiny Emu3 (a VQ-VAE tokenizer whose codes are written into a Llama-style LLM's sequence as
-token ids) and its Emu3Processor. mmlens refuses Emu3 by name (see `NOT_YET_SUPPORTED`); the
-builder lets that refusal, and the family when it is built, be tested on a real model."""
+token ids) and its Emu3Processor, for the family's tests and the overhead benchmark."""
 
 from __future__ import annotations
 

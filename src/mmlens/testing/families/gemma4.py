@@ -34,6 +34,10 @@ def tiny_gemma4(
     sliding_window: int = SMALLEST_SOFT_TOKEN_BUDGET,
     attention_k_eq_v: bool = False,
     bidirectional_attention: str | None = None,
+    per_layer_input: int = 0,
+    kv_shared_layers: int = 0,
+    double_wide_mlp: bool = False,
+    experts: int = 0,
     seed: int = 0,
     attn_implementation: str = "eager",
 ):
@@ -41,12 +45,15 @@ def tiny_gemma4(
     `patch_size * pooling_kernel_size` within 70 soft tokens' worth of patches, its patches pooled
     k x k by position into soft tokens (a grid per image, its size from the image's shape); a dense
     Gemma 4 LLM (sandwich norms, q/k/v norms, sliding-window layers around a full one with its own
-    head size and partial rotary) without per-layer inputs, KV sharing or experts.
+    head size and partial rotary), without experts. `per_layer_input` (d of each block's per-layer
+    input), `kv_shared_layers` (the last blocks reuse earlier keys and values) and `double_wide_mlp`
+    (those blocks' MLP twice as wide) make it an E2B / E4B-style LLM; `experts` (of which each token
+    takes 2) a 26B-A4B-style one, experts beside every block's dense MLP.
     `bidirectional_attention="vision"` makes its images attend both ways in the sliding layers
     (Hugging Face's `use_bidirectional_attention`, as the larger released checkpoints).
 
-    Hugging Face initialises every norm weight to one and the layer scalars to one; both are drawn
-    at random here, so a hooked block that skipped any of them would show."""
+    Hugging Face initialises every norm weight, the layer scalars and the router's scales to one; they
+    are drawn at random here, so a hooked block that skipped any of them would show."""
     tokenizer = gemma4_tokenizer()
     image_processor = Gemma4ImageProcessorPil(
         patch_size=patch_size, pooling_kernel_size=pooling_kernel_size, max_soft_tokens=SMALLEST_SOFT_TOKEN_BUDGET,
@@ -66,7 +73,13 @@ def tiny_gemma4(
         global_head_dim=2 * llm_d_model // llm_heads,  # full-attention layers' own head size, as released
         sliding_window=sliding_window,
         layer_types=layer_types,
-        hidden_size_per_layer_input=0,
+        hidden_size_per_layer_input=per_layer_input,
+        num_kv_shared_layers=kv_shared_layers,
+        use_double_wide_mlp=double_wide_mlp,
+        enable_moe_block=bool(experts),
+        num_experts=experts or None,
+        top_k_experts=2 if experts else None,
+        moe_intermediate_size=llm_d_model // 2 if experts else None,
         attention_k_eq_v=attention_k_eq_v,
         use_bidirectional_attention=bidirectional_attention,
         vocab_size_per_layer_input=len(tokenizer),
@@ -87,8 +100,8 @@ def tiny_gemma4(
     model = instantiate(Gemma4ForConditionalGeneration, config, attn_implementation, seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("position_embedding_table"):
-                param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+            if "norm" in name or name.endswith(("position_embedding_table", "router.scale", "per_expert_scale")):
+                param.normal_(0.0 if name.endswith("position_embedding_table") else 1.0, 0.2)
         for layer in model.model.language_model.layers:
             layer.layer_scalar.uniform_(0.5, 1.5)
     return model, processor

@@ -38,9 +38,6 @@ VISION_BLOCK = BlockSpec(
     ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp", gated_mlp=False,
     attention=AttentionSpec(fused_qkv="qkv", o="projection", scaling="scale", rotary=False),
 )
-T5_NEEDS = ("an encoder-decoder LLM stage (Flan-T5: the queries and prompt go through T5's encoder, the answer "
-            "through its decoder's self- and cross-attention, with relative position buckets), which mmlens's "
-            "decoder-only LLM stage does not express. Use a BLIP-2 checkpoint with an OPT LLM (blip2-opt-*)")
 
 
 def opt_positions(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
@@ -62,16 +59,24 @@ class Blip2(Architecture):
     bridge_aliases = (*(entry for entry in LLM_ALIASES if ".mlp." not in entry.ours.text), *LLM_BRANCH_OUTPUT_ALIASES,
                       *LLM_UNGATED_MLP_ALIASES)
 
+    @classmethod
+    def for_checkpoint(cls, hf_model: nn.Module) -> "Blip2":
+        """This family, or its Flan-T5 variant (`t5.py`: an encoder-decoder LLM stage) for a T5 text config."""
+        if hf_model.config.text_config.model_type == "t5":
+            from .t5 import T5_VARIANTS  # t5.py builds on this module
+
+            return T5_VARIANTS[cls]()
+        return cls()
+
     def check_supported(self, hf_model: nn.Module) -> None:
         """Refuse, by name, an LLM other than the family's (for BLIP-2 a pre-norm OPT with OPT's own
         embedding width)."""
         config, name = hf_model.config, type(hf_model).__name__
         text = config.text_config
         if text.model_type != self.llm_type:
-            needs = T5_NEEDS if text.model_type == "t5" else f"a block spec for it; supported: [{self.llm_type!r}]"
             raise UnsupportedModelError(
                 f"{name}: config.text_config.model_type = {text.model_type!r} is an LLM mmlens does not hook in "
-                f"this family; it needs {needs}")
+                f"this family; it needs a block spec for it; supported: ['{self.llm_type}', 't5']")
         if self.llm_type == "opt":
             self.check_opt(name, text)
         if getattr(config.qformer_config, "use_qformer_text_input", False) and not self.qformer_reads_text:

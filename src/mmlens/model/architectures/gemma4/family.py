@@ -8,7 +8,9 @@ unweighted RMSNorm on the values, a rotary applied to q and k before the head tr
 full-attention layers' "proportional" rotary leaves the unrotated channels at cos 1, sin 0, so
 it is the same call), full-attention layers with their own head size, keys reused as values where
 `attention_k_eq_v` drops their `v_proj`, and a scalar on the block's whole output (`layer_scalar`).
-What the hooked block cannot state is refused by name at load (`refuse_unsupported`).
+E2B / E4B add per-layer inputs and KV sharing, 26B-A4B experts beside the MLP (`block.py`,
+`per_layer.py`, `experts.py`). What the hooked block cannot state is refused by name at load
+(`refuse_unsupported`).
 
 "bidirectional" is Gemma 4's own rule: an image's tokens see each other both ways in the
 sliding-window layers only, while the full-attention layers stay causal (Hugging Face's
@@ -28,10 +30,12 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
 from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
-from ....errors import InputError, UnsupportedModelError
+from ....errors import HookNameError, InputError, UnsupportedModelError
 from ...config import AdapterConfig, MLLMConfig, StageConfig, VisionConfig
+from ...hook_names import parse_hook_name
 from ...images.layout import ImageTokenLayout
 from ...runtime.attention_masks import additive_mask
 from ...runtime.instrument import AttentionSpec, instrument_block, instrument_language_model
@@ -41,10 +45,15 @@ from ..gemma3 import GEMMA3_BLOCK, Gemma3
 from ..gemma3.family import SANDWICH_NORM_ALIASES
 from ..module_paths import ModulePaths
 from ..type_ids import type_ids_extended, type_ids_rule
+from .block import instrument_gemma4_block, storing_layers
+from .experts import moe_config
+from .per_layer import PER_LAYER_INPUTS, given_per_layer_inputs, prompt_per_layer_inputs
 from .geometry import Gemma4Geometry
 from .layout import gemma4_layout, patch_grids
 from .tower import GEMMA4_VISION_BLOCK, hook_patch_embeddings, instrument_embedder, refuse_clipping
 
+# a KV-sharing block's attention points that belong to the block whose keys and values it reuses
+SHARED_KEY_SITES = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_ln.")
 POSITIONS = "image_position_ids"  # each patch's (x, y) in its image; (-1, -1) for padding patches
 TYPES = "mm_token_type_ids"  # 1 at image tokens: Hugging Face's cue for the both-ways image blocks
 
@@ -52,7 +61,8 @@ TYPES = "mm_token_type_ids"  # 1 at image tokens: Hugging Face's cue for the bot
 def rotate_by_position(_attn: nn.Module, q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """The LLM's rotary on q and k `[batch, seq, head, d_head]`, each by Hugging Face's one-tensor call."""
     cos, sin = kwargs["position_embeddings"]
-    return apply_rotary_pos_emb(q, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(k, cos, sin, unsqueeze_dim=2)
+    rotated_k = None if k is None else apply_rotary_pos_emb(k, cos, sin, unsqueeze_dim=2)  # None: reused keys
+    return apply_rotary_pos_emb(q, cos, sin, unsqueeze_dim=2), rotated_k
 
 
 GEMMA4_BLOCK = replace(
@@ -64,14 +74,24 @@ GEMMA4_BLOCK = replace(
 
 # What the hooked Gemma 4 cannot express yet: (text config field, is it in use, what it is).
 UNSUPPORTED_TEXT_FIELDS = (
-    ("hidden_size_per_layer_input", lambda v: bool(v), "per-layer inputs (E2B, E4B): each block adds a gated "
-     "per-layer embedding after its MLP, which no hook point carries"),
-    ("num_kv_shared_layers", lambda v: bool(v), "KV sharing (E2B, E4B): the last layers reuse earlier layers' keys "
-     "and values, which their own hook_k / hook_v would not hold"),
-    ("enable_moe_block", lambda v: bool(v), "a mixture of experts beside the MLP (26B-A4B), whose router and experts "
-     "have no hook points here"),
     ("use_bidirectional_attention", lambda v: v not in (None, "vision"), "every token attending both ways (an "
      "encoder, not a causal LLM), which no causal attention mode states"),
+)
+
+
+# TransformerBridge's names for what only some checkpoints have: the parts of the per-layer input
+# (E2B, E4B), and a 26B-A4B's dense MLP, which it wraps as `mlp` beside `router` and `experts`, and
+# which is our `mlp.shared_expert` there (`experts.py`)
+PER_LAYER_ALIASES = (
+    alias("blocks.{layer}.hook_per_layer_gate", "blocks.{layer}.per_layer_input_gate.hook_out"),
+    alias("blocks.{layer}.hook_per_layer_post", "blocks.{layer}.per_layer_projection.hook_in"),
+    alias("blocks.{layer}.hook_per_layer_out", "blocks.{layer}.post_per_layer_input_norm.hook_out"),
+)
+DENSE_MLP_AS_SHARED_EXPERT = (
+    alias("blocks.{layer}.mlp.shared_expert.hook_pre", "blocks.{layer}.mlp.gate.hook_out"),
+    alias("blocks.{layer}.mlp.shared_expert.hook_pre_linear", "blocks.{layer}.mlp.in.hook_out"),
+    alias("blocks.{layer}.mlp.shared_expert.hook_post", "blocks.{layer}.mlp.out.hook_in"),
+    alias("blocks.{layer}.mlp.shared_expert.hook_out", "blocks.{layer}.mlp.hook_out"),
 )
 
 
@@ -82,8 +102,8 @@ def refuse_unsupported(config: Any) -> None:
         value = getattr(text, field, None)
         if in_use(value):
             raise UnsupportedModelError(
-                f"Gemma 4 with text_config.{field}={value!r} is not supported: {what}. Supported: the dense "
-                "Gemma 4 LLM (hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=False, "
+                f"Gemma 4 with text_config.{field}={value!r} is not supported: {what}. Supported: every released "
+                "Gemma 4 LLM (E2B, E4B with per-layer inputs and KV sharing, 31B, 26B-A4B with experts) with "
                 "use_bidirectional_attention None or \"vision\")"
             )
     if config.vision_config is None:
@@ -116,6 +136,11 @@ class Gemma4(Architecture):
         refuse_clipping(self.vision_tower(hf_model))
         self._hf_model = hf_model  # its config: layouts, input checks, the probe batch
         text, vc = config.text_config, config.vision_config
+        if text.enable_moe_block:  # this model's table: the dense MLP's names go to the shared expert
+            dense = tuple(a for a in type(self).bridge_aliases if ".mlp.hook_" not in a.ours.text)
+            self.bridge_aliases = dense + DENSE_MLP_AS_SHARED_EXPERT
+        if text.hidden_size_per_layer_input:
+            self.bridge_aliases = self.bridge_aliases + PER_LAYER_ALIASES
         self.markers = {"start": config.boi_token_id, "end": config.eoi_token_id}
         self.image_token_id = config.image_token_id
         self.hf_applies_bidirectional = text.use_bidirectional_attention == "vision"
@@ -150,7 +175,7 @@ class Gemma4(Architecture):
             n_layers=tc.num_hidden_layers, n_heads=tc.num_attention_heads, d_model=tc.hidden_size,
             d_head=first.head_dim, d_mlp=tc.intermediate_size, n_key_value_heads=first.num_key_value_heads,
             normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-            use_normalization_before_and_after=True, use_qk_norm=True,
+            use_normalization_before_and_after=True, use_qk_norm=True, moe=moe_config(tc),
         )
 
     # ------------------------------------------------------------- hooks
@@ -163,7 +188,31 @@ class Gemma4(Architecture):
         handles = [hook_patch_embeddings(tower.patch_embedder, root.vision.hook_embed)]
         instrument_embedder(self.projector(hf_model), root.adapter)
         lm = self.language_model(hf_model)
-        return handles + instrument_language_model(lm, self.llm_layers(hf_model), self.llm_block, root, use_result)
+        # a run from inside the LLM recomputes its per-layer inputs with these quiet (`llm_keywords`)
+        self._tower_points = [m for group in (root.vision, root.adapter) for m in group.modules() if isinstance(m, HookPoint)]
+        sources = storing_layers(hf_model.config.text_config)
+        layers = self.llm_layers(hf_model)
+
+        def instrument_layer(layer: nn.Module, *args: Any, **kwargs: Any) -> None:
+            instrument_gemma4_block(layer, *args, **kwargs, source=sources.get(layer.self_attn.layer_idx))
+
+        return handles + instrument_language_model(lm, layers, self.llm_block, root, use_result,
+                                                    instrument_layer=instrument_layer)
+
+    # ------------------------------------------------------------- per-layer inputs
+    def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The prompt's and images' own per-layer inputs, for a run that starts inside the LLM
+        (`per_layer.py`); `forward` hands them to the LLM as they are."""
+        if not hf_model.config.text_config.hidden_size_per_layer_input:
+            return {}
+        return {PER_LAYER_INPUTS: prompt_per_layer_inputs(hf_model, inputs, self._tower_points)}
+
+    def forward(self, hf_model: nn.Module, **inputs: Tensor) -> Any:
+        given = inputs.pop(PER_LAYER_INPUTS, None)
+        if given is None:
+            return super().forward(hf_model, **inputs)
+        with given_per_layer_inputs(self.language_model(hf_model), given):
+            return super().forward(hf_model, **inputs, per_layer_inputs=given)
 
     # ------------------------------------------------------------- attention
     def own_attention_mode(self, hf_model: nn.Module) -> str:
@@ -193,6 +242,26 @@ class Gemma4(Architecture):
         """The sliding-window layers: the only ones where Gemma 4's images see each other both ways."""
         types = self._hf_model.config.text_config.layer_types
         return tuple(layer for layer, kind in enumerate(types) if kind == "sliding_attention")
+
+    def key_value_layer(self, cfg: MLLMConfig, layer: int) -> int:
+        return storing_layers(self._hf_model.config.text_config).get(layer, layer)
+
+    # ------------------------------------------------------------- names
+    def canonical_name(self, name: str) -> str:
+        """The bridge's names; a KV-sharing block's key and value points, which do not exist, are
+        refused saying whose keys and values that block reads."""
+        renamed = super().canonical_name(name)
+        try:
+            parsed = parse_hook_name(renamed)
+        except HookNameError:  # outside the grammar, so not a block's name
+            return renamed
+        source = storing_layers(self._hf_model.config.text_config).get(parsed.layer) if parsed.in_llm_block else None
+        if source is not None and parsed.site.startswith(SHARED_KEY_SITES):
+            raise HookNameError(
+                f"{name!r} does not exist: LLM block {parsed.layer} has no keys or values of its own, it reuses block "
+                f"{source}'s (Gemma 4's KV sharing). Cache or patch blocks.{source}.{parsed.site}, which is what block "
+                f"{parsed.layer} reads")
+        return renamed
 
     def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
         return type_ids_extended(extra, TYPES)

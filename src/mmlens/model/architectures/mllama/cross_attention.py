@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ....errors import UnsupportedModelError
 from ...hook_tree import BlockHooks, fire
 from ...runtime.devices import bare_forward
 from ...runtime.instrument import AttentionSpec, _argument_names, _override_forward, instrument_attention, instrument_mlp
@@ -39,15 +38,11 @@ def instrument_cross_attention_block(layer: nn.Module, hooks: BlockHooks, use_re
         if not hooks.residual_hooked():
             return original(hidden_states, *args, **kwargs)
         kwargs.update(zip(names, args))
-        if kwargs.get("cross_attention_states") is None:
-            raise UnsupportedModelError(
-                "a hooked Mllama cross-attention layer without the images' features: Hugging Face reads them from its "
-                "key cache after the first generated token, which the hooked maths does not. Hook a forward (or only "
-                "the first step of generation), or generate without hooks")
         batch, seq = hidden_states.shape[:2]
         resid_pre = fire(hooks.hook_resid_pre, hidden_states)
+        # after the first generated token the images' features are None and the keys come from the cache
         attended = attn(hidden_states=ln1(resid_pre), attention_mask=kwargs["cross_attention_mask"],
-                        cross_attention_states=kwargs["cross_attention_states"],
+                        cross_attention_states=kwargs.get("cross_attention_states"),
                         past_key_values=kwargs.get("past_key_values"))[0]
         attn_gate = fire(hooks.hook_attn_gate, layer.cross_attn_attn_gate.tanh().expand(batch, seq, 1))
         resid_mid = fire(hooks.hook_resid_mid, resid_pre + fire(hooks.hook_attn_out, attn_gate * attended))

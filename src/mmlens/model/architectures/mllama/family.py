@@ -134,6 +134,14 @@ class Mllama(Architecture):
         return {"cross_attention_states": states.flatten(1, 3)}
 
     # ------------------------------------------------------------- images
+    def extend_by_one_token(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A generated token reads the tiles its row's last token read, as Hugging Face's generation
+        extends `cross_attention_mask`."""
+        mask = extra.get("cross_attention_mask")
+        if mask is None:
+            return extra
+        return {**extra, "cross_attention_mask": torch.cat([mask, mask[:, -1:]], dim=1)}
+
     def layout(self, cfg: MLLMConfig, input_ids: Int[Tensor, "batch seq"], **inputs: Tensor) -> CrossAttendedLayout:
         ratios = inputs.get("aspect_ratio_ids")
         if ratios is None:

@@ -1,0 +1,89 @@
+"""The logit lens drawn over the image: what each LLM layer's residual at each image token decodes to.
+
+The logit lens (nostalgebraist 2020; Belrose et al. 2023, https://arxiv.org/abs/2303.08112) reads a
+residual through the final norm and the unembedding. At image tokens it shows, per layer, which
+word each cell of the image already stands for (Neo et al. 2024, "Towards interpreting visual
+information processing in VLMs", https://arxiv.org/abs/2410.07149). mmlens's cache computes the
+accumulated residual with the final norm applied (`MultimodalActivationCache.accumulated_resid`,
+the same entries as `logit_lens`); only the image tokens (`layout.gather("llm", ...)`) are
+unembedded, so the vocabulary-wide logits of text positions are never built. A tuned lens needs
+trained translators; none is trained here, so only the logit lens is drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import InputError
+from ..model.images.layout import TokenTable
+from ..model.images.pixel_map import PixelMap
+from .maps import check_grid_tokens, paint_values
+
+if TYPE_CHECKING:
+    from ..model import HookedMLLM, MultimodalInputs
+
+
+@dataclass(frozen=True, eq=False)
+class LensMaps:
+    """Per lens entry (`labels`: "0_pre" ... "final_post", the residual entering each layer and
+    the last one leaving), image and image token (`layout.gather("llm")` rows): the top token, its
+    probability, and with `token` given the probability of that token."""
+
+    labels: list[str]
+    top_token: Int[Tensor, "layers n_images n_tokens"]
+    top_probability: Float[Tensor, "layers n_images n_tokens"]
+    token: int | None
+    token_probability: Float[Tensor, "layers n_images n_tokens"] | None
+    table: TokenTable
+    pixels: PixelMap
+
+    def painted(self, values: Tensor) -> Float[Tensor, "layers n_images height width"]:
+        """Per-token values [layers, n_images, n_tokens] over every canvas pixel (NaN: no token)."""
+        return paint_values(self.pixels, values)
+
+    def figure(self, image: int = 0, tokenizer: Any = None, picture: np.ndarray | None = None):
+        """One panel per lens entry for image `image`: the probability of `token` per cell (when
+        given) or of each cell's top token, hovering the top token (decoded with `tokenizer`)."""
+        from ..viz.sae_plots import plot_lens_maps
+
+        if not 0 <= image < self.top_token.shape[1]:
+            raise IndexError(f"image must be in 0..{self.top_token.shape[1] - 1}, got {image}")
+        height, width = (int(v) for v in self.table.canvas[image])
+        values = self.top_probability if self.token_probability is None else self.token_probability
+        painted = self.painted(values)[:, image, :height, :width].numpy()
+        tokens = self.painted(self.top_token)[:, image, :height, :width].numpy()
+        words = _words(tokens, tokenizer)
+        what = "top token" if self.token is None else f"token {self.token}"
+        return plot_lens_maps(dict(zip(self.labels, painted)), dict(zip(self.labels, words)), picture,
+                              title=f"Logit lens over image {image}: probability of the {what}")
+
+
+@torch.no_grad()
+def logit_lens_maps(model: "HookedMLLM", inputs: "MultimodalInputs", token: int | None = None) -> LensMaps:
+    """The logit lens at every LLM layer over every image's grid tokens, from one cached forward."""
+    if token is not None and not 0 <= token < model.cfg.d_vocab:
+        raise InputError(f"token {token} is not in the vocabulary (0..{model.cfg.d_vocab - 1})")
+    layout = inputs.layout
+    check_grid_tokens(layout, "llm")
+    _, cache = model.run_with_cache(inputs, names_filter=lambda name: "hook_resid" in name or "ln_final" in name)
+    stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    at_images = torch.stack([layout.gather("llm", entry) for entry in stack])
+    probabilities = model.unembed(at_images).float().softmax(-1)
+    top_probability, top_token = probabilities.max(-1)
+    chosen = None if token is None else probabilities[..., token].cpu()
+    return LensMaps(list(labels), top_token.cpu(), top_probability.cpu(), token, chosen, layout.table("llm"),
+                    layout.pixels("llm"))
+
+
+def _words(tokens: np.ndarray, tokenizer: Any) -> np.ndarray:
+    ids = np.nan_to_num(tokens, nan=-1).astype(int)
+    if tokenizer is None:
+        return np.where(ids >= 0, ids.astype(str), "")
+    vocabulary = {i: tokenizer.decode([i]) for i in np.unique(ids) if i >= 0}
+    return np.vectorize(lambda i: vocabulary.get(i, ""), otypes=[object])(ids)
