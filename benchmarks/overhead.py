@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -254,6 +255,10 @@ def family_rows(family: str, built, images, repeats: int) -> None:
     reference = copy.deepcopy(hf)
     model = HookedMLLM.from_hf(hf, processor)
     inputs = model.prepare(images, PROMPTS)
+    if "decoder_input_ids" in model.architecture.extra_input_names:  # an encoder-decoder: its start token, given
+        start = model.hf_model.config.text_config.decoder_start_token_id
+        decoder = torch.full((len(inputs.input_ids), 1), start, dtype=torch.long)
+        inputs = dataclasses.replace(inputs, extra={**inputs.extra, "decoder_input_ids": decoder})
     kwargs = inputs.hf_kwargs()
     torch.testing.assert_close(model(inputs), reference(**kwargs).logits, atol=1e-5, rtol=0)
     times = time_interleaved({
