@@ -19,11 +19,11 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ...hook_tree import AdapterHooks, AttentionHooks, BlockHooks, NormHooks, fire, is_hooked, untouched, version_of
+from ...hook_tree import AdapterHooks, AttentionHooks, BlockHooks, NormHooks, fire, is_hooked
 from ...runtime.devices import bare_forward, weights_present
 from ...runtime.instrument import _argument_names, _override_forward, instrument_mlp
 from ...runtime.norms import NormKind, instrument_norm
@@ -36,32 +36,10 @@ def block_diagonal(cu_seqlens: Int[Tensor, "n_blocks_plus_1"], length: int) -> B
     return block[:, None] == block[None, :]
 
 
-def _still_block_diagonal(full: Tensor, blocks: list[Tensor], spans: list[tuple[int, int]], fill: float) -> bool:
-    """Whether `full` still holds `blocks` on its diagonal and `fill` everywhere else: a hook may
-    edit it through `.data` or numpy, which moves no version counter."""
-    fills_in_blocks = 0
-    for (start, end), block in zip(spans, blocks):
-        if not torch.equal(full[..., start:end, start:end], block):
-            return False
-        fills_in_blocks += int((block == fill).sum())
-    off_blocks = full.numel() - sum(block.numel() for block in blocks)
-    return int((full == fill).sum()) == off_blocks + fills_in_blocks
-
-
 def _spans(cu_seqlens: Int[Tensor, "n_blocks_plus_1"]) -> list[tuple[int, int]]:
     """(start, end) of each image's block in the packed sequence."""
     bounds = cu_seqlens.tolist()
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _block_diagonal(
-    blocks: list[Float[Tensor, "1 heads n_i n_i"]], spans: list[tuple[int, int]], length: int, fill: float
-) -> Float[Tensor, "1 heads length length"]:
-    """The packed [length, length] matrix with `blocks` on its diagonal and `fill` elsewhere."""
-    full = blocks[0].new_full((*blocks[0].shape[:2], length, length), fill)
-    for (start, end), block in zip(spans, blocks):
-        full[..., start:end, start:end] = block
-    return full
 
 
 def _points(group: nn.Module) -> list[HookPoint]:
@@ -95,35 +73,22 @@ def instrument_packed_attention(
         q = fire(hooks.hook_rot_q, q[None])
         k = fire(hooks.hook_rot_k, k[None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v[None].transpose(1, 2)  # [1, heads, n, d_head]
-        # each image attends within its own block, as Hugging Face computes it; the packed matrices
-        # (the other images' entries masked) are built only for points that listen, and a hook that
-        # edits them sends the rest of the attention through the packed matrix it returned
         spans = _spans(kwargs["cu_seqlens"])
-        score_blocks = [torch.matmul(q[..., a:b, :], k[..., a:b, :].transpose(2, 3)) * attn.scaling for a, b in spans]
-        softmax = lambda x: nn.functional.softmax(x, dim=-1, dtype=torch.float32).to(q.dtype)  # noqa: E731
-        pattern, pattern_blocks = None, None
-        masked = torch.finfo(q.dtype).min
-        if is_hooked(hooks.hook_attn_scores):
-            scores = _block_diagonal(score_blocks, spans, length, masked)
-            version = version_of(scores)
-            returned = fire(hooks.hook_attn_scores, scores)
-            if not (untouched(scores, returned, version) and _still_block_diagonal(scores, score_blocks, spans, masked)):
-                pattern = softmax(returned)
-        if pattern is None:
-            pattern_blocks = [softmax(block) for block in score_blocks]
-            if is_hooked(hooks.hook_pattern):
-                pattern = _block_diagonal(pattern_blocks, spans, length, 0.0)
-        if pattern is not None and is_hooked(hooks.hook_pattern):
-            version = version_of(pattern)
-            returned = fire(hooks.hook_pattern, pattern)
-            if pattern_blocks is None or not (
-                untouched(pattern, returned, version) and _still_block_diagonal(pattern, pattern_blocks, spans, 0.0)
-            ):
-                pattern, pattern_blocks = returned, None
-        if pattern_blocks is not None:
-            z = torch.cat([torch.matmul(p, v[..., a:b, :]) for p, (a, b) in zip(pattern_blocks, spans)], dim=2)
-        else:
+        if is_hooked(hooks.hook_attn_scores) or is_hooked(hooks.hook_pattern):
+            # the packed matrices, the other images' entries at the dtype's minimum (exactly zero after the
+            # softmax), so that what the hooks see or write is what the rest of the attention reads
+            scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
+            same_block = block_diagonal(kwargs["cu_seqlens"], length)
+            scores = fire(hooks.hook_attn_scores, scores.masked_fill(~same_block, torch.finfo(scores.dtype).min))
+            pattern = fire(hooks.hook_pattern, nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
             z = torch.matmul(pattern, v)
+        else:  # nobody reads the matrices: each image attends within its own block, as Hugging Face computes it
+            blocks = []
+            for start, end in spans:
+                block_scores = torch.matmul(q[..., start:end, :], k[..., start:end, :].transpose(2, 3)) * attn.scaling
+                block_pattern = nn.functional.softmax(block_scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                blocks.append(torch.matmul(block_pattern, v[..., start:end, :]))
+            z = torch.cat(blocks, dim=2)
         z = fire(hooks.hook_z, z.transpose(1, 2).contiguous())  # [1, n, heads, d_head]
         if use_result() and is_hooked(hooks.hook_result):
             with weights_present(attn.proj):  # an offloaded proj holds meta tensors outside its forward
