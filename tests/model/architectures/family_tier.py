@@ -25,6 +25,7 @@ from mmlens.errors import HookNameError, UnsupportedModelError
 from mmlens.experiments import anchor_knockout, conflicting_pairs, find_recovery_heads, position_study
 from mmlens.interventions import CacheMetric, Run, TokenGroup, bidirectional_image_attention, head_sweep, knockout, recovery_blocked
 from mmlens.model.architectures import Architecture
+from mmlens.model.runtime.attention_masks import additive_mask
 from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.model.images.layout import IMAGE_BLOCK_KINDS
 from mmlens.model.images.preprocess import MaskGeometry
@@ -87,6 +88,22 @@ def verified_vision_knockout(model: HookedMLLM, inputs: MultimodalInputs) -> tup
     assert ko.n_blocked_edges > 0 and set(ko.blocked_mass) == set(layers)
     assert all(mass == 0.0 for mass in ko.blocked_mass.values())
     return ko, logits
+
+
+def assert_vision_knockout_equals_hf_attention(family: Family, monkeypatch, hf_module: Any, attention: str) -> None:
+    """A tower knockout = Hugging Face's model with the blocked edges as the additive mask of its eager
+    vision attention function `hf_module.<attention>` (for towers whose layers pass no mask)."""
+    model, inputs, reference = family.model, family.inputs, family.reference
+    ko, ours = verified_vision_knockout(model, inputs)
+    unedited = model(inputs)  # before the patch below, which reaches this model's unhooked tower too
+    mask = additive_mask(~ko.blocked.cpu())
+    plain = getattr(hf_module, attention)
+    monkeypatch.setattr(hf_module, attention,
+                        lambda module, q, k, v, attention_mask, **kw: plain(module, q, k, v, mask, **kw))
+    theirs = reference(**inputs.hf_kwargs()).logits
+    valid = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
+    assert (ours - unedited)[valid].abs().max() > 1e-4, "the knockout changed something"
 
 
 def fixtures(variants: dict[str, Builder], attns: tuple[str, ...] = ("eager", "sdpa"), eager_variants: list[str] | None = None):

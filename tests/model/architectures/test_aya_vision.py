@@ -13,7 +13,6 @@ from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
 from mmlens.errors import HookNameError, InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.model.architectures.aya_vision import AyaVision
-from mmlens.model.runtime.attention_masks import additive_mask
 from mmlens.testing.families.aya_vision import tiny_aya_vision
 
 import family_tier as tier
@@ -154,17 +153,7 @@ def test_vision_knockout_equals_hf_with_its_mask(eager, monkeypatch):
     """A knockout in the tower = Hugging Face's SigLIP attention given the blocked edges as its mask."""
     import transformers.models.siglip.modeling_siglip as hf
 
-    model, inputs, reference = eager.model, eager.inputs, eager.reference
-    ko, ours = tier.verified_vision_knockout(model, inputs)
-    unedited = model(inputs)
-    mask = additive_mask(~ko.blocked.cpu())
-    plain = hf.eager_attention_forward
-    monkeypatch.setattr(hf, "eager_attention_forward",
-                        lambda module, q, k, v, attention_mask, **kw: plain(module, q, k, v, mask, **kw))
-    theirs = reference(**inputs.hf_kwargs()).logits
-    valid = inputs.attention_mask.bool()
-    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
-    assert (ours - unedited)[valid].abs().max() > 1e-4, "the knockout changed something"
+    tier.assert_vision_knockout_equals_hf_attention(eager, monkeypatch, hf, "eager_attention_forward")
 
 
 BRIDGE_NAMES = {

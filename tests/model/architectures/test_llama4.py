@@ -23,7 +23,7 @@ from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.testing.families.llama4 import tiny_llama4
 
 import family_tier as tier
-from family_tier import assert_bridge_aliases, verified_vision_knockout
+from family_tier import assert_bridge_aliases
 from family_tier import *  # noqa: F403 - the family tier's tests, run on this file's fixtures
 
 family, eager, builder = tier.fixtures({"llama4": lambda attn: tiny_llama4(attn_implementation=attn)})
@@ -261,17 +261,7 @@ def test_vision_knockout_equals_hf_with_its_mask(eager, monkeypatch):
     mask (its layers pass none, so the mask goes in through its eager attention function)."""
     import transformers.models.llama4.modeling_llama4 as hf
 
-    model, inputs, reference = eager.model, eager.inputs, eager.reference
-    ko, ours = verified_vision_knockout(model, inputs)
-    unedited = model(inputs)  # before the patch below, which reaches this model's unhooked tower too
-    mask = additive_mask(~ko.blocked.cpu())
-    plain = hf.vision_eager_attention_forward
-    monkeypatch.setattr(hf, "vision_eager_attention_forward",
-                        lambda module, q, k, v, attention_mask, **kw: plain(module, q, k, v, mask, **kw))
-    theirs = reference(**inputs.hf_kwargs()).logits
-    valid = inputs.attention_mask.bool()
-    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)
-    assert (ours - unedited)[valid].abs().max() > 1e-4, "the knockout changed something"
+    tier.assert_vision_knockout_equals_hf_attention(eager, monkeypatch, hf, "vision_eager_attention_forward")
 
 
 BRIDGE_NAMES = {
