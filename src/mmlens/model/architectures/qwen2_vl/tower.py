@@ -73,7 +73,6 @@ def instrument_packed_attention(
         q = fire(hooks.hook_rot_q, q[None])
         k = fire(hooks.hook_rot_k, k[None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v[None].transpose(1, 2)  # [1, heads, n, d_head]
-        spans = _spans(kwargs["cu_seqlens"])
         if is_hooked(hooks.hook_attn_scores) or is_hooked(hooks.hook_pattern):
             # the packed matrices, the other images' entries at the dtype's minimum (exactly zero after the
             # softmax), so that what the hooks see or write is what the rest of the attention reads
@@ -84,7 +83,7 @@ def instrument_packed_attention(
             z = torch.matmul(pattern, v)
         else:  # nobody reads the matrices: each image attends within its own block, as Hugging Face computes it
             blocks = []
-            for start, end in spans:
+            for start, end in _spans(kwargs["cu_seqlens"]):
                 block_scores = torch.matmul(q[..., start:end, :], k[..., start:end, :].transpose(2, 3)) * attn.scaling
                 block_pattern = nn.functional.softmax(block_scores, dim=-1, dtype=torch.float32).to(q.dtype)
                 blocks.append(torch.matmul(block_pattern, v[..., start:end, :]))
