@@ -71,4 +71,4 @@ zoo-v2: $(STAMP)
 	@echo "retrained models in runs/zoo/; copy them to src/mmlens/zoo/weights/ to ship them"
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(SAE_VENV) build src/*.egg-info

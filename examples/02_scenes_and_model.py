@@ -10,13 +10,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation, segmentation_info
-from mmlens.viz import save_figure
+from mmlens.viz import plot_image_and_mask, save_figure
 from mmlens.zoo.scene_language import describe
 
 QUESTIONS = [
@@ -26,19 +24,6 @@ QUESTIONS = [
     "what colour is the circle ?",
     "where is the red square ?",
 ]
-
-
-def show(image: np.ndarray, mask: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("image", "mask"))
-    fig.add_trace(go.Image(z=image), row=1, col=1)
-    labels = np.array(class_names, dtype=object)[mask]
-    fig.add_trace(
-        go.Heatmap(z=mask[::-1], text=labels[::-1], hovertemplate="%{text}<extra></extra>",
-                   colorscale="Turbo", showscale=False),
-        row=1, col=2,
-    )
-    fig.update_yaxes(scaleanchor="x2", row=1, col=2)
-    save_figure(fig, path)  # plotly.min.js is written once beside it: opens offline
 
 
 def main() -> None:
@@ -53,7 +38,8 @@ def main() -> None:
     info = segmentation_info(scenes)
     example = scenes[0]
     image, mask = np.array(example["image"]), np.array(example["mask"])
-    show(image, mask, info.class_names, args.out)
+    # one colour per class (red_circle is red) and row 0 on top in both panels
+    save_figure(plot_image_and_mask(image, mask, info.class_names, title=f"scene {example['id']}"), args.out)
     present = [info.class_names[c] for c in np.unique(mask)]
     print(f"scene {example['id']}: classes {present}; image and mask written to {args.out}")
     print(f"ground truth: {describe(example['objects'])}")

@@ -23,6 +23,8 @@ RUNS = {
     "04_anchors_and_positions": ["--images", "32", "--probe", "ridge", "--out", "{out}"],
     "05_recovery_heads": ["--images", "32", "--study-images", "8", "--probe", "ridge", "--corruptions", "counterfactual",
                           "--out", "{out}"],
+    # reads a study config (examples/configs/ are all `mmlens study` configs) and runs its probe sweep
+    "run_probe_config": [str(ROOT / "examples" / "configs" / "tiny_shapes_scenes.yaml"), "--images", "24", "--out", "{out}"],
 }
 
 

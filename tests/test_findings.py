@@ -3,6 +3,7 @@ a ratio over a null gap is withheld, and a report built from a run with a null e
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -94,6 +95,19 @@ def test_report_of_a_null_run_claims_nothing(null_run):
     row = page.split('<td class="text">fraction_recovered</td>')[1].split("</tr>")[0]
     assert row.count('<td class="num"></td>') == 3 and "withheld" in row
     assert page.index("Findings of this run") < page.index("Drop-off and recovery of segmentation")
+
+
+def test_report_shows_each_finding_once(null_run):
+    """The findings section lists every stage's findings; the figure sections do not repeat them
+    (the probe sweep's lines used to appear under both of its figures too)."""
+    from mmlens.runs.folder import RunFolder
+
+    page = (null_run / "report.html").read_text(encoding="utf-8")
+    folder = RunFolder.open(null_run)
+    lines = [line for unit in folder.done_units() for line in folder.record(unit)["summary"]]
+    assert len(lines) >= 3 and page.count('class="plotly-graph-div"') == 2  # the sweep's curve and predictions
+    for line in lines:
+        assert page.count(html.escape(line)) == 1, line
 
 
 def test_run_report_loads_plotly_from_beside_it(null_run):

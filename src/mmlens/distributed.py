@@ -54,10 +54,12 @@ def alone() -> Iterator[None]:
 
 
 def rank(group: Any = None) -> int:
+    """This process's rank in `group` (0 when no process group is active)."""
     return dist.get_rank(group) if active(group) else 0
 
 
 def world_size(group: Any = None) -> int:
+    """How many processes `group` holds (1 when no process group is active)."""
     return dist.get_world_size(group) if active(group) else 1
 
 

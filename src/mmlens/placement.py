@@ -45,6 +45,7 @@ class NodeSlot:
 
 
 def visible_gpus() -> int:
+    """CUDA devices this process can see (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -9,8 +9,7 @@ import torch
 
 from mmlens.data import load_segmentation
 from mmlens.probing import probe_sweep
-from mmlens.viz import plot_probe_curve, plot_probe_predictions
-from mmlens.viz.probe_plots import class_colours
+from mmlens.viz import class_colours, plot_probe_curve, plot_probe_predictions
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_plots_render(ridge_sweep):
     painted = sorted({int(v) for t in panels[1:] for z in [np.asarray(t.z, dtype=float)] for v in np.unique(z[~np.isnan(z)])})
     legend = [t for t in predictions.data if t.type == "scatter"]
     assert [t.name for t in legend] == [ridge_sweep.class_names[c] for c in painted]
-    assert [t.marker.color for t in legend] == [class_colours(len(ridge_sweep.class_names))[c] for c in painted]
+    assert [t.marker.color for t in legend] == [class_colours(ridge_sweep.class_names)[c] for c in painted]
     assert "dataset row" in predictions.layout.title.text
     assert curve.layout.yaxis.title.text == "mIoU"
     with pytest.raises(ValueError, match="were not probed"):

@@ -81,6 +81,19 @@ BAD_VALUES = {  # key -> (bad value, who refuses it: None for the schema)
     "recovery.attribution": ("sometimes", None),
     "recovery.n_maps": (-1, None),
     "recovery.chunk_size": (0, None),
+    "sae.enabled": ("no", None),
+    "sae.hook": ("adapter.hook_nope", MODEL),
+    "sae.path": ("/no/such/sae", MACHINE),
+    "sae.architecture": ("relu6", None),
+    "sae.d_sae": (0, None),
+    "sae.k": (0, None),
+    "sae.steps": (0, None),
+    "sae.lr": (-1.0, None),
+    "sae.n_features": (0, None),
+    "sae.n_images": (0, None),
+    "sae.n_crops": (0, None),
+    "lens.enabled": ("no", None),
+    "lens.n_images": (0, None),
     "collective_timeout_s": (float("inf"), None),
     "out": (5, None),
 }
@@ -142,13 +155,15 @@ def test_values_this_machine_cannot_serve_are_listed_before_the_model_loads(tmp_
     store_file.write_text("not a folder")
     keys = [k for k, (_, by) in BAD_VALUES.items() if by == MACHINE]
     values = {k: str(store_file) if k == "probe.store_dir" else BAD_VALUES[k][0] for k in keys}
-    problems = refused_before_any_stage(with_values(values), tmp_path / "run")
+    problems = refused_before_any_stage(with_values({**values, "sae.enabled": True}), tmp_path / "run")
     assert [k for k in keys if not names(problems, k)] == [], problems
 
 
 def test_values_the_model_and_dataset_refuse_are_one_list_before_stage_one(tmp_path):
     keys = [k for k, (_, by) in BAD_VALUES.items() if by == MODEL]
-    problems = refused_before_any_stage(with_values({k: BAD_VALUES[k][0] for k in keys}), tmp_path / "run")
+    # the SAE section is checked only when it is on
+    problems = refused_before_any_stage(with_values({**{k: BAD_VALUES[k][0] for k in keys}, "sae.enabled": True}),
+                                        tmp_path / "run")
     assert [k for k in keys if not names(problems, k)] == [], problems
     text = "\n".join(problems)
     assert "no LLM layer comes after 'blocks.3.hook_resid_post'" in text

@@ -200,3 +200,25 @@ def test_wide_figures_fit_their_card_at_1280_px(tmp_path):
     widths = [float(w) for w in re.findall(r'<svg class="main-svg"[^>]*?\swidth="([\d.]+)"', figure)]
     assert widths and max(widths) <= 1180 - 2 * 28 - 2 * 22, widths      # main's max width less paddings
     assert "accuracy" in figure                                          # the colour bar is drawn
+
+
+def test_report_reflows_on_a_phone(report, tmp_path):
+    """At 390 px (a phone) the figures are stacked at the width of their card, side-by-side panels
+    scroll inside their card, nothing makes the page scroll sideways, and a legend below a plot
+    does not cover its axis title; at 1280 px no figure is wider than its card."""
+    require_chromium()
+    from mmlens.testing.page_layout import measure_layout
+
+    for width in (1280, 390):
+        layout = measure_layout(report, width)
+        assert layout.viewport == width and not layout.overflows, (width, layout.scroll_width)
+        assert len(layout.boxes) == 3 and layout.overlapping() == [], layout.overlapping()
+        tops = [box.top for box in layout.boxes]
+        assert tops == sorted(tops)                                           # stacked, in section order
+        curve, predictions, mask = layout.boxes
+        assert curve.width == mask.width and curve.left == mask.left            # one-panel figures: the card's width
+        assert curve.width >= (min(width, 1180) - 2 * 28 - 2 * 22 - 2 if width > 640 else width - 2 * 8 - 2 * 10 - 2)
+        assert predictions.width >= 4 * 150                                     # 4 panels, none squeezed
+    phone = measure_layout(report, 390, selector="#figure-1 .legend, #figure-1 .g-xtitle")
+    legend, axis_title = phone.boxes
+    assert legend.height > 0 and axis_title.height > 0 and legend.overlap(axis_title) == 0

@@ -36,7 +36,7 @@ def test_every_problem_is_listed_with_its_key_path():
         "dataset.n: must be a positive integer, got -3",
         "dtype: must be one of 'float32', 'float16', 'bfloat16', got 'float33' (did you mean 'float32'?)",
         "seeds[1]: must be an integer, got 'one'",
-        "probe.kind: must be one of 'ridge', 'logistic', got 'lasso'",
+        "probe.kind: must be one of 'ridge', 'logistic', 'sparse', got 'lasso'",
         "probe.controls[0]: must be one of 'shuffled_labels', 'control_task', 'random_llm', 'random_init', got 'shuffled' "
         "(did you mean 'shuffled_labels'?)",
         "probe.test_fraction: must be strictly between 0 and 1, got 1.5",
@@ -126,3 +126,76 @@ def test_an_llm_only_sweep_cannot_serve_an_adapter_reference():
     config_from_dict({"model": "tiny-shapes-llava", "dataset": {"name": "scenes"}, "probe": {"sites": "llm"},
                       "knockout": {"reference": "blocks.0.hook_resid_post"},
                       "recovery": {"reference": "blocks.0.hook_resid_post"}})
+
+
+# ----------------------------------------------------------------- sae.path, checked before any stage
+@pytest.fixture(scope="module")
+def tiny_setup():
+    from mmlens import HookedMLLM
+    from mmlens.data import load_segmentation
+
+    return HookedMLLM.from_pretrained("tiny-shapes-llava"), load_segmentation("scenes", n=24)
+
+
+def _saved_sae(folder: Path, hook: str, d_in: int, seed: int = 0) -> str:
+    import torch
+
+    from mmlens.sae import SAE, SAEConfig
+
+    torch.manual_seed(seed)
+    SAE(SAEConfig("standard", d_in, 16, metadata={"hook_name": hook})).save(folder)
+    return str(folder)
+
+
+def _sae_config(path: str, hook: str = "adapter.hook_out"):
+    return config_from_dict({**MINIMAL, "dataset": {"name": "scenes", "n": 24},
+                             "sae": {"enabled": True, "hook": hook, "path": path}})
+
+
+def test_a_missing_sae_path_stops_the_study_before_its_first_stage(tmp_path):
+    from mmlens.runs import run_study
+    from mmlens.runs.config_checks import device_problems
+
+    config = _sae_config(str(tmp_path / "no_sae_here"))
+    assert any(p.startswith("sae.path:") and "does not exist" in p for p in device_problems(config))
+    with pytest.raises(ConfigError, match="sae.path"):
+        run_study(config, tmp_path / "run", progress=False, report=False, echo=lambda text: None)
+    assert not (tmp_path / "run" / "stages").exists()  # no probe sweep ran first
+
+
+def test_a_relative_sae_path_is_read_from_the_working_directory_like_dataset_path(tmp_path, monkeypatch, tiny_setup):
+    from mmlens.runs.config_checks import device_problems
+
+    _saved_sae(tmp_path / "sae", "adapter.hook_out", tiny_setup[0].cfg.llm.d_model)
+    monkeypatch.chdir(tmp_path)
+    assert device_problems(_sae_config("sae")) == []
+
+
+def test_the_sae_at_sae_path_must_read_sae_hook_at_its_width(tmp_path, tiny_setup):
+    from mmlens.runs.config_checks import model_problems
+
+    model, scenes = tiny_setup
+    width = model.cfg.llm.d_model
+    good = _saved_sae(tmp_path / "good", "adapter.hook_out", width)
+    assert [p for p in model_problems(_sae_config(good), model, scenes) if p.startswith("sae")] == []
+    elsewhere = _saved_sae(tmp_path / "elsewhere", "blocks.0.hook_resid_post", width)
+    assert any("set sae.hook: blocks.0.hook_resid_post" in p for p in model_problems(_sae_config(elsewhere), model, scenes))
+    narrow = _saved_sae(tmp_path / "narrow", "adapter.hook_out", width - 1)
+    assert any(f"reads {width - 1} dimensions" in p for p in model_problems(_sae_config(narrow), model, scenes))
+
+
+def test_replacing_the_sae_file_reruns_the_sae_stage(tmp_path, tiny_setup):
+    import os
+
+    from mmlens.runs import STAGES
+    from mmlens.runs.stages import planned_units, unit_keys
+
+    path = _saved_sae(tmp_path / "sae", "adapter.hook_out", tiny_setup[0].cfg.llm.d_model, seed=0)
+    config = _sae_config(path)
+    before = unit_keys(config, planned_units(config, STAGES))
+    _saved_sae(tmp_path / "sae", "adapter.hook_out", tiny_setup[0].cfg.llm.d_model, seed=1)  # same path, other weights
+    weights = Path(path) / "sae_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    after = unit_keys(config, planned_units(config, STAGES))
+    assert after["sae_features/seed-0"] != before["sae_features/seed-0"]
+    assert after["probe_sweep/seed-0"] == before["probe_sweep/seed-0"]

@@ -217,3 +217,22 @@ def test_moving_an_sae_updates_its_config(tmp_path: Path) -> None:
     assert sae.cfg.dtype == "float64"
     sae.save(tmp_path)
     assert mmlens.load_sae(tmp_path).W_enc.dtype == torch.float64
+
+
+def test_the_config_is_read_without_the_weights(tmp_path: Path) -> None:
+    """`read_sae_config` (the study's up-front check) gives the shape `load_sae` would, per format."""
+    from mmlens.sae import SAE, SAEConfig
+    from mmlens.sae.formats import read_sae_config
+
+    torch.manual_seed(0)
+    SAE(SAEConfig("topk", D_IN, D_SAE, k=2, metadata={"hook_name": "adapter.hook_out"})).save(tmp_path / "lens")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "params.npz", W_enc=rng.normal(size=(D_IN, D_SAE)).astype(np.float32),
+             W_dec=rng.normal(size=(D_SAE, D_IN)).astype(np.float32), b_enc=np.zeros(D_SAE, np.float32),
+             b_dec=np.zeros(D_IN, np.float32), threshold=np.zeros(D_SAE, np.float32))
+    for source in (tmp_path / "lens", tmp_path / "params.npz", tmp_path):
+        cfg, loaded = read_sae_config(source), mmlens.load_sae(source).cfg
+        assert (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.hook_name) == (loaded.architecture, loaded.d_in,
+                                                                           loaded.d_sae, loaded.hook_name)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        read_sae_config(tmp_path / "missing")

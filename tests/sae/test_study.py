@@ -71,3 +71,25 @@ def test_bad_study_inputs_are_refused(study) -> None:
         sae_study(model, scenes, **STUDY | {"n_boot": 10})
     with pytest.raises(InputError, match="vision site"):
         sae_study(model, scenes, probe_hook="vision.blocks.0.hook_resid_post", **STUDY)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_a_given_sae_is_studied_as_it_is_and_left_unchanged(study) -> None:
+    from mmlens.sae import SAE, SAEConfig
+    from mmlens.sae.study import _on_device
+
+    model, scenes, _ = study
+    torch.manual_seed(0)
+    given = SAE(SAEConfig("standard", model.cfg.llm.d_model, 48, metadata={"hook_name": "adapter.hook_out"}))
+    before = {name: tensor.clone() for name, tensor in given.state_dict().items()}
+    with pytest.raises(InputError, match=r"training keyword\(s\) d_sae, steps"):
+        sae_study(model, scenes, sae=given, d_sae=64, steps=10)
+    few = scenes.select(range(24))
+    result = sae_study(model, few, sae=given, n_boot=1000, n_random_features=4)
+    settings = result.training.settings
+    assert (settings.architecture, settings.d_sae) == ("standard", 48)  # the given SAE's, not the defaults
+    assert result.reconstruction.iloc[0][["architecture", "d_sae"]].tolist() == ["standard", 48]
+    assert given.cfg.device == "cpu" and all(torch.equal(before[n], t) for n, t in given.state_dict().items())
+    # on another device the study runs a copy: the caller's SAE is not moved (meta: no memory needed)
+    moved = _on_device(given, "meta")
+    assert moved is not given and moved.W_enc.is_meta and given.W_enc.device.type == "cpu" and given.cfg.device == "cpu"

@@ -18,9 +18,7 @@ from ..errors import InputError
 
 ResizeMode = Literal["crop", "squash"]
 RESIZE_MODES = ("crop", "squash")
-# The smallest square side a loader makes: below it the scenes' shapes are a few pixels across and a
-# photo holds less than one patch of a vision encoder (14-16 px), so every token would see all of it.
-MIN_IMAGE_SIZE = 16
+from ..defaults import MIN_IMAGE_SIZE  # noqa: E402,F401  (re-exported)
 
 # EXIF orientations 5-8 rotate by 90 degrees, which swaps the decoded width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}

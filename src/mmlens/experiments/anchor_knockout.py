@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..display import result_html
+from ..progress import progress_bar
 from ..errors import InputError
 from ..findings import effect_phrase, verdict
 from ..interventions import GroupContext, TokenGroup, knockout
@@ -90,9 +90,10 @@ class AnchorKnockoutResult:
         ]
 
     def _repr_html_(self) -> str:
-        return result_html("AnchorKnockoutResult", self.findings(),
-                           {"effects": self.effects[self.effects.metric == "target_accuracy"], "pairs": self.pairs},
-                           hint="result.figure() draws the curves per readout site.")
+        effects = self.effects[self.effects.metric == "target_accuracy"]
+        return result_html("AnchorKnockoutResult", self.findings(), {"effects": effects, "pairs": self.pairs},
+                           hint="result.figure() draws the curves per readout site.",
+                           focus={"effects": effects.hook == self.readouts[-1].hook})  # the readout findings() words
 
 
 def anchor_knockout(
@@ -161,8 +162,8 @@ def anchor_knockout(
 
     parts = []  # (batch number, its per-image counts): this rank's batches, gathered below
     # one forward per image and condition (clean, anchors, each control seed): the bar moves after each
-    bar = tqdm(total=distributed.share(len(indices), batch_size, group) * (2 + n_control), desc="anchor knockout",
-               unit="image run", disable=not progress, leave=False)
+    bar = progress_bar(total=distributed.share(len(indices), batch_size, group) * (2 + n_control),
+                       desc="anchor knockout", unit="image run", enabled=progress)
     plan = _Plan(anchors, targets, TokenGroup.of_class(*classes), probes, readout_names, reference, window, n_control,
                  seed)
     for b, batch in rank_batches(model, sweep.dataset, indices, batch_size=batch_size, group=group,

@@ -44,6 +44,8 @@ BASELINE_SITE = "adapter.hook_out"
 
 @dataclass
 class PositionStudyResult:
+    """Probe accuracy per image-token position, per condition and site, with early/late deficits and gains."""
+
     per_position: pd.DataFrame  # condition, hook, site, layer, position, row, col, correct, scored, accuracy
     summary: pd.DataFrame  # per condition and site: early / late accuracy, deficits with intervals
     gains: pd.DataFrame  # condition - causal on early and late tokens, with intervals

@@ -23,7 +23,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..interventions import GroupContext, TokenGroup
@@ -37,9 +36,11 @@ from ..probing.sites import site_for
 from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot, resample_counts
 from .anchors import anchor_groups, conflicting_pairs, excluded_classes, pair_classes, refuse_empty
 from ..display import result_html
+from ..progress import progress_bar
 from ..errors import InputError
 from ..findings import ZERO_WIDTH, effect_phrase, excludes_zero, verdict
 from .intervals import percentile_interval
+from .pictures import picture_as_seen
 
 Corruption = Literal["recovery_blocked", "anchors_removed", "counterfactual"]
 CORRUPTIONS = ("recovery_blocked", "anchors_removed", "counterfactual")
@@ -435,8 +436,8 @@ def _measure(model, half: _Half, patch, desc: str, progress: bool, group) -> dic
     `patch(clean, corrupted, metric, activations)` returns (images on the last axis), and `keep`
     (images with a scored token, the only ones a statistic is made of)."""
     parts = []
-    bar = tqdm(total=distributed.share(len(half.indices), half.batch_size, group), disable=not progress,
-               desc=desc, unit="image")
+    bar = progress_bar(total=distributed.share(len(half.indices), half.batch_size, group), enabled=progress,
+                       desc=desc, unit="image")
     for b, (clean, corrupted, metric, batch, acts) in half.prepared.items():
         found = {"clean": evaluate(metric, acts, clean.inputs), "corrupted": baseline(model, corrupted, metric),
                  **patch(clean, corrupted, metric, acts)}
@@ -569,8 +570,9 @@ def _recovery_maps(model, prepared, batch_size, counts, top, anchors, recovered,
             pattern = found[f"blocks.{l}.attn.hook_pattern"][span.row, hs]  # [heads, query, key]
             from_queries = pattern[:, positions[queries.to(positions.device)]][:, :, keys]
             attention[l] = from_queries.float().mean((0, 1)).view(segment.tokens.shape).cpu().numpy()
-        picture = _model_view(model, model.architecture.image_pixels(inputs.pixel_values, span.image_index, span=span,
-                                                                      **inputs.extra, **inputs.layout_inputs))
+        pixels = model.architecture.image_pixels(inputs.pixel_values, span.image_index, span=span,
+                                                 **inputs.extra, **inputs.layout_inputs)
+        picture = picture_as_seen(model, pixels)
         maps.append((place, RecoveryMap(int(batch.indices[k]), picture, segment.tokens.shape,
                                         queries[shown].nonzero().flatten().tolist(),
                                         anchor_tokens[shown].nonzero().flatten().tolist(),
@@ -583,15 +585,3 @@ def _finest_segment(span):
     starts = np.cumsum([0] + [len(s.positions) for s in span.segments])
     best = max(range(len(span.segments)), key=lambda i: len(span.segments[i].positions))
     return int(starts[best]), span.segments[best]
-
-
-def _model_view(model, pixels: torch.Tensor) -> np.ndarray:
-    """The preprocessed image as the model sees it (normalisation undone), [h, w, 3] uint8 (for a
-    tiled image, its base tile: the whole image at the tower's size)."""
-    processor = getattr(model.processor, "image_processor", None)
-    mean = torch.tensor(getattr(processor, "image_mean", (0.0, 0.0, 0.0)))[:, None, None]
-    std = torch.tensor(getattr(processor, "image_std", (1.0, 1.0, 1.0)))[:, None, None]
-    if pixels.ndim == 4:  # tiles of one image (anyres): the first is the whole image, squashed
-        pixels = pixels[0]
-    image = (pixels.float().cpu() * std + mean).clamp(0, 1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -47,6 +47,8 @@ class GroupContext:
 
 
 class TokenGroup:
+    """A named set of token positions, resolved per input into a [batch, seq] mask (`resolve`)."""
+
     def __init__(self, resolver: Resolver, description: str):
         self._resolver = resolver
         self.description = description

@@ -19,7 +19,7 @@ from typing import Union
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import InputError
 from ..model import HookedMLLM, MultimodalInputs
@@ -232,7 +232,7 @@ def patch_conditions(
     batch = len(target.inputs)
     stop = schedule.stop(getattr(metric, "reads_logits", True))
     values: list[Tensor | None] = [None] * len(conditions)
-    bar = tqdm(total=len(conditions), desc="patching", unit="condition", disable=not progress, leave=False)
+    bar = progress_bar(total=len(conditions), desc="patching", unit="condition", enabled=progress)
     for chunk in schedule.plan(source_activations):
         chunk_conditions = [[]] * chunk.lead + [conditions[i] for i in chunk.indices]
         patcher = _Patcher(model, target.inputs, source_activations, chunk_conditions, context)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .. import distributed
 from ..data.schema import segmentation_info
@@ -64,7 +64,7 @@ def labelled_batches(
     if len(indices) and (indices.min() < 0 or indices.max() >= len(dataset)):
         raise IndexError(f"dataset rows must be in 0..{len(dataset) - 1}; got {indices.min()}..{indices.max()}")
     # the bar counts images (not batches): its rate and total mean the same at any batch size
-    bar = tqdm(total=len(indices), desc=desc, unit="image", disable=not progress, leave=False)
+    bar = progress_bar(total=len(indices), desc=desc, unit="image", enabled=progress)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         rows = dataset[chunk.tolist()]  # decoded once

@@ -16,6 +16,7 @@ from ..errors import InputError
 
 PROBE_FIELDS = ("mean", "scale", "weight", "bias")
 PROBE_FORMAT = "mmlens.LinearProbe"
+SPARSE_PROBE_FORMAT = "mmlens.SparseLinearProbe"  # written by probing.sparse.SparseLinearProbe.save
 
 
 @dataclass
@@ -70,6 +71,9 @@ class LinearProbe:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             missing = [name for name in PROBE_FIELDS if name not in handle.keys()]
+        if metadata.get("format") == SPARSE_PROBE_FORMAT and cls is LinearProbe:
+            raise InputError(f"{path} holds a sparse probe (its chosen dimensions and SAE): read it with "
+                             "mmlens.probing.sparse.SparseLinearProbe.load")
         if metadata.get("format") != PROBE_FORMAT or missing:
             raise InputError(f"{path} is not a probe saved by mmlens (missing {missing or 'its format tag'})")
         tensors = load_file(str(path), device=str(device))

@@ -22,16 +22,13 @@ from typing import Any, Iterator, Protocol
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .. import distributed
 from .linear import LinearProbe
 
 DEFAULT_MEMORY_MB = 1024.0
-# L-BFGS runs until its tolerances stop it: a fit cut off by the iteration cap ends wherever the
-# path happened to be, and moves with float rounding (batch size, thread count). On the embedded
-# model's sites a fit converges in 300-400 iterations; the cap only guards against a runaway.
-MAX_ITER = 2000
+from ..defaults import MAX_ITER  # noqa: E402  (a guard only: fits stop at their tolerances)
 
 
 class Features(Protocol):
@@ -98,8 +95,9 @@ def fit_logistic_many(
     always this problem's own)."""
     sources = [p if hasattr(p, "chunks") else TensorFeatures(*p) for p in problems]
     names = names or [f"probe {i}" for i in range(len(sources))]
-    # miniters=0: update(0) redraws whenever mininterval has passed, so evaluations show mid-fit
-    bar = tqdm(total=len(sources), desc="fitting probes", unit="probe", disable=not progress, leave=False, miniters=0)
+    # update(0) redraws whenever the bar's interval has passed, so evaluations show mid-fit; the
+    # bar's rate stays probes over elapsed time (progress_bar does not smooth over those redraws)
+    bar = progress_bar(total=len(sources), desc="fitting probes", unit="probe", enabled=progress)
     probes = []
     inits = inits or [None] * len(sources)
     for source, name, init in zip(sources, names, inits):

@@ -21,9 +21,7 @@ from ..errors import InputError
 from .linear import LinearProbe
 from .ridge import RidgeStatistics
 
-RIDGE_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-LOGISTIC_L2S = (1e-4, 1e-3, 1e-2)
-DEFAULT_FOLDS = 3
+from ..defaults import DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS  # noqa: F401  (re-exported)
 
 
 def image_folds(n_train: int, n_folds: int, seed: int) -> np.ndarray:

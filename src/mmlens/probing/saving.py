@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..model.images.pixel_map import load_pixel_map
 from .linear import PROBE_FIELDS, LinearProbe
 from .metrics import SegmentationScores
 from .sites import Site
+from .sparse import add_sparse_parts, restore_sparse
 from .sweep import ProbeSweep, SweepSettings
 SWEEP_DESCRIPTION = "sweep.json"
 SWEEP_FORMAT = 3  # 2: penalties chosen by cross-validation, token-resolution ceilings; 3: file hashes, sealed
@@ -95,6 +97,7 @@ def sweep_parts(sweep: ProbeSweep) -> SweepParts:
         "probe_kinds": {_key(c, h): p.kind for (c, h), p in sweep.probes.items()},
         "ceilings": sorted(sweep.ceilings),
     }
+    add_sparse_parts(sweep, probes, description)  # chosen features, and the SAEs they read
     tables = {"probe_table": sweep.table, "per_class_iou": sweep.per_class_iou.reset_index(),
               "penalty_table": sweep.penalties}
     return SweepParts({"probes": probes, "predictions": predictions, "scores": scores, "split": split}, tables, description)
@@ -123,7 +126,7 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
         scores[(condition, hook)] = stored_scores(condition, hook)
         confusion[(condition, hook)] = scores_t[_key(condition, hook, "confusion")].numpy()
     per_class = parts.tables["per_class_iou"].set_index(["condition", "hook"])
-    return ProbeSweep(
+    return restore_sparse(ProbeSweep(
         table=parts.tables["probe_table"],
         per_class_iou=per_class,
         confusion=confusion,
@@ -142,12 +145,12 @@ def sweep_from_parts(parts: SweepParts, dataset, device: torch.device | str = "c
         scores=scores,
         penalties=parts.tables["penalty_table"],
         ceilings={grid: stored_scores("ceiling", grid) for grid in description["ceilings"]},
-    )
+    ), probes_t, description)
 
 
 def _settings(stored: dict) -> SweepSettings:
     """The settings as saved (JSON has no tuples: the candidate grids come back as lists)."""
-    return SweepSettings(**{k: tuple(v) if k in ("alphas", "l2s") else v for k, v in stored.items()})
+    return SweepSettings(**{k: tuple(v) if k in ("alphas", "l2s", "sparse_ks") else v for k, v in stored.items()})
 
 
 def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
@@ -168,15 +171,21 @@ def save_sweep(sweep: ProbeSweep, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu") -> ProbeSweep:
+def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | str = "cpu", *,
+               seed: int | None = None) -> ProbeSweep:
     """The sweep `save_sweep` wrote in `folder`, every file checked against the sha256 saved
     with it. Pass the dataset it was fitted on (loaded with the same arguments) to draw
     prediction maps or run experiments on it; without it the tables, probes, scores and curves
-    are all there."""
+    are all there. `folder` may also be a run folder (its probe sweep of `seed`, needed when
+    several seeds finished), its probe-sweep unit folder `stages/probe_sweep/seed-N`, or a folder
+    holding one saved sweep below it."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} holds no saved sweep: " + ("it is a file; pass the folder save_sweep wrote"
+                                                             if folder.exists() else "no such folder"))
     description_file = folder / SWEEP_DESCRIPTION
     if not description_file.is_file():
-        raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing); save one with save_sweep(sweep, folder)")
+        return _sweep_below(folder, dataset, device, seed)
     changed = (f"was changed after save_sweep wrote it (edited, truncated or replaced), so the sweep cannot be trusted; "
                "save the sweep again with save_sweep(sweep, folder), or fit it again")
     try:
@@ -200,6 +209,35 @@ def load_sweep(folder: str | os.PathLike, dataset=None, device: torch.device | s
     tensors = {name: load_file(str(folder / f"{name}.safetensors")) for name in ("probes", "predictions", "scores", "split")}
     tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("probe_table", "per_class_iou", "penalty_table")}
     return sweep_from_parts(SweepParts(tensors, tables, description), dataset, device)
+
+
+def _sweep_below(folder: Path, dataset, device, seed: int | None) -> ProbeSweep:
+    """A run folder's probe sweep (`folder` the run folder, or its unit folder
+    stages/probe_sweep/seed-N), or the one sweep saved in a subfolder; else what is there."""
+    resolved = folder.resolve()
+    run = next((p for p in (resolved, *resolved.parents) if (p / "manifest.json").is_file()), None)
+    inside = resolved.relative_to(run).parts if run is not None else ()
+    unit = re.fullmatch(r"seed-(\d+)", inside[2]) if len(inside) == 3 and inside[:2] == ("stages", "probe_sweep") \
+        else None
+    if run is not None and (not inside or unit is not None):  # a run folder: its stages read and check their own files
+        from ..runs.loading import load_run  # the layer above, reached only when handed its folder
+
+        unit_seed = None if unit is None else int(unit.group(1))
+        if seed is not None and unit_seed is not None and seed != unit_seed:
+            raise InputError(f"{folder} is the probe sweep of seed {unit_seed}, not of seed={seed}; pass the run "
+                             f"folder {run} with seed={seed}, or this folder without a seed")
+        return load_run(run).sweep(unit_seed if seed is None else seed, dataset, device)
+    saved = sorted(p.parent for p in folder.glob(f"**/{SWEEP_DESCRIPTION}") if p.parent.name != "data")
+    if len(saved) == 1:
+        return load_sweep(saved[0], dataset, device)
+    if run is not None:  # a folder inside a run folder that is not a probe sweep's
+        found = (f"; it is inside the run folder {run}: pass that folder (seed=N picks a seed) "
+                 f"or its {Path('stages', 'probe_sweep', 'seed-N')}")
+    elif saved:
+        found = f"; sweeps saved below it: {', '.join(map(str, saved))}; pass one of them"
+    else:
+        found = "; save one with save_sweep(sweep, folder), or pass a run folder of mmlens study"
+    raise InputError(f"{folder} holds no saved sweep ({SWEEP_DESCRIPTION} is missing there){found}")
 
 
 __all__ = ["SweepParts", "load_probe", "load_sweep", "save_probe", "save_sweep", "sweep_from_parts", "sweep_parts"]

@@ -21,6 +21,8 @@ STAGES: tuple[Stage, ...] = ("vision", "adapter", "llm")
 
 @dataclass(frozen=True)
 class Site:
+    """A hook point a probe reads: its stage, its layer within the stage and a short label."""
+
     hook: str
     stage: Stage
     layer: int  # within the stage; -1 for the stage's input (patch embeddings, adapter input)

@@ -83,6 +83,8 @@ def _exit_on_sigterm():
 
 
 class ActivationStore:
+    """Activations of one site and their token labels, appended batch by batch to files on disk."""
+
     def __init__(self, d: int, n_label_sets: int, directory: str | Path | None = None, name: str = "site"):
         self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="mmlens-store-")
         root = Path(directory if directory is not None else self._tmp.name)

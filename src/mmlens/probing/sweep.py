@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .. import distributed
 from ..data.integrity import check_classes, check_split_independent
@@ -37,10 +37,11 @@ from .metrics import SegmentationScores
 from .penalty import (DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS, PenaltyChoice, RidgeFolds, check_grid,
                       choose_logistic_l2, image_folds)
 from .sites import Site, default_sites, gather_image_tokens
+from .sparse import SPARSE_KS, check_sparse_saes, sparse_problem
 from .split import split_images
 from .store import ActivationStore, store_folder
 
-ProbeKind = Literal["ridge", "logistic"]
+ProbeKind = Literal["ridge", "logistic", "sparse"]
 Control = Literal["random_init", "random_llm", "shuffled_labels", "control_task"]
 CONTROLS = ("random_init", "random_llm", "shuffled_labels", "control_task")
 LABEL_CONTROLS = ("shuffled_labels", "control_task")  # other labels for the same features, in the model's run
@@ -54,6 +55,8 @@ FIT_DTYPE = torch.float64
 
 @dataclass
 class SweepSettings:
+    """How a probe sweep fits: probe kind, split, seed, batch size, prompt and penalty choice."""
+
     probe: ProbeKind = "ridge"
     test_fraction: float = 0.25
     seed: int = 0
@@ -76,21 +79,28 @@ class SweepSettings:
     n_boot: int = DEFAULT_N_BOOT
     store_dir: str | None = None
     stats_device: str | None = None  # where ridge statistics live; default: the activations' device
+    # sparse probes (`mmlens.probing.sparse`): k per class, a number or "cv" (chosen from sparse_ks on
+    # the training images); `sae`: SAEs (or their paths) whose features are the basis at their sites
+    sparse_k: int | str = "cv"
+    sparse_ks: tuple[int, ...] = SPARSE_KS
+    sae: Any = field(default=None, repr=False)
 
     @property
     def penalty(self) -> float | str:
-        return self.alpha if self.probe == "ridge" else self.l2
+        return {"ridge": self.alpha, "sparse": self.sparse_k}.get(self.probe, self.l2)
 
     @property
     def candidates(self) -> tuple[float, ...]:
-        return check_grid(self.alphas if self.probe == "ridge" else self.l2s,
-                          "alphas" if self.probe == "ridge" else "l2s")
+        name = {"ridge": "alphas", "sparse": "sparse_ks"}.get(self.probe, "l2s")
+        return check_grid(getattr(self, name), name)
 
     def check(self) -> None:
-        if self.probe not in ("ridge", "logistic"):
-            raise InputError(f"probe must be 'ridge' or 'logistic', got {self.probe!r}")
+        if self.probe not in ("ridge", "logistic", "sparse"):
+            raise InputError(f"probe must be 'ridge', 'logistic' or 'sparse', got {self.probe!r}")
+        if self.sae is not None and self.probe != "sparse":
+            raise InputError(f"sae is the basis of sparse probes only; pass probe='sparse' (got {self.probe!r})")
         check_n_boot(self.n_boot)
-        name = "alpha" if self.probe == "ridge" else "l2"
+        name = {"ridge": "alpha", "sparse": "sparse_k"}.get(self.probe, "l2")
         penalty = self.penalty
         if isinstance(penalty, str):
             if penalty != "cv":
@@ -104,6 +114,9 @@ class SweepSettings:
         if not (self.recovery_layer == "last" or (isinstance(self.recovery_layer, (int, np.integer))
                                                   and not isinstance(self.recovery_layer, bool))):
             raise InputError(f"recovery_layer must be 'last' or an LLM layer number, got {self.recovery_layer!r}")
+        whole = [k for k in (self.sparse_k, *self.sparse_ks) if k != "cv" and not float(k).is_integer()]
+        if self.probe == "sparse" and whole:
+            raise InputError(f"sparse_k and sparse_ks count features per class: whole numbers, got {whole}")
 
 
 @dataclass
@@ -240,6 +253,7 @@ def probe_sweep(
     from .summary import recovery_site
 
     recovery = recovery_site(resolved, cfg.recovery_layer, required=False)  # refuses a layer the sweep lacks
+    cfg.sae = check_sparse_saes(cfg.sae, [s.hook for s in resolved], model.resolve_hook_name) or None
     train_idx, test_idx = split_images(len(dataset), cfg.test_fraction, cfg.seed)
     check_split(dataset, train_idx, test_idx)
     bootstrap = bootstrap_indices(len(test_idx), cfg.n_boot, cfg.seed)
@@ -253,7 +267,7 @@ def probe_sweep(
         run_model = model if which == "model" else control_model(model, which, cfg.seed)
         runner = _SweepRun(run_model, dataset, resolved, cfg, n_classes, info.ignore_index, conditions, progress,
                            intervention if which == "model" else None, group,
-                           summary_hooks if which == "model" and cfg.sensitivity else [])
+                           summary_hooks if which == "model" and cfg.sensitivity and probe != "sparse" else [])
         found, test_masks, grids, chosen, ceilings = runner.run(train_idx, test_idx)
         results.update(found)
         choices.update(chosen)
@@ -360,7 +374,7 @@ class _SweepRun:
         by batch: (found, masks, grids, choices, ceilings) on rank 0, and on other ranks the probes
         and choices with None for what rank 0 alone holds."""
         # logistic stores live in this rank's folder, removed on every way out of the fit
-        with store_folder(self.cfg.store_dir, distributed.rank(self.group)) if self.cfg.probe == "logistic" \
+        with store_folder(self.cfg.store_dir, distributed.rank(self.group)) if self.cfg.probe != "ridge" \
                 else nullcontext() as folder:
             probes, choices = self._train(train_idx, folder)
         return self._test(test_idx, probes, choices)
@@ -467,12 +481,15 @@ class _SweepRun:
         cfg = self.cfg
         probes, choices = {}, {}
         problems = [(site, k, condition) for site in self.sites for k, condition in enumerate(self.conditions)]
-        bar = tqdm(total=len(problems), desc="probe sweep: choosing penalties and fitting" if self.cv else
-                   "probe sweep: fitting probes", unit="probe", disable=not self.progress, leave=False)
+        bar = progress_bar(total=len(problems), desc="probe sweep: choosing penalties and fitting" if self.cv else
+                           "probe sweep: fitting probes", unit="probe", enabled=self.progress)
         for site, k, condition in problems:
             acc = accumulators[site.hook]
             bar.set_postfix_str(f"{site.hook} ({condition})", refresh=False)
-            if cfg.probe == "ridge":
+            if cfg.probe == "sparse":  # k, not a penalty, is chosen by cross-validation
+                choice, solve = sparse_problem(acc, k, site.hook, cfg, self.n_classes, self.n_folds,
+                                               self._logistic_fit(site.hook), self.group)
+            elif cfg.probe == "ridge":
                 if k == 0:
                     acc.all_reduce(self.group)
                     total = acc.total()

@@ -22,11 +22,9 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
-from ..data import DATASET_SPLITS, MIN_IMAGE_SIZE
+# Only light modules here: a config is validated (and its errors shown) without importing torch.
+from ..defaults import DEFAULT_FOLDS, LOGISTIC_L2S, MAX_ITER, MIN_IMAGE_SIZE, RIDGE_ALPHAS
 from ..errors import ConfigError, HookNameError
-from ..model.hook_names import parse_hook_name
-from ..probing.logistic import MAX_ITER
-from ..probing.penalty import DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS
 from ..resampling import DEFAULT_N_BOOT, MIN_N_BOOT
 from .config_yaml import parse_config_yaml
 
@@ -150,9 +148,10 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class ProbeConfig:
     sites: Union[str, list[str]] = checked("all", doc="all, vision, adapter, llm or a list of hook names")
-    kind: Literal["ridge", "logistic"] = checked(
+    kind: Literal["ridge", "logistic", "sparse"] = checked(
         "ridge", doc="ridge: closed form from streamed sums, its penalty cross-validated at little cost; logistic: "
-                     "L-BFGS over a disk store, folds x l2s + 1 fits per site under cv")
+                     "L-BFGS over a disk store, folds x l2s + 1 fits per site under cv; sparse: logistic on the k raw "
+                     "dimensions per class with the largest class-mean difference, k cross-validated from 1, 2, 4, 8, 16")
     controls: list[Literal["shuffled_labels", "control_task", "random_llm", "random_init"]] = checked(
         default_factory=lambda: ["shuffled_labels", "control_task", "random_llm", "random_init"],
         doc="random_llm: trained vision tower and adapter, re-drawn LLM (the control for recovery); control_task: "
@@ -214,7 +213,32 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
+class SAESectionConfig:
+    enabled: bool = checked(False, doc="study an SAE at hook and add its feature page to the report")
+    hook: str = checked("adapter.hook_out", doc="site the SAE reads")
+    path: str | None = checked(None, doc="load this SAE (mmlens.load_sae) instead of training one on the training "
+                                         "images; a relative path is read from the working directory, as dataset.path "
+                                         "is. Its files' sha256 is part of the stage's key: a replaced SAE is rerun")
+    architecture: Literal["standard", "topk", "batchtopk", "jumprelu"] = checked("topk", doc="trained SAE's kind")
+    d_sae: int = checked(128, check=positive, doc="trained SAE's features")
+    k: int = checked(4, check=positive, doc="topk, batchtopk: active features per token")
+    steps: int = checked(400, check=positive, doc="training steps of 512 tokens")
+    lr: float = checked(2e-3, check=positive)
+    n_features: int = checked(6, check=positive, doc="features on the feature page, best training-image class IoU first (scored on held-out images)")
+    n_images: int = checked(3, check=positive, doc="held-out images each feature is drawn on")
+    n_crops: int = checked(4, check=positive, doc="top-activating crops per feature")
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    enabled: bool = checked(False, doc="draw the logit lens at every LLM layer over images in the report")
+    n_images: int = checked(2, check=positive, doc="images drawn (the first dataset rows)")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
+    """A whole study as `mmlens study` reads it from YAML: model, dataset and each stage's settings, checked."""
+
     model: str = checked(doc="shipped name (tiny-shapes-llava), local folder or hub id")
     dataset: DatasetConfig = checked()
     device: str = checked("cpu", doc="cpu, cuda, cuda:N, mps, or auto (a GPU when there is one); under torchrun "
@@ -232,6 +256,8 @@ class StudyConfig:
     knockout: KnockoutConfig = checked(default_factory=KnockoutConfig)
     position: PositionConfig = checked(default_factory=PositionConfig)
     recovery: RecoveryConfig = checked(default_factory=RecoveryConfig)
+    sae: SAESectionConfig = checked(default_factory=SAESectionConfig)
+    lens: LensConfig = checked(default_factory=LensConfig)
     collective_timeout_s: float = checked(600.0, check=positive, doc="torchrun: seconds a rank waits in a collective "
                                           "before the run fails (waits while rank 0 writes results are not bounded by it)")
     out: str | None = checked(None, doc="default run folder (--out wins); not part of the hash")
@@ -242,6 +268,11 @@ class StudyConfig:
         for where in ("out", "collective_timeout_s"):  # where and how long, never what is computed
             data.pop(where)
         data["probe"].pop("store_dir")
+        for optional in ("sae", "lens"):  # off, they compute nothing: configs made before them keep their hash
+            if not data[optional]["enabled"]:
+                data.pop(optional)
+        if "sae" in data and self.sae.path is not None:  # another SAE at the same path is another study
+            data["sae"]["sha256"] = sae_files_sha256(self.sae.path)
         return data
 
     def canonical_json(self) -> str:
@@ -252,6 +283,38 @@ class StudyConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# The files `mmlens.load_sae` reads in each format it knows (SAELens, Gemma Scope, dictionary-learning);
+# named here so that hashing them needs no torch.
+SAE_FILES = ("cfg.json", "sae_weights.safetensors", "params.npz", "ae.pt", "config.json")
+_SAE_DIGESTS: dict[tuple, str] = {}
+
+
+def sae_files_sha256(path: str | Path) -> str | None:
+    """One sha256 over the SAE files at `path` (a folder: those of `SAE_FILES` in it; a file: it, and
+    config.json beside an ae.pt), each with its name; None when there is none (the up-front checks
+    report a missing SAE). Cached per file size and modification time: an SAE can be gigabytes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [path / name for name in SAE_FILES if (path / name).is_file()]
+    elif path.is_file():
+        beside = path.parent / "config.json"
+        files = [path] + ([beside] if path.name == "ae.pt" and beside.is_file() else [])
+    else:
+        return None
+    if not files:
+        return None
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _SAE_DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0")
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        _SAE_DIGESTS[stamp] = digest.hexdigest()
+    return _SAE_DIGESTS[stamp]
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -289,6 +352,8 @@ def _cross_checks(config: StudyConfig) -> list[str]:
             problems.append("dataset.path: 'scenes' is generated and takes no path; remove it")
     elif data.path is None and data.name != "scene_parse_150":
         problems.append(f"dataset.path: {data.name!r} is read from a folder; give its path")
+    from ..data import DATASET_SPLITS  # the loaders' modules (datasets, PIL): only once the fields are valid
+
     splits = DATASET_SPLITS[data.name]
     if data.split not in splits:
         problems.append(f"dataset.split: {data.name!r} has no split {data.split!r}; use one of {', '.join(splits)}")
@@ -305,6 +370,8 @@ def _cross_checks(config: StudyConfig) -> list[str]:
 
 
 def _names_an_llm_block(name: str) -> bool:
+    from ..model.hook_names import parse_hook_name  # mmlens.model loads torch: only when asked
+
     try:
         parsed = parse_hook_name(name)
     except HookNameError:  # a malformed name is reported by the name checks

@@ -38,6 +38,46 @@ def device_problems(config: StudyConfig) -> list[str]:
     store = config.probe.store_dir
     if store is not None and Path(store).expanduser().exists() and not Path(store).expanduser().is_dir():
         problems.append(f"probe.store_dir: {store!r} is a file, not a folder; name a folder (it is created if missing)")
+    problems += _sae_config(config)[1]
+    return problems
+
+
+def _sae_config(config: StudyConfig) -> tuple[Any, list[str]]:
+    """The config of the SAE at `sae.path` (read without its weights where the format allows), or
+    the problem that stops it loading; (None, []) when no SAE is loaded."""
+    if not config.sae.enabled or config.sae.path is None:
+        return None, []
+    from ..errors import ModelLoadError
+    from ..sae.formats import read_sae_config
+
+    path = config.sae.path
+    try:
+        return read_sae_config(Path(path).expanduser()), []
+    except (ModelLoadError, InputError, OSError, ValueError) as error:
+        relative = not Path(path).expanduser().is_absolute()
+        where = f" (a relative path is read from the working directory, {Path.cwd()})" if relative else ""
+        return None, [f"sae.path: {path!r} cannot be loaded{where}: {error}"]
+
+
+def _sae_problems(config: StudyConfig, model: Any) -> list[str]:
+    """The SAE at `sae.path` must read `sae.hook` of this model at its width. An SAE whose file names
+    no hook of this model (Gemma Scope's name none; others name another library's point) is taken to
+    read `sae.hook`, as `load_sae(path, hook_name=...)` does; its width is still checked."""
+    cfg, problems = _sae_config(config)
+    if cfg is None or _hook_problem(model, "", config.sae.hook):  # reported by device_problems / the hook checks
+        return []
+    path, hook = config.sae.path, model.resolve_hook_name(config.sae.hook)
+    own = cfg.hook_name
+    if own is not None and not _hook_problem(model, "", own):
+        if model.resolve_hook_name(own) != hook:
+            return [f"sae.path: the SAE at {path!r} reads {own!r} ({model.resolve_hook_name(own)}), but sae.hook is "
+                    f"{config.sae.hook!r} ({hook}); set sae.hook: {own}, or give the SAE trained at {config.sae.hook}"]
+    from ..sae.splice import expected_width
+
+    width = expected_width(model, hook)
+    if width is not None and cfg.d_in != width:
+        problems.append(f"sae.path: the SAE at {path!r} reads {cfg.d_in} dimensions but {hook} of {config.model} "
+                        f"has {width}; give the SAE trained at this site of this model")
     return problems
 
 
@@ -60,7 +100,8 @@ def model_problems(config: StudyConfig, model: Any, dataset: Any) -> list[str]:
     problems += _recovery_layer_problems(config, model)
     hooks = [("knockout.reference", config.knockout.enabled, config.knockout.reference),
              ("recovery.reference", config.recovery.enabled, config.recovery.reference),
-             ("recovery.readout", config.recovery.enabled, config.recovery.readout)]
+             ("recovery.readout", config.recovery.enabled, config.recovery.readout),
+             ("sae.hook", config.sae.enabled, config.sae.hook)]
     named = []
     for key, enabled, hook in hooks:
         if enabled and hook is not None:
@@ -71,6 +112,7 @@ def model_problems(config: StudyConfig, model: Any, dataset: Any) -> list[str]:
     probed = None if site_problems else {site.hook: site for site in default_sites(model, config.probe.sites)}
     problems += _reused_probe_problems(config, model, named, probed)
     problems += _knockout_window_problems(config, model)
+    problems += _sae_problems(config, model)
     problems += _dataset_problems(config, dataset)
     return problems
 

@@ -10,6 +10,8 @@ other ranks return an empty output.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 
@@ -152,3 +154,80 @@ def recovery_heads_stage(context: StageContext) -> StageOutput:
         summary=lines,
         result=result,
     )
+
+
+LENS_HOW_TO_READ = (
+    "The logit lens at every LLM layer over one image: each panel is the residual stream entering a layer (the last "
+    "one leaving the final layer) at every image token, read through the final norm and the unembedding; each "
+    "token's pixel box is coloured by the probability of its top token, and hovering shows that token. Where the "
+    "top tokens turn into words for what the cell shows (a shape's name or colour), the LLM has made the image "
+    "token legible to its vocabulary at that depth."
+)
+
+
+@register_stage("sae_features", title="SAE features", enabled=lambda config: config.sae.enabled, sections=("sae",))
+def sae_features_stage(context: StageContext) -> StageOutput:
+    """An SAE at `sae.hook` (trained on the training images, or loaded from `sae.path`) studied on the
+    held-out images (`mmlens.sae.sae_study`), and the report's feature page of its best-aligned features."""
+    from ..sae import load_sae, sae_study
+    from ..sae.feature_page import feature_cards
+    from ..viz.report_features import FEATURE_PAGE_HOW_TO_READ, card_title, feature_page_table, plot_feature_card
+
+    from ..errors import HookNameError
+    from .config import sae_files_sha256
+
+    config, settings, model = context.config, context.config.sae, context.model
+    if settings.path is None:
+        given, training = None, dict(architecture=settings.architecture, d_sae=settings.d_sae, k=settings.k,
+                                     steps=settings.steps, lr=settings.lr, device=str(model.cfg.device))
+    else:  # checked before the first stage (config_checks): it loads, reads sae.hook, at the site's width
+        given, training = load_sae(Path(settings.path).expanduser(), device=model.cfg.device), {}
+        try:
+            own = given.cfg.hook_name and model.resolve_hook_name(given.cfg.hook_name)
+        except HookNameError:  # another library's name for the point: the config's sae.hook says which
+            own = None
+        if not own:
+            given.cfg.metadata["hook_name"] = settings.hook
+    study = sae_study(model, context.dataset, settings.hook, sae=given, seed=context.seed,
+                      n_boot=config.n_boot, batch_size=config.batch_size, prompt=config.prompt, **training)
+    cards = feature_cards(context.model, study, context.dataset, n_features=settings.n_features,
+                          n_images=settings.n_images, n_crops=settings.n_crops, prompt=config.prompt,
+                          batch_size=config.batch_size)
+    figures = {f"feature_{card.feature}": StageFigure(plot_feature_card(card), FEATURE_PAGE_HOW_TO_READ,
+                                                      title=card_title(card), table="feature_page" if n == 0 else None)
+               for n, card in enumerate(cards)}
+    sae = study.sae
+    return StageOutput(
+        tables={"feature_page": feature_page_table(cards), "alignment": study.alignment, "ablation": study.ablation,
+                "reconstruction": study.reconstruction},
+        figures=figures,
+        tensors={"sae": {name: tensor.detach().cpu().contiguous() for name, tensor in sae.state_dict().items()}},
+        data={"sae": {"cfg": sae.cfg.to_sae_lens_dict(), "source": settings.path or "trained",
+                      "sha256": None if settings.path is None else sae_files_sha256(settings.path),
+                      "train_rows": [int(r) for r in study.train_rows], "test_rows": [int(r) for r in study.test_rows]}},
+        summary=study.findings,
+        result=study,
+    )
+
+
+@register_stage("logit_lens", title="Logit lens over the image", enabled=lambda config: config.lens.enabled,
+                sections=("lens",))
+def logit_lens_stage(context: StageContext) -> StageOutput:
+    """The logit lens at every LLM layer over the first `lens.n_images` images, one figure each."""
+    from ..sae import canvas_picture, logit_lens_maps
+
+    config, model = context.config, context.model
+    rows = list(range(min(config.lens.n_images, len(context.dataset))))
+    images = [context.dataset[row]["image"] for row in rows]
+    lens = logit_lens_maps(model, model.prepare(images, [config.prompt] * len(images)))
+    figures = {f"logit_lens_{row}": StageFigure(lens.figure(n, tokenizer=model.tokenizer,
+                                                            picture=canvas_picture(model, images[n])),
+                                                LENS_HOW_TO_READ, title=f"Logit lens over dataset image {row}")
+               for n, row in enumerate(rows)}
+    present = lens.table.present.float()  # images with fewer tokens are padded
+    top = (lens.top_probability * present).sum(-1) / present.sum(-1)  # [entries, images]: mean over its tokens
+    table = pd.DataFrame([{"entry": label, "image": row, "mean_top_probability": float(top[e, n])}
+                          for e, label in enumerate(lens.labels) for n, row in enumerate(rows)])
+    return StageOutput(tables={"lens": table}, figures=figures,
+                       tensors={"lens": {"top_token": lens.top_token, "top_probability": lens.top_probability}},
+                       data={"lens": {"labels": lens.labels, "rows": rows}}, result=lens)

@@ -28,6 +28,8 @@ class StageFigure:
 
 @dataclass
 class StageOutput:
+    """What a stage returns: tables, figures, tensors and data to write, headline lines, and its in-memory result."""
+
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, StageFigure | tuple[Any, str]] = field(default_factory=dict)
     tensors: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # one safetensors file each

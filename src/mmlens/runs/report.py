@@ -1,9 +1,9 @@
 """The study report, rebuilt from a run folder alone (figures saved as plotly JSON, tables as parquet).
 
-First the run's findings (every stage's headline lines, worded from its own intervals), then one
-section per saved figure, in run order, with its how-to-read paragraph, the table the stage
-named for it and the stage's headline numbers; the run's config, hash, versions and timings go
-in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant. Before anything is
+First the run's findings (every stage's headline lines, worded from its own intervals, each
+shown once), then one section per saved figure, in run order, with its how-to-read paragraph,
+the table the stage named for it and the figure's own notes; the run's config, hash, versions
+and timings go in the metadata. No model is loaded, so `mmlens report RUN_DIR` is instant. Before anything is
 rendered every file of every finished stage (tables, tensors, figures, data, each `done.json`)
 is checked against its recorded sha256 and the manifest against its own, so an edited number
 never reaches the page: the report is refused with the files named.
@@ -51,10 +51,12 @@ def report_sections(folder: RunFolder) -> list:
     units = folder.done_units()
     seeds = {folder.record(u).get("seed") for u in units}
     sections = []
+    # every finding once, here: the figure sections below carry only their own notes
     findings = [f"{unit}: {line}" for unit in units for line in folder.record(unit)["summary"]]
     combined = combined_summary(folder)
     if combined is not None:
         findings = [f"probe_sweep, all seeds: {line}" for line in combined_findings(combined)] + findings
+    findings = list(dict.fromkeys(findings))
     if findings:
         sections.append(ReportSection("Findings of this run", None, "", notes=FINDINGS_NOTE + "\n\n" + "\n".join(findings)))
     for unit in units:
@@ -64,13 +66,13 @@ def report_sections(folder: RunFolder) -> list:
             table = None
             if meta.get("table"):
                 table = folder.table(unit, meta["table"])
-            notes = "\n\n".join(part for part in (meta.get("notes") or "", "\n".join(record["summary"])) if part)
+            notes = meta.get("notes") or ""
             figure = folder.figure(unit, name)
             title = (meta.get("title") or figure.layout.title.text or name) + suffix
             sections.append(ReportSection(title, figure, meta["how_to_read"], table=table, notes=notes))
     if combined is not None:
         sections.insert(1, ReportSection("Probe sweep, seeds combined", None, SEEDS_HOW_TO_READ,
-                                         table=combined.reset_index(), notes="\n".join(combined_findings(combined))))
+                                         table=combined.reset_index()))
     return sections
 
 

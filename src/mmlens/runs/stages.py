@@ -21,8 +21,10 @@ Fixing one section of a config therefore reruns the stages that read it and keep
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import note, progress_bar
 
 from .. import distributed
 from ..errors import ConfigError, RunFolderError
@@ -81,7 +83,29 @@ class FunctionStage:
         return stored if self.restore_fn is None else self.restore_fn(context, stored)
 
 
-STAGES: dict[str, Stage] = {}  # in run order; a stage comes after every stage it depends on
+STAGES: dict[str, Stage]  # the registry, read through __getattr__ below (annotated here for static tools)
+_STAGES: dict[str, Stage] = {}  # in run order; a stage comes after every stage it depends on
+# The modules defining the built-in stages (imported by `driver`, the probe sweep first): their
+# stages register while they import; every other stage, and every use of the registry, waits for them.
+_BUILTIN_MODULES = (f"{__package__}.probe_stage", f"{__package__}.experiment_stages")
+_DRIVER = f"{__package__}.driver"
+
+
+def _builtin_stages() -> dict[str, Stage]:
+    """The registry, with the built-in stages registered whichever module was imported first
+    (`mmlens.runs`, `mmlens.runs.stages` or `mmlens.runs.driver`). While the driver is importing
+    them (it is then in `sys.modules`) the registry is returned as it stands."""
+    if _DRIVER not in sys.modules:
+        importlib.import_module(_DRIVER)
+    return _STAGES
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STAGES":  # the registry in run order, the built-in stages first
+        return _builtin_stages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Sections that can change any stage's numbers (what is run, on what, in which precision).
 SHARED_SECTIONS = ("model", "dataset", "device", "dtype", "batch_size", "prompt", "n_boot")
 
@@ -101,14 +125,22 @@ def register_stage(
     `distributed`: every rank of a multi-process run takes part in it."""
 
     def decorate(run: Callable[["StageContext"], StageOutput]) -> FunctionStage:
-        add_stage(FunctionStage(name, title, run, tuple(depends_on), enabled, restore, tuple(sections), distributed))
+        stage = FunctionStage(name, title, run, tuple(depends_on), enabled, restore, tuple(sections), distributed)
+        _add(stage, builtin=getattr(run, "__module__", None) in _BUILTIN_MODULES)
         return run
 
     return decorate
 
 
 def add_stage(stage: Stage) -> None:
-    missing = [d for d in stage.depends_on if d not in STAGES]
+    """Register `stage` after the stages registered so far (the built-in ones first)."""
+    _add(stage, builtin=False)
+
+
+def _add(stage: Stage, *, builtin: bool) -> None:
+    # a built-in stage registers while its module imports; any other waits for the built-in ones
+    registry = _STAGES if builtin else _builtin_stages()
+    missing = [d for d in stage.depends_on if d not in registry]
     if missing:
         raise ValueError(f"stage {stage.name!r} depends on {missing}, which are not registered before it")
     if "/" in stage.name:
@@ -116,7 +148,7 @@ def add_stage(stage: Stage) -> None:
     unknown = [s for s in stage.config_sections if s not in StudyConfig.__dataclass_fields__]
     if unknown:
         raise ValueError(f"stage {stage.name!r} reads unknown config sections {unknown}")
-    STAGES[stage.name] = stage
+    registry[stage.name] = stage
 
 
 def unit_name(stage: str, seed: int) -> str:
@@ -157,7 +189,7 @@ class Session:
     config: StudyConfig
     folder: RunFolder | None  # None on ranks other than 0 of a multi-process run: they write nothing
     progress: bool = True
-    stages: dict[str, Stage] = field(default_factory=lambda: STAGES)
+    stages: dict[str, Stage] = field(default_factory=_builtin_stages)
     _model: Any = None
     _dataset: Any = None
     results: dict[str, Any] = field(default_factory=dict)  # unit -> in-memory result
@@ -219,7 +251,7 @@ class StageContext:
         if unit not in self.session.results:
             owner = self.session.stages[stage]
             if self.session.progress:  # checking hashes and rebuilding a sweep takes seconds on big runs
-                tqdm.write(f"{unit}: finished earlier; reading it back from the run folder")
+                note(f"{unit}: finished earlier; reading it back from the run folder")
             stored = self.session.folder.load(unit)
             self.session.results[unit] = owner.restore(StageContext(owner, self.seed, self.session), stored)
         return self.session.results[unit]
@@ -236,6 +268,8 @@ class UnitReport:
 
 @dataclass
 class StudyRun:
+    """What `run_study` did: the run folder, each stage unit run or skipped, and the report written."""
+
     folder: RunFolder | None  # None on ranks other than 0
     units: list[UnitReport]
     report_path: Path | None = None
@@ -258,7 +292,7 @@ class StudyRun:
 
 def planned_units(config: StudyConfig, stages: dict[str, Stage] | None = None) -> list[tuple[Stage, int]]:
     """(stage, seed) in run order: seed by seed, each seed's stages in registry order."""
-    stages = [s for s in (STAGES if stages is None else stages).values() if s.enabled(config)]
+    stages = [s for s in (_builtin_stages() if stages is None else stages).values() if s.enabled(config)]
     enabled = {s.name for s in stages}
     for s in stages:
         off = [d for d in s.depends_on if d not in enabled]
@@ -283,7 +317,7 @@ def run_study(
     `rerun` names stages (or units, "probe_sweep/seed-1") computed again even if finished, with
     every unit that depends on them. `stages` (default: the registry `STAGES`) are the stages to
     run, in order. Model- and data-dependent config values are checked before the first unit."""
-    stages = STAGES if stages is None else stages
+    stages = _builtin_stages() if stages is None else stages
     plan = planned_units(config, stages)
     keys = unit_keys(config, plan)
     reruns = rerun_units(plan, tuple(rerun))
@@ -335,10 +369,10 @@ def run_study(
 
 def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], progress: bool) -> list[UnitReport]:
     folder, reports, versions = session.folder, [], package_versions()
-    bar = tqdm(plan, desc="study", unit="stage", disable=not progress)
+    bar = progress_bar(plan, desc="study", unit="stage", enabled=progress, leave=True)
     for stage, seed in bar:
         unit = unit_name(stage.name, seed)
-        bar.set_postfix_str(unit)
+        bar.set_postfix_str(unit, refresh=False)  # shown at the bar's next draw: a forced one would flood a log file
         shared = getattr(stage, "distributed", False)
         if folder is None:  # a rank other than 0: its share of the distributed units, nothing else
             if unit in todo and shared:
@@ -372,8 +406,7 @@ def _run_units(session: Session, plan: list[tuple[Stage, int]], todo: set[str], 
                     extra={"stage": stage.name, "seed": seed, "processes": distributed.world_size() if shared else 1})
         session.results[unit] = output.result
         reports.append(UnitReport(unit, stage.title, True, seconds, list(output.summary)))
-        if progress:
-            tqdm.write(f"{unit}: done in {seconds:.1f} s")
+        note(f"{unit}: done in {seconds:.1f} s", enabled=progress)
     bar.close()
     return reports
 
@@ -393,7 +426,7 @@ def _share_dependencies(session: Session, stage: Stage, seed: int) -> None:
         stored = distributed.broadcast_object(session.folder.load(unit) if session.folder is not None else None)
         if unit not in session.results:
             if session.progress:
-                tqdm.write(f"{unit}: finished earlier; reading it back from the run folder")
+                note(f"{unit}: finished earlier; reading it back from the run folder")
             owner = session.stages[name]
             session.results[unit] = owner.restore(StageContext(owner, seed, session), stored)
 

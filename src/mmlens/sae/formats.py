@@ -87,6 +87,47 @@ def sae_from_weights(cfg: SAEConfig, weights: dict[str, Tensor]) -> SAE:
     return sae
 
 
+def read_sae_config(source: str | Path) -> SAEConfig:
+    """The config of the SAE `load_sae(source)` would read, without its weights where the format
+    allows: SAELens's cfg.json; the shapes in a Gemma Scope `params.npz`'s array headers; a
+    dictionary-learning folder is read whole (its config.json names no widths). Errors are `load_sae`'s (a ModelLoadError)."""
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"no SAE at {path}: the path does not exist")
+    if path.is_dir() and (path / CFG_FILENAME).exists():
+        saved = json.loads((path / CFG_FILENAME).read_text())
+        if saved.get("architecture", "standard") not in ARCHITECTURES:
+            raise ModelLoadError(f"{path / CFG_FILENAME}: unknown architecture {saved['architecture']!r}; "
+                                 f"known: {', '.join(ARCHITECTURES)}")
+        if not (path / WEIGHTS_FILENAME).exists():
+            raise ModelLoadError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
+        return SAEConfig.from_sae_lens_dict(saved)
+    if path.name == GEMMA_SCOPE_FILENAME or (path / GEMMA_SCOPE_FILENAME).exists():
+        file = path if path.is_file() else path / GEMMA_SCOPE_FILENAME
+        shape = _npz_shape(file, ("W_enc", "w_enc"))
+        if shape is None:
+            raise ModelLoadError(f"{file} lacks W_enc; a Gemma Scope params.npz holds W_enc, W_dec, b_enc, b_dec "
+                                 "and threshold")
+        return SAEConfig("jumprelu", int(shape[0]), int(shape[1]), apply_b_dec_to_input=False,
+                         metadata={"source": "gemma-scope"})
+    return _read_path(path)[0]
+
+
+def _npz_shape(file: Path, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The shape of the first of `names` in an .npz, read from its array header (no data loaded)."""
+    import zipfile
+
+    with zipfile.ZipFile(file) as archive:
+        for name in names:
+            if f"{name}.npy" in archive.namelist():
+                with archive.open(f"{name}.npy") as handle:
+                    version = np.lib.format.read_magic(handle)
+                    shape, _, _ = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)(handle)
+                    return tuple(shape)
+    return None
+
+
 # ----------------------------------------------------------------- sources
 def _read_path(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     if not path.exists():

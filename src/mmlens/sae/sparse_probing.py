@@ -20,6 +20,7 @@ from ..data.schema import IGNORE_INDEX
 from ..errors import InputError
 from ..probing.linear import LinearProbe
 from ..probing.logistic import fit_logistic
+from ..probing.sparse import mean_difference_ranking
 from .sae import SAE
 
 
@@ -54,10 +55,8 @@ def choose_features(features: Float[Tensor, "n d_sae"], labels: Int[Tensor, "n"]
     if missing:
         raise InputError(f"classes {missing} have no labelled training token; choose features on images that show them "
                          "or leave them out of n_classes")
-    sums = torch.zeros(n_classes, x.shape[1]).index_add_(0, y, x)
-    inside = sums / counts[:, None]
-    outside = (sums.sum(0) - sums) / (len(y) - counts).clamp(min=1)[:, None]
-    return (inside - outside).topk(k, dim=1).indices
+    # SAE features are non-negative: a feature marks a class by firing on it (signed difference)
+    return mean_difference_ranking(torch.zeros(n_classes, x.shape[1]).index_add_(0, y, x), counts, k, absolute=False)
 
 
 @torch.no_grad()

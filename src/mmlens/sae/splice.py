@@ -221,17 +221,20 @@ def _transcoder_writer(splice: _Splice):
 
 def run_with_saes(model: "HookedMLLM", *model_args: Any, saes: SAE | Sequence[SAE] = (), reset_saes_end: bool = True,
                   use_error_term: bool | None = None, **model_kwargs: Any) -> Any:
+    """`model(...)` with `saes` spliced in for this one call (SAELens's `HookedSAETransformer.run_with_saes`)."""
     with spliced(model, saes, reset_saes_end, use_error_term):
         return model(*model_args, **model_kwargs)
 
 
 def run_with_cache_with_saes(model: "HookedMLLM", *model_args: Any, saes: SAE | Sequence[SAE] = (),
                              reset_saes_end: bool = True, use_error_term: bool | None = None, **kwargs: Any) -> Any:
+    """`model.run_with_cache(...)` with `saes` spliced in for this one call."""
     with spliced(model, saes, reset_saes_end, use_error_term):
         return model.run_with_cache(*model_args, **kwargs)
 
 
 def run_with_hooks_with_saes(model: "HookedMLLM", *model_args: Any, saes: SAE | Sequence[SAE] = (),
                              reset_saes_end: bool = True, **kwargs: Any) -> Any:
+    """`model.run_with_hooks(...)` with `saes` spliced in for this one call."""
     with spliced(model, saes, reset_saes_end):
         return model.run_with_hooks(*model_args, **kwargs)

@@ -13,6 +13,8 @@ for every compared quantity (paired), and are worded by `mmlens.findings`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +38,10 @@ from ..probing.sweep import check_split
 from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot, percentile_interval, resample_counts
 from .activations import TokenActivations, image_token_positions
 from .alignment import feature_class_iou
+from .config import SAEConfig
 from .sae import SAE
 from .maps import FEATURES_POINT
+from .splice import expected_width
 from .training import SAETraining, TrainingSettings, evaluate_sae, train_sae_on_activations
 
 
@@ -81,6 +85,7 @@ def sae_study(
     probe_alpha: float = 1e-2,
     batch_size: int = 16,
     prompt: str = "",
+    sae: SAE | None = None,
     **training: Any,
 ) -> SAEStudy:
     """Train an SAE at `hook_name` on the training images of `scenes` (an mmlens segmentation
@@ -89,9 +94,18 @@ def sae_study(
     `probe_alpha`) whose class IoU the ablations are scored by, a later layer asking what the LLM
     loses downstream; `classes` (default: every class on training tokens) are the classes studied.
     A feature's map is its activation above `map_threshold` x its largest training activation.
-    Other keywords are `TrainingSettings` fields (`architecture`, `d_sae`, `k`, `steps`, ...)."""
+    Other keywords are `TrainingSettings` fields (`architecture`, `d_sae`, `k`, `steps`, ...); `sae`:
+    an SAE already trained at `hook_name` (e.g. `load_sae(path)`), studied instead of training one;
+    training keywords are then refused, and `training.settings` reports the given SAE's
+    architecture, d_sae and k. The given SAE is never moved: one already on the model's device is
+    used as it is, any other is copied there (the caller's object stays where it was)."""
+    if sae is not None and training:
+        raise InputError(f"sae= studies the SAE given, so the training keyword(s) {', '.join(sorted(training))} would "
+                         "be ignored; drop them, or leave out sae= to train one")
     settings = TrainingSettings(**{"seed": seed, **training})
     settings.check()
+    if sae is not None:  # what was studied: the given SAE's shape, not the training defaults
+        settings = dataclasses.replace(settings, architecture=sae.cfg.architecture, d_sae=sae.cfg.d_sae, k=sae.cfg.k)
     check_n_boot(n_boot)
     if not 0 <= map_threshold < 1:
         raise InputError(f"map_threshold is a fraction of each feature's largest activation, in [0, 1); got {map_threshold}")
@@ -102,6 +116,8 @@ def sae_study(
     if probe_site.grid != "llm":
         raise InputError(f"the probe reads image tokens on the LLM grid; {probe_site.hook} is a vision site: pass an "
                          "adapter or LLM hook as probe_hook")
+    if sae is not None:
+        _check_given(model, sae, site.hook)
     wanted = _class_indices(classes, info.class_names)
     train_rows, test_rows = split_images(len(scenes), test_fraction, seed)
     check_split(scenes, train_rows, test_rows)
@@ -109,9 +125,13 @@ def sae_study(
     with torch.no_grad():
         train = _stream(model, scenes, train_rows, site, probe_site, batch_size, prompt, fit_probe=True)
         probe = train.ridge.solve(probe_alpha)
-    fitted = train_sae_on_activations(train.tokens, metadata={"hook_name": site.hook, "prompt": prompt},
-                                      **vars(settings))
-    sae = fitted.sae.to(model.cfg.device)
+    if sae is None:
+        fitted = train_sae_on_activations(train.tokens, metadata={"hook_name": site.hook, "prompt": prompt},
+                                          **vars(settings))
+        sae = fitted.sae.to(model.cfg.device)
+    else:  # never `.to` on the caller's SAE: it would move (and retag) their object in place
+        sae = _on_device(sae, model.cfg.device)
+        fitted = SAETraining(sae, pd.DataFrame(), None, settings)
     with torch.no_grad():
         test = _stream(model, scenes, test_rows, site, probe_site, batch_size, prompt, fit_probe=False)
     resamples = bootstrap_indices(len(test_rows), n_boot, seed)
@@ -129,6 +149,28 @@ def sae_study(
                                     "dead_features": held_out.dead_features, "n_test_tokens": held_out.n_tokens}])
     return SAEStudy(fitted, reconstruction, alignment, ablation, _findings(reconstruction, alignment, ablation),
                     train_rows, test_rows)
+
+
+def _on_device(sae: SAE, device: Any) -> SAE:
+    """`sae` itself when it is already on `device`, else a copy there (its config copied too);
+    `sae` is left as it was either way."""
+    if sae.W_enc.device == torch.empty(0, device=device).device:
+        return sae
+    cfg = SAEConfig(**{**vars(sae.cfg), "metadata": copy.deepcopy(sae.cfg.metadata), "device": str(device)})
+    moved = SAE(cfg, use_error_term=sae.use_error_term)
+    with torch.no_grad():
+        moved.load_state_dict({name: tensor.detach() for name, tensor in sae.state_dict().items()})
+    return moved.to(device)
+
+
+def _check_given(model: HookedMLLM, sae: SAE, hook: str) -> None:
+    """A given SAE must read the studied site at its width (checked before any training forward is used)."""
+    if sae.cfg.hook_name is None or model.resolve_hook_name(sae.cfg.hook_name) != hook:
+        raise InputError(f"the SAE reads {sae.cfg.hook_name}, not {hook}; pass hook_name={sae.cfg.hook_name!r} or an SAE "
+                         f"trained at {hook}")
+    width = expected_width(model, hook)
+    if width is not None and sae.cfg.d_in != width:
+        raise InputError(f"the SAE reads {sae.cfg.d_in} dimensions but {hook} has {width}; give the SAE trained there")
 
 
 def _class_indices(classes: list[str] | None, names: tuple[str, ...]) -> list[int] | None:

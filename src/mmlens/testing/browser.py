@@ -9,7 +9,6 @@ needs the network cannot render. `--dump-dom` returns the DOM after the page's s
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from html.parser import HTMLParser
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+from ..viz.chromium import CHROMIUM_CANDIDATES, find_chromium  # noqa: F401 - re-exported for the browser checks
+
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -31,18 +31,6 @@ _VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "l
 
 class BrowserError(RuntimeError):
     """Chromium is missing, failed, or timed out."""
-
-
-def find_chromium() -> str | None:
-    """Path of a Chromium binary: `$MMLENS_CHROMIUM`, Debian's /usr/bin/chromium, or one on PATH."""
-    explicit = os.environ.get("MMLENS_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).exists() else None
-    for candidate in CHROMIUM_CANDIDATES:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    return None
 
 
 def _run_chromium(args: list[str], html_path: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -60,9 +48,12 @@ def _run_chromium(args: list[str], html_path: Path, timeout: float) -> subproces
     return done
 
 
-def dump_dom(html_path: str | os.PathLike, *, virtual_time_ms: int = 10_000, timeout: float = 120) -> str:
-    """The page's DOM after its scripts ran (Chromium `--dump-dom`)."""
-    done = _run_chromium([f"--virtual-time-budget={virtual_time_ms}", "--dump-dom"], Path(html_path), timeout)
+def dump_dom(html_path: str | os.PathLike, *, virtual_time_ms: int = 10_000, timeout: float = 120,
+             window: tuple[int, int] | None = None) -> str:
+    """The page's DOM after its scripts ran (Chromium `--dump-dom`), laid out in a `window`
+    (width, height) in CSS pixels when given (a phone is (390, 844))."""
+    size = [f"--window-size={window[0]},{window[1]}"] if window else []
+    done = _run_chromium([f"--virtual-time-budget={virtual_time_ms}", *size, "--dump-dom"], Path(html_path), timeout)
     if "<body" not in done.stdout:
         raise BrowserError(f"chromium returned no DOM; stderr: {done.stderr[-2000:]}")
     return done.stdout

@@ -2,7 +2,8 @@
 
 The curve puts every site on one axis in pipeline order, shades the vision, adapter and LLM
 stages, draws the bootstrap interval as a band and overlays the controls. The prediction figure
-paints each token's predicted class over its pixel box beside the image and the ground truth.
+paints each token's predicted class over its pixel box beside the image and the ground truth,
+in the class palette of `mmlens.viz.masks` (row 0 on top, as in the image).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from .masks import add_class_legend, mask_heatmap, orient_like_image
 from .style import interval_band, metric_label
 
 STAGE_COLOURS = {"vision": "rgba(99, 110, 250, 0.08)", "adapter": "rgba(239, 85, 59, 0.10)", "llm": "rgba(0, 204, 150, 0.08)"}
@@ -84,17 +85,11 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
     titles = ["image", "ground truth", *(sites[h].label for h in hooks)]
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
     fig.add_trace(go.Image(z=image), row=1, col=1)
-    n_classes = len(sweep.class_names)
-    names = np.array(sweep.class_names, dtype=object)
-    colours = class_colours(n_classes)
     shown: set[int] = set()
 
     def heatmap(values, col):
-        text = np.where(np.isnan(values), "ignore", names[np.nan_to_num(values).astype(int)])
-        fig.add_trace(go.Heatmap(z=values[::-1], text=text[::-1], zmin=0, zmax=max(n_classes - 1, 1), colorscale="Turbo",
-                                 showscale=False, hovertemplate="%{text}<extra></extra>"), row=1, col=col)
-        fig.update_yaxes(showticklabels=False, scaleanchor=f"x{col}", row=1, col=col)
-        fig.update_xaxes(showticklabels=False, row=1, col=col)
+        fig.add_trace(mask_heatmap(values, sweep.class_names), row=1, col=col)
+        orient_like_image(fig, 1, col, f"x{col}")
         shown.update(int(c) for c in np.unique(values[~np.isnan(values)]))
 
     heatmap(truth, 2)
@@ -105,9 +100,7 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
         pixels[pixels < 0] = np.nan  # no token covers it
         heatmap(pixels, col)
     # The legend names the colours: one square marker per class that appears in any panel
-    for c in sorted(shown):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=str(names[c]), showlegend=True,
-                                 marker=dict(symbol="square", size=12, color=colours[c])), row=1, col=1)
+    add_class_legend(fig, shown, sweep.class_names)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
     fig.update_yaxes(showticklabels=False, row=1, col=1)
     row = int(sweep.test_indices[example])
@@ -116,7 +109,3 @@ def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None 
                       legend=dict(orientation="h", y=-0.05, title="class"))
     return fig
 
-
-def class_colours(n_classes: int) -> list[str]:
-    """The colour of each class index in the prediction panels (Turbo, classes spread over it)."""
-    return sample_colorscale("Turbo", [c / max(n_classes - 1, 1) for c in range(n_classes)])

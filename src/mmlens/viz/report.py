@@ -5,7 +5,8 @@ it. plotly.js is loaded once, either inlined in the page head (`plotly_js="inlin
 that can be mailed alone) or from a `plotly.min.js` beside the report (`"beside"`: a 4.8 MB
 lighter page, for run folders that travel whole); every figure only carries its data and a
 `Plotly.newPlot` call, so the page opens offline from `file://`. Figures are drawn at the width
-of their card (a figure's own fixed width would hide its right edge behind a scroll bar). All
+of their card (a figure's own fixed width would hide its right edge behind a scroll bar) and
+stay stacked on a phone, where only side-by-side panels scroll inside their card. All
 text is escaped; the file is written to a temporary sibling and moved into place, so a reader
 never sees a half-written report.
 """
@@ -32,6 +33,7 @@ from .files import FIGURE_CONFIG, PLOTLY_JS, write_plotly_js
 
 MAX_TABLE_ROWS = 200
 FIGURE_HEIGHT_PX = 480
+MIN_PANEL_WIDTH_PX = 150  # a panel narrower than this runs its title into its neighbour's
 
 _CSS = """
 :root { --ink: #1f2933; --muted: #616e7c; --line: #e4e7eb; --accent: #1f77b4; --paper: #ffffff; --band: #f5f7fa; }
@@ -60,6 +62,16 @@ table.data .num { text-align: right; }
 .metadata td { text-align: left; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
 p.truncated { color: var(--muted); font-size: 0.88em; }
 a.top { font-size: 0.85em; float: right; }
+/* A phone: figures take the whole card width and stay stacked, nothing is wider than the screen
+   (tables scroll inside their own box), and the cards give their margins back to the content. */
+@media (max-width: 640px) {
+  main { padding: 12px 8px 40px; }
+  section, nav.toc, .metadata { padding: 10px 10px; margin-bottom: 14px; }
+  header h1 { font-size: 1.4em; overflow-wrap: anywhere; }
+  h2 { font-size: 1.15em; overflow-wrap: anywhere; }
+  nav.toc ol { columns: 1; }
+  .notes p, p.how-to-read { overflow-wrap: anywhere; }
+}
 """
 
 
@@ -188,10 +200,27 @@ def _figure_html(figure: go.Figure, div_id: str) -> str:
     height = f"{figure.layout.height}px" if figure.layout.height else f"{FIGURE_HEIGHT_PX}px"
     fitted = go.Figure(figure)  # a copy: the caller's figure keeps its own width
     fitted.update_layout(width=None, autosize=True)
-    return fitted.to_html(
+    legend = fitted.layout.legend
+    if legend.orientation == "h" and legend.y is not None and legend.y < 0:
+        # A legend hung below the plot grows as it wraps on a narrow screen and then covers the
+        # axis title; pinned to the figure's bottom edge, plotly makes room for it instead.
+        fitted.update_layout(legend=dict(yref="container", y=0, yanchor="bottom"))
+    drawn = fitted.to_html(
         include_plotlyjs=False, include_mathjax=False, full_html=False, div_id=div_id,
         default_width="100%", default_height=height, config=FIGURE_CONFIG,
     )
+    columns = _panel_columns(fitted)
+    if columns < 2:
+        return drawn
+    # Side-by-side panels squeezed onto a phone would run their titles into each other: below
+    # this width the figure scrolls sideways inside its card instead (the page itself never does).
+    return f'<div class="panels" style="min-width: {columns * MIN_PANEL_WIDTH_PX}px">{drawn}</div>'
+
+
+def _panel_columns(figure: go.Figure) -> int:
+    """How many panels the figure puts side by side (distinct x-axis domains)."""
+    domains = {tuple(axis.domain or (0, 1)) for axis in figure.select_xaxes()}
+    return max(len(domains), 1)
 
 
 def _table_html(table: pd.DataFrame) -> str:

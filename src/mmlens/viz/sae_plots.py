@@ -27,7 +27,7 @@ def plot_feature_maps(painted: Mapping[Any, np.ndarray], picture: np.ndarray | N
         fig.add_trace(go.Image(z=np.asarray(picture)), row=1, col=1)
         col = 2
     for offset, values in enumerate(painted.values()):
-        _heatmap(fig, np.asarray(values, dtype=float), col + offset, colorscale, showscale=offset == len(painted) - 1)
+        add_heatmap(fig, np.asarray(values, dtype=float), col + offset, colorscale, showscale=offset == len(painted) - 1)
     for c in range(1, len(titles) + 1):
         fig.update_xaxes(showticklabels=False, row=1, col=c)
         fig.update_yaxes(showticklabels=False, row=1, col=c)
@@ -49,8 +49,11 @@ def plot_lens_maps(painted: Mapping[str, np.ndarray], text: Mapping[str, np.ndar
     return fig
 
 
-def _heatmap(fig: go.Figure, values: np.ndarray, col: int, colorscale: str, showscale: bool) -> None:
+def add_heatmap(fig: go.Figure, values: np.ndarray, col: int, colorscale: str, showscale: bool, row: int = 1,
+                zmin: float | None = None, zmax: float | None = None) -> None:
+    """A painted [height, width] array as a heatmap in subplot (row, col), upright and square-pixelled."""
     # rows flipped: plotly draws row 0 at the bottom, the image has it on top
-    fig.add_trace(go.Heatmap(z=values[::-1], colorscale=colorscale, showscale=showscale,
-                             hovertemplate="%{z:.3f}<extra></extra>"), row=1, col=col)
-    fig.update_yaxes(scaleanchor=f"x{col}", row=1, col=col)
+    fig.add_trace(go.Heatmap(z=values[::-1], colorscale=colorscale, showscale=showscale, zmin=zmin, zmax=zmax,
+                             hovertemplate="%{z:.3f}<extra></extra>"), row=row, col=col)
+    anchor = fig.get_subplot(row, col).xaxis.plotly_name.replace("axis", "")
+    fig.update_yaxes(scaleanchor=anchor, row=row, col=col)
