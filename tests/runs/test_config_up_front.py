@@ -94,6 +94,7 @@ BAD_VALUES = {  # key -> (bad value, who refuses it: None for the schema)
     "sae.n_crops": (0, None),
     "lens.enabled": ("no", None),
     "lens.n_images": (0, None),
+    "lens.tuned": ("no", None),
     "collective_timeout_s": (float("inf"), None),
     "out": (5, None),
 }

@@ -14,13 +14,13 @@ from mmlens.data import load_segmentation
 from mmlens.model import HookedMLLM
 from mmlens.runs import STAGES, RunFolder, config_from_dict, run_study
 from mmlens.runs.report import build_report
-from mmlens.sae import SAEConfig, canvas_picture, feature_maps, logit_lens_maps, sae_from_weights
+from mmlens.sae import SAEConfig, TunedLens, canvas_picture, feature_maps, logit_lens_maps, sae_from_weights
 from mmlens.testing.browser import dump_dom, find_chromium, rendered_figures
 
 N_FEATURES, N_LENS_IMAGES = 3, 2
 CONFIG = {"model": "tiny-shapes-llava", "dataset": {"name": "scenes", "n": 24}, "n_boot": 1000,
           "sae": {"enabled": True, "d_sae": 64, "steps": 60, "n_features": N_FEATURES, "n_images": 2, "n_crops": 3},
-          "lens": {"enabled": True, "n_images": N_LENS_IMAGES}}
+          "lens": {"enabled": True, "n_images": N_LENS_IMAGES, "tuned": True}}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,29 @@ def test_the_lens_figure_holds_the_logit_lens_values(run) -> None:
     assert "Logit lens over dataset image 0" in report.read_text()
 
 
+def test_the_tuned_lens_figure_holds_the_stored_lenss_maps(run) -> None:
+    """Drawn beside the logit lens: the maps of the tuned lens the stage trained and stored, trained on
+    training images other than the drawn ones."""
+    folder, report = run
+    stored = folder.load("logit_lens/seed-0")
+    lens = TunedLens.from_weights(stored.data["tuned_lens"], stored.tensors["tuned_lens"])
+    assert not set(stored.data["tuned_lens"]["train_rows"]) & set(range(N_LENS_IMAGES))
+    model = HookedMLLM.from_pretrained("tiny-shapes-llava")
+    scenes = load_segmentation("scenes", split="validation", n=24, seed=0)
+    images = [scenes[row]["image"] for row in range(N_LENS_IMAGES)]
+    maps = logit_lens_maps(model, model.prepare(images, [""] * N_LENS_IMAGES), lens=lens)
+    logit = logit_lens_maps(model, model.prepare(images, [""] * N_LENS_IMAGES))
+    assert not torch.allclose(maps.top_probability[0], logit.top_probability[0], atol=1e-2)  # a trained lens
+    for n in range(N_LENS_IMAGES):
+        heatmaps = [t for t in folder.figure("logit_lens/seed-0", f"tuned_lens_{n}").data if t.type == "heatmap"]
+        painted = maps.painted(maps.top_probability)[:, n].numpy()
+        for layer, trace in enumerate(heatmaps):
+            drawn = np.asarray(trace.z, dtype=float)[::-1]
+            np.testing.assert_allclose(drawn, painted[layer, : drawn.shape[0], : drawn.shape[1]], rtol=1e-5)
+    assert set(folder.table("logit_lens/seed-0", "lens").lens) == {"logit lens", "tuned lens"}
+    assert "Tuned lens over dataset image 0" in report.read_text()
+
+
 def test_every_feature_and_lens_figure_renders_offline(run) -> None:
     if find_chromium() is None:
         if os.environ.get("CI"):
@@ -113,7 +136,7 @@ def test_every_feature_and_lens_figure_renders_offline(run) -> None:
         pytest.skip("Chromium is not installed")
     _, report = run
     figures = rendered_figures(dump_dom(report))
-    assert len(figures) == N_FEATURES + N_LENS_IMAGES
+    assert len(figures) == N_FEATURES + 2 * N_LENS_IMAGES  # the logit and the tuned lens per image
     assert all(n >= 1 for n in figures.values()), figures
 
 

@@ -233,6 +233,8 @@ class SAESectionConfig:
 class LensConfig:
     enabled: bool = checked(False, doc="draw the logit lens at every LLM layer over images in the report")
     n_images: int = checked(2, check=positive, doc="images drawn (the first dataset rows)")
+    tuned: bool = checked(False, doc="also train a tuned lens (mmlens.sae.train_tuned_lens) on the training images "
+                          "other than the drawn ones and draw its maps beside the logit lens's")
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,8 @@ class StudyConfig:
         for optional in ("sae", "lens"):  # off, they compute nothing: configs made before them keep their hash
             if not data[optional]["enabled"]:
                 data.pop(optional)
+        if "lens" in data and not self.lens.tuned:  # logit-lens runs made before the tuned lens keep their hash
+            data["lens"].pop("tuned")
         if "sae" in data and self.sae.path is not None:  # another SAE at the same path is another study
             data["sae"]["sha256"] = sae_files_sha256(self.sae.path)
         return data

@@ -156,12 +156,16 @@ def recovery_heads_stage(context: StageContext) -> StageOutput:
     )
 
 
+TUNED_LENS_TEST_FRACTION = 0.25  # the SAE study's and probe sweep's default held-out share
 LENS_HOW_TO_READ = (
     "The logit lens at every LLM layer over one image: each panel is the residual stream entering a layer (the last "
     "one leaving the final layer) at every image token, read through the final norm and the unembedding; each "
     "token's pixel box is coloured by the probability of its top token, and hovering shows that token. Where the "
     "top tokens turn into words for what the cell shows (a shape's name or colour), the LLM has made the image "
-    "token legible to its vocabulary at that depth."
+    "token legible to its vocabulary at that depth. A tuned lens (`lens.tuned`) first passes each layer's residual "
+    "through an affine translator trained on other images to match the model's final prediction (Belrose et al. "
+    "2023), so its panels show what a layer already encodes even where the raw residual is not yet in the final "
+    "layer's basis."
 )
 
 
@@ -213,21 +217,38 @@ def sae_features_stage(context: StageContext) -> StageOutput:
 @register_stage("logit_lens", title="Logit lens over the image", enabled=lambda config: config.lens.enabled,
                 sections=("lens",))
 def logit_lens_stage(context: StageContext) -> StageOutput:
-    """The logit lens at every LLM layer over the first `lens.n_images` images, one figure each."""
+    """The logit lens at every LLM layer over the first `lens.n_images` images, one figure each; with
+    `lens.tuned`, a tuned lens trained on the study's other training images drawn beside it."""
+    from ..probing.split import split_images
     from ..sae import canvas_picture, logit_lens_maps
+    from ..sae.tuned_lens import train_tuned_lens
 
     config, model = context.config, context.model
     rows = list(range(min(config.lens.n_images, len(context.dataset))))
     images = [context.dataset[row]["image"] for row in rows]
-    lens = logit_lens_maps(model, model.prepare(images, [config.prompt] * len(images)))
-    figures = {f"logit_lens_{row}": StageFigure(lens.figure(n, tokenizer=model.tokenizer,
-                                                            picture=canvas_picture(model, images[n])),
-                                                LENS_HOW_TO_READ, title=f"Logit lens over dataset image {row}")
-               for n, row in enumerate(rows)}
-    present = lens.table.present.float()  # images with fewer tokens are padded
-    top = (lens.top_probability * present).sum(-1) / present.sum(-1)  # [entries, images]: mean over its tokens
-    table = pd.DataFrame([{"entry": label, "image": row, "mean_top_probability": float(top[e, n])}
-                          for e, label in enumerate(lens.labels) for n, row in enumerate(rows)])
-    return StageOutput(tables={"lens": table}, figures=figures,
-                       tensors={"lens": {"top_token": lens.top_token, "top_probability": lens.top_probability}},
-                       data={"lens": {"labels": lens.labels, "rows": rows}}, result=lens)
+    inputs = model.prepare(images, [config.prompt] * len(images))
+    lenses = {"logit_lens": logit_lens_maps(model, inputs)}
+    tensors, data = {}, {"lens": {"labels": lenses["logit_lens"].labels, "rows": rows}}
+    if config.lens.tuned:  # the seeded split by image the probe sweep and SAE study use, less the drawn images
+        train_rows = [int(row) for row in split_images(len(context.dataset), TUNED_LENS_TEST_FRACTION, context.seed)[0]
+                      if row not in rows]
+        tuned = train_tuned_lens(model, [context.dataset[row]["image"] for row in train_rows], prompt=config.prompt,
+                                 image_batch_size=config.batch_size, seed=context.seed)
+        lenses["tuned_lens"] = logit_lens_maps(model, inputs, lens=tuned)
+        tensors["tuned_lens"] = {name: t.detach().cpu().contiguous() for name, t in tuned.state_dict().items()}
+        data["tuned_lens"] = {**tuned.config(), "train_rows": train_rows}
+    figures, tables = {}, []
+    for kind, lens in lenses.items():
+        name = lens.lens.capitalize()
+        figures |= {f"{kind}_{row}": StageFigure(lens.figure(n, tokenizer=model.tokenizer,
+                                                             picture=canvas_picture(model, images[n])),
+                                                 LENS_HOW_TO_READ, title=f"{name} over dataset image {row}")
+                    for n, row in enumerate(rows)}
+        present = lens.table.present.float()  # images with fewer tokens are padded
+        top = (lens.top_probability * present).sum(-1) / present.sum(-1)  # [entries, images]: mean over its tokens
+        tables += [{"lens": lens.lens, "entry": label, "image": row, "mean_top_probability": float(top[e, n])}
+                   for e, label in enumerate(lens.labels) for n, row in enumerate(rows)]
+        tensors["lens" if kind == "logit_lens" else "tuned_lens_maps"] = {
+            "top_token": lens.top_token, "top_probability": lens.top_probability}
+    return StageOutput(tables={"lens": pd.DataFrame(tables)}, figures=figures, tensors=tensors, data=data,
+                       result=lenses["logit_lens"])

@@ -1,6 +1,7 @@
 """Sparse autoencoders and transcoders on any hook point of a HookedMLLM: SAELens's module, file
 format and splicing API (`model.run_with_saes`, `model.saes(...)`), and the formats researchers
-download (SAELens, Gemma Scope, dictionary-learning). docs/sae.md shows them."""
+download (SAELens, Gemma Scope, dictionary-learning), and the logit and tuned lenses drawn over the
+image. docs/sae.md shows them."""
 
 from .config import ARCHITECTURES, SAEConfig
 from .formats import load_sae, sae_from_weights
@@ -16,6 +17,7 @@ from .tracing import FeatureTrace, trace_vision_feature
 from .activations import TokenActivations, image_token_activations
 from .training import SAEEvaluation, SAETraining, TrainingSettings, evaluate_sae, train_sae, train_sae_on_activations
 from .study import SAEStudy, sae_study
+from .tuned_lens import TunedLens, train_tuned_lens
 
 __all__ = [
     "ARCHITECTURES",
@@ -55,10 +57,12 @@ __all__ = [
     "SAEStudy",
     "SAETraining",
     "TokenActivations",
+    "TunedLens",
     "TrainingSettings",
     "evaluate_sae",
     "image_token_activations",
     "sae_study",
     "train_sae",
     "train_sae_on_activations",
+    "train_tuned_lens",
 ]

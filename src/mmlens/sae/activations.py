@@ -82,7 +82,7 @@ def image_token_activations(
     group = tokens or TokenGroup.image()
     rows, images, cells, labels = [], [], [], []
     seen, ignore = 0, IGNORE_INDEX
-    for inputs, token_classes, llm_classes, ignore in _batches(model, images_or_scenes, site, prompt, batch_size):
+    for inputs, token_classes, llm_classes, ignore in image_batches(model, images_or_scenes, site, prompt, batch_size):
         captured: dict[str, Tensor] = {}
 
         def keep(activation: Tensor, hook) -> None:
@@ -113,7 +113,7 @@ def image_token_activations(
                             site.hook, seen, ignore)
 
 
-def _batches(model: HookedMLLM, source: Any, site: Site, prompt: str,
+def image_batches(model: HookedMLLM, source: Any, site: Site, prompt: str,
              batch_size: int) -> Iterator[tuple[MultimodalInputs, Tensor | None, Tensor | None, int]]:
     """(inputs, the site grid's token classes, the LLM grid's, ignore index) per batch of images
     (None for unlabelled images)."""

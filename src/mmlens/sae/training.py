@@ -125,7 +125,7 @@ def train_sae(
     with torch.no_grad():
         train = image_token_activations(model, images_or_scenes, site.hook, **stream)
         test = image_token_activations(model, held_out, site.hook, **stream) if held_out is not None else None
-    metadata = {"hook_name": site.hook, "model_name": _model_name(model),
+    metadata = {"hook_name": site.hook, "model_name": model_name_for_files(model),
                 "mmlens_tokens": (tokens or TokenGroup.image()).description, "prompt": prompt}
     return train_sae_on_activations(train, held_out=test, metadata=metadata, **asdict(cfg))
 
@@ -343,7 +343,7 @@ class _JumpReLU(torch.autograd.Function):
         return (x > threshold).to(x) * grad_output, grad_threshold.sum(0), None
 
 
-def _model_name(model: HookedMLLM) -> str:
+def model_name_for_files(model: HookedMLLM) -> str:
     """SAELens's `model_name`: the hub id, or a local checkpoint's folder name (a path on this
     machine means nothing elsewhere; the shipped models load by that name)."""
     name = str(getattr(model.hf_model.config, "_name_or_path", "") or "")
