@@ -19,6 +19,15 @@ PROBE_FORMAT = "mmlens.LinearProbe"
 SPARSE_PROBE_FORMAT = "mmlens.SparseLinearProbe"  # written by probing.sparse.SparseLinearProbe.save
 
 
+def probe_file_header(path: Path, fields: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """(metadata, the names of `fields` it lacks) of a probe file written by `save`, read without
+    loading its tensors; a path that is no file is refused."""
+    if not path.is_file():
+        raise InputError(f"no probe file at {path}; save one with probe.save(path)")
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}, [name for name in fields if name not in handle.keys()]
+
+
 @dataclass
 class LinearProbe:
     """`logits = ((x - mean) / scale) @ weight + bias`; fitted by ridge or logistic regression."""
@@ -66,11 +75,7 @@ class LinearProbe:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "LinearProbe":
         """The probe `save` wrote at `path`."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no probe file at {path}; save one with probe.save(path)")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            missing = [name for name in PROBE_FIELDS if name not in handle.keys()]
+        metadata, missing = probe_file_header(path, PROBE_FIELDS)
         if metadata.get("format") == SPARSE_PROBE_FORMAT and cls is LinearProbe:
             raise InputError(f"{path} holds a sparse probe (its chosen dimensions and SAE): read it with "
                              "mmlens.probing.sparse.SparseLinearProbe.load")

@@ -21,13 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .. import distributed
 from ..errors import InputError
-from .linear import PROBE_FIELDS, SPARSE_PROBE_FORMAT, LinearProbe
+from .linear import PROBE_FIELDS, SPARSE_PROBE_FORMAT, LinearProbe, probe_file_header
 from .logistic import chunk_rows
 from .penalty import PenaltyChoice, held_out_cross_entropy
 from .store import ActivationStore, StoredFeatures
@@ -81,13 +80,12 @@ class SparseLinearProbe(LinearProbe):
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "SparseLinearProbe":
         """The sparse probe `SparseLinearProbe.save` wrote at `path`, with its chosen dimensions and SAE."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no probe file at {path}; save one with probe.save(path)")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata, missing = probe_file_header(path, (*PROBE_FIELDS, "chosen"))
         if metadata.get("format") != SPARSE_PROBE_FORMAT:
             raise InputError(f"{path} is not a sparse probe saved by mmlens (format {metadata.get('format')!r}); "
                              "read a dense probe with LinearProbe.load")
+        if missing:
+            raise InputError(f"{path} is not a sparse probe saved by mmlens (missing {missing})")
         tensors = load_file(str(path))
         sae = None
         if metadata.get("sae", "null") != "null":
