@@ -134,9 +134,9 @@ def test_hooks_off_equal_hf_bit_for_bit(family: Family) -> None:
     assert torch.equal(ours, theirs)
 
 
-@torch.no_grad()
-def test_identity_hooks_everywhere_equal_hf(family: Family) -> None:
-    model = family.model
+def run_with_identity_hooks_everywhere(model, inputs) -> tuple[torch.Tensor, set[str]]:
+    """(logits, names of the points that fired) of a run with an identity hook on every point,
+    per-head attention results included."""
     model.set_use_attn_result(True)
     fired = set()
 
@@ -145,9 +145,15 @@ def test_identity_hooks_everywhere_equal_hf(family: Family) -> None:
         return x.clone()
 
     try:
-        ours = model.run_with_hooks(family.inputs, fwd_hooks=[(lambda name: True, identity)])
+        return model.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, identity)]), fired
     finally:
         model.set_use_attn_result(False)
+
+
+@torch.no_grad()
+def test_identity_hooks_everywhere_equal_hf(family: Family) -> None:
+    model = family.model
+    ours, fired = run_with_identity_hooks_everywhere(model, family.inputs)
     theirs = family.reference(**family.inputs.hf_kwargs()).logits
     valid = family.inputs.attention_mask.bool()  # sdpa leaves fully padded query rows undefined
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=0)

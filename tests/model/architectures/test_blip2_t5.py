@@ -83,17 +83,7 @@ def test_identity_hooks_everywhere_equal_hf(family):
     """An identity hook on every point (encoder, decoder, cross-attention, both final norms, the answer's
     embedding) gives Hugging Face's logits, and every point fires."""
     model = family.model
-    model.set_use_attn_result(True)
-    fired = set()
-
-    def identity(x, hook):
-        fired.add(hook.name)
-        return x.clone()
-
-    try:
-        ours = model.run_with_hooks(family.inputs, fwd_hooks=[(lambda name: True, identity)])
-    finally:
-        model.set_use_attn_result(False)
+    ours, fired = tier.run_with_identity_hooks_everywhere(model, family.inputs)
     close(ours, family.reference(**family.inputs.hf_kwargs()).logits)
     assert fired == set(model.hook_names()), f"never fired: {sorted(set(model.hook_names()) - fired)[:5]}"
 
