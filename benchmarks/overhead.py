@@ -33,6 +33,7 @@ from mmlens.testing.families.blip2 import tiny_blip2, tiny_blip2_t5  # noqa: E40
 from mmlens.testing.families.deepseek_vl import tiny_deepseek_vl  # noqa: E402
 from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid  # noqa: E402
 from mmlens.testing.families.emu3 import tiny_emu3  # noqa: E402
+from mmlens.testing.families.fast_vlm import tiny_fast_vlm  # noqa: E402
 from mmlens.testing.families.gemma4 import tiny_gemma4  # noqa: E402
 from mmlens.testing.families.glm4v import tiny_glm4v, tiny_glm4v_moe  # noqa: E402
 from mmlens.testing.families.janus import tiny_janus  # noqa: E402
@@ -160,6 +161,9 @@ FAMILIES = {
     # a VQ encoder of four levels (32 channels) at 8 px per code: a 64x64 image is 8x8 codes, 8x9 LLM tokens with
     # the end-of-row tokens, between <|image token|> / <|extra_201|>; the LLM at LLaVA's benchmark widths
     "emu3": lambda attn: tiny_emu3(max_side=64, llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
+    # FastViTHD's five stages (timm; needs timm and torchvision) at 16 px per token: a 64x64 image is 4x4 tokens,
+    # the first attention stage on 8x8; the LLM at LLaVA's benchmark widths
+    "fast-vlm": lambda attn: tiny_fast_vlm(llm_layers=4, llm_d_model=256, llm_heads=8, attn_implementation=attn),
     # "blip2"'s tower and Q-Former before a Flan-T5 LLM: SIZE's 4 encoder + 4 decoder layers of width 256, 8 heads
     # (gated-GELU MLP); the logits are the decoder's start token's (one decoder token per row)
     "blip2-t5": lambda attn: tiny_blip2_t5(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,

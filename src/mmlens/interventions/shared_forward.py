@@ -10,7 +10,7 @@ again. This changes no number: each copy computes what patching it alone would.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +23,7 @@ from ..model import HookedMLLM, MultimodalInputs
 from ..model.edits import edit_hooks
 from ..model.hook_names import HookName, block_hook, parse_hook_name
 from ..model.runtime.layer_runs import growing_batch
+from ..model.runtime.shared_keys import JoiningKeys, KeysAndValues, joining_keys, recording_stored_keys
 from .run import Run, run_and_collect, verify_edit
 
 
@@ -76,6 +77,7 @@ class SharedForward:
         self.chunks: list[Chunk] = []
         self._residuals: list[Tensor] | None = None
         self._target_z: dict[int, Tensor] = {}
+        self._target_keys: dict[str, KeysAndValues] = {}
 
     @property
     def source_names(self) -> list[str]:
@@ -106,7 +108,10 @@ class SharedForward:
             llm_input = source_activations.get("hook_multimodal_embed") if self.shared_input else None
             z_layers = {starts[g[0]] // 2 for g in groups if starts[g[0]] == starts[g[-1]] and starts[g[0]] % 2}
             up_to = max(starts[g[0]] // 2 for g in groups)
-            self._residuals, self._target_z = _llm_residuals(self.model, self.copies, llm_input, up_to, z_layers)
+            # KV sharing: copies joining after a storing block's attention read the target's keys there
+            storing = [s for s in set(_shared_key_layers(self.model).values()) if 2 * s < max(starts)]
+            self._residuals, self._target_z, self._target_keys = _llm_residuals(
+                self.model, self.copies, llm_input, up_to, z_layers, max(storing, default=-1) + 1)
         resumed = self._residuals is not None
         self.chunks = [Chunk(group, [starts[i] for i in group], int(resumed and starts[group[0]] < starts[group[-1]]))
                        for group in groups]
@@ -130,7 +135,7 @@ class SharedForward:
             return run_and_collect(self.model, run, self.read, extra_hooks=patch_hooks, **stop)
         joins = [chunk.joins[0] // 2 * 2] * chunk.lead + chunk.joins
         return _run_from_residuals(self.model, self.copies, self._residuals, self._target_z, joins, self.read,
-                                   patch_hooks, stop)
+                                   patch_hooks, stop, self._target_keys)
 
 
 class _TargetCopies:
@@ -190,14 +195,16 @@ def _on_rows(rows: int, fn: Callable, activation: Tensor, **kwargs: Any) -> Any:
 
 def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Sequence[Tensor],
                         target_z: Mapping[int, Tensor], joins: Sequence[int], wanted: Sequence[str],
-                        patch_hooks: Sequence[tuple[str, Callable]], stop: Mapping[str, Any]) -> dict[str, Tensor]:
+                        patch_hooks: Sequence[tuple[str, Callable]], stop: Mapping[str, Any],
+                        target_keys: Mapping[str, KeysAndValues]) -> dict[str, Tensor]:
     """One LLM-only forward of a chunk's copies, sorted by `joins`, the point each joins at
     (`_join_point`): it starts at the lowest block from the target's residual there, and each
     block computes the copies joined by then, those joining entering as copies of the first (an
     unpatched target replica whenever copies join at more than one point). Copies that join after
     a block's attention take the leading replica's z there as computed, or the target's as it
-    reached `hook_z` when all join there. The target's edit is made for as many copies as each of
-    its hooks sees."""
+    reached `hook_z` when all join there, and, where a later block reuses that attention's keys
+    and values, the target's (`target_keys`). The target's edit is made for as many copies as each
+    of its hooks sees."""
     k, batch, first = len(joins), len(copies.target.inputs), joins[0] // 2
     layers = range(first, joins[-1] // 2 + 1)
     active = {l: batch * sum(j // 2 <= l for j in joins) for l in layers}
@@ -208,7 +215,11 @@ def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Seq
     edit = copies.edit_hooks({n // batch for n in [*active.values(), *attending.values(), k * batch] if n})
     resume = {"llm_inputs_embeds": residuals[first].repeat(k, 1, 1), "start_at_layer": first}
     joining_z = batch if joins[0] < joins[-1] else {first: target_z[first]} if joins[0] % 2 else None
-    with rows_joining(model, active, batch, attending=attending, joining_z=joining_z):
+    sharing = nullcontext()
+    if target_keys:  # each storing block's attention computes the copies that join at or before it
+        computed = {s: batch * sum(j <= 2 * s for j in joins) for s in set(_shared_key_layers(model).values())}
+        sharing = joining_keys(model.architecture.llm_layers(model.hf_model), JoiningKeys(target_keys, computed))
+    with rows_joining(model, active, batch, attending=attending, joining_z=joining_z), sharing:
         found = run_and_collect(model, Run(copies.inputs(k), None, copies.target.name), wanted,
                                 extra_hooks=[*edit, *patch_hooks], **resume, **stop)
     copies.verify()
@@ -216,25 +227,37 @@ def _run_from_residuals(model: HookedMLLM, copies: _TargetCopies, residuals: Seq
 
 
 def _llm_residuals(model: HookedMLLM, copies: _TargetCopies, llm_input: Tensor | None, up_to: int,
-                   z_layers: set[int]) -> tuple[list[Tensor], dict[int, Tensor]]:
+                   z_layers: set[int], keys_up_to: int = 0
+                   ) -> tuple[list[Tensor], dict[int, Tensor], dict[str, KeysAndValues]]:
     """The target run's residual entering LLM blocks 0..`up_to` (`up_to` = n_layers: leaving the
     last), and its z (`attn.hook_z`) in `z_layers`, each as it reaches its hook point, before the
     target's edit acts there; from `llm_input` (its `hook_multimodal_embed`, when known) only the
     LLM runs, under the edit's LLM hooks, and not at all when block 0's input is all that is
-    asked for."""
-    if llm_input is not None and up_to == 0 and not z_layers and not _adds_before_block_0(model):
-        return [llm_input], {}
-    stop = max(up_to, max(z_layers, default=-1) + 1)
+    asked for. With `keys_up_to`, it runs at least the blocks below it and also gives the keys and
+    values its storing blocks there stored (KV sharing), as edited."""
+    if llm_input is not None and up_to == 0 and not z_layers and not keys_up_to and not _adds_before_block_0(model):
+        return [llm_input], {}, {}
+    stop = max(up_to, max(z_layers, default=-1) + 1, keys_up_to)
     names = [block_hook(l, "hook_resid_pre") for l in range(stop)]
     z_names = {l: block_hook(l, "attn.hook_z") for l in sorted(z_layers)}
     # copies resume from these and the target's edit applies to them again: keep them unedited
-    if llm_input is None:
-        found = run_and_collect(model, copies.target, [*names, *z_names.values()], before_edit=True, stop_at_layer=stop)
-    else:
-        found = run_and_collect(model, Run(copies.target.inputs), [*names, *z_names.values()], before_edit=True,
-                                extra_hooks=copies.edit_hooks({1}), llm_inputs_embeds=llm_input, stop_at_layer=stop)
-        copies.verify()
-    return [*(found[name] for name in names), found["residual"]], {l: found[name] for l, name in z_names.items()}
+    recording = recording_stored_keys(model.architecture.llm_layers(model.hf_model)) if keys_up_to else nullcontext({})
+    with recording as keys:
+        if llm_input is None:
+            found = run_and_collect(model, copies.target, [*names, *z_names.values()], before_edit=True,
+                                    stop_at_layer=stop)
+        else:
+            found = run_and_collect(model, Run(copies.target.inputs), [*names, *z_names.values()], before_edit=True,
+                                    extra_hooks=copies.edit_hooks({1}), llm_inputs_embeds=llm_input, stop_at_layer=stop)
+            copies.verify()
+    residuals = [*(found[name] for name in names), found["residual"]]
+    return residuals, {l: found[name] for l, name in z_names.items()}, keys
+
+
+def _shared_key_layers(model: HookedMLLM) -> dict[int, int]:
+    """The LLM blocks that attend with another block's keys and values, each to that block (KV sharing)."""
+    kv_layer = model.architecture.key_value_layer
+    return {l: kv_layer(model.cfg, l) for l in range(model.cfg.n_layers) if kv_layer(model.cfg, l) != l}
 
 
 def _adds_before_block_0(model: HookedMLLM) -> bool:

@@ -30,6 +30,7 @@ from .architectures import architecture_for
 from .architectures.base import BASE_INPUT_NAMES
 from .architectures.bridge_aliases import WITHHELD_BRIDGE_NAMES
 from .cache import MultimodalActivationCache
+from .caching_hooks import plain_caching_hooks
 from .config import MLLMConfig
 from .generation import Generation
 from .hook_contract import CheckedHookPoint
@@ -635,6 +636,18 @@ class HookedMLLM(TokenHelpers, Generation, LanguageModelWeights, HookedRootModul
         if per_token:
             return losses.view(targets.shape)
         return losses.sum() / keep.sum().clamp(min=1)
+
+    def get_caching_hooks(
+        self, names_filter: Any = None, incl_bwd: bool = False, device: Any = None, remove_batch_dim: bool = False,
+        cache: dict | None = None, pos_slice: Any = None,
+    ) -> tuple[dict, list, list]:
+        """TransformerLens's caching hooks; where a run asks for no device, position slice, batch-dimension
+        drop or gradients, hooks that store each activation as it is (`caching_hooks.py`), which is the same."""
+        sliced = pos_slice is not None and getattr(pos_slice, "mode", None) != "identity"  # TL's Slice(None) is identity
+        if incl_bwd or device is not None or remove_batch_dim or sliced:
+            return super().get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache, pos_slice)
+        self.is_caching = True  # as TransformerLens's own sets it, until the hooks are reset
+        return plain_caching_hooks(list(self.hook_dict), names_filter, cache)
 
     def run_with_cache(
         self, *model_args: Any, names_filter: Any = None, return_cache_object: bool = True, **kwargs: Any

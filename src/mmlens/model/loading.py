@@ -109,6 +109,10 @@ def load_hf_checkpoint(
         raise UnsupportedModelError(
             f"{name_or_path!r} is a {class_name}; supported architectures: {sorted(ARCHITECTURES)}"
         )
+    # before the weights: a missing package would otherwise surface as an ImportError inside Hugging Face
+    missing = ARCHITECTURES[class_name].environment_problem(config)
+    if missing:
+        raise ModelLoadError(f"{name_or_path!r} is a {class_name}, which cannot be built here: {missing}")
     model_class = getattr(transformers, class_name)
     problem = device_map_problem(model_class, config, device_map) if isinstance(device_map, dict) else None
     if problem:

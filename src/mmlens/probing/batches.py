@@ -10,7 +10,7 @@ that the control task's random labels are a function of.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from .. import distributed
 from ..data.schema import segmentation_info
 from ..errors import LayoutMismatchError
 from ..model import HookedMLLM, MultimodalInputs
+from ..model.images.vision_grids import VisionGrid
 from .token_labels import TokenLabels, token_labels
 
 
@@ -33,7 +34,8 @@ class LabelledBatch:
 
     inputs: MultimodalInputs
     masks: Int[Tensor, "n_images height width"]  # in the layout's canvas pixels, padded with ignore to the largest
-    labels: dict[str, TokenLabels]  # "vision" (patch grid) and "llm" (image-token grid)
+    # "vision" (patch grid), "llm" (image-token grid) and each of the layout's `vision_grids` (a second tower's patches)
+    labels: dict[str, TokenLabels]
     indices: np.ndarray  # dataset rows, in pixel_values order
     # with `visual_types`: per pixel (as `masks`) and per token of each grid, the token's visual type
     # (its box's majority quantised colour), the input a control task assigns random labels to
@@ -52,10 +54,14 @@ def labelled_batches(
     progress: bool = False,
     desc: str = "images",
     visual_types: bool = False,
+    vision_grids: Collection[str] | None = None,
 ) -> Iterator[LabelledBatch]:
     """Yield `LabelledBatch`es over `dataset[indices]` (an mmlens segmentation dataset); with
     `visual_types`, also each pixel's and token's visual type (`VISUAL_LEVELS` colour levels per
-    channel, brought into the model's pixels like a mask)."""
+    channel, brought into the model's pixels like a mask). `vision_grids`: the prefixes of the layout's
+    other vision grids to label besides "vision" and "llm" (None: all of them); a finer stage's grid
+    holds many labels per token (FastVLM's first at 1024 px: 256x256 cells), so a sweep names only
+    those its sites read."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     info = segmentation_info(dataset)
@@ -83,6 +89,15 @@ def labelled_batches(
         labels = {"vision": label(vision)}
         # LLaVA's LLM tokens are its patches: label them once then
         labels["llm"] = labels["vision"] if llm == vision else label(llm)
+        # a second tower's patches, labelled on the canvas that tower read (masks carried there alike; a
+        # finer stage of the one tower read the layout's canvas, so its masks are these)
+        other_grids = {name: grid for name, grid in layout.vision_grids.items()
+                       if vision_grids is None or name in vision_grids}
+        tower_masks = {name: masks if grid.canvas is None else on_canvas(model, grid, rows["mask"], ignore)
+                       for name, grid in other_grids.items()}
+        for name, grid in other_grids.items():
+            labels[name] = token_labels(tower_masks[name], grid.label_pixels, n_classes=n_classes, ignore_index=ignore,
+                                        min_valid_fraction=min_valid_fraction)
         type_masks = types = None
         if visual_types:
             type_masks = pad_stack([torch.from_numpy(model.transform_mask(colour_types(image), TYPE_IGNORE).astype(np.int64))
@@ -93,9 +108,21 @@ def labelled_batches(
                                     min_valid_fraction=0.0).labels
 
             types = {"vision": majority_type(vision), "llm": majority_type(llm)}
+            for name, grid in other_grids.items():
+                on_tower = type_masks if grid.canvas is None else on_canvas(
+                    model, grid, [colour_types(image) for image in rows["image"]], TYPE_IGNORE)
+                types[name] = token_labels(on_tower, grid.label_pixels, n_classes=N_VISUAL_TYPES, ignore_index=TYPE_IGNORE,
+                                           min_valid_fraction=0.0).labels
         yield LabelledBatch(inputs, masks, labels, chunk, type_masks, types)
         bar.update(len(chunk))  # after the consumer's forward pass: the bar moves when the work is done
     bar.close()
+
+
+def on_canvas(model: HookedMLLM, grid: VisionGrid, masks: Sequence[Any], ignore: int) -> Int[Tensor, "n height width"]:
+    """Masks (in original image pixels) carried onto the canvas a second tower's grid is labelled on."""
+    geometry = getattr(model.geometry, grid.canvas)
+    return pad_stack([torch.from_numpy(geometry.transform_mask(np.asarray(mask), ignore).astype(np.int64))
+                      for mask in masks], ignore)
 
 
 VISUAL_LEVELS = 4  # per colour channel: 64 visual types

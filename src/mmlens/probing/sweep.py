@@ -36,7 +36,7 @@ from .logistic import DEFAULT_MEMORY_MB, MAX_ITER, chunk_rows, fit_logistic_many
 from .metrics import SegmentationScores
 from .penalty import (DEFAULT_FOLDS, LOGISTIC_L2S, RIDGE_ALPHAS, PenaltyChoice, RidgeFolds, check_grid,
                       choose_logistic_l2, image_folds)
-from .sites import Site, default_sites, gather_image_tokens
+from .sites import Site, default_sites, gather_image_tokens, site_layout
 from .sparse import SPARSE_KS, check_sparse_saes, sparse_problem
 from .split import split_images
 from .store import ActivationStore, store_folder
@@ -131,8 +131,9 @@ class ProbeSweep:
     sites: list[Site]
     class_names: tuple[str, ...]
     ignore_index: int
-    # "vision" (patches) and "llm" (image tokens): which prediction paints each pixel of the held-out
-    # images (the grid every image shares, or per image its own map)
+    # "vision" (patches), "llm" (image tokens) and a second tower's grid where a site reads it (its
+    # prefix, e.g. "vision.high_res"): which prediction paints each pixel of the held-out images (the
+    # grid every image shares, or per image its own map), all on the layout's canvas
     grids: dict[str, PixelMap]
     test_indices: np.ndarray  # dataset rows of the held-out images
     train_indices: np.ndarray
@@ -306,6 +307,9 @@ class _SweepRun:
         self.n_classes, self.ignore_index, self.conditions = n_classes, ignore_index, conditions
         self.progress = progress
         self.sensitivity_hooks = list(sensitivity_hooks)
+        # the grids scored and painted: the layout's own two and a second tower's where a site reads it
+        # (only those are labelled: `_batches`)
+        self.grid_names = ("vision", "llm", *dict.fromkeys(s.vision_grid for s in sites if s.vision_grid))
         self.cv = isinstance(cfg.penalty, str)
         self.n_folds = cfg.cv_folds if self.cv else 1
         # the control task's fixed random class for each visual type (Hewitt and Liang, 2019)
@@ -323,7 +327,8 @@ class _SweepRun:
         for number, batch in rank_batches(self.model, self.dataset, indices, batch_size=cfg.batch_size, group=self.group,
                                           prompt=cfg.prompt, min_valid_fraction=cfg.min_valid_fraction,
                                           progress=self.progress, desc=desc,
-                                          visual_types="control_task" in self.conditions):
+                                          visual_types="control_task" in self.conditions,
+                                          vision_grids=self.grid_names[2:]):
             yield number, batch
 
     def _label_sets(self, batch) -> dict[str, list[Tensor]]:
@@ -429,8 +434,8 @@ class _SweepRun:
         def test_hook(site: Site, batch, found):
             def hook(activation, hook):
                 x = gather_image_tokens(site, activation, inputs.layout)
-                grid = inputs.layout.pixels(site.stage)
-                present = inputs.layout.table(site.stage).present
+                view = site_layout(site, inputs.layout)
+                grid, present = view.pixels(site.stage), view.table(site.stage).present
                 valid = batch.labels[site.grid].valid
                 _finite(x, site, "held-out")
                 for key in keys_at[site.hook]:
@@ -451,9 +456,9 @@ class _SweepRun:
                                  + [(s.hook, test_hook(s, batch, found)) for s in self.sites],
                                  return_type=None)
             layout = inputs.layout
-            grids = {grid: layout.pixels(grid) for grid in ("vision", "llm")}
+            grids = {grid: _grid_pixels(layout, grid) for grid in self.grid_names}
             ceilings = {grid: _ceiling(labels[grid], layout, grid, masks, self.n_classes, self.ignore_index)
-                        for grid in ("vision", "llm")}
+                        for grid in self.grid_names}
             kept_masks = list(masks.to(torch.uint8) if self.ignore_index < 256 else masks)
             to_main.add(number, (found, kept_masks, grids, ceilings))
         parts = to_main.finish().items
@@ -470,9 +475,9 @@ class _SweepRun:
         found = {key: (probes[key], scores[key], pad_stack([row for p in parts for row in p[0][key][1]], -1))
                  for key in probes}
         ceilings = {grid: _merged([p[3][grid] for p in parts], self.n_classes, self.ignore_index)
-                    for grid in ("vision", "llm")}
+                    for grid in self.grid_names}
         masks = pad_stack([m for p in parts for m in p[1]], self.ignore_index)
-        grids = {grid: PixelMap.concat([p[2][grid] for p in parts]) for grid in ("vision", "llm")}
+        grids = {grid: PixelMap.concat([p[2][grid] for p in parts]) for grid in self.grid_names}
         return found, masks.numpy(), grids, choices, ceilings
 
     def _fit(self, accumulators) -> tuple[dict, dict]:
@@ -530,10 +535,20 @@ def _ceiling(labels, layout, grid: str, masks: Tensor, n_classes: int, ignore_in
     """The best a probe on this grid could do at pixel level: each token paints the majority
     class of its own box (what the token grid can represent, whatever the activations hold)."""
     oracle = labels.fractions.argmax(-1)
-    oracle[~layout.table(grid).present] = -1
+    oracle[~layout.on_grid(grid).table(_grid_stage(grid)).present] = -1
     scores = SegmentationScores(n_classes, ignore_index)
-    scores.add(oracle, labels.labels, labels.valid, masks, layout.pixels(grid))
+    scores.add(oracle, labels.labels, labels.valid, masks, _grid_pixels(layout, grid))
     return scores
+
+
+def _grid_stage(grid: str) -> str:
+    """The stage whose rows a grid holds: the LLM's tokens, or a vision grid's patches."""
+    return "llm" if grid == "llm" else "vision"
+
+
+def _grid_pixels(layout, grid: str) -> PixelMap:
+    """What paints a grid's rows onto the layout's canvas."""
+    return layout.on_grid(grid).pixels(_grid_stage(grid))
 
 
 def _merged(parts: list[SegmentationScores], n_classes: int, ignore_index: int) -> SegmentationScores:
@@ -580,7 +595,7 @@ def _assemble(results, sites, info, cfg, train_idx, test_idx, test_masks, grids,
         low, high = percentile_interval(scores.bootstrap_miou(resamples))
         choice = choices[(condition, hook)]
         rows.append({
-            "condition": condition, "depth": order[hook], "stage": site.stage, "layer": site.layer,
+            "condition": condition, "depth": order[hook], "stage": site.stage, "grid": site.grid, "layer": site.layer,
             "site": site.label, "hook": hook, "n_test_tokens": scores.tokens_valid,
             "token_accuracy": scores.token_accuracy, "pixel_accuracy": scores.pixel_accuracy,
             "miou": scores.miou, "miou_low": low, "miou_high": high,

@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..interventions.groups import GroupContext, TokenGroup
 from ..model import HookedMLLM, ImageTokenLayout, MultimodalInputs
 from ..probing.batches import labelled_batches
-from ..probing.sites import Site, gather_image_tokens, site_for
+from ..probing.sites import Site, gather_image_tokens, site_for, site_layout
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,19 @@ class TokenActivations:
 
 def chosen_image_tokens(site: Site, layout: ImageTokenLayout, selected: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "n_images n_tokens"]:
     """A [batch, seq] token selection as a selection of the site's gathered rows: the tokens
-    themselves at LLM and adapter sites, the patches feeding them at vision sites."""
-    return layout.gather(site.stage, image_token_positions(site, layout, selected))
+    themselves at LLM and adapter sites, the patches feeding them at vision sites (on the site's
+    own tower's grid where the family has two)."""
+    return site_layout(site, layout).gather(site.stage, image_token_positions(site, layout, selected))
 
 
 def image_token_positions(site: Site, layout: ImageTokenLayout,
                           selected: Bool[Tensor, "batch seq"] | None = None) -> Bool[Tensor, "..."]:
     """Where the chosen tokens (default every image token) sit in the site's activation (its
-    leading dims): the LLM's positions, the adapter's rows, or the vision patches feeding them."""
+    leading dims): the LLM's positions, the adapter's rows, or the vision patches feeding them
+    (those of the site's own tower: SAM's at `vision.high_res.*`)."""
     selected = layout.image_token_mask() if selected is None else selected.cpu()
     if site.stage == "vision":
-        return layout.scatter_vision(selected)
+        return site_layout(site, layout).scatter_vision(selected)
     return layout.scatter_adapter(selected) if site.stage == "adapter" else selected
 
 
@@ -91,7 +93,7 @@ def image_token_activations(
         model.run_with_hooks(inputs, fwd_hooks=[(site.hook, keep)], return_type=None)
         context = GroupContext(token_labels=llm_classes, model=model, ignore_index=ignore)  # for TokenGroup.of_class
         chosen = chosen_image_tokens(site, inputs.layout, group.resolve(inputs, context))
-        chosen &= inputs.layout.table(site.stage).present.cpu()
+        chosen &= site_layout(site, inputs.layout).table(site.stage).present.cpu()
         x = captured["x"].detach().float()
         if not torch.isfinite(x).all():
             raise InputError(f"NaN or inf activations at {site.hook}: the model overflows or its inputs hold NaN "

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..model.images.layout import TokenTable
 from ..model.images.pixel_map import PixelMap
-from ..probing.sites import Site, gather_image_tokens, site_for
+from ..probing.sites import Site, gather_image_tokens, site_for, site_layout
 from .sae import SAE
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def feature_activations(
     one forward with the SAE spliced with its error term (the model's outputs unchanged)."""
     site = site_for(model, _hook_name(sae))
     chosen = checked_features(sae, features)
-    check_grid_tokens(inputs.layout, site.stage)
+    check_grid_tokens(site_layout(site, inputs.layout), site.stage)
     name = f"{site.hook}.{FEATURES_POINT}"
     with torch.no_grad():
         _, cache = model.run_with_cache_with_saes(inputs, saes=[sae], use_error_term=True, names_filter=[name])
@@ -111,13 +111,13 @@ def feature_maps(
     """`features` of `sae` drawn on every image of `inputs`: per image and segment a [rows, cols]
     map, the painted canvas (`FeatureMaps.painted`) and a figure (`FeatureMaps.figure`)."""
     site, acts = feature_activations(model, sae, inputs, features)
-    layout = inputs.layout
+    layout = site_layout(site, inputs.layout)  # a second tower's site (SAM's) is drawn on its own patch grid
     table = layout.table(site.stage)
     segments = []
     for k, span in enumerate(layout.spans):
         maps = []
         for s, segment in enumerate(span.segments):
-            grid = segment.patches if site.grid == "vision" else segment.tokens
+            grid = segment.patches if site.stage == "vision" else segment.tokens
             rows = table.segment[k] == s
             values = torch.zeros(len(features), *grid.shape)
             cells = table.cells[k][rows]
@@ -176,7 +176,7 @@ def _hook_name(sae: SAE) -> str:
 
 def _left_out(layout: Any, site: Site, table: TokenTable) -> dict[str, int]:
     """Rows of the site's activation that are image tokens without a grid cell, by kind."""
-    if site.grid == "vision":
+    if site.stage == "vision":
         extra = prod(layout.vision_shape) - int(table.present.sum())
         return {"vision positions without a patch cell (CLS, registers, patches unpadding drops)": extra} if extra else {}
     counts: dict[str, int] = {}

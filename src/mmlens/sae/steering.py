@@ -26,6 +26,7 @@ from ..interventions.groups import GroupContext, TokenGroup
 from ..interventions.patching import Metric, check_same_layout, evaluate, metric_hooks
 from ..interventions.run import Run, as_run, run_and_collect
 from ..probing.sites import Site, gather_image_tokens, site_for
+from .activations import image_token_positions
 from .maps import FEATURES_POINT, checked_features
 from .sae import SAE
 
@@ -82,11 +83,10 @@ def run_with_feature_edits(model: "HookedMLLM", sae: SAE, inputs: "MultimodalInp
 def group_mask(inputs: "MultimodalInputs", site: Site, group: TokenGroup,
                context: GroupContext | None = None) -> Bool[Tensor, "..."]:
     """A token group (over LLM positions) as a mask over the site's leading dims: the positions
-    for the LLM, the adapter's rows of those tokens, or the vision patches feeding them."""
+    for the LLM, the adapter's rows of those tokens, or the vision patches feeding them (on the
+    site's own tower's grid)."""
     selected = group.resolve(inputs, context)
-    if site.stage == "llm":
-        return selected
-    return inputs.layout.scatter_adapter(selected) if site.stage == "adapter" else inputs.layout.scatter_vision(selected)
+    return selected if site.stage == "llm" else image_token_positions(site, inputs.layout, selected)
 
 
 @dataclass

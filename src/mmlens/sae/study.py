@@ -32,7 +32,7 @@ from ..probing.batches import labelled_batches
 from ..probing.linear import LinearProbe
 from ..probing.metrics import SegmentationScores
 from ..probing.ridge import RidgeStatistics
-from ..probing.sites import Site, gather_image_tokens, site_for
+from ..probing.sites import Site, gather_image_tokens, site_for, site_layout
 from ..probing.split import split_images
 from ..probing.sweep import check_split
 from ..resampling import DEFAULT_N_BOOT, bootstrap_indices, check_n_boot, percentile_interval, resample_counts
@@ -198,7 +198,7 @@ def _stream(model: HookedMLLM, scenes: Any, rows: np.ndarray, site: Site, probe_
 
         hooks = [(site.hook, keep("sae", site))] + ([(probe_site.hook, keep("probe", probe_site))] if fit_probe else [])
         model.run_with_hooks(inputs, fwd_hooks=hooks, return_type=None)
-        present = inputs.layout.table(site.stage).present.cpu()
+        present = site_layout(site, inputs.layout).table(site.stage).present.cpu()
         image, cell = present.nonzero(as_tuple=True)
         xs.append(captured["sae"][image, cell])
         images.append(image + seen)
@@ -298,6 +298,7 @@ def _ablation(model: HookedMLLM, scenes: Any, rows: np.ndarray, sae: SAE, site: 
     probe = probe.to(model.cfg.device)
     for batch in labelled_batches(model, scenes, rows, batch_size=batch_size, prompt=prompt):
         inputs, labels = batch.inputs, batch.labels[probe_site.grid]
+        probe_layout = site_layout(probe_site, inputs.layout)
         at_images = image_token_positions(site, inputs.layout).to(model.cfg.device)
         for key, feature in runs.items():
             predicted = {}
@@ -305,7 +306,7 @@ def _ablation(model: HookedMLLM, scenes: Any, rows: np.ndarray, sae: SAE, site: 
             def read(activation: Tensor, hook) -> None:
                 x = gather_image_tokens(probe_site, activation, inputs.layout)
                 prediction = probe.predict(x.flatten(0, 1).float()).view(x.shape[:2]).cpu()
-                prediction[~inputs.layout.table(probe_site.stage).present.cpu()] = -1
+                prediction[~probe_layout.table(probe_site.stage).present.cpu()] = -1
                 predicted["tokens"] = prediction
 
             def zero(features: Tensor, hook, feature=feature) -> Tensor:
@@ -321,7 +322,7 @@ def _ablation(model: HookedMLLM, scenes: Any, rows: np.ndarray, sae: SAE, site: 
                         model.run_with_hooks(inputs, fwd_hooks=[(f"{site.hook}.{FEATURES_POINT}", zero), *hooks],
                                              return_type=None)
             scores[key].add(predicted["tokens"], labels.labels, labels.valid, batch.masks,
-                            inputs.layout.pixels(probe_site.grid))
+                            probe_layout.pixels(probe_site.stage))
     weights = resample_counts(resamples, len(rows))
     counts = {key: np.stack(score.per_image).astype(np.float64) for key, score in scores.items()}
     out = []

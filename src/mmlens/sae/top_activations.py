@@ -2,8 +2,8 @@
 
 The usual first look at a dictionary feature (Bricken et al. 2023; Templeton et al. 2024): the
 inputs where it fires most. On images each image counts once, at its most active grid token, and
-the crop is that token's pixel box on the image's canvas (`layout.table(stage).boxes`): the patch
-of a vision-stage SAE, the LLM token's cell (a merged or tiled one where the family merges or
+the crop is that token's pixel box on the image's canvas (the site's `layout.table(stage).boxes`): the
+patch of a vision-stage SAE (of its own tower: SAM's finer patches at `vision.high_res.*`), the LLM token's cell (a merged or tiled one where the family merges or
 tiles) of an adapter or LLM SAE.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..probing.sites import site_layout
 from .maps import canvas_picture, feature_activations
 from .sae import SAE
 
@@ -59,7 +60,7 @@ def top_activations(
         chosen = [_picture(images[i]) for i in range(start, min(start + batch_size, len(images)))]
         inputs = model.prepare(chosen, [prompt] * len(chosen))
         site, acts = feature_activations(model, sae, inputs, features)
-        table = inputs.layout.table(site.stage)
+        table = site_layout(site, inputs.layout).table(site.stage)
         acts = torch.where(table.present[..., None], acts, torch.full_like(acts, -torch.inf))
         top, rows = acts.max(1)  # [images, features]: each image's most active token
         for column, feature in enumerate(best):

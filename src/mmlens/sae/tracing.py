@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
-from ..probing.sites import gather_image_tokens, site_for
+from ..probing.sites import gather_image_tokens, site_for, site_layout
 from .maps import FEATURES_POINT, checked_features
 from .sae import SAE
 
@@ -88,6 +88,6 @@ def trace_vision_feature(model: "HookedMLLM", vision_sae: SAE, inputs: "Multimod
     llm_change = None
     if llm_site is not None:
         moved = gather_image_tokens(llm_site, (ablated[names[2]] - kept[names[2]]).abs().float(), layout)
-        present = layout.table(llm_site.stage).present.to(moved.device)
+        present = site_layout(llm_site, layout).table(llm_site.stage).present.to(moved.device)
         llm_change = (moved[present].mean(0)).cpu()
     return FeatureTrace(int(feature), vision, token_change, llm_change)

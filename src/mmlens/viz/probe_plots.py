@@ -1,7 +1,10 @@
 """Figures of a probe sweep: the drop-off / recovery curve and predicted segmentations.
 
 The curve puts every site on one axis in pipeline order, shades the vision, adapter and LLM
-stages, draws the bootstrap interval as a band and overlays the controls. The prediction figure
+stages, draws the bootstrap interval as a band and overlays the controls. A second vision tower's
+sites (the sweep table's `grid`, e.g. DeepSeek-VL hybrid's SAM at `vision.high_res`) get their own
+line in the condition's colour: the first tower's line breaks over them rather than running one
+tower into the other. The prediction figure
 paints each token's predicted class over its pixel box beside the image and the ground truth,
 in the class palette of `mmlens.viz.masks` (row 0 on top, as in the image).
 """
@@ -43,27 +46,66 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
     for condition, rows in table.groupby("condition", sort=False):
         if condition in SENSITIVITY_CONDITIONS:
             continue
-        rows = rows.sort_values("depth")
         style = CONDITION_STYLES.get(condition, {})
-        if metric == "miou":
-            fig.add_trace(interval_band(rows.depth, rows.miou_low, rows.miou_high, style.get("color", "#444444"),
-                                        f"{condition} 95% interval"))
-        fig.add_trace(go.Scatter(
-            x=rows.depth, y=rows[metric], mode="lines+markers", name=condition, line=style,
-            customdata=np.stack([rows.hook], axis=-1), hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>",
-        ))
+        for tower, runs in _tower_runs(rows.sort_values("depth")).items():
+            if metric == "miou":
+                for run in runs:
+                    fig.add_trace(interval_band(run.depth, run.miou_low, run.miou_high, style.get("color", "#444444"),
+                                                f"{condition} 95% interval"))
+            fig.add_trace(go.Scatter(
+                x=_across(runs, "depth"), y=_across(runs, metric), mode="lines+markers", name=_named(condition, tower),
+                line=style, customdata=np.stack([_across(runs, "hook")], axis=-1),
+                hovertemplate="%{customdata[0]}<br>%{y:.3f}<extra>" + condition + "</extra>", **_tower_style(tower, runs),
+            ))
     if metric == "miou" and "ceiling" in table.columns:
         model_rows = table[table.condition == "model"].sort_values("depth")
-        fig.add_trace(go.Scatter(
-            x=model_rows.depth, y=model_rows.ceiling, mode="lines", name="token-resolution ceiling",
-            line=dict(color="#2ca02c", dash="longdash", width=1),
-            hovertemplate="best mIoU any probe on this token grid could reach: %{y:.3f}<extra></extra>",
-        ))
+        for tower, runs in _tower_runs(model_rows).items():
+            fig.add_trace(go.Scatter(
+                x=_across(runs, "depth"), y=_across(runs, "ceiling"), mode="lines",
+                name=_named("token-resolution ceiling", tower), line=dict(color="#2ca02c", dash="longdash", width=1),
+                hovertemplate="best mIoU any probe on this token grid could reach: %{y:.3f}<extra></extra>",
+                **_tower_style(tower, runs, markers=False),
+            ))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, title="site (pipeline order)")
     fig.update_yaxes(title=metric_label(metric))
     fig.update_layout(title=title or f"Probe {metric_label(metric)} along vision -> adapter -> LLM", template="plotly_white",
                       legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def _tower_runs(rows) -> dict[str | None, list]:
+    """Rows (in depth order) cut into runs of consecutive sites on one tower, keyed by the tower: None
+    for the layout's own (its vision grid runs on into the adapter and LLM), a second tower's grid
+    prefix for that tower's sites. Tables saved before the `grid` column were one-tower sweeps."""
+    grids = list(rows.grid) if "grid" in rows.columns else [None] * len(rows)
+    towers = [None if grid in (None, "vision", "llm") else grid for grid in grids]
+    runs: dict[str | None, list] = {}
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or towers[end] != towers[start]:
+            runs.setdefault(towers[start], []).append(rows.iloc[start:end])
+            start = end
+    return runs
+
+
+def _across(runs: list, column: str) -> list:
+    """A column over a tower's runs, None between runs so that plotly breaks the line there."""
+    if len(runs) == 1:
+        return runs[0][column]
+    return [value for k, run in enumerate(runs) for value in ([None] if k else []) + list(run[column])]
+
+
+def _named(name: str, tower: str | None) -> str:
+    return name if tower is None else f"{name} ({tower.removeprefix('vision.')})"
+
+
+def _tower_style(tower: str | None, runs: list, markers: bool = True) -> dict:
+    """A second tower's line: the condition's colour and dash, a different marker; a broken line
+    stays broken (no line across the other tower's sites)."""
+    style: dict = {"connectgaps": False} if len(runs) > 1 else {}
+    if tower is not None and markers:
+        style["marker"] = dict(symbol="diamond")
+    return style
 
 
 def plot_probe_predictions(sweep, example: int = 0, hooks: Sequence[str] | None = None, condition: str = "model") -> go.Figure:

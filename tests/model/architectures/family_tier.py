@@ -353,12 +353,13 @@ def test_bridge_aliases_resolve_to_real_hook_points(eager: Family, request: pyte
     assert refused == withheld
 
 
-def every_analysis_runs(model: HookedMLLM, scenes) -> Any:
+def every_analysis_runs(model: HookedMLLM, scenes, extra_sites: tuple[str, ...] = ()) -> Any:
     """Probe sweep, verified knockouts (LLM and vision), head sweep, anchor knockout, position
-    study and recovery heads, end to end on a random-weight model (numbers are not the point)."""
+    study and recovery heads, end to end on a random-weight model (numbers are not the point).
+    `extra_sites` joins the sweep (a second tower's points, probed on its own grid)."""
     n_layers = model.cfg.n_layers
     last = f"blocks.{n_layers - 1}.hook_resid_post"
-    sites = ["vision.blocks.0.hook_resid_post", "adapter.hook_out", "blocks.0.hook_resid_post", last]
+    sites = ["vision.blocks.0.hook_resid_post", *extra_sites, "adapter.hook_out", "blocks.0.hook_resid_post", last]
     # a fixed penalty: on random weights a cross-validated one is the largest (the probe paints the majority
     # class), which leaves the anchor studies no confused pair to work on
     sweep = probe_sweep(model, scenes, sites=sites, probe="ridge", progress=False, alpha=1e-2,

@@ -11,10 +11,13 @@ import torch
 
 from mmlens import HookedMLLM
 from mmlens.data import load_segmentation
-from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
+from mmlens.data.schema import segmentation_info
+from mmlens.errors import HookNameError, InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.interventions import CacheMetric, Patch, Run, patch_conditions
 from mmlens.model.architectures.deepseek_vl_hybrid import sam_tower
 from mmlens.probing import probe_sweep
+from mmlens.probing.batches import labelled_batches
+from mmlens.probing.sites import gather_image_tokens, site_for
 from mmlens.probing.token_labels import token_labels
 from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid
 
@@ -181,13 +184,98 @@ def test_patching_sam_points_in_one_forward_equals_hooks_by_hand(eager):
     assert (batched - metric({last: model.run_with_cache(corrupt, names_filter=[last])[1][last]}, corrupt)).abs().max() > 1e-4
 
 
-def test_probing_the_high_res_tower_is_refused_by_name(eager):
-    """The layout reads the vision stage on SigLIP's grid; a probe site in SAM's tower is refused
-    naming the tower and where its patches' boxes are, not run on the wrong grid."""
+@torch.no_grad()
+def test_sam_sites_give_the_probe_hf_hidden_states_row_for_row(eager):
+    """What a probe on a SAM point reads, per image and patch in raster order: Hugging Face's hidden
+    state, and its `qkv` projection's query channels, which a windowed block (0) computes per window
+    (9 windows of the 8x8 grid padded to 9x9), put back on the grid by Hugging Face's own
+    `window_unpartition` (padding dropped), and a global block (1) computes on the whole grid."""
+    model, inputs, reference = eager.model, eager.inputs, eager.reference
+    tower = reference.model.high_res_vision_model
+    high_res = inputs.extra["high_res_pixel_values"]
+    queries = {}
+    handles = [layer.attn.qkv.register_forward_hook(lambda m, a, out, i=i: queries.__setitem__(i, out))
+               for i, layer in enumerate(tower.vision_encoder.layers[:2])]
+    try:
+        theirs = tower(high_res, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [f"{SAM}.blocks.{i}.{point}" for i in (0, 1) for point in ("hook_resid_post", "attn.hook_q")]
+    _, cache = model.run_with_cache(inputs, names_filter=names)
+    layers, d_model = tower.vision_encoder.layers, high_res_width(model)
+    for layer in (0, 1):
+        q = queries[layer][..., :d_model]  # qkv's channels are (q, k, v) x head x d_head
+        if layers[layer].window_size:
+            assert q.shape[0] == 3 * 9  # per window
+            q = layers[layer].window_unpartition(q, layers[layer].window_size, (9, 9), (8, 8))
+        expected = {f"{SAM}.blocks.{layer}.hook_resid_post": theirs.hidden_states[layer + 1].flatten(1, 2),
+                    f"{SAM}.blocks.{layer}.attn.hook_q": q.flatten(1, 2)}
+        for name, by_hand in expected.items():
+            features = gather_image_tokens(site_for(model, name), cache[name], inputs.layout)
+            assert features.shape == (3, 64, d_model)
+            torch.testing.assert_close(features, by_hand, atol=1e-5, rtol=0, msg=name)
+
+
+def high_res_width(model) -> int:
+    return model.hf_model.config.high_res_vision_config.hidden_size
+
+
+def test_sam_patches_are_labelled_on_the_high_res_canvas_in_probing_batches(eager):
+    """The probing batches label SAM's grid from each mask carried onto the high-res canvas (not its
+    downsampled copy on SigLIP's): the labels of `token_labels` on `geometry.high_res` by hand."""
+    model = eager.model
+    scenes = load_segmentation("scenes", split="validation", n=4, seed=0, image_size=32)
+    (batch,) = labelled_batches(model, scenes, range(4), batch_size=4)
+    masks = np.stack([model.geometry.high_res.transform_mask(np.asarray(scenes[i]["mask"])) for i in range(4)])
+    by_hand = token_labels(masks, model.architecture.high_res_grid.patches,
+                           n_classes=len(segmentation_info(scenes).class_names))
+    ours = batch.labels[SAM]
+    assert ours.labels.shape == (4, 64) and torch.equal(ours.labels, by_hand.labels)
+    assert torch.equal(ours.valid, by_hand.valid) and ours.valid.any()
+    assert len(torch.unique(ours.labels[ours.valid])) > 1  # objects and background: the comparison has teeth
+
+
+def test_a_sweep_over_both_towers_runs_end_to_end(eager):
+    """`sites="all"` probes SAM's blocks beside SigLIP's, the adapter and the LLM, on one image split:
+    a curve per grid in pipeline order, SAM's rows scored on its own 8x8 grid (and ceiling), and its
+    held-out predictions the fitted probe's on SAM's features read by hand."""
+    model = eager.model
+    scenes = load_segmentation("scenes", split="validation", n=12, seed=0, image_size=32)
+    sweep = probe_sweep(model, scenes, sites="all", probe="ridge", progress=False, alpha=1e-2)
+    rows = sweep.table[sweep.table.condition == "model"].sort_values("depth")
+    sam_hooks = [f"{SAM}.hook_embed"] + [f"{SAM}.blocks.{i}.hook_resid_post" for i in range(3)]
+    curves = {grid: list(part.hook) for grid, part in rows.groupby("grid", sort=False)}
+    assert list(curves) == ["vision", SAM, "llm"] and curves[SAM] == sam_hooks
+    assert list(rows.stage) == sorted(rows.stage, key=["vision", "adapter", "llm"].index)
+    assert list(rows[rows.grid == SAM].site) == ["high_res.V-emb", "high_res.V0", "high_res.V1", "high_res.V2"]
+    assert np.isfinite(rows.miou).all() and set(sweep.grids) == {"vision", "llm", SAM}
+    assert rows[rows.grid == SAM].ceiling.nunique() == 1 and sweep.ceilings[SAM].miou != sweep.ceilings["vision"].miou
+    test_images = [scenes[int(i)]["image"] for i in sweep.test_indices]
+    inputs = model.prepare(test_images, "")
+    hook = sam_hooks[2]
+    _, cache = model.run_with_cache(inputs, names_filter=[hook])
+    features = gather_image_tokens(site_for(model, hook), cache[hook], inputs.layout)
+    by_hand = sweep.probe(hook).predict(features.flatten(0, 1).float()).view(len(test_images), 64)
+    assert torch.equal(sweep.predictions[("model", hook)].long(), by_hand.long())
+
+
+def test_a_sam_site_that_does_not_exist_or_is_not_on_its_grid_is_refused(eager):
+    """A SAM block past the tower's 3 is refused with the closest names; a windowed block's pattern (per
+    query and key, not per patch) is refused naming what SAM's grid reads; a SAM activation read as
+    SigLIP's vision stage is refused pointing at SAM's own grid."""
+    name = f"{SAM}.blocks.0.hook_resid_post"
+    _, cache = eager.model.run_with_cache(eager.inputs, names_filter=[name])
+    with pytest.raises(LayoutMismatchError, match=r"SAM's high-res tower .*layout\.on_grid\('vision\.high_res'\)"):
+        eager.inputs.layout.gather("vision", cache[name])
+    with pytest.raises(LayoutMismatchError, match=r"no grid 'vision\.high_rez'.*Closest: \['vision\.high_res'"):
+        eager.inputs.layout.on_grid("vision.high_rez")
     scenes = load_segmentation("scenes", split="validation", n=8, seed=0, image_size=32)
-    with pytest.raises(LayoutMismatchError, match=r"SAM's high-res tower \(vision\.high_res\.\*, its 8x8 patch grid\)"):
-        probe_sweep(eager.model, scenes, sites=[f"{SAM}.blocks.1.hook_resid_post"], probe="ridge", progress=False,
-                    alpha=1e-2)
+    settings = dict(probe="ridge", progress=False, alpha=1e-2)
+    with pytest.raises(HookNameError, match=rf"Closest: \['{SAM}\.blocks\.2\.hook_resid_post'"):
+        probe_sweep(eager.model, scenes, sites=[f"{SAM}.blocks.7.hook_resid_post"], **settings)
+    with pytest.raises(LayoutMismatchError, match=r"not on SAM's 8x8 patch grid.*per window \[\d+, 9, \.\.\.\]"):
+        probe_sweep(eager.model, scenes, sites=[f"{SAM}.blocks.0.attn.hook_pattern"], **settings)
 
 
 def test_sam_patches_are_labelled_from_the_high_res_canvas(eager):
@@ -243,4 +331,5 @@ def test_missing_or_misshapen_high_res_pixels_are_refused(eager):
 
 def test_every_analysis_runs(eager):
     scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
-    tier.every_analysis_runs(eager.model, scenes)
+    # the sweep's table must hold SAM's site, probed on its own grid, beside the others
+    tier.every_analysis_runs(eager.model, scenes, extra_sites=(f"{SAM}.blocks.1.hook_resid_post",))

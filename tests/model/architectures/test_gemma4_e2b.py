@@ -1,8 +1,9 @@
 """Gemma 4 E2B / E4B-style LLMs: per-layer inputs (each block gates a per-layer embedding into its
 residual after the MLP) and KV sharing (the last blocks attend with keys and values an earlier block
 of their type stored; their MLP double-wide). The tier runs on them; the per-layer points mean what
-Hugging Face computes, patching the storing block's keys is what the sharing blocks read, and runs
-in which the storing block did not compute a row are refused naming both blocks."""
+Hugging Face computes, patching the storing block's keys is what the sharing blocks read, sweeps whose
+copies join after a storing block equal one full forward per condition, and a run started past the
+storing block is refused naming both blocks."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import pytest
 import torch
 
 from mmlens.errors import HookNameError, UnsupportedModelError
-from mmlens.interventions import CacheMetric, Run, TokenGroup, head_sweep, knockout, recovery_blocked
+from mmlens import HookedMLLM
+from mmlens.data import load_segmentation
+from mmlens.interventions import (CacheMetric, Patch, Run, TokenGroup, baseline, head_sweep, knockout, patch_conditions,
+                                  recovery_blocked)
 from mmlens.model.architectures.gemma4.per_layer import per_layer_ids
+from mmlens.model.runtime.shared_keys import JoiningKeys, joining_keys
 from mmlens.testing.families.gemma4 import tiny_gemma4
 
 import family_tier as tier
@@ -189,12 +194,91 @@ def test_bridge_names_of_the_per_layer_input(eager):
     })
 
 
+LAST = "blocks.4.hook_resid_post"
+FINAL_NORM_OF_LAST_TOKEN = CacheMetric(lambda acts, inp: acts[LAST][:, -1].norm(dim=-1), [LAST])
+
+
+def by_hand(model, inputs, target_edit, hooks):
+    """The metric of one full forward of the target (its edit's hooks first) with `hooks` added,
+    as a TransformerLens user patches: no copies, no batch that grows."""
+    read = {}
+    model.run_with_hooks(inputs, fwd_hooks=[*target_edit.hooks, *hooks, (LAST, lambda x, hook: read.__setitem__(LAST, x))])
+    return FINAL_NORM_OF_LAST_TOKEN(read, inputs)
+
+
 @torch.no_grad()
-def test_sweeps_whose_copies_join_after_a_storing_block_are_refused(eager):
-    """Head sweeps start copies at the block they patch; past a storing block those copies have no keys
-    for the sharing blocks, so the sweep is refused naming the blocks, not run on wrong keys."""
+def test_head_sweep_over_every_layer_equals_one_forward_per_head(eager):
+    """Every head of every block, sharing blocks included: copies that join the batch after a storing
+    block read the target's stored keys there, as a full forward of the target patched at that head
+    does. The default chunks mix layers (copies join after the leading target replica computed the
+    storing blocks); four heads a chunk start each forward at its layer, past the storing blocks."""
     model, inputs = eager.model, eager.inputs
-    last = "blocks.4.hook_resid_post"
-    metric = CacheMetric(lambda acts, inp: acts[last][:, -1].norm(dim=-1), [last])
-    with pytest.raises(UnsupportedModelError, match=r"block 3 .*block 1.*not supported on KV-sharing models yet"):
-        head_sweep(model, Run(inputs), recovery_blocked(model, inputs), metric)
+    target = recovery_blocked(model, inputs)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.llm.n_heads
+    mixed = head_sweep(model, Run(inputs), target, FINAL_NORM_OF_LAST_TOKEN)
+    one_layer_each = head_sweep(model, Run(inputs), target, FINAL_NORM_OF_LAST_TOKEN, chunk_size=n_heads)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    _, clean = model.run_with_cache(inputs, names_filter=names)
+    blocked = target.edit(inputs)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            def put_head(z, hook, head=head):
+                z = z.clone()
+                z[:, :, head] = clean[hook.name][:, :, head]
+                return z
+
+            expected = by_hand(model, inputs, blocked, [(names[layer], put_head)])
+            torch.testing.assert_close(mixed[layer, head], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(one_layer_each[layer, head], expected, atol=1e-5, rtol=1e-5)
+    # the sharing blocks' keys come from the blocked target, not from the clean source
+    assert (mixed[max(REUSES)] - baseline(model, target, FINAL_NORM_OF_LAST_TOKEN)).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_patching_past_the_storing_blocks_equals_hand_hooks(eager):
+    """Residual patches at the last token and head patches at and after the storing blocks, batched
+    in one forward whose copies join at different blocks, each equal to a full forward with a hand
+    hook."""
+    model, inputs = eager.model, eager.inputs
+    target = recovery_blocked(model, inputs)
+    last_token = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
+    last_token[:, -1] = True
+    layers = sorted({*STORES.values(), *REUSES})
+    conditions = [Patch(f"blocks.{l}.hook_resid_pre", last_token) for l in layers]
+    conditions += [Patch(f"blocks.{l}.attn.hook_z", heads=(l % model.cfg.llm.n_heads,)) for l in layers]
+    effects = patch_conditions(model, Run(inputs), target, FINAL_NORM_OF_LAST_TOKEN, conditions)
+    _, clean = model.run_with_cache(inputs, names_filter=[p.hook for p in conditions])
+    blocked = target.edit(inputs)
+    for condition, effect in zip(conditions, effects):
+        def patch(x, hook, condition=condition):
+            x = x.clone()
+            if condition.heads is None:
+                x[condition.positions] = clean[hook.name][condition.positions]
+            else:
+                x[:, :, condition.heads] = clean[hook.name][:, :, condition.heads]
+            return x
+
+        torch.testing.assert_close(effect, by_hand(model, inputs, blocked, [(condition.hook, patch)]), atol=1e-5, rtol=1e-5)
+    assert (effects[0] - effects[len(layers) - 1]).abs().max() > 1e-4, "the patches change the metric"
+
+
+@torch.no_grad()
+def test_rows_joining_with_other_keys_than_planned_stop_the_run(eager):
+    """The invariant behind reusing the target's keys: a storing block computes exactly the rows that
+    joined at or before its attention. A plan that disagrees stops the run instead of giving a row
+    keys that are not its own."""
+    model, inputs = eager.model, eager.inputs
+    layers = model.architecture.llm_layers(model.hf_model)
+    planned = JoiningKeys(stored={}, computed={source: 2 * len(inputs) for source in STORES.values()})
+    with joining_keys(layers, planned), pytest.raises(RuntimeError, match=r"internal error.*block 1 computed 3 rows where 6"):
+        model(inputs)
+    assert model(inputs).isfinite().all(), "the plan is gone after the block"
+
+
+def test_every_analysis_runs():
+    """The studies end to end, the head sweep and find_recovery_heads over every block, sharing ones
+    included (a seed whose random probe confuses some classes, which the anchor study needs)."""
+    scenes = load_segmentation("scenes", split="validation", n=24, seed=0, image_size=32)
+    model = HookedMLLM.from_hf(*tiny_gemma4(**PER_LAYER, seed=2))
+    heads = tier.every_analysis_runs(model, scenes)
+    assert set(heads.table.layer) == set(range(model.cfg.n_layers))

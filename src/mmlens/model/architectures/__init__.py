@@ -17,6 +17,7 @@ from .blip2 import Blip2, InstructBlip
 from .deepseek_vl import DeepseekVL
 from .deepseek_vl_hybrid import DeepseekVLHybrid
 from .emu3 import Emu3
+from .fast_vlm import FastVlm
 from .gemma3 import Gemma3
 from .gemma4 import Gemma4
 from .glm4v import Glm4v, Glm4vMoe
@@ -68,6 +69,7 @@ FAMILIES: tuple[type[Architecture], ...] = (
     InstructBlip,
     AyaVision,
     Cohere2Vision,
+    FastVlm,
 )
 
 ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES for name in arch.hf_class_names}
@@ -75,9 +77,6 @@ ARCHITECTURES: dict[str, type[Architecture]] = {name: arch for arch in FAMILIES 
 # Classes researchers ask for that no family covers yet, with what each needs beyond what mmlens
 # has, so the refusal says what is missing rather than only that the class is unknown.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "FastVlmForConditionalGeneration": "its vision tower is a timm model (timm_wrapper: FastViTHD's convolutional "
-    "RepMixer stages, then attention stages), which needs a hooked convolutional stage spec; timm itself imports "
-    "torchvision, which mmlens's test environment leaves out, so the family could not be checked against Hugging Face",
     "Gemma4UnifiedForConditionalGeneration": "it has no vision encoder (a patch embedder feeds the LLM directly), so "
     "there is no tower stage to hook; Gemma 4 itself is supported",
 }

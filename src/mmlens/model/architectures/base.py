@@ -11,8 +11,9 @@ so no code outside `architectures/` knows a family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -68,6 +69,19 @@ class Architecture(ABC):
     # Config fields holding the ids of the special tokens this family puts in or finds in
     # input_ids; each must index the token embedding (checked at load, `check_special_tokens`).
     special_token_fields: tuple[str, ...] = ("image_token_id",)
+    # Hook-name prefixes of vision points computed on a grid of their own (a second tower's patches):
+    # probes read them through `layout.on_grid(prefix)` (`ImageTokenLayout.vision_grids`).
+    vision_grid_prefixes: tuple[str, ...] = ()
+    # Whether those grids come before the layout's own blocks in site order (earlier stages of one
+    # tower, FastVLM) rather than after them (a second tower beside the first).
+    vision_grids_first: bool = False
+    # The vision points that enter a grid before its blocks, in pipeline order (a point, or its name
+    # within the grid); every other point outside the blocks leaves after them (a neck, a final norm).
+    vision_entry_points: tuple[str, ...] = ("hook_embed", "hook_pos_embed", "ln_pre.hook_normalized",
+                                            "ln_pre.hook_scale")
+    # Vision points named outside every grid prefix but computed on one of those grids (FastVLM's stem
+    # on its first stage's cells): point -> the grid's prefix.
+    vision_points_on_grids: Mapping[str, str] = MappingProxyType({})
 
     def check_special_tokens(self, hf_model: nn.Module) -> None:
         """Refuse a config whose special token ids fall outside the vocabulary: the first forward
@@ -82,6 +96,12 @@ class Architecture(ABC):
                     f"has {vocab} tokens (ids 0..{vocab - 1}). Fix {field} in the checkpoint's config.json (or the "
                     "config the model was built from) to the id the tokenizer gives that token"
                 )
+
+    @classmethod
+    def environment_problem(cls, config: Any) -> str | None:
+        """What keeps Hugging Face from building this family's model here (a package its modules import
+        that is not installed) and how to fix it, checked before any weight is read; None: nothing."""
+        return None
 
     def llm_keywords(self, hf_model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Keywords the LLM needs, beyond `attention_mask` and `llm_input_names`, when a run starts

@@ -18,10 +18,11 @@ those rows onto pixels. Nothing above `model/` indexes image tokens by hand.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -29,6 +30,9 @@ from torch import Tensor
 
 from ...errors import LayoutMismatchError
 from .pixel_map import GridCells, ImagePixelMaps, PixelMap, TokenGrid
+
+if TYPE_CHECKING:
+    from .vision_grids import VisionGrid
 
 Stage = Literal["vision", "adapter", "llm"]
 Index = tuple[Tensor, ...]  # one index tensor per leading dim of an activation
@@ -247,6 +251,24 @@ class ImageTokenLayout:
     def grid_of(self, stage: Stage) -> TokenGrid:
         """The grid `gather(stage, ...)` rows live on (fixed-grid families; else see `table`)."""
         return self.patch_grid if stage == "vision" else self.token_grid
+
+    # ------------------------------------------------------------- vision grids of other towers
+    @property
+    def vision_grids(self) -> Mapping[str, "VisionGrid"]:
+        """Vision grids besides this layout's own, keyed by the hook-name prefix of the points on
+        them (a second tower's patches, `mmlens.model.images.vision_grids`); most families have none."""
+        return {}
+
+    def on_grid(self, grid: str) -> "ImageTokenLayout":
+        """The layout a site on `grid` is read through: this one for "vision" and "llm" (the
+        layout's own grids), the grid's own layout for a prefix in `vision_grids`."""
+        if grid in ("vision", "llm"):
+            return self
+        if grid in self.vision_grids:
+            return self.vision_grids[grid].layout
+        close = difflib.get_close_matches(grid, ["vision", "llm", *self.vision_grids], n=3, cutoff=0.5)
+        raise LayoutMismatchError(f"this layout has no grid {grid!r}; it has 'vision', 'llm'"
+                                  f"{''.join(f', {g!r}' for g in self.vision_grids)}. Closest: {close or 'none'}")
 
     # ------------------------------------------------------------- per-image tables and gather
     def _grid(self, stage: Stage, segment: Segment) -> GridCells:

@@ -273,7 +273,8 @@ def instrument_attention(
         q = q_norm(fire(hooks.hook_q, queries.view(batch, seq, -1, d_head)))
         if reuses:  # stored normed, rotated, transposed and cached: only q is this layer's own
             q = fire(hooks.hook_rot_q, q if step is None else step(attn, q, None, kwargs)[0]).transpose(1, 2)
-            k, v = kwargs[spec.shared_kv][attn.layer_type]
+            # the rows that attend: a growing batch's rows joining at hook_z skip it (`growing_batch`)
+            k, v = (t[:batch] for t in kwargs[spec.shared_kv][attn.layer_type])
         else:
             q, k, v = own_keys_and_values(hidden_states, q, kwargs)
         n_rep = q.shape[1] // k.shape[1]

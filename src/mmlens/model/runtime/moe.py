@@ -144,11 +144,18 @@ def routed_sum(x: Tensor, shape: torch.Size, indices: Tensor, weights: Tensor, h
     [tokens, top_k]), through its points; `shape` is x's [batch, pos] for the [batch, pos, ...] points."""
     project = (lambda rows, w: rows @ w) if transposed else F.linear
     total, width = torch.zeros_like(x), x.shape[-1]
+    # every expert's tokens in (batch, position) order, as torch.where(indices == e) lists them, and their
+    # weights: one stable sort of the flat choices by expert, cut at each expert's count (not two ops per expert)
+    choices = indices.flatten()
+    order = torch.argsort(choices, stable=True)
+    counts = torch.bincount(choices, minlength=len(hooks.experts)).tolist()
+    token_runs = torch.div(order, indices.shape[-1], rounding_mode="floor").split(counts)
+    weight_runs = weights.flatten()[order].split(counts)
     for e, group in enumerate(hooks.experts):
-        tokens, slots = torch.where(indices == e)  # in (batch, position) order
-        if not tokens.numel() and not group.any_hooked():
+        tokens = token_runs[e]
+        if not counts[e] and not group.any_hooked():
             continue  # HF's loop skips an expert no token chose
-        rows, weight = x[tokens], weights[tokens, slots, None]
+        rows, weight = x[tokens], weight_runs[e][:, None]
         if weights_on == "input":
             rows = rows * weight
         gate, up = project(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)

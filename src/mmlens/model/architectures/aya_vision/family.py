@@ -197,6 +197,7 @@ class AyaVision(Llava):
 
     # pixel_values, image tokens and image_sizes agree, and `_images` walks the placeholders image by image
     check_inputs = InternVL.check_inputs
+    _check_tilings = InternVL._check_tilings
 
     def _images(self, cfg: MLLMConfig, input_ids: Tensor, sizes: list[tuple[int, int]]) -> ImageTokenLayout:
         """The layout of these images, which refuses placeholders the images' tilings do not give."""

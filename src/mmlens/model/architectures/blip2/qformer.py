@@ -45,9 +45,11 @@ class QFormerBlockHooks(HookGroup):
         self.mlp, self.ln2 = MLPHooks(gated=False), NormHooks()
         if text:
             self.mlp_text, self.ln2_text = MLPHooks(gated=False), NormHooks()
+        # checked on every forward: walking the module tree each time cost more than the checks
+        self._points = [m for m in self.modules() if isinstance(m, HookPoint)]
 
     def any_point_hooked(self) -> bool:
-        return any(is_hooked(m) for m in self.modules() if isinstance(m, HookPoint))
+        return any(is_hooked(point) for point in self._points)
 
 
 def _attention(module: nn.Module, output: nn.Module, hooks: AttentionHooks, use_result: Callable[[], bool]):

@@ -7,7 +7,8 @@ SigLIP is hooked as `vision.*`, exactly as in DeepSeek-VL; SAM as the second vis
 global-attention block (through the hybrid's neck) are resized and downsampled onto SigLIP's patch
 grid, mixed by a learned alpha, and read by the aligner. Both towers end on the LLM's token grid,
 so the layout is DeepSeek-VL's fixed grid; `high_res_grid` places SAM's patches on it
-(`geometry.py`). The token-group knockout (`stage="vision"`) edits SigLIP's blocks; SAM's windowed
+(`geometry.py`), and the layout names SAM's patch grid as a second vision grid, which probes on
+`vision.high_res.*` read through (`layout.py`). The token-group knockout (`stage="vision"`) edits SigLIP's blocks; SAM's windowed
 attention has no knockout (a key outside a query's window is out of reach already): edit its
 `hook_attn_scores` with hooks.
 """
@@ -25,7 +26,7 @@ from ...hook_tree import fire
 from ...runtime.instrument import _override_forward
 from ..deepseek_vl import DeepseekVL
 from .geometry import HighResGrid, TwoResolutionGeometry
-from .layout import TwoTowerLayout
+from .layout import HIGH_RES_PREFIX, TwoTowerLayout
 from .sam_tower import HighResTowerHooks, add_points, instrument_high_res_path
 
 HIGH_RES_TOWERS = ("sam_vision_model",)
@@ -37,6 +38,7 @@ ALIGNER_POINTS = ("hook_in_high_res", "hook_low_res_proj", "hook_high_res_proj")
 class DeepseekVLHybrid(DeepseekVL):
     hf_class_names = ("DeepseekVLHybridForConditionalGeneration",)
     extra_input_names = (HIGH_RES_INPUT,)
+    vision_grid_prefixes = (HIGH_RES_PREFIX,)
 
     def check_supported(self, hf_model: nn.Module) -> None:
         super().check_supported(hf_model)
@@ -53,6 +55,7 @@ class DeepseekVLHybrid(DeepseekVL):
         side, patch = _square(tower.image_size, "image_size"), _square(tower.patch_size, "patch_size")
         self.high_res_side = side
         self.high_res_grid = HighResGrid((side // patch, side // patch), (side, side), config.adapter.token_grid)
+        self.high_res_window = int(tower.window_size)
         return config
 
     def adapter_config(self, hf_model: nn.Module, vision: VisionConfig) -> AdapterConfig:
@@ -69,7 +72,7 @@ class DeepseekVLHybrid(DeepseekVL):
         )
 
     def layout(self, cfg: MLLMConfig, input_ids: Tensor, **inputs: Tensor) -> TwoTowerLayout:
-        return TwoTowerLayout.around(super().layout(cfg, input_ids, **inputs), self.high_res_grid.patch_grid)
+        return TwoTowerLayout.around(super().layout(cfg, input_ids, **inputs), self.high_res_grid, self.high_res_window)
 
     def mask_geometry(self, processor: Any) -> TwoResolutionGeometry:
         return TwoResolutionGeometry.from_processor(processor)

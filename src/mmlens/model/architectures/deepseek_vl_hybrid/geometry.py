@@ -15,12 +15,12 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 from jaxtyping import Int, Shaped
 from torch import Tensor
 
 from ...images.pixel_map import TokenGrid
 from ...images.preprocess import MaskInput
+from ...images.vision_grids import nested_patch_to_token
 from ..janus.geometry import ResizeThenPadGeometry
 
 
@@ -67,8 +67,4 @@ class HighResGrid:
     @cached_property
     def patch_to_token(self) -> Int[Tensor, "n_patches"]:
         """The LLM grid token (raster index) whose box holds each SAM patch's centre."""
-        rows, cols = self.token_grid
-        centres = self.patches.boxes.double()
-        y = (centres[:, 0] + centres[:, 2]) / 2 / self.canvas[0]
-        x = (centres[:, 1] + centres[:, 3]) / 2 / self.canvas[1]
-        return (torch.floor(y * rows).long() * cols + torch.floor(x * cols).long())
+        return nested_patch_to_token(self.patches, TokenGrid(*self.token_grid, self.canvas))

@@ -14,9 +14,10 @@ as one component per block (`{l}_per_layer`).
 KV sharing: the last `num_kv_shared_layers` blocks have no key or value projections; each attends
 with the keys and values the last earlier block of its layer type stored (rotated, normed). Their
 attention has no `hook_k` / `hook_v` / `hook_rot_k` points: patching the keys they read means
-patching the storing block's, exactly as in Hugging Face. A run in which the storing block did not
-compute a row (`start_at_layer` past it, or patching copies joining the batch after it) is refused,
-naming both blocks, since those rows have no keys to reuse.
+patching the storing block's, exactly as in Hugging Face. Patching copies that join a sweep's batch
+after the storing block equal their target there, so they read the target's stored keys and values
+(`runtime/shared_keys.py`); a run started past the storing block (`start_at_layer`) has none and is
+refused, naming both blocks.
 
 Experts: the MLP's place holds the dense MLP and the routed experts side by side (`experts.py`).
 """
@@ -32,10 +33,10 @@ from ...hook_tree import BlockHooks, MoEHooks, fire
 from ...runtime.devices import bare_forward
 from ...runtime.instrument import BlockSpec, _argument_names, _override_forward, instrument_block
 from ...runtime.norms import NormKind
+from ...runtime.shared_keys import JOINING_KEYS, SHARED_KV, rows_with_joining_keys
 from .experts import bind_experts, routed_branch
 
 PER_LAYER_POINTS = ("hook_per_layer_input", "hook_per_layer_gate", "hook_per_layer_post", "hook_per_layer_out")
-SHARED_KV = "shared_kv_states"
 
 
 def storing_layers(text_config: Any) -> dict[int, int]:
@@ -45,21 +46,27 @@ def storing_layers(text_config: Any) -> dict[int, int]:
     return {i: store[types[i]] for i, mode in enumerate(modes) if mode == "reuse"}
 
 
-def refuse_missing_keys(layer: int, source: int, kwargs: dict[str, Any], rows: int, layer_type: str) -> None:
-    """A reusing block needs the storing block's keys and values for every row it computes."""
-    stored = (kwargs.get(SHARED_KV) or {}).get(layer_type)
-    if stored is None:
+def keys_for_rows(layer: nn.Module, source: int, kwargs: dict[str, Any], rows: int) -> None:
+    """Give a reusing block the storing block's keys and values for each of its `rows` rows (in
+    `kwargs`): those the storing block computed, then, for rows that joined the batch after it
+    (`joining_keys`), the ones given; without those, refuse, naming both blocks."""
+    index, layer_type = layer.self_attn.layer_idx, layer.self_attn.layer_type
+    shared = kwargs.get(SHARED_KV) or {}
+    stored = shared.get(layer_type)
+    joining = getattr(layer, JOINING_KEYS, None)
+    if joining is not None:
+        kwargs[SHARED_KV] = {**shared, layer_type: rows_with_joining_keys(stored, joining, source, layer_type, rows)}
+    elif stored is None:
         raise UnsupportedModelError(
-            f"LLM block {layer} reuses the keys and values of block {source} (Gemma 4's KV sharing), but block {source} "
-            f"did not run: a run that starts after it (start_at_layer > {source}, as patching sweeps and head sweeps "
-            f"do for later blocks) has no keys there. Start at block {source} or earlier; sweeps over blocks after "
-            f"{source} are not supported on KV-sharing models yet")
-    if stored[0].shape[0] != rows:
+            f"LLM block {index} reuses the keys and values of block {source} (Gemma 4's KV sharing), but block {source} "
+            f"did not run: a run that starts after it (start_at_layer > {source}) has no keys there. Start at block "
+            f"{source} or earlier (patching and head sweeps over later blocks do this for you)")
+    elif stored[0].shape[0] != rows:
         raise UnsupportedModelError(
-            f"LLM block {layer} computes {rows} rows but block {source}, whose keys and values it reuses (Gemma 4's KV "
-            f"sharing), computed {stored[0].shape[0]}: rows that join a batch after block {source} (patching or head-sweep "
-            f"copies started past it) have no keys to reuse. Sweeps over blocks after {source} are not supported on "
-            f"KV-sharing models yet; patch blocks up to {source}, or patch by hand with run_with_hooks (a full forward)")
+            f"LLM block {index} computes {rows} rows but block {source}, whose keys and values it reuses (Gemma 4's KV "
+            f"sharing), computed {stored[0].shape[0]}: rows that join a batch after block {source} (rows_joining) read "
+            f"the keys of the input they copy, which only patching's own schedule knows; let a patching function "
+            f"join them, or start every row at block {source} or earlier")
 
 
 def instrument_gemma4_block(
@@ -102,7 +109,7 @@ def instrument_gemma4_block(
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         kwargs.update(zip(names, args))
         if source is not None:
-            refuse_missing_keys(layer.self_attn.layer_idx, source, kwargs, hidden_states.shape[0], layer.self_attn.layer_type)
+            keys_for_rows(layer, source, kwargs, hidden_states.shape[0])
         if not (hooks.residual_hooked() or moe and hooks.mlp.any_hooked()):
             return hf_forward(hidden_states, **kwargs)
         per_layer_input = kwargs.pop("per_layer_input", None)

@@ -33,6 +33,7 @@ from ...runtime.norms import instrument_norm
 from ..base import Architecture
 from ..llava import LLM_BLOCK, Llava
 from ..module_paths import ModulePaths
+from ..passed_checks import passed_checks
 from ..pixel_shuffle import shuffle_map
 from .geometry import TileGeometry, Tiling, edges_on_original
 
@@ -299,14 +300,21 @@ class InternVL(Architecture):
                              f"image tokens but input_ids hold {n_tokens}; the prompts' placeholders and the images must match")
         sizes = self._sizes(inputs, needed=False)
         if sizes:
-            tiling = self._tiling()
-            frames = sum(tiling.n_frames(s) for s in sizes)
-            if frames != len(pixel_values):
-                raise InputError(f"image_sizes {sizes} make {frames} frames but pixel_values hold {len(pixel_values)}")
-            try:  # walk the placeholders image by image, as the model will fill them
-                self._images(cfg, input_ids, sizes)
-            except LayoutMismatchError as error:
-                raise InputError(f"images of sizes {sizes} and the prompts' placeholders do not match: {error}") from None
+            # the tilings and the walk read the ids, the sizes and the number of frames only: once per batch's values
+            passed_checks(self).run(lambda: self._check_tilings(cfg, input_ids, sizes, len(pixel_values)),
+                                    input_ids, sizes, len(pixel_values))
+
+    def _check_tilings(self, cfg: MLLMConfig, input_ids: Tensor, sizes: list[tuple[int, int]], n_frames: int) -> None:
+        """Refuse images whose tilings make another number of frames than `n_frames`, or whose
+        placeholders the walk image by image (as the model fills them) does not find."""
+        tiling = self._tiling()
+        frames = sum(tiling.n_frames(s) for s in sizes)
+        if frames != n_frames:
+            raise InputError(f"image_sizes {sizes} make {frames} frames but pixel_values hold {n_frames}")
+        try:
+            self._images(cfg, input_ids, sizes)
+        except LayoutMismatchError as error:
+            raise InputError(f"images of sizes {sizes} and the prompts' placeholders do not match: {error}") from None
 
     def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
         """Two rows: an image of one tile, and one of 1 x 2 tiles plus its thumbnail (no sizes: the

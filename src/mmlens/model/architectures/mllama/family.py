@@ -31,6 +31,7 @@ from ...runtime.norms import instrument_norm
 from ..base import Architecture
 from ..llava.family import LLM_BLOCK, Llava
 from ..module_paths import ModulePaths
+from ..passed_checks import passed_checks
 from .cross_attention import instrument_cross_attention_block
 from .geometry import TileCanvasGeometry
 from .layout import cross_attended_layout, tile_grid
@@ -175,7 +176,9 @@ class Mllama(Architecture):
         if missing:
             raise InputError(f"images without {missing}: Mllama needs every keyword its processor returns "
                              "(use model.prepare(...))")
-        self.layout(cfg, input_ids, **inputs)  # placeholders and images per row must match
+        # placeholders and images per row must match; the walk builds the layout, so a batch that passed is
+        # remembered by the values it reads
+        passed_checks(self).run(lambda: self.layout(cfg, input_ids, **inputs), input_ids, inputs["aspect_ratio_ids"])
 
     def probe_inputs(self, cfg: MLLMConfig, seed: int = 0) -> dict[str, Tensor]:
         """Two rows, one image each: a single tile, and the widest grid of tiles, with text before and after."""
