@@ -15,6 +15,7 @@ from mmlens.errors import InputError
 from mmlens.experiments.attention_on_image import attention_on_image, attention_pattern
 from mmlens.interventions import TokenGroup
 from mmlens.testing.browser import drawn_fraction, dump_dom, rendered_figures, screenshot
+from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid
 from mmlens.testing_families import tiny_llava_next, tiny_qwen2_vl
 from mmlens.viz import plot_attention_on_image, plot_attention_pattern, save_figure
 from test_report import require_chromium
@@ -128,6 +129,45 @@ def test_cells_that_are_no_square_grid(builder):
     heatmaps = [t for t in figure.data if t.type == "heatmap"]
     finest = result.finest_segment(1)
     assert len(heatmaps) == 2 and list(heatmaps[0].x) == layout.spans[1].segments[finest].tokens.x_edges.tolist()
+
+
+def test_a_second_towers_heads_are_painted_on_its_own_grid():
+    """DeepSeek-VL hybrid's SAM (8x8 patches, windows of 3x3 over the grid padded to 9x9, block 1
+    global): a windowed head's row covers its query's window only, found by hand from HF's window
+    partition; a global head's row is every patch of the image; the figure titles the grid."""
+    model = HookedMLLM.from_hf(*tiny_deepseek_vl_hybrid())
+    inputs = model.prepare(random_images(2, sizes=((40, 50), (61, 37))), PROMPTS)
+    size, across = 3, 3  # SAM's window and windows per side (8 patches padded to 9)
+    for query in ((4, 5), (7, 6)):  # a whole window, and one cut by the grid's edge (padding keys left out)
+        r, c = query
+        windowed = attention_on_image(model, inputs, 0, heads=[1, 3], query=query, stage="vision.high_res", image=1)
+        pattern = pattern_by_hand(model, inputs, "vision.high_res.blocks.0.attn.hook_pattern")
+        window = 1 * across * across + (r // size) * across + c // size
+        row = pattern[window, [1, 3], (r % size) * size + c % size]  # [heads, window keys]
+        expected = torch.zeros(2, 8, 8)
+        for kr in range(8):
+            for kc in range(8):
+                if (kr // size, kc // size) == (r // size, c // size):
+                    expected[:, kr, kc] = row[:, (kr % size) * size + kc % size]
+        torch.testing.assert_close(windowed.segment_grid(1, 1), expected[0])
+        torch.testing.assert_close(windowed.segment_grid(3, 1), expected[1])
+        assert float(windowed.mass[0, 0]) == 0 and windowed.query_patch == (1, 0, r, c)
+    assert float(windowed.mass.max()) < 1 - 1e-3  # the edge window: attention on padding is not on the image
+    full = attention_on_image(model, inputs, 1, heads=[2], query=(2, 6), stage="vision.high_res", image=0)
+    pattern = pattern_by_hand(model, inputs, "vision.high_res.blocks.1.attn.hook_pattern")
+    torch.testing.assert_close(full.segment_grid(2, 0).flatten(), pattern[0, 2, 2 * 8 + 6])
+    assert full.values.shape == (1, 2, 64) and float(full.mass[0, 1]) == 0
+    figure = plot_attention_on_image(full, image=0)
+    assert "vision.high_res layer 1" in figure.layout.title.text
+    heatmaps = [t for t in figure.data if t.type == "heatmap"]
+    grid = inputs.layout.on_grid("vision.high_res").spans[0].segments[0].patches
+    assert len(heatmaps) == 1 and list(heatmaps[0].x) == grid.x_edges.tolist()
+    with pytest.raises(InputError, match=r"or a vision grid of this model \('vision.high_res'\), got 'vision.sam'"):
+        attention_on_image(model, inputs, 0, stage="vision.sam", query=(0, 0))
+    with pytest.raises(InputError, match=r"vision.high_res head must be an integer in 0\.\.3, got 4"):
+        attention_on_image(model, inputs, 0, heads=4, stage="vision.high_res", query=(0, 0))
+    with pytest.raises(InputError, match=r"query row must be an integer in 0\.\.7, got 8"):
+        attention_on_image(model, inputs, 0, stage="vision.high_res", query=(8, 0))
 
 
 def test_the_pattern_view_labels_image_tokens_from_the_layout(shapes):

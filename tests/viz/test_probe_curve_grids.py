@@ -90,3 +90,24 @@ def test_a_table_saved_before_grids_were_recorded_still_draws():
     sweep = sweep_of(ONE_TOWER)
     sweep.table = sweep.table.drop(columns="grid")
     assert without_template(plot_probe_curve(sweep)) == json.loads(BEFORE.read_text())
+
+
+def test_earlier_stages_of_one_tower_stay_on_its_line():
+    # FastVLM: two finer stages feed the final grid, so the sweep lists them first; the curve is one
+    # pipeline from the stem to the LLM, each stage's sites at their own depth, no line of their own
+    stages = [Site(f"vision.stages.{s}.blocks.0.hook_resid_post", "vision", 0, f"stages.{s}.V0", f"vision.stages.{s}")
+              for s in (0, 1)]
+    sweep = sweep_of(stages + ONE_TOWER[1:])
+    fig = plot_probe_curve(sweep)
+    drawn = lines(fig)
+    assert set(drawn) == {"model", "random_init", "shuffled_labels"}
+    assert list(drawn["model"].x) == [0, 1, 2, 3, 4, 5, 6]
+    assert list(drawn["model"].customdata[:, 0]) == [s.hook for s in stages + ONE_TOWER[1:]]
+    model_rows = sweep.table[sweep.table.condition == "model"]
+    assert np.allclose(drawn["model"].y, model_rows.miou)
+    ceiling = next(t for t in fig.data if t.name == "token-resolution ceiling")
+    assert list(ceiling.x) == [0, 1, 2, 3, 4, 5, 6]
+    # a grid after the own grid's sites is a second tower, drawn apart, however it is named
+    late = Site("vision.stages.9.blocks.0.hook_resid_post", "vision", 0, "stages.9.V0", "vision.stages.9")
+    drawn = lines(plot_probe_curve(sweep_of(ONE_TOWER[:2] + [late] + ONE_TOWER[3:])))
+    assert "model (stages.9)" in drawn and list(drawn["model (stages.9)"].x) == [2]

@@ -5,7 +5,9 @@ prompt's last text token) is read at each image's grid tokens through the layout
 are per image cell and its pixels are that cell's box, for any family: one grid, anyres tiles over
 a base image, variable-resolution merged grids. A vision-tower head's queries are patches: pick an
 image cell (row, col) and its row is read at every patch of the image (zero across tiles or images
-its attention never reaches). Only the one pattern hook is cached (`names_filter`).
+its attention never reaches). A second vision grid (DeepSeek-VL hybrid's SAM, FastVLM's finer
+stages) is a stage named by its hook prefix: its heads are read on its own patch grid, a windowed
+block's row put back on the raster around its window. Only the one pattern hook is cached.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..model import HookedMLLM, MultimodalInputs
 from ..model.images.layout import Segment, TokenTable
 from .pictures import picture_as_seen
 
-Stage = Literal["llm", "vision"]
+Stage = Literal["llm", "vision"] | str  # or a second vision grid's hook prefix, e.g. "vision.high_res"
 Query = int | Sequence[int] | str | TokenGroup | tuple[int, int]
 
 
@@ -98,7 +100,7 @@ class ImageAttention:
     def _grids(self, image: int):
         if not 0 <= image < len(self.segments):
             raise InputError(f"there are {len(self.segments)} image(s) (0..{len(self.segments) - 1}); asked for {image}")
-        return [s.patches if self.stage == "vision" else s.tokens for s in self.segments[image]]
+        return [s.tokens if self.stage == "llm" else s.patches for s in self.segments[image]]
 
     def _head_slot(self, head: int) -> int:
         if head not in self.heads:
@@ -113,16 +115,26 @@ def _checked(what: str, value: int, count: int) -> int:
 
 
 def _pattern_name(model: HookedMLLM, stage: Stage, layer: int) -> str:
-    if stage not in ("llm", "vision"):
-        raise InputError(f"stage must be 'llm' (blocks.{{l}}.attn) or 'vision' (the tower), got {stage!r}")
-    config = model.cfg.llm if stage == "llm" else model.cfg.vision
-    _checked(f"{stage} layer", layer, config.n_layers)
-    name = f"{'vision.' if stage == 'vision' else ''}blocks.{layer}.attn.hook_pattern"
+    grids = model.architecture.vision_grid_prefixes
+    if stage not in ("llm", "vision", *grids):
+        others = f" or a vision grid of this model ({', '.join(map(repr, grids))})" if grids else ""
+        raise InputError(f"stage must be 'llm' (blocks.{{l}}.attn) or 'vision' (the tower){others}, got {stage!r}")
+    prefix = {"llm": "", "vision": "vision."}.get(stage, f"{stage}.")
+    n_layers = (model.cfg.llm.n_layers if stage == "llm" else model.cfg.vision.n_layers if stage == "vision"
+                else sum(1 for name in model.hook_dict if name.startswith(f"{stage}.blocks.") and name.endswith(".hook_resid_post")))
+    _checked(f"{stage} layer", layer, n_layers)
+    name = f"{prefix}blocks.{layer}.attn.hook_pattern"
     if name not in model.hook_dict:
-        with_pattern = [l for l in range(config.n_layers)
-                        if f"{'vision.' if stage == 'vision' else ''}blocks.{l}.attn.hook_pattern" in model.hook_dict]
+        with_pattern = [l for l in range(n_layers) if f"{prefix}blocks.{l}.attn.hook_pattern" in model.hook_dict]
         raise InputError(f"{stage} layer {layer} has no softmax attention pattern ({name}); layers that do: {with_pattern}")
     return name
+
+
+def _head_list(heads, n_heads: int, stage: Stage) -> list[int]:
+    heads = list(range(n_heads)) if heads is None else [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+    if not heads:
+        raise InputError("no heads given")
+    return [_checked(f"{stage} head", h, n_heads) for h in heads]
 
 
 def _llm_queries(query, inputs: MultimodalInputs) -> tuple[torch.Tensor, str]:
@@ -170,40 +182,65 @@ def attention_on_image(
     the pattern rows of its query positions are averaged, and each image of the row is read there.
     Vision stage (`vision.blocks.{layer}.attn`): `query` is a (row, col) cell of image `image`'s
     patch grid (in its finest segment unless `segment` is given); its pattern row is read at every
-    patch of every image (zero where it cannot reach: other tiles, other images)."""
+    patch of every image (zero where it cannot reach: other tiles, other images).
+    A second vision grid (`stage` one of `model.architecture.vision_grid_prefixes`, e.g.
+    "vision.high_res" for DeepSeek-VL hybrid's SAM, "vision.stages.3" for a FastVLM attention stage):
+    `{stage}.blocks.{layer}.attn`, `query` a (row, col) cell of that grid; a windowed block's row
+    covers the query's window (zero elsewhere, its padding keys left out)."""
     name = _pattern_name(model, stage, layer)
-    n_heads = (model.cfg.llm if stage == "llm" else model.cfg.vision).n_heads
-    heads = list(range(n_heads)) if heads is None else [heads] if isinstance(heads, (int, np.integer)) else list(heads)
-    if not heads:
-        raise InputError("no heads given")
-    heads = [_checked(f"{stage} head", h, n_heads) for h in heads]
+    on_grid = stage not in ("llm", "vision")
+    if not on_grid:
+        heads = _head_list(heads, (model.cfg.llm if stage == "llm" else model.cfg.vision).n_heads, stage)
     layout = inputs.layout
     if layout is None or not layout.n_images:
         raise InputError("these inputs hold no image; build them with model.prepare(images, prompts)")
+    grid = layout.on_grid(stage) if on_grid else layout
     vision_query, query_patch = None, None
-    if stage == "vision":
-        vision_query = _vision_query(layout, query, image, segment)
+    if stage != "llm":
+        vision_query = _vision_query(grid, query, image, segment)
     else:
         query_mask, description = _llm_queries(query, inputs)
     _, cache = model.run_with_cache(inputs, names_filter=[name])
+    if on_grid:  # a second grid's head count is its own tower's, read off the pattern [.., heads, query, key]
+        heads = _head_list(heads, cache[name].shape[-3], stage)
     pattern = cache[name][..., heads, :, :].float().cpu()
     if stage == "llm":
         weights = query_mask.float() / query_mask.sum(1, keepdim=True)
         rows = torch.einsum("bq,bhqk->bkh", weights, pattern)  # [batch, seq, heads]: each row's mean query
         values = layout.gather("llm", rows)
+    elif on_grid:
+        index, description, query_patch = vision_query
+        values = grid.gather("vision", _grid_query_row(grid, pattern, index))
     else:
         index, description, query_patch = vision_query
         lead, position = index[:-1], index[-1]
         rows = torch.zeros(*layout.vision_shape, len(heads))
         rows[lead] = pattern[lead][:, position, :].T  # the query's row, in its own tile or packed sequence
         values = layout.gather("vision", rows)
-    table = layout.table(stage)
+    table = grid.table("llm" if stage == "llm" else "vision")
     values = torch.where(table.present[..., None], values, torch.zeros_like(values)).permute(2, 0, 1).contiguous()
-    spans = layout.spans
     images = [picture_as_seen(model, model.architecture.image_pixels(inputs.pixel_values, s.image_index, span=s,
-                                                                   **inputs.extra, **inputs.layout_inputs)) for s in spans]
+                                                                   **inputs.extra, **inputs.layout_inputs)) for s in layout.spans]
+    spans = grid.spans  # a second grid's cells, on the layout's canvas
     return ImageAttention(stage, layer, heads, description, values, table, [s.segments for s in spans],
                           [tuple(s.canvas) for s in spans], images, query_patch)
+
+
+def _grid_query_row(grid, pattern: Float[Tensor, "n heads query key"], index: tuple[Tensor, ...]) -> Tensor:
+    """The query's pattern row as [n, key, heads] (zero in every other row of n), which the grid's
+    `gather` puts on its raster: `index` is the query patch's (image, raster position); a windowed
+    block's patterns are per window, so the (window, position) it sits at is found by sending each
+    pattern row's number through the same raster map."""
+    n, _, queries, keys = pattern.shape
+    numbered = grid.on_raster(torch.arange(n * queries).view(n, queries))
+    if tuple(numbered.shape) != tuple(grid.vision_shape[:2]):
+        raise InputError(f"a pattern of shape {tuple(pattern.shape)} is not on the {grid.prefix}.* grid's "
+                         f"{tuple(grid.vision_shape[:2])} (image, patch) positions, whole or in windows")
+    flat = int(numbered[tuple(int(i) for i in index)])
+    at, query = divmod(flat, queries)
+    rows = torch.zeros(n, keys, pattern.shape[1])
+    rows[at] = pattern[at, :, query, :].T
+    return rows
 
 
 @dataclass

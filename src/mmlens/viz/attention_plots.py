@@ -64,7 +64,7 @@ def plot_attention_on_image(attention, image: int = 0, *, segment: int | None = 
                                      hovertemplate=name + "<extra></extra>"), row=row, col=col)
         fig.update_xaxes(showticklabels=False, range=[0, width], row=row, col=col)
         fig.update_yaxes(showticklabels=False, range=[height, 0], scaleanchor=f"x{k + 1}" if k else "x", row=row, col=col)
-    where = "vision tower" if attention.stage == "vision" else "LLM"
+    where = {"vision": "vision tower", "llm": "LLM"}.get(attention.stage, attention.stage)  # or a second grid's prefix
     fig.update_layout(title=f"Attention on image {image}: {where} layer {attention.layer}<br><sup>from {attention.query}"
                             f"{'' if not several else f'; cells of its {segments[segment].kind} segment'}</sup>",
                       template="plotly_white", width=min(1200, 280 * columns + 160), height=280 * rows + 140,

@@ -4,7 +4,7 @@ The curve puts every site on one axis in pipeline order, shades the vision, adap
 stages, draws the bootstrap interval as a band and overlays the controls. A second vision tower's
 sites (the sweep table's `grid`, e.g. DeepSeek-VL hybrid's SAM at `vision.high_res`) get their own
 line in the condition's colour: the first tower's line breaks over them rather than running one
-tower into the other. The prediction figure
+tower into the other. Earlier, finer stages of the one tower (FastVLM's) stay on its line. The prediction figure
 paints each token's predicted class over its pixel box beside the image and the ground truth,
 in the class palette of `mmlens.viz.masks` (row 0 on top, as in the image).
 """
@@ -76,9 +76,15 @@ def plot_probe_curve(sweep, metric: str = "miou", title: str | None = None) -> g
 def _tower_runs(rows) -> dict[str | None, list]:
     """Rows (in depth order) cut into runs of consecutive sites on one tower, keyed by the tower: None
     for the layout's own (its vision grid runs on into the adapter and LLM), a second tower's grid
-    prefix for that tower's sites. Tables saved before the `grid` column were one-tower sweeps."""
+    prefix for that tower's sites. A grid whose sites all come before the layout's own vision sites is
+    an earlier, finer stage feeding that grid (FastVLM's `vision.stages.{s}`: the sweep orders a second
+    tower after the own grid), so it stays on the one line. Tables saved before the `grid` column were
+    one-tower sweeps."""
     grids = list(rows.grid) if "grid" in rows.columns else [None] * len(rows)
-    towers = [None if grid in (None, "vision", "llm") else grid for grid in grids]
+    depths = list(rows.depth)
+    own = [d for d, grid in zip(depths, grids) if grid == "vision"]
+    earlier = {grid for grid in grids if own and all(d < min(own) for d, g in zip(depths, grids) if g == grid)}
+    towers = [None if grid in (None, "vision", "llm") or grid in earlier else grid for grid in grids]
     runs: dict[str | None, list] = {}
     start = 0
     for end in range(1, len(rows) + 1):

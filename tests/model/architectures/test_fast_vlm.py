@@ -21,7 +21,7 @@ pytest.importorskip("timm", reason="FastVLM's tower is a timm model, and timm ne
 from mmlens import HookedMLLM  # noqa: E402 - after the skip: nothing here runs without timm
 from mmlens.data import load_segmentation  # noqa: E402
 from mmlens.data.schema import segmentation_info  # noqa: E402
-from mmlens.errors import HookNameError, LayoutMismatchError, UnsupportedModelError  # noqa: E402
+from mmlens.errors import HookNameError, InputError, LayoutMismatchError, UnsupportedModelError  # noqa: E402
 from mmlens.model.architectures.fast_vlm import fastvit  # noqa: E402
 from mmlens.model.images.pixel_map import TokenGrid  # noqa: E402
 from mmlens.model.runtime.attention_masks import additive_mask  # noqa: E402
@@ -167,6 +167,25 @@ def test_fine_attention_stage_knockout_by_hand_equals_timm_with_its_mask(eager, 
     torch.testing.assert_close(read["edited"], theirs.image_hidden_states, atol=1e-6, rtol=0)
     # a random-weight LLM barely moves for one corner of one stage: the image tokens it reads did
     assert (read["edited"] - clean["adapter.hook_out"]).abs().max() > 1e-4
+
+
+def test_a_finer_attention_stage_head_is_painted_on_its_own_grid(eager):
+    """attention_on_image on the first attention stage (8x8 cells of 8 px): a query cell's pattern row,
+    read by hand from the cache, on that stage's cells (boxes of 8 px on the layout's canvas), the
+    other images' cells zero; the final grid's stage name keeps working beside it."""
+    from mmlens.experiments.attention_on_image import attention_on_image
+
+    model, inputs = eager.model, eager.inputs
+    result = attention_on_image(model, inputs, 1, heads=[0], query=(5, 2), stage=FINE, image=2)
+    _, cache = model.run_with_cache(inputs, names_filter=f"{FINE}.blocks.1.attn.hook_pattern")
+    row = cache[f"{FINE}.blocks.1.attn.hook_pattern"][2, 0, 5 * 8 + 2].float()
+    torch.testing.assert_close(result.segment_grid(0, 2).flatten(), row)
+    assert result.values.shape == (1, 3, 64) and float(result.mass[0, :2].abs().max()) == 0
+    assert result.grid_cells(2, 0).x_edges.tolist() == list(range(0, 65, 8))
+    final = attention_on_image(model, inputs, 0, heads=[1], query=(1, 3), stage="vision", image=0)
+    assert final.values.shape[-1] == 16
+    with pytest.raises(InputError, match=r"vision.stages.0 layer 0 has no softmax attention pattern"):
+        attention_on_image(model, inputs, 0, stage="vision.stages.0", query=(0, 0))
 
 
 @torch.no_grad()
