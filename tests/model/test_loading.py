@@ -119,13 +119,19 @@ def _with_token_id(builder, field: str):
     return build
 
 
-@pytest.mark.parametrize("family,field", [("llava", "image_token_id"), ("qwen2_vl", "vision_end_token_id"),
-                                          ("qwen2_vl", "image_token_id"), ("gemma3", "boi_token_index")])
-def test_special_token_ids_outside_the_vocabulary_are_named_at_load(family, field):
+# (family, the config attribute, the key config.json stores it under: Hugging Face's attribute_map aliases)
+@pytest.mark.parametrize("family,field,stored", [
+    ("llava", "image_token_id", "image_token_index"), ("qwen2_vl", "vision_end_token_id", "vision_end_token_id"),
+    ("qwen2_vl", "image_token_id", "image_token_id"), ("gemma3", "boi_token_index", "boi_token_index"),
+    ("llama4", "boi_token_id", "boi_token_index"),
+])
+def test_special_token_ids_outside_the_vocabulary_are_named_at_load(family, field, stored):
     from mmlens.errors import ModelLoadError
+    from mmlens.testing.families.llama4 import tiny_llama4
     from mmlens.testing_families import tiny_gemma3, tiny_qwen2_vl
 
-    builder = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "gemma3": tiny_gemma3}[family]
+    builder = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "gemma3": tiny_gemma3, "llama4": tiny_llama4}[family]
     hf_model, processor, vocab = _with_token_id(builder, field)()
-    with pytest.raises(ModelLoadError, match=rf"config\.{field} = {vocab + 7} is not a token of the vocabulary, which has {vocab} tokens"):
+    with pytest.raises(ModelLoadError, match=rf"config\.{field} = {vocab + 7} is not a token of the vocabulary, which has "
+                                             rf"{vocab} tokens.*Fix {stored} in the checkpoint's config\.json"):
         HookedMLLM.from_hf(hf_model, processor)

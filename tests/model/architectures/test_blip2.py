@@ -24,11 +24,12 @@ from mmlens.errors import InputError, LayoutMismatchError, UnsupportedModelError
 from mmlens.interventions import CacheMetric, Run, TokenGroup, head_sweep, knockout
 from mmlens.model.architectures import architecture_for
 from mmlens.model.architectures.blip2 import Blip2PromptProcessor
+from mmlens.model.architectures.blip2.instructblip import InstructBlipOpt
 from mmlens.model.architectures.blip2.t5 import Blip2T5, InstructBlipT5
 from mmlens.model.runtime.instrument import AttentionSpec
 from mmlens.model.images.layout import LEARNED_QUERY_KIND, LearnedQueryLayout
 from mmlens.probing import probe_sweep
-from mmlens.testing.families.blip2 import tiny_blip2, tiny_instructblip
+from mmlens.testing.families.blip2 import tiny_blip2, tiny_instructblip, tiny_instructblip_opt
 from mmlens.testing.families.common import text_kwargs
 
 import family_tier as tier
@@ -39,8 +40,10 @@ from family_tier import (  # noqa: F401 - the family tier's tests that apply, ru
     test_mask_geometry_is_a_mask_geometry,
 )
 
+# InstructBLIP over OPT is Hugging Face's own test configuration (the released ones are Vicuna and Flan-T5)
 family, eager, builder = tier.fixtures({"blip2": lambda attn: tiny_blip2(attn_implementation=attn),
-                                        "instructblip": lambda attn: tiny_instructblip(attn_implementation=attn)})
+                                        "instructblip": lambda attn: tiny_instructblip(attn_implementation=attn),
+                                        "instructblip_opt": lambda attn: tiny_instructblip_opt(attn_implementation=attn)})
 
 
 def close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -215,12 +218,19 @@ def test_unsupported_llms_are_refused_by_name():
                               qformer_config=instruct.config.qformer_config.to_dict(), text_config=t5.text_config.to_dict(),
                               num_query_tokens=6, image_token_index=instruct.config.image_token_id)
     assert type(architecture_for(InstructBlipForConditionalGeneration(flan))) is InstructBlipT5
+    opt = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
+                             qformer_config=instruct.config.qformer_config.to_dict(),
+                             text_config={**config.text_config.to_dict(), "do_layer_norm_before": False},
+                             num_query_tokens=6, image_token_index=instruct.config.image_token_id)
+    assert type(architecture_for(InstructBlipForConditionalGeneration(opt))) is InstructBlipOpt
+    with pytest.raises(UnsupportedModelError, match="InstructBlipForConditionalGeneration: its OPT LLM has do_layer_norm_before"):
+        HookedMLLM.from_hf(InstructBlipForConditionalGeneration(opt), instruct_processor)
     mistral = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
                                  qformer_config=instruct.config.qformer_config.to_dict(),
                                  text_config={"model_type": "mistral", **LlamaConfig(**text_kwargs(
                                      instruct_processor.tokenizer, 64, 1, 4, 2)).to_dict(), "model_type": "mistral"},
                                  num_query_tokens=6, image_token_index=instruct.config.image_token_id)
-    with pytest.raises(UnsupportedModelError, match=r"model_type = 'mistral'.*supported: \['llama', 't5'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"model_type = 'mistral'.*supported: \['llama', 'opt', 't5'\]"):
         HookedMLLM.from_hf(InstructBlipForConditionalGeneration(mistral), instruct_processor)
 
 

@@ -91,9 +91,10 @@ class Architecture(ABC):
         for field in self.special_token_fields:
             value = getattr(config, field, None)
             if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+                stored = getattr(config, "attribute_map", {}).get(field, field)  # the key config.json holds it under
                 raise ModelLoadError(
                     f"{type(hf_model).__name__}: config.{field} = {value!r} is not a token of the vocabulary, which "
-                    f"has {vocab} tokens (ids 0..{vocab - 1}). Fix {field} in the checkpoint's config.json (or the "
+                    f"has {vocab} tokens (ids 0..{vocab - 1}). Fix {stored} in the checkpoint's config.json (or the "
                     "config the model was built from) to the id the tokenizer gives that token"
                 )
 

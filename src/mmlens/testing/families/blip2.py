@@ -17,7 +17,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from ...model.architectures.blip2 import Blip2PromptProcessor, InstructBlipPromptProcessor
 from .common import instantiate, text_kwargs, word_tokenizer
 
-__all__ = ["tiny_blip2", "tiny_blip2_t5", "tiny_instructblip", "tiny_instructblip_t5"]
+__all__ = ["tiny_blip2", "tiny_blip2_t5", "tiny_instructblip", "tiny_instructblip_opt", "tiny_instructblip_t5"]
 
 
 def tiny_blip2(*, n_queries: int = 6, image_size: int = 32, patch_size: int = 8, vision_layers: int = 2,
@@ -64,6 +64,20 @@ def tiny_instructblip(*, n_queries: int = 6, image_size: int = 32, patch_size: i
                         "max_position_embeddings": 64},
         text_config=LlamaConfig(**text_kwargs(tokenizer, 64, 2, 4, 2)).to_dict(),
         num_query_tokens=n_queries, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = instantiate(InstructBlipForConditionalGeneration, config, attn_implementation, seed)
+    return _with_random_queries_and_norms(model), processor
+
+
+def tiny_instructblip_opt(*, seed: int = 0, attn_implementation: str = "eager"):
+    """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former with
+    `tiny_blip2`'s 2-layer OPT LLM (Hugging Face's own InstructBLIP test configuration pairs them)."""
+    instruct, processor = tiny_instructblip(seed=seed)
+    blip2 = tiny_blip2(seed=seed)[0].config
+    config = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
+                                qformer_config=instruct.config.qformer_config.to_dict(),
+                                text_config={**blip2.text_config.to_dict(), "vocab_size": len(processor.tokenizer)},
+                                num_query_tokens=instruct.config.num_query_tokens,
+                                image_token_index=instruct.config.image_token_id)
     model = instantiate(InstructBlipForConditionalGeneration, config, attn_implementation, seed)
     return _with_random_queries_and_norms(model), processor
 

@@ -53,6 +53,7 @@ class Blip2(Architecture):
                                unembed="language_model.lm_head")
     vision_block = VISION_BLOCK
     llm_type, llm_block = "opt", OPT_BLOCK
+    supported_llms = ("opt", "t5")  # the text configs `for_checkpoint` gives a variant for
     # the Q-Former's LayerNorm on its input, and whether that input holds instruction text after the queries
     qformer_input_norm, qformer_reads_text = "layernorm", False
     # TransformerLens wraps OPT (not BLIP-2): its LLM names, with fc1 / fc2 as `mlp.in` / `mlp.out`
@@ -76,7 +77,7 @@ class Blip2(Architecture):
         if text.model_type != self.llm_type:
             raise UnsupportedModelError(
                 f"{name}: config.text_config.model_type = {text.model_type!r} is an LLM mmlens does not hook in "
-                f"this family; it needs a block spec for it; supported: ['{self.llm_type}', 't5']")
+                f"this family; it needs a block spec for it; supported: {list(self.supported_llms)}")
         if self.llm_type == "opt":
             self.check_opt(name, text)
         if getattr(config.qformer_config, "use_qformer_text_input", False) and not self.qformer_reads_text:

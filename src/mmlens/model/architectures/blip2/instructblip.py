@@ -5,7 +5,9 @@ The Q-Former reads the prompt too: its sequence is the learned queries then the 
 (`qformer_input_ids`, embedded with learned positions; the Q-Former's own tokenizer and padding mask,
 `qformer_attention_mask`). Queries and text attend to each other; only the queries cross-attend to
 the image and reach the LLM. The text rows have their own MLP (`mlp_text`, `ln2_text`). The LLM is
-Llama's block (LLaVA's spec); the layout is BLIP-2's learned queries.
+Llama's block (LLaVA's spec); the layout is BLIP-2's learned queries. Over an OPT LLM (Hugging Face's
+own test configuration; the released checkpoints are Vicuna and Flan-T5), the same Q-Former feeds
+BLIP-2's OPT stage (`InstructBlipOpt`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ class InstructBlip(Blip2):
     llm_keywords = Architecture.llm_keywords
     attention_kwargs = Architecture.attention_kwargs
 
+    supported_llms = ("llama", "opt", "t5")
+
+    @classmethod
+    def for_checkpoint(cls, hf_model: nn.Module) -> "Blip2":
+        """This family, its OPT variant (BLIP-2's LLM stage) or its Flan-T5 variant, by the text config."""
+        if hf_model.config.text_config.model_type == Blip2.llm_type:
+            return InstructBlipOpt()
+        return super().for_checkpoint(hf_model)
+
     @staticmethod
     def llm_config(tc: Any) -> StageConfig:
         return Llava.llm_config(tc)
@@ -55,3 +66,17 @@ class InstructBlip(Blip2):
         probe = super().probe_inputs(cfg, seed)
         ids = probe["input_ids"][:, -2:].clone()
         return {**probe, "qformer_input_ids": ids, "qformer_attention_mask": ids.new_ones(ids.shape)}
+
+
+class InstructBlipOpt(InstructBlip):
+    """InstructBLIP's instruction-reading Q-Former before BLIP-2's OPT stage: OPT's block spec, its
+    positions read off the padding mask, its final norm and TransformerLens's OPT names."""
+
+    hf_class_names = ()  # registered through InstructBlip.for_checkpoint: one Hugging Face class, three LLMs
+    module_paths = Blip2.module_paths
+    llm_type, llm_block = Blip2.llm_type, Blip2.llm_block
+    bridge_aliases = Blip2.bridge_aliases
+    llm_keywords = Blip2.llm_keywords
+    attention_kwargs = Blip2.attention_kwargs
+    instrument_llm = Blip2.instrument_llm
+    llm_config = staticmethod(Blip2.llm_config)
