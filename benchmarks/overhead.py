@@ -29,7 +29,9 @@ from mmlens.testing_families import (  # noqa: E402
     tiny_paligemma, tiny_qwen2_vl, tiny_qwen3_vl,
 )
 from mmlens.testing.families.aya_vision import tiny_aya_vision, tiny_cohere2_vision  # noqa: E402
-from mmlens.testing.families.blip2 import tiny_blip2, tiny_blip2_t5  # noqa: E402
+from mmlens.testing.families.blip2 import (  # noqa: E402
+    tiny_blip2, tiny_blip2_t5, tiny_instructblip, tiny_instructblip_opt,
+)
 from mmlens.testing.families.deepseek_vl import tiny_deepseek_vl  # noqa: E402
 from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid  # noqa: E402
 from mmlens.testing.families.emu3 import tiny_emu3  # noqa: E402
@@ -136,6 +138,11 @@ FAMILIES = {
     # 32 learned queries, as the released BLIP-2; Q-Former 4 blocks, cross-attention at 0 and 2; an OPT LLM
     "blip2": lambda attn: tiny_blip2(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,
                                      attn_implementation=attn),
+    # "blip2"'s tower and Q-Former, reading the prompt beside its queries, before a Llama LLM (Vicuna's block) / OPT
+    "instructblip": lambda attn: tiny_instructblip(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,
+                                                   llm_heads=8, attn_implementation=attn),
+    "instructblip-opt": lambda attn: tiny_instructblip_opt(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128,
+                                                           heads=8, attn_implementation=attn),
     # Gemma 4's own tower; 8-px patches pooled 2x2: a 64x64 image (aspect kept, within 70 soft tokens) is 16x16 patches,
     # 8x8 = 64 LLM tokens
     "gemma4": lambda attn: tiny_gemma4(patch_size=8, vision_layers=4, vision_d_model=128, llm_layers=4, llm_d_model=256,

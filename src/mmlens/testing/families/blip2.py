@@ -48,31 +48,35 @@ def tiny_blip2(*, n_queries: int = 6, image_size: int = 32, patch_size: int = 8,
     return _with_random_queries_and_norms(model), processor
 
 
-def tiny_instructblip(*, n_queries: int = 6, image_size: int = 32, patch_size: int = 8, seed: int = 0,
-                      attn_implementation: str = "eager"):
-    """`(hf_model, processor)`: the tower and Q-Former of `tiny_blip2` (its Q-Former also embedding
-    the instruction with its own word and position embeddings) and a 2-layer Llama LLM (GQA, 2 kv
-    heads), with `InstructBlipPromptProcessor` (the word tokenizer for both the LLM and the Q-Former)."""
+def tiny_instructblip(*, n_queries: int = 6, image_size: int = 32, patch_size: int = 8, llm_layers: int = 2,
+                      llm_d_model: int = 64, llm_heads: int = 4, seed: int = 0, attn_implementation: str = "eager",
+                      **blip2_sizes: int):
+    """`(hf_model, processor)`: the tower and Q-Former of `tiny_blip2` (`blip2_sizes` as it takes them;
+    its Q-Former also embedding the instruction with its own word and position embeddings) and a Llama
+    LLM of `llm_layers` blocks of `llm_d_model`, `llm_heads` heads (GQA, 2 kv heads), with
+    `InstructBlipPromptProcessor` (the word tokenizer for both the LLM and the Q-Former)."""
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = InstructBlipPromptProcessor(image_processor=image_processor, tokenizer=word_tokenizer(),
                                             qformer_tokenizer=word_tokenizer(), num_query_tokens=n_queries)
-    blip2 = tiny_blip2(n_queries=n_queries, image_size=image_size, patch_size=patch_size)[0].config
+    blip2 = tiny_blip2(n_queries=n_queries, image_size=image_size, patch_size=patch_size, **blip2_sizes)[0].config
     tokenizer = processor.tokenizer
     config = InstructBlipConfig(
         vision_config=blip2.vision_config.to_dict(),
         qformer_config={**blip2.qformer_config.to_dict(), "vocab_size": len(processor.qformer_tokenizer),
                         "max_position_embeddings": 64},
-        text_config=LlamaConfig(**text_kwargs(tokenizer, 64, 2, 4, 2)).to_dict(),
+        text_config=LlamaConfig(**text_kwargs(tokenizer, llm_d_model, llm_layers, llm_heads, 2)).to_dict(),
         num_query_tokens=n_queries, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     model = instantiate(InstructBlipForConditionalGeneration, config, attn_implementation, seed)
     return _with_random_queries_and_norms(model), processor
 
 
-def tiny_instructblip_opt(*, seed: int = 0, attn_implementation: str = "eager"):
+def tiny_instructblip_opt(*, seed: int = 0, attn_implementation: str = "eager", **blip2_sizes: int):
     """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former with
-    `tiny_blip2`'s 2-layer OPT LLM (Hugging Face's own InstructBLIP test configuration pairs them)."""
-    instruct, processor = tiny_instructblip(seed=seed)
-    blip2 = tiny_blip2(seed=seed)[0].config
+    `tiny_blip2`'s OPT LLM (Hugging Face's own InstructBLIP test configuration pairs them);
+    `blip2_sizes` as `tiny_blip2` takes them."""
+    llm = {k: blip2_sizes.pop(k) for k in ("llm_layers", "llm_d_model") if k in blip2_sizes}
+    instruct, processor = tiny_instructblip(seed=seed, **blip2_sizes)
+    blip2 = tiny_blip2(seed=seed, **blip2_sizes, **llm)[0].config
     config = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
                                 qformer_config=instruct.config.qformer_config.to_dict(),
                                 text_config={**blip2.text_config.to_dict(), "vocab_size": len(processor.tokenizer)},
