@@ -30,7 +30,7 @@ from mmlens.testing_families import (  # noqa: E402
 )
 from mmlens.testing.families.aya_vision import tiny_aya_vision, tiny_cohere2_vision  # noqa: E402
 from mmlens.testing.families.blip2 import (  # noqa: E402
-    tiny_blip2, tiny_blip2_t5, tiny_instructblip, tiny_instructblip_opt,
+    tiny_blip2, tiny_blip2_t5, tiny_instructblip, tiny_instructblip_opt, tiny_instructblip_t5,
 )
 from mmlens.testing.families.deepseek_vl import tiny_deepseek_vl  # noqa: E402
 from mmlens.testing.families.deepseek_vl_hybrid import tiny_deepseek_vl_hybrid  # noqa: E402
@@ -175,6 +175,8 @@ FAMILIES = {
     # (gated-GELU MLP); the logits are the decoder's start token's (one decoder token per row)
     "blip2-t5": lambda attn: tiny_blip2_t5(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128, heads=8,
                                            attn_implementation=attn),
+    "instructblip-t5": lambda attn: tiny_instructblip_t5(**SIZE, n_queries=32, qformer_layers=4, qformer_d_model=128,
+                                                         heads=8, attn_implementation=attn),
 }
 PROMPTS = ["what is in the image ?", "how many", "the colour of the left shape is ?", "what"]
 ROWS = (

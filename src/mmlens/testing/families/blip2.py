@@ -101,13 +101,16 @@ def tiny_blip2_t5(*, tied: bool = False, llm_layers: int = 2, llm_d_model: int =
     return _with_moderate_logits(_with_random_queries_and_norms(model)), processor
 
 
-def tiny_instructblip_t5(*, seed: int = 0, attn_implementation: str = "eager"):
-    """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former with the
-    Flan-T5 LLM of `tiny_blip2_t5`."""
-    instruct, processor = tiny_instructblip(seed=seed)
+def tiny_instructblip_t5(*, llm_layers: int = 2, llm_d_model: int = 64, seed: int = 0,
+                         attn_implementation: str = "eager", **blip2_sizes: int):
+    """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former
+    (`blip2_sizes` as `tiny_blip2` takes them) with the Flan-T5 LLM of `tiny_blip2_t5`."""
+    instruct, processor = tiny_instructblip(seed=seed, **blip2_sizes)
+    heads = instruct.config.qformer_config.num_attention_heads
     config = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
                                 qformer_config=instruct.config.qformer_config.to_dict(),
-                                text_config=flan_t5_config(processor.tokenizer, False).to_dict(),
+                                text_config=flan_t5_config(processor.tokenizer, False, llm_layers, llm_d_model,
+                                                           heads).to_dict(),
                                 num_query_tokens=instruct.config.num_query_tokens,
                                 image_token_index=instruct.config.image_token_id)
     model = instantiate(InstructBlipForConditionalGeneration, config, attn_implementation, seed)
