@@ -104,7 +104,8 @@ def tiny_blip2_t5(*, tied: bool = False, llm_layers: int = 2, llm_d_model: int =
 def tiny_instructblip_t5(*, llm_layers: int = 2, llm_d_model: int = 64, seed: int = 0,
                          attn_implementation: str = "eager", **blip2_sizes: int):
     """`(hf_model, processor)`: `tiny_instructblip`'s tower and instruction-reading Q-Former
-    (`blip2_sizes` as `tiny_blip2` takes them) with the Flan-T5 LLM of `tiny_blip2_t5`."""
+    (`blip2_sizes` as `tiny_blip2` takes them) with the Flan-T5 LLM of `tiny_blip2_t5` (`llm_layers`
+    encoder and decoder layers of `llm_d_model`, as many heads as the Q-Former: `heads`)."""
     instruct, processor = tiny_instructblip(seed=seed, **blip2_sizes)
     heads = instruct.config.qformer_config.num_attention_heads
     config = InstructBlipConfig(vision_config=instruct.config.vision_config.to_dict(),
