@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..interventions import TokenGroup
 from ..model import HookedMLLM, MultimodalInputs
 from ..model.images.layout import Segment, TokenTable
+from ..model.images.vision_grids import blocks_on_grid
 from .pictures import picture_as_seen
 
 Stage = Literal["llm", "vision"] | str  # or a second vision grid's hook prefix, e.g. "vision.high_res"
@@ -121,7 +122,7 @@ def _pattern_name(model: HookedMLLM, stage: Stage, layer: int) -> str:
         raise InputError(f"stage must be 'llm' (blocks.{{l}}.attn) or 'vision' (the tower){others}, got {stage!r}")
     prefix = {"llm": "", "vision": "vision."}.get(stage, f"{stage}.")
     n_layers = (model.cfg.llm.n_layers if stage == "llm" else model.cfg.vision.n_layers if stage == "vision"
-                else sum(1 for name in model.hook_dict if name.startswith(f"{stage}.blocks.") and name.endswith(".hook_resid_post")))
+                else blocks_on_grid(model.hook_dict, stage))
     _checked(f"{stage} layer", layer, n_layers)
     name = f"{prefix}blocks.{layer}.attn.hook_pattern"
     if name not in model.hook_dict:

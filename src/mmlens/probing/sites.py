@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..model import HookedMLLM, ImageTokenLayout
 from ..model.hook_names import Stage, parse_hook_name
-from ..model.images.vision_grids import grid_of_hook
+from ..model.images.vision_grids import blocks_on_grid, grid_of_hook
 
 STAGES: tuple[Stage, ...] = ("vision", "adapter", "llm")
 
@@ -141,7 +141,7 @@ def _grid_depth(model: HookedMLLM, grid: str | None) -> int:
 
 def _tower_depth(model: HookedMLLM, tower: str) -> int:
     """How many blocks a second vision tower has (its `blocks.{i}.hook_resid_post` points)."""
-    return sum(1 for name in model.hook_dict if name.startswith(f"{tower}.blocks.") and name.endswith(".hook_resid_post"))
+    return blocks_on_grid(model.hook_dict, tower)
 
 
 def site_layout(site: Site, layout: ImageTokenLayout) -> ImageTokenLayout:

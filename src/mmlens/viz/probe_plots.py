@@ -83,7 +83,9 @@ def _tower_runs(rows) -> dict[str | None, list]:
     grids = list(rows.grid) if "grid" in rows.columns else [None] * len(rows)
     depths = list(rows.depth)
     own = [d for d, grid in zip(depths, grids) if grid == "vision"]
-    earlier = {grid for grid in grids if own and all(d < min(own) for d, g in zip(depths, grids) if g == grid)}
+    first_own = min(own, default=None)
+    earlier = {grid for grid in grids
+               if first_own is not None and all(d < first_own for d, g in zip(depths, grids) if g == grid)}
     towers = [None if grid in (None, "vision", "llm") or grid in earlier else grid for grid in grids]
     runs: dict[str | None, list] = {}
     start = 0

@@ -10,6 +10,7 @@ on the layout's own canvas (an earlier, finer stage of the same tower: FastVLM) 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,6 +39,11 @@ class VisionGrid:
 def grid_of_hook(prefixes: tuple[str, ...], hook: str) -> str | None:
     """The prefix among `prefixes` whose grid `hook` is computed on, or None (the layout's own)."""
     return next((p for p in prefixes if hook.startswith(p + ".")), None)
+
+
+def blocks_on_grid(hook_names: Iterable[str], prefix: str) -> int:
+    """How many blocks a second vision grid has: its `{prefix}.blocks.{i}.hook_resid_post` points."""
+    return sum(1 for name in hook_names if name.startswith(f"{prefix}.blocks.") and name.endswith(".hook_resid_post"))
 
 
 @dataclass(frozen=True, eq=False)
